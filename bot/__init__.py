@@ -1,0 +1,1 @@
+"""Chat-facing side of wanbot: the command line and the platform adapters."""

@@ -1,0 +1,1 @@
+"""Platform-neutral core of wanbot: validation, queue, models, generation and delivery helpers."""

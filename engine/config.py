@@ -1,0 +1,141 @@
+"""Configuration: a TOML file plus `WANBOT_<SECTION>__<KEY>` environment variables, validated by pydantic.
+
+Precedence, highest first: environment, TOML file (`--config` or `WANBOT_CONFIG`), defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from engine.errors import ConfigError
+
+CONFIG_ENV = "WANBOT_CONFIG"
+
+
+class ImagesConfig(BaseModel):
+    max_bytes: int = Field(25_000_000, gt=0, description="Largest accepted upload in bytes.")
+    max_pixels: int = Field(40_000_000, gt=0, description="Largest accepted width*height, checked before decoding.")
+    min_side: int = Field(64, gt=0, description="Smallest accepted width or height in pixels.")
+    aspect_tolerance: float = Field(0.05, ge=0, lt=1, description="Allowed relative start/end aspect difference.")
+    background: tuple[int, int, int] = Field((255, 255, 255), description="RGB behind transparent pixels.")
+    retention_hours: float = Field(72.0, ge=0, description="Keep images of finished jobs this long.")
+
+
+class QueueConfig(BaseModel):
+    per_user_limit: int = Field(3, ge=1, description="Queued jobs one user may have at once.")
+    global_limit: int = Field(100, ge=1, description="Queued jobs in total.")
+    max_attempts: int = Field(2, ge=1, description="Starts a job gets before a crash marks it failed.")
+    pause_on_start: bool = Field(False, description="Start with processing paused after a restart.")
+    max_model_skips: int = Field(3, ge=0, description="Times a job may be passed over to keep a model warm.")
+
+
+class ModelsConfig(BaseModel):
+    t2v: str = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    i2v: str = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
+    ti2v: str = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+
+
+class GenerationConfig(BaseModel):
+    timeout_s: float = Field(3600.0, gt=0, description="Longest a generation may run before it fails.")
+    max_steps: int = Field(60, ge=1)
+    max_frames: int = Field(121, ge=5)
+    max_pixels: int = Field(1280 * 720, ge=64 * 64, description="Largest width*height of a generated video.")
+    memory: Literal["auto", "gpu", "model_offload", "group_offload", "sequential_offload", "cpu"] = "auto"
+    vae_tiling: Literal["auto", "on", "off"] = "auto"
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+
+
+class AccessConfig(BaseModel):
+    admins: list[str] = Field(default_factory=list, description="'platform:user_id' entries with admin rights.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="WANBOT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    data_dir: Path = Field(Path("data"), description="Where the database, images, outputs and models live.")
+    log_level: str = "INFO"
+    images: ImagesConfig = ImagesConfig()
+    queue: QueueConfig = QueueConfig()
+    models: ModelsConfig = ModelsConfig()
+    generation: GenerationConfig = GenerationConfig()
+    access: AccessConfig = AccessConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = os.environ.get(CONFIG_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "wanbot.sqlite3"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+def load_settings(config_path: Path | None = None) -> Settings:
+    """Load and validate the configuration; raise ConfigError with one line per bad key."""
+    if config_path is not None:
+        os.environ[CONFIG_ENV] = str(config_path)
+    toml_path = os.environ.get(CONFIG_ENV)
+    if toml_path:
+        _check_toml_readable(Path(toml_path))
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc)) from None
+
+
+def _check_toml_readable(path: Path) -> None:
+    try:
+        with path.open("rb") as handle:
+            tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (set by --config or {CONFIG_ENV})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        got = error.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        env_name = "WANBOT_" + "__".join(str(part).upper() for part in error["loc"])
+        lines.append(f"config error: {key}: {error['msg']}{shown}; set it in the TOML file or {env_name}")
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""Exceptions that carry a message meant for the chat user.
+
+Two kinds of error exist in wanbot: a `UserError` says what was wrong and what to do, and is shown as is; anything
+else is logged with context and shown to the user as a short apology with the job id.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix; `message` says what is wrong, `hint` what to do about it."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} {self.hint}".strip()
+
+
+class ImageRejected(UserError):
+    """An uploaded image failed validation."""
+
+
+class QueueFull(UserError):
+    """The per-user or global queue limit is reached."""
+
+
+class NotAllowed(UserError):
+    """The caller may not act on this job."""
+
+
+class JobNotFound(UserError):
+    """No job with that id exists."""
+
+
+class InvalidTransition(UserError):
+    """The job's state does not allow the requested change (for example cancelling a finished job)."""
+
+
+class ImageIntegrityError(UserError):
+    """A stored image is missing or its bytes no longer match their hash."""
+
+
+class ConfigError(Exception):
+    """The configuration file or environment holds a bad value; the message names the key."""

@@ -1,0 +1,347 @@
+"""Validation, normalisation and content-addressed storage of the images a job starts (and ends) from.
+
+Checks run on the raw bytes before anything is stored: size, format (by content, and against the file name),
+declared pixel count (so a decompression bomb is refused before decoding), then a full decode. The image is then
+normalised to 8-bit sRGB RGB, upright, with transparency composited on a background.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image, ImageCms, ImageFile, ImageOps
+from pydantic import BaseModel, Field
+
+from engine.config import ImagesConfig
+from engine.errors import ImageIntegrityError, ImageRejected
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Our own pixel limit is checked first and is configurable; Pillow's global guard must not pre-empt it with a
+# different number or a mere warning.
+Image.MAX_IMAGE_PIXELS = None
+
+ALLOWED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF"}
+EXTENSIONS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".jpe": "JPEG",
+    ".jfif": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".dib": "BMP",
+    ".gif": "GIF",
+}
+BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3, "I": 4, "F": 4}
+
+
+class Mode(StrEnum):
+    T2V = "t2v"
+    I2V = "i2v"
+    TI2V = "ti2v"
+
+
+Role = Literal["start", "end"]
+
+
+class ImageInfo(BaseModel):
+    """What we learnt about one uploaded image; stored with the job."""
+
+    role: Role
+    format: str
+    width: int
+    height: int
+    mode: str
+    has_transparency: bool
+    animated: bool
+    aspect_ratio: float
+    pixel_count: int
+    file_size: int
+    decoded_bytes: int = Field(description="Estimated memory of the decoded original plus its RGB copy.")
+    source_sha256: str = Field(description="Hash of the bytes as uploaded.")
+    sha256: str = Field("", description="Hash of the normalised PNG as stored; the storage key.")
+    warnings: list[str] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list)
+    stored_at: str | None = None
+    restored_at: str | None = None
+
+
+@dataclass
+class ValidatedImage:
+    """A decoded, normalised image with its metadata; `pixels` is 8-bit RGB."""
+
+    pixels: Image.Image
+    info: ImageInfo
+
+
+@dataclass
+class ModeCheck:
+    """The outcome of checking a job's images against its mode."""
+
+    images: list[ValidatedImage]
+    warnings: list[str]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _label(role: Role) -> str:
+    return f"The {role} image"
+
+
+def validate_image_bytes(
+    data: bytes, config: ImagesConfig, role: Role = "start", filename: str | None = None
+) -> ValidatedImage:
+    """Check raw upload bytes and return the normalised image, or raise ImageRejected saying why."""
+    label = _label(role)
+    if not data:
+        raise ImageRejected(f"{label} is an empty file (0 bytes).", "Send the picture again.")
+    if len(data) > config.max_bytes:
+        raise ImageRejected(
+            f"{label} is {len(data) / 1e6:.1f} MB; the limit is {config.max_bytes / 1e6:.1f} MB.",
+            "Send a smaller or more compressed picture (JPEG or WebP).",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opened = Image.open(io.BytesIO(data))
+    except (Image.UnidentifiedImageError, OSError, ValueError):
+        raise ImageRejected(
+            f"{label} is not an image we can read.", "Send a PNG, JPEG, WebP, BMP or GIF picture."
+        ) from None
+    with opened:
+        return _validate_opened(opened, data, config, role, filename)
+
+
+def _validate_opened(
+    opened: Image.Image, data: bytes, config: ImagesConfig, role: Role, filename: str | None
+) -> ValidatedImage:
+    label = _label(role)
+    fmt = opened.format or "unknown"
+    if fmt not in ALLOWED_FORMATS:
+        raise ImageRejected(
+            f"{label} is a {fmt} file, which is not supported.", "Send a PNG, JPEG, WebP, BMP or GIF picture."
+        )
+    _check_extension(filename, fmt, label)
+    width, height = opened.size
+    if width * height > config.max_pixels:
+        raise ImageRejected(
+            f"{label} is {width}x{height} ({width * height / 1e6:.1f} MP); the limit is "
+            f"{config.max_pixels / 1e6:.1f} MP.",
+            "Scale it down and send it again.",
+        )
+    if min(width, height) < config.min_side:
+        raise ImageRejected(
+            f"{label} is only {width}x{height}; each side must be at least {config.min_side} px.",
+            "Send a larger picture.",
+        )
+    found_warnings: list[str] = []
+    animated = bool(getattr(opened, "is_animated", False))
+    if animated:
+        found_warnings.append(f"{label} is animated; only its first frame is used.")
+        opened.seek(0)
+    original_mode = opened.mode
+    try:
+        opened.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageRejected(
+            f"{label} is damaged or incomplete ({exc}).", "Export it again, or send it as a file, not a link."
+        ) from None
+    has_transparency = _has_transparency(opened)
+    pixels = _normalise(opened, config.background)
+    bands = BYTES_PER_PIXEL.get(original_mode.split(";")[0], 4) * (2 if ";16" in original_mode else 1)
+    info = ImageInfo(
+        role=role,
+        format=ALLOWED_FORMATS[fmt],
+        width=pixels.width,
+        height=pixels.height,
+        mode=original_mode,
+        has_transparency=has_transparency,
+        animated=animated,
+        aspect_ratio=round(pixels.width / pixels.height, 4),
+        pixel_count=pixels.width * pixels.height,
+        file_size=len(data),
+        decoded_bytes=width * height * bands + pixels.width * pixels.height * 3,
+        source_sha256=hashlib.sha256(data).hexdigest(),
+        warnings=found_warnings,
+    )
+    return ValidatedImage(pixels=pixels, info=info)
+
+
+def _check_extension(filename: str | None, fmt: str, label: str) -> None:
+    if not filename or "." not in filename:
+        return
+    extension = Path(filename).suffix.lower()
+    claimed = EXTENSIONS.get(extension)
+    if claimed is None:
+        raise ImageRejected(
+            f"{label} is named '{extension}', which is not an image type we accept.",
+            "Send a PNG, JPEG, WebP, BMP or GIF picture.",
+        )
+    if claimed != fmt:
+        raise ImageRejected(
+            f"{label} is named '{extension}' but its content is {ALLOWED_FORMATS[fmt]}.",
+            "Save it again with the right extension, or re-export it from your image editor.",
+        )
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return image.getextrema()[-1][0] < 255
+    return image.mode == "P" and "transparency" in image.info
+
+
+def _normalise(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Upright, sRGB, 8-bit RGB with transparency flattened onto `background`."""
+    upright = ImageOps.exif_transpose(image) or image
+    profile = upright.info.get("icc_profile")
+    if upright.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit and 32-bit greyscale: scale to 0..255 instead of clipping everything above 255 to white.
+        upright = upright.convert("I").point(lambda value: value / 256).convert("L")
+    if upright.mode == "P":
+        upright = upright.convert("RGBA" if "transparency" in upright.info else "RGB")
+    if upright.mode in ("LA", "La", "PA", "RGBa"):
+        upright = upright.convert("RGBA")
+    if profile and upright.mode in ("RGB", "RGBA", "L", "CMYK"):
+        upright = _to_srgb(upright, profile)
+    if upright.mode == "RGBA":
+        flattened = Image.new("RGB", upright.size, background)
+        flattened.paste(upright, mask=upright.getchannel("A"))
+        return flattened
+    return upright.convert("RGB")
+
+
+def _to_srgb(image: Image.Image, profile: bytes) -> Image.Image:
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        target_mode = "RGBA" if image.mode == "RGBA" else "RGB"
+        converted = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode=target_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        # A broken embedded profile is common in the wild; the pixels are still usable as they are.
+        return image
+    return converted if converted is not None else image
+
+
+def check_mode(mode: Mode, start: ValidatedImage | None, end: ValidatedImage | None, config: ImagesConfig) -> ModeCheck:
+    """Apply the per-mode rules and the start/end compatibility check."""
+    if mode is Mode.T2V:
+        if start is not None or end is not None:
+            raise ImageRejected(
+                "t2v makes a video from text alone and takes no images.",
+                "Remove the picture, or use mode i2v or ti2v to start from it.",
+            )
+        return ModeCheck(images=[], warnings=[])
+    if start is None:
+        if end is not None:
+            raise ImageRejected(
+                f"{mode} needs a start image, but only an end image was given.",
+                "Attach the start picture as well (or send it alone as the start).",
+            )
+        raise ImageRejected(f"{mode} needs a start image.", "Attach a photo, or use mode t2v for text only.")
+    found = list(start.info.warnings)
+    images = [start]
+    if end is not None:
+        end = _match_end_to_start(start, end, config)
+        found.extend(end.info.warnings)
+        images.append(end)
+        if mode is Mode.I2V:
+            found.append("i2v was not trained with end images: the end frame is a best effort and may drift.")
+    return ModeCheck(images=images, warnings=found)
+
+
+def _match_end_to_start(start: ValidatedImage, end: ValidatedImage, config: ImagesConfig) -> ValidatedImage:
+    start_ratio = start.info.width / start.info.height
+    end_ratio = end.info.width / end.info.height
+    if abs(start_ratio - end_ratio) / start_ratio > config.aspect_tolerance:
+        raise ImageRejected(
+            f"The start image is {start.info.width}x{start.info.height} (aspect {start_ratio:.2f}) but the end "
+            f"image is {end.info.width}x{end.info.height} (aspect {end_ratio:.2f}); they must have the same shape "
+            f"within {config.aspect_tolerance:.0%}.",
+            "Crop the end image to the start image's shape and send both again.",
+        )
+    if end.pixels.size == start.pixels.size:
+        return end
+    resized = end.pixels.resize(start.pixels.size, Image.Resampling.LANCZOS)
+    note = (
+        f"The end image was resized from {end.info.width}x{end.info.height} to "
+        f"{start.info.width}x{start.info.height} to match the start image."
+    )
+    info = end.info.model_copy(
+        update={
+            "width": resized.width,
+            "height": resized.height,
+            "warnings": [*end.info.warnings, note],
+            "pixel_count": resized.width * resized.height,
+        }
+    )
+    return ValidatedImage(pixels=resized, info=info)
+
+
+class ImageStore:
+    """Normalised images as PNG files named by their sha256, written atomically and never duplicated."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path_for(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / f"{sha256}.png"
+
+    def put(self, image: ValidatedImage) -> ImageInfo:
+        """Store the image; return its metadata with `sha256` and `stored_at` filled in."""
+        buffer = io.BytesIO()
+        image.pixels.save(buffer, format="PNG")
+        payload = buffer.getvalue()
+        digest = hashlib.sha256(payload).hexdigest()
+        target = self.path_for(digest)
+        if not target.exists():
+            write_atomically(target, payload)
+        return image.info.model_copy(update={"sha256": digest, "stored_at": _now()})
+
+    def restore(self, info: ImageInfo) -> ValidatedImage:
+        """Load a stored image, checking its hash; raise ImageIntegrityError if it is gone or altered."""
+        path = self.path_for(info.sha256)
+        try:
+            payload = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageIntegrityError(
+                f"The {info.role} image of this job is no longer stored.", "Send the picture again with a new job."
+            ) from None
+        if hashlib.sha256(payload).hexdigest() != info.sha256:
+            raise ImageIntegrityError(
+                f"The stored {info.role} image of this job was altered on disk.",
+                "Send the picture again with a new job.",
+            )
+        with Image.open(io.BytesIO(payload)) as opened:
+            pixels = opened.convert("RGB")
+        return ValidatedImage(pixels=pixels, info=info.model_copy(update={"restored_at": _now()}))
+
+    def stored_hashes(self) -> set[str]:
+        return {path.stem for path in self.root.glob("*/*.png")}
+
+    def delete(self, sha256: str) -> None:
+        self.path_for(sha256).unlink(missing_ok=True)
+
+
+def write_atomically(target: Path, payload: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers never see a partial file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as temp_file:
+            temp_file.write(payload)
+            temp_file.flush()
+            os.fsync(temp_file.fileno())
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise

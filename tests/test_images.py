@@ -1,0 +1,233 @@
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from PIL import Image
+
+from engine.config import ImagesConfig
+from engine.errors import ImageIntegrityError, ImageRejected
+from engine.images import ImageStore, Mode, check_mode, validate_image_bytes
+from tests import imagefactory as make
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt"),
+    [
+        (make.png(), "PNG"),
+        (make.jpeg(), "JPEG"),
+        (make.encode(make.gradient(), "WEBP"), "WebP"),
+        (make.encode(make.gradient(), "BMP"), "BMP"),
+        (make.encode(make.gradient().convert("P"), "GIF"), "GIF"),
+    ],
+)
+def test_every_allowed_format_is_accepted_and_normalised_to_rgb(data: bytes, fmt: str, images_config: ImagesConfig):
+    image = validate_image_bytes(data, images_config)
+    assert image.info.format == fmt
+    assert image.pixels.mode == "RGB"
+    assert (image.info.width, image.info.height) == (128, 96)
+    assert image.info.aspect_ratio == pytest.approx(128 / 96, rel=1e-3)
+    assert image.info.file_size == len(data)
+    assert image.info.source_sha256 == hashlib.sha256(data).hexdigest()
+    assert image.info.decoded_bytes >= 128 * 96 * 3
+
+
+def test_other_formats_are_refused_with_the_accepted_list(images_config: ImagesConfig):
+    tiff = make.encode(make.gradient(), "TIFF")
+    with pytest.raises(ImageRejected, match="TIFF file, which is not supported") as caught:
+        validate_image_bytes(tiff, images_config)
+    assert "PNG, JPEG, WebP, BMP or GIF" in caught.value.hint
+
+
+def test_text_is_not_an_image(images_config: ImagesConfig):
+    with pytest.raises(ImageRejected, match="not an image we can read"):
+        validate_image_bytes(b"hello, this is a text file", images_config, filename="notes.txt")
+
+
+def test_empty_file_is_refused(images_config: ImagesConfig):
+    with pytest.raises(ImageRejected, match="empty file"):
+        validate_image_bytes(b"", images_config)
+
+
+def test_wrong_extension_is_refused_naming_the_real_format(images_config: ImagesConfig):
+    with pytest.raises(ImageRejected, match=r"named '\.png' but its content is JPEG"):
+        validate_image_bytes(make.jpeg(), images_config, filename="holiday.png")
+
+
+def test_non_image_extension_is_refused(images_config: ImagesConfig):
+    with pytest.raises(ImageRejected, match=r"'\.pdf'"):
+        validate_image_bytes(make.png(), images_config, filename="scan.pdf")
+
+
+def test_matching_extension_and_no_extension_pass(images_config: ImagesConfig):
+    assert validate_image_bytes(make.jpeg(), images_config, filename="IMG_1.JPEG").info.format == "JPEG"
+    assert validate_image_bytes(make.jpeg(), images_config, filename="photo").info.format == "JPEG"
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_truncated_files_are_refused(cut: float, images_config: ImagesConfig):
+    for data in (make.png(), make.jpeg()):
+        with pytest.raises(ImageRejected, match="damaged or incomplete|not an image"):
+            validate_image_bytes(data[: int(len(data) * cut)], images_config)
+
+
+def test_corrupt_png_data_is_refused(images_config: ImagesConfig):
+    data = bytearray(make.png())
+    middle = len(data) // 2
+    data[middle : middle + 40] = b"\xff" * 40
+    with pytest.raises(ImageRejected):
+        validate_image_bytes(bytes(data), images_config)
+
+
+def test_decompression_bomb_is_refused_by_declared_size_before_decoding(images_config: ImagesConfig):
+    bomb = make.declared_huge_png(50_000, 50_000)
+    assert len(bomb) < 1000
+    with pytest.raises(ImageRejected, match=r"50000x50000 \(2500\.0 MP\); the limit is 40\.0 MP"):
+        validate_image_bytes(bomb, images_config)
+
+
+def test_pixel_limit_is_configurable():
+    with pytest.raises(ImageRejected, match="limit is 0.0 MP"):
+        validate_image_bytes(make.png(128, 96), ImagesConfig(max_pixels=10_000))
+
+
+def test_files_over_the_size_limit_are_refused():
+    data = make.png()
+    with pytest.raises(ImageRejected, match="the limit is"):
+        validate_image_bytes(data, ImagesConfig(max_bytes=len(data) - 1))
+
+
+def test_images_below_the_minimum_side_are_refused(images_config: ImagesConfig):
+    with pytest.raises(ImageRejected, match="only 200x40; each side must be at least 64 px"):
+        validate_image_bytes(make.png(200, 40), images_config)
+
+
+def test_animated_gif_uses_first_frame_with_a_warning(images_config: ImagesConfig):
+    image = validate_image_bytes(make.animated_gif(), images_config)
+    assert image.info.animated
+    assert any("animated" in warning for warning in image.info.warnings)
+    assert image.pixels.getpixel((127, 0))[0] > 200
+
+
+@pytest.mark.parametrize(("orientation", "size"), [(1, (120, 80)), (3, (120, 80)), (6, (80, 120)), (8, (80, 120))])
+def test_exif_orientation_is_applied(orientation: int, size: tuple[int, int], images_config: ImagesConfig):
+    image = validate_image_bytes(make.jpeg_with_orientation(120, 80, orientation), images_config)
+    assert image.pixels.size == size
+    assert (image.info.width, image.info.height) == size
+
+
+def test_transparency_is_composited_on_the_configured_background():
+    image = validate_image_bytes(make.transparent_png(), ImagesConfig(background=(0, 255, 0)))
+    assert image.info.has_transparency
+    assert image.info.mode == "RGBA"
+    assert image.pixels.getpixel((10, 50)) == (0, 255, 0)
+    assert image.pixels.getpixel((90, 50)) == (255, 0, 0)
+
+
+def test_palette_with_transparency_is_composited(images_config: ImagesConfig):
+    image = validate_image_bytes(make.palette_with_transparency(), images_config)
+    assert image.info.has_transparency
+    assert image.pixels.getpixel((10, 10)) == (255, 255, 255)
+    assert image.pixels.getpixel((70, 10)) == (0, 0, 255)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(images_config: ImagesConfig):
+    image = validate_image_bytes(make.png_16bit_grey(), images_config)
+    assert image.pixels.mode == "RGB"
+    assert image.pixels.getpixel((10, 10)) == (0, 0, 0)
+    assert image.pixels.getpixel((70, 10)) == (255, 255, 255)
+
+
+def test_cmyk_and_greyscale_become_rgb(images_config: ImagesConfig):
+    cmyk = validate_image_bytes(make.cmyk_jpeg(), images_config)
+    assert cmyk.info.mode == "CMYK"
+    red, green, blue = cmyk.pixels.getpixel((40, 40))
+    assert red > 200 and green < 60 and blue < 60
+    grey = validate_image_bytes(make.encode(make.gradient(mode="L"), "PNG"), images_config)
+    assert grey.info.mode == "L" and grey.pixels.mode == "RGB"
+
+
+def test_colour_profile_is_converted_and_a_broken_one_tolerated(images_config: ImagesConfig):
+    with_profile = validate_image_bytes(make.png_with_profile(), images_config)
+    plain = validate_image_bytes(make.png(), images_config)
+    assert with_profile.pixels.tobytes() == plain.pixels.tobytes()
+    broken = validate_image_bytes(make.png_with_profile(b"not a real icc profile"), images_config)
+    assert broken.pixels.mode == "RGB"
+
+
+def _valid(data: bytes, config: ImagesConfig, role: str = "start"):
+    return validate_image_bytes(data, config, role=role)
+
+
+def test_t2v_takes_no_images(images_config: ImagesConfig):
+    assert check_mode(Mode.T2V, None, None, images_config).images == []
+    with pytest.raises(ImageRejected, match="t2v makes a video from text alone") as caught:
+        check_mode(Mode.T2V, _valid(make.png(), images_config), None, images_config)
+    assert "i2v or ti2v" in caught.value.hint
+
+
+@pytest.mark.parametrize("mode", [Mode.I2V, Mode.TI2V])
+def test_image_modes_need_a_start_image(mode: Mode, images_config: ImagesConfig):
+    with pytest.raises(ImageRejected, match=f"{mode} needs a start image") as caught:
+        check_mode(mode, None, None, images_config)
+    assert "attach a photo" in str(caught.value).lower()
+    with pytest.raises(ImageRejected, match="only an end image"):
+        check_mode(mode, None, _valid(make.png(), images_config, "end"), images_config)
+
+
+def test_i2v_accepts_an_end_image_with_a_warning(images_config: ImagesConfig):
+    result = check_mode(
+        Mode.I2V, _valid(make.png(), images_config), _valid(make.png(), images_config, "end"), images_config
+    )
+    assert [image.info.role for image in result.images] == ["start", "end"]
+    assert any("not trained with end images" in warning for warning in result.warnings)
+
+
+def test_ti2v_accepts_an_end_image_without_the_i2v_warning(images_config: ImagesConfig):
+    result = check_mode(
+        Mode.TI2V, _valid(make.png(), images_config), _valid(make.png(), images_config, "end"), images_config
+    )
+    assert len(result.images) == 2
+    assert not any("not trained" in warning for warning in result.warnings)
+
+
+def test_mismatched_aspect_ratios_name_both(images_config: ImagesConfig):
+    start = _valid(make.png(160, 90), images_config)
+    end = _valid(make.png(100, 100), images_config, "end")
+    with pytest.raises(ImageRejected, match=r"aspect 1\.78.*aspect 1\.00"):
+        check_mode(Mode.I2V, start, end, images_config)
+
+
+def test_end_image_of_same_ratio_is_resized_to_the_start(images_config: ImagesConfig):
+    start = _valid(make.png(160, 90), images_config)
+    end = _valid(make.png(320, 182), images_config, "end")
+    result = check_mode(Mode.TI2V, start, end, images_config)
+    assert result.images[1].pixels.size == (160, 90)
+    assert any("resized from 320x182 to 160x90" in warning for warning in result.warnings)
+
+
+def test_store_is_content_addressed_atomic_and_never_duplicated(tmp_path, images_config: ImagesConfig):
+    store = ImageStore(tmp_path / "images")
+    image = _valid(make.png(), images_config)
+    first = store.put(image)
+    second = store.put(_valid(make.png(), images_config))
+    assert first.sha256 == second.sha256
+    assert first.stored_at is not None
+    files = list((tmp_path / "images").rglob("*"))
+    assert [path.name for path in files if path.is_file()] == [f"{first.sha256}.png"]
+    restored = store.restore(first)
+    assert restored.pixels.tobytes() == image.pixels.tobytes()
+    assert restored.info.restored_at is not None
+
+
+def test_restore_detects_missing_and_altered_files(tmp_path, images_config: ImagesConfig):
+    store = ImageStore(tmp_path / "images")
+    info = store.put(_valid(make.png(), images_config))
+    path = store.path_for(info.sha256)
+    Image.new("RGB", (128, 96), "red").save(path, format="PNG")
+    with pytest.raises(ImageIntegrityError, match="altered"):
+        store.restore(info)
+    path.unlink()
+    with pytest.raises(ImageIntegrityError, match="no longer stored") as caught:
+        store.restore(info)
+    assert "Send the picture again" in caught.value.hint

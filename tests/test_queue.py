@@ -1,0 +1,363 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.cleanup import remove_unused_images
+from engine.errors import InvalidTransition, NotAllowed, QueueFull
+from engine.images import ImageInfo, ImageStore, Mode, validate_image_bytes
+from engine.jobs import DeliveryStatus, EventKind, JobStatus, Progress, ResultInfo, Stage
+from engine.queue import MIGRATIONS, JobQueue, _split_sql
+from tests import imagefactory
+from tests.factories import ADMIN, owner, params, source
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def result(path: str = "/tmp/x.mp4") -> ResultInfo:
+    return ResultInfo(path=path, bytes=1, width=64, height=64, frames=5, fps=16, duration_s=0.3, model="tiny", seed=1)
+
+
+async def test_enqueue_stores_everything_and_reports_position(queue: JobQueue):
+    added = await queue.enqueue(source("alice", "m1"), Mode.T2V, "tiny", params(), priority=2)
+    assert added.created
+    assert added.position.position == 1
+    job = await queue.get(added.job.id)
+    assert job.status is JobStatus.QUEUED
+    assert job.source.user_id == "alice"
+    assert job.params.prompt == "a red fox in the snow"
+    assert job.priority == 2
+    assert await queue.events_of(job.id) == [("enqueued", None)]
+
+
+async def test_database_is_in_wal_mode(tmp_path: Path):
+    queue = await JobQueue.open(tmp_path / "q.sqlite3")
+    await queue.close()
+    with sqlite3.connect(tmp_path / "q.sqlite3") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_same_message_enqueued_twice_is_one_job(queue: JobQueue):
+    first, second = await asyncio.gather(
+        queue.enqueue(source("alice", "m1"), Mode.T2V, "tiny", params()),
+        queue.enqueue(source("alice", "m1"), Mode.T2V, "tiny", params()),
+    )
+    assert first.job.id == second.job.id
+    assert sorted([first.created, second.created]) == [False, True]
+    assert (await queue.counts()) == {"queued": 1}
+
+
+async def test_concurrent_enqueues_from_many_tasks_all_land(queue: JobQueue):
+    async def add(user: int, index: int) -> int:
+        added = await queue.enqueue(source(f"u{user}", f"m{user}-{index}"), Mode.T2V, "tiny", params(), global_limit=500)
+        return added.job.id
+
+    ids = await asyncio.gather(*(add(user, index) for user in range(40) for index in range(3)))
+    assert len(set(ids)) == 120
+    assert (await queue.counts()) == {"queued": 120}
+
+
+async def test_per_user_and_global_limits(queue: JobQueue):
+    for index in range(3):
+        await queue.enqueue(source("alice", f"m{index}"), Mode.T2V, "tiny", params())
+    with pytest.raises(QueueFull, match="already have 3 videos waiting") as caught:
+        await queue.enqueue(source("alice", "m9"), Mode.T2V, "tiny", params())
+    assert "/cancel" in caught.value.hint
+    admin_job = await queue.enqueue(source("alice", "m10"), Mode.T2V, "tiny", params(), is_admin=True)
+    assert admin_job.created
+    with pytest.raises(QueueFull, match="queue is full"):
+        await queue.enqueue(source("bob", "b1"), Mode.T2V, "tiny", params(), global_limit=4)
+
+
+async def test_claim_is_round_robin_between_users_then_priority_then_age(queue: JobQueue):
+    for index in range(3):
+        await queue.enqueue(source("alice", f"a{index}"), Mode.T2V, "tiny", params(f"alice {index}"))
+    await queue.enqueue(source("bob", "b0"), Mode.T2V, "tiny", params("bob 0"))
+    await queue.enqueue(source("carol", "c0"), Mode.T2V, "tiny", params("carol 0"))
+    await queue.enqueue(source("carol", "c1"), Mode.T2V, "tiny", params("carol urgent"), priority=5)
+    order = []
+    while (job := await queue.claim_next()) is not None:
+        order.append(job.params.prompt)
+        await queue.mark_succeeded(job.id, result())
+    # Everyone's first job before anyone's second; carol's urgent job is her first turn.
+    assert order[:3] == ["carol urgent", "alice 0", "bob 0"]
+    assert order[3:] == ["carol 0", "alice 1", "alice 2"]
+
+
+async def test_a_user_served_recently_waits_behind_a_newcomer(queue: JobQueue):
+    for index in range(3):
+        await queue.enqueue(source("alice", f"a{index}"), Mode.T2V, "tiny", params(f"alice {index}"))
+    first = await queue.claim_next()
+    await queue.mark_succeeded(first.id, result())
+    await queue.enqueue(source("bob", "b0"), Mode.T2V, "tiny", params("bob 0"))
+    assert (await queue.claim_next()).params.prompt == "bob 0"
+
+
+async def test_position_follows_the_claim_order_and_has_an_eta(queue: JobQueue):
+    now = [1000.0]
+    clocked = JobQueue(queue._db, queue.events, lambda: now[0])
+    first = await clocked.enqueue(source("alice", "a0"), Mode.T2V, "tiny", params())
+    second = await clocked.enqueue(source("alice", "a1"), Mode.T2V, "tiny", params())
+    bob = await clocked.enqueue(source("bob", "b0"), Mode.T2V, "tiny", params())
+    places = [await clocked.position(added.job.id) for added in (first, bob, second)]
+    assert [place.position for place in places] == [1, 2, 3]
+    assert places[1].eta_s is None  # no finished job yet to estimate from
+    assert (await clocked.claim_next()).id == first.job.id
+    now[0] += 30
+    await clocked.mark_succeeded(first.job.id, result())
+    assert (await clocked.claim_next()).id == bob.job.id
+    now[0] += 10
+    waiting = await clocked.position(second.job.id)
+    assert waiting.position == 1
+    assert waiting.eta_s == pytest.approx(20.0)  # a typical job takes 30 s and bob's has run for 10
+    assert await clocked.position(bob.job.id) is None
+
+
+async def test_terminal_states_never_change(queue: JobQueue):
+    added = await queue.enqueue(source(), Mode.T2V, "tiny", params())
+    job = await queue.claim_next()
+    await queue.mark_succeeded(job.id, result())
+    with pytest.raises(InvalidTransition):
+        await queue.mark_failed(job.id, "late failure")
+    with pytest.raises(InvalidTransition, match="already finished"):
+        await queue.cancel(job.id, owner())
+    with pytest.raises(sqlite3.IntegrityError, match="terminal job status cannot change"):
+        async with queue._transaction() as db:
+            await db.execute("UPDATE jobs SET status = 'queued' WHERE id = ?", (added.job.id,))
+    assert (await queue.get(job.id)).status is JobStatus.SUCCEEDED
+
+
+async def test_cancel_queued_is_immediate_and_running_sets_a_request(queue: JobQueue):
+    waiting = await queue.enqueue(source("alice", "a1"), Mode.T2V, "tiny", params())
+    running = await queue.enqueue(source("bob", "b1"), Mode.T2V, "tiny", params())
+    claimed = await queue.claim_next()
+    assert claimed.id == waiting.job.id
+    claimed_second = await queue.enqueue(source("alice", "a2"), Mode.T2V, "tiny", params())
+    cancelled = await queue.cancel(claimed_second.job.id, owner("alice"))
+    assert cancelled.status is JobStatus.CANCELLED
+    assert (await queue.claim_next()).id == running.job.id
+    requested = await queue.cancel(running.job.id, owner("bob"))
+    assert requested.status is JobStatus.RUNNING and requested.cancel_requested
+    assert await queue.is_cancel_requested(running.job.id)
+    assert (await queue.mark_cancelled(running.job.id)).status is JobStatus.CANCELLED
+
+
+async def test_only_owner_or_admin_may_cancel(queue: JobQueue):
+    added = await queue.enqueue(source("alice", "a1"), Mode.T2V, "tiny", params())
+    with pytest.raises(NotAllowed, match="belongs to someone else"):
+        await queue.cancel(added.job.id, owner("mallory"))
+    with pytest.raises(NotAllowed):
+        await queue.cancel(added.job.id, owner("alice", platform="discord"))
+    assert (await queue.cancel(added.job.id, ADMIN)).status is JobStatus.CANCELLED
+
+
+async def test_cancel_racing_the_claim_never_runs_a_cancelled_job(queue: JobQueue):
+    for round_number in range(20):
+        added = await queue.enqueue(source("alice", f"r{round_number}"), Mode.T2V, "tiny", params())
+        cancelled, claimed = await asyncio.gather(
+            queue.cancel(added.job.id, owner("alice")), queue.claim_next(), return_exceptions=True
+        )
+        final = await queue.get(added.job.id)
+        if claimed is not None and not isinstance(claimed, BaseException):
+            assert final.status is JobStatus.RUNNING and final.cancel_requested
+            await queue.mark_cancelled(final.id)
+        else:
+            assert final.status is JobStatus.CANCELLED
+        assert not isinstance(cancelled, BaseException)
+
+
+async def test_retry_creates_a_new_linked_job(queue: JobQueue):
+    added = await queue.enqueue(source("alice", "a1"), Mode.T2V, "tiny", params())
+    job = await queue.claim_next()
+    await queue.mark_failed(job.id, "It broke.", "trace")
+    with pytest.raises(NotAllowed):
+        await queue.retry(added.job.id, owner("bob"))
+    again = await queue.retry(added.job.id, owner("alice"))
+    assert again.created and again.job.id != added.job.id
+    assert again.job.retry_of == added.job.id
+    assert again.job.params == added.job.params
+    assert (await queue.get(added.job.id)).status is JobStatus.FAILED
+    with pytest.raises(InvalidTransition, match="still queued"):
+        await queue.retry(again.job.id, owner("alice"))
+
+
+async def test_crash_recovery_requeues_then_fails_after_max_attempts(queue: JobQueue):
+    added = await queue.enqueue(source("alice", "a1"), Mode.T2V, "tiny", params())
+    await queue.claim_next()
+    recovered = await queue.recover_interrupted(max_attempts=2)
+    assert [job.status for job in recovered] == [JobStatus.QUEUED]
+    assert (await queue.claim_next()).attempts == 2
+    recovered = await queue.recover_interrupted(max_attempts=2)
+    assert recovered[0].status is JobStatus.FAILED
+    assert "stopped while making this video 2 times" in recovered[0].error_user
+    assert (await queue.get(added.job.id)).status is JobStatus.FAILED
+
+
+async def test_requeue_on_shutdown_does_not_count_the_attempt(queue: JobQueue):
+    await queue.enqueue(source("alice", "a1"), Mode.T2V, "tiny", params())
+    job = await queue.claim_next()
+    requeued = await queue.requeue(job.id, "shutting down")
+    assert requeued.status is JobStatus.QUEUED and requeued.attempts == 0
+
+
+async def test_preferred_model_goes_first_but_only_a_bounded_number_of_times(queue: JobQueue):
+    await queue.enqueue(source("alice", "a1"), Mode.I2V, "model-b", params("needs b"))
+    for index in range(5):
+        await queue.enqueue(source(f"u{index}", f"m{index}"), Mode.T2V, "model-a", params(f"a{index}"))
+    order = []
+    while (job := await queue.claim_next(preferred_model="model-a", max_model_skips=2)) is not None:
+        order.append(job.params.prompt)
+        await queue.mark_succeeded(job.id, result())
+    assert order[:3] == ["a0", "a1", "needs b"]
+
+
+async def test_progress_and_events_reach_subscribers(queue: JobQueue):
+    inbox = queue.events.subscribe()
+    added = await queue.enqueue(source(), Mode.T2V, "tiny", params())
+    job = await queue.claim_next()
+    await queue.update_progress(job.id, Progress(stage=Stage.DENOISING, step=1, total=2, eta_s=3.0))
+    await queue.mark_succeeded(job.id, result())
+    kinds = [(await inbox.get()).kind for _ in range(4)]
+    assert kinds == [EventKind.ENQUEUED, EventKind.STARTED, EventKind.PROGRESS, EventKind.SUCCEEDED]
+    assert (await queue.get(added.job.id)).progress.step == 1
+    inbox.close()
+
+
+async def test_delivery_is_tracked_apart_from_generation(queue: JobQueue):
+    await queue.enqueue(source(platform="discord"), Mode.T2V, "tiny", params())
+    job = await queue.claim_next()
+    done = await queue.mark_succeeded(job.id, result())
+    assert done.delivery_status is DeliveryStatus.PENDING
+    assert [pending.id for pending in await queue.undelivered("discord")] == [job.id]
+    assert await queue.undelivered("telegram") == []
+    failed = await queue.mark_delivery_failed(job.id, "413 too large")
+    assert failed.status is JobStatus.SUCCEEDED and failed.delivery_status is DeliveryStatus.DELIVERY_FAILED
+    assert [pending.id for pending in await queue.undelivered("discord")] == [job.id]
+    delivered = await queue.mark_delivered(job.id)
+    assert delivered.delivery_status is DeliveryStatus.DELIVERED and delivered.delivered_at is not None
+    assert await queue.undelivered("discord") == []
+    with pytest.raises(InvalidTransition):
+        await queue.mark_delivered(job.id)
+
+
+async def test_pause_flag_survives_reopening(tmp_path: Path):
+    first = await JobQueue.open(tmp_path / "q.sqlite3")
+    assert not await first.is_paused()
+    await first.set_paused(True)
+    await first.close()
+    second = await JobQueue.open(tmp_path / "q.sqlite3")
+    assert await second.is_paused()
+    await second.close()
+
+
+async def test_unused_images_are_removed_after_retention(queue: JobQueue, tmp_path: Path, images_config):
+    store = ImageStore(tmp_path / "images")
+    kept = store.put(validate_image_bytes(imagefactory.png(128, 96), images_config))
+    gone = store.put(validate_image_bytes(imagefactory.png(96, 128), images_config))
+    orphan = store.put(validate_image_bytes(imagefactory.png(100, 100), images_config))
+    await queue.enqueue(source("a", "1"), Mode.I2V, "tiny", params(), [kept])
+    await queue.enqueue(source("b", "2"), Mode.I2V, "tiny", params(), [gone])
+    job = await queue.claim_next()
+    finished = job.id if job.images[0].sha256 == gone.sha256 else (await queue.claim_next()).id
+    await queue.mark_failed(finished, "x")
+    assert await remove_unused_images(queue, store, retention_s=3600, grace_s=0) == 1
+    assert not store.path_for(orphan.sha256).exists()
+    assert await remove_unused_images(queue, store, retention_s=-1, grace_s=0) == 1
+    assert store.stored_hashes() == {kept.sha256}
+
+
+async def test_migration_from_the_first_schema_keeps_old_rows(tmp_path: Path):
+    path = tmp_path / "old.sqlite3"
+    image = ImageInfo(
+        role="start", format="PNG", width=64, height=64, mode="RGB", has_transparency=False, animated=False,
+        aspect_ratio=1.0, pixel_count=4096, file_size=10, decoded_bytes=1, source_sha256="s", sha256="abc",
+    )
+    old_params = {"v": 1, "prompt": "old job", "seed": 3, "steps": 2, "guidance": 4.0, "width": 64, "height": 64,
+                  "frames": 5, "fps": 16, "removed_setting": True}
+    with sqlite3.connect(path) as db:
+        for statement in _split_sql(MIGRATIONS[0]):
+            db.execute(statement)
+        db.execute("PRAGMA user_version=1")
+        db.execute(
+            "INSERT INTO jobs (user_key, source_json, mode, model, params_json, images_json, status, created_at) "
+            "VALUES (?, ?, 'i2v', 'tiny', ?, ?, 'queued', 1.0)",
+            ("telegram:u1", source().model_dump_json(), json.dumps(old_params), json.dumps([image.model_dump()])),
+        )
+    queue = await JobQueue.open(path)
+    job = (await queue.list_jobs())[0]
+    assert job.params.prompt == "old job" and job.params.negative_prompt == ""
+    assert job.delivery_status is None
+    assert await queue.images_in_use(retention_s=0) == {"abc"}
+    claimed = await queue.claim_next()
+    assert claimed.id == job.id
+    await queue.close()
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    sys.path.insert(0, {repo!r})
+    from pathlib import Path
+    from engine.images import Mode
+    from engine.queue import JobQueue
+    from tests.factories import params, source, result_for_child
+
+    async def main():
+        queue = await JobQueue.open(Path({db!r}))
+        index = 0
+        while True:
+            added = await queue.enqueue(source(f"u{{index % 50}}", f"m{{index}}"), Mode.T2V, "tiny", params(),
+                                        per_user_limit=10**6, global_limit=10**6)
+            print("enqueued", added.job.id, flush=True)
+            job = await queue.claim_next()
+            if job is not None:
+                await queue.mark_succeeded(job.id, result_for_child())
+                print("succeeded", job.id, flush=True)
+            index += 1
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("kill_after_s", [0.4, 0.9])
+async def test_sigkill_mid_transaction_loses_nothing_committed(tmp_path: Path, kill_after_s: float):
+    db_path = tmp_path / "killed.sqlite3"
+    script = CHILD.format(repo=str(REPO), db=str(db_path))
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    acknowledged: dict[int, str] = {}
+    deadline = time.monotonic() + 30
+    while len(acknowledged) < 5 and time.monotonic() < deadline:
+        line = child.stdout.readline()
+        if not line:
+            break
+        state, job_id = line.split()
+        acknowledged[int(job_id)] = state
+    await asyncio.sleep(kill_after_s)
+    os.kill(child.pid, signal.SIGKILL)
+    for line in child.stdout:
+        state, job_id = line.split()
+        acknowledged[int(job_id)] = state
+    child.wait()
+    assert acknowledged, "the child process acknowledged nothing before it was killed"
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        statuses = dict(db.execute("SELECT id, status FROM jobs").fetchall())
+        logged = {row[0] for row in db.execute("SELECT DISTINCT job_id FROM job_events WHERE kind = 'enqueued'")}
+    for job_id, state in acknowledged.items():
+        assert job_id in statuses
+        if state == "succeeded":
+            assert statuses[job_id] == "succeeded"
+    # Every row that exists came with its event-log entry: no half-applied enqueue.
+    assert logged == set(statuses)
