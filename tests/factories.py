@@ -34,4 +34,6 @@ ADMIN = Actor(platform="cli", user_id="admin", is_admin=True)
 def result_for_child() -> object:
     from engine.jobs import ResultInfo
 
-    return ResultInfo(path="x.mp4", bytes=1, width=64, height=64, frames=5, fps=16, duration_s=0.3, model="tiny", seed=1)
+    return ResultInfo(
+        path="x.mp4", bytes=1, width=64, height=64, frames=5, fps=16, duration_s=0.3, model="tiny", seed=1
+    )

@@ -1,0 +1,300 @@
+"""Running a Wan 2.2 pipeline for one job: load (and keep warm), place on devices, denoise with progress, decode.
+
+Everything here is blocking and runs in the worker's executor thread; it talks back only through `RunHooks`,
+whose callables must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+from PIL import Image
+
+from engine.config import GenerationConfig, Settings
+from engine.errors import UserError
+from engine.jobs import GenerationParams, Job, Progress, Stage
+from engine.models import ModelRef, ModelSpec, resolve_model
+from engine.tiny import make_tiny_model
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASSES = {"WanPipeline": WanPipeline, "WanImageToVideoPipeline": WanImageToVideoPipeline}
+
+
+class JobCancelled(Exception):
+    """The job's owner or an admin cancelled it while it ran."""
+
+
+class JobInterrupted(Exception):
+    """The worker is shutting down and asked the running job to stop, to be queued again."""
+
+
+class GenerationTimedOut(UserError):
+    """The generation ran past `generation.timeout_s`."""
+
+
+class OutOfMemory(UserError):
+    """The accelerator ran out of memory; the message says what to lower."""
+
+
+@dataclass
+class RunHooks:
+    """How a run reports back and learns it should stop; every callable is called from the executor thread."""
+
+    on_progress: Callable[[Progress], None] = lambda progress: None
+    should_cancel: Callable[[], bool] = lambda: False
+    should_interrupt: Callable[[], bool] = lambda: False
+    timeout_s: float = float("inf")
+    clock: Callable[[], float] = time.monotonic
+
+
+@dataclass
+class RunOutput:
+    frames: np.ndarray  # frames x height x width x 3, float in [0, 1]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedPipeline:
+    model: ModelRef
+    pipeline: WanPipeline | WanImageToVideoPipeline
+    device: torch.device
+    strategy: str
+
+
+ModelLocator = Callable[[ModelRef, Callable[[Progress], None]], Path]
+
+
+def default_locator(settings: Settings) -> ModelLocator:
+    """Where a model's diffusers folder is: built on first use for `tiny`, fetched from the Hub for repo ids."""
+
+    def locate(model: ModelRef, on_progress: Callable[[Progress], None]) -> Path:
+        if model.is_tiny:
+            return make_tiny_model(settings.models_dir / model.name, model.mode)
+        if model.is_local:
+            return Path(model.name)
+        on_progress(Progress(stage=Stage.DOWNLOADING, detail=model.name))
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(model.name, cache_dir=settings.models_dir / "hub"))
+        except Exception as exc:
+            raise UserError(
+                f"The model {model.name} could not be fetched ({type(exc).__name__}).",
+                "Check the network and the repo id, or point models.<mode> at a local folder.",
+            ) from exc
+
+    return locate
+
+
+class PipelineRunner:
+    """Keeps at most one pipeline in memory and runs jobs on it."""
+
+    def __init__(self, config: GenerationConfig, locator: ModelLocator) -> None:
+        self._config = config
+        self._locate = locator
+        self.loaded: LoadedPipeline | None = None
+
+    @property
+    def loaded_model(self) -> str | None:
+        return self.loaded.model.name if self.loaded else None
+
+    def run(self, job: Job, images: list[Image.Image], hooks: RunHooks) -> RunOutput:
+        timings: dict[str, float] = {}
+        started = hooks.clock()
+        try:
+            loaded = self._ensure_loaded(resolve_model(job.model, job.mode), hooks)
+            timings["load_s"] = hooks.clock() - started
+            frames = self._denoise_and_decode(loaded, job.params, images, hooks, timings)
+        except torch.OutOfMemoryError as exc:
+            self._free_after_oom()
+            raise OutOfMemory(
+                f"The GPU ran out of memory making {job.params.width}x{job.params.height}, {job.params.frames} frames.",
+                "Try a lower resolution (res=480p) or fewer frames.",
+            ) from exc
+        timings["generate_s"] = hooks.clock() - started - timings["load_s"]
+        return RunOutput(frames=frames, timings=timings)
+
+    # -- loading -----------------------------------------------------------------------------------------------
+
+    def _ensure_loaded(self, model: ModelRef, hooks: RunHooks) -> LoadedPipeline:
+        if self.loaded is not None and self.loaded.model.name == model.name:
+            return self.loaded
+        self.unload()
+        folder = self._locate(model, hooks.on_progress)
+        hooks.on_progress(Progress(stage=Stage.LOADING, detail=model.name))
+        device = _pick_device(self._config.device)
+        pipeline_class = PIPELINE_CLASSES[model.spec.pipeline]
+        dtype: Any = torch.float32 if device.type == "cpu" else {"default": torch.bfloat16, "vae": torch.float32}
+        pipeline = pipeline_class.from_pretrained(folder, dtype=dtype)
+        _correct_flow_shift(pipeline, model.spec)
+        pipeline.set_progress_bar_config(disable=True)
+        strategy = self._place(pipeline, model.spec, device)
+        self.loaded = LoadedPipeline(model=model, pipeline=pipeline, device=device, strategy=strategy)
+        log.info("loaded model", extra={"model": model.name, "device": str(device), "strategy": strategy})
+        return self.loaded
+
+    def unload(self) -> None:
+        if self.loaded is None:
+            return
+        self.loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _place(self, pipeline: Any, spec: ModelSpec, device: torch.device) -> str:
+        strategy = self._config.memory
+        if device.type == "cpu":
+            return "cpu"
+        if strategy == "auto":
+            free_bytes, _ = torch.cuda.mem_get_info(device)
+            strategy = "gpu" if free_bytes / 2**30 >= spec.full_vram_gb else "model_offload"
+        if strategy == "gpu":
+            pipeline.to(device)
+        elif strategy == "model_offload":
+            # Keeps one component (one expert of the A14B pair) on the GPU at a time.
+            pipeline.enable_model_cpu_offload(device=device)
+        elif strategy == "sequential_offload":
+            pipeline.enable_sequential_cpu_offload(device=device)
+        elif strategy == "group_offload":
+            pipeline.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1)
+        return strategy
+
+    def _free_after_oom(self) -> None:
+        # A pipeline half-way through an OOM may hold fragmented blocks; reloading costs less than a second failure.
+        if self.loaded is not None and hasattr(self.loaded.pipeline, "maybe_free_model_hooks"):
+            self.loaded.pipeline.maybe_free_model_hooks()
+        self.unload()
+
+    # -- running -----------------------------------------------------------------------------------------------
+
+    def _denoise_and_decode(
+        self,
+        loaded: LoadedPipeline,
+        params: GenerationParams,
+        images: list[Image.Image],
+        hooks: RunHooks,
+        timings: dict[str, float],
+    ) -> np.ndarray:
+        spec = loaded.model.spec
+        pipeline = loaded.pipeline
+        self._set_vae_tiling(pipeline, params)
+        tracker = StepTracker(spec, params.steps, hooks)
+        arguments: dict[str, Any] = {
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt or None,
+            "height": params.height,
+            "width": params.width,
+            "num_frames": params.frames,
+            "num_inference_steps": params.steps,
+            "guidance_scale": params.guidance,
+            "generator": torch.Generator(device="cpu").manual_seed(params.seed),
+            "output_type": "np",
+            "callback_on_step_end": tracker.on_step_end,
+        }
+        if spec.two_experts and params.guidance_2 is not None:
+            arguments["guidance_scale_2"] = params.guidance_2
+        if spec.pipeline == "WanImageToVideoPipeline":
+            arguments["image"] = images[0]
+            if len(images) > 1 and spec.uses_end_image:
+                arguments["last_image"] = images[1]
+        tracker.start()
+        try:
+            output = pipeline(**arguments)
+        except BaseException:
+            if hasattr(pipeline, "maybe_free_model_hooks"):
+                pipeline.maybe_free_model_hooks()
+            raise
+        timings["denoise_s"] = tracker.denoise_s
+        timings["decode_s"] = hooks.clock() - tracker.decode_started
+        return output.frames[0]
+
+    def _set_vae_tiling(self, pipeline: Any, params: GenerationParams) -> None:
+        wanted = self._config.vae_tiling == "on" or (
+            self._config.vae_tiling == "auto" and params.width * params.height > 832 * 480
+        )
+        if wanted:
+            pipeline.vae.enable_tiling()
+        else:
+            pipeline.vae.disable_tiling()
+
+
+class StepTracker:
+    """Turns the pipeline's per-step callback into progress with an ETA, and into cancel and timeout checks."""
+
+    def __init__(self, spec: ModelSpec, steps: int, hooks: RunHooks) -> None:
+        self._spec = spec
+        self._steps = steps
+        self._hooks = hooks
+        self._durations: dict[str, list[float]] = {}
+        self._last = 0.0
+        self._deadline = 0.0
+        self._started = 0.0
+        self.denoise_s = 0.0
+        self.decode_started = 0.0
+
+    def start(self) -> None:
+        self._started = self._last = self._hooks.clock()
+        self._deadline = self._started + self._hooks.timeout_s
+        self._hooks.on_progress(Progress(stage=Stage.DENOISING, step=0, total=self._steps, detail=self._expert(1000)))
+
+    def _expert(self, timestep: float) -> str:
+        if not self._spec.two_experts:
+            return ""
+        boundary = (self._spec.boundary_ratio or 0) * 1000
+        return "high-noise expert" if timestep >= boundary else "low-noise expert"
+
+    def on_step_end(self, pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        now = self._hooks.clock()
+        expert = self._expert(float(timestep))
+        self._durations.setdefault(expert, []).append(now - self._last)
+        self._last = now
+        if self._hooks.should_interrupt():
+            raise JobInterrupted
+        if self._hooks.should_cancel():
+            raise JobCancelled
+        if now > self._deadline:
+            raise GenerationTimedOut(
+                f"The video took longer than the limit of {self._hooks.timeout_s:.0f} s.",
+                "Try fewer steps, fewer frames or a lower resolution.",
+            )
+        done = step + 1
+        if done < self._steps:
+            self._hooks.on_progress(
+                Progress(stage=Stage.DENOISING, step=done, total=self._steps, eta_s=self._eta(done), detail=expert)
+            )
+        else:
+            self.denoise_s = now - self._started
+            self.decode_started = now
+            self._hooks.on_progress(Progress(stage=Stage.DECODING, step=done, total=self._steps))
+        return {}
+
+    def _eta(self, done: int) -> float:
+        """Remaining steps times the mean step time of the expert that will run them (steps differ per expert)."""
+        all_steps = [duration for durations in self._durations.values() for duration in durations]
+        mean = sum(all_steps) / len(all_steps)
+        latest = next(reversed(self._durations))
+        expert_mean = sum(self._durations[latest]) / len(self._durations[latest])
+        return (self._steps - done) * (expert_mean if len(self._durations[latest]) > 1 else mean)
+
+
+def _pick_device(configured: str) -> torch.device:
+    if configured != "auto":
+        return torch.device(configured)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _correct_flow_shift(pipeline: Any, spec: ModelSpec) -> None:
+    """The conversion script wrote flow_shift=3.0 into the A14B repos; the official values are 12 (t2v) and 5 (i2v)."""
+    if spec.flow_shift is None or pipeline.scheduler.config.get("flow_shift") == spec.flow_shift:
+        return
+    pipeline.scheduler = UniPCMultistepScheduler.from_config(pipeline.scheduler.config, flow_shift=spec.flow_shift)

@@ -1,0 +1,347 @@
+"""The model registry: which Wan 2.2 model serves each mode, its official settings, and request resolution.
+
+A model is named by a Hub repo id, a local diffusers folder, or `tiny` (a tiny offline model per mode). Requests
+are resolved against the model's spec before they are queued, and every change made to what the user asked for is
+recorded as a sentence they can read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from engine.config import GenerationConfig, Settings
+from engine.errors import UserError
+from engine.images import ImageInfo, Mode
+from engine.jobs import GenerationParams
+
+TINY = "tiny"
+MAX_PROMPT_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Official settings of one model family (../shared/REFERENCE.md)."""
+
+    family: str
+    pipeline: str  # "WanPipeline" or "WanImageToVideoPipeline"
+    presets: dict[str, tuple[int, int]]  # name -> landscape (width, height); portrait is the swap
+    default_preset: str
+    multiple: int  # width and height must be multiples of this (VAE scale x patch size)
+    default_frames: int
+    fps: int
+    steps: int
+    guidance: float
+    guidance_2: float | None = None
+    boundary_ratio: float | None = None
+    flow_shift: float | None = None
+    uses_end_image: bool = False
+    size_follows_image: bool = False
+    full_vram_gb: float = 0.0  # roughly what "all on GPU" needs; below it, offload
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def two_experts(self) -> bool:
+        return self.boundary_ratio is not None
+
+
+A14B_PRESETS = {"480p": (832, 480), "720p": (1280, 720)}
+
+T2V_A14B = ModelSpec(
+    family="wan2.2-t2v-a14b",
+    pipeline="WanPipeline",
+    presets=A14B_PRESETS,
+    default_preset="480p",
+    multiple=16,
+    default_frames=81,
+    fps=16,
+    steps=40,
+    guidance=4.0,
+    guidance_2=3.0,
+    boundary_ratio=0.875,
+    flow_shift=12.0,
+    full_vram_gb=80,
+)
+I2V_A14B = ModelSpec(
+    family="wan2.2-i2v-a14b",
+    pipeline="WanImageToVideoPipeline",
+    presets=A14B_PRESETS,
+    default_preset="480p",
+    multiple=16,
+    default_frames=81,
+    fps=16,
+    steps=40,
+    guidance=3.5,
+    guidance_2=3.5,
+    boundary_ratio=0.9,
+    flow_shift=5.0,
+    uses_end_image=True,
+    size_follows_image=True,
+    full_vram_gb=80,
+)
+TI2V_5B = ModelSpec(
+    family="wan2.2-ti2v-5b",
+    pipeline="WanImageToVideoPipeline",
+    presets={"720p": (1280, 704)},
+    default_preset="720p",
+    multiple=32,
+    default_frames=121,
+    fps=24,
+    steps=50,
+    guidance=5.0,
+    flow_shift=5.0,
+    size_follows_image=True,
+    full_vram_gb=40,
+)
+TINY_SPECS = {
+    Mode.T2V: ModelSpec(
+        family="tiny-t2v",
+        pipeline="WanPipeline",
+        presets={"tiny": (64, 64)},
+        default_preset="tiny",
+        multiple=16,
+        default_frames=9,
+        fps=16,
+        steps=4,
+        guidance=4.0,
+        guidance_2=3.0,
+        boundary_ratio=0.875,
+        flow_shift=12.0,
+    ),
+    Mode.I2V: ModelSpec(
+        family="tiny-i2v",
+        pipeline="WanImageToVideoPipeline",
+        presets={"tiny": (64, 64)},
+        default_preset="tiny",
+        multiple=16,
+        default_frames=9,
+        fps=16,
+        steps=4,
+        guidance=3.5,
+        guidance_2=3.5,
+        boundary_ratio=0.9,
+        flow_shift=5.0,
+        uses_end_image=True,
+        size_follows_image=True,
+    ),
+    Mode.TI2V: ModelSpec(
+        family="tiny-ti2v",
+        pipeline="WanImageToVideoPipeline",
+        presets={"tiny": (64, 64)},
+        default_preset="tiny",
+        multiple=32,
+        default_frames=9,
+        fps=24,
+        steps=4,
+        guidance=5.0,
+        flow_shift=5.0,
+        size_follows_image=True,
+    ),
+}
+KNOWN_REPOS = {
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": T2V_A14B,
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers": I2V_A14B,
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": TI2V_5B,
+}
+SPEC_FOR_MODE = {Mode.T2V: T2V_A14B, Mode.I2V: I2V_A14B, Mode.TI2V: TI2V_5B}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as a job refers to it: a canonical name (the queue's `model`) and its spec."""
+
+    name: str
+    mode: Mode
+    spec: ModelSpec
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name.startswith(f"{TINY}-")
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.name).is_dir()
+
+
+def model_for_mode(mode: Mode, settings: Settings, override: str | None = None) -> ModelRef:
+    """The model that serves `mode`: the override if given, else `models.<mode>` from the configuration."""
+    name = override or getattr(settings.models, mode.value)
+    return resolve_model(name, mode)
+
+
+def resolve_model(name: str, mode: Mode) -> ModelRef:
+    if name in (TINY, f"{TINY}-{mode.value}"):
+        return ModelRef(name=f"{TINY}-{mode.value}", mode=mode, spec=TINY_SPECS[mode])
+    if name.startswith(f"{TINY}-"):
+        raise UserError(f"Model {name} is for another mode than {mode}.", f"Use '{TINY}' or '{TINY}-{mode.value}'.")
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return ModelRef(name=str(folder.resolve()), mode=mode, spec=_spec_from_folder(folder, mode))
+    if name.count("/") != 1 or name.startswith(("/", ".", "~")):
+        raise UserError(
+            f"Model '{name}' is neither a folder on this machine nor a Hub repo id.",
+            "Fix models.<mode> in the configuration: a folder, 'tiny', or an id like Wan-AI/Wan2.2-T2V-A14B-Diffusers.",
+        )
+    spec = KNOWN_REPOS.get(name, SPEC_FOR_MODE[mode])
+    _check_spec_serves(spec, mode, name)
+    return ModelRef(name=name, mode=mode, spec=spec)
+
+
+def _spec_from_folder(folder: Path, mode: Mode) -> ModelSpec:
+    """Read a local diffusers folder's shape: two experts or one, and the latent width, to pick its family."""
+    index_path = folder / "model_index.json"
+    if not index_path.exists():
+        raise UserError(f"The folder {folder} has no model_index.json, so it is not a diffusers model.")
+    index = json.loads(index_path.read_text())
+    transformer_config = json.loads((folder / "transformer" / "config.json").read_text())
+    has_two_experts = bool(index.get("transformer_2") and index["transformer_2"][0])
+    channels = transformer_config.get("in_channels", 16)
+    if channels == 48 or index.get("expand_timesteps"):
+        spec = TI2V_5B
+    elif channels == 36:
+        spec = I2V_A14B
+    else:
+        spec = T2V_A14B
+    if not has_two_experts and spec.two_experts:
+        spec = replace(spec, boundary_ratio=None, guidance_2=None)
+    _check_spec_serves(spec, mode, str(folder))
+    return spec
+
+
+def _check_spec_serves(spec: ModelSpec, mode: Mode, name: str) -> None:
+    if mode is Mode.T2V and spec.pipeline != "WanPipeline":
+        raise UserError(f"Model {name} needs a start image, so it cannot serve t2v.", "Set models.t2v to a T2V model.")
+    if mode is not Mode.T2V and spec.pipeline == "WanPipeline":
+        raise UserError(
+            f"Model {name} is text-to-video only and cannot serve {mode}.", f"Set models.{mode} accordingly."
+        )
+
+
+class GenerationRequest(BaseModel):
+    """What a user asked for, before it is checked and completed against the model."""
+
+    mode: Mode
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    resolution: str | None = Field(None, description="A preset name like '480p' or 'WxH'.")
+    frames: int | None = None
+
+
+def resolve_request(
+    request: GenerationRequest,
+    model: ModelRef,
+    limits: GenerationConfig,
+    start: ImageInfo | None = None,
+    end: ImageInfo | None = None,
+    rng: random.Random | None = None,
+) -> GenerationParams:
+    """Fill defaults, snap sizes and frames to what the model accepts, and say what was adjusted."""
+    spec = model.spec
+    adjustments: list[str] = []
+    warnings: list[str] = []
+    prompt = request.prompt.strip()
+    if not prompt and request.mode is Mode.T2V:
+        raise UserError("t2v needs a prompt.", "Describe the video you want, for example: a red fox running in snow.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(
+            f"The prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.",
+            "The model reads about 512 tokens; shorten the prompt.",
+        )
+    width, height = _resolve_size(request.resolution, spec, limits, start, adjustments)
+    frames = _resolve_frames(request.frames, spec, limits, adjustments)
+    steps = request.steps if request.steps is not None else spec.steps
+    if not 1 <= steps <= limits.max_steps:
+        clamped = min(max(steps, 1), limits.max_steps)
+        adjustments.append(f"Steps must be between 1 and {limits.max_steps}: using {clamped} instead of {steps}.")
+        steps = clamped
+    guidance = request.guidance if request.guidance is not None else spec.guidance
+    if not 0 <= guidance <= 20:
+        clamped_guidance = min(max(guidance, 0.0), 20.0)
+        adjustments.append(f"Guidance must be between 0 and 20: using {clamped_guidance:g} instead of {guidance:g}.")
+        guidance = clamped_guidance
+    if end is not None and not spec.uses_end_image:
+        warnings.append(f"{spec.family} does not use an end image: only the start image guides this video.")
+    seed = request.seed if request.seed is not None else (rng or random.SystemRandom()).randrange(2**32)
+    if not 0 <= seed < 2**32:
+        raise UserError(f"The seed {seed} is out of range.", "Use a whole number from 0 to 4294967295.")
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=request.negative_prompt.strip(),
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        guidance_2=spec.guidance_2,
+        width=width,
+        height=height,
+        frames=frames,
+        fps=spec.fps,
+        adjustments=adjustments,
+        warnings=warnings,
+    )
+
+
+def parse_resolution(text: str, spec: ModelSpec) -> tuple[int, int]:
+    cleaned = text.strip().lower().replace("×", "x").replace(" ", "")
+    if cleaned in spec.presets:
+        return spec.presets[cleaned]
+    parts = cleaned.split("x")
+    if len(parts) == 2 and all(part.isdigit() for part in parts):
+        return int(parts[0]), int(parts[1])
+    names = ", ".join(spec.presets)
+    raise UserError(
+        f"'{text}' is not a resolution this model knows.", f"Use one of {names}, or WIDTHxHEIGHT such as 832x480."
+    )
+
+
+def _resolve_size(
+    resolution: str | None, spec: ModelSpec, limits: GenerationConfig, start: ImageInfo | None, adjustments: list[str]
+) -> tuple[int, int]:
+    asked = parse_resolution(resolution, spec) if resolution else spec.presets[spec.default_preset]
+    width, height = asked
+    if min(width, height) <= 0:
+        raise UserError(f"The size {width}x{height} is empty.", "Use positive numbers, such as 832x480.")
+    if spec.size_follows_image and start is not None:
+        # The i2v way: keep the preset's area, take the image's shape.
+        area = width * height
+        ratio = start.width / start.height
+        width, height = math.sqrt(area * ratio), math.sqrt(area / ratio)
+    if width * height > limits.max_pixels:
+        scale = math.sqrt(limits.max_pixels / (width * height))
+        width, height = width * scale, height * scale
+        adjustments.append(f"The size was reduced to fit the limit of {limits.max_pixels} pixels per frame.")
+    snapped = (_snap(width, spec.multiple), _snap(height, spec.multiple))
+    if snapped[0] * snapped[1] > limits.max_pixels:
+        # Rounding up went over the limit; rounding down never does.
+        snapped = (
+            max(spec.multiple, int(width) // spec.multiple * spec.multiple),
+            max(spec.multiple, int(height) // spec.multiple * spec.multiple),
+        )
+    if snapped != asked:
+        reason = (
+            "to follow the start image's shape"
+            if spec.size_follows_image and start
+            else (f"to multiples of {spec.multiple}")
+        )
+        adjustments.append(f"Size {asked[0]}x{asked[1]} became {snapped[0]}x{snapped[1]} {reason}.")
+    return snapped
+
+
+def _snap(value: float, multiple: int) -> int:
+    return max(multiple, round(value / multiple) * multiple)
+
+
+def _resolve_frames(asked: int | None, spec: ModelSpec, limits: GenerationConfig, adjustments: list[str]) -> int:
+    frames = asked if asked is not None else spec.default_frames
+    highest = (limits.max_frames - 1) // 4 * 4 + 1
+    snapped = min(max((frames - 1) // 4 * 4 + 1, 5), highest)
+    if snapped != frames:
+        adjustments.append(f"Frames must be 4k+1 between 5 and {highest}: using {snapped} instead of {frames}.")
+    return snapped

@@ -1,0 +1,105 @@
+"""The engine as adapters and the CLI use it: one object holding the queue, storage, runner and worker, and the
+submit path every request takes (validate images, resolve settings, store, enqueue)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from engine.config import Settings
+from engine.events import EventBus
+from engine.generate import ModelLocator, PipelineRunner, default_locator
+from engine.images import ImageStore, ValidatedImage, check_mode, validate_image_bytes
+from engine.jobs import Actor, EnqueueResult, JobSource
+from engine.models import GenerationRequest, model_for_mode, resolve_request
+from engine.queue import JobQueue
+from engine.worker import Worker
+
+
+@dataclass
+class Upload:
+    """An attachment as downloaded by an adapter: raw bytes and the name the user gave it (if any)."""
+
+    data: bytes
+    filename: str | None = None
+
+
+@dataclass
+class Submission:
+    """What the user is told right after asking: the job, where it stands, and every note about the request."""
+
+    result: EnqueueResult
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Engine:
+    settings: Settings
+    queue: JobQueue
+    store: ImageStore
+    runner: PipelineRunner
+    worker: Worker
+
+    @classmethod
+    async def open(cls, settings: Settings, locator: ModelLocator | None = None) -> Engine:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        queue = await JobQueue.open(settings.db_path, EventBus())
+        store = ImageStore(settings.images_dir)
+        runner = PipelineRunner(settings.generation, locator or default_locator(settings))
+        worker = Worker(queue, runner, store, settings)
+        return cls(settings=settings, queue=queue, store=store, runner=runner, worker=worker)
+
+    async def close(self) -> None:
+        await self.worker.stop()
+        self.worker.close()
+        await self.queue.close()
+
+    def is_admin(self, platform: str, user_id: str) -> bool:
+        return f"{platform}:{user_id}" in self.settings.access.admins
+
+    def actor(self, platform: str, user_id: str) -> Actor:
+        return Actor(platform=platform, user_id=user_id, is_admin=self.is_admin(platform, user_id))
+
+    async def submit(
+        self,
+        request: GenerationRequest,
+        source: JobSource,
+        start: Upload | None = None,
+        end: Upload | None = None,
+        model_override: str | None = None,
+        priority: int = 0,
+    ) -> Submission:
+        """Validate, resolve, store and enqueue; raise a UserError (nothing stored, nothing queued) if anything is
+        wrong."""
+        model = model_for_mode(request.mode, self.settings, model_override)
+        start_image = await self._validate(start, "start")
+        end_image = await self._validate(end, "end")
+        checked = check_mode(request.mode, start_image, end_image, self.settings.images)
+        infos = [image.info for image in checked.images]
+        params = resolve_request(
+            request,
+            model,
+            self.settings.generation,
+            start=infos[0] if infos else None,
+            end=infos[1] if len(infos) > 1 else None,
+        )
+        params = params.model_copy(update={"warnings": [*checked.warnings, *params.warnings]})
+        stored = [await asyncio.to_thread(self.store.put, image) for image in checked.images]
+        result = await self.queue.enqueue(
+            source,
+            request.mode,
+            model.name,
+            params,
+            stored,
+            priority=priority,
+            is_admin=self.is_admin(source.platform, source.user_id),
+            per_user_limit=self.settings.queue.per_user_limit,
+            global_limit=self.settings.queue.global_limit,
+        )
+        return Submission(result=result, notes=[*params.adjustments, *params.warnings])
+
+    async def _validate(self, upload: Upload | None, role: str) -> ValidatedImage | None:
+        if upload is None:
+            return None
+        # Decoding a 40 MP image takes a while: keep the event loop free for other chats.
+        return await asyncio.to_thread(validate_image_bytes, upload.data, self.settings.images, role, upload.filename)

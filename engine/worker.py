@@ -1,0 +1,251 @@
+"""The GPU worker: one coroutine that claims jobs, runs them in an executor thread, and records the outcome.
+
+One job's failure never stops the loop. Shutdown either waits for the running job or asks it to stop and puts it
+back in the queue, so a restart picks it up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.config import Settings
+from engine.errors import UserError
+from engine.events import Subscription
+from engine.generate import JobCancelled, JobInterrupted, PipelineRunner, RunHooks, RunOutput
+from engine.images import ImageStore
+from engine.jobs import EventKind, Job, Progress, ResultInfo, Stage
+from engine.queue import JobQueue
+from engine.video import encode_mp4
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    """What /status shows."""
+
+    running: bool = False
+    paused: bool = False
+    current_job: int | None = None
+    jobs_done: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class _Flags:
+    cancel: threading.Event = field(default_factory=threading.Event)
+    interrupt: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: JobQueue,
+        runner: PipelineRunner,
+        store: ImageStore,
+        settings: Settings,
+        poll_s: float = 1.0,
+        progress_persist_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._queue = queue
+        self._runner = runner
+        self._store = store
+        self._settings = settings
+        self._poll_s = poll_s
+        self._persist_s = progress_persist_s
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanbot-gpu")
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._flags: _Flags | None = None
+        self.state = WorkerState()
+
+    @property
+    def loaded_model(self) -> str | None:
+        return self._runner.loaded_model
+
+    async def start_up(self) -> None:
+        """Recover jobs a crash left running, and pause if configured to."""
+        recovered = await self._queue.recover_interrupted(self._settings.queue.max_attempts)
+        for job in recovered:
+            log.warning("recovered interrupted job", extra={"job": job.id, "status": job.status.value})
+        if self._settings.queue.pause_on_start:
+            await self._queue.set_paused(True)
+
+    async def run(self, stop_after: int | None = None) -> None:
+        """Process jobs until `stop()` (or, for the CLI, until `stop_after` jobs are done and nothing waits)."""
+        inbox = self._queue.events.subscribe()
+        wake_task = asyncio.create_task(self._wake_on_events(inbox))
+        self.state.running = True
+        try:
+            while not self._stop.is_set():
+                # Cleared before the claim, so a job enqueued right after an empty claim still wakes us.
+                self._wake.clear()
+                self.state.paused = await self._queue.is_paused()
+                job = (
+                    None
+                    if self.state.paused
+                    else await self._queue.claim_next(self._runner.loaded_model, self._settings.queue.max_model_skips)
+                )
+                if job is None:
+                    if stop_after is not None and self.state.jobs_done >= stop_after:
+                        break
+                    await self._idle()
+                    continue
+                await self._process(job)
+                self.state.jobs_done += 1
+        finally:
+            self.state.running = False
+            wake_task.cancel()
+            inbox.close()
+
+    async def stop(self, requeue_running: bool = True) -> None:
+        """Stop claiming; with `requeue_running` the running job stops at its next step and goes back to the queue."""
+        self._stop.set()
+        self._wake.set()
+        if requeue_running and self._flags is not None:
+            self._flags.interrupt.set()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    async def _idle(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
+
+    async def _wake_on_events(self, inbox: Subscription) -> None:
+        async for event in inbox:
+            if event.kind in (EventKind.ENQUEUED, EventKind.REQUEUED):
+                self._wake.set()
+            elif event.kind is EventKind.CANCEL_REQUESTED and self._flags and event.job.id == self.state.current_job:
+                self._flags.cancel.set()
+
+    async def _watch_cancel(self, job_id: int, flags: _Flags) -> None:
+        """Cancel requests from another process (the CLI) only reach us through the database."""
+        while not flags.cancel.is_set():
+            await asyncio.sleep(self._poll_s)
+            if await self._queue.is_cancel_requested(job_id):
+                flags.cancel.set()
+
+    async def _process(self, job: Job) -> None:
+        flags = _Flags()
+        if job.cancel_requested:
+            flags.cancel.set()
+        self._flags = flags
+        self.state.current_job = job.id
+        watcher = asyncio.create_task(self._watch_cancel(job.id, flags))
+        reporter = _ProgressReporter(self._queue, job.id, self._persist_s, self._clock)
+        try:
+            await self._generate(job, flags, reporter)
+        except JobInterrupted:
+            await reporter.drain()
+            await self._queue.requeue(job.id, "the worker stopped")
+        except JobCancelled:
+            await reporter.drain()
+            await self._queue.mark_cancelled(job.id)
+        except UserError as exc:
+            await reporter.drain()
+            self.state.last_error = str(exc)
+            await self._queue.mark_failed(job.id, str(exc), f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            await reporter.drain()
+            log.exception("job failed", extra={"job": job.id, "model": job.model})
+            self.state.last_error = f"{type(exc).__name__}: {exc}"
+            await self._queue.mark_failed(
+                job.id,
+                f"Sorry, something went wrong while making video #{job.id}. It has been logged; you can retry it.",
+                traceback.format_exc(),
+            )
+        finally:
+            watcher.cancel()
+            self._flags = None
+            self.state.current_job = None
+
+    async def _generate(self, job: Job, flags: _Flags, reporter: _ProgressReporter) -> None:
+        loop = asyncio.get_running_loop()
+        images = [await asyncio.to_thread(self._store.restore, info) for info in job.images]
+        hooks = RunHooks(
+            on_progress=lambda progress: loop.call_soon_threadsafe(reporter.report, progress),
+            should_cancel=flags.cancel.is_set,
+            should_interrupt=flags.interrupt.is_set,
+            timeout_s=self._settings.generation.timeout_s,
+            clock=self._clock,
+        )
+        output: RunOutput = await loop.run_in_executor(
+            self._executor, self._runner.run, job, [image.pixels for image in images], hooks
+        )
+        reporter.report(Progress(stage=Stage.ENCODING, step=job.params.steps, total=job.params.steps))
+        started = self._clock()
+        target = self._settings.outputs_dir / f"job-{job.id}.mp4"
+        metadata = {
+            "job": job.id,
+            "prompt": job.params.prompt,
+            "negative_prompt": job.params.negative_prompt,
+            "seed": job.params.seed,
+            "model": job.model,
+            "mode": job.mode.value,
+            "steps": job.params.steps,
+            "guidance": job.params.guidance,
+            "guidance_2": job.params.guidance_2,
+            "width": job.params.width,
+            "height": job.params.height,
+            "frames": job.params.frames,
+            "fps": job.params.fps,
+            "timings": {key: round(value, 3) for key, value in output.timings.items()},
+        }
+        video = await loop.run_in_executor(self._executor, encode_mp4, output.frames, job.params.fps, target, metadata)
+        output.timings["encode_s"] = self._clock() - started
+        await reporter.drain()
+        await self._queue.mark_succeeded(
+            job.id,
+            ResultInfo(
+                path=str(Path(video.path)),
+                bytes=video.bytes,
+                width=video.width,
+                height=video.height,
+                frames=video.frames,
+                fps=job.params.fps,
+                duration_s=video.duration_s,
+                model=job.model,
+                seed=job.params.seed,
+                timings=output.timings,
+            ),
+        )
+
+
+class _ProgressReporter:
+    """Publishes every progress update in order; writes it to the database at most every `persist_s`."""
+
+    def __init__(self, queue: JobQueue, job_id: int, persist_s: float, clock: Callable[[], float]) -> None:
+        self._queue = queue
+        self._job_id = job_id
+        self._persist_s = persist_s
+        self._clock = clock
+        self._last_persist = float("-inf")
+        self._last_stage: Stage | None = None
+        self._pending: list[asyncio.Task[None]] = []
+
+    def report(self, progress: Progress) -> None:
+        now = self._clock()
+        persist = progress.stage != self._last_stage or now - self._last_persist >= self._persist_s
+        if persist:
+            self._last_persist = now
+        self._last_stage = progress.stage
+        self._pending = [task for task in self._pending if not task.done()]
+        self._pending.append(asyncio.ensure_future(self._queue.update_progress(self._job_id, progress, persist)))
+
+    async def drain(self) -> None:
+        """Wait for reports already made, so no progress event arrives after the job's final event."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        self._pending = []

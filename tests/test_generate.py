@@ -1,0 +1,222 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import UserError
+from engine.images import Mode
+from engine.jobs import EventKind, JobSource, JobStatus, Stage
+from engine.models import GenerationRequest
+from engine.service import Engine, Upload
+from engine.video import probe, read_frames
+from tests import imagefactory
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def chat(user: str = "u1", message: str | None = None) -> JobSource:
+    return JobSource(platform="cli", chat_id="local", user_id=user, message_id=message)
+
+
+async def submit(engine: Engine, mode: Mode, *, start: bytes | None = None, end: bytes | None = None, **options):
+    request = GenerationRequest(mode=mode, prompt=options.pop("prompt", "w1 w2 a fox"), **options)
+    return await engine.submit(request, chat(options.get("user", "u1")), as_upload(start), as_upload(end))
+
+
+def as_upload(data: bytes | None) -> Upload | None:
+    return Upload(data) if data is not None else None
+
+
+async def run_all(engine: Engine) -> None:
+    await asyncio.wait_for(engine.worker.run(stop_after=0), timeout=90)
+
+
+async def test_t2v_makes_a_decodable_mp4_with_the_model_defaults(engine: Engine):
+    submission = await submit(engine, Mode.T2V, seed=7)
+    await run_all(engine)
+    job = await engine.queue.get(submission.result.job.id)
+    assert job.status is JobStatus.SUCCEEDED, job.error_detail
+    video = probe(job.result.path)
+    assert (video.width, video.height, video.frames, video.fps) == (64, 64, 9, 16)
+    metadata = json.loads(video.comment)
+    assert metadata["seed"] == 7 and metadata["prompt"] == "w1 w2 a fox" and metadata["model"] == "tiny-t2v"
+    assert set(job.result.timings) >= {"load_s", "denoise_s", "decode_s", "generate_s", "encode_s"}
+    assert engine.runner.loaded.pipeline.scheduler.config.flow_shift == 12.0  # corrected from the saved 3.0
+
+
+async def test_i2v_with_start_and_end_follows_the_image_shape(engine: Engine):
+    submission = await submit(
+        engine, Mode.I2V, start=imagefactory.png(160, 120), end=imagefactory.png(320, 240), frames=12
+    )
+    assert any("Size 64x64 became 80x64" in note or "became" in note for note in submission.notes)
+    assert any("Frames must be 4k+1" in note for note in submission.notes)
+    assert any("not trained with end images" in note for note in submission.notes)
+    await run_all(engine)
+    job = await engine.queue.get(submission.result.job.id)
+    assert job.status is JobStatus.SUCCEEDED, job.error_detail
+    video = probe(job.result.path)
+    assert (video.frames, video.fps) == (9, 16)
+    assert video.width > video.height  # 4:3 image, landscape video
+    assert [image.role for image in job.images] == ["start", "end"]
+
+
+async def test_ti2v_runs_at_24_fps_on_multiples_of_32(engine: Engine):
+    submission = await submit(engine, Mode.TI2V, start=imagefactory.png(128, 128), end=imagefactory.png(128, 128))
+    assert any("does not use an end image" in note for note in submission.notes)
+    await run_all(engine)
+    job = await engine.queue.get(submission.result.job.id)
+    assert job.status is JobStatus.SUCCEEDED, job.error_detail
+    video = probe(job.result.path)
+    assert (video.width % 32, video.height % 32, video.frames, video.fps) == (0, 0, 9, 24)
+
+
+async def test_bad_requests_are_refused_before_anything_is_stored(engine: Engine):
+    with pytest.raises(UserError, match="ti2v needs a start image"):
+        await submit(engine, Mode.TI2V)
+    with pytest.raises(UserError, match="t2v needs a prompt"):
+        await submit(engine, Mode.T2V, prompt="  ")
+    with pytest.raises(UserError, match="not a resolution this model knows"):
+        await submit(engine, Mode.T2V, resolution="huge")
+    with pytest.raises(UserError, match=r"damaged or incomplete|not an image"):
+        await submit(engine, Mode.I2V, start=imagefactory.png()[:300])
+    assert await engine.queue.counts() == {}
+    assert engine.store.stored_hashes() == set()
+
+
+async def test_progress_events_arrive_in_order(engine: Engine):
+    inbox = engine.queue.events.subscribe()
+    # Flow shift 12 spends most steps in the high-noise range; 12 steps reach the low-noise expert too.
+    await submit(engine, Mode.T2V, steps=12)
+    await run_all(engine)
+    events = []
+    while not inbox._inbox.empty():
+        events.append(inbox._inbox.get_nowait())
+    kinds = [event.kind for event in events]
+    assert kinds[0] is EventKind.ENQUEUED and kinds[1] is EventKind.STARTED and kinds[-1] is EventKind.SUCCEEDED
+    stages = [event.progress.stage for event in events if event.kind is EventKind.PROGRESS]
+    assert stages[0] is Stage.LOADING
+    assert stages[-2:] == [Stage.DECODING, Stage.ENCODING]
+    steps = [event.progress.step for event in events if event.progress and event.progress.stage is Stage.DENOISING]
+    assert steps == list(range(12))
+    experts = {event.progress.detail for event in events if event.progress and event.progress.stage is Stage.DENOISING}
+    assert experts == {"high-noise expert", "low-noise expert"}
+    assert all(
+        event.progress.eta_s is not None
+        for event in events
+        if event.progress and event.progress.stage is Stage.DENOISING and event.progress.step > 0
+    )
+
+
+async def wait_for_step(inbox, job_id: int, step: int) -> None:
+    async for event in inbox:
+        progress = event.progress
+        if event.job.id == job_id and progress and progress.stage is Stage.DENOISING and progress.step >= step:
+            return
+
+
+async def test_cancel_during_generation_stops_within_a_step(engine: Engine):
+    inbox = engine.queue.events.subscribe()
+    submission = await submit(engine, Mode.T2V, steps=60)
+    job_id = submission.result.job.id
+    worker = asyncio.create_task(engine.worker.run(stop_after=1))
+    await asyncio.wait_for(wait_for_step(inbox, job_id, 2), timeout=60)
+    await engine.queue.cancel(job_id, engine.actor("cli", "u1"))
+    await asyncio.wait_for(worker, timeout=60)
+    job = await engine.queue.get(job_id)
+    assert job.status is JobStatus.CANCELLED
+    assert job.progress.step < 60
+    assert not (engine.settings.outputs_dir / f"job-{job_id}.mp4").exists()
+
+
+async def test_generation_timeout_fails_the_job_with_a_clear_message(engine: Engine):
+    engine.settings.generation.timeout_s = 1e-6
+    submission = await submit(engine, Mode.T2V)
+    await run_all(engine)
+    job = await engine.queue.get(submission.result.job.id)
+    assert job.status is JobStatus.FAILED
+    assert "took longer than the limit" in job.error_user
+    assert "fewer steps" in job.error_user
+
+
+async def test_out_of_memory_fails_the_job_and_the_worker_lives_on(engine: Engine):
+    first = await submit(engine, Mode.T2V)
+    await run_all(engine)
+    assert (await engine.queue.get(first.result.job.id)).status is JobStatus.SUCCEEDED
+
+    def exhaust_memory(module, inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    engine.runner.loaded.pipeline.transformer.register_forward_pre_hook(exhaust_memory)
+    failing = await submit(engine, Mode.T2V, user="u2")
+    await run_all(engine)
+    failed = await engine.queue.get(failing.result.job.id)
+    assert failed.status is JobStatus.FAILED
+    assert "ran out of memory" in failed.error_user and "lower resolution" in failed.error_user
+    assert engine.runner.loaded is None  # the broken pipeline was dropped
+    after = await submit(engine, Mode.T2V, user="u3")
+    await run_all(engine)
+    assert (await engine.queue.get(after.result.job.id)).status is JobStatus.SUCCEEDED
+
+
+async def test_a_job_left_running_by_a_crash_runs_again_after_restart(tiny_settings):
+    crashed = await Engine.open(tiny_settings)
+    submission = await submit(crashed, Mode.T2V)
+    claimed = await crashed.queue.claim_next()
+    assert claimed.id == submission.result.job.id
+    await crashed.queue.close()  # the process died here: the job stays 'running'
+
+    restarted = await Engine.open(tiny_settings)
+    await restarted.worker.start_up()
+    await run_all(restarted)
+    job = await restarted.queue.get(claimed.id)
+    assert job.status is JobStatus.SUCCEEDED and job.attempts == 2
+    assert [kind for kind, _ in await restarted.queue.events_of(job.id)].count("requeued") == 1
+    await restarted.close()
+
+
+async def test_shutdown_puts_the_running_job_back_in_the_queue(engine: Engine):
+    inbox = engine.queue.events.subscribe()
+    submission = await submit(engine, Mode.T2V, steps=60)
+    worker = asyncio.create_task(engine.worker.run())
+    await asyncio.wait_for(wait_for_step(inbox, submission.result.job.id, 1), timeout=60)
+    await engine.worker.stop(requeue_running=True)
+    await asyncio.wait_for(worker, timeout=60)
+    job = await engine.queue.get(submission.result.job.id)
+    assert job.status is JobStatus.QUEUED and job.attempts == 0
+
+
+async def test_same_seed_gives_the_same_frames(engine: Engine):
+    first = await submit(engine, Mode.T2V, seed=42, user="a")
+    second = await submit(engine, Mode.T2V, seed=42, user="b")
+    other = await submit(engine, Mode.T2V, seed=43, user="c")
+    await run_all(engine)
+    paths = [(await engine.queue.get(item.result.job.id)).result.path for item in (first, second, other)]
+    frames = [read_frames(path) for path in paths]
+    assert np.array_equal(frames[0], frames[1])
+    assert not np.array_equal(frames[0], frames[2])
+
+
+async def test_switching_models_keeps_one_pipeline_in_memory(engine: Engine):
+    await submit(engine, Mode.T2V)
+    await run_all(engine)
+    first_pipeline = weakref.ref(engine.runner.loaded.pipeline)
+    assert engine.runner.loaded_model == "tiny-t2v"
+    await submit(engine, Mode.I2V, start=imagefactory.png())
+    await run_all(engine)
+    assert engine.runner.loaded_model == "tiny-i2v"
+    assert first_pipeline() is None
+
+
+async def test_a_warm_model_is_not_reloaded(engine: Engine):
+    await submit(engine, Mode.T2V, user="a")
+    await run_all(engine)
+    pipeline = engine.runner.loaded.pipeline
+    again = await submit(engine, Mode.T2V, user="b")
+    await run_all(engine)
+    assert engine.runner.loaded.pipeline is pipeline
+    assert (await engine.queue.get(again.result.job.id)).result.timings["load_s"] < 0.5
