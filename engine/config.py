@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,7 +23,13 @@ from engine.errors import ConfigError
 CONFIG_ENV = "WANBOT_CONFIG"
 
 
-class ImagesConfig(BaseModel):
+class Section(BaseModel):
+    """A config section; a misspelt key is an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImagesConfig(Section):
     max_bytes: int = Field(25_000_000, gt=0, description="Largest accepted upload in bytes.")
     max_pixels: int = Field(40_000_000, gt=0, description="Largest accepted width*height, checked before decoding.")
     min_side: int = Field(64, gt=0, description="Smallest accepted width or height in pixels.")
@@ -32,7 +38,7 @@ class ImagesConfig(BaseModel):
     retention_hours: float = Field(72.0, ge=0, description="Keep images of finished jobs this long.")
 
 
-class QueueConfig(BaseModel):
+class QueueConfig(Section):
     per_user_limit: int = Field(3, ge=1, description="Queued jobs one user may have at once.")
     global_limit: int = Field(100, ge=1, description="Queued jobs in total.")
     max_attempts: int = Field(2, ge=1, description="Starts a job gets before a crash marks it failed.")
@@ -40,13 +46,13 @@ class QueueConfig(BaseModel):
     max_model_skips: int = Field(3, ge=0, description="Times a job may be passed over to keep a model warm.")
 
 
-class ModelsConfig(BaseModel):
+class ModelsConfig(Section):
     t2v: str = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
     i2v: str = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
     ti2v: str = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 
 
-class GenerationConfig(BaseModel):
+class GenerationConfig(Section):
     timeout_s: float = Field(3600.0, gt=0, description="Longest a generation may run before it fails.")
     max_steps: int = Field(60, ge=1)
     max_frames: int = Field(121, ge=5)
@@ -56,7 +62,7 @@ class GenerationConfig(BaseModel):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
 
 
-class AccessConfig(BaseModel):
+class AccessConfig(Section):
     admins: list[str] = Field(default_factory=list, description="'platform:user_id' entries with admin rights.")
 
 

@@ -140,7 +140,7 @@ class PipelineRunner:
         pipeline.set_progress_bar_config(disable=True)
         strategy = self._place(pipeline, model.spec, device)
         self.loaded = LoadedPipeline(model=model, pipeline=pipeline, device=device, strategy=strategy)
-        log.info("loaded model", extra={"model": model.name, "device": str(device), "strategy": strategy})
+        log.info("loaded model=%s device=%s strategy=%s", model.name, device, strategy)
         return self.loaded
 
     def unload(self) -> None:

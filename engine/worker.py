@@ -78,7 +78,7 @@ class Worker:
         """Recover jobs a crash left running, and pause if configured to."""
         recovered = await self._queue.recover_interrupted(self._settings.queue.max_attempts)
         for job in recovered:
-            log.warning("recovered interrupted job", extra={"job": job.id, "status": job.status.value})
+            log.warning("recovered interrupted job=%s now=%s attempts=%s", job.id, job.status.value, job.attempts)
         if self._settings.queue.pause_on_start:
             await self._queue.set_paused(True)
 
@@ -159,7 +159,7 @@ class Worker:
             await self._queue.mark_failed(job.id, str(exc), f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             await reporter.drain()
-            log.exception("job failed", extra={"job": job.id, "model": job.model})
+            log.exception("job failed job=%s user=%s model=%s", job.id, job.source.user_key, job.model)
             self.state.last_error = f"{type(exc).__name__}: {exc}"
             await self._queue.mark_failed(
                 job.id,

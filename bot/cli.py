@@ -1,0 +1,548 @@
+"""The `wanbot` command: validate images, manage the queue, generate from the terminal, run the demo and the bot."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import sys
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from engine.cleanup import remove_unused_images
+from engine.config import ModelsConfig, Settings, load_settings
+from engine.errors import ConfigError, UserError
+from engine.images import Mode, check_mode, validate_image_bytes
+from engine.jobs import Actor, EventKind, Job, JobSource, JobStatus
+from engine.models import GenerationRequest
+from engine.queue import JobQueue
+
+if TYPE_CHECKING:
+    from engine.service import Engine, Upload
+
+app = typer.Typer(help="wanbot: chat messages to Wan 2.2 videos.", no_args_is_help=True, add_completion=False)
+queue_app = typer.Typer(help="Look at and manage the job queue.", no_args_is_help=True)
+models_app = typer.Typer(help="Models: the tiny offline one, and (soon) downloads.", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+app.add_typer(models_app, name="models")
+
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
+CLI_ACTOR = Actor(platform="cli", user_id="admin", is_admin=True)
+T = TypeVar("T")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="TOML config file (default: $WANBOT_CONFIG).", show_default=False)
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        errors.print(str(exc), markup=False)
+        sys.exit(2)
+
+
+def _settings(config: Path | None) -> Settings:
+    settings = load_settings(config)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return settings
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; a UserError becomes its message and exit code 2, never a traceback."""
+    try:
+        return asyncio.run(coroutine)
+    except UserError as exc:
+        errors.print(f"{exc.message}\n{exc.hint}".strip(), markup=False)
+        raise typer.Exit(2) from None
+
+
+# -- validate ----------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def validate(
+    mode: Annotated[Mode, typer.Option(help="t2v, i2v or ti2v.")],
+    start: Annotated[Path | None, typer.Option(help="Start image file.")] = None,
+    end: Annotated[Path | None, typer.Option(help="End image file.")] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Check images for a mode, as the bot would. Exit 0 if valid, 2 if not."""
+    settings = _settings(config)
+    report: dict[str, Any] = {"valid": False, "mode": mode.value, "errors": [], "warnings": [], "images": []}
+    try:
+        start_image = _read_and_validate(start, "start", settings)
+        end_image = _read_and_validate(end, "end", settings)
+        checked = check_mode(mode, start_image, end_image, settings.images)
+        report.update(
+            valid=True, warnings=checked.warnings, images=[image.info.model_dump() for image in checked.images]
+        )
+    except UserError as exc:
+        report["errors"].append(str(exc))
+    if as_json:
+        console.print_json(json.dumps(report))
+    else:
+        _print_validation(report)
+    raise typer.Exit(0 if report["valid"] else 2)
+
+
+def _read_and_validate(path: Path | None, role: str, settings: Settings):
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"The {role} image {path} cannot be read ({exc.strerror}).", "Check the path.") from None
+    return validate_image_bytes(data, settings.images, role, path.name)
+
+
+def _print_validation(report: dict[str, Any]) -> None:
+    if report["valid"]:
+        console.print(f"[green]valid[/green] for {report['mode']}")
+    for message in report["errors"]:
+        console.print(f"[red]invalid:[/red] {message}", highlight=False)
+    for message in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    for image in report["images"]:
+        console.print(
+            f"  {image['role']}: {image['format']} {image['width']}x{image['height']} {image['mode']}, "
+            f"{image['file_size']} bytes, sha256 {image['source_sha256'][:12]}…",
+            highlight=False,
+        )
+
+
+# -- queue -------------------------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _open_queue(settings: Settings):
+    queue = await JobQueue.open(settings.db_path)
+    try:
+        yield queue
+    finally:
+        await queue.close()
+
+
+def _job_summary(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "status": job.status.value,
+        "mode": job.mode.value,
+        "model": job.model,
+        "user": job.source.user_key,
+        "prompt": job.params.prompt,
+        "attempts": job.attempts,
+        "delivery": job.delivery_status.value if job.delivery_status else None,
+        "error": job.error_user,
+        "result": job.result.path if job.result else None,
+    }
+
+
+@queue_app.command("list")
+def queue_list(
+    status: Annotated[list[JobStatus] | None, typer.Option(help="Only jobs in this state (repeatable).")] = None,
+    limit: int = 50,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """The latest jobs, newest first."""
+    settings = _settings(config)
+
+    async def work() -> list[Job]:
+        async with _open_queue(settings) as queue:
+            return await queue.list_jobs(status or (), limit=limit)
+
+    jobs = _run(work())
+    if as_json:
+        console.print_json(json.dumps([_job_summary(job) for job in jobs]))
+        return
+    table = Table("id", "status", "mode", "user", "prompt", "result / error")
+    for job in jobs:
+        outcome = (job.result.path if job.result else job.error_user) or ""
+        table.add_row(
+            str(job.id), job.status.value, job.mode.value, job.source.user_key, job.params.prompt[:40], outcome
+        )
+    console.print(table)
+
+
+@queue_app.command("show")
+def queue_show(job_id: int, as_json: JsonOption = False, config: ConfigOption = None) -> None:
+    """Everything about one job, with its event history."""
+    settings = _settings(config)
+
+    async def work() -> tuple[Job, list[tuple[str, str | None]], Any]:
+        async with _open_queue(settings) as queue:
+            return await queue.get(job_id), await queue.events_of(job_id), await queue.position(job_id)
+
+    job, history, place = _run(work())
+    data = job.model_dump(mode="json")
+    data["history"] = [{"event": kind, "detail": detail} for kind, detail in history]
+    data["position"] = place.model_dump() if place else None
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    for key, value in _job_summary(job).items():
+        console.print(f"{key:>9}: {value}", highlight=False)
+    if place is not None:
+        console.print(f" position: {place.position} (eta {place.eta_s or 0:.0f}s)", highlight=False)
+    for entry in data["history"]:
+        console.print(f"    event: {entry['event']} {entry['detail'] or ''}", highlight=False)
+
+
+@queue_app.command("cancel")
+def queue_cancel(job_id: int, config: ConfigOption = None) -> None:
+    """Cancel a queued job at once, or ask a running one to stop."""
+    settings = _settings(config)
+
+    async def work() -> Job:
+        async with _open_queue(settings) as queue:
+            return await queue.cancel(job_id, CLI_ACTOR)
+
+    job = _run(work())
+    verb = "cancelled" if job.status is JobStatus.CANCELLED else "asked to stop (it is running)"
+    console.print(f"job {job.id} {verb}")
+
+
+@queue_app.command("retry")
+def queue_retry(job_id: int, config: ConfigOption = None) -> None:
+    """Queue a finished job again as a new job."""
+    settings = _settings(config)
+
+    async def work():
+        async with _open_queue(settings) as queue:
+            return await queue.retry(job_id, CLI_ACTOR)
+
+    added = _run(work())
+    console.print(f"job {added.job.id} queued as a retry of job {job_id}")
+
+
+@queue_app.command("pause")
+def queue_pause(config: ConfigOption = None) -> None:
+    """Stop starting new jobs (the running one finishes)."""
+    _set_paused(config, True)
+
+
+@queue_app.command("resume")
+def queue_resume(config: ConfigOption = None) -> None:
+    """Start jobs again after a pause."""
+    _set_paused(config, False)
+
+
+def _set_paused(config: Path | None, paused: bool) -> None:
+    settings = _settings(config)
+
+    async def work() -> None:
+        async with _open_queue(settings) as queue:
+            await queue.set_paused(paused)
+
+    _run(work())
+    console.print("queue paused" if paused else "queue resumed")
+
+
+# -- generate and demo -------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _worker_lock(settings: Settings) -> Iterator[bool]:
+    """True if this process may run the worker; False when another wanbot process already does."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.data_dir / "worker.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+async def _wait_for_jobs(engine: Engine, job_ids: set[int], show_progress: bool) -> list[Job]:
+    """Run the worker (or wait on another process's) until every job in `job_ids` has ended."""
+    with _worker_lock(engine.settings) as own_worker:
+        inbox = engine.queue.events.subscribe()
+        worker = None
+        if own_worker:
+            await engine.worker.start_up()
+            worker = asyncio.create_task(engine.worker.run())
+        else:
+            errors.print("Another wanbot process runs the worker; waiting for it to make the video.")
+        try:
+            with _progress_display(show_progress) as display:
+                pending = set(job_ids)
+                while pending:
+                    with contextlib.suppress(TimeoutError):
+                        event = await asyncio.wait_for(inbox.get(), timeout=1.0)
+                        display.show(event)
+                    for job_id in list(pending):
+                        if (await engine.queue.get(job_id)).status.terminal:
+                            pending.discard(job_id)
+                    if worker is not None and worker.done():
+                        worker.result()
+        finally:
+            inbox.close()
+            if worker is not None:
+                await engine.worker.stop(requeue_running=True)
+                await worker
+    return [await engine.queue.get(job_id) for job_id in sorted(job_ids)]
+
+
+class _ProgressDisplay:
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self._tasks: dict[int, Any] = {}
+
+    def show(self, event: Any) -> None:
+        if self._progress is None or event.kind not in (EventKind.PROGRESS, EventKind.STARTED):
+            return
+        job_id = event.job.id
+        if job_id not in self._tasks:
+            self._tasks[job_id] = self._progress.add_task(f"job {job_id}", total=None)
+        if event.progress is None:
+            return
+        stage = event.progress.stage.value + (f" ({event.progress.detail})" if event.progress.detail else "")
+        self._progress.update(
+            self._tasks[job_id],
+            description=f"job {job_id} {stage}",
+            completed=event.progress.step,
+            total=event.progress.total or None,
+        )
+
+
+@contextlib.contextmanager
+def _progress_display(enabled: bool) -> Iterator[_ProgressDisplay]:
+    if not enabled:
+        yield _ProgressDisplay(None)
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=errors, transient=False) as progress:
+        yield _ProgressDisplay(progress)
+
+
+def _upload(path: Path | None) -> Upload | None:
+    from engine.service import Upload
+
+    if path is None:
+        return None
+    try:
+        return Upload(path.read_bytes(), path.name)
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read ({exc.strerror}).", "Check the path.") from None
+
+
+@app.command()
+def generate(
+    mode: Annotated[Mode, typer.Option(help="t2v, i2v or ti2v.")],
+    prompt: Annotated[str, typer.Option(help="What the video shows.")] = "",
+    start: Annotated[Path | None, typer.Option(help="Start image (i2v, ti2v).")] = None,
+    end: Annotated[Path | None, typer.Option(help="End image (optional).")] = None,
+    model: Annotated[str | None, typer.Option(help="Repo id, folder or 'tiny' (default: models.<mode>).")] = None,
+    frames: int | None = None,
+    steps: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    resolution: Annotated[str | None, typer.Option(help="A preset such as 480p, or WxH.")] = None,
+    seed: int | None = None,
+    guidance: float | None = None,
+    negative: Annotated[str, typer.Option(help="Negative prompt.")] = "",
+    out: Annotated[Path | None, typer.Option(help="Copy the MP4 here too.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Make one video through the same validation, queue and worker as the bot, with a progress bar."""
+    settings = _settings(config)
+    if (width is None) != (height is None):
+        errors.print("Give both --width and --height, or neither.")
+        raise typer.Exit(2)
+    size = f"{width}x{height}" if width and height else resolution
+    request = GenerationRequest(
+        mode=mode,
+        prompt=prompt,
+        negative_prompt=negative,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        resolution=size,
+        frames=frames,
+    )
+    job = _run(_generate(settings, request, _upload(start), _upload(end), model))
+    if job.status is not JobStatus.SUCCEEDED or job.result is None:
+        errors.print(f"job {job.id} {job.status.value}: {job.error_user or ''}", markup=False)
+        raise typer.Exit(1)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(Path(job.result.path).read_bytes())
+    console.print(f"{out or job.result.path}  ({_timings(job)})", highlight=False)
+
+
+async def _generate(
+    settings: Settings, request: GenerationRequest, start: Upload | None, end: Upload | None, model: str | None
+) -> Job:
+    # torch and diffusers load only for the commands that generate: `queue list` stays quick.
+    from engine.service import Engine
+
+    engine = await Engine.open(settings)
+    try:
+        source = JobSource(platform="cli", chat_id="terminal", user_id="admin")
+        submission = await engine.submit(request, source, start, end, model_override=model)
+        for note in submission.notes:
+            errors.print(f"note: {note}", markup=False)
+        return (await _wait_for_jobs(engine, {submission.result.job.id}, show_progress=True))[0]
+    finally:
+        await engine.close()
+
+
+def _timings(job: Job) -> str:
+    assert job.result is not None
+    parts = [f"{key.removesuffix('_s')} {value:.2f}s" for key, value in job.result.timings.items()]
+    return ", ".join(parts)
+
+
+@app.command()
+def demo(config: ConfigOption = None) -> None:
+    """Run a t2v, an i2v (start + end image) and a ti2v job on the tiny models through queue and worker."""
+    settings = _settings(config)
+    settings = settings.model_copy(update={"models": ModelsConfig(t2v="tiny", i2v="tiny", ti2v="tiny")})
+    started = time.monotonic()
+    jobs = _run(_demo(settings))
+    failed = [job for job in jobs if job.status is not JobStatus.SUCCEEDED]
+    for job in jobs:
+        if job.result is not None:
+            console.print(
+                f"{job.mode.value:5} job {job.id}: {job.result.path}  {job.result.width}x{job.result.height}, "
+                f"{job.result.frames} frames @ {job.result.fps} fps  ({_timings(job)})",
+                highlight=False,
+            )
+        else:
+            console.print(f"{job.mode.value:5} job {job.id}: {job.status.value}: {job.error_user}", highlight=False)
+    console.print(f"demo finished in {time.monotonic() - started:.1f}s", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+async def _demo(settings: Settings) -> list[Job]:
+    from engine.service import Engine, Upload
+
+    start_png, end_png = _demo_images()
+    engine = await Engine.open(settings)
+    try:
+        source = JobSource(platform="cli", chat_id="demo", user_id="admin")
+        requests = [
+            (GenerationRequest(mode=Mode.T2V, prompt="w1 w2 w3 a red fox running through snow"), None, None),
+            (
+                GenerationRequest(mode=Mode.I2V, prompt="w4 w5 the sun sets"),
+                Upload(start_png, "start.png"),
+                Upload(end_png, "end.png"),
+            ),
+            (GenerationRequest(mode=Mode.TI2V, prompt="w6 w7 waves roll in"), Upload(start_png, "start.png"), None),
+        ]
+        ids = set()
+        for request, start, end in requests:
+            submission = await engine.submit(request, source, start, end, priority=1)
+            ids.add(submission.result.job.id)
+            console.print(f"queued {request.mode.value} as job {submission.result.job.id}", highlight=False)
+        return await _wait_for_jobs(engine, ids, show_progress=sys.stderr.isatty())
+    finally:
+        await engine.close()
+
+
+def _demo_images() -> tuple[bytes, bytes]:
+    """A sunset-coloured start frame and a darker end frame of the same 4:3 shape, drawn on the spot."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    frames = []
+    for sun_y, sky in ((40, (250, 170, 90)), (90, (90, 60, 120))):
+        image = Image.new("RGB", (160, 120), sky)
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((60, sun_y, 100, sun_y + 40), fill=(255, 230, 120))
+        draw.rectangle((0, 90, 160, 120), fill=(30, 60, 110))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        frames.append(buffer.getvalue())
+    return frames[0], frames[1]
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+
+
+@models_app.command("make-tiny")
+def models_make_tiny(
+    target: Annotated[Path, typer.Argument(help="Folder to create.")],
+    kind: Annotated[Mode, typer.Option("--kind", help="Which pipeline shape: t2v, i2v or ti2v.")] = Mode.T2V,
+    seed: int = 0,
+) -> None:
+    """Build a randomly initialised tiny Wan pipeline and save it as a diffusers folder."""
+    from engine.tiny import make_tiny_model
+
+    if target.exists() and any(target.iterdir()) and not (target / "model_index.json").exists():
+        errors.print(f"{target} exists and is not a diffusers model folder; choose an empty or new folder.")
+        raise typer.Exit(2)
+    make_tiny_model(target, kind, seed)
+    size = sum(path.stat().st_size for path in target.rglob("*") if path.is_file())
+    console.print(f"tiny {kind.value} model in {target} ({size / 1024:.0f} KiB)", highlight=False)
+
+
+# -- run ---------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(config: ConfigOption = None) -> None:
+    """Run the worker (and the chat adapters once they are configured) until Ctrl+C or SIGTERM."""
+    settings = _settings(config)
+    _run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> None:
+    import signal
+
+    from engine.service import Engine
+
+    engine = await Engine.open(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    with _worker_lock(settings) as own_worker:
+        if not own_worker:
+            raise UserError(
+                "Another wanbot process is already running the worker on this data folder.",
+                "Stop it first, or give this one another WANBOT_DATA_DIR.",
+            )
+        await engine.worker.start_up()
+        worker = asyncio.create_task(engine.worker.run())
+        errors.print(f"wanbot worker running on {settings.data_dir} (Ctrl+C stops; the running job is re-queued)")
+        cleaner = asyncio.create_task(_clean_images_periodically(engine))
+        await stop.wait()
+        cleaner.cancel()
+        await engine.worker.stop(requeue_running=True)
+        await worker
+    await engine.close()
+
+
+async def _clean_images_periodically(engine: Engine, every_s: float = 3600) -> None:
+    retention_s = engine.settings.images.retention_hours * 3600
+    while True:
+        removed = await remove_unused_images(engine.queue, engine.store, retention_s)
+        if removed:
+            logging.getLogger(__name__).info("removed %d unused images", removed)
+        await asyncio.sleep(every_s)

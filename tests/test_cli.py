@@ -1,0 +1,117 @@
+"""The `wanbot` command as a user runs it: a subprocess, its exit code, its output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.video import probe
+from tests import imagefactory
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(180)
+
+
+def wanbot(*args: str, data: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("WANBOT_")}
+    environment.update({"WANBOT_DATA_DIR": str(data), "COLUMNS": "200"}, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-c", "from bot.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=REPO,
+        timeout=170,
+    )
+
+
+def test_validate_reports_valid_images_as_json(tmp_path: Path):
+    start = tmp_path / "start.png"
+    start.write_bytes(imagefactory.png(160, 120))
+    end = tmp_path / "end.jpg"
+    end.write_bytes(imagefactory.jpeg(320, 240))
+    done = wanbot("validate", "--mode", "i2v", "--start", str(start), "--end", str(end), "--json", data=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["valid"] is True and report["errors"] == []
+    assert any("not trained with end images" in warning for warning in report["warnings"])
+    assert [image["role"] for image in report["images"]] == ["start", "end"]
+    assert report["images"][1]["width"] == 160 and report["images"][1]["format"] == "JPEG"
+
+
+def test_validate_refuses_bad_input_with_exit_2_and_no_traceback(tmp_path: Path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(imagefactory.png()[:200])
+    done = wanbot("validate", "--mode", "ti2v", "--start", str(broken), "--json", data=tmp_path)
+    assert done.returncode == 2
+    report = json.loads(done.stdout)
+    assert report["valid"] is False and report["errors"]
+    missing = wanbot("validate", "--mode", "ti2v", data=tmp_path)
+    assert missing.returncode == 2 and "ti2v needs a start image" in missing.stdout
+    unreadable = wanbot("validate", "--mode", "i2v", "--start", str(tmp_path / "nope.png"), data=tmp_path)
+    assert unreadable.returncode == 2 and "cannot be read" in unreadable.stdout
+    assert "Traceback" not in missing.stderr + unreadable.stderr + done.stderr
+
+
+def test_bad_configuration_is_one_clear_line(tmp_path: Path):
+    done = wanbot("queue", "list", data=tmp_path, env={"WANBOT_QUEUE__PER_USER_LIMIT": "-1"})
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "queue.per_user_limit" in done.stderr and "WANBOT_QUEUE__PER_USER_LIMIT" in done.stderr
+
+
+def test_generate_then_manage_the_queue(tmp_path: Path):
+    data = tmp_path / "data"
+    start = tmp_path / "start.png"
+    start.write_bytes(imagefactory.png(128, 128))
+    out = tmp_path / "clip.mp4"
+    env = {"WANBOT_MODELS__TI2V": "tiny"}
+    done = wanbot(
+        "generate",
+        "--mode",
+        "ti2v",
+        "--prompt",
+        "w1 waves",
+        "--start",
+        str(start),
+        "--seed",
+        "5",
+        "--frames",
+        "5",
+        "--out",
+        str(out),
+        data=data,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    video = probe(out)
+    assert (video.frames, video.fps) == (5, 24)
+    assert json.loads(video.comment)["seed"] == 5
+
+    listed = json.loads(wanbot("queue", "list", "--json", data=data).stdout)
+    assert [(job["id"], job["status"], job["mode"]) for job in listed] == [(1, "succeeded", "ti2v")]
+    shown = json.loads(wanbot("queue", "show", "1", "--json", data=data).stdout)
+    assert [entry["event"] for entry in shown["history"]] == ["enqueued", "started", "succeeded"]
+
+    retried = wanbot("queue", "retry", "1", data=data)
+    assert retried.returncode == 0 and "job 2 queued as a retry of job 1" in retried.stdout
+    cancelled = wanbot("queue", "cancel", "2", data=data)
+    assert cancelled.returncode == 0 and "job 2 cancelled" in cancelled.stdout
+    again = wanbot("queue", "cancel", "2", data=data)
+    assert again.returncode == 2 and "already been cancelled" in again.stderr
+    unknown = wanbot("queue", "show", "99", data=data)
+    assert unknown.returncode == 2 and "There is no job 99" in unknown.stderr
+
+
+def test_make_tiny_writes_a_loadable_diffusers_folder(tmp_path: Path):
+    target = tmp_path / "tiny-i2v"
+    done = wanbot("models", "make-tiny", str(target), "--kind", "i2v", data=tmp_path)
+    assert done.returncode == 0, done.stderr
+    index = json.loads((target / "model_index.json").read_text())
+    assert index["_class_name"] == "WanImageToVideoPipeline"
+    assert index["transformer_2"][1] == "WanTransformer3DModel"
