@@ -220,3 +220,13 @@ async def test_a_warm_model_is_not_reloaded(engine: Engine):
     await run_all(engine)
     assert engine.runner.loaded.pipeline is pipeline
     assert (await engine.queue.get(again.result.job.id)).result.timings["load_s"] < 0.5
+
+
+async def test_shutdown_can_wait_for_the_running_job_to_finish(engine: Engine):
+    inbox = engine.queue.events.subscribe()
+    submission = await submit(engine, Mode.T2V, steps=20)
+    worker = asyncio.create_task(engine.worker.run())
+    await asyncio.wait_for(wait_for_step(inbox, submission.result.job.id, 1), timeout=60)
+    await engine.worker.stop(requeue_running=False)
+    await asyncio.wait_for(worker, timeout=60)
+    assert (await engine.queue.get(submission.result.job.id)).status is JobStatus.SUCCEEDED

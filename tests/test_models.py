@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.config import GenerationConfig
+from engine.errors import UserError
+from engine.images import ImageInfo, Mode
+from engine.models import (
+    I2V_A14B,
+    T2V_A14B,
+    TI2V_5B,
+    GenerationRequest,
+    ModelRef,
+    resolve_model,
+    resolve_request,
+)
+
+
+def image(width: int, height: int) -> ImageInfo:
+    return ImageInfo(
+        role="start",
+        format="PNG",
+        width=width,
+        height=height,
+        mode="RGB",
+        has_transparency=False,
+        animated=False,
+        aspect_ratio=width / height,
+        pixel_count=width * height,
+        file_size=1,
+        decoded_bytes=1,
+        source_sha256="x",
+    )
+
+
+def resolve(mode: Mode, spec, start: ImageInfo | None = None, limits: GenerationConfig | None = None, **asked):
+    request = GenerationRequest(mode=mode, prompt=asked.pop("prompt", "a fox"), **asked)
+    model = ModelRef(name="m", mode=mode, spec=spec)
+    return resolve_request(request, model, limits or GenerationConfig(), start=start, rng=random.Random(1))
+
+
+def test_defaults_are_the_official_settings():
+    t2v = resolve(Mode.T2V, T2V_A14B)
+    assert (t2v.width, t2v.height, t2v.frames, t2v.fps, t2v.steps) == (832, 480, 81, 16, 40)
+    assert (t2v.guidance, t2v.guidance_2) == (4.0, 3.0)
+    ti2v = resolve(Mode.TI2V, TI2V_5B, start=image(1280, 704), limits=GenerationConfig(max_pixels=1280 * 704))
+    assert (ti2v.width, ti2v.height, ti2v.frames, ti2v.fps, ti2v.steps, ti2v.guidance) == (1280, 704, 121, 24, 50, 5.0)
+    assert ti2v.adjustments == []
+
+
+def test_explicit_sizes_snap_to_the_model_multiple_and_say_so():
+    params = resolve(Mode.T2V, T2V_A14B, resolution="1010x601")
+    assert (params.width, params.height) == (1008, 608)
+    assert any("1010x601 became 1008x608" in note for note in params.adjustments)
+    portrait = resolve(Mode.T2V, T2V_A14B, resolution="480x832")
+    assert (portrait.width, portrait.height) == (480, 832) and portrait.adjustments == []
+
+
+def test_image_modes_keep_the_area_and_take_the_image_shape():
+    params = resolve(Mode.I2V, I2V_A14B, start=image(1920, 1080), resolution="480p")
+    assert params.width % 16 == 0 and params.height % 16 == 0
+    assert params.width / params.height == pytest.approx(16 / 9, rel=0.03)
+    assert params.width * params.height == pytest.approx(832 * 480, rel=0.05)
+    portrait = resolve(Mode.TI2V, TI2V_5B, start=image(704, 1280), limits=GenerationConfig(max_pixels=1280 * 704))
+    assert (portrait.width, portrait.height) == (704, 1280)
+
+
+def test_frames_snap_to_4k_plus_1_within_the_limit():
+    assert resolve(Mode.T2V, T2V_A14B, frames=50).frames == 49
+    assert resolve(Mode.T2V, T2V_A14B, frames=2).frames == 5
+    capped = resolve(Mode.T2V, T2V_A14B, frames=500, limits=GenerationConfig(max_frames=100))
+    assert capped.frames == 97
+    assert any("4k+1" in note and "97 instead of 500" in note for note in capped.adjustments)
+
+
+def test_limits_on_pixels_steps_and_guidance():
+    params = resolve(
+        Mode.T2V,
+        T2V_A14B,
+        resolution="720p",
+        steps=500,
+        guidance=99,
+        limits=GenerationConfig(max_pixels=832 * 480, max_steps=50),
+    )
+    assert params.width * params.height <= 832 * 480
+    assert params.steps == 50 and params.guidance == 20
+    assert len(params.adjustments) == 4
+
+
+def test_seed_is_chosen_when_missing_and_checked_when_given():
+    assert resolve(Mode.T2V, T2V_A14B).seed == random.Random(1).randrange(2**32)
+    assert resolve(Mode.T2V, T2V_A14B, seed=5).seed == 5
+    with pytest.raises(UserError, match="out of range"):
+        resolve(Mode.T2V, T2V_A14B, seed=-1)
+
+
+def test_unknown_resolution_and_empty_prompt_are_user_errors():
+    with pytest.raises(UserError, match="'4k' is not a resolution") as caught:
+        resolve(Mode.T2V, T2V_A14B, resolution="4k")
+    assert "480p, 720p" in caught.value.hint
+    with pytest.raises(UserError, match="t2v needs a prompt"):
+        resolve(Mode.T2V, T2V_A14B, prompt="")
+    assert resolve(Mode.I2V, I2V_A14B, start=image(832, 480), prompt="").prompt == ""
+
+
+def test_model_names_resolve_to_specs(tiny_models):
+    assert resolve_model("tiny", Mode.I2V).name == "tiny-i2v"
+    assert resolve_model("Wan-AI/Wan2.2-TI2V-5B-Diffusers", Mode.TI2V).spec is TI2V_5B
+    local = resolve_model(str(tiny_models / "tiny-ti2v"), Mode.TI2V)
+    assert local.spec.family == "wan2.2-ti2v-5b" and local.is_local
+    assert resolve_model(str(tiny_models / "tiny-i2v"), Mode.I2V).spec.two_experts
+    with pytest.raises(UserError, match="text-to-video only"):
+        resolve_model(str(tiny_models / "tiny-t2v"), Mode.I2V)
+    with pytest.raises(UserError, match="neither a folder on this machine nor a Hub repo id"):
+        resolve_model("no-such-model", Mode.T2V)
+    with pytest.raises(UserError, match="for another mode"):
+        resolve_model("tiny-t2v", Mode.I2V)
