@@ -16,8 +16,11 @@ async def remove_unused_images(queue: JobQueue, store: ImageStore, retention_s: 
     in_use = await queue.images_in_use(retention_s)
     removed = 0
     for sha256 in store.stored_hashes() - in_use:
-        path = store.path_for(sha256)
-        if time.time() - path.stat().st_mtime >= grace_s:
+        try:
+            age_s = time.time() - store.path_for(sha256).stat().st_mtime
+        except FileNotFoundError:
+            continue  # removed meanwhile by another process
+        if age_s >= grace_s:
             store.delete(sha256)
             removed += 1
     return removed

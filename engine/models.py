@@ -98,50 +98,25 @@ TI2V_5B = ModelSpec(
     size_follows_image=True,
     full_vram_gb=40,
 )
+
+
+def _tiny(spec: ModelSpec, mode: Mode) -> ModelSpec:
+    """The tiny model mirrors the real one's wiring and settings, at a size a CPU runs in seconds."""
+    return replace(
+        spec,
+        family=f"tiny-{mode.value}",
+        presets={"tiny": (64, 64)},
+        default_preset="tiny",
+        default_frames=9,
+        steps=4,
+        full_vram_gb=0,
+    )
+
+
 TINY_SPECS = {
-    Mode.T2V: ModelSpec(
-        family="tiny-t2v",
-        pipeline="WanPipeline",
-        presets={"tiny": (64, 64)},
-        default_preset="tiny",
-        multiple=16,
-        default_frames=9,
-        fps=16,
-        steps=4,
-        guidance=4.0,
-        guidance_2=3.0,
-        boundary_ratio=0.875,
-        flow_shift=12.0,
-    ),
-    Mode.I2V: ModelSpec(
-        family="tiny-i2v",
-        pipeline="WanImageToVideoPipeline",
-        presets={"tiny": (64, 64)},
-        default_preset="tiny",
-        multiple=16,
-        default_frames=9,
-        fps=16,
-        steps=4,
-        guidance=3.5,
-        guidance_2=3.5,
-        boundary_ratio=0.9,
-        flow_shift=5.0,
-        uses_end_image=True,
-        size_follows_image=True,
-    ),
-    Mode.TI2V: ModelSpec(
-        family="tiny-ti2v",
-        pipeline="WanImageToVideoPipeline",
-        presets={"tiny": (64, 64)},
-        default_preset="tiny",
-        multiple=32,
-        default_frames=9,
-        fps=24,
-        steps=4,
-        guidance=5.0,
-        flow_shift=5.0,
-        size_follows_image=True,
-    ),
+    Mode.T2V: _tiny(T2V_A14B, Mode.T2V),
+    Mode.I2V: _tiny(I2V_A14B, Mode.I2V),
+    Mode.TI2V: _tiny(TI2V_5B, Mode.TI2V),
 }
 KNOWN_REPOS = {
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": T2V_A14B,

@@ -179,15 +179,17 @@ async def test_a_job_left_running_by_a_crash_runs_again_after_restart(tiny_setti
     await restarted.close()
 
 
-async def test_shutdown_puts_the_running_job_back_in_the_queue(engine: Engine):
+@pytest.mark.parametrize(("requeue", "status"), [(True, JobStatus.QUEUED), (False, JobStatus.SUCCEEDED)])
+async def test_shutdown_requeues_or_waits_for_the_running_job(engine: Engine, requeue: bool, status: JobStatus):
     inbox = engine.queue.events.subscribe()
-    submission = await submit(engine, Mode.T2V, steps=60)
+    submission = await submit(engine, Mode.T2V, steps=30)
     worker = asyncio.create_task(engine.worker.run())
     await asyncio.wait_for(wait_for_step(inbox, submission.result.job.id, 1), timeout=60)
-    await engine.worker.stop(requeue_running=True)
+    await engine.worker.stop(requeue_running=requeue)
     await asyncio.wait_for(worker, timeout=60)
     job = await engine.queue.get(submission.result.job.id)
-    assert job.status is JobStatus.QUEUED and job.attempts == 0
+    assert job.status is status
+    assert job.attempts == (0 if requeue else 1)
 
 
 async def test_same_seed_gives_the_same_frames(engine: Engine):
@@ -220,13 +222,3 @@ async def test_a_warm_model_is_not_reloaded(engine: Engine):
     await run_all(engine)
     assert engine.runner.loaded.pipeline is pipeline
     assert (await engine.queue.get(again.result.job.id)).result.timings["load_s"] < 0.5
-
-
-async def test_shutdown_can_wait_for_the_running_job_to_finish(engine: Engine):
-    inbox = engine.queue.events.subscribe()
-    submission = await submit(engine, Mode.T2V, steps=20)
-    worker = asyncio.create_task(engine.worker.run())
-    await asyncio.wait_for(wait_for_step(inbox, submission.result.job.id, 1), timeout=60)
-    await engine.worker.stop(requeue_running=False)
-    await asyncio.wait_for(worker, timeout=60)
-    assert (await engine.queue.get(submission.result.job.id)).status is JobStatus.SUCCEEDED
