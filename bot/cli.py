@@ -507,7 +507,7 @@ def models_make_tiny(
 
 @app.command()
 def run(config: ConfigOption = None) -> None:
-    """Run the worker (and the chat adapters once they are configured) until Ctrl+C or SIGTERM."""
+    """Run the worker and the chat adapters that have a token, until Ctrl+C or SIGTERM."""
     settings = _settings(config)
     _run(_serve(settings))
 
@@ -529,14 +529,29 @@ async def _serve(settings: Settings) -> None:
                 "Stop it first, or give this one another WANBOT_DATA_DIR.",
             )
         await engine.worker.start_up()
+        adapters = await _start_adapters(engine)
         worker = asyncio.create_task(engine.worker.run())
-        errors.print(f"wanbot worker running on {settings.data_dir} (Ctrl+C stops; the running job is re-queued)")
+        names = ", ".join(type(adapter).__name__ for adapter in adapters) or "no chat adapter (no token set)"
+        errors.print(f"wanbot running on {settings.data_dir} with {names}; Ctrl+C stops, the running job is re-queued")
         cleaner = asyncio.create_task(_clean_images_periodically(engine))
         await stop.wait()
         cleaner.cancel()
         await engine.worker.stop(requeue_running=True)
         await worker
+        for adapter in adapters:
+            await adapter.stop()
     await engine.close()
+
+
+async def _start_adapters(engine: Engine) -> list[Any]:
+    adapters: list[Any] = []
+    if engine.settings.telegram.token is not None:
+        from bot.telegram_adapter import TelegramAdapter
+
+        telegram = TelegramAdapter(engine, engine.settings.telegram)
+        await telegram.start()
+        adapters.append(telegram)
+    return adapters
 
 
 async def _clean_images_periodically(engine: Engine, every_s: float = 3600) -> None:

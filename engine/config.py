@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -66,6 +66,20 @@ class AccessConfig(Section):
     admins: list[str] = Field(default_factory=list, description="'platform:user_id' entries with admin rights.")
 
 
+class TelegramConfig(Section):
+    token: SecretStr | None = Field(None, description="Bot token from @BotFather (or env TELEGRAM_BOT_TOKEN).")
+    api_base_url: str = Field("https://api.telegram.org/bot", description="Bot API base; the token is appended.")
+    file_base_url: str = Field("https://api.telegram.org/file/bot", description="File download base.")
+    download_limit_bytes: int = Field(20_000_000, gt=0, description="Largest file bots may fetch (20 MB on the cloud).")
+    upload_limit_bytes: int = Field(50_000_000, gt=0, description="Largest video bots may send (50 MB on the cloud).")
+    edit_interval_s: float = Field(3.0, ge=0, description="Least time between two edits of one progress message.")
+    album_wait_s: float = Field(1.0, ge=0, description="How long to collect the photos of an album.")
+    allowed_users: list[int] = Field(default_factory=list, description="User ids allowed to use the bot; empty: all.")
+    allowed_chats: list[int] = Field(default_factory=list, description="Chat ids the bot answers in; empty: all.")
+    delivery_retry_s: float = Field(60.0, gt=0, description="Wait before retrying a failed video upload.")
+    max_delivery_attempts: int = Field(5, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="WANBOT_",
@@ -80,6 +94,7 @@ class Settings(BaseSettings):
     models: ModelsConfig = ModelsConfig()
     generation: GenerationConfig = GenerationConfig()
     access: AccessConfig = AccessConfig()
+    telegram: TelegramConfig = TelegramConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -91,7 +106,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_path = os.environ.get(CONFIG_ENV)
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, _PlatformTokens(settings_cls)]
         if toml_path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
         return tuple(sources)
@@ -111,6 +126,19 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+
+class _PlatformTokens(PydanticBaseSettingsSource):
+    """The platforms' customary token variables (TELEGRAM_BOT_TOKEN), below WANBOT_* in precedence."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        if token := os.environ.get("TELEGRAM_BOT_TOKEN"):
+            found["telegram"] = {"token": token}
+        return found
 
 
 def load_settings(config_path: Path | None = None) -> Settings:

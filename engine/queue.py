@@ -239,18 +239,28 @@ class JobQueue:
         if row["total"] >= total:
             raise QueueFull(f"The queue is full ({row['total']} videos waiting).", "Please try again in a few minutes.")
 
-    async def retry(self, job_id: int, actor: Actor, **limits: int) -> EnqueueResult:
-        """Queue a finished job again as a new job linked to the old one; the old one stays as it was."""
+    async def retry(
+        self,
+        job_id: int,
+        actor: Actor,
+        params: GenerationParams | None = None,
+        source: JobSource | None = None,
+        **limits: int,
+    ) -> EnqueueResult:
+        """Queue a finished job again as a new job linked to the old one; the old one stays as it was.
+
+        `params` and `source` replace the old job's (a reroll changes the seed; a reply goes to a new message).
+        """
         old = await self.get(job_id)
         _check_owner(old, actor, "retry")
         if not old.status.terminal:
             raise InvalidTransition(f"Job {job_id} is still {old.status}.", "Retry it once it has finished.")
-        source = old.source.model_copy(update={"message_id": None})
+        new_source = source or old.source.model_copy(update={"message_id": None})
         return await self.enqueue(
-            source,
+            new_source,
             old.mode,
             old.model,
-            old.params,
+            params or old.params,
             old.images,
             priority=old.priority,
             is_admin=actor.is_admin,

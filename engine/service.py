@@ -4,6 +4,7 @@ submit path every request takes (validate images, resolve settings, store, enque
 from __future__ import annotations
 
 import asyncio
+import random
 from dataclasses import dataclass, field
 
 from engine.config import Settings
@@ -97,6 +98,22 @@ class Engine:
             global_limit=self.settings.queue.global_limit,
         )
         return Submission(result=result, notes=[*params.adjustments, *params.warnings])
+
+    async def reroll(self, job_id: int, actor: Actor, source: JobSource | None = None) -> EnqueueResult:
+        """The same request again with a new seed, as a new job linked to the old one."""
+        old = await self.queue.get(job_id)
+        params = old.params.model_copy(update={"seed": random.SystemRandom().randrange(2**32), "adjustments": []})
+        for image in old.images:
+            # Fails with a clear message when the images were already cleaned up.
+            await asyncio.to_thread(self.store.restore, image)
+        return await self.queue.retry(
+            job_id,
+            actor,
+            params=params,
+            source=source,
+            per_user_limit=self.settings.queue.per_user_limit,
+            global_limit=self.settings.queue.global_limit,
+        )
 
     async def _validate(self, upload: Upload | None, role: str) -> ValidatedImage | None:
         if upload is None:

@@ -1,0 +1,315 @@
+"""Chat logic both adapters share: reading options from a message, the texts users see, who may do what, and
+keeping one live progress message per job up to date without flooding the platform."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import UserError
+from engine.images import Mode
+from engine.jobs import Job, JobStatus, Progress, QueuePosition, Stage
+from engine.models import GenerationRequest
+
+OPTION_KEYS = {
+    "mode": "mode",
+    "seed": "seed",
+    "steps": "steps",
+    "frames": "frames",
+    "size": "resolution",
+    "res": "resolution",
+    "resolution": "resolution",
+    "guidance": "guidance",
+    "cfg": "guidance",
+    "neg": "negative_prompt",
+    "negative": "negative_prompt",
+}
+INTEGER_OPTIONS = {"seed", "steps", "frames"}
+# key=value anywhere in the text; key:value only for known keys, so "note: a fox" stays in the prompt.
+OPTION_PATTERN = re.compile(r"""(?<!\S)([A-Za-z_]+)\s*(=|:)\s*("[^"]*"|'[^']*'|\S+)""")
+BAR_WIDTH = 12
+
+
+@dataclass
+class ParsedMessage:
+    request: GenerationRequest
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_message(text: str, command_mode: Mode | None, has_image: bool) -> ParsedMessage:
+    """Read prompt and options from a chat message (without its /command). Unknown options are named, not fatal."""
+    values: dict[str, Any] = {}
+    notes: list[str] = []
+    unknown: list[str] = []
+
+    def take(match: re.Match[str]) -> str:
+        key, separator, raw = match.group(1).lower(), match.group(2), match.group(3)
+        if key not in OPTION_KEYS:
+            if separator == ":":
+                return match.group(0)
+            unknown.append(key)
+            return " "
+        values[OPTION_KEYS[key]] = raw.strip("\"'")
+        return " "
+
+    prompt = " ".join(OPTION_PATTERN.sub(take, text).split())
+    if unknown:
+        notes.append(f"Ignored unknown option(s): {', '.join(unknown)}. Known: {', '.join(sorted(set(OPTION_KEYS)))}.")
+    for key in INTEGER_OPTIONS & values.keys():
+        values[key] = _number(key, values[key], int)
+    if "guidance" in values:
+        values["guidance"] = _number("guidance", values["guidance"], float)
+    mode = _mode(values.pop("mode", None), command_mode, has_image)
+    return ParsedMessage(request=GenerationRequest(mode=mode, prompt=prompt, **values), notes=notes)
+
+
+def _number(key: str, raw: str, kind: type) -> Any:
+    try:
+        return kind(raw)
+    except ValueError:
+        example = "30" if kind is int else "4.5"
+        raise UserError(f"{key} must be a number, not '{raw}'.", f"For example {key}={example}.") from None
+
+
+def _mode(asked: str | None, command_mode: Mode | None, has_image: bool) -> Mode:
+    if asked is not None:
+        try:
+            return Mode(asked.lower())
+        except ValueError:
+            raise UserError(f"'{asked}' is not a mode.", "Use mode=t2v, mode=i2v or mode=ti2v.") from None
+    if command_mode is not None:
+        return command_mode
+    return Mode.I2V if has_image else Mode.T2V
+
+
+# -- texts -------------------------------------------------------------------------------------------------------
+
+
+def duration_text(seconds: float) -> str:
+    seconds = max(round(seconds), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def progress_bar(fraction: float) -> str:
+    filled = round(max(0.0, min(fraction, 1.0)) * BAR_WIDTH)
+    return "█" * filled + "░" * (BAR_WIDTH - filled)
+
+
+def queued_text(job: Job, position: QueuePosition | None, notes: list[str], duplicate: bool = False) -> str:
+    head = f"Job #{job.id} ({job.mode.value})"
+    if duplicate:
+        head += " was already queued from this message"
+    if position is None:
+        lines = [f"{head}: {job.status.value}."]
+    else:
+        eta = f", about {duration_text(position.eta_s)} to wait" if position.eta_s else ""
+        lines = [f"{head} is queued: position {position.position}{eta}."]
+    lines.append(
+        f"{job.params.width}x{job.params.height}, {job.params.frames} frames at {job.params.fps} fps, "
+        f"{job.params.steps} steps, seed {job.params.seed}."
+    )
+    lines.extend(f"• {note}" for note in notes)
+    return "\n".join(lines)
+
+
+STAGE_WORDS = {
+    Stage.QUEUED: "waiting in the queue",
+    Stage.DOWNLOADING: "downloading the model",
+    Stage.LOADING: "loading the model",
+    Stage.DENOISING: "generating",
+    Stage.DECODING: "decoding frames",
+    Stage.ENCODING: "encoding the video",
+    Stage.UPLOADING: "uploading",
+}
+
+
+def progress_text(job: Job, progress: Progress | None) -> str:
+    if progress is None:
+        return f"Job #{job.id}: starting…"
+    words = STAGE_WORDS[progress.stage] + (f" ({progress.detail})" if progress.detail else "")
+    lines = [f"Job #{job.id}: {words}"]
+    if progress.total:
+        eta = f" · about {duration_text(progress.eta_s)} left" if progress.eta_s is not None else ""
+        lines.append(f"{progress_bar(progress.fraction)} {progress.step}/{progress.total}{eta}")
+    return "\n".join(lines)
+
+
+def finished_text(job: Job) -> str:
+    if job.status is JobStatus.SUCCEEDED:
+        took = duration_text((job.finished_at or 0) - (job.started_at or 0))
+        return f"Job #{job.id} is done ({took}). Sending the video…"
+    if job.status is JobStatus.CANCELLED:
+        return f"Job #{job.id} was cancelled."
+    return f"Job #{job.id} failed: {job.error_user or 'unknown error'}"
+
+
+def delivered_text(job: Job) -> str:
+    return f"Job #{job.id} is done: the video is below."
+
+
+def result_caption(job: Job, limit: int = 1024) -> str:
+    params = job.params
+    took = duration_text((job.finished_at or 0) - (job.started_at or 0))
+    details = (
+        f"\nseed {params.seed} · {job.model} · {params.width}x{params.height} · {params.frames} frames · "
+        f"{params.steps} steps · {took}"
+    )
+    room = limit - len(details)
+    prompt = params.prompt if len(params.prompt) <= room else params.prompt[: room - 1] + "…"
+    return prompt + details
+
+
+def apology(job_id: int | None = None) -> str:
+    about = f" (job #{job_id})" if job_id is not None else ""
+    return f"Sorry, something went wrong on our side{about}. It has been logged; please try again."
+
+
+def user_error_text(error: UserError) -> str:
+    return f"{error.message}\n{error.hint}".strip()
+
+
+def queue_text(entries: list[tuple[Job, QueuePosition | None]]) -> str:
+    if not entries:
+        return "You have no videos waiting or running."
+    lines = []
+    for job, position in entries:
+        where = "running" if job.status is JobStatus.RUNNING else f"position {position.position}" if position else ""
+        lines.append(f"#{job.id} {job.mode.value} · {where} · {job.params.prompt[:40]}")
+    return "\n".join(lines)
+
+
+def status_text(running: bool, paused: bool, loaded_model: str | None, counts: dict[str, int]) -> str:
+    state = "paused" if paused else "working" if running else "stopped"
+    return (
+        f"Worker: {state}. Loaded model: {loaded_model or 'none'}.\n"
+        f"Queued: {counts.get('queued', 0)}, running: {counts.get('running', 0)}."
+    )
+
+
+def help_text(prefer_documents_note: str = "") -> str:
+    text = (
+        "Make a short video from text or a picture.\n"
+        "/video a red fox running through snow: text to video (t2v)\n"
+        "A photo with the caption /video the fox turns its head: image to video (i2v)\n"
+        "Two photos in one album with /video: start and end frames\n"
+        "/t2v, /i2v, /ti2v pick the mode; or write mode=ti2v.\n"
+        'Options: seed=42 steps=30 frames=49 res=480p (or 832x480) guidance=4 neg="blurry, text"\n'
+        "/queue: your jobs · /cancel [id]: cancel · /status: the worker"
+    )
+    return text + (f"\n{prefer_documents_note}" if prefer_documents_note else "")
+
+
+# -- access ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """Allowlists of users and chats (empty: everyone) and admins, for one platform."""
+
+    platform: str
+    allowed_users: frozenset[str] = frozenset()
+    allowed_chats: frozenset[str] = frozenset()
+    admins: frozenset[str] = frozenset()
+
+    def is_admin(self, user_id: str) -> bool:
+        return f"{self.platform}:{user_id}" in self.admins
+
+    def allows(self, user_id: str, chat_id: str) -> bool:
+        if self.is_admin(user_id):
+            return True
+        user_ok = not self.allowed_users or user_id in self.allowed_users
+        chat_ok = not self.allowed_chats or chat_id in self.allowed_chats
+        return user_ok and chat_ok
+
+
+# -- live progress messages --------------------------------------------------------------------------------------
+
+
+class RetryLater(Exception):
+    """The platform asked us to wait (a flood limit); the edit is retried after `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"retry after {seconds}s")
+        self.seconds = seconds
+
+
+EditSender = Callable[[Any, str, Any], Awaitable[None]]
+
+
+class LiveMessages:
+    """Keeps one message per key (a job) showing the latest text: at most one edit per `interval_s`, only the
+    newest text is sent, the same text never twice, and a flood-limit wait delays the edit instead of dropping it."""
+
+    def __init__(self, send: EditSender, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._send = send
+        self._interval_s = interval_s
+        self._clock = clock
+        self._pending: dict[Any, tuple[str, Any]] = {}
+        self._shown: dict[Any, str] = {}
+        self._last_sent: dict[Any, float] = {}
+        self._tasks: dict[Any, asyncio.Task[None]] = {}
+
+    def update(self, key: Any, text: str, extra: Any = None) -> None:
+        if self._shown.get(key) == text and key not in self._pending:
+            return
+        self._pending[key] = (text, extra)
+        if key not in self._tasks or self._tasks[key].done():
+            self._tasks[key] = asyncio.create_task(self._flush(key))
+
+    async def settle(self, key: Any) -> None:
+        """Wait until the latest text for `key` has been sent (or given up)."""
+        task = self._tasks.get(key)
+        if task is not None:
+            await asyncio.shield(task)
+
+    def forget(self, key: Any) -> None:
+        self._shown.pop(key, None)
+        self._last_sent.pop(key, None)
+
+    async def _flush(self, key: Any) -> None:
+        while key in self._pending:
+            wait = self._last_sent.get(key, float("-inf")) + self._interval_s - self._clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            text, extra = self._pending.pop(key)
+            if self._shown.get(key) == text:
+                continue
+            try:
+                await self._send(key, text, extra)
+            except RetryLater as limit:
+                self._pending.setdefault(key, (text, extra))
+                await asyncio.sleep(limit.seconds)
+                continue
+            self._shown[key] = text
+            self._last_sent[key] = self._clock()
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def cancel_text(job: Job) -> str:
+    if job.status is JobStatus.CANCELLED:
+        return f"Job #{job.id} is cancelled."
+    return f"Job #{job.id} is stopping…"
+
+
+def undeliverable_text(job: Job) -> str:
+    return (
+        f"Job #{job.id} is done, but the video could not be sent after {job.delivery_attempts} tries "
+        f"({job.delivery_error}). Ask an admin to retry it."
+    )

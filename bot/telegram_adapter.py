@@ -1,0 +1,425 @@
+"""Telegram adapter (python-telegram-bot 22): messages, photos, documents and albums in; one live progress message
+per job and the finished video out. It only translates; the engine and bot/chat.py hold the behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Opt in to python-telegram-bot's future time type now (RetryAfter.retry_after as a timedelta); _seconds takes both.
+os.environ.setdefault("PTB_TIMEDELTA", "1")
+
+from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
+from telegram.error import BadRequest, RetryAfter, TelegramError
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    ApplicationBuilder,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
+
+from bot import chat
+from engine.config import TelegramConfig
+from engine.errors import UserError
+from engine.images import Mode
+from engine.jobs import Actor, EventKind, Job, JobSource, JobStatus
+from engine.service import Engine, Upload
+from engine.video import fit_to_limit
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "telegram"
+COMMANDS = {"video": None, "t2v": Mode.T2V, "i2v": Mode.I2V, "ti2v": Mode.TI2V}
+CAPTION_COMMAND = re.compile(r"^/(video|t2v|i2v|ti2v)(?:@(\w+))?(?:\s|$)", re.IGNORECASE)
+DOCUMENTS_NOTE = "Tip: send pictures as files (documents); Telegram recompresses photos."
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A picture in a Telegram message: enough to check its size and fetch it."""
+
+    file_id: str
+    file_size: int | None
+    filename: str | None
+
+
+class TokenRedactor(logging.Filter):
+    """Replaces the bot token in every log line (httpx logs request URLs, which contain it)."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self._token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self._token in message:
+            record.msg, record.args = message.replace(self._token, "<token>"), ()
+        return True
+
+
+class TelegramAdapter:
+    def __init__(self, engine: Engine, config: TelegramConfig, poll_timeout_s: float = 10.0) -> None:
+        if config.token is None:
+            raise UserError("No Telegram token is configured.", "Set telegram.token or TELEGRAM_BOT_TOKEN.")
+        self._token = config.token.get_secret_value()
+        self._engine = engine
+        self._config = config
+        self._poll_timeout_s = poll_timeout_s
+        self._access = chat.AccessPolicy(
+            platform=PLATFORM,
+            allowed_users=frozenset(str(user) for user in config.allowed_users),
+            allowed_chats=frozenset(str(chat_id) for chat_id in config.allowed_chats),
+            admins=frozenset(engine.settings.access.admins),
+        )
+        self._live = chat.LiveMessages(self._edit, config.edit_interval_s)
+        self._albums: dict[tuple[int, str], list[Message]] = {}
+        self._album_timers: dict[tuple[int, str], asyncio.Task[None]] = {}
+        self._delivering: set[int] = set()
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        # Before the Application exists: building it already logs its base URL, token included.
+        self._redactor = TokenRedactor(self._token)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self._redactor)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        self.app: Application = (
+            ApplicationBuilder()
+            .token(self._token)
+            .base_url(config.api_base_url)
+            .base_file_url(config.file_base_url)
+            .rate_limiter(AIORateLimiter(max_retries=3))
+            .concurrent_updates(True)
+            .build()
+        )
+        self._add_handlers()
+
+    # -- life cycle --------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        events = self._engine.queue.events.subscribe()
+        await self.app.initialize()
+        await self.app.bot.set_my_commands(
+            [
+                BotCommand("video", "Make a video: /video a fox in the snow"),
+                BotCommand("t2v", "Text to video"),
+                BotCommand("i2v", "Image to video (attach a picture)"),
+                BotCommand("ti2v", "Text and image to video (attach a picture)"),
+                BotCommand("queue", "Your jobs and their places in the queue"),
+                BotCommand("cancel", "Cancel a job: /cancel or /cancel 12"),
+                BotCommand("status", "What the worker is doing"),
+                BotCommand("help", "How to use this bot"),
+            ]
+        )
+        await self.app.start()
+        await self.app.updater.start_polling(
+            timeout=dt.timedelta(seconds=self._poll_timeout_s), allowed_updates=["message", "callback_query"]
+        )
+        self._tasks = [
+            asyncio.create_task(self._follow_events(events)),
+            asyncio.create_task(self._redeliver_periodically()),
+        ]
+
+    async def stop(self) -> None:
+        # An upload cut short here stays 'pending' and goes out again after the restart.
+        for task in [*self._tasks, *self._album_timers.values(), *self._deliveries]:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._live.close()
+        if self.app.updater.running:
+            await self.app.updater.stop()
+        if self.app.running:
+            await self.app.stop()
+        await self.app.shutdown()
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self._redactor)
+
+    def _add_handlers(self) -> None:
+        self.app.add_handler(CommandHandler(list(COMMANDS), self._on_video_command))
+        self.app.add_handler(MessageHandler(filters.PHOTO | filters.Document.ALL, self._on_picture))
+        self.app.add_handler(CommandHandler("queue", self._on_queue))
+        self.app.add_handler(CommandHandler("cancel", self._on_cancel))
+        self.app.add_handler(CommandHandler("status", self._on_status))
+        self.app.add_handler(CommandHandler(["help", "start"], self._on_help))
+        self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=r"^(cancel|reroll):\d+$"))
+        self.app.add_error_handler(self._on_error)
+
+    # -- incoming ----------------------------------------------------------------------------------------------
+
+    async def _on_video_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        command = message.text.split()[0].lstrip("/").split("@")[0].lower()
+        text = message.text.partition(" ")[2] if " " in message.text else ""
+        replied = message.reply_to_message
+        images = _images_of(replied) if replied is not None else []
+        await self._submit(message, text, COMMANDS.get(command), images)
+
+    async def _on_picture(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message.media_group_id:
+            key = (message.chat_id, message.media_group_id)
+            self._albums.setdefault(key, []).append(message)
+            if key in self._album_timers:
+                self._album_timers[key].cancel()
+            self._album_timers[key] = asyncio.create_task(self._album_complete(key))
+            return
+        command = self._caption_command(message)
+        if command is not None:
+            await self._submit(message, command[1], command[0], _images_of(message))
+
+    async def _album_complete(self, key: tuple[int, str]) -> None:
+        """Albums arrive as separate updates; once none has come for `album_wait_s`, treat them as one request."""
+        await asyncio.sleep(self._config.album_wait_s)
+        self._album_timers.pop(key, None)
+        messages = sorted(self._albums.pop(key, []), key=lambda item: item.message_id)
+        captioned = next((item for item in messages if self._caption_command(item) is not None), None)
+        if captioned is None:
+            return
+        mode, text = self._caption_command(captioned)
+        images = [ref for item in messages for ref in _images_of(item)]
+        notes = (
+            ["Only the first two pictures are used: the first as start, the second as end."] if len(images) > 2 else []
+        )
+        await self._submit(captioned, text, mode, images[:2], notes)
+
+    def _caption_command(self, message: Message) -> tuple[Mode | None, str] | None:
+        match = CAPTION_COMMAND.match(message.caption or "")
+        if match is None:
+            return None
+        addressed_to = match.group(2)
+        if addressed_to and addressed_to.lower() != (self.app.bot.username or "").lower():
+            return None
+        return COMMANDS[match.group(1).lower()], message.caption[match.end() :]
+
+    async def _submit(
+        self, message: Message, text: str, mode: Mode | None, images: list[ImageRef], notes: list[str] | None = None
+    ) -> None:
+        user, chat_id = message.from_user, message.chat_id
+        if not self._access.allows(str(user.id), str(chat_id)):
+            await message.reply_text("Sorry, you are not allowed to use this bot here.")
+            return
+        status = await message.reply_text("Checking your request…")
+        try:
+            parsed = chat.parse_message(text, mode, has_image=bool(images))
+            uploads = [await self._download(ref, role) for ref, role in zip(images, ("start", "end"), strict=False)]
+            source = JobSource(
+                platform=PLATFORM,
+                chat_id=str(chat_id),
+                user_id=str(user.id),
+                user_name=user.username or user.first_name or "",
+                message_id=str(message.message_id),
+                reply={"status_message_id": str(status.message_id), "request_message_id": str(message.message_id)},
+            )
+            submission = await self._engine.submit(
+                parsed.request, source, uploads[0] if uploads else None, uploads[1] if len(uploads) > 1 else None
+            )
+        except UserError as error:
+            await self._edit((chat_id, status.message_id), chat.user_error_text(error), None)
+            return
+        except Exception:
+            log.exception("request failed chat=%s user=%s", chat_id, user.id)
+            await self._edit((chat_id, status.message_id), chat.apology(), None)
+            return
+        result = submission.result
+        all_notes = [*(notes or []), *parsed.notes, *submission.notes]
+        text = chat.queued_text(result.job, result.position, all_notes, duplicate=not result.created)
+        await self._edit((chat_id, status.message_id), text, _cancel_button(result.job.id))
+
+    async def _download(self, ref: ImageRef, role: str) -> Upload:
+        limit = self._config.download_limit_bytes
+        if ref.file_size is not None and ref.file_size > limit:
+            raise UserError(
+                f"The {role} picture is {ref.file_size / 1e6:.1f} MB; bots can fetch at most {limit / 1e6:.0f} MB.",
+                "Send a smaller or more compressed picture.",
+            )
+        telegram_file = await self.app.bot.get_file(ref.file_id)
+        return Upload(bytes(await telegram_file.download_as_bytearray()), ref.filename)
+
+    async def _on_queue(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        user_key = f"{PLATFORM}:{update.effective_user.id}"
+        jobs = await self._engine.queue.list_jobs((JobStatus.QUEUED, JobStatus.RUNNING), user_key=user_key)
+        entries = [(job, await self._engine.queue.position(job.id)) for job in reversed(jobs)]
+        await update.effective_message.reply_text(chat.queue_text(entries))
+
+    async def _on_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message, user = update.effective_message, update.effective_user
+        try:
+            job_id = await self._job_to_cancel(context.args, user.id)
+            job = await self._engine.queue.cancel(job_id, self._actor(user.id))
+        except UserError as error:
+            await message.reply_text(chat.user_error_text(error))
+            return
+        await message.reply_text(chat.cancel_text(job))
+
+    async def _job_to_cancel(self, args: list[str] | None, user_id: int) -> int:
+        if args:
+            if not args[0].lstrip("#").isdigit():
+                raise UserError(f"'{args[0]}' is not a job number.", "Use /cancel 12, or /cancel for your latest job.")
+            return int(args[0].lstrip("#"))
+        active = await self._engine.queue.list_jobs(
+            (JobStatus.QUEUED, JobStatus.RUNNING), user_key=f"{PLATFORM}:{user_id}", limit=1
+        )
+        if not active:
+            raise UserError("You have no job to cancel.", "See /queue for your jobs.")
+        return active[0].id
+
+    async def _on_status(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        worker = self._engine.worker
+        text = chat.status_text(
+            worker.state.running,
+            await self._engine.queue.is_paused(),
+            worker.loaded_model,
+            await self._engine.queue.counts(),
+        )
+        await update.effective_message.reply_text(text)
+
+    async def _on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await update.effective_message.reply_text(chat.help_text(DOCUMENTS_NOTE))
+
+    async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        query = update.callback_query
+        action, job_id = query.data.split(":")
+        actor = self._actor(query.from_user.id)
+        try:
+            if action == "cancel":
+                job = await self._engine.queue.cancel(int(job_id), actor)
+                await query.answer(chat.cancel_text(job))
+            else:
+                await query.answer("Making another one with a new seed…")
+                await self._reroll(query.message, int(job_id), actor, query.id)
+        except UserError as error:
+            await query.answer(chat.user_error_text(error)[:200], show_alert=True)
+
+    async def _reroll(self, anchor: Message, job_id: int, actor: Actor, query_id: str) -> None:
+        status = await anchor.reply_text(f"Rerolling job #{job_id}…")
+        old = await self._engine.queue.get(job_id)
+        source = old.source.model_copy(
+            update={
+                "message_id": f"reroll-{query_id}",
+                "reply": {"status_message_id": str(status.message_id), "request_message_id": str(anchor.message_id)},
+            }
+        )
+        try:
+            result = await self._engine.reroll(job_id, actor, source)
+        except UserError as error:
+            await self._edit((anchor.chat_id, status.message_id), chat.user_error_text(error), None)
+            return
+        text = chat.queued_text(result.job, result.position, [], duplicate=not result.created)
+        await self._edit((anchor.chat_id, status.message_id), text, _cancel_button(result.job.id))
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        log.error("telegram handler failed: %s", type(context.error).__name__, exc_info=context.error)
+
+    def _actor(self, user_id: int) -> Actor:
+        return Actor(platform=PLATFORM, user_id=str(user_id), is_admin=self._access.is_admin(str(user_id)))
+
+    # -- outgoing ----------------------------------------------------------------------------------------------
+
+    async def _follow_events(self, events: Any) -> None:
+        async for event in events:
+            job = event.job
+            key = _status_key(job)
+            if job.source.platform != PLATFORM or key is None:
+                continue
+            if event.kind in (EventKind.STARTED, EventKind.PROGRESS):
+                self._live.update(key, chat.progress_text(job, event.progress), _cancel_button(job.id))
+            elif event.kind in (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELLED):
+                self._live.update(key, chat.finished_text(job), None)
+                if event.kind is EventKind.SUCCEEDED:
+                    delivery = asyncio.create_task(self._deliver(job))
+                    self._deliveries.add(delivery)
+                    delivery.add_done_callback(self._deliveries.discard)
+
+    async def _edit(self, key: tuple[int, int], text: str, markup: InlineKeyboardMarkup | None) -> None:
+        chat_id, message_id = key
+        try:
+            await self.app.bot.edit_message_text(text, chat_id=chat_id, message_id=message_id, reply_markup=markup)
+        except RetryAfter as limit:
+            raise chat.RetryLater(_seconds(limit.retry_after)) from None
+        except BadRequest as error:
+            # "message is not modified" is harmless; a deleted message just stops getting updates.
+            if "not modified" not in error.message.lower():
+                log.warning("cannot edit message chat=%s: %s", chat_id, error.message)
+
+    async def _deliver(self, job: Job) -> None:
+        if job.id in self._delivering or job.result is None:
+            return
+        self._delivering.add(job.id)
+        key = _status_key(job)
+        try:
+            if key is not None:
+                await self._live.settle(key)
+            video = await asyncio.to_thread(fit_to_limit, Path(job.result.path), self._config.upload_limit_bytes)
+            request_id = job.source.reply.get("request_message_id")
+            with video.open("rb") as payload:
+                await self.app.bot.send_video(
+                    int(job.source.chat_id),
+                    payload,
+                    caption=chat.result_caption(job),
+                    width=job.result.width,
+                    height=job.result.height,
+                    duration=max(1, round(job.result.duration_s)),
+                    supports_streaming=True,
+                    reply_markup=_reroll_button(job.id),
+                    reply_to_message_id=int(request_id) if request_id and request_id.isdigit() else None,
+                    allow_sending_without_reply=True,
+                    filename=f"wanbot-{job.id}.mp4",
+                    write_timeout=300,
+                )
+            await self._engine.queue.mark_delivered(job.id)
+            if key is not None:
+                self._live.update(key, chat.delivered_text(job), None)
+        except (UserError, TelegramError, OSError) as error:
+            reason = str(error).replace(self._token, "<token>")
+            failed = await self._engine.queue.mark_delivery_failed(job.id, reason)
+            log.warning("delivery failed job=%s attempt=%s: %s", job.id, failed.delivery_attempts, reason)
+            if key is not None and failed.delivery_attempts >= self._config.max_delivery_attempts:
+                self._live.update(key, chat.undeliverable_text(failed), None)
+        finally:
+            self._delivering.discard(job.id)
+
+    async def _redeliver_periodically(self) -> None:
+        """Videos finished while we were down, or whose upload failed, go out again (never regenerated)."""
+        while True:
+            for job in await self._engine.queue.undelivered(PLATFORM, self._config.max_delivery_attempts):
+                await self._deliver(job)
+            await asyncio.sleep(self._config.delivery_retry_s)
+
+
+def _images_of(message: Message) -> list[ImageRef]:
+    if message.photo:
+        largest = message.photo[-1]
+        return [ImageRef(largest.file_id, largest.file_size, None)]
+    if message.document is not None:
+        document = message.document
+        return [ImageRef(document.file_id, document.file_size, document.file_name)]
+    return []
+
+
+def _status_key(job: Job) -> tuple[int, int] | None:
+    message_id = job.source.reply.get("status_message_id")
+    return (int(job.source.chat_id), int(message_id)) if message_id else None
+
+
+def _cancel_button(job_id: int) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([[InlineKeyboardButton("Cancel", callback_data=f"cancel:{job_id}")]])
+
+
+def _reroll_button(job_id: int) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([[InlineKeyboardButton("Reroll (new seed)", callback_data=f"reroll:{job_id}")]])
+
+
+def _seconds(value: int | dt.timedelta) -> float:
+    return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)

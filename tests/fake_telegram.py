@@ -1,0 +1,290 @@
+"""A fake Telegram Bot API server on 127.0.0.1 for the adapter tests.
+
+It speaks the real protocol (form-encoded and multipart requests, `{"ok": ...}` answers, long-polled getUpdates,
+file downloads under /file/bot<token>/) closely enough for python-telegram-bot's real HTTP layer, keeps what the
+bot sent, and can answer with the errors Telegram gives: 400 "message is not modified", 413, 429 with retry_after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+BOT_ID = 4242
+BOT_USERNAME = "wanbot_test_bot"
+
+
+@dataclass
+class Sent:
+    """One call the bot made, with its fields (files as their byte size)."""
+
+    method: str
+    fields: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+class FakeTelegram:
+    def __init__(self, token: str, upload_limit: int = 50_000_000) -> None:
+        self.token = token
+        self.upload_limit = upload_limit
+        self.calls: list[Sent] = []
+        self.messages: dict[tuple[int, int], dict[str, Any]] = {}
+        self.files: dict[str, tuple[str, bytes]] = {}
+        self.faults: dict[str, list[tuple[int, str, dict[str, Any] | None]]] = {}
+        self._updates: list[dict[str, Any]] = []
+        self._update_ids = itertools.count(1)
+        self._message_ids = itertools.count(1000)
+        self._new_update = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # -- server ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=200 * 1024 * 1024)
+        app.router.add_route("*", "/bot{token}/{method}", self._api)
+        app.router.add_get("/file/bot{token}/{path:.+}", self._file)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _api(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != self.token:
+            return _error(401, "Unauthorized")
+        method = request.match_info["method"]
+        fields, files = await _read_fields(request)
+        self.calls.append(Sent(method, fields, files))
+        if self.faults.get(method):
+            status, description, parameters = self.faults[method].pop(0)
+            return _error(status, description, parameters)
+        handler = getattr(self, f"_do_{method}", None)
+        if handler is None:
+            return _error(404, f"Not Found: method {method} is not faked")
+        result = handler(fields, files)
+        if asyncio.iscoroutine(result):
+            result = await result
+        if isinstance(result, web.Response):
+            return result
+        return web.json_response({"ok": True, "result": result})
+
+    async def _file(self, request: web.Request) -> web.Response:
+        for path, data in self.files.values():
+            if path == request.match_info["path"]:
+                return web.Response(body=data)
+        return web.Response(status=404)
+
+    # -- methods -----------------------------------------------------------------------------------------------
+
+    def _do_getMe(self, fields: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+        return {
+            "id": BOT_ID,
+            "is_bot": True,
+            "first_name": "wanbot",
+            "username": BOT_USERNAME,
+            "can_join_groups": True,
+            "can_read_all_group_messages": False,
+            "supports_inline_queries": False,
+        }
+
+    def _do_deleteWebhook(self, fields: dict[str, Any], files: dict[str, bytes]) -> bool:
+        return True
+
+    def _do_setMyCommands(self, fields: dict[str, Any], files: dict[str, bytes]) -> bool:
+        return True
+
+    def _do_answerCallbackQuery(self, fields: dict[str, Any], files: dict[str, bytes]) -> bool:
+        return True
+
+    async def _do_getUpdates(self, fields: dict[str, Any], files: dict[str, bytes]) -> list[dict[str, Any]]:
+        offset = int(fields.get("offset") or 0)
+        deadline = time.monotonic() + min(float(fields.get("timeout") or 0), 1.0)
+        while True:
+            ready = [update for update in self._updates if update["update_id"] >= offset]
+            if ready or time.monotonic() >= deadline:
+                return ready
+            self._new_update.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_update.wait(), timeout=max(deadline - time.monotonic(), 0.01))
+
+    def _do_sendMessage(self, fields: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+        return self._store(int(fields["chat_id"]), {"text": fields["text"]}, fields)
+
+    def _do_editMessageText(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        key = (int(fields["chat_id"]), int(fields["message_id"]))
+        if key not in self.messages:
+            return _error(400, "Bad Request: message to edit not found")
+        message = self.messages[key]
+        markup = fields.get("reply_markup")
+        if message.get("text") == fields["text"] and message.get("reply_markup") == markup:
+            return _error(
+                400,
+                "Bad Request: message is not modified: specified new message content and reply "
+                "markup are exactly the same as a current content and reply markup of the message",
+            )
+        message["text"] = fields["text"]
+        message["reply_markup"] = markup
+        message["edits"] = message.get("edits", 0) + 1
+        return {key: value for key, value in message.items() if key not in ("edits", "reply_markup")}
+
+    def _do_sendVideo(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        return self._send_file("video", fields, files)
+
+    def _do_sendDocument(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        return self._send_file("document", fields, files)
+
+    def _send_file(self, kind: str, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        data = files.get(kind, b"")
+        if len(data) > self.upload_limit:
+            return _error(413, "Request Entity Too Large")
+        file_id = f"sent-{len(self.files)}"
+        self.files[file_id] = (f"sent/{file_id}.mp4", data)
+        attachment = {"file_id": file_id, "file_unique_id": file_id, "file_size": len(data)}
+        if kind == "video":
+            attachment.update(
+                width=int(fields.get("width", 0)),
+                height=int(fields.get("height", 0)),
+                duration=int(fields.get("duration", 0)),
+            )
+        return self._store(int(fields["chat_id"]), {kind: attachment, "caption": fields.get("caption", "")}, fields)
+
+    def _do_getFile(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        if fields["file_id"] not in self.files:
+            return _error(400, "Bad Request: invalid file_id")
+        path, data = self.files[fields["file_id"]]
+        return {
+            "file_id": fields["file_id"],
+            "file_unique_id": fields["file_id"],
+            "file_size": len(data),
+            "file_path": path,
+        }
+
+    def _store(self, chat_id: int, content: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        message_id = next(self._message_ids)
+        message = {
+            "message_id": message_id,
+            "date": int(time.time()),
+            "chat": {"id": chat_id, "type": "private"},
+            "from": {"id": BOT_ID, "is_bot": True, "first_name": "wanbot", "username": BOT_USERNAME},
+            **content,
+        }
+        self.messages[(chat_id, message_id)] = {**message, "reply_markup": fields.get("reply_markup")}
+        return message
+
+    # -- what a user does --------------------------------------------------------------------------------------
+
+    def push(self, kind: str, payload: dict[str, Any]) -> None:
+        self._updates.append({"update_id": next(self._update_ids), kind: payload})
+        self._new_update.set()
+
+    def user_message(
+        self, user_id: int, chat_id: int | None = None, chat_type: str = "private", **content: Any
+    ) -> dict[str, Any]:
+        message = {
+            "message_id": next(self._message_ids),
+            "date": int(time.time()),
+            "chat": {"id": chat_id or user_id, "type": chat_type},
+            "from": {"id": user_id, "is_bot": False, "first_name": f"user{user_id}", "username": f"u{user_id}"},
+            **content,
+        }
+        self.push("message", message)
+        return message
+
+    def command(self, user_id: int, text: str, **extra: Any) -> dict[str, Any]:
+        length = len(text.split()[0])
+        entities = [{"type": "bot_command", "offset": 0, "length": length}]
+        return self.user_message(user_id, text=text, entities=entities, **extra)
+
+    def upload(self, data: bytes, name: str = "file") -> dict[str, Any]:
+        file_id = f"in-{len(self.files)}-{name}"
+        self.files[file_id] = (f"incoming/{file_id}", data)
+        return {"file_id": file_id, "file_unique_id": file_id, "file_size": len(data)}
+
+    def photo(self, user_id: int, data: bytes, caption: str | None = None, **extra: Any) -> dict[str, Any]:
+        large = {**self.upload(data, "photo"), "width": 128, "height": 96}
+        thumb = {**self.upload(data[:10], "thumb"), "width": 32, "height": 24}
+        content: dict[str, Any] = {"photo": [thumb, large], **extra}
+        if caption is not None:
+            content["caption"] = caption
+        return self.user_message(user_id, **content)
+
+    def document(
+        self,
+        user_id: int,
+        data: bytes,
+        file_name: str,
+        caption: str | None = None,
+        mime_type: str = "image/png",
+        size: int | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        document = {**self.upload(data, file_name), "file_name": file_name, "mime_type": mime_type}
+        if size is not None:
+            document["file_size"] = size
+        content: dict[str, Any] = {"document": document, **extra}
+        if caption is not None:
+            content["caption"] = caption
+        return self.user_message(user_id, **content)
+
+    def press(self, user_id: int, message: dict[str, Any], data: str) -> None:
+        self.push(
+            "callback_query",
+            {
+                "id": f"cq-{next(self._update_ids)}",
+                "chat_instance": "ci",
+                "data": data,
+                "from": {"id": user_id, "is_bot": False, "first_name": f"user{user_id}"},
+                "message": {key: value for key, value in message.items() if key not in ("edits", "reply_markup")},
+            },
+        )
+
+    # -- what the tests look at --------------------------------------------------------------------------------
+
+    def sent(self, method: str, chat_id: int | None = None) -> list[Sent]:
+        return [
+            call
+            for call in self.calls
+            if call.method == method and (chat_id is None or int(call.fields.get("chat_id", 0)) == chat_id)
+        ]
+
+    def replies(self, chat_id: int) -> list[dict[str, Any]]:
+        return [message for (chat, _), message in sorted(self.messages.items()) if chat == chat_id]
+
+
+async def _read_fields(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]:
+    fields: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    if request.content_type == "multipart/form-data":
+        reader = await request.multipart()
+        async for part in reader:
+            if part.filename:
+                files[part.name] = await part.read()
+            else:
+                fields[part.name] = await part.text()
+    elif request.content_type == "application/json":
+        fields = await request.json()
+    elif request.can_read_body:
+        fields = dict(await request.post())
+    else:
+        fields = dict(request.query)
+    return fields, files
+
+
+def _error(status: int, description: str, parameters: dict[str, Any] | None = None) -> web.Response:
+    body: dict[str, Any] = {"ok": False, "error_code": status, "description": description}
+    if parameters:
+        body["parameters"] = parameters
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json")

@@ -1,0 +1,227 @@
+"""The Telegram adapter with the real python-telegram-bot Application polling a fake Bot API on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from bot.telegram_adapter import TelegramAdapter
+from engine.config import Settings
+from engine.jobs import DeliveryStatus, JobStatus
+from engine.service import Engine
+from tests import imagefactory
+from tests.fake_telegram import FakeTelegram
+
+TOKEN = "123456:TEST-token-do-not-log"
+ALICE, BOB = 111, 222
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def telegram() -> AsyncIterator[FakeTelegram]:
+    server = FakeTelegram(TOKEN)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def configure(settings: Settings, server: FakeTelegram, **overrides: Any) -> Settings:
+    telegram = {
+        "token": TOKEN,
+        "api_base_url": f"{server.url}/bot",
+        "file_base_url": f"{server.url}/file/bot",
+        "edit_interval_s": 0.2,
+        "album_wait_s": 0.3,
+        "delivery_retry_s": 0.5,
+        **overrides,
+    }
+    return settings.model_copy(update={"telegram": settings.telegram.model_validate(telegram)})
+
+
+class Bot:
+    """Engine, worker and adapter together, as `wanbot run` starts them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def __aenter__(self) -> Bot:
+        self.engine = await Engine.open(self.settings)
+        await self.engine.worker.start_up()
+        self.adapter = TelegramAdapter(self.engine, self.settings.telegram, poll_timeout_s=1)
+        await self.adapter.start()
+        self.worker = asyncio.create_task(self.engine.worker.run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.engine.worker.stop(requeue_running=True)
+        await self.worker
+        await self.adapter.stop()
+        await self.engine.close()
+
+
+async def until(condition: Callable[[], Any], limit_s: float = 60, what: str = "condition") -> Any:
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while asyncio.get_running_loop().time() < deadline:
+        value = condition()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def texts(server: FakeTelegram, chat_id: int) -> list[str]:
+    return [message.get("text", "") for message in server.replies(chat_id)]
+
+
+def status_of(server: FakeTelegram, chat_id: int, fragment: str) -> dict[str, Any] | None:
+    return next((m for m in server.replies(chat_id) if fragment in m.get("text", "")), None)
+
+
+async def test_text_command_queues_shows_progress_and_delivers_the_video(tiny_settings, telegram):
+    async with Bot(configure(tiny_settings, telegram)) as bot:
+        telegram.command(ALICE, "/video a red fox in the snow seed=7 steps=3 colour=red")
+        videos = await until(lambda: telegram.sent("sendVideo", ALICE), what="the video")
+        status = await until(lambda: status_of(telegram, ALICE, "the video is below"), what="final status")
+        job = (await bot.engine.queue.list_jobs())[0]
+        assert job.params.prompt == "a red fox in the snow" and job.params.seed == 7 and job.params.steps == 3
+        assert job.delivery_status is DeliveryStatus.DELIVERED
+    caption = videos[0].fields["caption"]
+    assert caption.startswith("a red fox in the snow") and "seed 7" in caption and "tiny-t2v" in caption
+    assert json.loads(videos[0].fields["reply_markup"])["inline_keyboard"][0][0]["callback_data"] == f"reroll:{job.id}"
+    assert status["edits"] >= 2  # queued text, then progress, then done: always the same message
+    first_edit = telegram.sent("editMessageText", ALICE)[0].fields["text"]
+    assert "is queued: position 1" in first_edit and "Ignored unknown option(s): colour" in first_edit
+    assert len(telegram.sent("sendMessage", ALICE)) == 1  # one status message per job, edited from then on
+    assert telegram.sent("setMyCommands")
+
+
+async def test_photo_with_caption_and_image_document_and_reply(tiny_settings, telegram):
+    async with Bot(configure(tiny_settings, telegram)) as bot:
+        telegram.photo(ALICE, imagefactory.jpeg(128, 96), caption="/i2v waves roll in steps=2")
+        telegram.document(BOB, imagefactory.png(64, 160), "portrait.png", caption="/video mode=ti2v steps=2")
+        original = telegram.photo(ALICE, imagefactory.jpeg(128, 128))
+        telegram.command(ALICE, "/ti2v steps=2 the sky turns", reply_to_message=original)
+        await until(lambda: len(telegram.sent("sendVideo")) == 3, what="three videos")
+        jobs = {job.id: job for job in await bot.engine.queue.list_jobs()}
+    modes = sorted((job.source.user_id, job.mode.value, job.params.width > job.params.height) for job in jobs.values())
+    assert modes == [("111", "i2v", True), ("111", "ti2v", False), ("222", "ti2v", False)]
+    portrait = next(job for job in jobs.values() if job.source.user_id == "222")
+    assert portrait.params.height > portrait.params.width
+    assert portrait.images[0].format == "PNG"
+
+
+async def test_album_of_two_is_start_and_end(tiny_settings, telegram):
+    async with Bot(configure(tiny_settings, telegram)) as bot:
+        telegram.photo(ALICE, imagefactory.jpeg(160, 120), media_group_id="album-1")
+        telegram.photo(ALICE, imagefactory.jpeg(320, 240), caption="/i2v sunset steps=2", media_group_id="album-1")
+        await until(lambda: telegram.sent("sendVideo", ALICE), what="the album's video")
+        job = (await bot.engine.queue.list_jobs())[0]
+    assert [image.role for image in job.images] == ["start", "end"]
+    assert job.images[0].width == 160 and job.images[1].width == 160  # end resized to the start
+    assert any("not trained with end images" in warning for warning in job.params.warnings)
+
+
+async def test_bad_input_gets_a_clear_reply_and_queues_nothing(tiny_settings, telegram):
+    settings = configure(tiny_settings, telegram, download_limit_bytes=5_000)
+    async with Bot(settings) as bot:
+        telegram.command(ALICE, "/ti2v a beach")
+        telegram.document(ALICE, b"just some text", "notes.txt", caption="/i2v hello", mime_type="text/plain")
+        telegram.document(BOB, imagefactory.png(), "big.png", caption="/i2v big", size=25_000_000)
+        telegram.command(BOB, "/video steps=many a cat")
+        await until(lambda: sum("Checking" not in t for t in texts(telegram, ALICE)) >= 2, what="alice's errors")
+        await until(lambda: sum("Checking" not in t for t in texts(telegram, BOB)) >= 2, what="bob's errors")
+        assert await bot.engine.queue.counts() == {}
+    alice, bob = " | ".join(texts(telegram, ALICE)), " | ".join(texts(telegram, BOB))
+    assert "ti2v needs a start image" in alice and "Attach a photo" in alice
+    assert "not an image type we accept" in alice or "not an image we can read" in alice
+    assert "25.0 MB; bots can fetch at most 0 MB" in bob or "bots can fetch at most" in bob
+    assert "steps must be a number, not 'many'" in bob
+    assert not [call for call in telegram.calls if call.method == "getFile" and "big" in call.fields["file_id"]]
+
+
+async def test_two_users_at_once_each_get_their_own_video(tiny_settings, telegram):
+    async with Bot(configure(tiny_settings, telegram)) as bot:
+        telegram.command(ALICE, "/video alice's fox steps=2")
+        telegram.command(BOB, "/video bob's cat steps=2")
+        await until(lambda: telegram.sent("sendVideo", ALICE) and telegram.sent("sendVideo", BOB), what="videos")
+        jobs = await bot.engine.queue.list_jobs()
+    assert {job.params.prompt for job in jobs} == {"alice's fox", "bob's cat"}
+    assert "alice's fox" in telegram.sent("sendVideo", ALICE)[0].fields["caption"]
+    assert "bob's cat" in telegram.sent("sendVideo", BOB)[0].fields["caption"]
+
+
+async def test_cancel_button_only_for_the_owner_and_reroll_makes_a_new_seed(tiny_settings, telegram):
+    async with Bot(configure(tiny_settings, telegram)) as bot:
+        await bot.engine.queue.set_paused(True)  # keep the job queued while the buttons are pressed
+        telegram.command(ALICE, "/video a slow fox steps=2 seed=3")
+        status = await until(lambda: status_of(telegram, ALICE, "is queued"), what="queued status")
+        job_id = (await bot.engine.queue.list_jobs())[0].id
+        telegram.press(BOB, status, f"cancel:{job_id}")
+        await until(lambda: telegram.sent("answerCallbackQuery"), what="bob's answer")
+        assert (await bot.engine.queue.get(job_id)).status is JobStatus.QUEUED
+        telegram.press(ALICE, status, f"cancel:{job_id}")
+        await until(lambda: len(telegram.sent("answerCallbackQuery")) == 2, what="alice's answer")
+        assert (await bot.engine.queue.get(job_id)).status is JobStatus.CANCELLED
+        await until(lambda: status_of(telegram, ALICE, "was cancelled"), what="cancelled status")
+
+        await bot.engine.queue.set_paused(False)
+        telegram.command(ALICE, "/video another fox steps=2 seed=3")
+        video = (await until(lambda: telegram.sent("sendVideo", ALICE), what="video"))[0]
+        result_message = telegram.messages[(ALICE, max(m for (c, m) in telegram.messages if c == ALICE))]
+        assert "video" in result_message
+        reroll = json.loads(video.fields["reply_markup"])["inline_keyboard"][0][0]["callback_data"]
+        telegram.press(ALICE, result_message, reroll)
+        await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 2, what="rerolled video")
+        jobs = await bot.engine.queue.list_jobs()
+    answers = [call.fields.get("text", "") for call in telegram.sent("answerCallbackQuery")]
+    assert "only they or an admin can cancel" in answers[0]
+    rerolled = jobs[0]
+    assert rerolled.retry_of == jobs[1].id and rerolled.params.seed != 3
+    assert rerolled.params.prompt == "another fox"
+
+
+async def test_oversize_video_is_reencoded_to_fit_the_upload_limit(tiny_settings, telegram):
+    telegram.upload_limit = 40_000
+    settings = configure(tiny_settings, telegram, upload_limit_bytes=40_000)
+    async with Bot(settings) as bot:
+        telegram.command(ALICE, "/video noise steps=2 frames=33 res=128x128")
+        video = (await until(lambda: telegram.sent("sendVideo", ALICE), what="video"))[0]
+        job = (await bot.engine.queue.list_jobs())[0]
+    assert job.result.bytes > 40_000  # random weights make noise, which compresses badly
+    assert len(video.files["video"]) <= 40_000
+
+
+async def test_429_storm_waits_and_keeps_editing_one_message(tiny_settings, telegram):
+    telegram.faults["editMessageText"] = [(429, "Too Many Requests: retry after 1", {"retry_after": 1})] * 6
+    async with Bot(configure(tiny_settings, telegram)):
+        telegram.command(ALICE, "/video a patient fox steps=6")
+        await until(lambda: telegram.sent("sendVideo", ALICE), what="video")
+        await until(lambda: status_of(telegram, ALICE, "the video is below"), what="final status")
+    assert len(telegram.sent("sendMessage", ALICE)) == 1
+    assert not telegram.faults["editMessageText"]
+
+
+async def test_a_failed_upload_is_retried_from_the_stored_file(tiny_settings, telegram):
+    telegram.faults["sendVideo"] = [(500, "Internal Server Error", None)]
+    async with Bot(configure(tiny_settings, telegram)) as bot:
+        telegram.command(ALICE, "/video retry me steps=2")
+        await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 2, what="second upload")
+        await until(lambda: status_of(telegram, ALICE, "the video is below"), what="final status")
+        job = (await bot.engine.queue.list_jobs())[0]
+    assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 2
+    assert job.attempts == 1  # generated once
+
+
+async def test_the_token_never_reaches_the_logs(tiny_settings, telegram, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    telegram.faults["sendVideo"] = [(500, "Internal Server Error", None)]
+    async with Bot(configure(tiny_settings, telegram)):
+        telegram.command(ALICE, "/video log me steps=2")
+        await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 2, what="second upload")
+    assert "TEST-token-do-not-log" not in caplog.text
