@@ -210,18 +210,20 @@ class TelegramAdapter:
         if not self._access.allows(str(user.id), str(chat_id)):
             await message.reply_text("Sorry, you are not allowed to use this bot here.")
             return
+        source = JobSource(
+            platform=PLATFORM,
+            chat_id=str(chat_id),
+            user_id=str(user.id),
+            user_name=user.username or user.first_name or "",
+            message_id=str(message.message_id),
+        )
+        if await self._engine.queue.find_by_source(source) is not None:
+            return  # Telegram redelivered an update we already took (we restarted): its status message lives on.
         status = await message.reply_text("Checking your request…")
+        source.reply = {"status_message_id": str(status.message_id), "request_message_id": str(message.message_id)}
         try:
             parsed = chat.parse_message(text, mode, has_image=bool(images))
             uploads = [await self._download(ref, role) for ref, role in zip(images, ("start", "end"), strict=False)]
-            source = JobSource(
-                platform=PLATFORM,
-                chat_id=str(chat_id),
-                user_id=str(user.id),
-                user_name=user.username or user.first_name or "",
-                message_id=str(message.message_id),
-                reply={"status_message_id": str(status.message_id), "request_message_id": str(message.message_id)},
-            )
             submission = await self._engine.submit(
                 parsed.request, source, uploads[0] if uploads else None, uploads[1] if len(uploads) > 1 else None
             )

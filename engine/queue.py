@@ -473,6 +473,13 @@ class JobQueue:
             raise JobNotFound(f"There is no job {job_id}.", "Check the number with /queue.")
         return _row_to_job(row)
 
+    async def find_by_source(self, source: JobSource) -> Job | None:
+        """The job already made from this platform message, if any (a redelivered update)."""
+        if source.dedup_key is None:
+            return None
+        row = await self._read_one("SELECT * FROM jobs WHERE dedup_key = ?", (source.dedup_key,))
+        return _row_to_job(row) if row is not None else None
+
     async def list_jobs(
         self, statuses: Iterable[JobStatus] = (), user_key: str | None = None, limit: int = 50
     ) -> list[Job]:

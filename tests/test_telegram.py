@@ -225,3 +225,55 @@ async def test_the_token_never_reaches_the_logs(tiny_settings, telegram, caplog)
         telegram.command(ALICE, "/video log me steps=2")
         await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 2, what="second upload")
     assert "TEST-token-do-not-log" not in caplog.text
+
+
+async def test_wanbot_run_killed_mid_job_delivers_exactly_one_video_after_restart(tiny_settings, telegram, tmp_path):
+    """The real `wanbot run` process, SIGKILLed while generating, restarted: the job runs again, one video arrives."""
+    import os
+    import signal
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANBOT_", "TELEGRAM_"))}
+    env.update(
+        WANBOT_DATA_DIR=str(tiny_settings.data_dir),
+        WANBOT_MODELS__T2V="tiny",
+        TELEGRAM_BOT_TOKEN=TOKEN,
+        WANBOT_TELEGRAM__API_BASE_URL=f"{telegram.url}/bot",
+        WANBOT_TELEGRAM__FILE_BASE_URL=f"{telegram.url}/file/bot",
+        WANBOT_TELEGRAM__EDIT_INTERVAL_S="0.2",
+        WANBOT_TELEGRAM__DELIVERY_RETRY_S="0.5",
+    )
+    log_path = tmp_path / "run.log"
+
+    async def start_bot() -> asyncio.subprocess.Process:
+        with log_path.open("a") as log:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "from bot.cli import main; main()", "run", env=env, stdout=log, stderr=log
+            )
+
+    first = await start_bot()
+    telegram.command(ALICE, "/video survive a crash steps=400 seed=9")
+    await until(
+        lambda: any("generating" in call.fields.get("text", "") for call in telegram.sent("editMessageText")),
+        what="progress from the first process",
+    )
+    first.send_signal(signal.SIGKILL)
+    await first.wait()
+    assert not telegram.sent("sendVideo")
+
+    second = await start_bot()
+    try:
+        await until(lambda: telegram.sent("sendVideo", ALICE), limit_s=90, what="the video after the restart")
+        await until(lambda: status_of(telegram, ALICE, "the video is below"), what="final status")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(second.wait(), timeout=30)
+    assert second.returncode == 0, log_path.read_text()[-3000:]
+    assert len(telegram.sent("sendVideo", ALICE)) == 1
+    assert len(telegram.sent("sendMessage", ALICE)) == 1  # the same status message across both processes
+    engine = await Engine.open(tiny_settings)
+    job = (await engine.queue.list_jobs())[0]
+    await engine.close()
+    assert job.status is JobStatus.SUCCEEDED and job.attempts == 2 and job.params.seed == 9
+    assert job.delivery_status is DeliveryStatus.DELIVERED
+    assert "TEST-token-do-not-log" not in log_path.read_text()
