@@ -277,3 +277,69 @@ async def test_wanbot_run_killed_mid_job_delivers_exactly_one_video_after_restar
     assert job.status is JobStatus.SUCCEEDED and job.attempts == 2 and job.params.seed == 9
     assert job.delivery_status is DeliveryStatus.DELIVERED
     assert "TEST-token-do-not-log" not in log_path.read_text()
+
+
+async def test_allowlist_and_group_addressing(tiny_settings, telegram):
+    settings = configure(tiny_settings, telegram, allowed_users=[ALICE])
+    async with Bot(settings) as bot:
+        await bot.engine.queue.set_paused(True)
+        telegram.command(BOB, "/video let me in")
+        await until(lambda: texts(telegram, BOB), what="bob's refusal")
+        group = -100
+        telegram.user_message(
+            ALICE,
+            chat_id=group,
+            chat_type="supergroup",
+            text="/video@other_bot not for us",
+            entities=[{"type": "bot_command", "offset": 0, "length": 16}],
+        )
+        telegram.photo(
+            ALICE,
+            imagefactory.jpeg(),
+            caption="/i2v@other_bot not for us either",
+            chat={"id": group, "type": "supergroup"},
+        )
+        telegram.user_message(
+            ALICE,
+            chat_id=group,
+            chat_type="supergroup",
+            text="/video@wanbot_test_bot for us",
+            entities=[{"type": "bot_command", "offset": 0, "length": 22}],
+        )
+        await until(lambda: status_of(telegram, group, "is queued"), what="the addressed group command")
+        jobs = await bot.engine.queue.list_jobs()
+    assert texts(telegram, BOB) == ["Sorry, you are not allowed to use this bot here."]
+    assert [job.params.prompt for job in jobs] == ["for us"]
+
+
+async def test_queue_status_help_and_cancel_commands(tiny_settings, telegram):
+    async with Bot(configure(tiny_settings, telegram)) as bot:
+        await bot.engine.queue.set_paused(True)
+        telegram.command(ALICE, "/video first fox")
+        telegram.command(ALICE, "/video second fox")
+        await until(lambda: len([t for t in texts(telegram, ALICE) if "is queued" in t]) == 2, what="two jobs")
+        for count, text in enumerate(("/queue", "/status", "/help", "/cancel nonsense", "/cancel"), start=3):
+            telegram.command(ALICE, text)
+            await until(lambda count=count: len(telegram.sent("sendMessage", ALICE)) == count, what=text)
+        telegram.command(BOB, "/cancel 1")
+        await until(lambda: telegram.sent("sendMessage", BOB), what="bob's answer")
+        statuses = [job.status for job in await bot.engine.queue.list_jobs()]
+    answers = [call.fields["text"] for call in telegram.sent("sendMessage", ALICE)][2:]
+    assert answers[0].startswith("#1 t2v · position 1") and "#2 t2v · position 2" in answers[0]
+    assert "Worker: paused" in answers[1] and "Queued: 2" in answers[1]
+    assert "/video a red fox" in answers[2] and "send pictures as files" in answers[2]
+    assert "'nonsense' is not a job number" in answers[3]
+    assert answers[4] == "Job #2 is cancelled."  # without a number: the latest
+    assert "belongs to someone else" in telegram.sent("sendMessage", BOB)[0].fields["text"]
+    assert statuses == [JobStatus.CANCELLED, JobStatus.QUEUED]
+
+
+async def test_not_modified_and_413_answers_are_survived(tiny_settings, telegram):
+    telegram.faults["editMessageText"] = [(400, "Bad Request: message is not modified", None)] * 3
+    telegram.faults["sendVideo"] = [(413, "Request Entity Too Large", None)]
+    async with Bot(configure(tiny_settings, telegram)) as bot:
+        telegram.command(ALICE, "/video resilient fox steps=3")
+        await until(lambda: status_of(telegram, ALICE, "the video is below"), what="delivery")
+        job = (await bot.engine.queue.list_jobs())[0]
+    assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 2
+    assert len(telegram.sent("sendVideo", ALICE)) == 2
