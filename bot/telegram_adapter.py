@@ -4,14 +4,12 @@ per job and the finished video out. It only translates; the engine and bot/chat.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 # Opt in to python-telegram-bot's future time type now (RetryAfter.retry_after as a timedelta); _seconds takes both.
 os.environ.setdefault("PTB_TIMEDELTA", "1")
@@ -30,10 +28,11 @@ from telegram.ext import (
 )
 
 from bot import chat
+from bot.relay import Buttons, DeliveryFailed, JobRelay
 from engine.config import TelegramConfig
 from engine.errors import UserError
 from engine.images import Mode
-from engine.jobs import Actor, EventKind, Job, JobSource, JobStatus
+from engine.jobs import Actor, Job, JobSource, JobStatus
 from engine.service import Engine, Upload
 from engine.video import fit_to_limit
 
@@ -82,12 +81,17 @@ class TelegramAdapter:
             allowed_chats=frozenset(str(chat_id) for chat_id in config.allowed_chats),
             admins=frozenset(engine.settings.access.admins),
         )
-        self._live = chat.LiveMessages(self._edit, config.edit_interval_s)
+        self._relay = JobRelay(
+            engine.queue,
+            PLATFORM,
+            self._show,
+            self._send_video,
+            config.edit_interval_s,
+            config.delivery_retry_s,
+            config.max_delivery_attempts,
+        )
         self._albums: dict[tuple[int, str], list[Message]] = {}
         self._album_timers: dict[tuple[int, str], asyncio.Task[None]] = {}
-        self._delivering: set[int] = set()
-        self._deliveries: set[asyncio.Task[None]] = set()
-        self._tasks: list[asyncio.Task[None]] = []
         # Before the Application exists: building it already logs its base URL, token included.
         self._redactor = TokenRedactor(self._token)
         for handler in logging.getLogger().handlers:
@@ -125,19 +129,12 @@ class TelegramAdapter:
         await self.app.updater.start_polling(
             timeout=dt.timedelta(seconds=self._poll_timeout_s), allowed_updates=["message", "callback_query"]
         )
-        self._tasks = [
-            asyncio.create_task(self._follow_events(events)),
-            asyncio.create_task(self._redeliver_periodically()),
-        ]
+        self._relay.start(events)
 
     async def stop(self) -> None:
-        # An upload cut short here stays 'pending' and goes out again after the restart.
-        for task in [*self._tasks, *self._album_timers.values(), *self._deliveries]:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._live.close()
+        for timer in self._album_timers.values():
+            timer.cancel()
+        await self._relay.stop()
         if self.app.updater.running:
             await self.app.updater.stop()
         if self.app.running:
@@ -329,20 +326,10 @@ class TelegramAdapter:
 
     # -- outgoing ----------------------------------------------------------------------------------------------
 
-    async def _follow_events(self, events: Any) -> None:
-        async for event in events:
-            job = event.job
-            key = _status_key(job)
-            if job.source.platform != PLATFORM or key is None:
-                continue
-            if event.kind in (EventKind.STARTED, EventKind.PROGRESS):
-                self._live.update(key, chat.progress_text(job, event.progress), _cancel_button(job.id))
-            elif event.kind in (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELLED):
-                self._live.update(key, chat.finished_text(job), None)
-                if event.kind is EventKind.SUCCEEDED:
-                    delivery = asyncio.create_task(self._deliver(job))
-                    self._deliveries.add(delivery)
-                    delivery.add_done_callback(self._deliveries.discard)
+    async def _show(self, job: Job, text: str, buttons: Buttons) -> None:
+        key = _status_key(job)
+        if key is not None:
+            await self._edit(key, text, _cancel_button(job.id) if buttons == "cancel" else None)
 
     async def _edit(self, key: tuple[int, int], text: str, markup: InlineKeyboardMarkup | None) -> None:
         chat_id, message_id = key
@@ -355,16 +342,11 @@ class TelegramAdapter:
             if "not modified" not in error.message.lower():
                 log.warning("cannot edit message chat=%s: %s", chat_id, error.message)
 
-    async def _deliver(self, job: Job) -> None:
-        if job.id in self._delivering or job.result is None:
-            return
-        self._delivering.add(job.id)
-        key = _status_key(job)
+    async def _send_video(self, job: Job) -> None:
+        assert job.result is not None
+        request_id = job.source.reply.get("request_message_id")
         try:
-            if key is not None:
-                await self._live.settle(key)
             video = await asyncio.to_thread(fit_to_limit, Path(job.result.path), self._config.upload_limit_bytes)
-            request_id = job.source.reply.get("request_message_id")
             with video.open("rb") as payload:
                 await self.app.bot.send_video(
                     int(job.source.chat_id),
@@ -380,24 +362,8 @@ class TelegramAdapter:
                     filename=f"wanbot-{job.id}.mp4",
                     write_timeout=300,
                 )
-            await self._engine.queue.mark_delivered(job.id)
-            if key is not None:
-                self._live.update(key, chat.delivered_text(job), None)
         except (UserError, TelegramError, OSError) as error:
-            reason = str(error).replace(self._token, "<token>")
-            failed = await self._engine.queue.mark_delivery_failed(job.id, reason)
-            log.warning("delivery failed job=%s attempt=%s: %s", job.id, failed.delivery_attempts, reason)
-            if key is not None and failed.delivery_attempts >= self._config.max_delivery_attempts:
-                self._live.update(key, chat.undeliverable_text(failed), None)
-        finally:
-            self._delivering.discard(job.id)
-
-    async def _redeliver_periodically(self) -> None:
-        """Videos finished while we were down, or whose upload failed, go out again (never regenerated)."""
-        while True:
-            for job in await self._engine.queue.undelivered(PLATFORM, self._config.max_delivery_attempts):
-                await self._deliver(job)
-            await asyncio.sleep(self._config.delivery_retry_s)
+            raise DeliveryFailed(str(error).replace(self._token, "<token>")) from error
 
 
 def _images_of(message: Message) -> list[ImageRef]:

@@ -1,0 +1,114 @@
+"""From engine events to a chat platform: keep each job's live message current and deliver finished videos, retrying
+failed uploads from the stored file. Each adapter supplies only how to show a text and how to send a video."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+from bot import chat
+from engine.events import Subscription
+from engine.jobs import EventKind, Job
+from engine.queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+Buttons = Literal["cancel", "none"]
+ShowText = Callable[[Job, str, Buttons], Awaitable[None]]
+SendVideo = Callable[[Job], Awaitable[None]]
+
+
+class DeliveryFailed(Exception):
+    """A video could not be sent this time; `reason` is safe to store and show (no tokens)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class JobRelay:
+    def __init__(
+        self,
+        queue: JobQueue,
+        platform: str,
+        show: ShowText,
+        send_video: SendVideo,
+        edit_interval_s: float,
+        retry_s: float,
+        max_attempts: int,
+    ) -> None:
+        self._queue = queue
+        self._platform = platform
+        self._show = show
+        self._send_video = send_video
+        self._retry_s = retry_s
+        self._max_attempts = max_attempts
+        self._live = chat.LiveMessages(self._show_latest, edit_interval_s)
+        self._jobs: dict[int, Job] = {}
+        self._delivering: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, events: Subscription) -> None:
+        """Follow `events` (subscribed before the platform connects, so nothing is missed) and retry deliveries."""
+        self._spawn(self._follow(events))
+        self._spawn(self._redeliver_periodically())
+
+    async def stop(self) -> None:
+        # An upload cut short here stays 'pending' and goes out again after the restart.
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._live.close()
+
+    def show(self, job: Job, text: str, buttons: Buttons = "none") -> None:
+        self._jobs[job.id] = job
+        self._live.update(job.id, text, buttons)
+
+    async def _show_latest(self, job_id: int, text: str, buttons: Buttons) -> None:
+        await self._show(self._jobs[job_id], text, buttons)
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _follow(self, events: Subscription) -> None:
+        async for event in events:
+            job = event.job
+            if job.source.platform != self._platform:
+                continue
+            if event.kind in (EventKind.STARTED, EventKind.PROGRESS):
+                self.show(job, chat.progress_text(job, event.progress), "cancel")
+            elif event.kind in (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELLED):
+                self.show(job, chat.finished_text(job))
+                if event.kind is EventKind.SUCCEEDED:
+                    self._spawn(self.deliver(job))
+
+    async def deliver(self, job: Job) -> None:
+        if job.id in self._delivering or job.result is None:
+            return
+        self._delivering.add(job.id)
+        try:
+            await self._live.settle(job.id)
+            await self._send_video(job)
+            delivered = await self._queue.mark_delivered(job.id)
+            self.show(delivered, chat.delivered_text(delivered))
+        except DeliveryFailed as failure:
+            failed = await self._queue.mark_delivery_failed(job.id, failure.reason)
+            log.warning("delivery failed job=%s attempt=%s: %s", job.id, failed.delivery_attempts, failure.reason)
+            if failed.delivery_attempts >= self._max_attempts:
+                self.show(failed, chat.undeliverable_text(failed))
+        finally:
+            self._delivering.discard(job.id)
+
+    async def _redeliver_periodically(self) -> None:
+        """Videos finished while we were down, or whose upload failed, go out again (never regenerated)."""
+        while True:
+            for job in await self._queue.undelivered(self._platform, self._max_attempts):
+                await self.deliver(job)
+            await asyncio.sleep(self._retry_s)
