@@ -551,6 +551,12 @@ async def _start_adapters(engine: Engine) -> list[Any]:
         telegram = TelegramAdapter(engine, engine.settings.telegram)
         await telegram.start()
         adapters.append(telegram)
+    if engine.settings.discord.token is not None:
+        from bot.discord_adapter import DiscordAdapter
+
+        discord_adapter = DiscordAdapter(engine, engine.settings.discord)
+        await discord_adapter.start()
+        adapters.append(discord_adapter)
     return adapters
 
 

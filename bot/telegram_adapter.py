@@ -28,6 +28,7 @@ from telegram.ext import (
 )
 
 from bot import chat
+from bot.logredact import redact_everywhere, remove_redactor
 from bot.relay import Buttons, DeliveryFailed, JobRelay
 from engine.config import TelegramConfig
 from engine.errors import UserError
@@ -51,20 +52,6 @@ class ImageRef:
     file_id: str
     file_size: int | None
     filename: str | None
-
-
-class TokenRedactor(logging.Filter):
-    """Replaces the bot token in every log line (httpx logs request URLs, which contain it)."""
-
-    def __init__(self, token: str) -> None:
-        super().__init__()
-        self._token = token
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if self._token in message:
-            record.msg, record.args = message.replace(self._token, "<token>"), ()
-        return True
 
 
 class TelegramAdapter:
@@ -93,10 +80,7 @@ class TelegramAdapter:
         self._albums: dict[tuple[int, str], list[Message]] = {}
         self._album_timers: dict[tuple[int, str], asyncio.Task[None]] = {}
         # Before the Application exists: building it already logs its base URL, token included.
-        self._redactor = TokenRedactor(self._token)
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(self._redactor)
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        self._redactor = redact_everywhere(self._token)
         self.app: Application = (
             ApplicationBuilder()
             .token(self._token)
@@ -140,8 +124,7 @@ class TelegramAdapter:
         if self.app.running:
             await self.app.stop()
         await self.app.shutdown()
-        for handler in logging.getLogger().handlers:
-            handler.removeFilter(self._redactor)
+        remove_redactor(self._redactor)
 
     def _add_handlers(self) -> None:
         self.app.add_handler(CommandHandler(list(COMMANDS), self._on_video_command))

@@ -80,6 +80,25 @@ class TelegramConfig(Section):
     max_delivery_attempts: int = Field(5, ge=1)
 
 
+class DiscordConfig(Section):
+    token: SecretStr | None = Field(None, description="Bot token (or env DISCORD_BOT_TOKEN).")
+    guild_ids: list[int] = Field(default_factory=list, description="Sync commands to these guilds; empty: global.")
+    api_base_url: str | None = Field(None, description="REST base of an API proxy; default Discord's own.")
+    gateway_url: str | None = Field(None, description="Gateway URL of an API proxy; default Discord's own.")
+    edit_interval_s: float = Field(3.0, ge=0, description="Least time between two edits of one progress message.")
+    interaction_lifetime_s: float = Field(
+        840.0, gt=0, description="Use the interaction for replies this long (Discord allows 15 min); then post."
+    )
+    filesize_limit_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Upload limit when Discord names none.")
+    download_limit_bytes: int = Field(25_000_000, gt=0, description="Largest attachment the bot downloads.")
+    allowed_guilds: list[int] = Field(default_factory=list)
+    allowed_channels: list[int] = Field(default_factory=list)
+    allowed_roles: list[int] = Field(default_factory=list, description="Members with any of these roles may use it.")
+    allowed_users: list[int] = Field(default_factory=list)
+    delivery_retry_s: float = Field(60.0, gt=0)
+    max_delivery_attempts: int = Field(5, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="WANBOT_",
@@ -95,6 +114,7 @@ class Settings(BaseSettings):
     generation: GenerationConfig = GenerationConfig()
     access: AccessConfig = AccessConfig()
     telegram: TelegramConfig = TelegramConfig()
+    discord: DiscordConfig = DiscordConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -129,15 +149,16 @@ class Settings(BaseSettings):
 
 
 class _PlatformTokens(PydanticBaseSettingsSource):
-    """The platforms' customary token variables (TELEGRAM_BOT_TOKEN), below WANBOT_* in precedence."""
+    """The platforms' customary token variables (TELEGRAM_BOT_TOKEN, DISCORD_BOT_TOKEN), below WANBOT_*."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
         found: dict[str, Any] = {}
-        if token := os.environ.get("TELEGRAM_BOT_TOKEN"):
-            found["telegram"] = {"token": token}
+        for platform in ("telegram", "discord"):
+            if token := os.environ.get(f"{platform.upper()}_BOT_TOKEN"):
+                found[platform] = {"token": token}
         return found
 
 

@@ -473,6 +473,14 @@ class JobQueue:
             raise JobNotFound(f"There is no job {job_id}.", "Check the number with /queue.")
         return _row_to_job(row)
 
+    async def update_reply(self, job_id: int, **reply: str) -> Job:
+        """Record adapter ids learnt after enqueueing (a message the progress moved to) in the job's source."""
+        async with self._transaction() as db:
+            job = await self._get(db, job_id)
+            source = job.source.model_copy(update={"reply": {**job.source.reply, **reply}})
+            await db.execute("UPDATE jobs SET source_json = ? WHERE id = ?", (source.model_dump_json(), job_id))
+            return await self._get(db, job_id)
+
     async def find_by_source(self, source: JobSource) -> Job | None:
         """The job already made from this platform message, if any (a redelivered update)."""
         if source.dedup_key is None:

@@ -1,0 +1,401 @@
+"""Discord adapter (discord.py 2 app commands): /video with attachments, live progress, buttons that survive a
+restart, and delivery that outlives the 15-minute interaction token by moving to channel messages."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+from discord.http import Route
+
+from bot import chat
+from bot.logredact import redact_everywhere, remove_redactor
+from bot.relay import Buttons, DeliveryFailed, JobRelay
+from engine.config import DiscordConfig
+from engine.errors import UserError
+from engine.images import Mode
+from engine.jobs import Actor, Job, JobSource, JobStatus
+from engine.models import GenerationRequest
+from engine.service import Engine, Upload
+from engine.video import fit_to_limit
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+CONTENT_LIMIT = 2000
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif")
+
+
+class WanbotClient(discord.Client):
+    """A discord.py client that knows its adapter, so persistent buttons can reach it after a restart."""
+
+    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+        super().__init__(**options)
+        self.adapter = adapter
+        self.tree = app_commands.CommandTree(self)
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(CancelButton, RerollButton)
+        await self.adapter.sync_commands()
+
+
+class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:cancel:(?P<job_id>\d+)"):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(label="Cancel", style=discord.ButtonStyle.danger, custom_id=f"wanbot:cancel:{job_id}")
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any) -> Any:
+        return cls(int(match["job_id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.client.adapter.on_cancel_button(interaction, self.job_id)
+
+
+class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:reroll:(?P<job_id>\d+)"):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Reroll (new seed)", style=discord.ButtonStyle.primary, custom_id=f"wanbot:reroll:{job_id}"
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any) -> Any:
+        return cls(int(match["job_id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.client.adapter.on_reroll_button(interaction, self.job_id)
+
+
+def _view(*items: discord.ui.Item[Any]) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for item in items:
+        view.add_item(item)
+    return view
+
+
+class DiscordAdapter:
+    def __init__(self, engine: Engine, config: DiscordConfig, clock: Any = time.time) -> None:
+        if config.token is None:
+            raise UserError("No Discord token is configured.", "Set discord.token or DISCORD_BOT_TOKEN.")
+        if config.api_base_url:
+            Route.BASE = config.api_base_url.rstrip("/")
+        if config.gateway_url:
+            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(config.gateway_url)
+        self._engine = engine
+        self._config = config
+        self._clock = clock
+        self._redactor = redact_everywhere(config.token.get_secret_value())
+        self._admins = frozenset(engine.settings.access.admins)
+        self.client = WanbotClient(self, intents=discord.Intents.none())
+        self._relay = JobRelay(
+            engine.queue,
+            PLATFORM,
+            self._show,
+            self._send_video,
+            config.edit_interval_s,
+            config.delivery_retry_s,
+            config.max_delivery_attempts,
+        )
+        self._runner: asyncio.Task[None] | None = None
+        self._register_commands()
+
+    # -- life cycle --------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        events = self._engine.queue.events.subscribe()
+        self._runner = asyncio.create_task(self.client.start(self._config.token.get_secret_value()))
+        ready = asyncio.create_task(self.client.wait_until_ready())
+        await asyncio.wait({self._runner, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            # client.start() ended before READY: a bad token, an unreachable gateway, or a parser error.
+            error = self._runner.exception() if not self._runner.cancelled() else None
+            raise UserError(
+                f"Discord did not connect ({type(error).__name__ if error else 'stopped'}).",
+                "Check discord.token and the network.",
+            ) from error
+        self._relay.start(events)
+
+    async def stop(self) -> None:
+        await self._relay.stop()
+        await self.client.close()
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+        remove_redactor(self._redactor)
+
+    async def sync_commands(self) -> None:
+        tree = self.client.tree
+        if self._config.guild_ids:
+            for guild_id in self._config.guild_ids:
+                guild = discord.Object(id=guild_id)
+                tree.copy_global_to(guild=guild)
+                await tree.sync(guild=guild)
+        else:
+            await tree.sync()
+
+    # -- commands ----------------------------------------------------------------------------------------------
+
+    def _register_commands(self) -> None:
+        tree = self.client.tree
+        adapter = self
+
+        @tree.command(name="video", description="Make a short video from text, or from a picture and text.")
+        @app_commands.describe(
+            prompt="What the video shows",
+            mode="t2v: text only; i2v: from a start image; ti2v: text and image (5B model)",
+            start_image="First frame (i2v, ti2v)",
+            end_image="Last frame (optional)",
+            negative_prompt="What to avoid",
+            seed="Same seed, same video",
+            steps="Denoising steps (more: slower, finer)",
+            frames="Number of frames (4k+1)",
+            resolution="480p, 720p or WIDTHxHEIGHT",
+            guidance="How closely to follow the prompt",
+        )
+        @app_commands.choices(
+            mode=[app_commands.Choice(name=mode.value, value=mode.value) for mode in Mode],
+        )
+        async def video(
+            interaction: discord.Interaction,
+            prompt: str = "",
+            mode: str | None = None,
+            start_image: discord.Attachment | None = None,
+            end_image: discord.Attachment | None = None,
+            negative_prompt: str = "",
+            seed: app_commands.Range[int, 0, 2**32 - 1] | None = None,
+            steps: app_commands.Range[int, 1, 200] | None = None,
+            frames: app_commands.Range[int, 1, 1000] | None = None,
+            resolution: str | None = None,
+            guidance: app_commands.Range[float, 0.0, 20.0] | None = None,
+        ) -> None:
+            # Acknowledge first: Discord drops interactions not answered within 3 seconds.
+            await interaction.response.defer(thinking=True)
+            request_mode = Mode(mode) if mode else (Mode.I2V if start_image else Mode.T2V)
+            request = GenerationRequest(
+                mode=request_mode,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                seed=seed,
+                steps=steps,
+                frames=frames,
+                resolution=resolution,
+                guidance=guidance,
+            )
+            await adapter._submit(interaction, request, start_image, end_image)
+
+        @tree.command(name="queue", description="Your jobs and their places in the queue.")
+        async def queue(interaction: discord.Interaction) -> None:
+            jobs = await adapter._engine.queue.list_jobs(
+                (JobStatus.QUEUED, JobStatus.RUNNING), user_key=f"{PLATFORM}:{interaction.user.id}"
+            )
+            entries = [(job, await adapter._engine.queue.position(job.id)) for job in reversed(jobs)]
+            await interaction.response.send_message(chat.queue_text(entries), ephemeral=True)
+
+        @tree.command(name="cancel", description="Cancel a job (your latest if no number is given).")
+        async def cancel(interaction: discord.Interaction, job: int | None = None) -> None:
+            try:
+                job_id = job if job is not None else await adapter._latest_active(interaction.user.id)
+                cancelled = await adapter._engine.queue.cancel(job_id, adapter._actor(interaction))
+                text = chat.cancel_text(cancelled)
+            except UserError as error:
+                text = chat.user_error_text(error)
+            await interaction.response.send_message(text, ephemeral=True)
+
+        @tree.command(name="status", description="What the worker is doing.")
+        async def status(interaction: discord.Interaction) -> None:
+            worker = adapter._engine.worker
+            text = chat.status_text(
+                worker.state.running,
+                await adapter._engine.queue.is_paused(),
+                worker.loaded_model,
+                await adapter._engine.queue.counts(),
+            )
+            await interaction.response.send_message(text, ephemeral=True)
+
+        @tree.command(name="help", description="How to use this bot.")
+        async def help_command(interaction: discord.Interaction) -> None:
+            await interaction.response.send_message(chat.help_text(), ephemeral=True)
+
+    async def _latest_active(self, user_id: int) -> int:
+        active = await self._engine.queue.list_jobs(
+            (JobStatus.QUEUED, JobStatus.RUNNING), user_key=f"{PLATFORM}:{user_id}", limit=1
+        )
+        if not active:
+            raise UserError("You have no job to cancel.", "See /queue for your jobs.")
+        return active[0].id
+
+    def _actor(self, interaction: discord.Interaction) -> Actor:
+        user_id = str(interaction.user.id)
+        return Actor(platform=PLATFORM, user_id=user_id, is_admin=f"{PLATFORM}:{user_id}" in self._admins)
+
+    def _allowed(self, interaction: discord.Interaction) -> bool:
+        config = self._config
+        if self._actor(interaction).is_admin:
+            return True
+        roles = {role.id for role in getattr(interaction.user, "roles", [])}
+        checks = [
+            not config.allowed_guilds or interaction.guild_id in config.allowed_guilds,
+            not config.allowed_channels or interaction.channel_id in config.allowed_channels,
+            not config.allowed_users or interaction.user.id in config.allowed_users,
+            not config.allowed_roles or bool(roles & set(config.allowed_roles)),
+        ]
+        return all(checks)
+
+    async def _submit(
+        self,
+        interaction: discord.Interaction,
+        request: GenerationRequest,
+        start: discord.Attachment | None,
+        end: discord.Attachment | None,
+    ) -> None:
+        if not self._allowed(interaction):
+            await interaction.edit_original_response(content="Sorry, you are not allowed to use this bot here.")
+            return
+        source = JobSource(
+            platform=PLATFORM,
+            chat_id=str(interaction.channel_id),
+            user_id=str(interaction.user.id),
+            user_name=interaction.user.name,
+            message_id=str(interaction.id),
+            reply={
+                "application_id": str(interaction.application_id),
+                "interaction_token": interaction.token,
+                "token_expires_at": str(self._clock() + self._config.interaction_lifetime_s),
+                "filesize_limit": str(interaction.filesize_limit or self._config.filesize_limit_bytes),
+            },
+        )
+        try:
+            uploads = [await self._download(attachment, role) for attachment, role in ((start, "start"), (end, "end"))]
+            submission = await self._engine.submit(request, source, uploads[0], uploads[1])
+        except UserError as error:
+            await interaction.edit_original_response(content=chat.user_error_text(error))
+            return
+        except Exception:
+            log.exception("request failed channel=%s user=%s", interaction.channel_id, interaction.user.id)
+            await interaction.edit_original_response(content=chat.apology())
+            return
+        result = submission.result
+        text = chat.queued_text(result.job, result.position, submission.notes, duplicate=not result.created)
+        await interaction.edit_original_response(content=text, view=_view(CancelButton(result.job.id)))
+
+    async def _download(self, attachment: discord.Attachment | None, role: str) -> Upload | None:
+        if attachment is None:
+            return None
+        limit = self._config.download_limit_bytes
+        if attachment.size > limit:
+            raise UserError(
+                f"The {role} image is {attachment.size / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB.",
+                "Send a smaller or more compressed picture.",
+            )
+        content_type = (attachment.content_type or "").split(";")[0]
+        if content_type and content_type not in IMAGE_TYPES:
+            raise UserError(
+                f"The {role} attachment is {content_type}, not a picture.", "Attach a PNG, JPEG, WebP, BMP or GIF."
+            )
+        return Upload(await attachment.read(), attachment.filename)
+
+    # -- buttons -----------------------------------------------------------------------------------------------
+
+    async def on_cancel_button(self, interaction: discord.Interaction, job_id: int) -> None:
+        try:
+            text = chat.cancel_text(await self._engine.queue.cancel(job_id, self._actor(interaction)))
+        except UserError as error:
+            text = chat.user_error_text(error)
+        await interaction.response.send_message(text, ephemeral=True)
+
+    async def on_reroll_button(self, interaction: discord.Interaction, job_id: int) -> None:
+        await interaction.response.defer(thinking=True)
+        old = await self._engine.queue.get(job_id)
+        source = old.source.model_copy(
+            update={
+                "user_id": str(interaction.user.id),
+                "message_id": str(interaction.id),
+                "reply": {
+                    "application_id": str(interaction.application_id),
+                    "interaction_token": interaction.token,
+                    "token_expires_at": str(self._clock() + self._config.interaction_lifetime_s),
+                    "filesize_limit": str(interaction.filesize_limit or self._config.filesize_limit_bytes),
+                },
+            }
+        )
+        try:
+            result = await self._engine.reroll(job_id, self._actor(interaction), source)
+        except UserError as error:
+            await interaction.edit_original_response(content=chat.user_error_text(error))
+            return
+        text = chat.queued_text(result.job, result.position, [], duplicate=not result.created)
+        await interaction.edit_original_response(content=text, view=_view(CancelButton(result.job.id)))
+
+    # -- outgoing ----------------------------------------------------------------------------------------------
+
+    def _interaction_alive(self, job: Job) -> bool:
+        return self._clock() < float(job.source.reply.get("token_expires_at", "0"))
+
+    def _webhook(self, job: Job) -> discord.Webhook:
+        reply = job.source.reply
+        return discord.Webhook.partial(int(reply["application_id"]), reply["interaction_token"], client=self.client)
+
+    async def _show(self, job: Job, text: str, buttons: Buttons) -> None:
+        view = _view(CancelButton(job.id)) if buttons == "cancel" else discord.ui.View(timeout=None)
+        try:
+            if self._interaction_alive(job) and "progress_deleted" not in job.source.reply:
+                await self._webhook(job).edit_message("@original", content=text, view=view)
+            else:
+                await self._show_in_channel(job, text, view)
+        except discord.NotFound:
+            # The user (or a moderator) deleted the progress message: carry on in a new channel message.
+            job = await self._engine.queue.update_reply(job.id, progress_deleted="1", channel_message_id="")
+            await self._show_in_channel(job, text, view)
+        except discord.HTTPException as error:
+            log.warning("cannot show progress job=%s: %s %s", job.id, error.status, error.text)
+
+    async def _show_in_channel(self, job: Job, text: str, view: discord.ui.View) -> None:
+        channel = self.client.get_partial_messageable(int(job.source.chat_id))
+        content = f"<@{job.source.user_id}> {text}"[:CONTENT_LIMIT]
+        message_id = job.source.reply.get("channel_message_id")
+        if message_id:
+            try:
+                await channel.get_partial_message(int(message_id)).edit(content=content, view=view)
+                return
+            except discord.NotFound:
+                pass
+        message = await channel.send(content, view=view)
+        await self._engine.queue.update_reply(job.id, channel_message_id=str(message.id))
+
+    async def _send_video(self, job: Job) -> None:
+        assert job.result is not None
+        limit = int(job.source.reply.get("filesize_limit", self._config.filesize_limit_bytes))
+        try:
+            try:
+                await self._upload(job, limit)
+            except discord.HTTPException as error:
+                if error.status != 413:
+                    raise
+                # The channel's limit is lower than the interaction said: one more try, well under it.
+                await self._upload(job, int(limit * 0.6))
+        except (UserError, discord.HTTPException, OSError) as error:
+            raise DeliveryFailed(f"{type(error).__name__}: {error}") from error
+
+    async def _upload(self, job: Job, limit: int) -> None:
+        assert job.result is not None
+        video = await asyncio.to_thread(fit_to_limit, Path(job.result.path), limit)
+        content = f"<@{job.source.user_id}> {chat.result_caption(job, limit=CONTENT_LIMIT - 30)}"
+        file = discord.File(io.BytesIO(video.read_bytes()), filename=f"wanbot-{job.id}.mp4")
+        view = _view(RerollButton(job.id))
+        if self._interaction_alive(job):
+            await self._webhook(job).send(content=content, file=file, view=view, wait=True)
+        else:
+            await self.client.get_partial_messageable(int(job.source.chat_id)).send(content, file=file, view=view)

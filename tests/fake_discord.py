@@ -1,0 +1,456 @@
+"""A fake Discord on 127.0.0.1 for the adapter tests: REST (/api/v10), the gateway websocket and a CDN, in one
+aiohttp app, speaking the shapes discord.py parses. It records what the bot did and can answer with Discord's
+errors: 404 Unknown Message, 401 for an expired interaction token, 413, and 429 with the `Via` header that
+discord.py needs before it retries."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+APPLICATION_ID = 900000000000000001
+BOT_USER = {
+    "id": str(APPLICATION_ID),
+    "username": "wanbot",
+    "discriminator": "0",
+    "global_name": "wanbot",
+    "avatar": None,
+    "bot": True,
+    "flags": 0,
+}
+GUILD_ID = 800000000000000001
+CHANNEL_ID = 700000000000000001
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    body: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)
+    at: float = field(default_factory=time.monotonic)
+
+
+class FakeDiscord:
+    def __init__(self, token: str, upload_limit: int = 10 * 1024 * 1024, token_lifetime_s: float = 900) -> None:
+        self.token = token
+        self.upload_limit = upload_limit
+        self.token_lifetime_s = token_lifetime_s
+        self.calls: list[Call] = []
+        self.messages: dict[int, dict[str, Any]] = {}
+        self.originals: dict[str, int] = {}  # interaction token -> message id of its original response
+        self.interactions: dict[str, float] = {}  # interaction token -> when it was created (monotonic)
+        self.dispatched_at: dict[str, float] = {}
+        self.cdn: dict[str, bytes] = {}
+        self.faults: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        self.commands: dict[str, list[dict[str, Any]]] = {}
+        self._ids = itertools.count(600000000000000001)
+        self._sequence = itertools.count(1)
+        self._sockets: list[web.WebSocketResponse] = []
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # -- server ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=200 * 1024 * 1024)
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/cdn/{name}", self._cdn)
+        app.router.add_route("*", "/api/v10/{path:.+}", self._rest)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        for socket in self._sockets:
+            await socket.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def api_base(self) -> str:
+        return f"{self.url}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        return self.url.replace("http://", "ws://") + "/gateway"
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        data = self.cdn.get(request.match_info["name"])
+        return web.Response(body=data) if data is not None else web.Response(status=404)
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        self._sockets.append(socket)
+        await socket.send_json({"op": 10, "d": {"heartbeat_interval": 45000}})
+        async for frame in socket:
+            if frame.type != WSMsgType.TEXT:
+                continue
+            payload = json.loads(frame.data)
+            if payload["op"] == 1:
+                await socket.send_json({"op": 11})
+            elif payload["op"] == 2:
+                if payload["d"]["token"] != self.token:
+                    await socket.close(code=4004, message=b"Authentication failed.")
+                    break
+                await socket.send_json(
+                    {
+                        "op": 0,
+                        "t": "READY",
+                        "s": next(self._sequence),
+                        "d": {
+                            "v": 10,
+                            "user": BOT_USER,
+                            "guilds": [],
+                            "session_id": "fake-session",
+                            "resume_gateway_url": self.gateway_url,
+                            "application": {"id": str(APPLICATION_ID), "flags": 0},
+                            "shard": [0, 1],
+                        },
+                    }
+                )
+        self._sockets.remove(socket)
+        return socket
+
+    async def _rest(self, request: web.Request) -> web.Response:
+        path = request.match_info["path"]
+        body, files = await _read_body(request)
+        self.calls.append(Call(request.method, path, body, files))
+        route = f"{request.method} {_route_name(path)}"
+        if self.faults.get(route):
+            status, payload = self.faults[route].pop(0)
+            headers = {"Via": "1.1 google", "X-RateLimit-Scope": "user"} if status == 429 else {}
+            return _json(payload, status=status, headers=headers)
+        if not path.startswith(("interactions/", "webhooks/")) and request.headers.get("Authorization") != (
+            f"Bot {self.token}"
+        ):
+            return _error(401, 0, "401: Unauthorized")
+        parts = path.split("/")
+        if route == "GET users/@me":
+            return _json(BOT_USER)
+        if route == "GET oauth2/applications/@me":
+            return _json(
+                {
+                    "id": str(APPLICATION_ID),
+                    "name": "wanbot",
+                    "icon": None,
+                    "description": "",
+                    "bot_public": True,
+                    "bot_require_code_grant": False,
+                    "owner": BOT_USER,
+                    "verify_key": "00",
+                    "flags": 0,
+                    "interactions_endpoint_url": None,
+                }
+            )
+        if route.endswith("commands") and request.method == "PUT":
+            return self._sync(path, body)
+        if route == "POST interactions/callback":
+            return self._callback(parts[1], parts[2], body)
+        if parts[0] == "webhooks":
+            return self._webhook(request.method, parts, body, files)
+        if parts[0] == "channels":
+            return self._channel(request.method, parts, body, files)
+        return _error(404, 0, "404: Not Found")
+
+    # -- routes ------------------------------------------------------------------------------------------------
+
+    def _sync(self, path: str, body: Any) -> web.Response:
+        stored = [
+            {
+                **command,
+                "id": str(next(self._ids)),
+                "application_id": str(APPLICATION_ID),
+                "version": "1",
+                "default_member_permissions": None,
+                "dm_permission": True,
+                "nsfw": False,
+                **({"guild_id": path.split("/")[3]} if "/guilds/" in path else {}),
+            }
+            for command in body
+        ]
+        self.commands[path] = stored
+        return _json(stored)
+
+    def _callback(self, interaction_id: str, token: str, body: dict[str, Any]) -> web.Response:
+        kind = body.get("type")
+        message = self._message(CHANNEL_ID, body.get("data", {}) if kind == 4 else {"content": ""}, {})
+        self.originals[token] = message["id_int"]
+        resource: dict[str, Any] = {"type": kind}
+        if kind == 4:
+            resource["message"] = _public(message)
+        return _json(
+            {
+                "interaction": {
+                    "id": interaction_id,
+                    "type": 2,
+                    "response_message_id": message["id"],
+                    "response_message_loading": kind == 5,
+                    "response_message_ephemeral": bool(body.get("data", {}).get("flags", 0) & 64),
+                },
+                "resource": resource,
+            }
+        )
+
+    def _token_expired(self, token: str) -> bool:
+        return time.monotonic() - self.interactions.get(token, 0.0) > self.token_lifetime_s
+
+    def _webhook(self, method: str, parts: list[str], body: dict[str, Any], files: dict[str, bytes]) -> web.Response:
+        token = parts[2]
+        if self._token_expired(token):
+            return _error(401, 50027, "Invalid Webhook Token")
+        if method == "PATCH" and parts[-1] == "@original":
+            return self._edit(self.originals.get(token), body)
+        if method == "POST" and len(parts) == 3:
+            return self._post(CHANNEL_ID, body, files)
+        return _error(404, 0, "404: Not Found")
+
+    def _channel(self, method: str, parts: list[str], body: dict[str, Any], files: dict[str, bytes]) -> web.Response:
+        channel_id = int(parts[1])
+        if method == "POST" and parts[2:] == ["messages"]:
+            return self._post(channel_id, body, files)
+        if method == "PATCH" and len(parts) == 4:
+            return self._edit(int(parts[3]), body)
+        return _error(404, 0, "404: Not Found")
+
+    def _post(self, channel_id: int, body: dict[str, Any], files: dict[str, bytes]) -> web.Response:
+        if any(len(data) > self.upload_limit for data in files.values()):
+            return _error(413, 40005, "Request entity too large")
+        return _json(_public(self._message(channel_id, body, files)))
+
+    def _edit(self, message_id: int | None, body: dict[str, Any]) -> web.Response:
+        if message_id is None or message_id not in self.messages:
+            return _error(404, 10008, "Unknown Message")
+        message = self.messages[message_id]
+        if "content" in body:
+            message["content"] = body["content"]
+        if "components" in body:
+            message["components"] = body["components"]
+        message["edits"] += 1
+        message["edited_timestamp"] = datetime.now(UTC).isoformat()
+        return _json(_public(message))
+
+    def _message(self, channel_id: int, body: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+        message_id = next(self._ids)
+        message = {
+            "id": str(message_id),
+            "id_int": message_id,
+            "channel_id": str(channel_id),
+            "type": 0,
+            "content": body.get("content") or "",
+            "author": BOT_USER,
+            "attachments": [
+                {
+                    "id": str(next(self._ids)),
+                    "filename": name,
+                    "size": len(data),
+                    "url": f"{self.url}/cdn/x",
+                    "proxy_url": f"{self.url}/cdn/x",
+                }
+                for name, data in files.items()
+            ],
+            "embeds": [],
+            "mentions": [],
+            "mention_roles": [],
+            "pinned": False,
+            "mention_everyone": False,
+            "tts": False,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "edited_timestamp": None,
+            "flags": 0,
+            "components": body.get("components", []),
+            "edits": 0,
+            "file_bytes": files,
+        }
+        self.messages[message_id] = message
+        return message
+
+    # -- what a user does --------------------------------------------------------------------------------------
+
+    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        if not self._sockets:
+            raise AssertionError("the bot is not connected to the gateway")
+        await self._sockets[-1].send_json({"op": 0, "t": event, "s": next(self._sequence), "d": data})
+
+    def member(self, user_id: int, roles: list[int] | None = None) -> dict[str, Any]:
+        return {
+            "user": {
+                "id": str(user_id),
+                "username": f"user{user_id}",
+                "discriminator": "0",
+                "global_name": None,
+                "avatar": None,
+            },
+            "roles": [str(role) for role in roles or []],
+            "joined_at": "2025-01-01T00:00:00+00:00",
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "pending": False,
+            "nick": None,
+            "avatar": None,
+            "permissions": "2147483647",
+        }
+
+    def attachment(
+        self, data: bytes, filename: str, content_type: str = "image/png", size: int | None = None
+    ) -> dict[str, Any]:
+        attachment_id = str(next(self._ids))
+        self.cdn[attachment_id] = data
+        return {
+            "id": attachment_id,
+            "filename": filename,
+            "size": size if size is not None else len(data),
+            "url": f"{self.url}/cdn/{attachment_id}",
+            "proxy_url": f"{self.url}/cdn/{attachment_id}",
+            "content_type": content_type,
+            "ephemeral": True,
+        }
+
+    def _interaction(
+        self,
+        kind: int,
+        user_id: int,
+        data: dict[str, Any],
+        roles: list[int] | None,
+        size_limit: int,
+        message: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        interaction_id = str(next(self._ids))
+        token = f"itoken-{interaction_id}"
+        self.interactions[token] = time.monotonic()
+        self.dispatched_at[interaction_id] = time.monotonic()
+        payload = {
+            "id": interaction_id,
+            "application_id": str(APPLICATION_ID),
+            "type": kind,
+            "data": data,
+            "guild_id": str(GUILD_ID),
+            "channel_id": str(CHANNEL_ID),
+            "channel": {
+                "id": str(CHANNEL_ID),
+                "type": 0,
+                "guild_id": str(GUILD_ID),
+                "name": "videos",
+                "position": 0,
+                "permission_overwrites": [],
+                "nsfw": False,
+                "parent_id": None,
+            },
+            "member": self.member(user_id, roles),
+            "token": token,
+            "version": 1,
+            "app_permissions": "2147483647",
+            "locale": "en-US",
+            "guild_locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {},
+            "context": 0,
+            "attachment_size_limit": size_limit,
+        }
+        if message is not None:
+            payload["message"] = _public(message)
+        return payload
+
+    async def slash(
+        self,
+        user_id: int,
+        name: str,
+        options: dict[str, Any] | None = None,
+        attachments: dict[str, dict[str, Any]] | None = None,
+        roles: list[int] | None = None,
+        size_limit: int = 10 * 1024 * 1024,
+    ) -> dict[str, Any]:
+        types = {str: 3, int: 4, float: 10}
+        option_list = [
+            {"name": key, "type": types[type(value)], "value": value} for key, value in (options or {}).items()
+        ]
+        resolved: dict[str, Any] = {}
+        for key, attachment in (attachments or {}).items():
+            option_list.append({"name": key, "type": 11, "value": attachment["id"]})
+            resolved[attachment["id"]] = attachment
+        command = next(
+            command for commands in self.commands.values() for command in commands if command["name"] == name
+        )
+        data = {"id": command["id"], "name": name, "type": 1, "options": option_list, "guild_id": str(GUILD_ID)}
+        if resolved:
+            data["resolved"] = {"attachments": resolved}
+        payload = self._interaction(2, user_id, data, roles, size_limit)
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return payload
+
+    async def click(self, user_id: int, message: dict[str, Any], custom_id: str) -> dict[str, Any]:
+        payload = self._interaction(
+            3, user_id, {"custom_id": custom_id, "component_type": 2}, None, 10 * 1024 * 1024, message
+        )
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return payload
+
+    # -- what the tests look at --------------------------------------------------------------------------------
+
+    def calls_to(self, method: str, fragment: str) -> list[Call]:
+        return [call for call in self.calls if call.method == method and fragment in call.path]
+
+    def callback_delay(self, interaction: dict[str, Any]) -> float:
+        call = next(call for call in self.calls if call.path.startswith(f"interactions/{interaction['id']}/"))
+        return call.at - self.dispatched_at[interaction["id"]]
+
+    def original(self, interaction: dict[str, Any]) -> dict[str, Any]:
+        return self.messages[self.originals[interaction["token"]]]
+
+    def with_files(self) -> list[dict[str, Any]]:
+        return [message for message in self.messages.values() if message["file_bytes"]]
+
+
+def _route_name(path: str) -> str:
+    parts = path.split("/")
+    if parts[0] == "interactions":
+        return "interactions/callback"
+    if parts[0] == "webhooks":
+        return "webhooks/original" if parts[-1] == "@original" else "webhooks/followup"
+    if parts[0] == "channels":
+        return "channels/message" if len(parts) == 4 else "channels/messages"
+    return path
+
+
+def _public(message: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in message.items() if key not in ("id_int", "edits", "file_bytes")}
+
+
+async def _read_body(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]:
+    if request.content_type == "multipart/form-data":
+        body: dict[str, Any] = {}
+        files: dict[str, bytes] = {}
+        reader = await request.multipart()
+        async for part in reader:
+            if part.name == "payload_json":
+                body = json.loads(await part.text())
+            elif part.filename:
+                files[part.filename] = await part.read()
+        return body, files
+    if request.can_read_body:
+        text = await request.text()
+        return (json.loads(text) if text else {}), {}
+    return {}, {}
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    # discord.py parses a body as JSON only when Content-Type is exactly application/json (no charset).
+    return web.Response(
+        body=json.dumps(payload).encode(),
+        status=status,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+
+
+def _error(status: int, code: int, message: str) -> web.Response:
+    return _json({"message": message, "code": code}, status=status)
