@@ -99,7 +99,8 @@ class DiscordAdapter:
         self._clock = clock
         self._redactor = redact_everywhere(config.token.get_secret_value())
         self._admins = frozenset(engine.settings.access.admins)
-        self.client = WanbotClient(self, intents=discord.Intents.none())
+        # Only the guilds intent: it caches guild roles, so role allowlists work; no privileged intents are needed.
+        self.client = WanbotClient(self, intents=discord.Intents(guilds=True))
         self._relay = JobRelay(
             engine.queue,
             PLATFORM,

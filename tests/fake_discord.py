@@ -26,6 +26,7 @@ BOT_USER = {
 }
 GUILD_ID = 800000000000000001
 CHANNEL_ID = 700000000000000001
+ROLE_IDS = (555, 1)
 
 
 @dataclass
@@ -110,7 +111,7 @@ class FakeDiscord:
                         "d": {
                             "v": 10,
                             "user": BOT_USER,
-                            "guilds": [],
+                            "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
                             "session_id": "fake-session",
                             "resume_gateway_url": self.gateway_url,
                             "application": {"id": str(APPLICATION_ID), "flags": 0},
@@ -118,6 +119,7 @@ class FakeDiscord:
                         },
                     }
                 )
+                await socket.send_json({"op": 0, "t": "GUILD_CREATE", "s": next(self._sequence), "d": _guild()})
         self._sockets.remove(socket)
         return socket
 
@@ -405,10 +407,70 @@ class FakeDiscord:
         return call.at - self.dispatched_at[interaction["id"]]
 
     def original(self, interaction: dict[str, Any]) -> dict[str, Any]:
-        return self.messages[self.originals[interaction["token"]]]
+        """The interaction's original response; empty until the bot has answered."""
+        message_id = self.originals.get(interaction["token"])
+        return self.messages.get(message_id, {"content": "", "edits": 0}) if message_id else {"content": "", "edits": 0}
 
     def with_files(self) -> list[dict[str, Any]]:
         return [message for message in self.messages.values() if message["file_bytes"]]
+
+
+def _guild() -> dict[str, Any]:
+    def role(role_id: int, name: str) -> dict[str, Any]:
+        return {
+            "id": str(role_id),
+            "name": name,
+            "permissions": "0",
+            "position": 0,
+            "color": 0,
+            "hoist": False,
+            "managed": False,
+            "mentionable": False,
+            "flags": 0,
+        }
+
+    return {
+        "id": str(GUILD_ID),
+        "name": "test guild",
+        "icon": None,
+        "owner_id": "1",
+        "unavailable": False,
+        "roles": [role(GUILD_ID, "@everyone"), *(role(role_id, f"role{role_id}") for role_id in ROLE_IDS)],
+        "channels": [
+            {
+                "id": str(CHANNEL_ID),
+                "type": 0,
+                "name": "videos",
+                "position": 0,
+                "permission_overwrites": [],
+                "guild_id": str(GUILD_ID),
+                "nsfw": False,
+                "parent_id": None,
+            }
+        ],
+        "members": [],
+        "member_count": 3,
+        "emojis": [],
+        "stickers": [],
+        "features": [],
+        "threads": [],
+        "stage_instances": [],
+        "guild_scheduled_events": [],
+        "voice_states": [],
+        "presences": [],
+        "large": False,
+        "system_channel_id": None,
+        "afk_timeout": 300,
+        "verification_level": 0,
+        "default_message_notifications": 0,
+        "explicit_content_filter": 0,
+        "mfa_level": 0,
+        "premium_tier": 0,
+        "preferred_locale": "en-US",
+        "nsfw_level": 0,
+        "premium_progress_bar_enabled": False,
+        "joined_at": "2025-01-01T00:00:00+00:00",
+    }
 
 
 def _route_name(path: str) -> str:

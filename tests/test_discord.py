@@ -13,7 +13,7 @@ from engine.config import Settings
 from engine.jobs import DeliveryStatus, JobStatus
 from engine.service import Engine
 from tests import imagefactory
-from tests.fake_discord import GUILD_ID, FakeDiscord
+from tests.fake_discord import APPLICATION_ID, CHANNEL_ID, GUILD_ID, FakeDiscord
 
 TOKEN = "discord-TEST-token-do-not-log"
 ALICE, BOB = 111111111111111111, 222222222222222222
@@ -72,7 +72,7 @@ async def until(condition: Callable[[], Any], limit_s: float = 60, what: str = "
 
 async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(tiny_settings, discord_server):
     async with Bot(configure(tiny_settings, discord_server)) as bot:
-        synced = discord_server.commands[f"applications/{discord_server_app()}/guilds/{GUILD_ID}/commands"]
+        synced = discord_server.commands[f"applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"]
         assert {command["name"] for command in synced} == {"video", "queue", "cancel", "status", "help"}
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "a red fox", "seed": 5, "steps": 3})
         videos = await until(discord_server.with_files, what="the video")
@@ -87,7 +87,159 @@ async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(t
     assert videos[0]["components"][0]["components"][0]["custom_id"] == f"wanbot:reroll:{job.id}"
 
 
-def discord_server_app() -> int:
-    from tests.fake_discord import APPLICATION_ID
+async def test_one_and_two_attachments(tiny_settings, discord_server):
+    async with Bot(configure(tiny_settings, discord_server)) as bot:
+        start = discord_server.attachment(imagefactory.png(160, 120), "start.png")
+        await discord_server.slash(ALICE, "video", {"prompt": "waves", "steps": 2}, {"start_image": start})
+        start2 = discord_server.attachment(imagefactory.jpeg(160, 120), "a.jpg", "image/jpeg")
+        end2 = discord_server.attachment(imagefactory.jpeg(320, 240), "b.jpg", "image/jpeg")
+        await discord_server.slash(
+            BOB, "video", {"prompt": "sunset", "mode": "i2v", "steps": 2}, {"start_image": start2, "end_image": end2}
+        )
+        await until(lambda: len(discord_server.with_files()) == 2, what="two videos")
+        jobs = {job.source.user_id: job for job in await bot.engine.queue.list_jobs()}
+    assert jobs[str(ALICE)].mode.value == "i2v" and len(jobs[str(ALICE)].images) == 1
+    assert [image.role for image in jobs[str(BOB)].images] == ["start", "end"]
+    assert jobs[str(BOB)].images[1].width == 160
 
-    return APPLICATION_ID
+
+async def test_bad_attachments_are_refused_from_their_metadata_before_download(tiny_settings, discord_server):
+    settings = configure(tiny_settings, discord_server, download_limit_bytes=10_000)
+    async with Bot(settings) as bot:
+        big = discord_server.attachment(imagefactory.png(), "big.png", size=50_000_000)
+        first = await discord_server.slash(ALICE, "video", {"prompt": "x"}, {"start_image": big})
+        text = discord_server.attachment(b"hello", "notes.txt", "text/plain")
+        second = await discord_server.slash(ALICE, "video", {"prompt": "x"}, {"start_image": text})
+        third = await discord_server.slash(ALICE, "video", {"mode": "ti2v", "prompt": "no image"})
+        for interaction in (first, second, third):
+            await until(lambda i=interaction: discord_server.original(i)["content"], what="a refusal")
+        assert await bot.engine.queue.counts() == {}
+    assert "50.0 MB; the limit is 0 MB" in discord_server.original(first)["content"]
+    assert "text/plain, not a picture" in discord_server.original(second)["content"]
+    assert "ti2v needs a start image" in discord_server.original(third)["content"]
+    assert not [call for call in discord_server.calls if call.path.startswith("cdn")]
+
+
+async def test_after_the_token_lifetime_progress_and_video_move_to_the_channel(tiny_settings, discord_server):
+    discord_server.token_lifetime_s = 1.0
+    settings = configure(tiny_settings, discord_server, interaction_lifetime_s=0.8)
+    async with Bot(settings) as bot:
+        await bot.engine.queue.set_paused(True)
+        interaction = await discord_server.slash(ALICE, "video", {"prompt": "a long job", "steps": 3})
+        await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
+        await asyncio.sleep(1.2)  # the interaction token has expired
+        await bot.engine.queue.set_paused(False)
+        await until(discord_server.with_files, what="the video")
+        await until(
+            lambda: any("the video is below" in m["content"] for m in discord_server.messages.values()),
+            what="the final text",
+        )
+        job = (await bot.engine.queue.list_jobs())[0]
+    posted = [call for call in discord_server.calls_to("POST", f"channels/{CHANNEL_ID}/messages")]
+    assert posted, "nothing was posted to the channel"
+    assert not [
+        call
+        for call in discord_server.calls
+        if call.path.startswith("webhooks/") and call.at > discord_server.interactions[interaction["token"]] + 1.0
+    ]
+    assert job.delivery_status is DeliveryStatus.DELIVERED
+    channel_messages = [m for m in discord_server.messages.values() if m["content"].startswith(f"<@{ALICE}>")]
+    assert any("the video is below" in m["content"] for m in channel_messages)
+
+
+async def test_a_deleted_progress_message_does_not_stop_the_job(tiny_settings, discord_server):
+    async with Bot(configure(tiny_settings, discord_server)) as bot:
+        await bot.engine.queue.set_paused(True)
+        interaction = await discord_server.slash(ALICE, "video", {"prompt": "deleted", "steps": 3})
+        await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
+        del discord_server.messages[discord_server.originals[interaction["token"]]]
+        await bot.engine.queue.set_paused(False)
+        await until(discord_server.with_files, what="the video")
+        await until(
+            lambda: any("the video is below" in m["content"] for m in discord_server.messages.values()),
+            what="final text in a new message",
+        )
+        job = (await bot.engine.queue.list_jobs())[0]
+    assert job.status is JobStatus.SUCCEEDED and job.delivery_status is DeliveryStatus.DELIVERED
+
+
+async def test_413_reencodes_smaller_once_and_429_is_waited_out(tiny_settings, discord_server):
+    discord_server.upload_limit = 40_000
+    discord_server.faults["PATCH webhooks/original"] = [
+        (429, {"message": "You are being rate limited.", "retry_after": 0.3, "global": False})
+    ] * 2
+    async with Bot(configure(tiny_settings, discord_server)) as bot:
+        await discord_server.slash(
+            ALICE, "video", {"prompt": "noise", "steps": 2, "frames": 33, "resolution": "128x128"}, size_limit=60_000
+        )
+        videos = await until(discord_server.with_files, what="the video")
+        job = (await bot.engine.queue.list_jobs())[0]
+    assert job.result.bytes > 40_000  # fits the interaction's limit, not the channel's: Discord answers 413
+    assert len(discord_server.calls_to("POST", f"webhooks/{APPLICATION_ID}/")) == 2
+    assert sum(len(data) for data in videos[0]["file_bytes"].values()) <= 40_000
+    assert not discord_server.faults["PATCH webhooks/original"]
+    assert job.delivery_status is DeliveryStatus.DELIVERED
+
+
+async def test_buttons_work_after_a_restart_and_only_for_the_owner(tiny_settings, discord_server):
+    settings = configure(tiny_settings, discord_server)
+    async with Bot(settings) as bot:
+        await bot.engine.queue.set_paused(True)
+        interaction = await discord_server.slash(ALICE, "video", {"prompt": "keep me", "steps": 2})
+        await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
+    message = discord_server.original(interaction)
+    async with Bot(settings) as bot:
+        await bot.engine.queue.set_paused(True)
+        await discord_server.click(BOB, message, "wanbot:cancel:1")
+        await until(lambda: len(discord_server.calls_to("POST", "/callback")) == 2, what="bob's answer")
+        assert (await bot.engine.queue.get(1)).status is JobStatus.QUEUED
+        await discord_server.click(ALICE, message, "wanbot:cancel:1")
+        await until(lambda: len(discord_server.calls_to("POST", "/callback")) == 3, what="alice's answer")
+        assert (await bot.engine.queue.get(1)).status is JobStatus.CANCELLED
+        await bot.engine.queue.set_paused(False)
+        await discord_server.slash(ALICE, "video", {"prompt": "reroll me", "steps": 2, "seed": 4})
+        video = (await until(discord_server.with_files, what="video"))[0]
+        await discord_server.click(ALICE, video, "wanbot:reroll:2")
+        await until(lambda: len(discord_server.with_files()) == 2, what="rerolled video")
+        rerolled = (await bot.engine.queue.list_jobs())[0]
+    answers = [
+        call.body["data"]["content"]
+        for call in discord_server.calls_to("POST", "/callback")
+        if call.body.get("type") == 4
+    ]
+    assert "only they or an admin can cancel" in answers[0] and answers[1] == "Job #1 is cancelled."
+    assert rerolled.retry_of == 2 and rerolled.params.seed != 4 and rerolled.params.prompt == "reroll me"
+
+
+async def test_two_users_at_once_and_role_allowlist(tiny_settings, discord_server):
+    settings = configure(tiny_settings, discord_server, allowed_roles=[555])
+    async with Bot(settings) as bot:
+        alice = await discord_server.slash(ALICE, "video", {"prompt": "alice fox", "steps": 2}, roles=[555])
+        bob = await discord_server.slash(BOB, "video", {"prompt": "bob cat", "steps": 2}, roles=[555])
+        mallory = await discord_server.slash(333, "video", {"prompt": "no role"}, roles=[1])
+        await until(lambda: len(discord_server.with_files()) == 2, what="two videos")
+        await until(lambda: discord_server.original(mallory)["content"], what="refusal")
+        prompts = {job.params.prompt for job in await bot.engine.queue.list_jobs()}
+    assert prompts == {"alice fox", "bob cat"}
+    assert "not allowed" in discord_server.original(mallory)["content"]
+    contents = [m["content"] for m in discord_server.with_files()]
+    assert any(f"<@{ALICE}>" in c and "alice fox" in c for c in contents)
+    assert any(f"<@{BOB}>" in c and "bob cat" in c for c in contents)
+    assert discord_server.callback_delay(alice) < 3.0 and discord_server.callback_delay(bob) < 3.0
+
+
+async def test_queue_cancel_status_and_help_answer_privately(tiny_settings, discord_server):
+    async with Bot(configure(tiny_settings, discord_server)) as bot:
+        await bot.engine.queue.set_paused(True)
+        interaction = await discord_server.slash(ALICE, "video", {"prompt": "wait"})
+        await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
+        for count, name in enumerate(("queue", "status", "help", "cancel"), start=2):
+            await discord_server.slash(ALICE, name)
+            await until(lambda count=count: len(discord_server.calls_to("POST", "/callback")) == count, what=name)
+        assert (await bot.engine.queue.get(1)).status is JobStatus.CANCELLED
+    answers = [call.body["data"] for call in discord_server.calls_to("POST", "/callback") if call.body["type"] == 4]
+    assert all(answer["flags"] & 64 for answer in answers)  # ephemeral
+    assert answers[0]["content"].startswith("#1 t2v · position 1")
+    assert "Worker: paused" in answers[1]["content"]
+    assert "/video" in answers[2]["content"]
+    assert answers[3]["content"] == "Job #1 is cancelled."
