@@ -243,3 +243,13 @@ async def test_queue_cancel_status_and_help_answer_privately(tiny_settings, disc
     assert "Worker: paused" in answers[1]["content"]
     assert "/video" in answers[2]["content"]
     assert answers[3]["content"] == "Job #1 is cancelled."
+
+
+async def test_the_token_never_reaches_the_logs(tiny_settings, discord_server, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    async with Bot(configure(tiny_settings, discord_server)):
+        await discord_server.slash(ALICE, "video", {"prompt": "log me", "steps": 2})
+        await until(discord_server.with_files, what="the video")
+    assert caplog.records and TOKEN not in caplog.text
