@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="wanbot: chat messages to Wan 2.2 videos.", no_args_is_help=True, add_completion=False)
 queue_app = typer.Typer(help="Look at and manage the job queue.", no_args_is_help=True)
-models_app = typer.Typer(help="Models: the tiny offline one, and (soon) downloads.", no_args_is_help=True)
+models_app = typer.Typer(help="Models: download, list, verify, and the tiny offline one.", no_args_is_help=True)
 app.add_typer(queue_app, name="queue")
 app.add_typer(models_app, name="models")
 
@@ -500,6 +500,126 @@ def models_make_tiny(
     make_tiny_model(target, kind, seed)
     size = sum(path.stat().st_size for path in target.rglob("*") if path.is_file())
     console.print(f"tiny {kind.value} model in {target} ({size / 1024:.0f} KiB)", highlight=False)
+
+
+def _repo_for(name: str, settings: Settings) -> str:
+    """A mode names the model configured for it; anything else is taken as a repo id."""
+    if name in {mode.value for mode in Mode}:
+        return getattr(settings.models, name)
+    return name
+
+
+@models_app.command("download")
+def models_download(
+    name: Annotated[str, typer.Argument(help="t2v, i2v, ti2v (the configured model) or a repo id.")],
+    revision: str = "main",
+    config: ConfigOption = None,
+) -> None:
+    """Download a model (only the files the pipeline needs), resuming whatever an earlier run fetched."""
+    from engine.downloads import Downloader
+
+    settings = _settings(config)
+    repo_id = _repo_for(name, settings)
+    downloader = Downloader(settings.models_dir, settings.downloads)
+
+    async def work() -> Path:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TextColumn("{task.fields[speed]}"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=errors) as bar:
+            task = bar.add_task(repo_id, total=None, speed="")
+
+            def show(progress: Any) -> None:
+                bar.update(
+                    task,
+                    completed=progress.done_bytes,
+                    total=progress.total_bytes,
+                    speed=f"{progress.speed_bps / 1e6:.1f} MB/s",
+                )
+
+            return await downloader.download(repo_id, revision, on_progress=show)
+
+    folder = _run(work())
+    console.print(f"{repo_id} is complete in {folder}", highlight=False)
+
+
+@models_app.command("list")
+def models_list(as_json: JsonOption = False, config: ConfigOption = None) -> None:
+    """The configured models: on disk or not, size on disk, size still to download."""
+    from engine.downloads import Downloader
+    from engine.models import resolve_model
+
+    settings = _settings(config)
+    downloader = Downloader(settings.models_dir, settings.downloads)
+
+    async def describe(mode: Mode) -> dict[str, Any]:
+        name = getattr(settings.models, mode.value)
+        model = resolve_model(name, mode)
+        row: dict[str, Any] = {
+            "mode": mode.value,
+            "model": model.name,
+            "on_disk": False,
+            "bytes_on_disk": 0,
+            "bytes_to_download": None,
+        }
+        folder = (
+            settings.models_dir / model.name
+            if model.is_tiny
+            else Path(model.name)
+            if model.is_local
+            else downloader.local_snapshot(model.name)
+        )
+        if folder is not None and (folder / "model_index.json").exists():
+            row["on_disk"] = True
+            row["bytes_on_disk"] = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+            row["bytes_to_download"] = 0
+        elif model.is_tiny:
+            row["bytes_to_download"] = 0  # built locally on first use
+        elif not settings.downloads.offline:
+            with contextlib.suppress(UserError):
+                row["bytes_to_download"] = (await downloader.plan(model.name)).missing_bytes
+        return row
+
+    async def work() -> list[dict[str, Any]]:
+        return [await describe(mode) for mode in Mode]
+
+    rows = _run(work())
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table("mode", "model", "on disk", "size on disk", "to download")
+    for row in rows:
+        to_get = "unknown" if row["bytes_to_download"] is None else f"{row['bytes_to_download'] / 1e9:.2f} GB"
+        table.add_row(
+            row["mode"], row["model"], "yes" if row["on_disk"] else "no", f"{row['bytes_on_disk'] / 1e9:.2f} GB", to_get
+        )
+    console.print(table)
+
+
+@models_app.command("verify")
+def models_verify(
+    name: Annotated[str, typer.Argument(help="t2v, i2v, ti2v (the configured model) or a repo id.")],
+    config: ConfigOption = None,
+) -> None:
+    """Check a downloaded model's files against their sizes and sha256. Exit 0 intact, 2 not."""
+    from engine.downloads import Downloader, verify_snapshot
+
+    settings = _settings(config)
+    repo_id = _repo_for(name, settings)
+    folder = Downloader(settings.models_dir, settings.downloads).local_snapshot(repo_id)
+    if folder is None:
+        errors.print(f"{repo_id} is not downloaded. Run: wanbot models download {name}")
+        raise typer.Exit(2)
+    problems = verify_snapshot(folder)
+    for problem in problems:
+        errors.print(f"{repo_id}: {problem}", markup=False)
+    if problems:
+        raise typer.Exit(2)
+    console.print(f"{repo_id} is intact ({folder})", highlight=False)
 
 
 # -- run ---------------------------------------------------------------------------------------------------------

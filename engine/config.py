@@ -62,6 +62,20 @@ class GenerationConfig(Section):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
 
 
+class DownloadsConfig(Section):
+    endpoint: str = Field(
+        default_factory=lambda: os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
+        description="The Hub to download from (default: $HF_ENDPOINT or huggingface.co).",
+    )
+    timeout_s: float = Field(300.0, gt=0, description="No bytes for this long aborts a download attempt.")
+    metadata_timeout_s: float = Field(30.0, gt=0, description="Limit for each metadata request.")
+    retries: int = Field(8, ge=0, description="Retries of a failing request, with exponential backoff and jitter.")
+    backoff_s: float = Field(2.0, ge=0, description="First retry delay; doubles each time.")
+    max_backoff_s: float = Field(120.0, ge=0)
+    reserve_bytes: int = Field(5_000_000_000, ge=0, description="Disk space always left free.")
+    offline: bool = Field(False, description="Use only models already on disk; never contact the Hub.")
+
+
 class AccessConfig(Section):
     admins: list[str] = Field(default_factory=list, description="'platform:user_id' entries with admin rights.")
 
@@ -113,6 +127,7 @@ class Settings(BaseSettings):
     models: ModelsConfig = ModelsConfig()
     generation: GenerationConfig = GenerationConfig()
     access: AccessConfig = AccessConfig()
+    downloads: DownloadsConfig = DownloadsConfig()
     telegram: TelegramConfig = TelegramConfig()
     discord: DiscordConfig = DiscordConfig()
 

@@ -6,6 +6,8 @@ whose callables must be thread-safe.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import gc
 import logging
 import time
@@ -20,6 +22,7 @@ from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipel
 from PIL import Image
 
 from engine.config import GenerationConfig, Settings
+from engine.downloads import Downloader, DownloadProgress
 from engine.errors import UserError
 from engine.jobs import GenerationParams, Job, Progress, Stage
 from engine.models import ModelRef, ModelSpec, resolve_model
@@ -71,29 +74,52 @@ class LoadedPipeline:
     strategy: str
 
 
-ModelLocator = Callable[[ModelRef, Callable[[Progress], None]], Path]
+ModelLocator = Callable[[ModelRef, RunHooks], Path]
 
 
-def default_locator(settings: Settings) -> ModelLocator:
-    """Where a model's diffusers folder is: built on first use for `tiny`, fetched from the Hub for repo ids."""
+def default_locator(settings: Settings, loop: asyncio.AbstractEventLoop) -> ModelLocator:
+    """Where a model's diffusers folder is: built on first use for `tiny`, downloaded once for Hub repo ids.
 
-    def locate(model: ModelRef, on_progress: Callable[[Progress], None]) -> Path:
+    It runs in the executor thread; the download itself runs on the event loop (`loop`), and a cancel request
+    stops it within half a second, keeping what was fetched for the next attempt.
+    """
+    downloader = Downloader(settings.models_dir, settings.downloads)
+
+    def locate(model: ModelRef, hooks: RunHooks) -> Path:
         if model.is_tiny:
             return make_tiny_model(settings.models_dir / model.name, model.mode)
         if model.is_local:
             return Path(model.name)
-        on_progress(Progress(stage=Stage.DOWNLOADING, detail=model.name))
-        from huggingface_hub import snapshot_download
+        snapshot = downloader.local_snapshot(model.name)
+        if snapshot is not None:
+            return snapshot
 
-        try:
-            return Path(snapshot_download(model.name, cache_dir=settings.models_dir / "hub"))
-        except Exception as exc:
-            raise UserError(
-                f"The model {model.name} could not be fetched ({type(exc).__name__}).",
-                "Check the network and the repo id, or point models.<mode> at a local folder.",
-            ) from exc
+        def report(progress: DownloadProgress) -> None:
+            hooks.on_progress(download_progress(progress))
+
+        hooks.on_progress(Progress(stage=Stage.DOWNLOADING, detail=f"planning {model.name}"))
+        future = asyncio.run_coroutine_threadsafe(downloader.download(model.name, on_progress=report), loop)
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if hooks.should_cancel() or hooks.should_interrupt():
+                    future.cancel()
+                    raise JobInterrupted if hooks.should_interrupt() else JobCancelled from None
 
     return locate
+
+
+def download_progress(progress: DownloadProgress) -> Progress:
+    mib = 1024 * 1024
+    return Progress(
+        stage=Stage.DOWNLOADING,
+        step=progress.done_bytes // mib,
+        total=max(progress.total_bytes // mib, 1),
+        eta_s=progress.eta_s,
+        detail=f"{progress.done_bytes / 1e9:.2f}/{progress.total_bytes / 1e9:.2f} GB, "
+        f"{progress.speed_bps / 1e6:.1f} MB/s",
+    )
 
 
 class PipelineRunner:
@@ -130,7 +156,7 @@ class PipelineRunner:
         if self.loaded is not None and self.loaded.model.name == model.name:
             return self.loaded
         self.unload()
-        folder = self._locate(model, hooks.on_progress)
+        folder = self._locate(model, hooks)
         hooks.on_progress(Progress(stage=Stage.LOADING, detail=model.name))
         device = _pick_device(self._config.device)
         pipeline_class = PIPELINE_CLASSES[model.spec.pipeline]

@@ -46,7 +46,7 @@ class Engine:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         queue = await JobQueue.open(settings.db_path, EventBus())
         store = ImageStore(settings.images_dir)
-        runner = PipelineRunner(settings.generation, locator or default_locator(settings))
+        runner = PipelineRunner(settings.generation, locator or default_locator(settings, asyncio.get_running_loop()))
         worker = Worker(queue, runner, store, settings)
         return cls(settings=settings, queue=queue, store=store, runner=runner, worker=worker)
 

@@ -1,0 +1,438 @@
+"""Model downloads that survive real networks, on top of the Hub's HTTP API.
+
+huggingface_hub resumes only within one call, does not retry resets or 5xx on file bodies and leaves some metadata
+calls without a timeout (../shared/REFERENCE.md). So this module plans first (pinned commit, only the files the
+pipeline needs, exact sizes, what is already here), checks the disk, then fetches each file into a `.part` file
+that a later run continues with a Range request, retrying with backoff, and verifies size and sha256. Files whose
+content already exists (the same text encoder or VAE in another repo) are linked, not downloaded again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from huggingface_hub import get_token
+
+from engine.config import DownloadsConfig
+from engine.errors import UserError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf")
+SKIPPED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".mp4", ".webp", ".gitattributes")
+CHUNK = 1024 * 1024
+MANIFEST = ".wanbot-manifest.json"
+
+
+@dataclass
+class PlannedFile:
+    path: str
+    size: int
+    sha256: str | None  # LFS files carry one; small git files are checked by size only
+    present_bytes: int = 0  # already on disk (complete file, or the part a killed run left)
+
+    @property
+    def missing_bytes(self) -> int:
+        return self.size - self.present_bytes
+
+
+@dataclass
+class DownloadPlan:
+    repo_id: str
+    commit: str
+    folder: Path
+    files: list[PlannedFile]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(item.size for item in self.files)
+
+    @property
+    def missing_bytes(self) -> int:
+        return sum(item.missing_bytes for item in self.files)
+
+
+@dataclass
+class DownloadProgress:
+    done_bytes: int
+    total_bytes: int
+    speed_bps: float
+    eta_s: float | None
+    current_file: str
+
+
+ProgressCallback = Callable[[DownloadProgress], None]
+
+
+class TransientError(Exception):
+    """Worth another try: a network error, a reset, a stall, 5xx or 429 (with the delay the server asked for)."""
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Reservations:
+    """Bytes promised to downloads running in this process, so two of them do not both count the same free space."""
+
+    by_repo: dict[str, int] = field(default_factory=dict)
+
+    def others(self, repo_id: str) -> int:
+        return sum(size for repo, size in self.by_repo.items() if repo != repo_id)
+
+
+RESERVATIONS = _Reservations()
+
+
+class Downloader:
+    def __init__(
+        self,
+        root: Path,
+        config: DownloadsConfig,
+        free_bytes: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.root = root
+        self._config = config
+        self._free_bytes = free_bytes
+        self._sleep = sleep
+        self._clock = clock
+        self._endpoint = config.endpoint.rstrip("/")
+        token = os.environ.get("HF_TOKEN") or get_token()
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    # -- where things are --------------------------------------------------------------------------------------
+
+    def repo_folder(self, repo_id: str) -> Path:
+        return self.root / "hub" / repo_id.replace("/", "--")
+
+    def local_snapshot(self, repo_id: str) -> Path | None:
+        """The complete snapshot on disk (the newest, if several), or None."""
+        marker = self.repo_folder(repo_id) / "current"
+        if not marker.exists():
+            return None
+        folder = self.repo_folder(repo_id) / marker.read_text().strip()
+        return folder if (folder / "model_index.json").exists() else None
+
+    def _blob(self, sha256: str) -> Path:
+        return self.root / "blobs" / sha256
+
+    def _part(self, plan: DownloadPlan, item: PlannedFile) -> Path:
+        return plan.folder.parent / ".partial" / plan.commit / f"{item.path}.part"
+
+    # -- planning ----------------------------------------------------------------------------------------------
+
+    async def plan(self, repo_id: str, revision: str = "main") -> DownloadPlan:
+        """Pin the commit and list the files the pipeline needs, with sizes and what is already here."""
+        if self._config.offline:
+            raise UserError(
+                f"The model {repo_id} is not on disk and downloads are off (offline mode).",
+                "Turn downloads.offline off, or put the model folder on this machine.",
+            )
+        async with self._client(self._config.metadata_timeout_s) as client:
+            info = await self._json(client, f"/api/models/{repo_id}/revision/{revision}", repo_id)
+            commit = info["sha"]
+            tree = await self._json(client, f"/api/models/{repo_id}/tree/{commit}?recursive=true", repo_id)
+            index_response = await self._get_with_retries(
+                client, f"/{repo_id}/resolve/{commit}/model_index.json", repo_id
+            )
+        index = json.loads(index_response.content)
+        entries = {entry["path"]: entry for entry in tree if entry.get("type") == "file"}
+        wanted = select_files(index, list(entries))
+        folder = self.repo_folder(repo_id) / commit
+        files = []
+        for path in wanted:
+            entry = entries[path]
+            lfs = entry.get("lfs") or {}
+            item = PlannedFile(path=path, size=int(lfs.get("size", entry.get("size", 0))), sha256=lfs.get("oid"))
+            item.present_bytes = self._present_bytes(folder, item, commit)
+            files.append(item)
+        return DownloadPlan(repo_id=repo_id, commit=commit, folder=folder, files=files)
+
+    def _present_bytes(self, folder: Path, item: PlannedFile, commit: str) -> int:
+        final = folder / item.path
+        if final.exists() and final.stat().st_size == item.size:
+            return item.size
+        if item.sha256 and self._blob(item.sha256).exists():
+            return item.size  # the same content came with another repo: it will be linked
+        part = folder.parent / ".partial" / commit / f"{item.path}.part"
+        return min(part.stat().st_size, item.size) if part.exists() else 0
+
+    # -- downloading -------------------------------------------------------------------------------------------
+
+    async def download(self, repo_id: str, revision: str = "main", on_progress: ProgressCallback | None = None) -> Path:
+        """Make the repo's snapshot complete on disk and return its folder. Cancelling keeps what was fetched."""
+        lock_path = self.repo_folder(repo_id) / ".lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with lock_path.open("w") as lock:
+            # One downloader per model, across processes too; a second waits and then finds the files present.
+            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+            try:
+                plan = await self.plan(repo_id, revision)
+                self._check_disk(plan)
+                RESERVATIONS.by_repo[repo_id] = plan.missing_bytes
+                try:
+                    await self._fetch_all(plan, on_progress)
+                finally:
+                    RESERVATIONS.by_repo.pop(repo_id, None)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return plan.folder
+
+    def _check_disk(self, plan: DownloadPlan) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = self._free_bytes(self.root)
+        needed = plan.missing_bytes + self._config.reserve_bytes + RESERVATIONS.others(plan.repo_id)
+        if needed > free:
+            raise UserError(
+                f"Not enough disk space for {plan.repo_id}: it needs {plan.missing_bytes / 1e9:.1f} GB more (plus "
+                f"{self._config.reserve_bytes / 1e9:.1f} GB kept free and "
+                f"{RESERVATIONS.others(plan.repo_id) / 1e9:.1f} GB for other downloads), but only "
+                f"{free / 1e9:.1f} GB are free in {self.root}.",
+                "Free some space or move data_dir (WANBOT_DATA_DIR) to a larger disk.",
+            )
+
+    async def _fetch_all(self, plan: DownloadPlan, on_progress: ProgressCallback | None) -> None:
+        meter = _Meter(plan.total_bytes, sum(item.present_bytes for item in plan.files), self._clock, on_progress)
+        async with self._client(self._config.timeout_s) as client:
+            for item in plan.files:
+                final = plan.folder / item.path
+                if final.exists() and final.stat().st_size == item.size:
+                    continue
+                if item.sha256 and self._link_blob(item.sha256, final):
+                    continue
+                await self._fetch_file(client, plan, item, meter)
+        self._clean_partials(plan)
+        manifest = [{"path": item.path, "size": item.size, "sha256": item.sha256} for item in plan.files]
+        (plan.folder / MANIFEST).write_text(
+            json.dumps({"repo_id": plan.repo_id, "commit": plan.commit, "files": manifest}, indent=1)
+        )
+        (plan.folder.parent / "current").write_text(plan.commit)
+
+    def _link_blob(self, sha256: str, target: Path) -> bool:
+        blob = self._blob(sha256)
+        if not blob.exists():
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+        try:
+            os.link(blob, target)
+        except OSError:
+            shutil.copyfile(blob, target)
+        return True
+
+    async def _fetch_file(
+        self, client: httpx.AsyncClient, plan: DownloadPlan, item: PlannedFile, meter: _Meter
+    ) -> None:
+        part = self._part(plan, item)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        url = f"/{plan.repo_id}/resolve/{plan.commit}/{item.path}"
+        for attempt in range(self._config.retries + 1):
+            have = part.stat().st_size if part.exists() else 0
+            if have > item.size:
+                part.unlink()
+                have = 0
+            try:
+                if have < item.size:
+                    await self._stream(client, url, part, have, item, meter)
+                break
+            except TransientError as error:
+                if attempt == self._config.retries:
+                    raise UserError(
+                        f"Downloading {plan.repo_id} failed after {attempt + 1} tries ({error}).",
+                        "Check the network and try again; what was fetched is kept.",
+                    ) from error
+                await self._sleep(self._backoff(attempt, error.retry_after_s))
+        self._verify(part, item, plan.repo_id)
+        final = plan.folder / item.path
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)
+        if item.sha256:
+            self._blob(item.sha256).parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.link(final, self._blob(item.sha256))
+
+    async def _stream(
+        self, client: httpx.AsyncClient, url: str, part: Path, have: int, item: PlannedFile, meter: _Meter
+    ) -> None:
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            async with client.stream("GET", url, headers=headers) as response:
+                self._raise_for_status(response, item.path)
+                if have and response.status_code != 206:
+                    have = 0  # the server ignored the range: start the file again
+                # Unbuffered, and written as it arrives: every byte received is in the OS's hands at once, so a
+                # process killed at any moment leaves a part file the next run continues from.
+                with part.open("r+b" if have else "wb", buffering=0) as handle:
+                    handle.seek(have)
+                    handle.truncate()
+                    async for chunk in response.aiter_bytes():
+                        handle.write(chunk)
+                        meter.add(len(chunk), item.path)
+                    await asyncio.to_thread(os.fsync, handle.fileno())
+                    written = handle.tell()
+        except httpx.TransportError as error:
+            # Includes resets, closed connections and a read stalled longer than downloads.timeout_s.
+            raise TransientError(f"{type(error).__name__} on {item.path}") from error
+        if written < item.size:
+            raise TransientError(f"connection closed early on {item.path}")
+
+    def _verify(self, part: Path, item: PlannedFile, repo_id: str) -> None:
+        size = part.stat().st_size
+        problem = None
+        if size != item.size:
+            problem = f"is {size} bytes, expected {item.size}"
+        elif item.sha256:
+            digest = hashlib.sha256()
+            with part.open("rb") as handle:
+                for block in iter(lambda: handle.read(CHUNK), b""):
+                    digest.update(block)
+            if digest.hexdigest() != item.sha256:
+                problem = "does not match its sha256"
+        if problem:
+            part.unlink()
+            raise UserError(
+                f"The downloaded file {item.path} of {repo_id} {problem}; it was removed.", "Run the download again."
+            )
+
+    def _clean_partials(self, plan: DownloadPlan) -> None:
+        """Partial files of other (older) commits can never be resumed: remove them."""
+        shutil.rmtree(plan.folder.parent / ".partial", ignore_errors=True)
+
+    def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
+        if retry_after_s is not None:
+            return retry_after_s
+        delay = min(self._config.backoff_s * 2**attempt, self._config.max_backoff_s)
+        return delay * random.uniform(0.5, 1.5)
+
+    # -- HTTP --------------------------------------------------------------------------------------------------
+
+    def _client(self, read_timeout_s: float) -> httpx.AsyncClient:
+        timeout = httpx.Timeout(self._config.metadata_timeout_s, read=read_timeout_s)
+        return httpx.AsyncClient(base_url=self._endpoint, headers=self._headers, timeout=timeout, follow_redirects=True)
+
+    async def _json(self, client: httpx.AsyncClient, url: str, repo_id: str) -> Any:
+        return (await self._get_with_retries(client, url, repo_id)).json()
+
+    async def _get_with_retries(self, client: httpx.AsyncClient, url: str, repo_id: str) -> httpx.Response:
+        for attempt in range(self._config.retries + 1):
+            try:
+                response = await client.get(url)
+                self._raise_for_status(response, repo_id)
+                return response
+            except httpx.TransportError as error:
+                failure = TransientError(type(error).__name__)
+            except TransientError as error:
+                failure = error
+            if attempt == self._config.retries:
+                raise UserError(
+                    f"The Hub did not answer for {repo_id} ({failure}).",
+                    "Check the network, or use a local model folder.",
+                ) from failure
+            await self._sleep(self._backoff(attempt, failure.retry_after_s))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _raise_for_status(response: httpx.Response, what: str) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        if status == 429 or status >= 500:
+            retry_after = response.headers.get("Retry-After")
+            raise TransientError(f"HTTP {status}", float(retry_after) if retry_after else None)
+        if status in (401, 403):
+            raise UserError(
+                f"The Hub refused access to {what} (HTTP {status}): it is gated or private.",
+                "Accept its licence on the Hub and set HF_TOKEN to a token that may read it.",
+            )
+        if status == 404:
+            raise UserError(f"{what} was not found on the Hub.", "Check the repo id (for example in models.t2v).")
+        raise UserError(f"The Hub answered HTTP {status} for {what}.", "Try again later.")
+
+
+def verify_snapshot(folder: Path) -> list[str]:
+    """Check a downloaded snapshot against its manifest; return the problems found (none: it is intact)."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        return [f"{folder} has no download manifest; download it again with `wanbot models download`."]
+    problems = []
+    for entry in json.loads(manifest_path.read_text())["files"]:
+        path = folder / entry["path"]
+        if not path.exists():
+            problems.append(f"{entry['path']} is missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{entry['path']} is {path.stat().st_size} bytes, expected {entry['size']}")
+        elif entry["sha256"]:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(CHUNK), b""):
+                    digest.update(block)
+            if digest.hexdigest() != entry["sha256"]:
+                problems.append(f"{entry['path']} does not match its sha256")
+    return problems
+
+
+def select_files(model_index: dict[str, Any], paths: list[str]) -> list[str]:
+    """The files a diffusers pipeline loads: model_index.json and its components' folders; one weight format
+    (safetensors when there is any), no half-precision variants beside full ones, no docs or example media."""
+    components = {
+        name
+        for name, value in model_index.items()
+        if not name.startswith("_") and isinstance(value, list) and value[0] is not None
+    }
+    chosen = ["model_index.json"] if "model_index.json" in paths else []
+    for component in sorted(components):
+        inside = [path for path in paths if path.startswith(f"{component}/")]
+        has_safetensors = any(path.endswith(".safetensors") for path in inside)
+        for path in inside:
+            name = path.rsplit("/", 1)[-1]
+            if name.endswith(SKIPPED_SUFFIXES):
+                continue
+            if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+                if has_safetensors and "safetensors" not in name:
+                    continue
+                variant = _variant_of(name)
+                if variant and path.replace(f"{variant}.", ".", 1) in inside:
+                    continue  # an fp16/bf16 copy beside the default weights
+            chosen.append(path)
+    return chosen
+
+
+def _variant_of(name: str) -> str:
+    parts = name.split(".")
+    return f".{parts[-2]}" if len(parts) >= 3 and parts[-2] in ("fp16", "bf16", "fp32") else ""
+
+
+class _Meter:
+    """Bytes done, speed over the last seconds, ETA; calls back at most a few times a second."""
+
+    def __init__(self, total: int, done: int, clock: Callable[[], float], callback: ProgressCallback | None) -> None:
+        self._total, self._done, self._clock, self._callback = total, done, clock, callback
+        self._window: list[tuple[float, int]] = [(clock(), done)]
+        self._last_report = float("-inf")
+
+    def add(self, count: int, current: str) -> None:
+        self._done += count
+        now = self._clock()
+        if self._callback is None or now - self._last_report < 0.25:
+            return
+        self._last_report = now
+        self._window = [(at, done) for at, done in self._window if now - at <= 10] + [(now, self._done)]
+        elapsed = now - self._window[0][0]
+        speed = (self._done - self._window[0][1]) / elapsed if elapsed > 0 else 0.0
+        eta = (self._total - self._done) / speed if speed > 0 else None
+        self._callback(DownloadProgress(self._done, self._total, speed, eta, current))

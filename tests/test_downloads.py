@@ -1,0 +1,241 @@
+"""Model downloads against a fake Hub on 127.0.0.1, with the faults real networks have."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from engine.config import DownloadsConfig, Settings
+from engine.downloads import Downloader, select_files, verify_snapshot
+from engine.errors import UserError
+from engine.images import Mode
+from engine.jobs import EventKind, JobSource, JobStatus, Stage
+from engine.models import GenerationRequest
+from engine.service import Engine
+from tests.fake_hub import COMMIT, FakeHub
+
+REPO_ID = "wan-test/Tiny-T2V-Diffusers"
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def served_folder(tiny_models: Path, tmp_path: Path) -> Path:
+    """The tiny t2v model as a Hub repo holds it, with what a pipeline does not need beside it."""
+    folder = tmp_path / "repo"
+    shutil.copytree(tiny_models / "tiny-t2v", folder)
+    (folder / "README.md").write_text("# model card")
+    (folder / "assets").mkdir()
+    (folder / "assets" / "example.png").write_bytes(b"\x89PNG not needed")
+    weights = (folder / WEIGHTS).read_bytes()
+    (folder / "transformer" / "diffusion_pytorch_model.bin").write_bytes(weights)
+    (folder / "transformer" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(weights[: len(weights) // 2])
+    return folder
+
+
+@pytest.fixture
+async def hub(served_folder: Path) -> AsyncIterator[FakeHub]:
+    server = FakeHub(REPO_ID, served_folder)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def config(hub: FakeHub, **overrides: object) -> DownloadsConfig:
+    values = {
+        "endpoint": hub.url,
+        "timeout_s": 2.0,
+        "metadata_timeout_s": 2.0,
+        "retries": 4,
+        "backoff_s": 0.01,
+        "max_backoff_s": 0.05,
+        "reserve_bytes": 0,
+        **overrides,
+    }
+    return DownloadsConfig.model_validate(values)
+
+
+def test_only_the_pipeline_files_in_one_weight_format_are_chosen():
+    index = {
+        "_class_name": "WanPipeline",
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": [None, None],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    paths = [
+        "model_index.json",
+        "README.md",
+        "assets/x.png",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "transformer/diffusion_pytorch_model.bin",
+        "transformer/diffusion_pytorch_model.fp16.safetensors",
+        "transformer_2/config.json",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.bin",
+        "text_encoder/model.safetensors",
+    ]
+    assert select_files(index, paths) == [
+        "model_index.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.bin",
+    ]
+
+
+async def test_plan_pins_the_commit_and_knows_sizes_and_what_is_here(hub: FakeHub, tmp_path: Path):
+    downloader = Downloader(tmp_path / "models", config(hub))
+    plan = await downloader.plan(REPO_ID)
+    assert plan.commit == COMMIT
+    paths = {item.path for item in plan.files}
+    assert WEIGHTS in paths and "README.md" not in paths and "assets/example.png" not in paths
+    assert "transformer/diffusion_pytorch_model.bin" not in paths
+    assert "transformer/diffusion_pytorch_model.fp16.safetensors" not in paths
+    assert plan.missing_bytes == plan.total_bytes == sum(hub.files[path].size for path in paths)
+    assert next(item for item in plan.files if item.path == WEIGHTS).sha256 == hub.files[WEIGHTS].sha256
+
+
+async def test_download_survives_closed_reset_stalled_and_busy_answers(hub: FakeHub, tmp_path: Path):
+    hub.faults = {
+        WEIGHTS: ["close", "reset", "503", "429", "stall"],
+        "vae/diffusion_pytorch_model.safetensors": ["close"],
+        "model_index.json": ["503"],
+    }
+    downloader = Downloader(tmp_path / "models", config(hub, timeout_s=0.5, retries=8))
+    seen = []
+    folder = await downloader.download(REPO_ID, on_progress=seen.append)
+    assert verify_snapshot(folder) == []
+    assert (folder / WEIGHTS).read_bytes() == (hub.folder / WEIGHTS).read_bytes()
+    resumed = [rng for method, path, rng in hub.requests if path == f"cdn:{WEIGHTS}" and rng]
+    assert resumed and all(int(rng[6:].split("-")[0]) > 0 for rng in resumed)  # continued, not restarted
+    assert not hub.faults[WEIGHTS]
+    assert not (folder.parent / ".partial").exists()
+
+
+async def test_not_enough_disk_is_refused_before_the_first_byte(hub: FakeHub, tmp_path: Path):
+    downloader = Downloader(tmp_path / "models", config(hub, reserve_bytes=1000), free_bytes=lambda path: 5000)
+    with pytest.raises(UserError, match=r"Not enough disk space .* only 0\.0 GB are free in") as caught:
+        await downloader.download(REPO_ID)
+    assert "WANBOT_DATA_DIR" in caught.value.hint
+    assert not [path for method, path, rng in hub.requests if "resolve" in path and "model_index" not in path]
+
+
+async def test_repo_not_found_fails_at_once_and_offline_mode_never_asks(hub: FakeHub, tmp_path: Path):
+    downloader = Downloader(tmp_path / "models", config(hub))
+    with pytest.raises(UserError, match="not found on the Hub") as caught:
+        await downloader.download("wan-test/No-Such-Model")
+    assert "repo id" in caught.value.hint
+    assert len(hub.requests) == 1
+    offline = Downloader(tmp_path / "models", config(hub, offline=True))
+    with pytest.raises(UserError, match="offline mode"):
+        await offline.download(REPO_ID)
+    assert len(hub.requests) == 1
+
+
+async def test_shared_files_are_linked_not_downloaded_twice(served_folder: Path, tmp_path: Path):
+    first = FakeHub(REPO_ID, served_folder)
+    second = FakeHub("wan-test/Other-Repo-Same-VAE", served_folder)
+    await first.start()
+    await second.start()
+    try:
+        root = tmp_path / "models"
+        await Downloader(root, config(first)).download(REPO_ID)
+        folder = await Downloader(root, config(second)).download("wan-test/Other-Repo-Same-VAE")
+    finally:
+        await first.stop()
+        await second.stop()
+    assert verify_snapshot(folder) == []
+    assert not [path for method, path, rng in second.requests if path.startswith("cdn:")]
+    assert (folder / WEIGHTS).stat().st_ino == (
+        Downloader(root, config(first)).local_snapshot(REPO_ID) / WEIGHTS
+    ).stat().st_ino
+
+
+async def test_cancel_keeps_what_was_fetched_and_the_next_run_resumes(hub: FakeHub, tmp_path: Path):
+    hub.faults = {WEIGHTS: ["pause"]}
+    downloader = Downloader(tmp_path / "models", config(hub))
+    task = asyncio.create_task(downloader.download(REPO_ID))
+    await asyncio.wait_for(hub.pause_reached.wait(), timeout=30)
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    part = tmp_path / "models" / "hub" / REPO_ID.replace("/", "--") / ".partial" / COMMIT / f"{WEIGHTS}.part"
+    assert 0 < part.stat().st_size < hub.files[WEIGHTS].size
+    had = part.stat().st_size
+    hub.paused.set()
+    folder = await downloader.download(REPO_ID)
+    assert verify_snapshot(folder) == []
+    assert f"bytes={had}-" in [rng for method, path, rng in hub.requests if path == f"cdn:{WEIGHTS}"]
+
+
+async def test_a_sigkilled_download_process_resumes_within_the_file(hub: FakeHub, tmp_path: Path):
+    hub.faults = {WEIGHTS: ["pause"]}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANBOT_")}
+    env.update(
+        WANBOT_DATA_DIR=str(tmp_path / "data"),
+        WANBOT_DOWNLOADS__ENDPOINT=hub.url,
+        WANBOT_DOWNLOADS__RESERVE_BYTES="0",
+        WANBOT_DOWNLOADS__BACKOFF_S="0.01",
+    )
+    command = [sys.executable, "-c", "from bot.cli import main; main()", "models", "download", REPO_ID]
+    child = await asyncio.create_subprocess_exec(
+        *command, env=env, cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    await asyncio.wait_for(hub.pause_reached.wait(), timeout=60)
+    await asyncio.sleep(0.3)
+    child.send_signal(signal.SIGKILL)
+    await child.wait()
+    part = tmp_path / "data" / "models" / "hub" / REPO_ID.replace("/", "--") / ".partial" / COMMIT / f"{WEIGHTS}.part"
+    had = part.stat().st_size
+    assert 0 < had < hub.files[WEIGHTS].size
+    hub.paused.set()
+    again = await asyncio.create_subprocess_exec(
+        *command, env=env, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(again.communicate(), timeout=90)
+    assert again.returncode == 0, err.decode()[-2000:]
+    assert f"bytes={had}-" in [rng for method, path, rng in hub.requests if path == f"cdn:{WEIGHTS}"]
+    verify = await asyncio.create_subprocess_exec(
+        *command[:-2],
+        "verify",
+        REPO_ID,
+        env=env,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await verify.communicate()
+    assert verify.returncode == 0 and b"is intact" in out, err.decode()
+
+
+async def test_a_job_for_a_missing_hub_model_downloads_it_with_progress_then_generates(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.delenv("WANBOT_CONFIG", raising=False)
+    settings = Settings(data_dir=tmp_path / "data", models={"t2v": REPO_ID}, downloads=config(hub).model_dump())
+    engine = await Engine.open(settings)
+    inbox = engine.queue.events.subscribe()
+    try:
+        request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", steps=2, frames=5, resolution="64x64")
+        submission = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="u"))
+        await asyncio.wait_for(engine.worker.run(stop_after=0), timeout=90)
+        job = await engine.queue.get(submission.result.job.id)
+    finally:
+        await engine.close()
+    assert job.status is JobStatus.SUCCEEDED, job.error_detail
+    stages = []
+    while not inbox._inbox.empty():
+        event = inbox._inbox.get_nowait()
+        if event.kind is EventKind.PROGRESS:
+            stages.append(event.progress.stage)
+    assert stages[0] is Stage.DOWNLOADING and Stage.LOADING in stages and Stage.DENOISING in stages
