@@ -6,8 +6,6 @@ whose callables must be thread-safe.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import gc
 import logging
 import time
@@ -22,7 +20,7 @@ from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipel
 from PIL import Image
 
 from engine.config import GenerationConfig, Settings
-from engine.downloads import Downloader, DownloadProgress
+from engine.downloads import Downloader
 from engine.errors import UserError
 from engine.jobs import GenerationParams, Job, Progress, Stage
 from engine.models import ModelRef, ModelSpec, resolve_model
@@ -77,13 +75,9 @@ class LoadedPipeline:
 ModelLocator = Callable[[ModelRef, RunHooks], Path]
 
 
-def default_locator(settings: Settings, loop: asyncio.AbstractEventLoop) -> ModelLocator:
-    """Where a model's diffusers folder is: built on first use for `tiny`, downloaded once for Hub repo ids.
-
-    It runs in the executor thread; the download itself runs on the event loop (`loop`), and a cancel request
-    stops it within half a second, keeping what was fetched for the next attempt.
-    """
-    downloader = Downloader(settings.models_dir, settings.downloads)
+def default_locator(settings: Settings, downloader: Downloader) -> ModelLocator:
+    """Where a model's diffusers folder is: built on first use for `tiny`, the downloaded snapshot for Hub repo ids
+    (the worker has the ModelFetcher download it before the job runs)."""
 
     def locate(model: ModelRef, hooks: RunHooks) -> Path:
         if model.is_tiny:
@@ -91,35 +85,11 @@ def default_locator(settings: Settings, loop: asyncio.AbstractEventLoop) -> Mode
         if model.is_local:
             return Path(model.name)
         snapshot = downloader.local_snapshot(model.name)
-        if snapshot is not None:
-            return snapshot
-
-        def report(progress: DownloadProgress) -> None:
-            hooks.on_progress(download_progress(progress))
-
-        hooks.on_progress(Progress(stage=Stage.DOWNLOADING, detail=f"planning {model.name}"))
-        future = asyncio.run_coroutine_threadsafe(downloader.download(model.name, on_progress=report), loop)
-        while True:
-            try:
-                return future.result(timeout=0.5)
-            except concurrent.futures.TimeoutError:
-                if hooks.should_cancel() or hooks.should_interrupt():
-                    future.cancel()
-                    raise JobInterrupted if hooks.should_interrupt() else JobCancelled from None
+        if snapshot is None:
+            raise UserError(f"The model {model.name} is not downloaded.", f"Run: wanbot models download {model.name}")
+        return snapshot
 
     return locate
-
-
-def download_progress(progress: DownloadProgress) -> Progress:
-    mib = 1024 * 1024
-    return Progress(
-        stage=Stage.DOWNLOADING,
-        step=progress.done_bytes // mib,
-        total=max(progress.total_bytes // mib, 1),
-        eta_s=progress.eta_s,
-        detail=f"{progress.done_bytes / 1e9:.2f}/{progress.total_bytes / 1e9:.2f} GB, "
-        f"{progress.speed_bps / 1e6:.1f} MB/s",
-    )
 
 
 class PipelineRunner:

@@ -270,14 +270,23 @@ class JobQueue:
 
     # -- the worker's side -------------------------------------------------------------------------------------
 
-    async def claim_next(self, preferred_model: str | None = None, max_model_skips: int = 3) -> Job | None:
+    async def claim_next(
+        self, preferred_model: str | None = None, max_model_skips: int = 3, exclude_models: Iterable[str] = ()
+    ) -> Job | None:
         """Atomically move the next queued job to running and return it, or None when nothing waits.
 
         With `preferred_model` (the one loaded), a job for it may go first, but each job passed over this way
         counts it, and one passed over `max_model_skips` times is not passed over again, so nobody starves.
+        Jobs for `exclude_models` (being downloaded) wait where they are.
         """
+        excluded = json.dumps(sorted(exclude_models))
         async with self._transaction() as db:
-            head = await _fetch_one(db, FAIR_ORDER_CTE + "SELECT * FROM ordered ORDER BY position LIMIT 1")
+            head = await _fetch_one(
+                db,
+                FAIR_ORDER_CTE + "SELECT * FROM ordered WHERE model NOT IN (SELECT value FROM json_each(?)) "
+                "ORDER BY position LIMIT 1",
+                (excluded,),
+            )
             if head is None:
                 return None
             chosen = head["id"]
@@ -373,6 +382,29 @@ class JobQueue:
             job = await self._get(db, job_id)
         self._publish(EventKind.REQUEUED, job)
         return job
+
+    async def fail_waiting(self, model: str, user_message: str, detail: str) -> list[Job]:
+        """Fail every queued job for `model` at once (its download failed for good)."""
+        async with self._transaction() as db:
+            rows = await (
+                await db.execute("SELECT id FROM jobs WHERE status = 'queued' AND model = ?", (model,))
+            ).fetchall()
+            await db.execute(
+                """UPDATE jobs SET status = 'failed', finished_at = ?, error_user = ?, error_detail = ?
+                   WHERE status = 'queued' AND model = ?""",
+                (self._clock(), user_message, detail, model),
+            )
+            failed = []
+            for row in rows:
+                await self._log(db, row["id"], EventKind.FAILED, user_message)
+                failed.append(await self._get(db, row["id"]))
+        for job in failed:
+            self._publish(EventKind.FAILED, job)
+        return failed
+
+    async def waiting_for(self, model: str) -> list[Job]:
+        rows = await self._read_all("SELECT * FROM jobs WHERE status = 'queued' AND model = ? ORDER BY id", (model,))
+        return [_row_to_job(row) for row in rows]
 
     async def recover_interrupted(self, max_attempts: int) -> list[Job]:
         """At start-up: jobs left running by a crash go back to queued, or fail once they used their attempts."""

@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass, field
 
 from engine.config import Settings
+from engine.downloads import Downloader
 from engine.events import EventBus
 from engine.generate import ModelLocator, PipelineRunner, default_locator
 from engine.images import ImageStore, ValidatedImage, check_mode, validate_image_bytes
@@ -46,13 +47,14 @@ class Engine:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         queue = await JobQueue.open(settings.db_path, EventBus())
         store = ImageStore(settings.images_dir)
-        runner = PipelineRunner(settings.generation, locator or default_locator(settings, asyncio.get_running_loop()))
-        worker = Worker(queue, runner, store, settings)
+        downloader = Downloader(settings.models_dir, settings.downloads)
+        runner = PipelineRunner(settings.generation, locator or default_locator(settings, downloader))
+        worker = Worker(queue, runner, store, settings, downloader)
         return cls(settings=settings, queue=queue, store=store, runner=runner, worker=worker)
 
     async def close(self) -> None:
         await self.worker.stop()
-        self.worker.close()
+        await self.worker.close()
         await self.queue.close()
 
     def is_admin(self, platform: str, user_id: str) -> bool:

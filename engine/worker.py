@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config import Settings
+from engine.downloads import Downloader
 from engine.errors import UserError
 from engine.events import Subscription
+from engine.fetcher import ModelFetcher
 from engine.generate import JobCancelled, JobInterrupted, PipelineRunner, RunHooks, RunOutput
 from engine.images import ImageStore
 from engine.jobs import EventKind, Job, Progress, ResultInfo, Stage
@@ -53,6 +55,7 @@ class Worker:
         runner: PipelineRunner,
         store: ImageStore,
         settings: Settings,
+        downloader: Downloader,
         poll_s: float = 1.0,
         progress_persist_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
@@ -68,6 +71,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._flags: _Flags | None = None
+        self._fetcher = ModelFetcher(queue, downloader, self._wake.set)
         self.state = WorkerState()
 
     @property
@@ -92,15 +96,21 @@ class Worker:
                 # Cleared before the claim, so a job enqueued right after an empty claim still wakes us.
                 self._wake.clear()
                 self.state.paused = await self._queue.is_paused()
-                job = (
-                    None
-                    if self.state.paused
-                    else await self._queue.claim_next(self._runner.loaded_model, self._settings.queue.max_model_skips)
-                )
+                job = None
+                if not self.state.paused:
+                    job = await self._queue.claim_next(
+                        self._runner.loaded_model, self._settings.queue.max_model_skips, self._fetcher.busy_models
+                    )
                 if job is None:
-                    if stop_after is not None and self.state.jobs_done >= stop_after:
+                    done = stop_after is not None and self.state.jobs_done >= stop_after
+                    if done and not self._fetcher.busy_models:
                         break
                     await self._idle()
+                    continue
+                if self._fetcher.missing(job.model, job.mode):
+                    # Back to the queue until its model is here; jobs for other models go on meanwhile.
+                    await self._queue.requeue(job.id, "waiting for the model download")
+                    self._fetcher.start(job.model)
                     continue
                 await self._process(job)
                 self.state.jobs_done += 1
@@ -116,7 +126,8 @@ class Worker:
         if requeue_running and self._flags is not None:
             self._flags.interrupt.set()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        await self._fetcher.close()
         self._executor.shutdown(wait=True)
 
     async def _idle(self) -> None:

@@ -218,24 +218,77 @@ async def test_a_sigkilled_download_process_resumes_within_the_file(hub: FakeHub
     assert verify.returncode == 0 and b"is intact" in out, err.decode()
 
 
-async def test_a_job_for_a_missing_hub_model_downloads_it_with_progress_then_generates(
-    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    monkeypatch.delenv("WANBOT_CONFIG", raising=False)
-    settings = Settings(data_dir=tmp_path / "data", models={"t2v": REPO_ID}, downloads=config(hub).model_dump())
-    engine = await Engine.open(settings)
-    inbox = engine.queue.events.subscribe()
-    try:
-        request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", steps=2, frames=5, resolution="64x64")
-        submission = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="u"))
-        await asyncio.wait_for(engine.worker.run(stop_after=0), timeout=90)
-        job = await engine.queue.get(submission.result.job.id)
-    finally:
-        await engine.close()
-    assert job.status is JobStatus.SUCCEEDED, job.error_detail
+def hub_settings(hub: FakeHub, tmp_path: Path) -> Settings:
+    # A long read timeout, so a paused transfer stays paused however slow the machine is, until the test releases it.
+    downloads = config(hub, timeout_s=300.0).model_dump()
+    return Settings(data_dir=tmp_path / "data", models={"t2v": REPO_ID}, downloads=downloads)
+
+
+def progress_stages(inbox, job_id: int) -> list[Stage]:
     stages = []
     while not inbox._inbox.empty():
         event = inbox._inbox.get_nowait()
-        if event.kind is EventKind.PROGRESS:
+        if event.kind is EventKind.PROGRESS and event.job.id == job_id:
             stages.append(event.progress.stage)
-    assert stages[0] is Stage.DOWNLOADING and Stage.LOADING in stages and Stage.DENOISING in stages
+    return stages
+
+
+async def test_a_missing_model_downloads_in_the_background_while_other_jobs_run(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.delenv("WANBOT_CONFIG", raising=False)
+    hub.faults = {WEIGHTS: ["pause"]}
+    engine = await Engine.open(hub_settings(hub, tmp_path))
+    inbox = engine.queue.events.subscribe()
+    worker = asyncio.create_task(engine.worker.run())
+    try:
+        request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", steps=2, frames=5, resolution="64x64")
+        from_hub = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="a"))
+        await asyncio.wait_for(hub.pause_reached.wait(), timeout=30)
+        local = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="b"), model_override="tiny")
+        for _ in range(600):
+            if (await engine.queue.get(local.result.job.id)).status.terminal:
+                break
+            await asyncio.sleep(0.1)
+        assert (await engine.queue.get(local.result.job.id)).status is JobStatus.SUCCEEDED
+        assert (await engine.queue.get(from_hub.result.job.id)).status is JobStatus.QUEUED
+        hub.paused.set()
+        for _ in range(600):
+            if (await engine.queue.get(from_hub.result.job.id)).status.terminal:
+                break
+            await asyncio.sleep(0.1)
+        job = await engine.queue.get(from_hub.result.job.id)
+    finally:
+        await engine.worker.stop()
+        await worker
+        await engine.close()
+    assert job.status is JobStatus.SUCCEEDED, job.error_detail
+    assert job.attempts == 1  # waiting for the download did not count as an attempt
+    stages = progress_stages(inbox, job.id)
+    assert Stage.DOWNLOADING in stages and stages.index(Stage.DOWNLOADING) < stages.index(Stage.LOADING)
+
+
+async def test_cancelling_the_only_waiting_job_stops_its_download(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.delenv("WANBOT_CONFIG", raising=False)
+    hub.faults = {WEIGHTS: ["pause"]}
+    engine = await Engine.open(hub_settings(hub, tmp_path))
+    worker = asyncio.create_task(engine.worker.run())
+    try:
+        request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", steps=2)
+        submission = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="a"))
+        await asyncio.wait_for(hub.pause_reached.wait(), timeout=30)
+        await engine.queue.cancel(submission.result.job.id, engine.actor("cli", "a"))
+        for _ in range(100):
+            if not engine.worker._fetcher.busy_models:
+                break
+            await asyncio.sleep(0.1)
+        assert not engine.worker._fetcher.busy_models
+    finally:
+        hub.paused.set()
+        await engine.worker.stop()
+        await worker
+        await engine.close()
+    part = tmp_path / "data" / "models" / "hub" / REPO_ID.replace("/", "--") / ".partial" / COMMIT / f"{WEIGHTS}.part"
+    assert part.stat().st_size > 0  # kept for the next attempt
