@@ -72,7 +72,7 @@ async def main() -> None:
             # The worker finishes each job before claiming the next, so a user's last_served moves on.
             await queue.mark_cancelled(job.id)
         await queue.close()
-    print(f"queue: {args.jobs} jobs from {args.users} users, SQLite WAL on local disk")
+    print(f"queue: {args.jobs} jobs from {args.users} users, SQLite WAL, synchronous=FULL (an fsync per commit)")
     print(f"enqueue: {args.jobs / enqueue_s:.0f} jobs/s ({enqueue_s:.1f} s in all, one transaction each)")
     print(latency_line(f"position lookup with {args.jobs} queued", lookups))
     print(f"claim throughput: {len(claims) / sum(claims):.0f} claims/s")

@@ -33,6 +33,7 @@ from engine.jobs import (
     QueuePosition,
     ResultInfo,
 )
+from engine.queue_order import NEXT_SQL, POSITION_SQL
 
 MIGRATIONS: list[str] = [
     # 1: jobs and their states.
@@ -95,24 +96,12 @@ MIGRATIONS: list[str] = [
     );
     CREATE TABLE queue_flags (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 3: indexes for the fair order (per user, queued only) and for the recent durations behind ETAs.
+    """
+    CREATE INDEX jobs_queued_per_user ON jobs (user_key, priority DESC, id) WHERE status = 'queued';
+    CREATE INDEX jobs_succeeded ON jobs (finished_at) WHERE status = 'succeeded';
+    """,
 ]
-
-# Fair order of queued jobs: every user's first waiting job before anyone's second (round-robin), users served
-# least recently first within a round, then priority, then age.
-FAIR_ORDER_CTE = """
-WITH waiting AS (
-    SELECT j.id, j.model, j.passed_over, j.priority,
-           ROW_NUMBER() OVER (PARTITION BY j.user_key ORDER BY j.priority DESC, j.id) AS turn,
-           COALESCE((SELECT MAX(r.started_at) FROM jobs r
-                     WHERE r.user_key = j.user_key AND r.started_at IS NOT NULL), 0) AS last_served
-    FROM jobs j
-    WHERE j.status = 'queued'
-), ordered AS (
-    SELECT id, model, passed_over,
-           ROW_NUMBER() OVER (ORDER BY turn, priority DESC, last_served, id) AS position
-    FROM waiting
-)
-"""
 
 ACTIVE = ("queued", "running")
 
@@ -228,10 +217,12 @@ class JobQueue:
     async def _check_limits(self, db: aiosqlite.Connection, user_key: str, per_user: int, total: int) -> None:
         row = await _fetch_one(
             db,
-            "SELECT SUM(user_key = ?) AS mine, COUNT(*) AS total FROM jobs WHERE status = 'queued'",
+            """SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_queued_per_user
+                       WHERE status = 'queued' AND user_key = ?) AS mine,
+                      (SELECT COUNT(*) FROM jobs WHERE status = 'queued') AS total""",
             (user_key,),
         )
-        if (row["mine"] or 0) >= per_user:
+        if row["mine"] >= per_user:
             raise QueueFull(
                 f"You already have {row['mine']} videos waiting (the limit is {per_user}).",
                 "Wait for one to finish, or cancel one with /cancel.",
@@ -275,40 +266,30 @@ class JobQueue:
     ) -> Job | None:
         """Atomically move the next queued job to running and return it, or None when nothing waits.
 
-        With `preferred_model` (the one loaded), a job for it may go first, but each job passed over this way
-        counts it, and one passed over `max_model_skips` times is not passed over again, so nobody starves.
+        With `preferred_model` (the one loaded), a job for it may go first, but the job that was next counts each
+        time it is passed over this way, and one passed over `max_model_skips` times goes next, so nobody starves.
         Jobs for `exclude_models` (being downloaded) wait where they are.
         """
-        excluded = json.dumps(sorted(exclude_models))
+        args = {
+            "excluded": json.dumps(sorted(exclude_models)),
+            "preferred": preferred_model,
+            "max_skips": max_model_skips,
+        }
         async with self._transaction() as db:
-            head = await _fetch_one(
-                db,
-                FAIR_ORDER_CTE + "SELECT * FROM ordered WHERE model NOT IN (SELECT value FROM json_each(?)) "
-                "ORDER BY position LIMIT 1",
-                (excluded,),
-            )
-            if head is None:
+            next_up = await _fetch_one(db, NEXT_SQL, args)
+            if next_up is None:
                 return None
-            chosen = head["id"]
-            if preferred_model and head["model"] != preferred_model and head["passed_over"] < max_model_skips:
-                warm = await _fetch_one(
-                    db,
-                    FAIR_ORDER_CTE + "SELECT id FROM ordered WHERE model = ? ORDER BY position LIMIT 1",
-                    (preferred_model,),
-                )
-                if warm is not None:
-                    chosen = warm["id"]
-                    await db.execute(
-                        "UPDATE jobs SET passed_over = passed_over + 1 WHERE status = 'queued' AND model != ?",
-                        (preferred_model,),
-                    )
-            await db.execute(
+            chosen = next_up["warm_id"] or next_up["id"]
+            if chosen != next_up["id"]:
+                await db.execute("UPDATE jobs SET passed_over = passed_over + 1 WHERE id = ?", (next_up["id"],))
+            row = await _fetch_one(
+                db,
                 """UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, progress_json = NULL
-                   WHERE id = ? AND status = 'queued'""",
+                   WHERE id = ? AND status = 'queued' RETURNING *""",
                 (self._clock(), chosen),
             )
             await self._log(db, chosen, EventKind.STARTED)
-            job = await self._get(db, chosen)
+            job = _row_to_job(row)
         self._publish(EventKind.STARTED, job)
         return job
 
@@ -541,7 +522,7 @@ class JobQueue:
             return await self._position(self._db, job_id)
 
     async def _position(self, db: aiosqlite.Connection, job_id: int) -> QueuePosition | None:
-        row = await _fetch_one(db, FAIR_ORDER_CTE + "SELECT position FROM ordered WHERE id = ?", (job_id,))
+        row = await _fetch_one(db, POSITION_SQL, (job_id,))
         if row is None:
             return None
         stats = await _fetch_one(

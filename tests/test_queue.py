@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -384,3 +385,24 @@ def test_sigkill_mid_transaction_loses_nothing_committed(tmp_path: Path, kill_af
             assert statuses[job_id] == "succeeded"
     # Every row that exists came with its event-log entry: no half-applied enqueue.
     assert logged == set(statuses)
+
+
+async def test_positions_always_match_the_claim_order(queue: JobQueue):
+    rng = random.Random(7)
+    for index in range(60):
+        user = f"u{rng.randrange(6)}"
+        await queue.enqueue(
+            source(user, f"m{index}"), Mode.T2V, "tiny", params(), priority=rng.choice([0, 0, 0, 2]), per_user_limit=99
+        )
+        if rng.random() < 0.2:  # some users get served in between, so their last turn moves on
+            job = await queue.claim_next()
+            await queue.mark_succeeded(job.id, result())
+    claimed = 0
+    while waiting := await queue.list_jobs([JobStatus.QUEUED], limit=1000):
+        places = {job.id: (await queue.position(job.id)).position for job in waiting}
+        assert sorted(places.values()) == list(range(1, len(waiting) + 1))
+        job = await queue.claim_next()
+        assert places[job.id] == 1
+        await queue.mark_succeeded(job.id, result())
+        claimed += 1
+    assert claimed > 30
