@@ -6,7 +6,7 @@ to the bot's pending getUpdates and stops when the bot's edit saying "is queued"
 getFile, download, validation, normalisation, content-addressed store, enqueue). No worker runs, so nothing else
 competes for the CPU.
 
-    .venv/bin/python bench/chat_latency.py [--samples 40]
+    .venv/bin/python -m bench.chat_latency [--samples 40]   # from the repository root, after make test (aiohttp)
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ def percentile(samples: list[float], fraction: float) -> float:
 async def measure(server: TimedTelegram, user_id: int, send: Any) -> float:
     started = time.perf_counter()
     send(user_id)
-    for _ in range(3000):
+    for _ in range(10_000):
         if user_id in server.queued_at:
             return server.queued_at[user_id] - started
         await asyncio.sleep(0.001)
-    raise RuntimeError(f"no 'queued' reply for user {user_id}")
+    raise RuntimeError(f"no queued reply for user {user_id}: {server.replies(user_id)}")
 
 
 async def main() -> None:
@@ -91,7 +91,7 @@ async def main() -> None:
         await adapter.start()
         kinds = {
             "text prompt": lambda user: server.command(user, "/video t2v a red fox running through snow"),
-            f"{len(photo) / 1e6:.1f} MB photo": lambda user: server.photo(user, photo, caption="the fox turns"),
+            f"{len(photo) / 1e6:.1f} MB photo": lambda user: server.photo(user, photo, caption="/ti2v the fox turns"),
         }
         results: dict[str, list[float]] = {name: [] for name in kinds}
         user_ids = iter(range(1000, 100_000))

@@ -46,7 +46,7 @@ class Engine:
     async def open(cls, settings: Settings, locator: ModelLocator | None = None) -> Engine:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         queue = await JobQueue.open(settings.db_path, EventBus())
-        store = ImageStore(settings.images_dir)
+        store = ImageStore(settings.images_dir, settings.images.background)
         downloader = Downloader(settings.models_dir, settings.downloads)
         runner = PipelineRunner(settings.generation, locator or default_locator(settings, downloader))
         worker = Worker(queue, runner, store, settings, downloader)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 
 import pytest
 from PIL import Image
@@ -213,11 +214,50 @@ def test_store_is_content_addressed_atomic_and_never_duplicated(tmp_path, images
     second = store.put(_valid(make.png(), images_config))
     assert first.sha256 == second.sha256
     assert first.stored_at is not None
-    files = list((tmp_path / "images").rglob("*"))
-    assert [path.name for path in files if path.is_file()] == [f"{first.sha256}.png"]
+    files = [path for path in (tmp_path / "images").rglob("*") if path.is_file()]
+    assert [path.name for path in files] == [first.sha256]
+    assert files[0].read_bytes() == make.png()  # the upload as received: storing is a file write, no re-encode
     restored = store.restore(first)
     assert restored.pixels.tobytes() == image.pixels.tobytes()
     assert restored.info.restored_at is not None
+
+
+@pytest.mark.parametrize(
+    "upload",
+    [make.jpeg_with_orientation(96, 128, 6), make.transparent_png(), make.cmyk_jpeg(), make.animated_gif()],
+    ids=["exif-rotated", "transparent", "cmyk", "animated"],
+)
+def test_restore_gives_exactly_the_pixels_validation_gave(tmp_path, images_config: ImagesConfig, upload: bytes):
+    store = ImageStore(tmp_path / "images", images_config.background)
+    image = _valid(upload, images_config)
+    restored = store.restore(store.put(image))
+    assert restored.pixels.mode == "RGB" and restored.pixels.size == image.pixels.size
+    assert restored.pixels.tobytes() == image.pixels.tobytes()
+
+
+def test_an_end_image_resized_to_the_start_restores_at_the_start_size(tmp_path, images_config: ImagesConfig):
+    store = ImageStore(tmp_path / "images")
+    start = _valid(make.png(160, 90), images_config)
+    end = check_mode(Mode.TI2V, start, _valid(make.png(320, 182), images_config, "end"), images_config).images[1]
+    restored = store.restore(store.put(end))
+    assert restored.pixels.size == (160, 90)
+    assert restored.pixels.tobytes() == end.pixels.tobytes()
+
+
+def test_images_stored_as_png_by_an_older_version_still_restore(tmp_path, images_config: ImagesConfig):
+    store = ImageStore(tmp_path / "images")
+    image = _valid(make.jpeg(128, 96), images_config)
+    buffer = io.BytesIO()
+    image.pixels.save(buffer, format="PNG")
+    old_sha = hashlib.sha256(buffer.getvalue()).hexdigest()
+    legacy = tmp_path / "images" / old_sha[:2] / f"{old_sha}.png"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(buffer.getvalue())
+    restored = store.restore(image.info.model_copy(update={"sha256": old_sha}))
+    assert restored.pixels.tobytes() == image.pixels.tobytes()
+    assert store.stored_hashes() == {old_sha}
+    store.delete(old_sha)
+    assert not legacy.exists()
 
 
 def test_restore_detects_missing_and_altered_files(tmp_path, images_config: ImagesConfig):
