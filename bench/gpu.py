@@ -164,7 +164,7 @@ def run_once(
         "first_step_s": marks[0] - started,
         "step_s": sum(steady) / len(steady) if steady else marks[0] - started,
         "decode_s": finished - marks[-1],
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0,
     }
 
 
@@ -210,9 +210,10 @@ def main() -> None:
                     torch.cuda.empty_cache()
             line = (
                 f"{label}: {figures['step_s']:.2f} s/step (first {figures['first_step_s']:.2f} s), "
-                f"VAE decode {figures['decode_s']:.2f} s, peak VRAM {figures['peak_gib']:.1f} GiB, "
-                f"{sequence} tokens, {flops / 1e12:.1f} TFLOP/step"
+                f"VAE decode {figures['decode_s']:.2f} s, {sequence} tokens, {flops / 1e12:.3g} TFLOP/step"
             )
+            if has_gpu:
+                line += f", peak VRAM {figures['peak_gib']:.1f} GiB"
             if peak:
                 line += f", MFU {flops / figures['step_s'] / (peak * 1e12):.0%} of {peak:.0f} TFLOPS"
             print(line)
