@@ -101,15 +101,7 @@ class DiscordAdapter:
         self._admins = frozenset(engine.settings.access.admins)
         # Only the guilds intent: it caches guild roles, so role allowlists work; no privileged intents are needed.
         self.client = WanbotClient(self, intents=discord.Intents(guilds=True))
-        self._relay = JobRelay(
-            engine.queue,
-            PLATFORM,
-            self._show,
-            self._send_video,
-            config.edit_interval_s,
-            config.delivery_retry_s,
-            config.max_delivery_attempts,
-        )
+        self._relay = JobRelay(engine.queue, PLATFORM, self._show, self._send_video, config)
         self._runner: asyncio.Task[None] | None = None
         self._register_commands()
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from bot import chat
+from engine.config import ChatConfig
 from engine.events import Subscription
 from engine.jobs import EventKind, Job
 from engine.queue import JobQueue
@@ -36,17 +37,15 @@ class JobRelay:
         platform: str,
         show: ShowText,
         send_video: SendVideo,
-        edit_interval_s: float,
-        retry_s: float,
-        max_attempts: int,
+        config: ChatConfig,
     ) -> None:
         self._queue = queue
         self._platform = platform
         self._show = show
         self._send_video = send_video
-        self._retry_s = retry_s
-        self._max_attempts = max_attempts
-        self._live = chat.LiveMessages(self._show_latest, edit_interval_s)
+        self._retry_s = config.delivery_retry_s
+        self._max_attempts = config.max_delivery_attempts
+        self._live = chat.LiveMessages(self._show_latest, config.edit_interval_s)
         self._jobs: dict[int, Job] = {}
         self._delivering: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()

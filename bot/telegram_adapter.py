@@ -68,15 +68,7 @@ class TelegramAdapter:
             allowed_chats=frozenset(str(chat_id) for chat_id in config.allowed_chats),
             admins=frozenset(engine.settings.access.admins),
         )
-        self._relay = JobRelay(
-            engine.queue,
-            PLATFORM,
-            self._show,
-            self._send_video,
-            config.edit_interval_s,
-            config.delivery_retry_s,
-            config.max_delivery_attempts,
-        )
+        self._relay = JobRelay(engine.queue, PLATFORM, self._show, self._send_video, config)
         self._albums: dict[tuple[int, str], list[Message]] = {}
         self._album_timers: dict[tuple[int, str], asyncio.Task[None]] = {}
         # Before the Application exists: building it already logs its base URL, token included.

@@ -80,26 +80,30 @@ class AccessConfig(Section):
     admins: list[str] = Field(default_factory=list, description="'platform:user_id' entries with admin rights.")
 
 
-class TelegramConfig(Section):
+class ChatConfig(Section):
+    """What every chat platform's progress messages and video delivery are tuned by."""
+
+    edit_interval_s: float = Field(3.0, ge=0, description="Least time between two edits of one progress message.")
+    delivery_retry_s: float = Field(60.0, gt=0, description="Wait before retrying a failed video upload.")
+    max_delivery_attempts: int = Field(5, ge=1)
+
+
+class TelegramConfig(ChatConfig):
     token: SecretStr | None = Field(None, description="Bot token from @BotFather (or env TELEGRAM_BOT_TOKEN).")
     api_base_url: str = Field("https://api.telegram.org/bot", description="Bot API base; the token is appended.")
     file_base_url: str = Field("https://api.telegram.org/file/bot", description="File download base.")
     download_limit_bytes: int = Field(20_000_000, gt=0, description="Largest file bots may fetch (20 MB on the cloud).")
     upload_limit_bytes: int = Field(50_000_000, gt=0, description="Largest video bots may send (50 MB on the cloud).")
-    edit_interval_s: float = Field(3.0, ge=0, description="Least time between two edits of one progress message.")
     album_wait_s: float = Field(1.0, ge=0, description="How long to collect the photos of an album.")
     allowed_users: list[int] = Field(default_factory=list, description="User ids allowed to use the bot; empty: all.")
     allowed_chats: list[int] = Field(default_factory=list, description="Chat ids the bot answers in; empty: all.")
-    delivery_retry_s: float = Field(60.0, gt=0, description="Wait before retrying a failed video upload.")
-    max_delivery_attempts: int = Field(5, ge=1)
 
 
-class DiscordConfig(Section):
+class DiscordConfig(ChatConfig):
     token: SecretStr | None = Field(None, description="Bot token (or env DISCORD_BOT_TOKEN).")
     guild_ids: list[int] = Field(default_factory=list, description="Sync commands to these guilds; empty: global.")
     api_base_url: str | None = Field(None, description="REST base of an API proxy; default Discord's own.")
     gateway_url: str | None = Field(None, description="Gateway URL of an API proxy; default Discord's own.")
-    edit_interval_s: float = Field(3.0, ge=0, description="Least time between two edits of one progress message.")
     interaction_lifetime_s: float = Field(
         840.0, gt=0, description="Use the interaction for replies this long (Discord allows 15 min); then post."
     )
@@ -109,8 +113,6 @@ class DiscordConfig(Section):
     allowed_channels: list[int] = Field(default_factory=list)
     allowed_roles: list[int] = Field(default_factory=list, description="Members with any of these roles may use it.")
     allowed_users: list[int] = Field(default_factory=list)
-    delivery_retry_s: float = Field(60.0, gt=0)
-    max_delivery_attempts: int = Field(5, ge=1)
 
 
 class Settings(BaseSettings):

@@ -212,7 +212,7 @@ class Downloader:
                 final = plan.folder / item.path
                 if final.exists() and final.stat().st_size == item.size:
                     continue
-                if item.sha256 and self._link_blob(item.sha256, final):
+                if item.sha256 and await asyncio.to_thread(self._link_blob, item.sha256, final):
                     continue
                 await self._fetch_file(client, plan, item, meter)
         self._clean_partials(plan)
@@ -257,7 +257,8 @@ class Downloader:
                         "Check the network and try again; what was fetched is kept.",
                     ) from error
                 await self._sleep(self._backoff(attempt, error.retry_after_s))
-        self._verify(part, item, plan.repo_id)
+        # In a thread: hashing a 57 GB expert takes minutes, and the bot's event loop must keep answering chats.
+        await asyncio.to_thread(self._verify, part, item, plan.repo_id)
         final = plan.folder / item.path
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, final)
@@ -296,13 +297,8 @@ class Downloader:
         problem = None
         if size != item.size:
             problem = f"is {size} bytes, expected {item.size}"
-        elif item.sha256:
-            digest = hashlib.sha256()
-            with part.open("rb") as handle:
-                for block in iter(lambda: handle.read(CHUNK), b""):
-                    digest.update(block)
-            if digest.hexdigest() != item.sha256:
-                problem = "does not match its sha256"
+        elif item.sha256 and file_sha256(part) != item.sha256:
+            problem = "does not match its sha256"
         if problem:
             part.unlink()
             raise UserError(
@@ -376,14 +372,17 @@ def verify_snapshot(folder: Path) -> list[str]:
             problems.append(f"{entry['path']} is missing")
         elif path.stat().st_size != entry["size"]:
             problems.append(f"{entry['path']} is {path.stat().st_size} bytes, expected {entry['size']}")
-        elif entry["sha256"]:
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(CHUNK), b""):
-                    digest.update(block)
-            if digest.hexdigest() != entry["sha256"]:
-                problems.append(f"{entry['path']} does not match its sha256")
+        elif entry["sha256"] and file_sha256(path) != entry["sha256"]:
+            problems.append(f"{entry['path']} does not match its sha256")
     return problems
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def select_files(model_index: dict[str, Any], paths: list[str]) -> list[str]:

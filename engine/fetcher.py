@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from engine.downloads import Downloader, DownloadProgress
 from engine.errors import UserError
+from engine.images import Mode
 from engine.jobs import Progress, Stage
 from engine.models import resolve_model
 from engine.queue import JobQueue
@@ -27,9 +28,9 @@ class ModelFetcher:
     def busy_models(self) -> set[str]:
         return set(self._tasks)
 
-    def missing(self, model_name: str, mode: object) -> bool:
+    def missing(self, model_name: str, mode: Mode) -> bool:
         """True for a Hub model with no complete snapshot on disk (tiny and local folders are never fetched)."""
-        model = resolve_model(model_name, mode)  # type: ignore[arg-type]
+        model = resolve_model(model_name, mode)
         return not (model.is_tiny or model.is_local) and self._downloader.local_snapshot(model_name) is None
 
     def start(self, model_name: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,9 +11,9 @@ import pytest
 from bot.discord_adapter import DiscordAdapter
 from engine.config import Settings
 from engine.jobs import DeliveryStatus, JobStatus
-from engine.service import Engine
 from tests import imagefactory
 from tests.fake_discord import APPLICATION_ID, CHANNEL_ID, GUILD_ID, FakeDiscord
+from tests.running import RunningBot, until
 
 TOKEN = "discord-TEST-token-do-not-log"
 ALICE, BOB = 111111111111111111, 222222222222222222
@@ -41,37 +41,12 @@ def configure(settings: Settings, server: FakeDiscord, **overrides: Any) -> Sett
     return settings.model_copy(update={"discord": settings.discord.model_validate(discord)})
 
 
-class Bot:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    async def __aenter__(self) -> Bot:
-        self.engine = await Engine.open(self.settings)
-        await self.engine.worker.start_up()
-        self.adapter = DiscordAdapter(self.engine, self.settings.discord)
-        await self.adapter.start()
-        self.worker = asyncio.create_task(self.engine.worker.run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.engine.worker.stop(requeue_running=True)
-        await self.worker
-        await self.adapter.stop()
-        await self.engine.close()
-
-
-async def until(condition: Callable[[], Any], limit_s: float = 60, what: str = "condition") -> Any:
-    deadline = asyncio.get_running_loop().time() + limit_s
-    while asyncio.get_running_loop().time() < deadline:
-        value = condition()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def running_bot(settings: Settings) -> RunningBot:
+    return RunningBot(settings, lambda engine: DiscordAdapter(engine, settings.discord))
 
 
 async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(tiny_settings, discord_server):
-    async with Bot(configure(tiny_settings, discord_server)) as bot:
+    async with running_bot(configure(tiny_settings, discord_server)) as bot:
         synced = discord_server.commands[f"applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"]
         assert {command["name"] for command in synced} == {"video", "queue", "cancel", "status", "help"}
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "a red fox", "seed": 5, "steps": 3})
@@ -88,7 +63,7 @@ async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(t
 
 
 async def test_one_and_two_attachments(tiny_settings, discord_server):
-    async with Bot(configure(tiny_settings, discord_server)) as bot:
+    async with running_bot(configure(tiny_settings, discord_server)) as bot:
         start = discord_server.attachment(imagefactory.png(160, 120), "start.png")
         await discord_server.slash(ALICE, "video", {"prompt": "waves", "steps": 2}, {"start_image": start})
         start2 = discord_server.attachment(imagefactory.jpeg(160, 120), "a.jpg", "image/jpeg")
@@ -105,7 +80,7 @@ async def test_one_and_two_attachments(tiny_settings, discord_server):
 
 async def test_bad_attachments_are_refused_from_their_metadata_before_download(tiny_settings, discord_server):
     settings = configure(tiny_settings, discord_server, download_limit_bytes=10_000)
-    async with Bot(settings) as bot:
+    async with running_bot(settings) as bot:
         big = discord_server.attachment(imagefactory.png(), "big.png", size=50_000_000)
         first = await discord_server.slash(ALICE, "video", {"prompt": "x"}, {"start_image": big})
         text = discord_server.attachment(b"hello", "notes.txt", "text/plain")
@@ -123,7 +98,7 @@ async def test_bad_attachments_are_refused_from_their_metadata_before_download(t
 async def test_after_the_token_lifetime_progress_and_video_move_to_the_channel(tiny_settings, discord_server):
     discord_server.token_lifetime_s = 1.0
     settings = configure(tiny_settings, discord_server, interaction_lifetime_s=0.8)
-    async with Bot(settings) as bot:
+    async with running_bot(settings) as bot:
         await bot.engine.queue.set_paused(True)
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "a long job", "steps": 3})
         await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
@@ -148,7 +123,7 @@ async def test_after_the_token_lifetime_progress_and_video_move_to_the_channel(t
 
 
 async def test_a_deleted_progress_message_does_not_stop_the_job(tiny_settings, discord_server):
-    async with Bot(configure(tiny_settings, discord_server)) as bot:
+    async with running_bot(configure(tiny_settings, discord_server)) as bot:
         await bot.engine.queue.set_paused(True)
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "deleted", "steps": 3})
         await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
@@ -168,7 +143,7 @@ async def test_413_reencodes_smaller_once_and_429_is_waited_out(tiny_settings, d
     discord_server.faults["PATCH webhooks/original"] = [
         (429, {"message": "You are being rate limited.", "retry_after": 0.3, "global": False})
     ] * 2
-    async with Bot(configure(tiny_settings, discord_server)) as bot:
+    async with running_bot(configure(tiny_settings, discord_server)) as bot:
         await discord_server.slash(
             ALICE, "video", {"prompt": "noise", "steps": 2, "frames": 33, "resolution": "128x128"}, size_limit=60_000
         )
@@ -183,12 +158,12 @@ async def test_413_reencodes_smaller_once_and_429_is_waited_out(tiny_settings, d
 
 async def test_buttons_work_after_a_restart_and_only_for_the_owner(tiny_settings, discord_server):
     settings = configure(tiny_settings, discord_server)
-    async with Bot(settings) as bot:
+    async with running_bot(settings) as bot:
         await bot.engine.queue.set_paused(True)
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "keep me", "steps": 2})
         await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
     message = discord_server.original(interaction)
-    async with Bot(settings) as bot:
+    async with running_bot(settings) as bot:
         await bot.engine.queue.set_paused(True)
         await discord_server.click(BOB, message, "wanbot:cancel:1")
         await until(lambda: len(discord_server.calls_to("POST", "/callback")) == 2, what="bob's answer")
@@ -213,7 +188,7 @@ async def test_buttons_work_after_a_restart_and_only_for_the_owner(tiny_settings
 
 async def test_two_users_at_once_and_role_allowlist(tiny_settings, discord_server):
     settings = configure(tiny_settings, discord_server, allowed_roles=[555])
-    async with Bot(settings) as bot:
+    async with running_bot(settings) as bot:
         alice = await discord_server.slash(ALICE, "video", {"prompt": "alice fox", "steps": 2}, roles=[555])
         bob = await discord_server.slash(BOB, "video", {"prompt": "bob cat", "steps": 2}, roles=[555])
         mallory = await discord_server.slash(333, "video", {"prompt": "no role"}, roles=[1])
@@ -229,7 +204,7 @@ async def test_two_users_at_once_and_role_allowlist(tiny_settings, discord_serve
 
 
 async def test_queue_cancel_status_and_help_answer_privately(tiny_settings, discord_server):
-    async with Bot(configure(tiny_settings, discord_server)) as bot:
+    async with running_bot(configure(tiny_settings, discord_server)) as bot:
         await bot.engine.queue.set_paused(True)
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "wait"})
         await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
@@ -249,7 +224,7 @@ async def test_the_token_never_reaches_the_logs(tiny_settings, discord_server, c
     import logging
 
     caplog.set_level(logging.DEBUG)
-    async with Bot(configure(tiny_settings, discord_server)):
+    async with running_bot(configure(tiny_settings, discord_server)):
         await discord_server.slash(ALICE, "video", {"prompt": "log me", "steps": 2})
         await until(discord_server.with_files, what="the video")
     assert caplog.records and TOKEN not in caplog.text

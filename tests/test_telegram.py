@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,6 +15,7 @@ from engine.jobs import DeliveryStatus, JobStatus
 from engine.service import Engine
 from tests import imagefactory
 from tests.fake_telegram import FakeTelegram
+from tests.running import RunningBot, until
 
 TOKEN = "123456:TEST-token-do-not-log"
 ALICE, BOB = 111, 222
@@ -42,35 +43,8 @@ def configure(settings: Settings, server: FakeTelegram, **overrides: Any) -> Set
     return settings.model_copy(update={"telegram": settings.telegram.model_validate(telegram)})
 
 
-class Bot:
-    """Engine, worker and adapter together, as `wanbot run` starts them."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    async def __aenter__(self) -> Bot:
-        self.engine = await Engine.open(self.settings)
-        await self.engine.worker.start_up()
-        self.adapter = TelegramAdapter(self.engine, self.settings.telegram, poll_timeout_s=1)
-        await self.adapter.start()
-        self.worker = asyncio.create_task(self.engine.worker.run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.engine.worker.stop(requeue_running=True)
-        await self.worker
-        await self.adapter.stop()
-        await self.engine.close()
-
-
-async def until(condition: Callable[[], Any], limit_s: float = 60, what: str = "condition") -> Any:
-    deadline = asyncio.get_running_loop().time() + limit_s
-    while asyncio.get_running_loop().time() < deadline:
-        value = condition()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def running_bot(settings: Settings) -> RunningBot:
+    return RunningBot(settings, lambda engine: TelegramAdapter(engine, settings.telegram, poll_timeout_s=1))
 
 
 def texts(server: FakeTelegram, chat_id: int) -> list[str]:
@@ -82,7 +56,7 @@ def status_of(server: FakeTelegram, chat_id: int, fragment: str) -> dict[str, An
 
 
 async def test_text_command_queues_shows_progress_and_delivers_the_video(tiny_settings, telegram):
-    async with Bot(configure(tiny_settings, telegram)) as bot:
+    async with running_bot(configure(tiny_settings, telegram)) as bot:
         telegram.command(ALICE, "/video a red fox in the snow seed=7 steps=3 colour=red")
         videos = await until(lambda: telegram.sent("sendVideo", ALICE), what="the video")
         status = await until(lambda: status_of(telegram, ALICE, "the video is below"), what="final status")
@@ -100,7 +74,7 @@ async def test_text_command_queues_shows_progress_and_delivers_the_video(tiny_se
 
 
 async def test_photo_with_caption_and_image_document_and_reply(tiny_settings, telegram):
-    async with Bot(configure(tiny_settings, telegram)) as bot:
+    async with running_bot(configure(tiny_settings, telegram)) as bot:
         telegram.photo(ALICE, imagefactory.jpeg(128, 96), caption="/i2v waves roll in steps=2")
         telegram.document(BOB, imagefactory.png(64, 160), "portrait.png", caption="/video mode=ti2v steps=2")
         original = telegram.photo(ALICE, imagefactory.jpeg(128, 128))
@@ -115,7 +89,7 @@ async def test_photo_with_caption_and_image_document_and_reply(tiny_settings, te
 
 
 async def test_album_of_two_is_start_and_end(tiny_settings, telegram):
-    async with Bot(configure(tiny_settings, telegram)) as bot:
+    async with running_bot(configure(tiny_settings, telegram)) as bot:
         telegram.photo(ALICE, imagefactory.jpeg(160, 120), media_group_id="album-1")
         telegram.photo(ALICE, imagefactory.jpeg(320, 240), caption="/i2v sunset steps=2", media_group_id="album-1")
         await until(lambda: telegram.sent("sendVideo", ALICE), what="the album's video")
@@ -127,7 +101,7 @@ async def test_album_of_two_is_start_and_end(tiny_settings, telegram):
 
 async def test_bad_input_gets_a_clear_reply_and_queues_nothing(tiny_settings, telegram):
     settings = configure(tiny_settings, telegram, download_limit_bytes=5_000)
-    async with Bot(settings) as bot:
+    async with running_bot(settings) as bot:
         telegram.command(ALICE, "/ti2v a beach")
         telegram.document(ALICE, b"just some text", "notes.txt", caption="/i2v hello", mime_type="text/plain")
         telegram.document(BOB, imagefactory.png(), "big.png", caption="/i2v big", size=25_000_000)
@@ -144,7 +118,7 @@ async def test_bad_input_gets_a_clear_reply_and_queues_nothing(tiny_settings, te
 
 
 async def test_two_users_at_once_each_get_their_own_video(tiny_settings, telegram):
-    async with Bot(configure(tiny_settings, telegram)) as bot:
+    async with running_bot(configure(tiny_settings, telegram)) as bot:
         telegram.command(ALICE, "/video alice's fox steps=2")
         telegram.command(BOB, "/video bob's cat steps=2")
         await until(lambda: telegram.sent("sendVideo", ALICE) and telegram.sent("sendVideo", BOB), what="videos")
@@ -155,7 +129,7 @@ async def test_two_users_at_once_each_get_their_own_video(tiny_settings, telegra
 
 
 async def test_cancel_button_only_for_the_owner_and_reroll_makes_a_new_seed(tiny_settings, telegram):
-    async with Bot(configure(tiny_settings, telegram)) as bot:
+    async with running_bot(configure(tiny_settings, telegram)) as bot:
         await bot.engine.queue.set_paused(True)  # keep the job queued while the buttons are pressed
         telegram.command(ALICE, "/video a slow fox steps=2 seed=3")
         status = await until(lambda: status_of(telegram, ALICE, "is queued"), what="queued status")
@@ -187,7 +161,7 @@ async def test_cancel_button_only_for_the_owner_and_reroll_makes_a_new_seed(tiny
 async def test_oversize_video_is_reencoded_to_fit_the_upload_limit(tiny_settings, telegram):
     telegram.upload_limit = 40_000
     settings = configure(tiny_settings, telegram, upload_limit_bytes=40_000)
-    async with Bot(settings) as bot:
+    async with running_bot(settings) as bot:
         telegram.command(ALICE, "/video noise steps=2 frames=33 res=128x128")
         video = (await until(lambda: telegram.sent("sendVideo", ALICE), what="video"))[0]
         job = (await bot.engine.queue.list_jobs())[0]
@@ -197,7 +171,7 @@ async def test_oversize_video_is_reencoded_to_fit_the_upload_limit(tiny_settings
 
 async def test_429_storm_waits_and_keeps_editing_one_message(tiny_settings, telegram):
     telegram.faults["editMessageText"] = [(429, "Too Many Requests: retry after 1", {"retry_after": 1})] * 6
-    async with Bot(configure(tiny_settings, telegram)):
+    async with running_bot(configure(tiny_settings, telegram)):
         telegram.command(ALICE, "/video a patient fox steps=6")
         await until(lambda: telegram.sent("sendVideo", ALICE), what="video")
         await until(lambda: status_of(telegram, ALICE, "the video is below"), what="final status")
@@ -207,7 +181,7 @@ async def test_429_storm_waits_and_keeps_editing_one_message(tiny_settings, tele
 
 async def test_a_failed_upload_is_retried_from_the_stored_file(tiny_settings, telegram):
     telegram.faults["sendVideo"] = [(500, "Internal Server Error", None)]
-    async with Bot(configure(tiny_settings, telegram)) as bot:
+    async with running_bot(configure(tiny_settings, telegram)) as bot:
         telegram.command(ALICE, "/video retry me steps=2")
         await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 2, what="second upload")
         await until(lambda: status_of(telegram, ALICE, "the video is below"), what="final status")
@@ -221,7 +195,7 @@ async def test_the_token_never_reaches_the_logs(tiny_settings, telegram, caplog)
 
     caplog.set_level(logging.DEBUG)
     telegram.faults["sendVideo"] = [(500, "Internal Server Error", None)]
-    async with Bot(configure(tiny_settings, telegram)):
+    async with running_bot(configure(tiny_settings, telegram)):
         telegram.command(ALICE, "/video log me steps=2")
         await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 2, what="second upload")
     assert "TEST-token-do-not-log" not in caplog.text
@@ -281,7 +255,7 @@ async def test_wanbot_run_killed_mid_job_delivers_exactly_one_video_after_restar
 
 async def test_allowlist_and_group_addressing(tiny_settings, telegram):
     settings = configure(tiny_settings, telegram, allowed_users=[ALICE])
-    async with Bot(settings) as bot:
+    async with running_bot(settings) as bot:
         await bot.engine.queue.set_paused(True)
         telegram.command(BOB, "/video let me in")
         await until(lambda: texts(telegram, BOB), what="bob's refusal")
@@ -313,7 +287,7 @@ async def test_allowlist_and_group_addressing(tiny_settings, telegram):
 
 
 async def test_queue_status_help_and_cancel_commands(tiny_settings, telegram):
-    async with Bot(configure(tiny_settings, telegram)) as bot:
+    async with running_bot(configure(tiny_settings, telegram)) as bot:
         await bot.engine.queue.set_paused(True)
         telegram.command(ALICE, "/video first fox")
         telegram.command(ALICE, "/video second fox")
@@ -337,7 +311,7 @@ async def test_queue_status_help_and_cancel_commands(tiny_settings, telegram):
 async def test_not_modified_and_413_answers_are_survived(tiny_settings, telegram):
     telegram.faults["editMessageText"] = [(400, "Bad Request: message is not modified", None)] * 3
     telegram.faults["sendVideo"] = [(413, "Request Entity Too Large", None)]
-    async with Bot(configure(tiny_settings, telegram)) as bot:
+    async with running_bot(configure(tiny_settings, telegram)) as bot:
         telegram.command(ALICE, "/video resilient fox steps=3")
         await until(lambda: status_of(telegram, ALICE, "the video is below"), what="delivery")
         job = (await bot.engine.queue.list_jobs())[0]
