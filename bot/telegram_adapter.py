@@ -42,7 +42,15 @@ log = logging.getLogger(__name__)
 PLATFORM = "telegram"
 COMMANDS = {"video": None, "t2v": Mode.T2V, "i2v": Mode.I2V, "ti2v": Mode.TI2V}
 CAPTION_COMMAND = re.compile(r"^/(video|t2v|i2v|ti2v)(?:@(\w+))?(?:\s|$)", re.IGNORECASE)
-DOCUMENTS_NOTE = "Tip: send pictures as files (documents); Telegram recompresses photos."
+TELEGRAM_NOTES = (
+    "In a private chat with me /video is optional: any message, or a picture with a caption, is a request; "
+    "a message that replies to a picture uses that picture.\n"
+    "Tip: send pictures as files (documents); Telegram recompresses photos."
+)
+PICTURE_HINT = (
+    "Got the picture. What should happen in the video? Reply to it with a prompt (for example: the waves roll in), "
+    "or send it again with the prompt as its caption."
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,9 @@ class TelegramAdapter:
         self.app.add_handler(CommandHandler("status", self._on_status))
         self.app.add_handler(CommandHandler(["help", "start"], self._on_help))
         self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=r"^(cancel|reroll):\d+$"))
+        private = filters.ChatType.PRIVATE
+        self.app.add_handler(MessageHandler(private & filters.TEXT & ~filters.COMMAND, self._on_private_text))
+        self.app.add_handler(MessageHandler(private & filters.COMMAND, self._on_unknown_command))
         self.app.add_error_handler(self._on_error)
 
     # -- incoming ----------------------------------------------------------------------------------------------
@@ -147,29 +158,46 @@ class TelegramAdapter:
                 self._album_timers[key].cancel()
             self._album_timers[key] = asyncio.create_task(self._album_complete(key))
             return
-        command = self._caption_command(message)
-        if command is not None:
-            await self._submit(message, command[1], command[0], _images_of(message))
+        request = self._caption_request(message)
+        if request is not None:
+            await self._submit(message, request[1], request[0], _images_of(message))
+        elif _is_private(message):
+            caption = (message.caption or "").split()
+            await message.reply_text(_unknown_command_text(caption[0]) if caption else PICTURE_HINT)
+
+    async def _on_private_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        replied = message.reply_to_message
+        await self._submit(message, message.text, None, _images_of(replied) if replied is not None else [])
+
+    async def _on_unknown_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        await message.reply_text(_unknown_command_text(message.text.split()[0]))
 
     async def _album_complete(self, key: tuple[int, str]) -> None:
         """Albums arrive as separate updates; once none has come for `album_wait_s`, treat them as one request."""
         await asyncio.sleep(self._config.album_wait_s)
         self._album_timers.pop(key, None)
         messages = sorted(self._albums.pop(key, []), key=lambda item: item.message_id)
-        captioned = next((item for item in messages if self._caption_command(item) is not None), None)
+        captioned = next((item for item in messages if self._caption_request(item) is not None), None)
         if captioned is None:
+            if messages and _is_private(messages[0]):
+                await messages[0].reply_text(PICTURE_HINT)
             return
-        mode, text = self._caption_command(captioned)
+        mode, text = self._caption_request(captioned)
         images = [ref for item in messages for ref in _images_of(item)]
         notes = (
             ["Only the first two pictures are used: the first as start, the second as end."] if len(images) > 2 else []
         )
         await self._submit(captioned, text, mode, images[:2], notes)
 
-    def _caption_command(self, message: Message) -> tuple[Mode | None, str] | None:
-        match = CAPTION_COMMAND.match(message.caption or "")
+    def _caption_request(self, message: Message) -> tuple[Mode | None, str] | None:
+        """The mode and text a caption asks for: a /video command anywhere, any plain caption in a private chat."""
+        caption = message.caption or ""
+        match = CAPTION_COMMAND.match(caption)
         if match is None:
-            return None
+            plain = caption.strip() and not caption.startswith("/")
+            return (None, caption) if plain and _is_private(message) else None
         addressed_to = match.group(2)
         if addressed_to and addressed_to.lower() != (self.app.bot.username or "").lower():
             return None
@@ -260,7 +288,7 @@ class TelegramAdapter:
         await update.effective_message.reply_text(text)
 
     async def _on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        await update.effective_message.reply_text(chat.help_text(DOCUMENTS_NOTE))
+        await update.effective_message.reply_text(chat.help_text(TELEGRAM_NOTES))
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         query = update.callback_query
@@ -349,6 +377,14 @@ def _images_of(message: Message) -> list[ImageRef]:
         document = message.document
         return [ImageRef(document.file_id, document.file_size, document.file_name)]
     return []
+
+
+def _unknown_command_text(command: str) -> str:
+    return f"I don't know {command}. /help lists what I can do."
+
+
+def _is_private(message: Message) -> bool:
+    return message.chat.type == "private"
 
 
 def _status_key(job: Job) -> tuple[int, int] | None:

@@ -317,3 +317,36 @@ async def test_not_modified_and_413_answers_are_survived(tiny_settings, telegram
         job = (await bot.engine.queue.list_jobs())[0]
     assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 2
     assert len(telegram.sent("sendVideo", ALICE)) == 2
+
+
+async def test_private_chats_need_no_command_and_groups_stay_quiet(tiny_settings, telegram):
+    settings = configure(tiny_settings, telegram)
+    settings = settings.model_copy(update={"queue": settings.queue.model_copy(update={"per_user_limit": 5})})
+    async with running_bot(settings) as bot:
+        await bot.engine.queue.set_paused(True)
+        telegram.user_message(ALICE, text="a heron takes off steps=2")
+        bare = telegram.photo(ALICE, imagefactory.jpeg(128, 96))
+        await until(lambda: any("Got the picture" in t for t in texts(telegram, ALICE)), what="the picture hint")
+        telegram.user_message(ALICE, text="the heron lands", reply_to_message=bare)
+        telegram.document(ALICE, imagefactory.png(64, 160), "tall.png", caption="mode=ti2v a tower sways")
+        telegram.photo(ALICE, imagefactory.jpeg(160, 120), media_group_id="trip")
+        telegram.photo(ALICE, imagefactory.jpeg(160, 120), caption="day turns to night", media_group_id="trip")
+        telegram.command(ALICE, "/animate please")
+        group = {"chat_id": -100, "chat_type": "group"}
+        telegram.user_message(BOB, text="just chatting in the group", **group)
+        telegram.photo(BOB, imagefactory.jpeg(), caption="holiday snap", chat={"id": -100, "type": "group"})
+        await until(lambda: len([t for t in texts(telegram, ALICE) if "is queued" in t]) == 4, what="four jobs")
+        await until(lambda: any("I don't know /animate" in t for t in texts(telegram, ALICE)), what="unknown command")
+        telegram.command(ALICE, "/help")
+        await until(lambda: any("/video is optional" in t for t in texts(telegram, ALICE)), what="the help")
+        jobs = {job.params.prompt: job for job in await bot.engine.queue.list_jobs()}  # updates run concurrently
+    requests = {prompt: (job.mode.value, [image.role for image in job.images]) for prompt, job in jobs.items()}
+    assert requests == {
+        "a heron takes off": ("t2v", []),
+        "the heron lands": ("i2v", ["start"]),
+        "a tower sways": ("ti2v", ["start"]),
+        "day turns to night": ("i2v", ["start", "end"]),
+    }
+    assert jobs["a heron takes off"].params.steps == 2
+    assert jobs["a tower sways"].params.height > jobs["a tower sways"].params.width
+    assert texts(telegram, -100) == []  # in groups only commands are answered
