@@ -69,6 +69,9 @@ class ImageInfo(BaseModel):
     decoded_bytes: int = Field(description="Estimated memory of the decoded original plus its RGB copy.")
     source_sha256: str = Field(description="Hash of the bytes as uploaded.")
     sha256: str = Field("", description="Hash of the stored file (the upload as received); the storage key.")
+    background: tuple[int, int, int] | None = Field(
+        None, description="RGB the transparent pixels were flattened onto; None in rows from before it was recorded."
+    )
     warnings: list[str] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)
     stored_at: str | None = None
@@ -174,6 +177,7 @@ def _validate_opened(
         file_size=len(data),
         decoded_bytes=width * height * bands + pixels.width * pixels.height * 3,
         source_sha256=hashlib.sha256(data).hexdigest(),
+        background=config.background if has_transparency else None,
         warnings=found_warnings,
     )
     return ValidatedImage(pixels=pixels, info=info, upload=data)
@@ -303,6 +307,7 @@ class ImageStore:
 
     def __init__(self, root: Path, background: tuple[int, int, int] = (255, 255, 255)) -> None:
         self.root = root
+        # Only for rows stored before ImageInfo recorded the background the image was validated with.
         self._background = background
 
     def path_for(self, sha256: str) -> Path:
@@ -334,7 +339,7 @@ class ImageStore:
                 "Send the picture again with a new job.",
             )
         with Image.open(io.BytesIO(payload)) as opened:
-            pixels = _normalise(opened, self._background)
+            pixels = _normalise(opened, info.background or self._background)
         if pixels.size != (info.width, info.height):
             pixels = pixels.resize((info.width, info.height), Image.Resampling.LANCZOS)
         return ValidatedImage(pixels=pixels, info=info.model_copy(update={"restored_at": _now()}), upload=payload)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from engine.config import ImagesConfig
 from engine.errors import ImageIntegrityError, ImageRejected
-from engine.images import ImageStore, Mode, check_mode, validate_image_bytes
+from engine.images import ImageInfo, ImageStore, Mode, check_mode, validate_image_bytes
 from tests import imagefactory as make
 
 
@@ -271,3 +271,13 @@ def test_restore_detects_missing_and_altered_files(tmp_path, images_config: Imag
     with pytest.raises(ImageIntegrityError, match="no longer stored") as caught:
         store.restore(info)
     assert "Send the picture again" in caught.value.hint
+
+
+def test_restore_uses_the_background_the_image_was_validated_with(tmp_path, images_config: ImagesConfig):
+    black = images_config.model_copy(update={"background": (0, 0, 0)})
+    image = _valid(make.transparent_png(), black)
+    store = ImageStore(tmp_path / "images", background=(255, 255, 255))  # the setting changed after the job was queued
+    info = store.put(image)
+    restored = store.restore(ImageInfo.model_validate_json(info.model_dump_json()))  # as the queue keeps it
+    assert info.background == (0, 0, 0)
+    assert restored.pixels.tobytes() == image.pixels.tobytes()
