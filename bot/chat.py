@@ -9,12 +9,16 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import UserError
 from engine.images import Mode
 from engine.jobs import Job, JobStatus, Progress, QueuePosition, Stage
 from engine.models import GenerationRequest
+
+if TYPE_CHECKING:
+    from engine.queue import JobQueue
+    from engine.service import Engine
 
 OPTION_KEYS = {
     "mode": "mode",
@@ -33,6 +37,7 @@ INTEGER_OPTIONS = {"seed", "steps", "frames"}
 # key=value anywhere in the text; key:value only for known keys, so "note: a fox" stays in the prompt.
 OPTION_PATTERN = re.compile(r"""(?<!\S)([A-Za-z_]+)\s*(=|:)\s*("[^"]*"|'[^']*'|\S+)""")
 BAR_WIDTH = 12
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 @dataclass
@@ -179,20 +184,33 @@ def user_error_text(error: UserError) -> str:
     return f"{error.message}\n{error.hint}".strip()
 
 
-def queue_text(entries: list[tuple[Job, QueuePosition | None]]) -> str:
-    if not entries:
+async def queue_answer(queue: JobQueue, user_key: str) -> str:
+    """The user's waiting and running jobs, oldest first, with their places in the queue."""
+    jobs = await queue.list_jobs(ACTIVE, user_key=user_key)
+    if not jobs:
         return "You have no videos waiting or running."
     lines = []
-    for job, position in entries:
+    for job in reversed(jobs):
+        position = await queue.position(job.id)
         where = "running" if job.status is JobStatus.RUNNING else f"position {position.position}" if position else ""
         lines.append(f"#{job.id} {job.mode.value} · {where} · {job.params.prompt[:40]}")
     return "\n".join(lines)
 
 
-def status_text(running: bool, paused: bool, loaded_model: str | None, counts: dict[str, int]) -> str:
-    state = "paused" if paused else "working" if running else "stopped"
+async def latest_active_job(queue: JobQueue, user_key: str) -> int:
+    """What a cancel without a job number means: the user's newest waiting or running job."""
+    active = await queue.list_jobs(ACTIVE, user_key=user_key, limit=1)
+    if not active:
+        raise UserError("You have no job to cancel.", "See /queue for your jobs.")
+    return active[0].id
+
+
+async def status_answer(engine: Engine) -> str:
+    worker, queue = engine.worker, engine.queue
+    counts = await queue.counts()
+    state = "paused" if await queue.is_paused() else "working" if worker.state.running else "stopped"
     return (
-        f"Worker: {state}. Loaded model: {loaded_model or 'none'}.\n"
+        f"Worker: {state}. Loaded model: {worker.loaded_model or 'none'}.\n"
         f"Queued: {counts.get('queued', 0)}, running: {counts.get('running', 0)}."
     )
 

@@ -22,7 +22,7 @@ from bot.relay import Buttons, DeliveryFailed, JobRelay
 from engine.config import DiscordConfig
 from engine.errors import UserError
 from engine.images import Mode
-from engine.jobs import Actor, Job, JobSource, JobStatus
+from engine.jobs import Actor, Job, JobSource
 from engine.models import GenerationRequest
 from engine.service import Engine, Upload
 from engine.video import fit_to_limit
@@ -191,17 +191,15 @@ class DiscordAdapter:
 
         @tree.command(name="queue", description="Your jobs and their places in the queue.")
         async def queue(interaction: discord.Interaction) -> None:
-            jobs = await adapter._engine.queue.list_jobs(
-                (JobStatus.QUEUED, JobStatus.RUNNING), user_key=f"{PLATFORM}:{interaction.user.id}"
-            )
-            entries = [(job, await adapter._engine.queue.position(job.id)) for job in reversed(jobs)]
-            await interaction.response.send_message(chat.queue_text(entries), ephemeral=True)
+            text = await chat.queue_answer(adapter._engine.queue, f"{PLATFORM}:{interaction.user.id}")
+            await interaction.response.send_message(text, ephemeral=True)
 
         @tree.command(name="cancel", description="Cancel a job (your latest if no number is given).")
         async def cancel(interaction: discord.Interaction, job: int | None = None) -> None:
             try:
-                job_id = job if job is not None else await adapter._latest_active(interaction.user.id)
-                cancelled = await adapter._engine.queue.cancel(job_id, adapter._actor(interaction))
+                if job is None:
+                    job = await chat.latest_active_job(adapter._engine.queue, f"{PLATFORM}:{interaction.user.id}")
+                cancelled = await adapter._engine.queue.cancel(job, adapter._actor(interaction))
                 text = chat.cancel_text(cancelled)
             except UserError as error:
                 text = chat.user_error_text(error)
@@ -209,26 +207,11 @@ class DiscordAdapter:
 
         @tree.command(name="status", description="What the worker is doing.")
         async def status(interaction: discord.Interaction) -> None:
-            worker = adapter._engine.worker
-            text = chat.status_text(
-                worker.state.running,
-                await adapter._engine.queue.is_paused(),
-                worker.loaded_model,
-                await adapter._engine.queue.counts(),
-            )
-            await interaction.response.send_message(text, ephemeral=True)
+            await interaction.response.send_message(await chat.status_answer(adapter._engine), ephemeral=True)
 
         @tree.command(name="help", description="How to use this bot.")
         async def help_command(interaction: discord.Interaction) -> None:
             await interaction.response.send_message(chat.help_text(), ephemeral=True)
-
-    async def _latest_active(self, user_id: int) -> int:
-        active = await self._engine.queue.list_jobs(
-            (JobStatus.QUEUED, JobStatus.RUNNING), user_key=f"{PLATFORM}:{user_id}", limit=1
-        )
-        if not active:
-            raise UserError("You have no job to cancel.", "See /queue for your jobs.")
-        return active[0].id
 
     def _actor(self, interaction: discord.Interaction) -> Actor:
         user_id = str(interaction.user.id)

@@ -33,7 +33,7 @@ from bot.relay import Buttons, DeliveryFailed, JobRelay
 from engine.config import TelegramConfig
 from engine.errors import UserError
 from engine.images import Mode
-from engine.jobs import Actor, Job, JobSource, JobStatus
+from engine.jobs import Actor, Job, JobSource
 from engine.service import Engine, Upload
 from engine.video import fit_to_limit
 
@@ -251,9 +251,7 @@ class TelegramAdapter:
 
     async def _on_queue(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         user_key = f"{PLATFORM}:{update.effective_user.id}"
-        jobs = await self._engine.queue.list_jobs((JobStatus.QUEUED, JobStatus.RUNNING), user_key=user_key)
-        entries = [(job, await self._engine.queue.position(job.id)) for job in reversed(jobs)]
-        await update.effective_message.reply_text(chat.queue_text(entries))
+        await update.effective_message.reply_text(await chat.queue_answer(self._engine.queue, user_key))
 
     async def _on_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message, user = update.effective_message, update.effective_user
@@ -270,22 +268,10 @@ class TelegramAdapter:
             if not args[0].lstrip("#").isdigit():
                 raise UserError(f"'{args[0]}' is not a job number.", "Use /cancel 12, or /cancel for your latest job.")
             return int(args[0].lstrip("#"))
-        active = await self._engine.queue.list_jobs(
-            (JobStatus.QUEUED, JobStatus.RUNNING), user_key=f"{PLATFORM}:{user_id}", limit=1
-        )
-        if not active:
-            raise UserError("You have no job to cancel.", "See /queue for your jobs.")
-        return active[0].id
+        return await chat.latest_active_job(self._engine.queue, f"{PLATFORM}:{user_id}")
 
     async def _on_status(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        worker = self._engine.worker
-        text = chat.status_text(
-            worker.state.running,
-            await self._engine.queue.is_paused(),
-            worker.loaded_model,
-            await self._engine.queue.counts(),
-        )
-        await update.effective_message.reply_text(text)
+        await update.effective_message.reply_text(await chat.status_answer(self._engine))
 
     async def _on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await update.effective_message.reply_text(chat.help_text(TELEGRAM_NOTES))
