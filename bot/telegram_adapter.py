@@ -47,6 +47,7 @@ TELEGRAM_NOTES = (
     "a message that replies to a picture uses that picture.\n"
     "Tip: send pictures as files (documents); Telegram recompresses photos."
 )
+UNUSABLE_HINT = "I make videos from a text prompt or a picture: send either (a picture with a caption), or see /help."
 PICTURE_HINT = (
     "Got the picture. What should happen in the video? Reply to it with a prompt (for example: the waves roll in), "
     "or send it again with the prompt as its caption."
@@ -137,6 +138,7 @@ class TelegramAdapter:
         private = filters.ChatType.PRIVATE
         self.app.add_handler(MessageHandler(private & filters.TEXT & ~filters.COMMAND, self._on_private_text))
         self.app.add_handler(MessageHandler(private & filters.COMMAND, self._on_unknown_command))
+        self.app.add_handler(MessageHandler(private & ~filters.StatusUpdate.ALL, self._on_unusable))
         self.app.add_error_handler(self._on_error)
 
     # -- incoming ----------------------------------------------------------------------------------------------
@@ -173,6 +175,9 @@ class TelegramAdapter:
     async def _on_unknown_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
         await message.reply_text(_unknown_command_text(message.text.split()[0]))
+
+    async def _on_unusable(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await update.effective_message.reply_text(UNUSABLE_HINT)
 
     async def _album_complete(self, key: tuple[int, str]) -> None:
         """Albums arrive as separate updates; once none has come for `album_wait_s`, treat them as one request."""

@@ -332,11 +332,24 @@ async def test_private_chats_need_no_command_and_groups_stay_quiet(tiny_settings
         telegram.photo(ALICE, imagefactory.jpeg(160, 120), media_group_id="trip")
         telegram.photo(ALICE, imagefactory.jpeg(160, 120), caption="day turns to night", media_group_id="trip")
         telegram.command(ALICE, "/animate please")
+        telegram.user_message(
+            ALICE,
+            sticker={
+                "file_id": "s1",
+                "file_unique_id": "s1",
+                "width": 512,
+                "height": 512,
+                "is_animated": False,
+                "is_video": False,
+                "type": "regular",
+            },
+        )
         group = {"chat_id": -100, "chat_type": "group"}
         telegram.user_message(BOB, text="just chatting in the group", **group)
         telegram.photo(BOB, imagefactory.jpeg(), caption="holiday snap", chat={"id": -100, "type": "group"})
         await until(lambda: len([t for t in texts(telegram, ALICE) if "is queued" in t]) == 4, what="four jobs")
         await until(lambda: any("I don't know /animate" in t for t in texts(telegram, ALICE)), what="unknown command")
+        await until(lambda: any("I make videos from" in t for t in texts(telegram, ALICE)), what="the sticker's hint")
         telegram.command(ALICE, "/help")
         await until(lambda: any("/video is optional" in t for t in texts(telegram, ALICE)), what="the help")
         jobs = {job.params.prompt: job for job in await bot.engine.queue.list_jobs()}  # updates run concurrently
