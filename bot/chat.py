@@ -38,6 +38,7 @@ INTEGER_OPTIONS = {"seed", "steps", "frames"}
 OPTION_PATTERN = re.compile(r"""(?<!\S)([A-Za-z_]+)\s*(=|:)\s*("[^"]*"|'[^']*'|\S+)""")
 BAR_WIDTH = 12
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+EXTRA_PICTURES_NOTE = "Only the first two pictures are used: the first as start, the second as end."
 
 
 @dataclass
@@ -215,7 +216,7 @@ async def status_answer(engine: Engine) -> str:
     )
 
 
-def help_text(prefer_documents_note: str = "") -> str:
+def help_text(platform_note: str = "") -> str:
     text = (
         "Make a short video from text or a picture.\n"
         "/video a red fox running through snow: text to video (t2v)\n"
@@ -225,7 +226,7 @@ def help_text(prefer_documents_note: str = "") -> str:
         'Options: seed=42 steps=30 frames=49 res=480p (or 832x480) guidance=4 neg="blurry, text"\n'
         "/queue: your jobs · /cancel [id]: cancel · /status: the worker"
     )
-    return text + (f"\n{prefer_documents_note}" if prefer_documents_note else "")
+    return text + (f"\n{platform_note}" if platform_note else "")
 
 
 # -- access ------------------------------------------------------------------------------------------------------

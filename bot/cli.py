@@ -642,42 +642,47 @@ async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    with _worker_lock(settings) as own_worker:
-        if not own_worker:
-            raise UserError(
-                "Another wanbot process is already running the worker on this data folder.",
-                "Stop it first, or give this one another WANBOT_DATA_DIR.",
+    adapters: list[Any] = []
+    try:
+        with _worker_lock(settings) as own_worker:
+            if not own_worker:
+                raise UserError(
+                    "Another wanbot process is already running the worker on this data folder.",
+                    "Stop it first, or give this one another WANBOT_DATA_DIR.",
+                )
+            await engine.worker.start_up()
+            await _start_adapters(engine, adapters)
+            worker = asyncio.create_task(engine.worker.run())
+            names = ", ".join(type(adapter).__name__ for adapter in adapters) or "no chat adapter (no token set)"
+            errors.print(
+                f"wanbot running on {settings.data_dir} with {names}; Ctrl+C stops, the running job is re-queued"
             )
-        await engine.worker.start_up()
-        adapters = await _start_adapters(engine)
-        worker = asyncio.create_task(engine.worker.run())
-        names = ", ".join(type(adapter).__name__ for adapter in adapters) or "no chat adapter (no token set)"
-        errors.print(f"wanbot running on {settings.data_dir} with {names}; Ctrl+C stops, the running job is re-queued")
-        cleaner = asyncio.create_task(_clean_images_periodically(engine))
-        await stop.wait()
-        cleaner.cancel()
-        await engine.worker.stop(requeue_running=True)
-        await worker
+            cleaner = asyncio.create_task(_clean_images_periodically(engine))
+            await stop.wait()
+            cleaner.cancel()
+            await engine.worker.stop(requeue_running=True)
+            await worker
+    finally:
+        # Also when an adapter fails to start: the ones already running stop, and the process can exit.
         for adapter in adapters:
             await adapter.stop()
-    await engine.close()
+        await engine.close()
 
 
-async def _start_adapters(engine: Engine) -> list[Any]:
-    adapters: list[Any] = []
+async def _start_adapters(engine: Engine, started: list[Any]) -> None:
+    """Start the adapters that have a token, adding each to `started` once it runs."""
     if engine.settings.telegram.token is not None:
         from bot.telegram_adapter import TelegramAdapter
 
         telegram = TelegramAdapter(engine, engine.settings.telegram)
         await telegram.start()
-        adapters.append(telegram)
+        started.append(telegram)
     if engine.settings.discord.token is not None:
         from bot.discord_adapter import DiscordAdapter
 
         discord_adapter = DiscordAdapter(engine, engine.settings.discord)
         await discord_adapter.start()
-        adapters.append(discord_adapter)
-    return adapters
+        started.append(discord_adapter)
 
 
 async def _clean_images_periodically(engine: Engine, every_s: float = 3600) -> None:

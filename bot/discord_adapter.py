@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 PLATFORM = "discord"
 CONTENT_LIMIT = 2000
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+NOT_ALLOWED = "Sorry, you are not allowed to use this bot here."
+DISCORD_NOTE = "Or right-click a message with a picture > Apps > Make a video (two pictures: start and end frames)."
 
 
 class WanbotClient(discord.Client):
@@ -79,6 +82,35 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:
         await interaction.client.adapter.on_reroll_button(interaction, self.job_id)
 
 
+class PictureVideoModal(discord.ui.Modal, title="Make a video from this picture"):
+    """What the "Make a video" message command asks before it queues: the prompt (options allowed) and the mode."""
+
+    def __init__(self, adapter: DiscordAdapter, pictures: list[discord.Attachment]) -> None:
+        super().__init__(timeout=None)
+        self.adapter = adapter
+        self.pictures = pictures
+        self.prompt = discord.ui.TextInput(
+            style=discord.TextStyle.paragraph,
+            required=False,
+            max_length=1500,
+            placeholder="the waves roll in (options work too: seed=7 steps=30 res=720p)",
+        )
+        self.mode = discord.ui.Select(
+            options=[
+                discord.SelectOption(label="i2v: image to video (A14B)", value=Mode.I2V.value, default=True),
+                discord.SelectOption(label="ti2v: text and image to video (5B, faster)", value=Mode.TI2V.value),
+            ],
+            required=False,
+        )
+        self.add_item(discord.ui.Label(text="What happens in the video", component=self.prompt))
+        self.add_item(discord.ui.Label(text="Mode", component=self.mode))
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(thinking=True)
+        mode = Mode(self.mode.values[0]) if self.mode.values else Mode.I2V
+        await self.adapter.submit_picture_request(interaction, self.prompt.value, mode, self.pictures)
+
+
 def _view(*items: discord.ui.Item[Any]) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     for item in items:
@@ -116,6 +148,8 @@ class DiscordAdapter:
             ready.cancel()
             # client.start() ended before READY: a bad token, an unreachable gateway, or a parser error.
             error = self._runner.exception() if not self._runner.cancelled() else None
+            events.close()
+            await self.stop()
             raise UserError(
                 f"Discord did not connect ({type(error).__name__ if error else 'stopped'}).",
                 "Check discord.token and the network.",
@@ -211,7 +245,23 @@ class DiscordAdapter:
 
         @tree.command(name="help", description="How to use this bot.")
         async def help_command(interaction: discord.Interaction) -> None:
-            await interaction.response.send_message(chat.help_text(), ephemeral=True)
+            await interaction.response.send_message(chat.help_text(DISCORD_NOTE), ephemeral=True)
+
+        @tree.context_menu(name="Make a video")
+        async def make_video(interaction: discord.Interaction, message: discord.Message) -> None:
+            if not adapter._allowed(interaction):
+                await interaction.response.send_message(NOT_ALLOWED, ephemeral=True)
+                return
+            pictures = [attachment for attachment in message.attachments if _is_picture(attachment)]
+            if not pictures:
+                await interaction.response.send_message(
+                    "That message has no picture to start from. Use it on a message with a PNG, JPEG, WebP, BMP or "
+                    "GIF attached, or /video for text to video.",
+                    ephemeral=True,
+                )
+                return
+            # A modal must be the first answer, so it cannot wait behind a defer.
+            await interaction.response.send_modal(PictureVideoModal(adapter, pictures))
 
     def _actor(self, interaction: discord.Interaction) -> Actor:
         user_id = str(interaction.user.id)
@@ -230,15 +280,29 @@ class DiscordAdapter:
         ]
         return all(checks)
 
+    async def submit_picture_request(
+        self, interaction: discord.Interaction, text: str, mode: Mode, pictures: list[discord.Attachment]
+    ) -> None:
+        """A request from the "Make a video" message command: its text is read like a Telegram caption."""
+        try:
+            parsed = chat.parse_message(text, mode, has_image=True)
+        except UserError as error:
+            await interaction.edit_original_response(content=chat.user_error_text(error))
+            return
+        notes = [*([chat.EXTRA_PICTURES_NOTE] if len(pictures) > 2 else []), *parsed.notes]
+        end = pictures[1] if len(pictures) > 1 else None
+        await self._submit(interaction, parsed.request, pictures[0], end, notes)
+
     async def _submit(
         self,
         interaction: discord.Interaction,
         request: GenerationRequest,
         start: discord.Attachment | None,
         end: discord.Attachment | None,
+        notes: list[str] | None = None,
     ) -> None:
         if not self._allowed(interaction):
-            await interaction.edit_original_response(content="Sorry, you are not allowed to use this bot here.")
+            await interaction.edit_original_response(content=NOT_ALLOWED)
             return
         source = JobSource(
             platform=PLATFORM,
@@ -264,7 +328,8 @@ class DiscordAdapter:
             await interaction.edit_original_response(content=chat.apology())
             return
         result = submission.result
-        text = chat.queued_text(result.job, result.position, submission.notes, duplicate=not result.created)
+        all_notes = [*(notes or []), *submission.notes]
+        text = chat.queued_text(result.job, result.position, all_notes, duplicate=not result.created)
         await interaction.edit_original_response(content=text, view=_view(CancelButton(result.job.id)))
 
     async def _download(self, attachment: discord.Attachment | None, role: str) -> Upload | None:
@@ -375,3 +440,8 @@ class DiscordAdapter:
             await self._webhook(job).send(content=content, file=file, view=view, wait=True)
         else:
             await self.client.get_partial_messageable(int(job.source.chat_id)).send(content, file=file, view=view)
+
+
+def _is_picture(attachment: discord.Attachment) -> bool:
+    content_type = (attachment.content_type or "").split(";")[0]
+    return content_type in IMAGE_TYPES if content_type else attachment.filename.lower().endswith(IMAGE_SUFFIXES)

@@ -97,6 +97,20 @@ class TelegramAdapter:
 
     async def start(self) -> None:
         events = self._engine.queue.events.subscribe()
+        try:
+            await self._connect()
+        except TelegramError as error:
+            # A rejected token or an unreachable API: say so in one line, and leave nothing running behind.
+            events.close()
+            await self.stop()
+            reason = str(error).replace(self._token, "<token>")
+            raise UserError(
+                f"Telegram did not connect ({type(error).__name__}: {reason}).",
+                "Check telegram.token, telegram.api_base_url and the network.",
+            ) from None
+        self._relay.start(events)
+
+    async def _connect(self) -> None:
         await self.app.initialize()
         await self.app.bot.set_my_commands(
             [
@@ -114,7 +128,6 @@ class TelegramAdapter:
         await self.app.updater.start_polling(
             timeout=dt.timedelta(seconds=self._poll_timeout_s), allowed_updates=["message", "callback_query"]
         )
-        self._relay.start(events)
 
     async def stop(self) -> None:
         for timer in self._album_timers.values():
@@ -191,9 +204,7 @@ class TelegramAdapter:
             return
         mode, text = self._caption_request(captioned)
         images = [ref for item in messages for ref in _images_of(item)]
-        notes = (
-            ["Only the first two pictures are used: the first as start, the second as end."] if len(images) > 2 else []
-        )
+        notes = [chat.EXTRA_PICTURES_NOTE] if len(images) > 2 else []
         await self._submit(captioned, text, mode, images[:2], notes)
 
     def _caption_request(self, message: Message) -> tuple[Mode | None, str] | None:

@@ -51,6 +51,7 @@ class FakeDiscord:
         self.cdn: dict[str, bytes] = {}
         self.faults: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self.commands: dict[str, list[dict[str, Any]]] = {}
+        self.modals: dict[str, dict[str, Any]] = {}  # interaction id -> the modal the bot answered it with
         self._ids = itertools.count(600000000000000001)
         self._sequence = itertools.count(1)
         self._sockets: list[web.WebSocketResponse] = []
@@ -169,6 +170,7 @@ class FakeDiscord:
     def _sync(self, path: str, body: Any) -> web.Response:
         stored = [
             {
+                "description": "",  # context menu commands are sent without one and come back with ""
                 **command,
                 "id": str(next(self._ids)),
                 "application_id": str(APPLICATION_ID),
@@ -185,6 +187,9 @@ class FakeDiscord:
 
     def _callback(self, interaction_id: str, token: str, body: dict[str, Any]) -> web.Response:
         kind = body.get("type")
+        if kind == 9:
+            self.modals[interaction_id] = body["data"]
+            return _json({"interaction": {"id": interaction_id, "type": 2}, "resource": {"type": 9}})
         message = self._message(CHANNEL_ID, body.get("data", {}) if kind == 4 else {"content": ""}, {})
         self.originals[token] = message["id_int"]
         resource: dict[str, Any] = {"type": kind}
@@ -380,15 +385,75 @@ class FakeDiscord:
         for key, attachment in (attachments or {}).items():
             option_list.append({"name": key, "type": 11, "value": attachment["id"]})
             resolved[attachment["id"]] = attachment
-        command = next(
-            command for commands in self.commands.values() for command in commands if command["name"] == name
-        )
-        data = {"id": command["id"], "name": name, "type": 1, "options": option_list, "guild_id": str(GUILD_ID)}
+        data = {
+            "id": self._command_id(name),
+            "name": name,
+            "type": 1,
+            "options": option_list,
+            "guild_id": str(GUILD_ID),
+        }
         if resolved:
             data["resolved"] = {"attachments": resolved}
         payload = self._interaction(2, user_id, data, roles, size_limit)
         await self.dispatch("INTERACTION_CREATE", payload)
         return payload
+
+    def user_post(self, user_id: int, content: str, attachments: list[dict[str, Any]]) -> dict[str, Any]:
+        """A message a user posted in the channel (not through the bot), as Discord would resolve it."""
+        return {
+            "id": str(next(self._ids)),
+            "channel_id": str(CHANNEL_ID),
+            "type": 0,
+            "content": content,
+            "author": self.member(user_id)["user"],
+            "attachments": attachments,
+            "embeds": [],
+            "mentions": [],
+            "mention_roles": [],
+            "pinned": False,
+            "mention_everyone": False,
+            "tts": False,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "edited_timestamp": None,
+            "flags": 0,
+            "components": [],
+        }
+
+    async def message_command(self, user_id: int, name: str, target: dict[str, Any]) -> dict[str, Any]:
+        """A user picks `name` from the Apps menu of the message `target`."""
+        data = {
+            "id": self._command_id(name),
+            "name": name,
+            "type": 3,
+            "target_id": target["id"],
+            "guild_id": str(GUILD_ID),
+            "resolved": {"messages": {target["id"]: target}},
+        }
+        payload = self._interaction(2, user_id, data, None, 10 * 1024 * 1024)
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return payload
+
+    async def submit_modal(self, user_id: int, opened_by: dict[str, Any], answers: dict[str, Any]) -> dict[str, Any]:
+        """Fill in the modal the bot answered `opened_by` with, by the labels' texts, and submit it."""
+        modal = self.modals[opened_by["id"]]
+        components = []
+        for label in modal["components"]:
+            field_ = label["component"]
+            answer = answers.get(label["label"])
+            if field_["type"] == 4:
+                submitted = {"type": 4, "custom_id": field_["custom_id"], "value": answer or ""}
+            else:
+                submitted = {"type": field_["type"], "custom_id": field_["custom_id"], "values": answer or []}
+            components.append({"type": 18, "component": submitted})
+        data = {"custom_id": modal["custom_id"], "components": components}
+        payload = self._interaction(5, user_id, data, None, 10 * 1024 * 1024)
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return payload
+
+    def _command_id(self, name: str) -> str:
+        return next(
+            command["id"] for commands in self.commands.values() for command in commands if command["name"] == name
+        )
 
     async def click(self, user_id: int, message: dict[str, Any], custom_id: str) -> dict[str, Any]:
         payload = self._interaction(

@@ -27,7 +27,11 @@ class RunningBot:
         self.engine = await Engine.open(self.settings)
         await self.engine.worker.start_up()
         self.adapter = self._make_adapter(self.engine)
-        await self.adapter.start()
+        try:
+            await self.adapter.start()
+        except BaseException:
+            await self.engine.close()  # its database thread would otherwise keep the test process alive
+            raise
         self.worker = asyncio.create_task(self.engine.worker.run())
         return self
 

@@ -48,7 +48,7 @@ def running_bot(settings: Settings) -> RunningBot:
 async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(tiny_settings, discord_server):
     async with running_bot(configure(tiny_settings, discord_server)) as bot:
         synced = discord_server.commands[f"applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"]
-        assert {command["name"] for command in synced} == {"video", "queue", "cancel", "status", "help"}
+        assert {command["name"] for command in synced} == {"video", "queue", "cancel", "status", "help", "Make a video"}
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "a red fox", "seed": 5, "steps": 3})
         videos = await until(discord_server.with_files, what="the video")
         original = discord_server.original(interaction)
@@ -228,3 +228,33 @@ async def test_the_token_never_reaches_the_logs(tiny_settings, discord_server, c
         await discord_server.slash(ALICE, "video", {"prompt": "log me", "steps": 2})
         await until(discord_server.with_files, what="the video")
     assert caplog.records and TOKEN not in caplog.text
+
+
+async def test_make_a_video_from_a_posted_picture_through_the_apps_menu(tiny_settings, discord_server):
+    async with running_bot(configure(tiny_settings, discord_server)) as bot:
+        await bot.engine.queue.set_paused(True)
+        attachments = [
+            discord_server.attachment(b"packing list", "notes.txt", "text/plain"),
+            discord_server.attachment(imagefactory.jpeg(160, 120), "start.jpg", "image/jpeg"),
+            discord_server.attachment(imagefactory.jpeg(320, 240), "end.jpg", "image/jpeg"),
+            discord_server.attachment(imagefactory.png(64, 64), "extra.png"),
+        ]
+        opened = await discord_server.message_command(
+            ALICE, "Make a video", discord_server.user_post(BOB, "our trip", attachments)
+        )
+        await until(lambda: opened["id"] in discord_server.modals, what="the modal")
+        answers = {"What happens in the video": "the tide comes in seed=5 steps=2", "Mode": ["ti2v"]}
+        submitted = await discord_server.submit_modal(ALICE, opened, answers)
+        await until(lambda: "is queued" in discord_server.original(submitted)["content"], what="the queued answer")
+        no_picture = await discord_server.message_command(
+            ALICE, "Make a video", discord_server.user_post(BOB, "just words", [])
+        )
+        await until(lambda: discord_server.original(no_picture)["content"], what="the refusal")
+        jobs = await bot.engine.queue.list_jobs()
+    job = jobs[0]
+    assert len(jobs) == 1 and job.source.user_id == str(ALICE)
+    assert job.mode.value == "ti2v" and job.params.prompt == "the tide comes in" and job.params.seed == 5
+    assert [image.role for image in job.images] == ["start", "end"] and job.images[1].width == job.images[0].width
+    assert "Only the first two pictures are used" in discord_server.original(submitted)["content"]
+    assert "no picture to start from" in discord_server.original(no_picture)["content"]
+    assert no_picture["id"] not in discord_server.modals

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import socket
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -201,22 +205,57 @@ async def test_the_token_never_reaches_the_logs(tiny_settings, telegram, caplog)
     assert "TEST-token-do-not-log" not in caplog.text
 
 
-async def test_wanbot_run_killed_mid_job_delivers_exactly_one_video_after_restart(tiny_settings, telegram, tmp_path):
-    """The real `wanbot run` process, SIGKILLed while generating, restarted: the job runs again, one video arrives."""
-    import os
-    import signal
-    import sys
-
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANBOT_", "TELEGRAM_"))}
+def run_environment(settings: Settings, server: FakeTelegram, **extra: str) -> dict[str, str]:
+    """The environment of a `wanbot run` process that talks to the fake Bot API."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANBOT_", "TELEGRAM_", "DISCORD_"))}
     env.update(
-        WANBOT_DATA_DIR=str(tiny_settings.data_dir),
+        WANBOT_DATA_DIR=str(settings.data_dir),
         WANBOT_MODELS__T2V="tiny",
         TELEGRAM_BOT_TOKEN=TOKEN,
-        WANBOT_TELEGRAM__API_BASE_URL=f"{telegram.url}/bot",
-        WANBOT_TELEGRAM__FILE_BASE_URL=f"{telegram.url}/file/bot",
+        WANBOT_TELEGRAM__API_BASE_URL=f"{server.url}/bot",
+        WANBOT_TELEGRAM__FILE_BASE_URL=f"{server.url}/file/bot",
         WANBOT_TELEGRAM__EDIT_INTERVAL_S="0.2",
         WANBOT_TELEGRAM__DELIVERY_RETRY_S="0.5",
     )
+    return {**env, **extra}
+
+
+async def wanbot_run_until_exit(env: dict[str, str], limit_s: float = 60) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from bot.cli import main; main()",
+        "run",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=limit_s)
+    return process.returncode, output.decode()
+
+
+async def test_wanbot_run_that_cannot_connect_says_why_and_exits(tiny_settings, telegram):
+    rejected = run_environment(tiny_settings, telegram, TELEGRAM_BOT_TOKEN="999:wrong-secret")
+    code, output = await wanbot_run_until_exit(rejected)
+    assert code == 2 and "Telegram did not connect (InvalidToken" in output, output
+    assert "Traceback" not in output and "wrong-secret" not in output
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    discord_down = run_environment(
+        tiny_settings,
+        telegram,
+        DISCORD_BOT_TOKEN="discord-token",
+        WANBOT_DISCORD__API_BASE_URL=f"http://127.0.0.1:{closed_port}/api/v10",
+    )
+    code, output = await wanbot_run_until_exit(discord_down)  # Telegram starts first, then Discord fails
+    assert code == 2 and "Discord did not connect" in output, output
+    assert telegram.sent("getUpdates") and "Traceback" not in output
+
+
+async def test_wanbot_run_killed_mid_job_delivers_exactly_one_video_after_restart(tiny_settings, telegram, tmp_path):
+    """The real `wanbot run` process, SIGKILLed while generating, restarted: the job runs again, one video arrives."""
+    env = run_environment(tiny_settings, telegram)
     log_path = tmp_path / "run.log"
 
     async def start_bot() -> asyncio.subprocess.Process:
