@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,8 @@ from engine.errors import UserError
 from engine.images import Mode
 from engine.jobs import Job, JobStatus, Progress, QueuePosition, Stage
 from engine.models import GenerationRequest
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from engine.queue import JobQueue
@@ -293,8 +296,16 @@ class LiveMessages:
             await asyncio.shield(task)
 
     def forget(self, key: Any) -> None:
+        """Drop what is kept for `key` once its last text is shown, unless a newer text is still waiting."""
+        if key in self._pending:
+            return
         self._shown.pop(key, None)
         self._last_sent.pop(key, None)
+        self._tasks.pop(key, None)
+
+    def __len__(self) -> int:
+        """How many messages are tracked: it must not grow with every job a long-running bot has seen."""
+        return len(self._shown.keys() | self._pending.keys() | self._tasks.keys())
 
     async def _flush(self, key: Any) -> None:
         while key in self._pending:
@@ -309,6 +320,11 @@ class LiveMessages:
             except RetryLater as limit:
                 self._pending.setdefault(key, (text, extra))
                 await asyncio.sleep(limit.seconds)
+                continue
+            except Exception:
+                # A network error on one edit must not end this message's updates: the next text still goes out.
+                log.warning("could not update the message of %s", key, exc_info=True)
+                self._last_sent[key] = self._clock()
                 continue
             self._shown[key] = text
             self._last_sent[key] = self._clock()

@@ -68,6 +68,18 @@ class JobRelay:
         self._jobs[job.id] = job
         self._live.update(job.id, text, buttons)
 
+    async def show_last(self, job: Job, text: str) -> None:
+        """Show the job's final text; once it is on screen nothing about the job is kept."""
+        self.show(job, text)
+        await self._live.settle(job.id)
+        self._live.forget(job.id)
+        self._jobs.pop(job.id, None)
+
+    @property
+    def tracked(self) -> int:
+        """Jobs whose live message is still followed."""
+        return max(len(self._jobs), len(self._live))
+
     async def _show_latest(self, job_id: int, text: str, buttons: Buttons) -> None:
         await self._show(self._jobs[job_id], text, buttons)
 
@@ -83,10 +95,11 @@ class JobRelay:
                 continue
             if event.kind in (EventKind.STARTED, EventKind.PROGRESS):
                 self.show(job, chat.progress_text(job, event.progress), "cancel")
-            elif event.kind in (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELLED):
+            elif event.kind is EventKind.SUCCEEDED:
                 self.show(job, chat.finished_text(job))
-                if event.kind is EventKind.SUCCEEDED:
-                    self._spawn(self.deliver(job))
+                self._spawn(self.deliver(job))
+            elif event.kind in (EventKind.FAILED, EventKind.CANCELLED):
+                self._spawn(self.show_last(job, chat.finished_text(job)))
 
     async def deliver(self, job: Job) -> None:
         if job.id in self._delivering or job.result is None:
@@ -96,12 +109,12 @@ class JobRelay:
             await self._live.settle(job.id)
             await self._send_video(job)
             delivered = await self._queue.mark_delivered(job.id)
-            self.show(delivered, chat.delivered_text(delivered))
+            await self.show_last(delivered, chat.delivered_text(delivered))
         except DeliveryFailed as failure:
             failed = await self._queue.mark_delivery_failed(job.id, failure.reason)
             log.warning("delivery failed job=%s attempt=%s: %s", job.id, failed.delivery_attempts, failure.reason)
             if failed.delivery_attempts >= self._max_attempts:
-                self.show(failed, chat.undeliverable_text(failed))
+                await self.show_last(failed, chat.undeliverable_text(failed))
         finally:
             self._delivering.discard(job.id)
 

@@ -67,6 +67,7 @@ async def test_text_command_queues_shows_progress_and_delivers_the_video(tiny_se
         job = (await bot.engine.queue.list_jobs())[0]
         assert job.params.prompt == "a red fox in the snow" and job.params.seed == 7 and job.params.steps == 3
         assert job.delivery_status is DeliveryStatus.DELIVERED
+        await until(lambda: bot.adapter._relay.tracked == 0, what="the relay to let go of the delivered job")
     caption = videos[0].fields["caption"]
     assert caption.startswith("a red fox in the snow") and "seed 7" in caption and "tiny-t2v" in caption
     assert json.loads(videos[0].fields["reply_markup"])["inline_keyboard"][0][0]["callback_data"] == f"reroll:{job.id}"

@@ -1,0 +1,79 @@
+"""The live progress message logic both adapters share, with a recording send function standing in for a platform."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from bot.chat import LiveMessages, RetryLater, parse_message
+from engine.images import Mode
+
+
+class Platform:
+    """Records the edits that reach it; fails the ones it is told to, as a real API does."""
+
+    def __init__(self) -> None:
+        self.shown: list[tuple[Any, str]] = []
+        self.failures: list[Exception] = []
+
+    async def edit(self, key: Any, text: str, extra: Any) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.shown.append((key, text))
+
+
+async def test_only_the_newest_text_goes_out_and_never_twice():
+    platform = Platform()
+    live = LiveMessages(platform.edit, interval_s=0.05)
+    for step in range(1, 6):
+        live.update(1, f"step {step}/5")
+    await live.settle(1)
+    live.update(1, "step 5/5")
+    await live.settle(1)
+    assert platform.shown == [(1, "step 5/5")]
+
+
+async def test_a_flood_wait_delays_the_edit_and_a_network_error_does_not_end_the_updates():
+    platform = Platform()
+    platform.failures = [RetryLater(0.05), ConnectionResetError("reset by peer")]
+    live = LiveMessages(platform.edit, interval_s=0.01)
+    live.update(7, "queued")
+    await live.settle(7)
+    live.update(7, "generating")
+    await live.settle(7)
+    assert platform.shown == [(7, "generating")]  # "queued" waited out the flood limit, then the reset lost it
+
+
+async def test_state_is_dropped_once_the_last_text_is_shown():
+    platform = Platform()
+    live = LiveMessages(platform.edit, interval_s=0.01)
+    for job in range(50):
+        live.update(job, "done")
+    for job in range(50):
+        await live.settle(job)
+        live.forget(job)
+    assert len(live) == 0
+    live.update(1, "first")
+    await live.settle(1)
+    live.update(1, "newer")
+    live.forget(1)  # a newer text is still waiting: it is kept and still sent
+    await live.settle(1)
+    assert platform.shown[-1] == (1, "newer")
+    await live.close()
+
+
+async def test_options_anywhere_and_unknown_ones_named():
+    parsed = parse_message('a fox seed=7 in the snow neg="blurry" colour=red note: keep it', None, has_image=True)
+    assert parsed.request.prompt == "a fox in the snow note: keep it"
+    assert parsed.request.seed == 7 and parsed.request.negative_prompt == "blurry"
+    assert parsed.request.mode is Mode.I2V
+    assert "Ignored unknown option(s): colour" in parsed.notes[0]
+
+
+async def test_settle_waits_for_a_flood_limited_edit():
+    platform = Platform()
+    platform.failures = [RetryLater(0.1)]
+    live = LiveMessages(platform.edit, interval_s=0.01)
+    live.update("message", "final text")
+    await asyncio.wait_for(live.settle("message"), timeout=5)
+    assert platform.shown == [("message", "final text")]
