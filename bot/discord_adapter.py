@@ -33,6 +33,7 @@ PLATFORM = "discord"
 CONTENT_LIMIT = 2000
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+MODAL_TIMEOUT_S = 900
 NOT_ALLOWED = "Sorry, you are not allowed to use this bot here."
 DISCORD_NOTE = "Or right-click a message with a picture > Apps > Make a video (two pictures: start and end frames)."
 
@@ -86,7 +87,8 @@ class PictureVideoModal(discord.ui.Modal, title="Make a video from this picture"
     """What the "Make a video" message command asks before it queues: the prompt (options allowed) and the mode."""
 
     def __init__(self, adapter: DiscordAdapter, pictures: list[discord.Attachment]) -> None:
-        super().__init__(timeout=None)
+        # A dismissed modal never reports back; the timeout is what removes it from discord.py's store.
+        super().__init__(timeout=MODAL_TIMEOUT_S)
         self.adapter = adapter
         self.pictures = pictures
         self.prompt = discord.ui.TextInput(
