@@ -229,6 +229,19 @@ def queue_retry(job_id: int, config: ConfigOption = None) -> None:
     console.print(f"job {added.job.id} queued as a retry of job {job_id}")
 
 
+@queue_app.command("redeliver")
+def queue_redeliver(job_id: int, config: ConfigOption = None) -> None:
+    """Send a finished video whose delivery failed again, from its stored file (the running bot sends it)."""
+    settings = _settings(config)
+
+    async def work() -> Job:
+        async with _open_queue(settings) as queue:
+            return await queue.redeliver(job_id)
+
+    job = _run(work())
+    console.print(f"job {job.id}: the running bot sends {job.result.path} to {job.source.platform} again")
+
+
 @queue_app.command("pause")
 def queue_pause(config: ConfigOption = None) -> None:
     """Stop starting new jobs (the running one finishes)."""

@@ -162,6 +162,7 @@ class EventKind(StrEnum):
     CANCELLED = "cancelled"
     DELIVERED = "delivered"
     DELIVERY_FAILED = "delivery_failed"
+    REDELIVERY = "redelivery"
 
 
 class JobEvent(BaseModel):

@@ -465,6 +465,31 @@ class JobQueue:
         self._publish(kind, job)
         return job
 
+    async def redeliver(self, job_id: int) -> Job:
+        """Let the bot send a finished video again from its stored file (never regenerated), attempts from zero."""
+        job = await self.get(job_id)
+        if job.status is not JobStatus.SUCCEEDED or job.delivery_status is DeliveryStatus.DELIVERED:
+            raise InvalidTransition(
+                f"Job {job_id} has no undelivered video ({job.status.value}, {job.delivery_status or 'no delivery'}).",
+                "Only a finished video whose delivery failed can be sent again; `queue retry` makes a new one.",
+            )
+        if job.result is None or not await asyncio.to_thread(Path(job.result.path).is_file):
+            raise InvalidTransition(
+                f"The video of job {job_id} is no longer on disk.", f"Make it again with `queue retry {job_id}`."
+            )
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                """UPDATE jobs SET delivery_status = 'pending', delivery_error = NULL, delivery_attempts = 0
+                   WHERE id = ? AND status = 'succeeded' AND delivery_status != 'delivered'""",
+                (job_id,),
+            )
+            if cursor.rowcount != 1:
+                raise InvalidTransition(f"Job {job_id} was delivered meanwhile.", "Nothing to do.")
+            job = await self._get(db, job_id)
+            await self._log(db, job_id, EventKind.REDELIVERY)
+        self._publish(EventKind.REDELIVERY, job)
+        return job
+
     async def undelivered(self, platform: str, max_attempts: int = 5) -> list[Job]:
         """Finished videos on `platform` whose upload has not succeeded yet, oldest first."""
         rows = await self._read_all(

@@ -254,6 +254,32 @@ async def test_delivery_is_tracked_apart_from_generation(queue: JobQueue):
         await queue.mark_delivered(job.id)
 
 
+async def test_redeliver_sends_a_stored_video_again_and_nothing_else(queue: JobQueue, tmp_path: Path):
+    video = tmp_path / "job.mp4"
+    video.write_bytes(b"mp4")
+    await queue.enqueue(source(platform="discord"), Mode.T2V, "tiny", params())
+    job = await queue.claim_next()
+    with pytest.raises(InvalidTransition, match="no undelivered video"):
+        await queue.redeliver(job.id)  # still running
+    await queue.mark_succeeded(job.id, result(str(video)))
+    for attempt in range(3):
+        await queue.mark_delivery_failed(job.id, f"413 too large ({attempt})")
+    assert await queue.undelivered("discord", max_attempts=3) == []  # the bot gave up
+    again = await queue.redeliver(job.id)
+    assert again.delivery_status is DeliveryStatus.PENDING and again.delivery_attempts == 0
+    assert again.delivery_error is None and again.attempts == 1  # not generated again
+    assert [pending.id for pending in await queue.undelivered("discord", max_attempts=3)] == [job.id]
+    await queue.mark_delivered(job.id)
+    with pytest.raises(InvalidTransition, match="no undelivered video"):
+        await queue.redeliver(job.id)  # no second copy by accident
+    await queue.enqueue(source(platform="discord", message="m2"), Mode.T2V, "tiny", params())
+    gone = await queue.claim_next()
+    await queue.mark_succeeded(gone.id, result(str(tmp_path / "deleted.mp4")))
+    await queue.mark_delivery_failed(gone.id, "timeout")
+    with pytest.raises(InvalidTransition, match="no longer on disk"):
+        await queue.redeliver(gone.id)
+
+
 async def test_pause_flag_survives_reopening(tmp_path: Path):
     first = await JobQueue.open(tmp_path / "q.sqlite3")
     assert not await first.is_paused()

@@ -195,6 +195,32 @@ async def test_a_failed_upload_is_retried_from_the_stored_file(tiny_settings, te
     assert job.attempts == 1  # generated once
 
 
+async def test_an_admin_redelivers_a_video_the_bot_gave_up_on(tiny_settings, telegram):
+    telegram.faults["sendVideo"] = [(500, "Internal Server Error", None)]
+    async with running_bot(configure(tiny_settings, telegram, max_delivery_attempts=1)) as bot:
+        telegram.command(ALICE, "/video deliver me later steps=2")
+        gave_up = (await until(lambda: status_of(telegram, ALICE, "could not be sent"), what="giving up"))["text"]
+        job = (await bot.engine.queue.list_jobs())[0]
+        redeliver = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "from bot.cli import main; main()",
+            "queue",
+            "redeliver",
+            str(job.id),
+            env={**os.environ, "WANBOT_DATA_DIR": str(tiny_settings.data_dir)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(redeliver.communicate(), timeout=60)
+        await until(lambda: status_of(telegram, ALICE, "the video is below"), what="the redelivered video")
+        job = await bot.engine.queue.get(job.id)
+    assert redeliver.returncode == 0 and "sends" in output.decode(), output.decode()
+    assert f"wanbot queue redeliver {job.id}" in gave_up
+    assert len(telegram.sent("sendVideo", ALICE)) == 2 and job.attempts == 1  # sent again, not generated again
+    assert job.delivery_status is DeliveryStatus.DELIVERED
+
+
 async def test_the_token_never_reaches_the_logs(tiny_settings, telegram, caplog):
     import logging
 
