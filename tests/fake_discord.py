@@ -248,33 +248,20 @@ class FakeDiscord:
 
     def _message(self, channel_id: int, body: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
         message_id = next(self._ids)
+        attachments = [
+            {
+                "id": str(next(self._ids)),
+                "filename": name,
+                "size": len(data),
+                "url": f"{self.url}/cdn/x",
+                "proxy_url": f"{self.url}/cdn/x",
+            }
+            for name, data in files.items()
+        ]
         message = {
-            "id": str(message_id),
-            "id_int": message_id,
-            "channel_id": str(channel_id),
-            "type": 0,
-            "content": body.get("content") or "",
-            "author": BOT_USER,
-            "attachments": [
-                {
-                    "id": str(next(self._ids)),
-                    "filename": name,
-                    "size": len(data),
-                    "url": f"{self.url}/cdn/x",
-                    "proxy_url": f"{self.url}/cdn/x",
-                }
-                for name, data in files.items()
-            ],
-            "embeds": [],
-            "mentions": [],
-            "mention_roles": [],
-            "pinned": False,
-            "mention_everyone": False,
-            "tts": False,
-            "timestamp": datetime.now(UTC).isoformat(),
-            "edited_timestamp": None,
-            "flags": 0,
+            **_message_payload(message_id, channel_id, BOT_USER, body.get("content") or "", attachments),
             "components": body.get("components", []),
+            "id_int": message_id,
             "edits": 0,
             "file_bytes": files,
         }
@@ -400,24 +387,7 @@ class FakeDiscord:
 
     def user_post(self, user_id: int, content: str, attachments: list[dict[str, Any]]) -> dict[str, Any]:
         """A message a user posted in the channel (not through the bot), as Discord would resolve it."""
-        return {
-            "id": str(next(self._ids)),
-            "channel_id": str(CHANNEL_ID),
-            "type": 0,
-            "content": content,
-            "author": self.member(user_id)["user"],
-            "attachments": attachments,
-            "embeds": [],
-            "mentions": [],
-            "mention_roles": [],
-            "pinned": False,
-            "mention_everyone": False,
-            "tts": False,
-            "timestamp": datetime.now(UTC).isoformat(),
-            "edited_timestamp": None,
-            "flags": 0,
-            "components": [],
-        }
+        return _message_payload(next(self._ids), CHANNEL_ID, self.member(user_id)["user"], content, attachments)
 
     async def message_command(self, user_id: int, name: str, target: dict[str, Any]) -> dict[str, Any]:
         """A user picks `name` from the Apps menu of the message `target`."""
@@ -478,6 +448,29 @@ class FakeDiscord:
 
     def with_files(self) -> list[dict[str, Any]]:
         return [message for message in self.messages.values() if message["file_bytes"]]
+
+
+def _message_payload(
+    message_id: int, channel_id: int, author: dict[str, Any], content: str, attachments: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "id": str(message_id),
+        "channel_id": str(channel_id),
+        "type": 0,
+        "content": content,
+        "author": author,
+        "attachments": attachments,
+        "embeds": [],
+        "mentions": [],
+        "mention_roles": [],
+        "pinned": False,
+        "mention_everyone": False,
+        "tts": False,
+        "timestamp": datetime.now(UTC).isoformat(),
+        "edited_timestamp": None,
+        "flags": 0,
+        "components": [],
+    }
 
 
 def _guild() -> dict[str, Any]:
