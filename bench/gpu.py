@@ -13,6 +13,7 @@ show the script works; those figures say nothing about a GPU.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import time
 from dataclasses import dataclass
@@ -131,7 +132,9 @@ def run_once(
     height, width, frames = size
     text_dim = pipeline.transformer.config.text_dim
     dtype = pipeline.transformer.dtype
-    embeds = torch.randn(1, TEXT_TOKENS, text_dim, dtype=dtype)
+    # On the GPU already: the pipeline casts given embeddings but does not move them, and with everything on the GPU
+    # (no offload hooks to move inputs) CPU embeddings would fail at the first step.
+    embeds = torch.randn(1, TEXT_TOKENS, text_dim, dtype=dtype, device=device)
     marks: list[float] = []
 
     def on_step(_pipeline: Any, _step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -206,6 +209,7 @@ def main() -> None:
                 continue
             finally:
                 del pipeline
+                gc.collect()  # offload hooks keep reference cycles; free the 28 GB before the next build
                 if has_gpu:
                     torch.cuda.empty_cache()
             line = (
