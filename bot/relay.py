@@ -48,6 +48,7 @@ class JobRelay:
         self._live = chat.LiveMessages(self._show_latest, config.edit_interval_s)
         self._jobs: dict[int, Job] = {}
         self._delivering: set[int] = set()
+        self._retry_at: dict[int, float] = {}  # job id -> loop time of its next upload attempt
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, events: Subscription) -> None:
@@ -109,18 +110,35 @@ class JobRelay:
             await self._live.settle(job.id)
             await self._send_video(job)
             delivered = await self._queue.mark_delivered(job.id)
+            self._retry_at.pop(job.id, None)
             await self.show_last(delivered, chat.delivered_text(delivered))
         except DeliveryFailed as failure:
             failed = await self._queue.mark_delivery_failed(job.id, failure.reason)
-            log.warning("delivery failed job=%s attempt=%s: %s", job.id, failed.delivery_attempts, failure.reason)
             if failed.delivery_attempts >= self._max_attempts:
+                log.warning(
+                    "delivery failed job=%s attempt=%s, giving up: %s", job.id, failed.delivery_attempts, failure.reason
+                )
+                self._retry_at.pop(job.id, None)
                 await self.show_last(failed, chat.undeliverable_text(failed))
+            else:
+                # Doubling waits ride out an outage of the platform instead of spending every attempt inside it.
+                delay = self._retry_s * 2 ** (failed.delivery_attempts - 1)
+                self._retry_at[job.id] = asyncio.get_running_loop().time() + delay
+                log.warning(
+                    "delivery failed job=%s attempt=%s, next in %.1f s: %s",
+                    job.id,
+                    failed.delivery_attempts,
+                    delay,
+                    failure.reason,
+                )
         finally:
             self._delivering.discard(job.id)
 
     async def _redeliver_periodically(self) -> None:
         """Videos finished while we were down, or whose upload failed, go out again (never regenerated)."""
+        loop = asyncio.get_running_loop()
         while True:
             for job in await self._queue.undelivered(self._platform, self._max_attempts):
-                await self.deliver(job)
+                if loop.time() >= self._retry_at.get(job.id, 0.0):
+                    await self.deliver(job)
             await asyncio.sleep(self._retry_s)

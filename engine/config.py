@@ -84,7 +84,9 @@ class ChatConfig(Section):
     """What every chat platform's progress messages and video delivery are tuned by."""
 
     edit_interval_s: float = Field(3.0, ge=0, description="Least time between two edits of one progress message.")
-    delivery_retry_s: float = Field(60.0, gt=0, description="Wait before retrying a failed video upload.")
+    delivery_retry_s: float = Field(
+        60.0, gt=0, description="Wait before the first retry of a failed upload; it doubles after each failure."
+    )
     max_delivery_attempts: int = Field(5, ge=1)
 
 

@@ -184,15 +184,18 @@ async def test_429_storm_waits_and_keeps_editing_one_message(tiny_settings, tele
     assert not telegram.faults["editMessageText"]
 
 
-async def test_a_failed_upload_is_retried_from_the_stored_file(tiny_settings, telegram):
-    telegram.faults["sendVideo"] = [(500, "Internal Server Error", None)]
-    async with running_bot(configure(tiny_settings, telegram)) as bot:
+async def test_a_failed_upload_is_retried_from_the_stored_file_with_doubling_waits(tiny_settings, telegram, caplog):
+    telegram.faults["sendVideo"] = [(500, "Internal Server Error", None)] * 3
+    caplog.set_level("WARNING", logger="bot.relay")
+    async with running_bot(configure(tiny_settings, telegram, delivery_retry_s=0.2)) as bot:
         telegram.command(ALICE, "/video retry me steps=2")
-        await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 2, what="second upload")
+        await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 4, what="the fourth upload")
         await until(lambda: status_of(telegram, ALICE, "the video is below"), what="final status")
         job = (await bot.engine.queue.list_jobs())[0]
-    assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 2
+    assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 4
     assert job.attempts == 1  # generated once
+    waits = [record.args[2] for record in caplog.records if "next in" in record.msg]
+    assert waits == [0.2, 0.4, 0.8]
 
 
 async def test_an_admin_redelivers_a_video_the_bot_gave_up_on(tiny_settings, telegram):
