@@ -189,6 +189,9 @@ def queue_show(job_id: int, as_json: JsonOption = False, config: ConfigOption = 
 
     job, history, place = _run(work())
     data = job.model_dump(mode="json")
+    # Output that gets pasted into bug reports: a Discord interaction token lets anyone post as the bot for 15 min.
+    reply = data["source"]["reply"]
+    data["source"]["reply"] = {key: "<redacted>" if "token" in key else value for key, value in reply.items()}
     data["history"] = [{"event": kind, "detail": detail} for kind, detail in history]
     data["position"] = place.model_dump() if place else None
     if as_json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -10,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from engine.images import Mode
+from engine.jobs import JobSource
+from engine.queue import JobQueue
 from engine.video import probe
 from tests import imagefactory
+from tests.factories import params
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(180)
@@ -106,6 +111,23 @@ def test_generate_then_manage_the_queue(tmp_path: Path):
     assert again.returncode == 2 and "already been cancelled" in again.stderr
     unknown = wanbot("queue", "show", "99", data=data)
     assert unknown.returncode == 2 and "There is no job 99" in unknown.stderr
+
+
+def test_queue_show_never_prints_an_interaction_token(tmp_path: Path):
+    data = tmp_path / "data"
+
+    async def enqueue_from_discord() -> None:
+        queue = await JobQueue.open(data / "wanbot.sqlite3")
+        source = JobSource(platform="discord", chat_id="1", user_id="2", message_id="3")
+        source.reply = {"interaction_token": "secret-interaction-token", "application_id": "9"}
+        await queue.enqueue(source, Mode.T2V, "tiny", params())
+        await queue.close()
+
+    asyncio.run(enqueue_from_discord())
+    shown = wanbot("queue", "show", "1", "--json", data=data)
+    assert shown.returncode == 0, shown.stderr
+    assert "secret-interaction-token" not in shown.stdout
+    assert json.loads(shown.stdout)["source"]["reply"] == {"interaction_token": "<redacted>", "application_id": "9"}
 
 
 def test_make_tiny_writes_a_loadable_diffusers_folder(tmp_path: Path):
