@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.errors import UserError
 from engine.images import Mode
-from engine.jobs import Job, JobStatus, Progress, QueuePosition, Stage
+from engine.jobs import Actor, Job, JobStatus, Progress, QueuePosition, Stage
 from engine.models import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,17 @@ async def status_answer(engine: Engine) -> str:
     )
 
 
+async def pause_answer(queue: JobQueue, actor: Actor, paused: bool) -> str:
+    """An admin's /pause or /resume: the running job always finishes; only new starts wait."""
+    if not actor.is_admin:
+        raise UserError("Only admins can pause or resume the queue.", "Ask an admin; /status shows the worker.")
+    await queue.set_paused(paused)
+    if paused:
+        return "Paused: the running job finishes, nothing new starts until /resume. Requests are still queued."
+    waiting = (await queue.counts()).get("queued", 0)
+    return f"Resumed: {waiting} waiting video(s) will start in turn."
+
+
 def help_text(platform_note: str = "") -> str:
     text = (
         "Make a short video from text or a picture.\n"
@@ -227,7 +238,7 @@ def help_text(platform_note: str = "") -> str:
         "Two photos in one album with /video: start and end frames\n"
         "/t2v, /i2v, /ti2v pick the mode; or write mode=ti2v.\n"
         'Options: seed=42 steps=30 frames=49 res=480p (or 832x480) guidance=4 neg="blurry, text"\n'
-        "/queue: your jobs · /cancel [id]: cancel · /status: the worker"
+        "/queue: your jobs · /cancel [id]: cancel · /status: the worker · admins: /pause, /resume"
     )
     return text + (f"\n{platform_note}" if platform_note else "")
 

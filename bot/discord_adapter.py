@@ -245,6 +245,21 @@ class DiscordAdapter:
         async def status(interaction: discord.Interaction) -> None:
             await interaction.response.send_message(await chat.status_answer(adapter._engine), ephemeral=True)
 
+        async def pause_or_resume(interaction: discord.Interaction, paused: bool) -> None:
+            try:
+                text = await chat.pause_answer(adapter._engine.queue, adapter._actor(interaction), paused)
+            except UserError as error:
+                text = chat.user_error_text(error)
+            await interaction.response.send_message(text, ephemeral=True)
+
+        @tree.command(name="pause", description="Admins: start no new videos (the running one finishes).")
+        async def pause(interaction: discord.Interaction) -> None:
+            await pause_or_resume(interaction, paused=True)
+
+        @tree.command(name="resume", description="Admins: start queued videos again.")
+        async def resume(interaction: discord.Interaction) -> None:
+            await pause_or_resume(interaction, paused=False)
+
         @tree.command(name="help", description="How to use this bot.")
         async def help_command(interaction: discord.Interaction) -> None:
             await interaction.response.send_message(chat.help_text(DISCORD_NOTE), ephemeral=True)

@@ -146,6 +146,7 @@ class TelegramAdapter:
         self.app.add_handler(CommandHandler("queue", self._on_queue))
         self.app.add_handler(CommandHandler("cancel", self._on_cancel))
         self.app.add_handler(CommandHandler("status", self._on_status))
+        self.app.add_handler(CommandHandler(["pause", "resume"], self._on_pause))
         self.app.add_handler(CommandHandler(["help", "start"], self._on_help))
         self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=r"^(cancel|reroll):\d+$"))
         private = filters.ChatType.PRIVATE
@@ -288,6 +289,15 @@ class TelegramAdapter:
 
     async def _on_status(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await update.effective_message.reply_text(await chat.status_answer(self._engine))
+
+    async def _on_pause(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        paused = message.text.split()[0].lstrip("/").split("@")[0].lower() == "pause"
+        try:
+            text = await chat.pause_answer(self._engine.queue, self._actor(update.effective_user.id), paused)
+        except UserError as error:
+            text = chat.user_error_text(error)
+        await message.reply_text(text)
 
     async def _on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await update.effective_message.reply_text(chat.help_text(TELEGRAM_NOTES))

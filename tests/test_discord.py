@@ -48,7 +48,8 @@ def running_bot(settings: Settings) -> RunningBot:
 async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(tiny_settings, discord_server):
     async with running_bot(configure(tiny_settings, discord_server)) as bot:
         synced = discord_server.commands[f"applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"]
-        assert {command["name"] for command in synced} == {"video", "queue", "cancel", "status", "help", "Make a video"}
+        names = {command["name"] for command in synced}
+        assert names == {"video", "queue", "cancel", "status", "help", "pause", "resume", "Make a video"}
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "a red fox", "seed": 5, "steps": 3})
         videos = await until(discord_server.with_files, what="the video")
         original = discord_server.original(interaction)
@@ -258,3 +259,22 @@ async def test_make_a_video_from_a_posted_picture_through_the_apps_menu(tiny_set
     assert "Only the first two pictures are used" in discord_server.original(submitted)["content"]
     assert "no picture to start from" in discord_server.original(no_picture)["content"]
     assert no_picture["id"] not in discord_server.modals
+
+
+async def test_only_admins_pause_and_resume_the_queue(tiny_settings, discord_server):
+    settings = configure(tiny_settings, discord_server)
+    admins = settings.access.model_copy(update={"admins": [f"discord:{ALICE}"]})
+    settings = settings.model_copy(update={"access": admins})
+    async with running_bot(settings) as bot:
+        refused = await discord_server.slash(BOB, "pause")
+        await until(lambda: discord_server.original(refused)["content"], what="bob's refusal")
+        assert not await bot.engine.queue.is_paused()
+        paused = await discord_server.slash(ALICE, "pause")
+        await until(lambda: discord_server.original(paused)["content"], what="the pause")
+        assert await bot.engine.queue.is_paused()
+        resumed = await discord_server.slash(ALICE, "resume")
+        await until(lambda: discord_server.original(resumed)["content"], what="the resume")
+        assert not await bot.engine.queue.is_paused()
+    assert "Only admins can pause or resume" in discord_server.original(refused)["content"]
+    assert discord_server.original(paused)["content"].startswith("Paused")
+    assert discord_server.original(resumed)["content"].startswith("Resumed")

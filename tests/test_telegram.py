@@ -432,3 +432,22 @@ async def test_private_chats_need_no_command_and_groups_stay_quiet(tiny_settings
     assert jobs["a heron takes off"].params.steps == 2
     assert jobs["a tower sways"].params.height > jobs["a tower sways"].params.width
     assert texts(telegram, -100) == []  # in groups only commands are answered
+
+
+async def test_only_admins_pause_and_resume_the_queue(tiny_settings, telegram):
+    settings = configure(tiny_settings, telegram)
+    admins = settings.access.model_copy(update={"admins": [f"telegram:{ALICE}"]})
+    settings = settings.model_copy(update={"access": admins})
+    async with running_bot(settings) as bot:
+        telegram.command(BOB, "/pause")
+        await until(lambda: texts(telegram, BOB), what="bob's refusal")
+        assert not await bot.engine.queue.is_paused()
+        telegram.command(ALICE, "/pause")
+        await until(lambda: any(t.startswith("Paused") for t in texts(telegram, ALICE)), what="the pause")
+        assert await bot.engine.queue.is_paused()
+        telegram.command(BOB, "/video waits while paused steps=2")
+        await until(lambda: status_of(telegram, BOB, "is queued"), what="bob's job queued while paused")
+        telegram.command(ALICE, "/resume")
+        await until(lambda: telegram.sent("sendVideo", BOB), what="the video after the resume")
+    assert "Only admins can pause or resume" in texts(telegram, BOB)[0]
+    assert any("Resumed: 1 waiting" in t for t in texts(telegram, ALICE))
