@@ -252,11 +252,14 @@ class DiscordAdapter:
                 text = chat.user_error_text(error)
             await interaction.response.send_message(text, ephemeral=True)
 
+        # Shown only to members who may manage the server; wanbot's own admin list still decides.
         @tree.command(name="pause", description="Admins: start no new videos (the running one finishes).")
+        @app_commands.default_permissions(manage_guild=True)
         async def pause(interaction: discord.Interaction) -> None:
             await pause_or_resume(interaction, paused=True)
 
         @tree.command(name="resume", description="Admins: start queued videos again.")
+        @app_commands.default_permissions(manage_guild=True)
         async def resume(interaction: discord.Interaction) -> None:
             await pause_or_resume(interaction, paused=False)
 

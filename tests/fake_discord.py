@@ -171,13 +171,13 @@ class FakeDiscord:
         stored = [
             {
                 "description": "",  # context menu commands are sent without one and come back with ""
+                "default_member_permissions": None,
+                "dm_permission": True,
+                "nsfw": False,
                 **command,
                 "id": str(next(self._ids)),
                 "application_id": str(APPLICATION_ID),
                 "version": "1",
-                "default_member_permissions": None,
-                "dm_permission": True,
-                "nsfw": False,
                 **({"guild_id": path.split("/")[3]} if "/guilds/" in path else {}),
             }
             for command in body

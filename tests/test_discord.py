@@ -50,6 +50,8 @@ async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(t
         synced = discord_server.commands[f"applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"]
         names = {command["name"] for command in synced}
         assert names == {"video", "queue", "cancel", "status", "help", "pause", "resume", "Make a video"}
+        hidden = {command["name"] for command in synced if command["default_member_permissions"] is not None}
+        assert hidden == {"pause", "resume"}
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "a red fox", "seed": 5, "steps": 3})
         videos = await until(discord_server.with_files, what="the video")
         original = discord_server.original(interaction)
