@@ -356,6 +356,6 @@ def cancel_text(job: Job) -> str:
 
 def undeliverable_text(job: Job) -> str:
     return (
-        f"Job #{job.id} is done, but the video could not be sent after {job.delivery_attempts} tries "
-        f"({job.delivery_error}). An admin can send it again with: wanbot queue redeliver {job.id}"
+        f"Job #{job.id} is done, but the video could not be sent ({job.delivery_error}). "
+        f"An admin can send it again with: wanbot queue redeliver {job.id}"
     )

@@ -34,6 +34,7 @@ CONTENT_LIMIT = 2000
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MODAL_TIMEOUT_S = 900
+UNKNOWN_CHANNEL = 10003  # Discord's JSON error code
 NOT_ALLOWED = "Sorry, you are not allowed to use this bot here."
 DISCORD_NOTE = "Or right-click a message with a picture > Apps > Make a video (two pictures: start and end frames)."
 
@@ -448,7 +449,11 @@ class DiscordAdapter:
                 # The channel's limit is lower than the interaction said: one more try, well under it.
                 await self._upload(job, int(limit * 0.6))
         except (UserError, discord.HTTPException, OSError) as error:
-            raise DeliveryFailed(f"{type(error).__name__}: {error}") from error
+            # No access to the channel, the channel is gone, or still too large after re-encoding: final.
+            permanent = isinstance(error, UserError | discord.Forbidden) or (
+                isinstance(error, discord.HTTPException) and (error.status == 413 or error.code == UNKNOWN_CHANNEL)
+            )
+            raise DeliveryFailed(f"{type(error).__name__}: {error}", permanent) from error
 
     async def _upload(self, job: Job, limit: int) -> None:
         assert job.result is not None

@@ -23,11 +23,13 @@ SendVideo = Callable[[Job], Awaitable[None]]
 
 
 class DeliveryFailed(Exception):
-    """A video could not be sent this time; `reason` is safe to store and show (no tokens)."""
+    """A video could not be sent; `reason` is safe to store and show (no tokens). `permanent`: trying again cannot
+    help (the bot was blocked, the chat is gone, the file cannot be made small enough)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, permanent: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.permanent = permanent
 
 
 class JobRelay:
@@ -113,7 +115,9 @@ class JobRelay:
             self._retry_at.pop(job.id, None)
             await self.show_last(delivered, chat.delivered_text(delivered))
         except DeliveryFailed as failure:
-            failed = await self._queue.mark_delivery_failed(job.id, failure.reason)
+            # A permanent failure uses up the tries at once, so a restart does not upload into it again either.
+            give_up_at = self._max_attempts if failure.permanent else 0
+            failed = await self._queue.mark_delivery_failed(job.id, failure.reason, give_up_at)
             if failed.delivery_attempts >= self._max_attempts:
                 log.warning(
                     "delivery failed job=%s attempt=%s, giving up: %s", job.id, failed.delivery_attempts, failure.reason

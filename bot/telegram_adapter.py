@@ -15,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("PTB_TIMEDELTA", "1")
 
 from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
-from telegram.error import BadRequest, RetryAfter, TelegramError
+from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -378,7 +378,9 @@ class TelegramAdapter:
                     write_timeout=300,
                 )
         except (UserError, TelegramError, OSError) as error:
-            raise DeliveryFailed(str(error).replace(self._token, "<token>")) from error
+            # Blocked by the user, removed from the group, or a video that cannot be made small enough: final.
+            permanent = isinstance(error, Forbidden | UserError) or "chat not found" in str(error).lower()
+            raise DeliveryFailed(str(error).replace(self._token, "<token>"), permanent) from error
 
 
 def _images_of(message: Message) -> list[ImageRef]:

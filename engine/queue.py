@@ -447,16 +447,22 @@ class JobQueue:
     async def mark_delivered(self, job_id: int) -> Job:
         return await self._set_delivery(job_id, DeliveryStatus.DELIVERED, None, EventKind.DELIVERED)
 
-    async def mark_delivery_failed(self, job_id: int, error: str) -> Job:
-        return await self._set_delivery(job_id, DeliveryStatus.DELIVERY_FAILED, error, EventKind.DELIVERY_FAILED)
+    async def mark_delivery_failed(self, job_id: int, error: str, attempts_at_least: int = 0) -> Job:
+        """Count a failed upload; `attempts_at_least` lets a failure that cannot go away use up the tries at once."""
+        return await self._set_delivery(
+            job_id, DeliveryStatus.DELIVERY_FAILED, error, EventKind.DELIVERY_FAILED, attempts_at_least
+        )
 
-    async def _set_delivery(self, job_id: int, status: DeliveryStatus, error: str | None, kind: EventKind) -> Job:
+    async def _set_delivery(
+        self, job_id: int, status: DeliveryStatus, error: str | None, kind: EventKind, attempts_at_least: int = 0
+    ) -> Job:
         async with self._transaction() as db:
             cursor = await db.execute(
-                """UPDATE jobs SET delivery_status = ?, delivery_error = ?, delivery_attempts = delivery_attempts + 1,
+                """UPDATE jobs SET delivery_status = ?, delivery_error = ?,
+                          delivery_attempts = MAX(delivery_attempts + 1, ?),
                           delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END
                    WHERE id = ? AND status = 'succeeded' AND delivery_status != 'delivered'""",
-                (status.value, error, status.value, self._clock(), job_id),
+                (status.value, error, attempts_at_least, status.value, self._clock(), job_id),
             )
             job = await self._get(db, job_id)
             if cursor.rowcount != 1:

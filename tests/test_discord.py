@@ -280,3 +280,16 @@ async def test_only_admins_pause_and_resume_the_queue(tiny_settings, discord_ser
     assert "Only admins can pause or resume" in discord_server.original(refused)["content"]
     assert discord_server.original(paused)["content"].startswith("Paused")
     assert discord_server.original(resumed)["content"].startswith("Resumed")
+
+
+async def test_no_access_to_the_channel_gives_up_the_upload_at_once(tiny_settings, discord_server):
+    discord_server.faults["POST webhooks/followup"] = [(403, {"message": "Missing Access", "code": 50001})]
+    settings = configure(tiny_settings, discord_server, delivery_retry_s=0.2)
+    async with running_bot(settings) as bot:
+        interaction = await discord_server.slash(ALICE, "video", {"prompt": "a fox", "steps": 2})
+        await until(lambda: "could not be sent" in discord_server.original(interaction)["content"], what="giving up")
+        await asyncio.sleep(1.0)  # five retry periods: none may upload again
+        job = (await bot.engine.queue.list_jobs())[0]
+    assert len(discord_server.calls_to("POST", f"webhooks/{APPLICATION_ID}/")) == 1
+    assert job.delivery_status is DeliveryStatus.DELIVERY_FAILED and job.delivery_attempts == 5
+    assert "Missing Access" in job.delivery_error

@@ -224,6 +224,18 @@ async def test_an_admin_redelivers_a_video_the_bot_gave_up_on(tiny_settings, tel
     assert job.delivery_status is DeliveryStatus.DELIVERED
 
 
+async def test_a_blocked_bot_gives_up_the_upload_at_once(tiny_settings, telegram):
+    telegram.faults["sendVideo"] = [(403, "Forbidden: bot was blocked by the user", None)]
+    async with running_bot(configure(tiny_settings, telegram, delivery_retry_s=0.2)) as bot:
+        telegram.command(ALICE, "/video nobody will see this steps=2")
+        await until(lambda: status_of(telegram, ALICE, "could not be sent"), what="giving up")
+        await asyncio.sleep(1.0)  # five retry periods: none may upload again
+        job = (await bot.engine.queue.list_jobs())[0]
+    assert len(telegram.sent("sendVideo", ALICE)) == 1
+    assert job.delivery_status is DeliveryStatus.DELIVERY_FAILED and job.delivery_attempts == 5
+    assert "blocked by the user" in job.delivery_error
+
+
 async def test_the_token_never_reaches_the_logs(tiny_settings, telegram, caplog):
     import logging
 
