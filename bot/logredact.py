@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
+
+# Discord interaction tokens let anyone post as the bot in that channel for 15 minutes. At DEBUG they appear in
+# webhook and callback URLs (discord.py), in gateway payloads (discord.py) and in SQL parameters (aiosqlite).
+INTERACTION_TOKENS = (
+    re.compile(r"\b((?:webhooks|interactions)/\d+/)[^/\s?'\"]+"),
+    re.compile(r"""(["'](?:interaction_)?token["']\s*:\s*["'])[^"']+"""),
+)
 
 
 class TokenRedactor(logging.Filter):
@@ -12,8 +20,11 @@ class TokenRedactor(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if self._token in message:
-            record.msg, record.args = message.replace(self._token, "<token>"), ()
+        redacted = message.replace(self._token, "<token>")
+        for pattern in INTERACTION_TOKENS:
+            redacted = pattern.sub(r"\1<token>", redacted)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
         return True
 
 
