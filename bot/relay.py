@@ -12,12 +12,14 @@ from typing import Literal
 from bot import chat
 from engine.config import ChatConfig
 from engine.events import Subscription
-from engine.jobs import EventKind, Job
+from engine.jobs import EventKind, Job, JobStatus
 from engine.queue import JobQueue
 
 log = logging.getLogger(__name__)
 
 Buttons = Literal["cancel", "none"]
+# The waiting jobs (oldest first) whose place is shown again whenever the queue moves.
+POSITION_REFRESH_LIMIT = 100
 ShowText = Callable[[Job, str, Buttons], Awaitable[None]]
 SendVideo = Callable[[Job], Awaitable[None]]
 
@@ -94,6 +96,10 @@ class JobRelay:
     async def _follow(self, events: Subscription) -> None:
         async for event in events:
             job = event.job
+            if event.kind in (EventKind.STARTED, EventKind.CANCELLED):
+                # Any platform's claim or cancel moves everyone behind it. Done here, in event order, so a job that
+                # starts meanwhile has its progress shown after (not before) its last "queued" text.
+                await self._show_positions()
             if job.source.platform != self._platform:
                 continue
             if event.kind in (EventKind.STARTED, EventKind.PROGRESS):
@@ -103,6 +109,16 @@ class JobRelay:
                 self._spawn(self.deliver(job))
             elif event.kind in (EventKind.FAILED, EventKind.CANCELLED):
                 self._spawn(self.show_last(job, chat.finished_text(job)))
+
+    async def _show_positions(self) -> None:
+        waiting = await self._queue.list_jobs(
+            (JobStatus.QUEUED,), platform=self._platform, limit=POSITION_REFRESH_LIMIT, oldest_first=True
+        )
+        for job in waiting:
+            position = await self._queue.position(job.id)
+            if position is not None:
+                notes = [*job.params.adjustments, *job.params.warnings]
+                self.show(job, chat.queued_text(job, position, notes), "cancel")
 
     async def deliver(self, job: Job) -> None:
         if job.id in self._delivering or job.result is None:

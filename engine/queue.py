@@ -533,7 +533,12 @@ class JobQueue:
         return _row_to_job(row) if row is not None else None
 
     async def list_jobs(
-        self, statuses: Iterable[JobStatus] = (), user_key: str | None = None, limit: int = 50
+        self,
+        statuses: Iterable[JobStatus] = (),
+        user_key: str | None = None,
+        limit: int = 50,
+        platform: str | None = None,
+        oldest_first: bool = False,
     ) -> list[Job]:
         clauses, args = [], []
         wanted = [status.value for status in statuses]
@@ -543,8 +548,13 @@ class JobQueue:
         if user_key is not None:
             clauses.append("user_key = ?")
             args.append(user_key)
+        if platform is not None:
+            # user_key is "platform:user": a range on it stays an index seek.
+            clauses.append("user_key >= ? AND user_key < ?")
+            args.extend([f"{platform}:", f"{platform};"])
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = await self._read_all(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", (*args, limit))
+        order = "ASC" if oldest_first else "DESC"
+        rows = await self._read_all(f"SELECT * FROM jobs {where} ORDER BY id {order} LIMIT ?", (*args, limit))
         return [_row_to_job(row) for row in rows]
 
     async def position(self, job_id: int) -> QueuePosition | None:

@@ -18,6 +18,7 @@ from engine.config import Settings
 from engine.jobs import DeliveryStatus, JobStatus
 from engine.service import Engine
 from tests import imagefactory
+from tests.factories import ADMIN
 from tests.fake_telegram import FakeTelegram
 from tests.running import RunningBot, until
 
@@ -463,3 +464,24 @@ async def test_only_admins_pause_and_resume_the_queue(tiny_settings, telegram):
         await until(lambda: telegram.sent("sendVideo", BOB), what="the video after the resume")
     assert "Only admins can pause or resume" in texts(telegram, BOB)[0]
     assert any("Resumed: 1 waiting" in t for t in texts(telegram, ALICE))
+
+
+async def test_waiting_jobs_see_their_place_move_up(tiny_settings, telegram):
+    async with running_bot(configure(tiny_settings, telegram)) as bot:
+        await bot.engine.queue.set_paused(True)
+        telegram.command(ALICE, "/video a long one steps=400")
+        telegram.command(BOB, "/video second in line steps=2")
+        await until(lambda: status_of(telegram, ALICE, "is queued") and status_of(telegram, BOB, "is queued"))
+        bob_status = status_of(telegram, BOB, "is queued")
+        assert "position 2" in bob_status["text"]
+        await bot.engine.queue.set_paused(False)
+        await until(lambda: status_of(telegram, ALICE, "generating"), what="the first job running")
+        await until(lambda: "position 1" in bob_status["text"], what="bob's place moving up")
+        await bot.engine.queue.cancel((await bot.engine.queue.list_jobs(user_key=f"telegram:{ALICE}"))[0].id, ADMIN)
+        await until(lambda: telegram.sent("sendVideo", BOB), what="bob's video")
+    moves = [
+        call.fields["text"].split("\n")[0]
+        for call in telegram.sent("editMessageText", BOB)
+        if int(call.fields["message_id"]) == bob_status["message_id"] and "is queued" in call.fields["text"]
+    ]
+    assert "position 2" in moves[0] and "position 1" in moves[-1]
