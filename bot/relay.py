@@ -111,14 +111,18 @@ class JobRelay:
                 self._spawn(self.show_last(job, chat.finished_text(job)))
 
     async def _show_positions(self) -> None:
-        waiting = await self._queue.list_jobs(
-            (JobStatus.QUEUED,), platform=self._platform, limit=POSITION_REFRESH_LIMIT, oldest_first=True
-        )
-        for job in waiting:
-            position = await self._queue.position(job.id)
-            if position is not None:
-                notes = [*job.params.adjustments, *job.params.warnings]
-                self.show(job, chat.queued_text(job, position, notes), "cancel")
+        try:
+            waiting = await self._queue.list_jobs(
+                (JobStatus.QUEUED,), platform=self._platform, limit=POSITION_REFRESH_LIMIT, oldest_first=True
+            )
+            for job in waiting:
+                position = await self._queue.position(job.id)
+                if position is not None:
+                    notes = [*job.params.adjustments, *job.params.warnings]
+                    self.show(job, chat.queued_text(job, position, notes), "cancel")
+        except Exception:
+            # Places are a courtesy: a failed read must not stop the progress and results that follow.
+            log.warning("could not refresh queue positions", exc_info=True)
 
     async def deliver(self, job: Job) -> None:
         if job.id in self._delivering or job.result is None:
