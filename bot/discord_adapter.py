@@ -153,9 +153,10 @@ class DiscordAdapter:
             error = self._runner.exception() if not self._runner.cancelled() else None
             events.close()
             await self.stop()
+            reason = f"{type(error).__name__}: {error}" if error else "stopped"
             raise UserError(
-                f"Discord did not connect ({type(error).__name__ if error else 'stopped'}).",
-                "Check discord.token and the network.",
+                f"Discord did not connect ({reason.replace(self._config.token.get_secret_value(), '<token>')}).",
+                "Check discord.token, discord.api_base_url and the network.",
             ) from error
         self._relay.start(events)
 

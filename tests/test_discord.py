@@ -10,6 +10,7 @@ import pytest
 
 from bot.discord_adapter import DiscordAdapter
 from engine.config import Settings
+from engine.errors import UserError
 from engine.jobs import DeliveryStatus, JobStatus
 from tests import imagefactory
 from tests.fake_discord import APPLICATION_ID, CHANNEL_ID, GUILD_ID, FakeDiscord
@@ -295,3 +296,12 @@ async def test_no_access_to_the_channel_gives_up_the_upload_at_once(tiny_setting
     assert len(discord_server.calls_to("POST", f"webhooks/{APPLICATION_ID}/")) == 1
     assert job.delivery_status is DeliveryStatus.DELIVERY_FAILED and job.delivery_attempts == 5
     assert "Missing Access" in job.delivery_error
+
+
+async def test_a_rejected_token_is_one_clear_error(tiny_settings, discord_server):
+    settings = configure(tiny_settings, discord_server, token="wrong-discord-token")
+    with pytest.raises(UserError) as refused:
+        async with running_bot(settings):
+            pass
+    assert "Discord did not connect (LoginFailure" in refused.value.message
+    assert "wrong-discord-token" not in f"{refused.value.message} {refused.value.hint}"
