@@ -22,7 +22,7 @@ from bot.relay import Buttons, DeliveryFailed, JobRelay
 from engine.config import DiscordConfig
 from engine.errors import UserError
 from engine.images import Mode
-from engine.jobs import Actor, Job, JobSource
+from engine.jobs import Actor, Job, JobSource, JobStatus
 from engine.models import GenerationRequest
 from engine.service import Engine, Upload
 from engine.video import fit_to_limit
@@ -412,9 +412,13 @@ class DiscordAdapter:
         return discord.Webhook.partial(int(reply["application_id"]), reply["interaction_token"], client=self.client)
 
     async def _show(self, job: Job, text: str, buttons: Buttons) -> None:
+        alive = self._interaction_alive(job) and "progress_deleted" not in job.source.reply
+        if not alive and job.status is JobStatus.QUEUED and not job.source.reply.get("channel_message_id"):
+            # A new place in the queue is not worth a new message that mentions the user: the job's start makes one.
+            return
         view = _view(CancelButton(job.id)) if buttons == "cancel" else discord.ui.View(timeout=None)
         try:
-            if self._interaction_alive(job) and "progress_deleted" not in job.source.reply:
+            if alive:
                 await self._webhook(job).edit_message("@original", content=text, view=view)
             else:
                 await self._show_in_channel(job, text, view)

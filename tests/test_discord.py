@@ -99,6 +99,26 @@ async def test_bad_attachments_are_refused_from_their_metadata_before_download(t
     assert not [call for call in discord_server.calls if call.path.startswith("cdn")]
 
 
+async def test_after_the_token_lifetime_a_waiting_place_posts_nothing_new(tiny_settings, discord_server):
+    discord_server.token_lifetime_s = 1.0
+    settings = configure(tiny_settings, discord_server, interaction_lifetime_s=0.8)
+    async with running_bot(settings) as bot:
+        await bot.engine.queue.set_paused(True)
+        first = await discord_server.slash(ALICE, "video", {"prompt": "first", "steps": 3})
+        second = await discord_server.slash(BOB, "video", {"prompt": "second", "steps": 3})
+        for interaction in (first, second):
+            await until(lambda i=interaction: "is queued" in discord_server.original(i)["content"], what="queued")
+        await asyncio.sleep(1.2)  # both interaction tokens have expired
+        await bot.engine.queue.set_paused(False)
+        await until(lambda: len(discord_server.with_files()) == 2, what="both videos")
+    to_bob = [
+        call.body["content"]
+        for call in discord_server.calls_to("POST", f"channels/{CHANNEL_ID}/messages")
+        if call.body.get("content", "").startswith(f"<@{BOB}>")
+    ]
+    assert to_bob and "is queued" not in to_bob[0]  # his first channel message came with his job's start
+
+
 async def test_after_the_token_lifetime_progress_and_video_move_to_the_channel(tiny_settings, discord_server):
     discord_server.token_lifetime_s = 1.0
     settings = configure(tiny_settings, discord_server, interaction_lifetime_s=0.8)
