@@ -99,17 +99,21 @@ async def test_bad_attachments_are_refused_from_their_metadata_before_download(t
     assert not [call for call in discord_server.calls if call.path.startswith("cdn")]
 
 
+async def queued_until_the_tokens_expire(bot: RunningBot, server: FakeDiscord, *users: int) -> list[dict[str, Any]]:
+    """Each user's /video waits in the paused queue until its interaction token has expired; then the queue runs."""
+    server.token_lifetime_s = 1.0
+    await bot.engine.queue.set_paused(True)
+    interactions = [await server.slash(user, "video", {"prompt": f"from {user}", "steps": 3}) for user in users]
+    for interaction in interactions:
+        await until(lambda i=interaction: "is queued" in server.original(i)["content"], what="queued")
+    await asyncio.sleep(1.2)
+    await bot.engine.queue.set_paused(False)
+    return interactions
+
+
 async def test_after_the_token_lifetime_a_waiting_place_posts_nothing_new(tiny_settings, discord_server):
-    discord_server.token_lifetime_s = 1.0
-    settings = configure(tiny_settings, discord_server, interaction_lifetime_s=0.8)
-    async with running_bot(settings) as bot:
-        await bot.engine.queue.set_paused(True)
-        first = await discord_server.slash(ALICE, "video", {"prompt": "first", "steps": 3})
-        second = await discord_server.slash(BOB, "video", {"prompt": "second", "steps": 3})
-        for interaction in (first, second):
-            await until(lambda i=interaction: "is queued" in discord_server.original(i)["content"], what="queued")
-        await asyncio.sleep(1.2)  # both interaction tokens have expired
-        await bot.engine.queue.set_paused(False)
+    async with running_bot(configure(tiny_settings, discord_server, interaction_lifetime_s=0.8)) as bot:
+        await queued_until_the_tokens_expire(bot, discord_server, ALICE, BOB)
         await until(lambda: len(discord_server.with_files()) == 2, what="both videos")
     to_bob = [
         call.body["content"]
@@ -120,14 +124,8 @@ async def test_after_the_token_lifetime_a_waiting_place_posts_nothing_new(tiny_s
 
 
 async def test_after_the_token_lifetime_progress_and_video_move_to_the_channel(tiny_settings, discord_server):
-    discord_server.token_lifetime_s = 1.0
-    settings = configure(tiny_settings, discord_server, interaction_lifetime_s=0.8)
-    async with running_bot(settings) as bot:
-        await bot.engine.queue.set_paused(True)
-        interaction = await discord_server.slash(ALICE, "video", {"prompt": "a long job", "steps": 3})
-        await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
-        await asyncio.sleep(1.2)  # the interaction token has expired
-        await bot.engine.queue.set_paused(False)
+    async with running_bot(configure(tiny_settings, discord_server, interaction_lifetime_s=0.8)) as bot:
+        (interaction,) = await queued_until_the_tokens_expire(bot, discord_server, ALICE)
         await until(discord_server.with_files, what="the video")
         await until(
             lambda: any("the video is below" in m["content"] for m in discord_server.messages.values()),
