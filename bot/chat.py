@@ -17,11 +17,11 @@ from engine.images import Mode
 from engine.jobs import Actor, Job, JobStatus, Progress, QueuePosition, Stage
 from engine.models import GenerationRequest
 
-log = logging.getLogger(__name__)
-
 if TYPE_CHECKING:
     from engine.queue import JobQueue
     from engine.service import Engine
+
+log = logging.getLogger(__name__)
 
 OPTION_KEYS = {
     "mode": "mode",

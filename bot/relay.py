@@ -128,11 +128,11 @@ class JobRelay:
         if job.id in self._delivering or job.result is None:
             return
         self._delivering.add(job.id)
+        self._retry_at.pop(job.id, None)  # this is the attempt it waited for; a failure below sets the next one
         try:
             await self._live.settle(job.id)
             await self._send_video(job)
             delivered = await self._queue.mark_delivered(job.id)
-            self._retry_at.pop(job.id, None)
             await self.show_last(delivered, chat.delivered_text(delivered))
         except DeliveryFailed as failure:
             # A permanent failure uses up the tries at once, so a restart does not upload into it again either.
@@ -142,7 +142,6 @@ class JobRelay:
                 log.warning(
                     "delivery failed job=%s attempt=%s, giving up: %s", job.id, failed.delivery_attempts, failure.reason
                 )
-                self._retry_at.pop(job.id, None)
                 await self.show_last(failed, chat.undeliverable_text(failed))
             else:
                 # Doubling waits ride out an outage of the platform instead of spending every attempt inside it.

@@ -159,11 +159,10 @@ class TelegramAdapter:
 
     async def _on_video_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
-        command = message.text.split()[0].lstrip("/").split("@")[0].lower()
         text = message.text.partition(" ")[2] if " " in message.text else ""
         replied = message.reply_to_message
         images = _images_of(replied) if replied is not None else []
-        await self._submit(message, text, COMMANDS.get(command), images)
+        await self._submit(message, text, COMMANDS.get(_command_name(message)), images)
 
     async def _on_picture(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
@@ -292,7 +291,7 @@ class TelegramAdapter:
 
     async def _on_pause(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
-        paused = message.text.split()[0].lstrip("/").split("@")[0].lower() == "pause"
+        paused = _command_name(message) == "pause"
         try:
             text = await chat.pause_answer(self._engine.queue, self._actor(update.effective_user.id), paused)
         except UserError as error:
@@ -391,6 +390,11 @@ def _images_of(message: Message) -> list[ImageRef]:
         document = message.document
         return [ImageRef(document.file_id, document.file_size, document.file_name)]
     return []
+
+
+def _command_name(message: Message) -> str:
+    """ "/Video@wanbot a fox" -> "video"."""
+    return message.text.split()[0].lstrip("/").split("@")[0].lower()
 
 
 def _unknown_command_text(command: str) -> str:
