@@ -237,7 +237,8 @@ def help_text(platform_note: str = "") -> str:
         "A photo with the caption /video the fox turns its head: image to video (i2v)\n"
         "Two photos in one album with /video: start and end frames\n"
         "/t2v, /i2v, /ti2v pick the mode; or write mode=ti2v.\n"
-        'Options: seed=42 steps=30 frames=49 res=480p (or 832x480) guidance=4 neg="blurry, text"\n'
+        'Options: seed=42 steps=30 frames=49 res=480p (or 832x480) guidance=4 neg="blurry, text" '
+        "(neg= replaces Wan's default negative prompt)\n"
         "/queue: your jobs · /cancel [id]: cancel · /status: the worker · admins: /pause, /resume"
     )
     return text + (f"\n{platform_note}" if platform_note else "")

@@ -379,7 +379,7 @@ def generate(
     resolution: Annotated[str | None, typer.Option(help="A preset such as 480p, or WxH.")] = None,
     seed: int | None = None,
     guidance: float | None = None,
-    negative: Annotated[str, typer.Option(help="Negative prompt.")] = "",
+    negative: Annotated[str, typer.Option(help="What to avoid (default: generation.negative_prompt).")] = "",
     out: Annotated[Path | None, typer.Option(help="Copy the MP4 here too.")] = None,
     config: ConfigOption = None,
 ) -> None:

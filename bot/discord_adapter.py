@@ -189,7 +189,7 @@ class DiscordAdapter:
             mode="t2v: text only; i2v: from a start image; ti2v: text and image (5B model)",
             start_image="First frame (i2v, ti2v)",
             end_image="Last frame (optional)",
-            negative_prompt="What to avoid",
+            negative_prompt="What to avoid (replaces Wan's default negative prompt)",
             seed="Same seed, same video",
             steps="Denoising steps (more: slower, finer)",
             frames="Number of frames (4k+1)",

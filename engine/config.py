@@ -52,6 +52,15 @@ class ModelsConfig(Section):
     ti2v: str = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 
 
+# Wan's own default negative prompt (sample_neg_prompt in the official Wan 2.2 configs), in the Chinese the model
+# was trained with; wanbot.example.toml says what it lists.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
 class GenerationConfig(Section):
     timeout_s: float = Field(3600.0, gt=0, description="Longest a generation may run before it fails.")
     max_steps: int = Field(60, ge=1)
@@ -60,6 +69,7 @@ class GenerationConfig(Section):
     memory: Literal["auto", "gpu", "model_offload", "group_offload", "sequential_offload", "cpu"] = "auto"
     vae_tiling: Literal["auto", "on", "off"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    negative_prompt: str = Field(WAN_NEGATIVE_PROMPT, description="Used when a request names none.")
 
 
 class DownloadsConfig(Section):

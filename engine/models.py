@@ -249,7 +249,7 @@ def resolve_request(
         raise UserError(f"The seed {seed} is out of range.", "Use a whole number from 0 to 4294967295.")
     return GenerationParams(
         prompt=prompt,
-        negative_prompt=request.negative_prompt.strip(),
+        negative_prompt=request.negative_prompt.strip() or limits.negative_prompt,
         seed=seed,
         steps=steps,
         guidance=guidance,

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from engine.config import GenerationConfig
+from engine.config import WAN_NEGATIVE_PROMPT, GenerationConfig
 from engine.errors import UserError
 from engine.images import ImageInfo, Mode
 from engine.models import (
@@ -48,6 +48,12 @@ def test_defaults_are_the_official_settings():
     ti2v = resolve(Mode.TI2V, TI2V_5B, start=image(1280, 704), limits=GenerationConfig(max_pixels=1280 * 704))
     assert (ti2v.width, ti2v.height, ti2v.frames, ti2v.fps, ti2v.steps, ti2v.guidance) == (1280, 704, 121, 24, 50, 5.0)
     assert ti2v.adjustments == []
+
+
+def test_the_negative_prompt_is_wans_default_unless_the_request_or_config_names_one():
+    assert resolve(Mode.T2V, T2V_A14B).negative_prompt == WAN_NEGATIVE_PROMPT
+    assert resolve(Mode.T2V, T2V_A14B, negative_prompt="  blurry, text ").negative_prompt == "blurry, text"
+    assert resolve(Mode.T2V, T2V_A14B, limits=GenerationConfig(negative_prompt="")).negative_prompt == ""
 
 
 def test_explicit_sizes_snap_to_the_model_multiple_and_say_so():
