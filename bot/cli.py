@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from engine.cleanup import remove_unused_images
+from engine.cleanup import remove_delivered_videos, remove_unused_images
 from engine.config import ModelsConfig, Settings, load_settings
 from engine.errors import ConfigError, UserError
 from engine.images import Mode, check_mode, validate_image_bytes
@@ -673,7 +673,7 @@ async def _serve(settings: Settings) -> None:
             errors.print(
                 f"wanbot running on {settings.data_dir} with {names}; Ctrl+C stops, the running job is re-queued"
             )
-            cleaner = asyncio.create_task(_clean_images_periodically(engine))
+            cleaner = asyncio.create_task(_clean_up_periodically(engine))
             await stop.wait()
             cleaner.cancel()
             await engine.worker.stop(requeue_running=True)
@@ -701,10 +701,12 @@ async def _start_adapters(engine: Engine, started: list[Any]) -> None:
         started.append(discord_adapter)
 
 
-async def _clean_images_periodically(engine: Engine, every_s: float = 3600) -> None:
-    retention_s = engine.settings.images.retention_hours * 3600
+async def _clean_up_periodically(engine: Engine, every_s: float = 3600) -> None:
+    settings = engine.settings
     while True:
-        removed = await remove_unused_images(engine.queue, engine.store, retention_s)
-        if removed:
-            logging.getLogger(__name__).info("removed %d unused images", removed)
+        images = await remove_unused_images(engine.queue, engine.store, settings.images.retention_hours * 3600)
+        video_retention_s = settings.outputs.retention_hours * 3600
+        videos = await remove_delivered_videos(engine.queue, settings.outputs_dir, video_retention_s)
+        if images or videos:
+            logging.getLogger(__name__).info("removed %d unused images and %d video files", images, videos)
         await asyncio.sleep(every_s)

@@ -1,11 +1,19 @@
-"""Removal of stored images that no job needs any more."""
+"""Removal of stored images and videos that no job needs any more."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
+from pathlib import Path
 
 from engine.images import ImageStore
 from engine.queue import JobQueue
+
+# job-12.mp4, and the copies re-encoded to fit an upload limit: job-12.fit-10485760.mp4
+VIDEO_NAME = re.compile(r"job-(\d+)(?:\.fit-\d+)?\.mp4")
+# What engine.video writes before renaming into place; one that old was left by a crash mid-encode.
+TEMP_VIDEO_NAME = re.compile(r"\.job-\d+\..+\.mp4")
 
 
 async def remove_unused_images(queue: JobQueue, store: ImageStore, retention_s: float, grace_s: float = 600) -> int:
@@ -16,11 +24,47 @@ async def remove_unused_images(queue: JobQueue, store: ImageStore, retention_s: 
     in_use = await queue.images_in_use(retention_s)
     removed = 0
     for sha256 in store.stored_hashes() - in_use:
-        try:
-            age_s = time.time() - store.path_for(sha256).stat().st_mtime
-        except FileNotFoundError:
-            continue  # removed meanwhile by another process
-        if age_s >= grace_s:
+        if _older_than(store.path_for(sha256), grace_s):
             store.delete(sha256)
             removed += 1
     return removed
+
+
+async def remove_delivered_videos(
+    queue: JobQueue, outputs_dir: Path, retention_s: float, temp_grace_s: float = 3600
+) -> int:
+    """Delete videos delivered more than `retention_s` ago, with their re-encoded copies, and temporary files a crash
+    left behind; return how many files went.
+
+    Videos not delivered yet stay, as do those given up on (`queue redeliver` sends them from the file) and those of
+    `wanbot generate`, which no chat delivers.
+    """
+    videos, stale_temps = await asyncio.to_thread(_scan_outputs, outputs_dir, temp_grace_s)
+    delivered = await queue.delivered_before(videos, retention_s)
+    doomed = [*stale_temps, *(path for job_id in delivered for path in videos[job_id])]
+    await asyncio.to_thread(_unlink_all, doomed)
+    return len(doomed)
+
+
+def _scan_outputs(outputs_dir: Path, temp_grace_s: float) -> tuple[dict[int, list[Path]], list[Path]]:
+    """Each job's video files, and temporary files older than `temp_grace_s`."""
+    videos: dict[int, list[Path]] = {}
+    stale_temps: list[Path] = []
+    for path in outputs_dir.glob("*.mp4") if outputs_dir.is_dir() else []:
+        if match := VIDEO_NAME.fullmatch(path.name):
+            videos.setdefault(int(match[1]), []).append(path)
+        elif TEMP_VIDEO_NAME.fullmatch(path.name) and _older_than(path, temp_grace_s):
+            stale_temps.append(path)
+    return videos, stale_temps
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime >= seconds
+    except FileNotFoundError:
+        return False  # removed meanwhile by another process

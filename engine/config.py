@@ -38,6 +38,10 @@ class ImagesConfig(Section):
     retention_hours: float = Field(72.0, ge=0, description="Keep images of finished jobs this long.")
 
 
+class OutputsConfig(Section):
+    retention_hours: float = Field(168.0, ge=0, description="Keep a delivered video this long, then delete it.")
+
+
 class QueueConfig(Section):
     per_user_limit: int = Field(3, ge=1, description="Queued jobs one user may have at once.")
     global_limit: int = Field(100, ge=1, description="Queued jobs in total.")
@@ -137,6 +141,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="Where the database, images, outputs and models live.")
     log_level: str = "INFO"
     images: ImagesConfig = ImagesConfig()
+    outputs: OutputsConfig = OutputsConfig()
     queue: QueueConfig = QueueConfig()
     models: ModelsConfig = ModelsConfig()
     generation: GenerationConfig = GenerationConfig()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,8 @@ MIGRATIONS: list[str] = [
 ]
 
 ACTIVE = ("queued", "running")
+# Ids per query: well under SQLite's limit on bound parameters.
+SQL_CHUNK = 500
 
 
 class JobQueue:
@@ -610,6 +612,20 @@ class JobQueue:
             (self._clock() - retention_s,),
         )
         return {row["sha256"] for row in rows}
+
+    async def delivered_before(self, job_ids: Collection[int], retention_s: float) -> set[int]:
+        """Which of these jobs had their video delivered more than `retention_s` ago."""
+        ids = sorted(job_ids)
+        found: set[int] = set()
+        for start in range(0, len(ids), SQL_CHUNK):
+            chunk = ids[start : start + SQL_CHUNK]
+            rows = await self._read_all(
+                f"""SELECT id FROM jobs WHERE id IN ({",".join("?" * len(chunk))})
+                    AND delivery_status = 'delivered' AND delivered_at < ?""",
+                (*chunk, self._clock() - retention_s),
+            )
+            found.update(row["id"] for row in rows)
+        return found
 
     async def _read_one(self, sql: str, args: tuple[Any, ...] = ()) -> aiosqlite.Row | None:
         async with self._lock:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cleanup import remove_unused_images
+from engine.cleanup import remove_delivered_videos, remove_unused_images
 from engine.errors import InvalidTransition, NotAllowed, QueueFull
 from engine.images import ImageInfo, ImageStore, Mode, validate_image_bytes
 from engine.jobs import DeliveryStatus, EventKind, JobStatus, Progress, ResultInfo, Stage
@@ -304,6 +304,43 @@ async def test_unused_images_are_removed_after_retention(queue: JobQueue, tmp_pa
     assert not store.path_for(orphan.sha256).exists()
     assert await remove_unused_images(queue, store, retention_s=-1, grace_s=0) == 1
     assert store.stored_hashes() == {kept.sha256}
+
+
+async def test_delivered_videos_are_removed_after_retention_and_undelivered_ones_stay(queue: JobQueue, tmp_path: Path):
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    delivered, given_up, waiting = [await queue.enqueue(source(u, u), Mode.T2V, "tiny", params()) for u in "abc"]
+    for _ in range(3):
+        job = await queue.claim_next()
+        await queue.mark_succeeded(job.id, result(str(outputs / f"job-{job.id}.mp4")))
+    await queue.mark_delivered(delivered.job.id)
+    await queue.mark_delivery_failed(given_up.job.id, "chat not found", attempts_at_least=5)
+    files = {
+        name: outputs / name
+        for name in (
+            f"job-{delivered.job.id}.mp4",
+            f"job-{delivered.job.id}.fit-10485760.mp4",
+            f"job-{given_up.job.id}.mp4",
+            f"job-{waiting.job.id}.mp4",
+            "job-999.mp4",  # no such job: not ours to judge
+            f".job-{waiting.job.id}.k2j4h1.mp4",  # a crash mid-encode left it
+            "notes.txt",
+        )
+    }
+    for path in files.values():
+        path.write_bytes(b"video")
+    fresh_temp = outputs / f".job-{waiting.job.id}.fit-1000.x8a7.mp4"  # being written right now
+    fresh_temp.write_bytes(b"half")
+    old = time.time() - 7200
+    os.utime(files[f".job-{waiting.job.id}.k2j4h1.mp4"], (old, old))
+
+    assert await remove_delivered_videos(queue, outputs, retention_s=3600) == 1
+    assert not files[f".job-{waiting.job.id}.k2j4h1.mp4"].exists()
+    assert await remove_delivered_videos(queue, outputs, retention_s=-1) == 2
+    assert sorted(path.name for path in outputs.iterdir()) == sorted(
+        [f"job-{given_up.job.id}.mp4", f"job-{waiting.job.id}.mp4", "job-999.mp4", "notes.txt", fresh_temp.name]
+    )
+    assert await remove_delivered_videos(queue, tmp_path / "never-made", retention_s=-1) == 0
 
 
 async def test_migration_from_the_first_schema_keeps_old_rows(tmp_path: Path):
