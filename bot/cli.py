@@ -703,10 +703,15 @@ async def _start_adapters(engine: Engine, started: list[Any]) -> None:
 
 async def _clean_up_periodically(engine: Engine, every_s: float = 3600) -> None:
     settings = engine.settings
+    log = logging.getLogger(__name__)
     while True:
-        images = await remove_unused_images(engine.queue, engine.store, settings.images.retention_hours * 3600)
-        video_retention_s = settings.outputs.retention_hours * 3600
-        videos = await remove_delivered_videos(engine.queue, settings.outputs_dir, video_retention_s)
-        if images or videos:
-            logging.getLogger(__name__).info("removed %d unused images and %d video files", images, videos)
+        try:
+            images = await remove_unused_images(engine.queue, engine.store, settings.images.retention_hours * 3600)
+            video_retention_s = settings.outputs.retention_hours * 3600
+            videos = await remove_delivered_videos(engine.queue, settings.outputs_dir, video_retention_s)
+            if images or videos:
+                log.info("removed %d unused images and %d video files", images, videos)
+        except Exception:
+            # A full disk or a locked file must not end the clean-up for good: the next round tries again.
+            log.warning("clean-up failed; next try in %.0f s", every_s, exc_info=True)
         await asyncio.sleep(every_s)
