@@ -82,14 +82,22 @@ def default_locator(settings: Settings, downloader: Downloader) -> ModelLocator:
     def locate(model: ModelRef, hooks: RunHooks) -> Path:
         if model.is_tiny:
             return make_tiny_model(settings.models_dir / model.name, model.mode)
-        if model.is_local:
-            return Path(model.name)
-        snapshot = downloader.local_snapshot(model.name)
-        if snapshot is None:
+        folder = find_model_folder(settings, downloader, model)
+        if folder is None:
             raise UserError(f"The model {model.name} is not downloaded.", f"Run: wanbot models download {model.name}")
-        return snapshot
+        return folder
 
     return locate
+
+
+def find_model_folder(settings: Settings, downloader: Downloader, model: ModelRef) -> Path | None:
+    """The model's diffusers folder if it is on disk already; nothing is built or downloaded."""
+    if model.is_tiny:
+        folder = settings.models_dir / model.name
+        return folder if (folder / "model_index.json").exists() else None
+    if model.is_local:
+        return Path(model.name)
+    return downloader.local_snapshot(model.name)
 
 
 class PipelineRunner:

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from engine.config import Settings
 from engine.downloads import Downloader
 from engine.events import EventBus
-from engine.generate import ModelLocator, PipelineRunner, default_locator
+from engine.generate import ModelLocator, PipelineRunner, default_locator, find_model_folder
 from engine.images import ImageStore, ValidatedImage, check_mode, validate_image_bytes
 from engine.jobs import Actor, EnqueueResult, JobSource
 from engine.models import GenerationRequest, model_for_mode, resolve_request
+from engine.prompts import PromptLengths
 from engine.queue import JobQueue
 from engine.worker import Worker
 
@@ -41,6 +42,7 @@ class Engine:
     store: ImageStore
     runner: PipelineRunner
     worker: Worker
+    prompt_lengths: PromptLengths
 
     @classmethod
     async def open(cls, settings: Settings, locator: ModelLocator | None = None) -> Engine:
@@ -50,7 +52,10 @@ class Engine:
         downloader = Downloader(settings.models_dir, settings.downloads)
         runner = PipelineRunner(settings.generation, locator or default_locator(settings, downloader))
         worker = Worker(queue, runner, store, settings, downloader)
-        return cls(settings=settings, queue=queue, store=store, runner=runner, worker=worker)
+        prompt_lengths = PromptLengths(lambda model: find_model_folder(settings, downloader, model))
+        return cls(
+            settings=settings, queue=queue, store=store, runner=runner, worker=worker, prompt_lengths=prompt_lengths
+        )
 
     async def close(self) -> None:
         await self.worker.stop()
@@ -86,7 +91,8 @@ class Engine:
             start=infos[0] if infos else None,
             end=infos[1] if len(infos) > 1 else None,
         )
-        params = params.model_copy(update={"warnings": [*checked.warnings, *params.warnings]})
+        too_long = await self.prompt_lengths.warnings(model, params)
+        params = params.model_copy(update={"warnings": [*checked.warnings, *params.warnings, *too_long]})
         stored = [await asyncio.to_thread(self.store.put, image) for image in checked.images]
         result = await self.queue.enqueue(
             source,

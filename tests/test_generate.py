@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.config import WAN_NEGATIVE_PROMPT
 from engine.errors import UserError
 from engine.images import Mode
 from engine.jobs import EventKind, JobSource, JobStatus, Stage
@@ -73,6 +74,33 @@ async def test_ti2v_runs_at_24_fps_on_multiples_of_32(engine: Engine):
     assert job.status is JobStatus.SUCCEEDED, job.error_detail
     video = probe(job.result.path)
     assert (video.width % 32, video.height % 32, video.frames, video.fps) == (0, 0, 9, 24)
+
+
+async def test_a_prompt_longer_than_the_text_encoder_reads_is_run_with_a_note_naming_the_unread_words(engine: Engine):
+    words = [f"w{index % 30}" for index in range(520)]
+    submission = await submit(engine, Mode.T2V, prompt=" ".join([*words, "w7 the very end of a long prompt"]))
+    [note] = [note for note in submission.notes if "tokens long" in note]
+    # The tiny tokenizer has one token per word and no end-of-text token: 528 words, the last 16 unread.
+    assert note == (
+        "The prompt is 528 tokens long and the model reads 512: it will not see the last 16, "
+        "from “w2 w3 w4 w5 w6 w7 w8 w9 w7 the very end…” on. Shorten it to keep them."
+    )
+    await run_all(engine)
+    job = await engine.queue.get(submission.result.job.id)
+    assert job.status is JobStatus.SUCCEEDED, job.error_detail
+    assert note in job.params.warnings
+    metadata = json.loads(probe(job.result.path).comment)
+    assert metadata["negative_prompt"] == WAN_NEGATIVE_PROMPT  # the request named none
+
+    short = await submit(engine, Mode.T2V, prompt=" ".join(words[:500]), negative_prompt=" ".join(words))
+    assert [note for note in short.notes if "tokens long" in note] == [
+        "The negative prompt is 520 tokens long and the model reads 512: it will not see the last 8, "
+        "from “w2 w3 w4 w5 w6 w7 w8 w9” on. Shorten it to keep them."
+    ]
+    not_downloaded = await engine.submit(
+        GenerationRequest(mode=Mode.T2V, prompt=" ".join(words)), chat("u2"), model_override="Wan-AI/not-here"
+    )
+    assert not [note for note in not_downloaded.notes if "tokens long" in note]  # no tokenizer yet: not counted
 
 
 async def test_bad_requests_are_refused_before_anything_is_stored(engine: Engine):
