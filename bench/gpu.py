@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 
+from engine.generate import place_pipeline
 from engine.images import Mode
 from engine.tiny import build_tiny_pipeline
 
@@ -99,15 +100,6 @@ def build(workload: Workload, size: str, dtype: torch.dtype, device: str) -> Wan
         pipeline.to("cpu")  # every strategy starts from the CPU, as after a load
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def apply_strategy(pipeline: WanPipeline, strategy: str, device: str) -> None:
-    if strategy == "gpu":
-        pipeline.to(device)
-    elif strategy == "model_offload":
-        pipeline.enable_model_cpu_offload(device=device)
-    elif strategy == "group_offload":
-        pipeline.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1)
 
 
 def tokens(pipeline: WanPipeline, height: int, width: int, frames: int) -> int:
@@ -198,7 +190,7 @@ def main() -> None:
         size = (workload.height, workload.width, workload.frames) if args.size == "real" else (64, 64, 9)
         for strategy in args.strategies.split(","):
             pipeline = build(workload, args.size, dtype, device)
-            apply_strategy(pipeline, strategy, device)
+            place_pipeline(pipeline, strategy, device)
             sequence = tokens(pipeline, *size)
             flops = step_flops(pipeline, sequence, cfg=workload.guidance > 1)
             label = f"{workload.name} {size[0]}x{size[1]}x{size[2]} {strategy}"

@@ -156,21 +156,11 @@ class PipelineRunner:
             torch.cuda.empty_cache()
 
     def _place(self, pipeline: Any, spec: ModelSpec, device: torch.device) -> str:
-        strategy = self._config.memory
         if device.type == "cpu":
             return "cpu"
-        if strategy == "auto":
-            free_bytes, _ = torch.cuda.mem_get_info(device)
-            strategy = "gpu" if free_bytes / 2**30 >= spec.full_vram_gb else "model_offload"
-        if strategy == "gpu":
-            pipeline.to(device)
-        elif strategy == "model_offload":
-            # Keeps one component (one expert of the A14B pair) on the GPU at a time.
-            pipeline.enable_model_cpu_offload(device=device)
-        elif strategy == "sequential_offload":
-            pipeline.enable_sequential_cpu_offload(device=device)
-        elif strategy == "group_offload":
-            pipeline.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1)
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        strategy = choose_strategy(self._config.memory, spec, free_bytes / 2**30)
+        place_pipeline(pipeline, strategy, device)
         return strategy
 
     def _free_after_oom(self) -> None:
@@ -289,6 +279,28 @@ class StepTracker:
         latest = next(reversed(self._durations))
         expert_mean = sum(self._durations[latest]) / len(self._durations[latest])
         return (self._steps - done) * (expert_mean if len(self._durations[latest]) > 1 else mean)
+
+
+def choose_strategy(configured: str, spec: ModelSpec, free_gib: float) -> str:
+    """For "auto": all on the GPU when the whole model fits, one component at a time when the largest one and its
+    activations fit (an A14B expert alone is 28 GB), else blocks streamed in from the CPU."""
+    if configured != "auto":
+        return configured
+    if free_gib >= spec.full_vram_gb:
+        return "gpu"
+    return "model_offload" if free_gib >= spec.offload_vram_gb else "group_offload"
+
+
+def place_pipeline(pipeline: Any, strategy: str, device: torch.device | str) -> None:
+    if strategy == "gpu":
+        pipeline.to(device)
+    elif strategy == "model_offload":
+        # Keeps one component (one expert of the A14B pair) on the GPU at a time.
+        pipeline.enable_model_cpu_offload(device=device)
+    elif strategy == "sequential_offload":
+        pipeline.enable_sequential_cpu_offload(device=device)
+    elif strategy == "group_offload":
+        pipeline.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1)
 
 
 def _pick_device(configured: str) -> torch.device:

@@ -43,6 +43,7 @@ class ModelSpec:
     uses_end_image: bool = False
     size_follows_image: bool = False
     full_vram_gb: float = 0.0  # roughly what "all on GPU" needs; below it, offload
+    offload_vram_gb: float = 0.0  # peak with one component on the GPU at a time (official); below, group offload
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -66,6 +67,7 @@ T2V_A14B = ModelSpec(
     boundary_ratio=0.875,
     flow_shift=12.0,
     full_vram_gb=80,
+    offload_vram_gb=42,  # 41.3 GB at 480p on an H100 (official); 720p needs about 60
 )
 I2V_A14B = ModelSpec(
     family="wan2.2-i2v-a14b",
@@ -83,6 +85,7 @@ I2V_A14B = ModelSpec(
     uses_end_image=True,
     size_follows_image=True,
     full_vram_gb=80,
+    offload_vram_gb=42,  # 41.3 GB at 480p on an H100 (official); 720p needs about 60
 )
 TI2V_5B = ModelSpec(
     family="wan2.2-ti2v-5b",
@@ -97,6 +100,7 @@ TI2V_5B = ModelSpec(
     flow_shift=5.0,
     size_follows_image=True,
     full_vram_gb=40,
+    offload_vram_gb=23,  # 22.9 GB at 720p on an RTX 4090 (official)
 )
 
 
@@ -110,6 +114,7 @@ def _tiny(spec: ModelSpec, mode: Mode) -> ModelSpec:
         default_frames=9,
         steps=4,
         full_vram_gb=0,
+        offload_vram_gb=0,
     )
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from engine.config import WAN_NEGATIVE_PROMPT, GenerationConfig
 from engine.errors import UserError
+from engine.generate import choose_strategy
 from engine.images import ImageInfo, Mode
 from engine.models import (
     I2V_A14B,
@@ -123,3 +124,20 @@ def test_model_names_resolve_to_specs(tiny_models):
         resolve_model("no-such-model", Mode.T2V)
     with pytest.raises(UserError, match="for another mode"):
         resolve_model("tiny-t2v", Mode.I2V)
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "a14b", "ti2v_5b"),
+    [
+        (140, "gpu", "gpu"),  # H200
+        (79, "model_offload", "gpu"),  # H100 80 GB: the two experts do not fit together
+        (47, "model_offload", "gpu"),  # 48 GB cards
+        (23.5, "group_offload", "model_offload"),  # RTX 4090: one A14B expert alone is 28 GB
+        (15, "group_offload", "group_offload"),
+    ],
+)
+def test_auto_memory_strategy_follows_free_vram(free_gib: float, a14b: str, ti2v_5b: str):
+    assert choose_strategy("auto", T2V_A14B, free_gib) == a14b
+    assert choose_strategy("auto", I2V_A14B, free_gib) == a14b
+    assert choose_strategy("auto", TI2V_5B, free_gib) == ti2v_5b
+    assert choose_strategy("sequential_offload", TI2V_5B, free_gib) == "sequential_offload"  # configured wins
