@@ -470,8 +470,10 @@ async def test_waiting_jobs_see_their_place_move_up(tiny_settings, telegram):
     async with running_bot(configure(tiny_settings, telegram)) as bot:
         await bot.engine.queue.set_paused(True)
         telegram.command(ALICE, "/video a long one steps=400")
+        # Updates are handled concurrently: Bob asks once Alice is in line, so he is second.
+        await until(lambda: status_of(telegram, ALICE, "is queued"), what="alice's job queued")
         telegram.command(BOB, "/video second in line steps=2")
-        await until(lambda: status_of(telegram, ALICE, "is queued") and status_of(telegram, BOB, "is queued"))
+        await until(lambda: status_of(telegram, BOB, "is queued"), what="bob's job queued")
         bob_status = status_of(telegram, BOB, "is queued")
         assert "position 2" in bob_status["text"]
         await bot.engine.queue.set_paused(False)
