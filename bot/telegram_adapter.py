@@ -236,7 +236,7 @@ class TelegramAdapter:
         if await self._engine.queue.find_by_source(source) is not None:
             return  # Telegram redelivered an update we already took (we restarted): its status message lives on.
         status = await message.reply_text("Checking your request…")
-        source.reply = {"status_message_id": str(status.message_id), "request_message_id": str(message.message_id)}
+        source.reply = _reply_to(message, status)
         try:
             parsed = chat.parse_message(text, mode, has_image=bool(images))
             uploads = [await self._download(ref, role) for ref, role in zip(images, ("start", "end"), strict=False)]
@@ -318,12 +318,7 @@ class TelegramAdapter:
     async def _reroll(self, anchor: Message, job_id: int, actor: Actor, query_id: str) -> None:
         status = await anchor.reply_text(f"Rerolling job #{job_id}…")
         old = await self._engine.queue.get(job_id)
-        source = old.source.model_copy(
-            update={
-                "message_id": f"reroll-{query_id}",
-                "reply": {"status_message_id": str(status.message_id), "request_message_id": str(anchor.message_id)},
-            }
-        )
+        source = old.source.model_copy(update={"message_id": f"reroll-{query_id}", "reply": _reply_to(anchor, status)})
         try:
             result = await self._engine.reroll(job_id, actor, source)
         except UserError as error:
@@ -359,6 +354,7 @@ class TelegramAdapter:
     async def _send_video(self, job: Job) -> None:
         assert job.result is not None
         request_id = job.source.reply.get("request_message_id")
+        thread_id = job.source.reply.get("thread_id")
         try:
             video = await asyncio.to_thread(fit_to_limit, Path(job.result.path), self._config.upload_limit_bytes)
             with video.open("rb") as payload:
@@ -373,6 +369,8 @@ class TelegramAdapter:
                     reply_markup=_reroll_button(job.id),
                     reply_to_message_id=int(request_id) if request_id and request_id.isdigit() else None,
                     allow_sending_without_reply=True,
+                    # Keeps the video in the request's forum topic even if the request was deleted meanwhile.
+                    message_thread_id=int(thread_id) if thread_id else None,
                     filename=f"wanbot-{job.id}.mp4",
                     write_timeout=300,
                 )
@@ -403,6 +401,14 @@ def _unknown_command_text(command: str) -> str:
 
 def _is_private(message: Message) -> bool:
     return message.chat.type == "private"
+
+
+def _reply_to(request: Message, status: Message) -> dict[str, str]:
+    """Where a job's progress and video go: its status message, the request (and its forum topic, if any)."""
+    reply = {"status_message_id": str(status.message_id), "request_message_id": str(request.message_id)}
+    if request.is_topic_message and request.message_thread_id is not None:
+        reply["thread_id"] = str(request.message_thread_id)
+    return reply
 
 
 def _status_key(job: Job) -> tuple[int, int] | None:

@@ -447,6 +447,24 @@ async def test_private_chats_need_no_command_and_groups_stay_quiet(tiny_settings
     assert texts(telegram, -100) == []  # in groups only commands are answered
 
 
+async def test_a_request_in_a_forum_topic_is_answered_and_delivered_in_that_topic(tiny_settings, telegram):
+    forum, topic = -300, 7
+    async with running_bot(configure(tiny_settings, telegram)):
+        telegram.user_message(
+            ALICE,
+            chat_id=forum,
+            chat_type="supergroup",
+            text="/video waves in the topic steps=2",
+            entities=[{"type": "bot_command", "offset": 0, "length": 6}],
+            message_thread_id=topic,
+            is_topic_message=True,
+        )
+        [video] = await until(lambda: telegram.sent("sendVideo", forum), what="the video")
+    [status] = telegram.sent("sendMessage", forum)
+    assert int(status.fields["message_thread_id"]) == topic
+    assert int(video.fields["message_thread_id"]) == topic
+
+
 async def test_only_admins_pause_and_resume_the_queue(tiny_settings, telegram):
     settings = configure(tiny_settings, telegram)
     admins = settings.access.model_copy(update={"admins": [f"telegram:{ALICE}"]})
