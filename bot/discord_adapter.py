@@ -23,7 +23,7 @@ from engine.config import DiscordConfig
 from engine.errors import UserError
 from engine.images import Mode
 from engine.jobs import Actor, Job, JobSource, JobStatus
-from engine.models import GenerationRequest
+from engine.models import MAX_PROMPT_CHARS, GenerationRequest
 from engine.service import Engine, Upload
 from engine.video import fit_to_limit
 
@@ -201,11 +201,11 @@ class DiscordAdapter:
         )
         async def video(
             interaction: discord.Interaction,
-            prompt: str = "",
+            prompt: app_commands.Range[str, None, MAX_PROMPT_CHARS] = "",
             mode: str | None = None,
             start_image: discord.Attachment | None = None,
             end_image: discord.Attachment | None = None,
-            negative_prompt: str = "",
+            negative_prompt: app_commands.Range[str, None, MAX_PROMPT_CHARS] = "",
             seed: app_commands.Range[int, 0, 2**32 - 1] | None = None,
             steps: app_commands.Range[int, 1, 200] | None = None,
             frames: app_commands.Range[int, 1, 1000] | None = None,

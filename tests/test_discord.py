@@ -53,6 +53,9 @@ async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(t
         assert names == {"video", "queue", "cancel", "status", "help", "pause", "resume", "Make a video"}
         hidden = {command["name"] for command in synced if command["default_member_permissions"] is not None}
         assert hidden == {"pause", "resume"}
+        [video_command] = [command for command in synced if command["name"] == "video"]
+        limits = {option["name"]: option.get("max_length") for option in video_command["options"]}
+        assert limits["prompt"] == limits["negative_prompt"] == 2000  # the client stops longer ones
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "a red fox", "seed": 5, "steps": 3})
         videos = await until(discord_server.with_files, what="the video")
         original = discord_server.original(interaction)
