@@ -28,6 +28,7 @@ from huggingface_hub import get_token
 
 from engine.config import DownloadsConfig
 from engine.errors import UserError
+from engine.files import fsync_folder
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf")
 SKIPPED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".mp4", ".webp", ".gitattributes")
@@ -262,6 +263,7 @@ class Downloader:
         final = plan.folder / item.path
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, final)
+        fsync_folder(final.parent)
         if item.sha256:
             self._blob(item.sha256).parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):

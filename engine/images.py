@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from engine.config import ImagesConfig
 from engine.errors import ImageIntegrityError, ImageRejected
+from engine.files import write_atomically
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Our own pixel limit is checked first and is configurable; Pillow's global guard must not pre-empt it with a
@@ -349,18 +348,3 @@ class ImageStore:
 
     def delete(self, sha256: str) -> None:
         self.path_for(sha256).unlink(missing_ok=True)
-
-
-def write_atomically(target: Path, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see a partial file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as temp_file:
-            temp_file.write(payload)
-            temp_file.flush()
-            os.fsync(temp_file.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise

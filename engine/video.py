@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -16,6 +12,7 @@ import av
 import numpy as np
 
 from engine.errors import UserError
+from engine.files import atomic_target
 
 
 @dataclass(frozen=True)
@@ -28,22 +25,6 @@ class VideoInfo:
     fps: float
     duration_s: float
     comment: str
-
-
-@contextmanager
-def _atomic_target(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it into place only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".mp4")
-    os.close(handle)
-    temp_path = Path(temp_name)
-    try:
-        yield temp_path
-        with temp_path.open("rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temp_path, target)
-    finally:
-        temp_path.unlink(missing_ok=True)
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -66,7 +47,7 @@ def encode_mp4(
     count, height, width = pixels.shape[:3]
     even_height, even_width = height - height % 2, width - width % 2
     with (
-        _atomic_target(target) as temp_path,
+        atomic_target(target) as temp_path,
         av.open(str(temp_path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container,
     ):
         if metadata:

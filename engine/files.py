@@ -1,0 +1,42 @@
+"""Files that are whole or absent: written beside their target, fsynced, renamed into place, and the rename itself
+made durable, so a crash or a power cut never leaves a partial image or video behind a database row."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_target(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target` (same suffix, hidden name); if the block succeeds, the file written
+    there becomes `target`, else it is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
+    os.close(handle)
+    temp_path = Path(temp_name)
+    try:
+        yield temp_path
+        with temp_path.open("rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temp_path, target)
+        fsync_folder(target.parent)
+    finally:
+        temp_path.unlink(missing_ok=True)
+
+
+def write_atomically(target: Path, payload: bytes) -> None:
+    with atomic_target(target) as temp_path:
+        temp_path.write_bytes(payload)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the names in `folder` durable: a rename is only on disk once its folder is synced."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
