@@ -342,26 +342,14 @@ async def test_allowlist_and_group_addressing(tiny_settings, telegram):
         telegram.command(BOB, "/video let me in")
         await until(lambda: texts(telegram, BOB), what="bob's refusal")
         group = -100
-        telegram.user_message(
-            ALICE,
-            chat_id=group,
-            chat_type="supergroup",
-            text="/video@other_bot not for us",
-            entities=[{"type": "bot_command", "offset": 0, "length": 16}],
-        )
+        telegram.command(ALICE, "/video@other_bot not for us", chat_id=group, chat_type="supergroup")
         telegram.photo(
             ALICE,
             imagefactory.jpeg(),
             caption="/i2v@other_bot not for us either",
             chat={"id": group, "type": "supergroup"},
         )
-        telegram.user_message(
-            ALICE,
-            chat_id=group,
-            chat_type="supergroup",
-            text="/video@wanbot_test_bot for us",
-            entities=[{"type": "bot_command", "offset": 0, "length": 22}],
-        )
+        telegram.command(ALICE, "/video@wanbot_test_bot for us", chat_id=group, chat_type="supergroup")
         await until(lambda: status_of(telegram, group, "is queued"), what="the addressed group command")
         jobs = await bot.engine.queue.list_jobs()
     assert texts(telegram, BOB) == ["Sorry, you are not allowed to use this bot here."]
@@ -450,12 +438,11 @@ async def test_private_chats_need_no_command_and_groups_stay_quiet(tiny_settings
 async def test_a_request_in_a_forum_topic_is_answered_and_delivered_in_that_topic(tiny_settings, telegram):
     forum, topic = -300, 7
     async with running_bot(configure(tiny_settings, telegram)):
-        telegram.user_message(
+        telegram.command(
             ALICE,
+            "/video waves in the topic steps=2",
             chat_id=forum,
             chat_type="supergroup",
-            text="/video waves in the topic steps=2",
-            entities=[{"type": "bot_command", "offset": 0, "length": 6}],
             message_thread_id=topic,
             is_topic_message=True,
         )
