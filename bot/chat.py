@@ -210,13 +210,21 @@ async def latest_active_job(queue: JobQueue, user_key: str) -> int:
 
 
 async def status_answer(engine: Engine) -> str:
+    """The worker's state, the queue's size, and what is being made and downloaded right now."""
     worker, queue = engine.worker, engine.queue
     counts = await queue.counts()
     state = "paused" if await queue.is_paused() else "working" if worker.state.running else "stopped"
-    return (
-        f"Worker: {state}. Loaded model: {worker.loaded_model or 'none'}.\n"
-        f"Queued: {counts.get('queued', 0)}, running: {counts.get('running', 0)}."
-    )
+    lines = [
+        f"Worker: {state}. Loaded model: {worker.loaded_model or 'none'}.",
+        f"Queued: {counts.get('queued', 0)}, running: {counts.get('running', 0)}.",
+    ]
+    if worker.state.current_job is not None:
+        job = await queue.get(worker.state.current_job)
+        if job.status is JobStatus.RUNNING:
+            lines.append("Now: " + progress_text(job, job.progress).replace("\n", " · "))
+    if worker.downloading:
+        lines.append(f"Downloading: {', '.join(sorted(worker.downloading))}.")
+    return "\n".join(lines)
 
 
 async def pause_answer(queue: JobQueue, actor: Actor, paused: bool) -> str:

@@ -78,6 +78,11 @@ class Worker:
     def loaded_model(self) -> str | None:
         return self._runner.loaded_model
 
+    @property
+    def downloading(self) -> set[str]:
+        """Models being downloaded in the background for waiting jobs."""
+        return self._fetcher.busy_models
+
     async def start_up(self) -> None:
         """Recover jobs a crash left running, and pause if configured to."""
         recovered = await self._queue.recover_interrupted(self._settings.queue.max_attempts)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
-from bot.chat import LiveMessages, RetryLater, parse_message
+from bot.chat import LiveMessages, RetryLater, parse_message, status_answer
 from engine.images import Mode
+from engine.jobs import JobSource
+from engine.models import GenerationRequest
 
 
 class Platform:
@@ -77,3 +80,29 @@ async def test_settle_waits_for_a_flood_limited_edit():
     live.update("message", "final text")
     await asyncio.wait_for(live.settle("message"), timeout=5)
     assert platform.shown == [("message", "final text")]
+
+
+async def test_status_names_the_running_job_and_its_progress(engine):
+    source = JobSource(platform="cli", chat_id="local", user_id="u1")
+    await engine.submit(GenerationRequest(mode=Mode.T2V, prompt="w1 warm up"), source)
+    await asyncio.wait_for(engine.worker.run(stop_after=0), timeout=90)
+    release = threading.Event()
+    # Holds the second job inside its first denoising step, the way a long real step would.
+    engine.runner.loaded.pipeline.transformer.register_forward_pre_hook(lambda module, inputs: release.wait(30))
+    second = await engine.submit(GenerationRequest(mode=Mode.T2V, prompt="w2 a long one", steps=3), source)
+    worker = asyncio.create_task(engine.worker.run(stop_after=2))
+    try:
+        for _ in range(300):
+            answer = await status_answer(engine)
+            if "generating" in answer:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        release.set()
+    await asyncio.wait_for(worker, timeout=90)
+    assert answer.splitlines() == [
+        "Worker: working. Loaded model: tiny-t2v.",
+        "Queued: 0, running: 1.",
+        f"Now: Job #{second.result.job.id}: generating (high-noise expert) · ░░░░░░░░░░░░ 0/3",
+    ]
+    assert "Now:" not in await status_answer(engine)
