@@ -135,7 +135,10 @@ class DiscordAdapter:
         self._redactor = redact_everywhere(config.token.get_secret_value())
         self._admins = frozenset(engine.settings.access.admins)
         # Only the guilds intent: it caches guild roles, so role allowlists work; no privileged intents are needed.
-        self.client = WanbotClient(self, intents=discord.Intents(guilds=True))
+        # Prompts are echoed in captions: "@everyone" or "<@someone>" in one must not ping anybody but the owner.
+        self.client = WanbotClient(
+            self, intents=discord.Intents(guilds=True), allowed_mentions=discord.AllowedMentions.none()
+        )
         self._relay = JobRelay(engine.queue, PLATFORM, self._show, self._send_video, config)
         self._runner: asyncio.Task[None] | None = None
         self._register_commands()
@@ -289,6 +292,15 @@ class DiscordAdapter:
         user_id = str(interaction.user.id)
         return Actor(platform=PLATFORM, user_id=user_id, is_admin=f"{PLATFORM}:{user_id}" in self._admins)
 
+    def _reply_for(self, interaction: discord.Interaction) -> dict[str, str]:
+        """How the job answers: through the interaction while its token lives, with the upload limit it allows."""
+        return {
+            "application_id": str(interaction.application_id),
+            "interaction_token": interaction.token,
+            "token_expires_at": str(self._clock() + self._config.interaction_lifetime_s),
+            "filesize_limit": str(interaction.filesize_limit or self._config.filesize_limit_bytes),
+        }
+
     def _allowed(self, interaction: discord.Interaction) -> bool:
         config = self._config
         if self._actor(interaction).is_admin:
@@ -332,12 +344,7 @@ class DiscordAdapter:
             user_id=str(interaction.user.id),
             user_name=interaction.user.name,
             message_id=str(interaction.id),
-            reply={
-                "application_id": str(interaction.application_id),
-                "interaction_token": interaction.token,
-                "token_expires_at": str(self._clock() + self._config.interaction_lifetime_s),
-                "filesize_limit": str(interaction.filesize_limit or self._config.filesize_limit_bytes),
-            },
+            reply=self._reply_for(interaction),
         )
         try:
             uploads = [await self._download(attachment, role) for attachment, role in ((start, "start"), (end, "end"))]
@@ -386,12 +393,7 @@ class DiscordAdapter:
             update={
                 "user_id": str(interaction.user.id),
                 "message_id": str(interaction.id),
-                "reply": {
-                    "application_id": str(interaction.application_id),
-                    "interaction_token": interaction.token,
-                    "token_expires_at": str(self._clock() + self._config.interaction_lifetime_s),
-                    "filesize_limit": str(interaction.filesize_limit or self._config.filesize_limit_bytes),
-                },
+                "reply": self._reply_for(interaction),
             }
         )
         try:
@@ -435,11 +437,13 @@ class DiscordAdapter:
         message_id = job.source.reply.get("channel_message_id")
         if message_id:
             try:
-                await channel.get_partial_message(int(message_id)).edit(content=content, view=view)
+                await channel.get_partial_message(int(message_id)).edit(
+                    content=content, view=view, allowed_mentions=_owner_only(job)
+                )
                 return
             except discord.NotFound:
                 pass
-        message = await channel.send(content, view=view)
+        message = await channel.send(content, view=view, allowed_mentions=_owner_only(job))
         await self._engine.queue.update_reply(job.id, channel_message_id=str(message.id))
 
     async def _send_video(self, job: Job) -> None:
@@ -466,10 +470,16 @@ class DiscordAdapter:
         content = f"<@{job.source.user_id}> {chat.result_caption(job, limit=CONTENT_LIMIT - 30)}"
         file = discord.File(io.BytesIO(video.read_bytes()), filename=f"wanbot-{job.id}.mp4")
         view = _view(RerollButton(job.id))
+        mentions = _owner_only(job)
         if self._interaction_alive(job):
-            await self._webhook(job).send(content=content, file=file, view=view, wait=True)
+            await self._webhook(job).send(content=content, file=file, view=view, wait=True, allowed_mentions=mentions)
         else:
-            await self.client.get_partial_messageable(int(job.source.chat_id)).send(content, file=file, view=view)
+            channel = self.client.get_partial_messageable(int(job.source.chat_id))
+            await channel.send(content, file=file, view=view, allowed_mentions=mentions)
+
+
+def _owner_only(job: Job) -> discord.AllowedMentions:
+    return discord.AllowedMentions(users=[discord.Object(id=int(job.source.user_id))])
 
 
 def _is_picture(attachment: discord.Attachment) -> bool:

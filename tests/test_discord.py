@@ -56,13 +56,16 @@ async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(t
         [video_command] = [command for command in synced if command["name"] == "video"]
         limits = {option["name"]: option.get("max_length") for option in video_command["options"]}
         assert limits["prompt"] == limits["negative_prompt"] == 2000  # the client stops longer ones
-        interaction = await discord_server.slash(ALICE, "video", {"prompt": "a red fox", "seed": 5, "steps": 3})
+        prompt = "a red fox for @everyone and <@999>"
+        interaction = await discord_server.slash(ALICE, "video", {"prompt": prompt, "seed": 5, "steps": 3})
         videos = await until(discord_server.with_files, what="the video")
         original = discord_server.original(interaction)
         await until(lambda: "the video is below" in original["content"], what="final text")
         job = (await bot.engine.queue.list_jobs())[0]
     assert discord_server.callback_delay(interaction) < 3.0
-    assert job.params.prompt == "a red fox" and job.params.seed == 5
+    assert job.params.prompt == prompt and job.params.seed == 5
+    [upload] = [call.body for call in discord_server.calls_to("POST", "webhooks/") if call.files]
+    assert upload["allowed_mentions"] == {"parse": [], "users": [ALICE]}  # the caption's prompt pings nobody
     assert job.delivery_status is DeliveryStatus.DELIVERED
     assert original["edits"] >= 3
     assert f"<@{ALICE}>" in videos[0]["content"] and "seed 5" in videos[0]["content"]
