@@ -290,12 +290,19 @@ EditSender = Callable[[Any, str, Any], Awaitable[None]]
 
 
 class LiveMessages:
-    """Keeps one message per key (a job) showing the latest text: at most one edit per `interval_s`, only the
-    newest text is sent, the same text never twice, and a flood-limit wait delays the edit instead of dropping it."""
+    """Keeps one message per key (a job) showing the latest text: at most one edit per `interval_s` (or per
+    `interval_for(key)`), only the newest text is sent, the same text never twice, and a flood-limit wait delays the
+    edit instead of dropping it."""
 
-    def __init__(self, send: EditSender, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        send: EditSender,
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        interval_for: Callable[[Any], float] | None = None,
+    ) -> None:
         self._send = send
-        self._interval_s = interval_s
+        self._interval_for = interval_for or (lambda key: interval_s)
         self._clock = clock
         self._pending: dict[Any, tuple[str, Any]] = {}
         self._shown: dict[Any, str] = {}
@@ -329,7 +336,7 @@ class LiveMessages:
 
     async def _flush(self, key: Any) -> None:
         while key in self._pending:
-            wait = self._last_sent.get(key, float("-inf")) + self._interval_s - self._clock()
+            wait = self._last_sent.get(key, float("-inf")) + self._interval_for(key) - self._clock()
             if wait > 0:
                 await asyncio.sleep(wait)
             text, extra = self._pending.pop(key)

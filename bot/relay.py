@@ -42,6 +42,7 @@ class JobRelay:
         show: ShowText,
         send_video: SendVideo,
         config: ChatConfig,
+        edit_interval_for: Callable[[Job], float] | None = None,
     ) -> None:
         self._queue = queue
         self._platform = platform
@@ -49,7 +50,9 @@ class JobRelay:
         self._send_video = send_video
         self._retry_s = config.delivery_retry_s
         self._max_attempts = config.max_delivery_attempts
-        self._live = chat.LiveMessages(self._show_latest, config.edit_interval_s)
+        self._edit_interval_s = config.edit_interval_s
+        self._edit_interval_for = edit_interval_for
+        self._live = chat.LiveMessages(self._show_latest, config.edit_interval_s, interval_for=self._edit_interval)
         self._jobs: dict[int, Job] = {}
         self._delivering: set[int] = set()
         self._retry_at: dict[int, float] = {}  # job id -> loop time of its next upload attempt
@@ -84,6 +87,13 @@ class JobRelay:
     def tracked(self) -> int:
         """Jobs whose live message is still followed."""
         return max(len(self._jobs), len(self._live))
+
+    def _edit_interval(self, job_id: int) -> float:
+        """The platform may pace some chats more slowly (Telegram groups share one budget for all messages)."""
+        job = self._jobs.get(job_id)
+        if job is None or self._edit_interval_for is None:
+            return self._edit_interval_s
+        return self._edit_interval_for(job)
 
     async def _show_latest(self, job_id: int, text: str, buttons: Buttons) -> None:
         await self._show(self._jobs[job_id], text, buttons)

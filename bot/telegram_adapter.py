@@ -77,7 +77,9 @@ class TelegramAdapter:
             allowed_chats=frozenset(str(chat_id) for chat_id in config.allowed_chats),
             admins=frozenset(engine.settings.access.admins),
         )
-        self._relay = JobRelay(engine.queue, PLATFORM, self._show, self._send_video, config)
+        self._relay = JobRelay(
+            engine.queue, PLATFORM, self._show, self._send_video, config, edit_interval_for=self._edit_interval
+        )
         self._albums: dict[tuple[int, str], list[Message]] = {}
         self._album_timers: dict[tuple[int, str], asyncio.Task[None]] = {}
         # Before the Application exists: building it already logs its base URL, token included.
@@ -329,6 +331,11 @@ class TelegramAdapter:
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("telegram handler failed: %s", type(context.error).__name__, exc_info=context.error)
+
+    def _edit_interval(self, job: Job) -> float:
+        # Group chats have negative ids; one progress message at the private pace would use up the group's budget.
+        group = int(job.source.chat_id) < 0
+        return self._config.group_edit_interval_s if group else self._config.edit_interval_s
 
     def _actor(self, user_id: int) -> Actor:
         return Actor(platform=PLATFORM, user_id=str(user_id), is_admin=self._access.is_admin(str(user_id)))

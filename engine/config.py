@@ -111,6 +111,9 @@ class TelegramConfig(ChatConfig):
     download_limit_bytes: int = Field(20_000_000, gt=0, description="Largest file bots may fetch (20 MB on the cloud).")
     upload_limit_bytes: int = Field(50_000_000, gt=0, description="Largest video bots may send (50 MB on the cloud).")
     album_wait_s: float = Field(1.0, ge=0, description="How long to collect the photos of an album.")
+    group_edit_interval_s: float = Field(
+        10.0, ge=0, description="edit_interval_s in groups, where a bot may send 20 messages a minute in all."
+    )
     allowed_users: list[int] = Field(default_factory=list, description="User ids allowed to use the bot; empty: all.")
     allowed_chats: list[int] = Field(default_factory=list, description="Chat ids the bot answers in; empty: all.")
 

@@ -28,6 +28,7 @@ class Sent:
     method: str
     fields: dict[str, Any]
     files: dict[str, bytes] = field(default_factory=dict)
+    at: float = field(default_factory=time.monotonic)
 
 
 class FakeTelegram:

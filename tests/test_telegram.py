@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -41,6 +42,7 @@ def configure(settings: Settings, server: FakeTelegram, **overrides: Any) -> Set
         "api_base_url": f"{server.url}/bot",
         "file_base_url": f"{server.url}/file/bot",
         "edit_interval_s": 0.2,
+        "group_edit_interval_s": 0.2,
         "album_wait_s": 0.3,
         "delivery_retry_s": 0.5,
         **overrides,
@@ -450,6 +452,18 @@ async def test_a_request_in_a_forum_topic_is_answered_and_delivered_in_that_topi
     [status] = telegram.sent("sendMessage", forum)
     assert int(status.fields["message_thread_id"]) == topic
     assert int(video.fields["message_thread_id"]) == topic
+
+
+async def test_progress_in_a_group_is_edited_at_the_slower_group_pace(tiny_settings, telegram):
+    group = -400
+    async with running_bot(configure(tiny_settings, telegram, group_edit_interval_s=0.6)):
+        telegram.command(ALICE, "/video a slow pace steps=12", chat_id=group, chat_type="supergroup")
+        await until(lambda: telegram.sent("sendVideo", group), what="the video")
+        await until(lambda: status_of(telegram, group, "the video is below"), what="the final text")
+    # The first edit is the "queued" answer itself; every later one is a live update, paced for the group.
+    live_edits = telegram.sent("editMessageText", group)[1:]
+    gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(live_edits)]
+    assert len(live_edits) >= 2 and min(gaps) >= 0.55, gaps
 
 
 async def test_only_admins_pause_and_resume_the_queue(tiny_settings, telegram):
