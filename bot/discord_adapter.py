@@ -21,7 +21,7 @@ from bot.logredact import redact_everywhere, remove_redactor
 from bot.relay import Buttons, DeliveryFailed, JobRelay
 from engine.config import DiscordConfig
 from engine.errors import UserError
-from engine.images import Mode
+from engine.images import EXTENSIONS, SEND_SUPPORTED, Mode
 from engine.jobs import Actor, Job, JobSource, JobStatus
 from engine.models import MAX_PROMPT_CHARS, GenerationRequest
 from engine.service import Engine, Upload
@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 CONTENT_LIMIT = 2000
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MODAL_TIMEOUT_S = 900
 UNKNOWN_CHANNEL = 10003  # Discord's JSON error code
 NOT_ALLOWED = "Sorry, you are not allowed to use this bot here."
@@ -280,8 +278,8 @@ class DiscordAdapter:
             pictures = [attachment for attachment in message.attachments if _is_picture(attachment)]
             if not pictures:
                 await interaction.response.send_message(
-                    "That message has no picture to start from. Use it on a message with a PNG, JPEG, WebP, BMP or "
-                    "GIF attached, or /video for text to video.",
+                    "That message has no picture to start from. Use it on a message with a picture attached, or "
+                    "/video for text to video.",
                     ephemeral=True,
                 )
                 return
@@ -370,11 +368,9 @@ class DiscordAdapter:
                 f"The {role} image is {attachment.size / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB.",
                 "Send a smaller or more compressed picture.",
             )
-        content_type = (attachment.content_type or "").split(";")[0]
-        if content_type and content_type not in IMAGE_TYPES:
-            raise UserError(
-                f"The {role} attachment is {content_type}, not a picture.", "Attach a PNG, JPEG, WebP, BMP or GIF."
-            )
+        if not _is_picture(attachment):
+            kind = attachment.content_type or attachment.filename
+            raise UserError(f"The {role} attachment ({kind}) is not a picture.", SEND_SUPPORTED)
         return Upload(await attachment.read(), attachment.filename)
 
     # -- buttons -----------------------------------------------------------------------------------------------
@@ -483,5 +479,6 @@ def _owner_only(job: Job) -> discord.AllowedMentions:
 
 
 def _is_picture(attachment: discord.Attachment) -> bool:
+    """Any image type counts (the validator names the ones it cannot take), so nothing else is downloaded."""
     content_type = (attachment.content_type or "").split(";")[0]
-    return content_type in IMAGE_TYPES if content_type else attachment.filename.lower().endswith(IMAGE_SUFFIXES)
+    return content_type.startswith("image/") if content_type else Path(attachment.filename).suffix.lower() in EXTENSIONS

@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
+import pillow_heif
 from PIL import Image, ImageCms, ImageFile, ImageOps
 from pydantic import BaseModel, Field
 
@@ -28,7 +29,19 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # different number or a mere warning.
 Image.MAX_IMAGE_PIXELS = None
 
-ALLOWED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF"}
+# Phones save HEIC (iPhone) and AVIF; sent as files, Telegram keeps them as they are.
+pillow_heif.register_heif_opener()
+
+ALLOWED_FORMATS = {
+    "PNG": "PNG",
+    "JPEG": "JPEG",
+    "WEBP": "WebP",
+    "HEIF": "HEIC",
+    "AVIF": "AVIF",
+    "BMP": "BMP",
+    "GIF": "GIF",
+}
+SEND_SUPPORTED = "Send a PNG, JPEG, WebP, HEIC, AVIF, BMP or GIF picture."
 EXTENSIONS = {
     ".png": "PNG",
     ".jpg": "JPEG",
@@ -36,6 +49,10 @@ EXTENSIONS = {
     ".jpe": "JPEG",
     ".jfif": "JPEG",
     ".webp": "WEBP",
+    ".heic": "HEIF",
+    ".heif": "HEIF",
+    ".hif": "HEIF",
+    ".avif": "AVIF",
     ".bmp": "BMP",
     ".dib": "BMP",
     ".gif": "GIF",
@@ -119,9 +136,7 @@ def validate_image_bytes(
             warnings.simplefilter("ignore")
             opened = Image.open(io.BytesIO(data))
     except (Image.UnidentifiedImageError, OSError, ValueError):
-        raise ImageRejected(
-            f"{label} is not an image we can read.", "Send a PNG, JPEG, WebP, BMP or GIF picture."
-        ) from None
+        raise ImageRejected(f"{label} is not an image we can read.", SEND_SUPPORTED) from None
     with opened:
         return _validate_opened(opened, data, config, role, filename)
 
@@ -132,9 +147,7 @@ def _validate_opened(
     label = _label(role)
     fmt = opened.format or "unknown"
     if fmt not in ALLOWED_FORMATS:
-        raise ImageRejected(
-            f"{label} is a {fmt} file, which is not supported.", "Send a PNG, JPEG, WebP, BMP or GIF picture."
-        )
+        raise ImageRejected(f"{label} is a {fmt} file, which is not supported.", SEND_SUPPORTED)
     _check_extension(filename, fmt, label)
     width, height = opened.size
     if width * height > config.max_pixels:
@@ -190,7 +203,7 @@ def _check_extension(filename: str | None, fmt: str, label: str) -> None:
     if claimed is None:
         raise ImageRejected(
             f"{label} is named '{extension}', which is not an image type we accept.",
-            "Send a PNG, JPEG, WebP, BMP or GIF picture.",
+            SEND_SUPPORTED,
         )
     if claimed != fmt:
         raise ImageRejected(

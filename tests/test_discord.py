@@ -100,7 +100,7 @@ async def test_bad_attachments_are_refused_from_their_metadata_before_download(t
             await until(lambda i=interaction: discord_server.original(i)["content"], what="a refusal")
         assert await bot.engine.queue.counts() == {}
     assert "50.0 MB; the limit is 0 MB" in discord_server.original(first)["content"]
-    assert "text/plain, not a picture" in discord_server.original(second)["content"]
+    assert "attachment (text/plain) is not a picture" in discord_server.original(second)["content"]
     assert "ti2v needs a start image" in discord_server.original(third)["content"]
     assert not [call for call in discord_server.calls if call.path.startswith("cdn")]
 

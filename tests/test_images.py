@@ -20,6 +20,8 @@ from tests import imagefactory as make
         (make.encode(make.gradient(), "WEBP"), "WebP"),
         (make.encode(make.gradient(), "BMP"), "BMP"),
         (make.encode(make.gradient().convert("P"), "GIF"), "GIF"),
+        (make.encode(make.gradient(), "HEIF", quality=90), "HEIC"),
+        (make.encode(make.gradient(), "AVIF", quality=90), "AVIF"),
     ],
 )
 def test_every_allowed_format_is_accepted_and_normalised_to_rgb(data: bytes, fmt: str, images_config: ImagesConfig):
@@ -37,7 +39,7 @@ def test_other_formats_are_refused_with_the_accepted_list(images_config: ImagesC
     tiff = make.encode(make.gradient(), "TIFF")
     with pytest.raises(ImageRejected, match="TIFF file, which is not supported") as caught:
         validate_image_bytes(tiff, images_config)
-    assert "PNG, JPEG, WebP, BMP or GIF" in caught.value.hint
+    assert "PNG, JPEG, WebP, HEIC, AVIF, BMP or GIF" in caught.value.hint
 
 
 def test_text_is_not_an_image(images_config: ImagesConfig):
@@ -63,6 +65,8 @@ def test_non_image_extension_is_refused(images_config: ImagesConfig):
 def test_matching_extension_and_no_extension_pass(images_config: ImagesConfig):
     assert validate_image_bytes(make.jpeg(), images_config, filename="IMG_1.JPEG").info.format == "JPEG"
     assert validate_image_bytes(make.jpeg(), images_config, filename="photo").info.format == "JPEG"
+    iphone = make.encode(make.gradient(), "HEIF")
+    assert validate_image_bytes(iphone, images_config, filename="IMG_0042.HEIC").info.format == "HEIC"
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.9])
@@ -224,8 +228,14 @@ def test_store_is_content_addressed_atomic_and_never_duplicated(tmp_path, images
 
 @pytest.mark.parametrize(
     "upload",
-    [make.jpeg_with_orientation(96, 128, 6), make.transparent_png(), make.cmyk_jpeg(), make.animated_gif()],
-    ids=["exif-rotated", "transparent", "cmyk", "animated"],
+    [
+        make.jpeg_with_orientation(96, 128, 6),
+        make.transparent_png(),
+        make.cmyk_jpeg(),
+        make.animated_gif(),
+        make.encode(make.gradient(), "HEIF"),
+    ],
+    ids=["exif-rotated", "transparent", "cmyk", "animated", "heic"],
 )
 def test_restore_gives_exactly_the_pixels_validation_gave(tmp_path, images_config: ImagesConfig, upload: bytes):
     store = ImageStore(tmp_path / "images", images_config.background)
