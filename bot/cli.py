@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from bot.chat import duration_text
 from engine.cleanup import remove_delivered_videos, remove_unused_images
 from engine.config import ModelsConfig, Settings, load_settings
 from engine.errors import ConfigError, UserError
@@ -243,6 +244,40 @@ def queue_redeliver(job_id: int, config: ConfigOption = None) -> None:
 
     job = _run(work())
     console.print(f"job {job.id}: the running bot sends {job.result.path} to {job.source.platform} again")
+
+
+@queue_app.command("stats")
+def queue_stats(
+    days: Annotated[float, typer.Option(help="How far back, by the day a job was asked for.")] = 7,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Per model: how many jobs, how they ended, how long they waited and ran."""
+    settings = _settings(config)
+
+    async def work() -> list[dict[str, Any]]:
+        async with _open_queue(settings) as queue:
+            return await queue.stats(days * 86400)
+
+    rows = _run(work())
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    if not rows:
+        console.print(f"No jobs in the last {days:g} days.")
+    for row in rows:
+        # One line per model: repo ids are long, and a table would cut them on a narrow terminal.
+        wait, run, longest = (
+            duration_text(row[key]) if row[key] is not None else "-"
+            for key in ("mean_wait_s", "mean_run_s", "longest_run_s")
+        )
+        console.print(
+            f"{row['model']}: {row['jobs']} jobs ({row['succeeded']} done, {row['failed']} failed, "
+            f"{row['cancelled']} cancelled, {row['active']} active, {row['undelivered']} undelivered); "
+            f"mean wait {wait}, mean run {run}, longest run {longest}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @queue_app.command("pause")

@@ -582,6 +582,21 @@ class JobQueue:
             running_left = max(typical - (self._clock() - stats["running_since"]), 0.0)
         return QueuePosition(position=row["position"], eta_s=running_left + typical * (row["position"] - 1))
 
+    async def stats(self, period_s: float) -> list[dict[str, Any]]:
+        """Per model, the jobs created in the last `period_s`: how they ended, were delivered, waited and ran."""
+        rows = await self._read_all(
+            """SELECT model, COUNT(*) AS jobs,
+                      SUM(status = 'succeeded') AS succeeded, SUM(status = 'failed') AS failed,
+                      SUM(status = 'cancelled') AS cancelled, SUM(status IN ('queued', 'running')) AS active,
+                      SUM(delivery_status = 'delivery_failed') AS undelivered,
+                      AVG(started_at - created_at) AS mean_wait_s,
+                      AVG(CASE WHEN status = 'succeeded' THEN finished_at - started_at END) AS mean_run_s,
+                      MAX(CASE WHEN status = 'succeeded' THEN finished_at - started_at END) AS longest_run_s
+               FROM jobs WHERE created_at >= ? GROUP BY model ORDER BY jobs DESC, model""",
+            (self._clock() - period_s,),
+        )
+        return [dict(row) for row in rows]
+
     async def counts(self) -> dict[str, int]:
         rows = await self._read_all("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
         return {row["status"]: row["n"] for row in rows}

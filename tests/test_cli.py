@@ -112,6 +112,14 @@ def test_generate_then_manage_the_queue(tmp_path: Path):
     unknown = wanbot("queue", "show", "99", data=data)
     assert unknown.returncode == 2 and "There is no job 99" in unknown.stderr
 
+    [stats] = json.loads(wanbot("queue", "stats", "--json", data=data).stdout)
+    assert stats["model"] == "tiny-ti2v" and stats["jobs"] == 2
+    assert (stats["succeeded"], stats["cancelled"], stats["failed"], stats["active"]) == (1, 1, 0, 0)
+    assert stats["mean_run_s"] > 0 and stats["longest_run_s"] == stats["mean_run_s"]
+    table = wanbot("queue", "stats", data=data).stdout
+    assert "tiny-ti2v: 2 jobs (1 done, 0 failed, 1 cancelled, 0 active, 0 undelivered); mean wait" in table
+    assert "No jobs in the last 7 days." in wanbot("queue", "stats", data=tmp_path / "empty").stdout
+
 
 def test_queue_show_never_prints_an_interaction_token(tmp_path: Path):
     data = tmp_path / "data"
