@@ -272,9 +272,9 @@ def queue_stats(
             for key in ("mean_wait_s", "mean_run_s", "longest_run_s")
         )
         console.print(
-            f"{row['model']}: {row['jobs']} jobs ({row['succeeded']} done, {row['failed']} failed, "
-            f"{row['cancelled']} cancelled, {row['active']} active, {row['undelivered']} undelivered); "
-            f"mean wait {wait}, mean run {run}, longest run {longest}",
+            f"{row['model']}: {row['jobs']} job{'' if row['jobs'] == 1 else 's'} ({row['succeeded']} done, "
+            f"{row['failed']} failed, {row['cancelled']} cancelled, {row['active']} active, "
+            f"{row['undelivered']} undelivered); mean wait {wait}, mean run {run}, longest run {longest}",
             highlight=False,
             soft_wrap=True,
         )
