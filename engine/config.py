@@ -31,7 +31,8 @@ class Section(BaseModel):
 
 class ImagesConfig(Section):
     max_bytes: int = Field(25_000_000, gt=0, description="Largest accepted upload in bytes.")
-    max_pixels: int = Field(40_000_000, gt=0, description="Largest accepted width*height, checked before decoding.")
+    # 48 and 50 MP phone cameras and 61 MP ones fit; decoding one costs about 250 MiB (bench/images.py).
+    max_pixels: int = Field(64_000_000, gt=0, description="Largest accepted width*height, checked before decoding.")
     min_side: int = Field(64, gt=0, description="Smallest accepted width or height in pixels.")
     aspect_tolerance: float = Field(0.05, ge=0, lt=1, description="Allowed relative start/end aspect difference.")
     background: tuple[int, int, int] = Field((255, 255, 255), description="RGB behind transparent pixels.")

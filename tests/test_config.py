@@ -23,7 +23,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch):
 def test_defaults_without_a_file():
     settings = load_settings()
     assert settings.queue.per_user_limit == 3
-    assert settings.images.max_pixels == 40_000_000
+    assert settings.images.max_pixels == 64_000_000
     assert settings.models.t2v == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
 
 
