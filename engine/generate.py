@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
-from PIL import Image
+from PIL import Image, ImageOps
 
 from engine.config import GenerationConfig, Settings
 from engine.downloads import Downloader
@@ -198,9 +198,9 @@ class PipelineRunner:
         if spec.two_experts and params.guidance_2 is not None:
             arguments["guidance_scale_2"] = params.guidance_2
         if spec.pipeline == "WanImageToVideoPipeline":
-            arguments["image"] = images[0]
+            arguments["image"] = cover(images[0], params.width, params.height)
             if len(images) > 1 and spec.uses_end_image:
-                arguments["last_image"] = images[1]
+                arguments["last_image"] = cover(images[1], params.width, params.height)
         tracker.start()
         try:
             output = pipeline(**arguments)
@@ -279,6 +279,12 @@ class StepTracker:
         latest = next(reversed(self._durations))
         expert_mean = sum(self._durations[latest]) / len(self._durations[latest])
         return (self._steps - done) * (expert_mean if len(self._durations[latest]) > 1 else mean)
+
+
+def cover(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`image` cropped about its middle to the video's shape and scaled to its size: the pipelines would stretch it,
+    and the shape differs after snapping to the model's multiple, or on purpose for very wide or tall pictures."""
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
 
 
 def choose_strategy(configured: str, spec: ModelSpec, free_gib: float) -> str:

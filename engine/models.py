@@ -22,6 +22,8 @@ from engine.jobs import GenerationParams
 
 TINY = "tiny"
 MAX_PROMPT_CHARS = 2000
+# Widest (and, turned, tallest) video shape an image is followed to; Wan is trained on 16:9 and 9:16.
+MAX_ASPECT = 2.4
 
 
 @dataclass(frozen=True)
@@ -289,9 +291,14 @@ def _resolve_size(
     if min(width, height) <= 0:
         raise UserError(f"The size {width}x{height} is empty.", "Use positive numbers, such as 832x480.")
     if spec.size_follows_image and start is not None:
-        # The i2v way: keep the preset's area, take the image's shape.
+        # The i2v way: keep the preset's area, take the image's shape (within what the model makes well).
         area = width * height
-        ratio = start.width / start.height
+        ratio = min(max(start.width / start.height, 1 / MAX_ASPECT), MAX_ASPECT)
+        if ratio != start.width / start.height:
+            adjustments.append(
+                f"The picture is {_ratio_text(start.width / start.height)}; the video is made from its middle at "
+                f"{_ratio_text(ratio)}, because the model makes poor videos in narrower shapes."
+            )
         width, height = math.sqrt(area * ratio), math.sqrt(area / ratio)
     if width * height > limits.max_pixels:
         scale = math.sqrt(limits.max_pixels / (width * height))
@@ -312,6 +319,10 @@ def _resolve_size(
         )
         adjustments.append(f"Size {asked[0]}x{asked[1]} became {snapped[0]}x{snapped[1]} {reason}.")
     return snapped
+
+
+def _ratio_text(ratio: float) -> str:
+    return f"{ratio:.1f}:1" if ratio >= 1 else f"1:{1 / ratio:.1f}"
 
 
 def _snap(value: float, multiple: int) -> int:

@@ -7,10 +7,11 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from engine.config import WAN_NEGATIVE_PROMPT
 from engine.errors import UserError
-from engine.generate import place_pipeline
+from engine.generate import cover, place_pipeline
 from engine.images import Mode
 from engine.jobs import EventKind, JobSource, JobStatus, Stage
 from engine.models import GenerationRequest
@@ -269,3 +270,15 @@ def test_group_offload_hooks_run_the_pipelines_and_change_no_pixel(mode: Mode):
         return pipeline(prompt="w1 w2", generator=generator, **arguments, **image).frames[0]
 
     np.testing.assert_allclose(frames("group_offload"), frames(None), atol=1e-6)
+
+
+def test_cover_crops_the_middle_to_the_video_shape_instead_of_stretching():
+    red, green, blue = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    picture = Image.new("RGB", (300, 100), green)
+    picture.paste(red, (0, 0, 100, 100))
+    picture.paste(blue, (200, 0, 300, 100))
+    covered = cover(picture, 48, 48)
+    pixels = np.asarray(covered)
+    assert covered.size == (48, 48)
+    # All green but for a little filter ringing at the edges; stretched, a third would be red and a third blue.
+    assert pixels[..., 1].min() > 200 and pixels[..., 0].max() < 40 and pixels[..., 2].max() < 40

@@ -74,6 +74,19 @@ def test_image_modes_keep_the_area_and_take_the_image_shape():
     assert (portrait.width, portrait.height) == (704, 1280)
 
 
+def test_very_wide_or_tall_pictures_are_followed_only_to_the_shape_the_model_makes_well():
+    wide = resolve(Mode.I2V, I2V_A14B, start=image(3000, 300))
+    assert (wide.width, wide.height) == (976, 400)  # 2.44: as near 2.4:1 as multiples of 16 get at 832x480's area
+    assert wide.adjustments[0] == (
+        "The picture is 10.0:1; the video is made from its middle at 2.4:1, "
+        "because the model makes poor videos in narrower shapes."
+    )
+    tall = resolve(Mode.TI2V, TI2V_5B, start=image(300, 3000))
+    assert tall.height > 2.2 * tall.width and "The picture is 1:10.0;" in tall.adjustments[0]
+    usual = resolve(Mode.I2V, I2V_A14B, start=image(1920, 1080))
+    assert not any("middle" in note for note in usual.adjustments)
+
+
 def test_frames_snap_to_4k_plus_1_within_the_limit():
     assert resolve(Mode.T2V, T2V_A14B, frames=50).frames == 49
     assert resolve(Mode.T2V, T2V_A14B, frames=2).frames == 5
