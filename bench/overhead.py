@@ -21,7 +21,7 @@ import torch
 from diffusers import WanPipeline
 from diffusers.utils import export_to_video
 
-from engine.config import Settings
+from engine.config import WAN_NEGATIVE_PROMPT, Settings
 from engine.images import Mode
 from engine.jobs import EventKind, JobSource, Stage
 from engine.models import GenerationRequest
@@ -33,6 +33,7 @@ def bare_run(pipeline: WanPipeline, args: argparse.Namespace, out: Path) -> floa
     started = time.perf_counter()
     frames = pipeline(
         prompt="w1 w2 a fox",
+        negative_prompt=WAN_NEGATIVE_PROMPT,  # what wanbot sends when a request names none
         height=args.size,
         width=args.size,
         num_frames=args.frames,
