@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import UserError
+from engine.errors import UserError, quoted
 from engine.images import Mode
 from engine.jobs import Actor, Job, JobStatus, Progress, QueuePosition, Stage
 from engine.models import GenerationRequest
@@ -82,7 +82,7 @@ def _number(key: str, raw: str, kind: type) -> Any:
         return kind(raw)
     except ValueError:
         example = "30" if kind is int else "4.5"
-        raise UserError(f"{key} must be a number, not '{raw}'.", f"For example {key}={example}.") from None
+        raise UserError(f"{key} must be a number, not {quoted(raw)}.", f"For example {key}={example}.") from None
 
 
 def _mode(asked: str | None, command_mode: Mode | None, has_image: bool) -> Mode:
@@ -90,7 +90,7 @@ def _mode(asked: str | None, command_mode: Mode | None, has_image: bool) -> Mode
         try:
             return Mode(asked.lower())
         except ValueError:
-            raise UserError(f"'{asked}' is not a mode.", "Use mode=t2v, mode=i2v or mode=ti2v.") from None
+            raise UserError(f"{quoted(asked)} is not a mode.", "Use mode=t2v, mode=i2v or mode=ti2v.") from None
     if command_mode is not None:
         return command_mode
     return Mode.I2V if has_image else Mode.T2V

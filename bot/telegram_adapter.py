@@ -31,7 +31,7 @@ from bot import chat
 from bot.logredact import redact_everywhere, remove_redactor
 from bot.relay import Buttons, DeliveryFailed, JobRelay
 from engine.config import TelegramConfig
-from engine.errors import UserError
+from engine.errors import UserError, quoted
 from engine.images import Mode
 from engine.jobs import Actor, Job, JobSource
 from engine.service import Engine, Upload
@@ -284,7 +284,9 @@ class TelegramAdapter:
     async def _job_to_cancel(self, args: list[str] | None, user_id: int) -> int:
         if args:
             if not args[0].lstrip("#").isdigit():
-                raise UserError(f"'{args[0]}' is not a job number.", "Use /cancel 12, or /cancel for your latest job.")
+                raise UserError(
+                    f"{quoted(args[0])} is not a job number.", "Use /cancel 12, or /cancel for your latest job."
+                )
             return int(args[0].lstrip("#"))
         return await chat.latest_active_job(self._engine.queue, f"{PLATFORM}:{user_id}")
 

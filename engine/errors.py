@@ -19,6 +19,12 @@ class UserError(Exception):
         return f"{self.message} {self.hint}".strip()
 
 
+def quoted(text: str, limit: int = 40) -> str:
+    """The user's own words in an error message, in quotes, cut short: a 2000-character option value would push the
+    message past what a chat platform lets a bot send."""
+    return f"'{text}'" if len(text) <= limit else f"'{text[: limit - 1]}…'"
+
+
 class ImageRejected(UserError):
     """An uploaded image failed validation."""
 

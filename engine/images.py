@@ -21,7 +21,7 @@ from PIL import Image, ImageCms, ImageFile, ImageOps
 from pydantic import BaseModel, Field
 
 from engine.config import ImagesConfig
-from engine.errors import ImageIntegrityError, ImageRejected
+from engine.errors import ImageIntegrityError, ImageRejected, quoted
 from engine.files import write_atomically
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -202,12 +202,12 @@ def _check_extension(filename: str | None, fmt: str, label: str) -> None:
     claimed = EXTENSIONS.get(extension)
     if claimed is None:
         raise ImageRejected(
-            f"{label} is named '{extension}', which is not an image type we accept.",
+            f"{label} is named {quoted(extension)}, which is not an image type we accept.",
             SEND_SUPPORTED,
         )
     if claimed != fmt:
         raise ImageRejected(
-            f"{label} is named '{extension}' but its content is {ALLOWED_FORMATS[fmt]}.",
+            f"{label} is named {quoted(extension)} but its content is {ALLOWED_FORMATS[fmt]}.",
             "Save it again with the right extension, or re-export it from your image editor.",
         )
 

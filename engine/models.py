@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from engine.config import GenerationConfig, Settings
-from engine.errors import UserError
+from engine.errors import UserError, quoted
 from engine.images import ImageInfo, Mode
 from engine.jobs import GenerationParams
 
@@ -279,7 +279,7 @@ def parse_resolution(text: str, spec: ModelSpec) -> tuple[int, int]:
         return int(parts[0]), int(parts[1])
     names = ", ".join(spec.presets)
     raise UserError(
-        f"'{text}' is not a resolution this model knows.", f"Use one of {names}, or WIDTHxHEIGHT such as 832x480."
+        f"{quoted(text)} is not a resolution this model knows.", f"Use one of {names}, or WIDTHxHEIGHT such as 832x480."
     )
 
 

@@ -6,10 +6,14 @@ import asyncio
 import threading
 from typing import Any
 
+import pytest
+
 from bot.chat import LiveMessages, RetryLater, parse_message, status_answer
+from engine.config import GenerationConfig
+from engine.errors import UserError
 from engine.images import Mode
 from engine.jobs import JobSource
-from engine.models import GenerationRequest
+from engine.models import GenerationRequest, resolve_model, resolve_request
 
 
 class Platform:
@@ -106,3 +110,11 @@ async def test_status_names_the_running_job_and_its_progress(engine):
         f"Now: Job #{second.result.job.id}: generating (high-noise expert) · ░░░░░░░░░░░░ 0/3",
     ]
     assert "Now:" not in await status_answer(engine)
+
+
+def test_a_huge_bad_option_is_quoted_short_so_the_error_can_still_be_sent():
+    for text in ("a fox res=" + "9" * 1900 + "x", "a fox mode=" + "z" * 1900, "a fox steps=" + "s" * 1900):
+        with pytest.raises(UserError) as caught:
+            request = parse_message(text, None, has_image=False).request
+            resolve_request(request, resolve_model("tiny", Mode.T2V), GenerationConfig())
+        assert len(str(caught.value)) < 200 and "…'" in caught.value.message
