@@ -417,7 +417,7 @@ class DiscordAdapter:
         view = _view(CancelButton(job.id)) if buttons == "cancel" else discord.ui.View(timeout=None)
         try:
             if alive:
-                await self._webhook(job).edit_message("@original", content=text, view=view)
+                await self._webhook(job).edit_message("@original", content=text[:CONTENT_LIMIT], view=view)
             else:
                 await self._show_in_channel(job, text, view)
         except discord.NotFound:

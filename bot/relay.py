@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 Buttons = Literal["cancel", "none"]
 # The waiting jobs (oldest first) whose place is shown again whenever the queue moves.
 POSITION_REFRESH_LIMIT = 100
+REASON_LIMIT = 300
 ShowText = Callable[[Job, str, Buttons], Awaitable[None]]
 SendVideo = Callable[[Job], Awaitable[None]]
 
@@ -29,6 +30,8 @@ class DeliveryFailed(Exception):
     help (the bot was blocked, the chat is gone, the file cannot be made small enough)."""
 
     def __init__(self, reason: str, permanent: bool = False) -> None:
+        # A proxy's error page can be kilobytes of HTML: the reason is stored and shown in a chat message.
+        reason = reason if len(reason) <= REASON_LIMIT else reason[: REASON_LIMIT - 1] + "…"
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent
