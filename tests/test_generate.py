@@ -3,13 +3,15 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from engine.config import WAN_NEGATIVE_PROMPT
+from engine.config import WAN_NEGATIVE_PROMPT, OutputsConfig
 from engine.errors import UserError
 from engine.generate import cover, place_pipeline
 from engine.images import Mode
@@ -282,3 +284,20 @@ def test_cover_crops_the_middle_to_the_video_shape_instead_of_stretching():
     assert covered.size == (48, 48)
     # All green but for a little filter ringing at the edges; stretched, a third would be red and a third blue.
     assert pixels[..., 1].min() > 200 and pixels[..., 0].max() < 40 and pixels[..., 2].max() < 40
+
+
+async def test_the_bot_clean_up_round_removes_delivered_videos_and_keeps_waiting_ones(engine: Engine):
+    from bot.cli import _clean_up_periodically
+
+    delivered, waiting = [await submit(engine, Mode.T2V, user=user) for user in ("u1", "u2")]
+    await run_all(engine)
+    await engine.queue.mark_delivered(delivered.result.job.id)
+    paths = [Path((await engine.queue.get(s.result.job.id)).result.path) for s in (delivered, waiting)]
+    settings = engine.settings.model_copy(update={"outputs": OutputsConfig(retention_hours=0)})
+    cleaner = asyncio.create_task(_clean_up_periodically(replace(engine, settings=settings), every_s=3600))
+    for _ in range(100):
+        if not paths[0].exists():
+            break
+        await asyncio.sleep(0.05)
+    cleaner.cancel()
+    assert [path.exists() for path in paths] == [False, True]
