@@ -26,31 +26,33 @@ class PromptLengths:
 
     def __init__(self, find_folder: Callable[[ModelRef], Path | None]) -> None:
         self._find_folder = find_folder
-        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+        self._tokenizers: dict[str, PreTrainedTokenizerBase | None] = {}
 
     async def warnings(self, model: ModelRef, params: GenerationParams) -> list[str]:
-        tokenizer = await self._tokenizer(model)
-        if tokenizer is None:
+        try:
+            tokenizer = await self._tokenizer(model)
+            if tokenizer is None:
+                return []
+            labelled = (("The prompt", params.prompt), ("The negative prompt", params.negative_prompt))
+            return [note for label, text in labelled if (note := _cut_note(tokenizer, label, text))]
+        except Exception:
+            # Counting is a courtesy and must never refuse a request (a tokenizer without offsets, say): a tokenizer
+            # that does not work fails the job later with a real error.
+            log.warning("cannot count the prompt's tokens for %s", model.name, exc_info=True)
             return []
-        found = []
-        for label, text in (("The prompt", params.prompt), ("The negative prompt", params.negative_prompt)):
-            if note := _cut_note(tokenizer, label, text):
-                found.append(note)
-        return found
 
     async def _tokenizer(self, model: ModelRef) -> PreTrainedTokenizerBase | None:
         if model.name not in self._tokenizers:
             folder = await asyncio.to_thread(self._find_folder, model)
             if folder is None or not (folder / "tokenizer").is_dir():
-                return None
+                return None  # not downloaded yet: asked again next time
             try:
                 self._tokenizers[model.name] = await asyncio.to_thread(
                     AutoTokenizer.from_pretrained, folder / "tokenizer"
                 )
-            except (OSError, ValueError):
-                # Counting is a courtesy: a tokenizer that does not load here fails the job later with a real error.
-                log.warning("cannot load the tokenizer of %s to count prompts", model.name, exc_info=True)
-                return None
+            except Exception:
+                self._tokenizers[model.name] = None  # not tried again for every request
+                raise
         return self._tokenizers[model.name]
 
 

@@ -17,6 +17,7 @@ from engine.models import (
     resolve_model,
     resolve_request,
 )
+from engine.prompts import PromptLengths
 
 
 def image(width: int, height: int) -> ImageInfo:
@@ -154,3 +155,15 @@ def test_auto_memory_strategy_follows_free_vram(free_gib: float, a14b: str, ti2v
     assert choose_strategy("auto", I2V_A14B, free_gib) == a14b
     assert choose_strategy("auto", TI2V_5B, free_gib) == ti2v_5b
     assert choose_strategy("sequential_offload", TI2V_5B, free_gib) == "sequential_offload"  # configured wins
+
+
+async def test_a_tokenizer_that_does_not_load_never_refuses_a_request_and_is_tried_once(tmp_path):
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer_config.json").write_text("{ not json")
+    looked_up = []
+    lengths = PromptLengths(lambda model: looked_up.append(model.name) or tmp_path)
+    model = resolve_model("tiny", Mode.T2V)
+    params = resolve(Mode.T2V, T2V_A14B, prompt="w1 " * 600)
+    assert await lengths.warnings(model, params) == []
+    assert await lengths.warnings(model, params) == []
+    assert looked_up == ["tiny-t2v"]
