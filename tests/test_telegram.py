@@ -158,11 +158,16 @@ async def test_cancel_button_only_for_the_owner_and_reroll_makes_a_new_seed(tiny
         reroll = json.loads(video.fields["reply_markup"])["inline_keyboard"][0][0]["callback_data"]
         telegram.press(ALICE, result_message, reroll)
         await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 2, what="rerolled video")
+        # Days later Telegram sends the button's message as inaccessible: chat, id and date 0, nothing else.
+        too_old = {"chat": result_message["chat"], "message_id": result_message["message_id"], "date": 0}
+        telegram.press(ALICE, too_old, reroll)
+        await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 3, what="video rerolled from an old message")
         jobs = await bot.engine.queue.list_jobs()
     answers = [call.fields.get("text", "") for call in telegram.sent("answerCallbackQuery")]
     assert "only they or an admin can cancel" in answers[0]
-    rerolled = jobs[0]
-    assert rerolled.retry_of == jobs[1].id and rerolled.params.seed != 3
+    rerolled = jobs[1]
+    assert rerolled.retry_of == jobs[2].id and rerolled.params.seed != 3
+    assert jobs[0].retry_of == jobs[2].id
     assert rerolled.params.prompt == "another fox"
 
 
