@@ -686,6 +686,7 @@ def run(config: ConfigOption = None) -> None:
 async def _serve(settings: Settings) -> None:
     import signal
 
+    from engine.generate import describe_device
     from engine.service import Engine
 
     engine = await Engine.open(settings)
@@ -708,6 +709,7 @@ async def _serve(settings: Settings) -> None:
             errors.print(
                 f"wanbot running on {settings.data_dir} with {names}; Ctrl+C stops, the running job is re-queued"
             )
+            errors.print(f"videos are made on {describe_device(settings.generation)}", markup=False)
             cleaner = asyncio.create_task(_clean_up_periodically(engine))
             await stop.wait()
             cleaner.cancel()

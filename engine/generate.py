@@ -309,6 +309,16 @@ def place_pipeline(pipeline: Any, strategy: str, device: torch.device | str) -> 
         pipeline.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1)
 
 
+def describe_device(config: GenerationConfig) -> str:
+    """Where jobs will run, for the start-up line: a CPU-only torch on a GPU server means hours per real video."""
+    device = _pick_device(config.device)
+    if device.type == "cpu":
+        return "the CPU (no CUDA GPU found: fine for the tiny models, hours per video for real ones)"
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    name = torch.cuda.get_device_name(device)
+    return f"{device} ({name}, {free_bytes / 2**30:.0f} of {total_bytes / 2**30:.0f} GiB free, memory={config.memory})"
+
+
 def _pick_device(configured: str) -> torch.device:
     if configured != "auto":
         return torch.device(configured)

@@ -340,6 +340,7 @@ async def test_wanbot_run_killed_mid_job_delivers_exactly_one_video_after_restar
     assert job.status is JobStatus.SUCCEEDED and job.attempts == 2 and job.params.seed == 9
     assert job.delivery_status is DeliveryStatus.DELIVERED
     assert "TEST-token-do-not-log" not in log_path.read_text()
+    assert "videos are made on the CPU (no CUDA GPU found" in log_path.read_text()
 
 
 async def test_allowlist_and_group_addressing(tiny_settings, telegram):
