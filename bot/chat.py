@@ -115,7 +115,13 @@ def progress_bar(fraction: float) -> str:
     return "█" * filled + "░" * (BAR_WIDTH - filled)
 
 
-def queued_text(job: Job, position: QueuePosition | None, notes: list[str], duplicate: bool = False) -> str:
+def job_notes(job: Job) -> list[str]:
+    """Every change made to the request and every warning about it, stored with the job, so each text about a
+    waiting or running job can repeat them."""
+    return [f"• {note}" for note in (*job.params.adjustments, *job.params.warnings)]
+
+
+def queued_text(job: Job, position: QueuePosition | None, duplicate: bool = False) -> str:
     head = f"Job #{job.id} ({job.mode.value})"
     if duplicate:
         head += " was already queued from this message"
@@ -128,8 +134,7 @@ def queued_text(job: Job, position: QueuePosition | None, notes: list[str], dupl
         f"{job.params.width}x{job.params.height}, {job.params.frames} frames at {job.params.fps} fps, "
         f"{job.params.steps} steps, seed {job.params.seed}."
     )
-    lines.extend(f"• {note}" for note in notes)
-    return "\n".join(lines)
+    return "\n".join([*lines, *job_notes(job)])
 
 
 STAGE_WORDS = {
@@ -144,14 +149,19 @@ STAGE_WORDS = {
 
 
 def progress_text(job: Job, progress: Progress | None) -> str:
+    return "\n".join([*progress_lines(job, progress), *job_notes(job)])
+
+
+def progress_lines(job: Job, progress: Progress | None) -> list[str]:
+    """The stage, and for counted stages a bar, step/total and the time left."""
     if progress is None:
-        return f"Job #{job.id}: starting…"
+        return [f"Job #{job.id}: starting…"]
     words = STAGE_WORDS[progress.stage] + (f" ({progress.detail})" if progress.detail else "")
     lines = [f"Job #{job.id}: {words}"]
     if progress.total:
         eta = f" · about {duration_text(progress.eta_s)} left" if progress.eta_s is not None else ""
         lines.append(f"{progress_bar(progress.fraction)} {progress.step}/{progress.total}{eta}")
-    return "\n".join(lines)
+    return lines
 
 
 def finished_text(job: Job) -> str:
@@ -221,7 +231,7 @@ async def status_answer(engine: Engine) -> str:
     if worker.state.current_job is not None:
         job = await queue.get(worker.state.current_job)
         if job.status is JobStatus.RUNNING:
-            lines.append("Now: " + progress_text(job, job.progress).replace("\n", " · "))
+            lines.append("Now: " + " · ".join(progress_lines(job, job.progress)))
     if worker.downloading:
         lines.append(f"Downloading: {', '.join(sorted(worker.downloading))}.")
     return "\n".join(lines)

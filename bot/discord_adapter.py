@@ -22,7 +22,7 @@ from bot.relay import Buttons, DeliveryFailed, JobRelay
 from engine.config import DiscordConfig
 from engine.errors import UserError
 from engine.images import EXTENSIONS, SEND_SUPPORTED, Mode
-from engine.jobs import Actor, Job, JobSource, JobStatus
+from engine.jobs import Actor, EnqueueResult, Job, JobSource, JobStatus
 from engine.models import MAX_PROMPT_CHARS, GenerationRequest
 from engine.service import Engine, Upload
 from engine.video import fit_to_limit
@@ -346,7 +346,7 @@ class DiscordAdapter:
         )
         try:
             uploads = [await self._download(attachment, role) for attachment, role in ((start, "start"), (end, "end"))]
-            submission = await self._engine.submit(request, source, uploads[0], uploads[1])
+            submission = await self._engine.submit(request, source, uploads[0], uploads[1], notes=notes)
         except UserError as error:
             await interaction.edit_original_response(content=chat.user_error_text(error))
             return
@@ -354,10 +354,13 @@ class DiscordAdapter:
             log.exception("request failed channel=%s user=%s", interaction.channel_id, interaction.user.id)
             await interaction.edit_original_response(content=chat.apology())
             return
-        result = submission.result
-        all_notes = [*(notes or []), *submission.notes]
-        text = chat.queued_text(result.job, result.position, all_notes, duplicate=not result.created)
-        await interaction.edit_original_response(content=text, view=_view(CancelButton(result.job.id)))
+        await self._show_duplicate(interaction, submission.result)
+
+    async def _show_duplicate(self, interaction: discord.Interaction, result: EnqueueResult) -> None:
+        """A new job's place is shown by the relay, in event order; a request already queued is answered here."""
+        if not result.created:
+            text = chat.queued_text(result.job, result.position, duplicate=True)
+            await interaction.edit_original_response(content=text, view=_view(CancelButton(result.job.id)))
 
     async def _download(self, attachment: discord.Attachment | None, role: str) -> Upload | None:
         if attachment is None:
@@ -397,8 +400,7 @@ class DiscordAdapter:
         except UserError as error:
             await interaction.edit_original_response(content=chat.user_error_text(error))
             return
-        text = chat.queued_text(result.job, result.position, [], duplicate=not result.created)
-        await interaction.edit_original_response(content=text, view=_view(CancelButton(result.job.id)))
+        await self._show_duplicate(interaction, result)
 
     # -- outgoing ----------------------------------------------------------------------------------------------
 

@@ -115,7 +115,11 @@ class JobRelay:
                 await self._show_positions()
             if job.source.platform != self._platform:
                 continue
-            if event.kind in (EventKind.STARTED, EventKind.PROGRESS):
+            if event.kind is EventKind.ENQUEUED:
+                # Shown here, in event order, not by the adapter that queued it: a job that starts at once must not
+                # have its place drawn over its progress.
+                await self._show_positions([job])
+            elif event.kind in (EventKind.STARTED, EventKind.PROGRESS):
                 self.show(job, chat.progress_text(job, event.progress), "cancel")
             elif event.kind is EventKind.SUCCEEDED:
                 self.show(job, chat.finished_text(job))
@@ -123,16 +127,17 @@ class JobRelay:
             elif event.kind in (EventKind.FAILED, EventKind.CANCELLED):
                 self._spawn(self.show_last(job, chat.finished_text(job)))
 
-    async def _show_positions(self) -> None:
+    async def _show_positions(self, jobs: list[Job] | None = None) -> None:
+        """Show waiting jobs their place: `jobs`, or else the oldest waiting jobs of this platform."""
         try:
-            waiting = await self._queue.list_jobs(
-                (JobStatus.QUEUED,), platform=self._platform, limit=POSITION_REFRESH_LIMIT, oldest_first=True
-            )
-            for job in waiting:
+            if jobs is None:
+                jobs = await self._queue.list_jobs(
+                    (JobStatus.QUEUED,), platform=self._platform, limit=POSITION_REFRESH_LIMIT, oldest_first=True
+                )
+            for job in jobs:
                 position = await self._queue.position(job.id)
                 if position is not None:
-                    notes = [*job.params.adjustments, *job.params.warnings]
-                    self.show(job, chat.queued_text(job, position, notes), "cancel")
+                    self.show(job, chat.queued_text(job, position), "cancel")
         except Exception:
             # Places are a courtesy: a failed read must not stop the progress and results that follow.
             log.warning("could not refresh queue positions", exc_info=True)

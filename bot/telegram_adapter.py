@@ -33,7 +33,7 @@ from bot.relay import Buttons, DeliveryFailed, JobRelay
 from engine.config import TelegramConfig
 from engine.errors import UserError, quoted
 from engine.images import Mode
-from engine.jobs import Actor, Job, JobSource
+from engine.jobs import Actor, EnqueueResult, Job, JobSource
 from engine.service import Engine, Upload
 from engine.video import fit_to_limit
 
@@ -243,7 +243,11 @@ class TelegramAdapter:
             parsed = chat.parse_message(text, mode, has_image=bool(images))
             uploads = [await self._download(ref, role) for ref, role in zip(images, ("start", "end"), strict=False)]
             submission = await self._engine.submit(
-                parsed.request, source, uploads[0] if uploads else None, uploads[1] if len(uploads) > 1 else None
+                parsed.request,
+                source,
+                uploads[0] if uploads else None,
+                uploads[1] if len(uploads) > 1 else None,
+                notes=[*(notes or []), *parsed.notes],
             )
         except UserError as error:
             await self._edit((chat_id, status.message_id), chat.user_error_text(error), None)
@@ -252,10 +256,13 @@ class TelegramAdapter:
             log.exception("request failed chat=%s user=%s", chat_id, user.id)
             await self._edit((chat_id, status.message_id), chat.apology(), None)
             return
-        result = submission.result
-        all_notes = [*(notes or []), *parsed.notes, *submission.notes]
-        text = chat.queued_text(result.job, result.position, all_notes, duplicate=not result.created)
-        await self._edit((chat_id, status.message_id), text, _cancel_button(result.job.id))
+        await self._show_duplicate(submission.result, (chat_id, status.message_id))
+
+    async def _show_duplicate(self, result: EnqueueResult, status_key: tuple[int, int]) -> None:
+        """A new job's place is shown by the relay, in event order; a request already queued is answered here."""
+        if not result.created:
+            text = chat.queued_text(result.job, result.position, duplicate=True)
+            await self._edit(status_key, text, _cancel_button(result.job.id))
 
     async def _download(self, ref: ImageRef, role: str) -> Upload:
         limit = self._config.download_limit_bytes
@@ -328,8 +335,7 @@ class TelegramAdapter:
         except UserError as error:
             await self._edit((anchor.chat_id, status.message_id), chat.user_error_text(error), None)
             return
-        text = chat.queued_text(result.job, result.position, [], duplicate=not result.created)
-        await self._edit((anchor.chat_id, status.message_id), text, _cancel_button(result.job.id))
+        await self._show_duplicate(result, (anchor.chat_id, status.message_id))
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("telegram handler failed: %s", type(context.error).__name__, exc_info=context.error)

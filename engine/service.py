@@ -76,9 +76,11 @@ class Engine:
         end: Upload | None = None,
         model_override: str | None = None,
         priority: int = 0,
+        notes: list[str] | None = None,
     ) -> Submission:
         """Validate, resolve, store and enqueue; raise a UserError (nothing stored, nothing queued) if anything is
-        wrong."""
+        wrong. `notes` (what the chat adapter noticed: unknown options, extra pictures) are stored with the job's
+        warnings, so every later text about it repeats them."""
         model = model_for_mode(request.mode, self.settings, model_override)
         start_image = await self._validate(start, "start")
         end_image = await self._validate(end, "end")
@@ -92,7 +94,8 @@ class Engine:
             end=infos[1] if len(infos) > 1 else None,
         )
         too_long = await self.prompt_lengths.warnings(model, params)
-        params = params.model_copy(update={"warnings": [*checked.warnings, *params.warnings, *too_long]})
+        warnings = [*(notes or []), *checked.warnings, *params.warnings, *too_long]
+        params = params.model_copy(update={"warnings": warnings})
         stored = [await asyncio.to_thread(self.store.put, image) for image in checked.images]
         result = await self.queue.enqueue(
             source,

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from bot.chat import LiveMessages, RetryLater, parse_message, status_answer
+from bot.chat import LiveMessages, RetryLater, parse_message, progress_text, queued_text, status_answer
 from engine.config import GenerationConfig
 from engine.errors import UserError
 from engine.images import Mode
-from engine.jobs import JobSource
+from engine.jobs import JobSource, Progress, Stage
 from engine.models import GenerationRequest, resolve_model, resolve_request
 
 
@@ -118,3 +118,16 @@ def test_a_huge_bad_option_is_quoted_short_so_the_error_can_still_be_sent():
             request = parse_message(text, None, has_image=False).request
             resolve_request(request, resolve_model("tiny", Mode.T2V), GenerationConfig())
         assert len(str(caught.value)) < 200 and "…'" in caught.value.message
+
+
+async def test_the_notes_on_a_request_stay_on_its_place_and_its_progress(engine):
+    source = JobSource(platform="cli", chat_id="local", user_id="u1")
+    request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", frames=10)
+    submission = await engine.submit(request, source, notes=["Ignored unknown option(s): colour."])
+    job = submission.result.job
+    running = progress_text(job, Progress(stage=Stage.DENOISING, step=1, total=4))
+    waiting = queued_text(job, submission.result.position)
+    for text in (running, waiting):
+        assert "• Frames must be 4k+1 between 5 and 121: using 9 instead of 10." in text
+        assert "• Ignored unknown option(s): colour." in text
+    assert running.startswith("Job #1: generating\n") and waiting.startswith("Job #1 (t2v) is queued: position 1")
