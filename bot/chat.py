@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import UserError, quoted
+from engine.errors import UserError, duration_text, quoted
 from engine.images import Mode
 from engine.jobs import Actor, Job, JobStatus, Progress, QueuePosition, Stage
 from engine.models import GenerationRequest
@@ -97,17 +97,6 @@ def _mode(asked: str | None, command_mode: Mode | None, has_image: bool) -> Mode
 
 
 # -- texts -------------------------------------------------------------------------------------------------------
-
-
-def duration_text(seconds: float) -> str:
-    seconds = max(round(seconds), 0)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m {seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m"
 
 
 def progress_bar(fraction: float) -> str:

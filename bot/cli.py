@@ -18,10 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bot.chat import duration_text
 from engine.cleanup import remove_delivered_videos, remove_unused_images
 from engine.config import ModelsConfig, Settings, load_settings
-from engine.errors import ConfigError, UserError
+from engine.errors import ConfigError, UserError, duration_text
 from engine.images import Mode, check_mode, validate_image_bytes
 from engine.jobs import Actor, EventKind, Job, JobSource, JobStatus
 from engine.models import GenerationRequest

@@ -46,6 +46,7 @@ class OutputsConfig(Section):
 class QueueConfig(Section):
     per_user_limit: int = Field(3, ge=1, description="Queued jobs one user may have at once.")
     global_limit: int = Field(100, ge=1, description="Queued jobs in total.")
+    daily_limit: int = Field(0, ge=0, description="Videos one user may have made in 24 hours; 0: no limit.")
     max_attempts: int = Field(2, ge=1, description="Starts a job gets before a crash marks it failed.")
     pause_on_start: bool = Field(False, description="Start with processing paused after a restart.")
     max_model_skips: int = Field(3, ge=0, description="Times a job may be passed over to keep a model warm.")

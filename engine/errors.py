@@ -19,6 +19,18 @@ class UserError(Exception):
         return f"{self.message} {self.hint}".strip()
 
 
+def duration_text(seconds: float) -> str:
+    """A wait or a run time as people say it: 42s, 3m 05s, 1h 20m."""
+    seconds = max(round(seconds), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
 def quoted(text: str, limit: int = 40) -> str:
     """The user's own words in an error message, in quotes, cut short: a 2000-character option value would push the
     message past what a chat platform lets a bot send."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiosqlite
 
-from engine.errors import InvalidTransition, JobNotFound, NotAllowed, QueueFull
+from engine.errors import InvalidTransition, JobNotFound, NotAllowed, QueueFull, duration_text
 from engine.events import EventBus
 from engine.images import ImageInfo, Mode
 from engine.jobs import (
@@ -104,6 +104,7 @@ MIGRATIONS: list[str] = [
 ]
 
 ACTIVE = ("queued", "running")
+DAY_S = 86400
 # Ids per query: well under SQLite's limit on bound parameters.
 SQL_CHUNK = 500
 
@@ -176,6 +177,7 @@ class JobQueue:
         is_admin: bool = False,
         per_user_limit: int = 3,
         global_limit: int = 100,
+        daily_limit: int = 0,
         retry_of: int | None = None,
     ) -> EnqueueResult:
         """Add a job, or return the existing one when the same message was enqueued before."""
@@ -188,6 +190,8 @@ class JobQueue:
                     return EnqueueResult(job=job, created=False, position=await self._position(db, job.id))
             if not is_admin:
                 await self._check_limits(db, source.user_key, per_user_limit, global_limit)
+                if daily_limit:
+                    await self._check_daily_limit(db, source.user_key, daily_limit)
             cursor = await db.execute(
                 """INSERT INTO jobs (user_key, source_json, dedup_key, mode, model, params_json, images_json,
                                      status, priority, retry_of, created_at)
@@ -231,6 +235,22 @@ class JobQueue:
             )
         if row["total"] >= total:
             raise QueueFull(f"The queue is full ({row['total']} videos waiting).", "Please try again in a few minutes.")
+
+    async def _check_daily_limit(self, db: aiosqlite.Connection, user_key: str, limit: int) -> None:
+        """Jobs that started (they used the GPU) or may still start count; ones that ended before starting do not."""
+        since = self._clock() - DAY_S
+        row = await _fetch_one(
+            db,
+            """SELECT COUNT(*) AS used, MIN(created_at) AS oldest FROM jobs INDEXED BY jobs_user_started
+               WHERE user_key = ? AND created_at > ?
+                 AND (status IN ('queued', 'running') OR started_at IS NOT NULL)""",
+            (user_key, since),
+        )
+        if row["used"] >= limit:
+            raise QueueFull(
+                f"You have asked for {row['used']} videos in the last 24 hours; the limit is {limit} a day.",
+                f"You can ask for the next one in {duration_text(row['oldest'] - since)}.",
+            )
 
     async def retry(
         self,

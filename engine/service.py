@@ -105,8 +105,7 @@ class Engine:
             stored,
             priority=priority,
             is_admin=self.is_admin(source.platform, source.user_id),
-            per_user_limit=self.settings.queue.per_user_limit,
-            global_limit=self.settings.queue.global_limit,
+            **self._limits(),
         )
         return Submission(result=result, notes=[*params.adjustments, *params.warnings])
 
@@ -122,9 +121,16 @@ class Engine:
             actor,
             params=params,
             source=source,
-            per_user_limit=self.settings.queue.per_user_limit,
-            global_limit=self.settings.queue.global_limit,
+            **self._limits(),
         )
+
+    def _limits(self) -> dict[str, int]:
+        limits = self.settings.queue
+        return {
+            "per_user_limit": limits.per_user_limit,
+            "global_limit": limits.global_limit,
+            "daily_limit": limits.daily_limit,
+        }
 
     async def _validate(self, upload: Upload | None, role: str) -> ValidatedImage | None:
         if upload is None:

@@ -301,3 +301,14 @@ async def test_the_bot_clean_up_round_removes_delivered_videos_and_keeps_waiting
         await asyncio.sleep(0.05)
     cleaner.cancel()
     assert [path.exists() for path in paths] == [False, True]
+
+
+async def test_the_daily_limit_from_the_configuration_refuses_a_second_video(tiny_settings):
+    limited = tiny_settings.model_copy(update={"queue": tiny_settings.queue.model_copy(update={"daily_limit": 1})})
+    engine = await Engine.open(limited)
+    try:
+        await submit(engine, Mode.T2V)
+        with pytest.raises(UserError, match="the limit is 1 a day"):
+            await submit(engine, Mode.T2V)
+    finally:
+        await engine.close()

@@ -83,6 +83,31 @@ async def test_per_user_and_global_limits(queue: JobQueue):
         await queue.enqueue(source("bob", "b1"), Mode.T2V, "tiny", params(), global_limit=4)
 
 
+async def test_daily_limit_counts_what_used_or_may_use_the_gpu_and_says_when_the_next_is_possible(queue: JobQueue):
+    now = [100_000.0]
+    clocked = JobQueue(queue._db, queue.events, lambda: now[0])
+
+    async def ask(message: str, **options: object):
+        limits = {"daily_limit": 3, "per_user_limit": 10}
+        return await clocked.enqueue(source("alice", message), Mode.T2V, "tiny", params(), **limits, **options)
+
+    done = await ask("m0")
+    await clocked.claim_next()
+    await clocked.mark_succeeded(done.job.id, result())
+    now[0] += 3600
+    never_started = await ask("m1")
+    await clocked.cancel(never_started.job.id, owner("alice"))  # a job cancelled while waiting is not counted
+    await ask("m2")
+    now[0] += 3600
+    await ask("m3")
+    with pytest.raises(QueueFull, match="asked for 3 videos in the last 24 hours; the limit is 3 a day") as caught:
+        await ask("m4")
+    assert caught.value.hint == "You can ask for the next one in 22h 00m."  # when the first leaves the 24 hours
+    now[0] += 22 * 3600
+    assert (await ask("m5")).created
+    assert (await ask("m6", is_admin=True)).created  # admins are exempt
+
+
 async def test_claim_is_round_robin_between_users_then_priority_then_age(queue: JobQueue):
     for index in range(3):
         await queue.enqueue(source("alice", f"a{index}"), Mode.T2V, "tiny", params(f"alice {index}"))
