@@ -159,7 +159,7 @@ class PipelineRunner:
         if device.type == "cpu":
             return "cpu"
         free_bytes, _ = torch.cuda.mem_get_info(device)
-        strategy = choose_strategy(self._config.memory, spec, free_bytes / 2**30)
+        strategy = choose_strategy(self._config.memory, spec, free_bytes / 2**30, self._config.max_pixels)
         place_pipeline(pipeline, strategy, device)
         return strategy
 
@@ -287,14 +287,14 @@ def cover(image: Image.Image, width: int, height: int) -> Image.Image:
     return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
 
 
-def choose_strategy(configured: str, spec: ModelSpec, free_gib: float) -> str:
-    """For "auto": all on the GPU when the whole model fits, one component at a time when the largest one and its
-    activations fit (an A14B expert alone is 28 GB), else blocks streamed in from the CPU."""
+def choose_strategy(configured: str, spec: ModelSpec, free_gib: float, max_pixels: int) -> str:
+    """For "auto": all on the GPU when the whole model fits, one component at a time when the largest one and the
+    activations of the largest frame allowed fit (an A14B expert alone is 28 GB), else blocks streamed from the CPU."""
     if configured != "auto":
         return configured
     if free_gib >= spec.full_vram_gb:
         return "gpu"
-    return "model_offload" if free_gib >= spec.offload_vram_gb else "group_offload"
+    return "model_offload" if free_gib >= spec.offload_need_gb(max_pixels) else "group_offload"
 
 
 def place_pipeline(pipeline: Any, strategy: str, device: torch.device | str) -> None:

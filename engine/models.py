@@ -45,15 +45,23 @@ class ModelSpec:
     uses_end_image: bool = False
     size_follows_image: bool = False
     full_vram_gb: float = 0.0  # roughly what "all on GPU" needs; below it, offload
-    offload_vram_gb: float = 0.0  # peak with one component on the GPU at a time (official); below, group offload
+    # Peak GB with one component on the GPU at a time, by the largest frame it makes (official figures): below
+    # that, group offload.
+    offload_vram_gb: tuple[tuple[int, float], ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def two_experts(self) -> bool:
         return self.boundary_ratio is not None
 
+    def offload_need_gb(self, max_pixels: int) -> float:
+        """What model offload needs for the largest frame allowed: the figure of the smallest size covering it."""
+        covering = [gb for pixels, gb in self.offload_vram_gb if pixels >= max_pixels]
+        return covering[0] if covering else max((gb for _, gb in self.offload_vram_gb), default=0.0)
+
 
 A14B_PRESETS = {"480p": (832, 480), "720p": (1280, 720)}
+A14B_OFFLOAD_GB = ((832 * 480, 42.0), (1280 * 720, 60.0))  # 41.3 and 59.8 GB on an H100
 
 T2V_A14B = ModelSpec(
     family="wan2.2-t2v-a14b",
@@ -69,7 +77,7 @@ T2V_A14B = ModelSpec(
     boundary_ratio=0.875,
     flow_shift=12.0,
     full_vram_gb=80,
-    offload_vram_gb=42,  # 41.3 GB at 480p on an H100 (official); 720p needs about 60
+    offload_vram_gb=A14B_OFFLOAD_GB,
 )
 I2V_A14B = ModelSpec(
     family="wan2.2-i2v-a14b",
@@ -87,7 +95,7 @@ I2V_A14B = ModelSpec(
     uses_end_image=True,
     size_follows_image=True,
     full_vram_gb=80,
-    offload_vram_gb=42,  # 41.3 GB at 480p on an H100 (official); 720p needs about 60
+    offload_vram_gb=A14B_OFFLOAD_GB,
 )
 TI2V_5B = ModelSpec(
     family="wan2.2-ti2v-5b",
@@ -102,7 +110,7 @@ TI2V_5B = ModelSpec(
     flow_shift=5.0,
     size_follows_image=True,
     full_vram_gb=40,
-    offload_vram_gb=23,  # 22.9 GB at 720p on an RTX 4090 (official)
+    offload_vram_gb=((1280 * 704, 23.0),),  # 22.9 GB at 720p on an RTX 4090
 )
 
 
@@ -116,7 +124,7 @@ def _tiny(spec: ModelSpec, mode: Mode) -> ModelSpec:
         default_frames=9,
         steps=4,
         full_vram_gb=0,
-        offload_vram_gb=0,
+        offload_vram_gb=(),
     )
 
 
