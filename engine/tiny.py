@@ -67,7 +67,8 @@ def _transformer(in_channels: int, out_channels: int) -> WanTransformer3DModel:
         num_layers=2,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+        # As in the real models: positions for frames up to 1024 patches a side, so any size a request may ask for.
+        rope_max_seq_len=1024,
     ).eval()
 
 

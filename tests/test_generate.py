@@ -312,3 +312,12 @@ async def test_the_daily_limit_from_the_configuration_refuses_a_second_video(tin
             await submit(engine, Mode.T2V)
     finally:
         await engine.close()
+
+
+async def test_the_tiny_model_makes_any_size_a_request_may_ask_for(engine: Engine):
+    # Its positional table used to stop at 512 px a side: a larger size crashed the job instead of running.
+    submission = await submit(engine, Mode.T2V, resolution="544x544", steps=1, frames=5)
+    await run_all(engine)
+    job = await engine.queue.get(submission.result.job.id)
+    assert job.status is JobStatus.SUCCEEDED, job.error_detail
+    assert (probe(job.result.path).width, probe(job.result.path).height) == (544, 544)
