@@ -93,7 +93,7 @@ class PictureVideoModal(discord.ui.Modal, title="Make a video from this picture"
         self.prompt = discord.ui.TextInput(
             style=discord.TextStyle.paragraph,
             required=False,
-            max_length=1500,
+            max_length=MAX_PROMPT_CHARS,
             placeholder="the waves roll in (options work too: seed=7 steps=30 res=720p)",
         )
         self.mode = discord.ui.Select(

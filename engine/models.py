@@ -21,7 +21,8 @@ from engine.images import ImageInfo, Mode
 from engine.jobs import GenerationParams
 
 TINY = "tiny"
-MAX_PROMPT_CHARS = 2000
+# A sanity bound, not the model's: the text encoder's 512 tokens are counted with its own tokenizer (engine/prompts.py).
+MAX_PROMPT_CHARS = 4000
 # Widest (and, turned, tallest) video shape an image is followed to; Wan is trained on 16:9 and 9:16.
 MAX_ASPECT = 2.4
 
@@ -243,7 +244,7 @@ def resolve_request(
     if len(prompt) > MAX_PROMPT_CHARS:
         raise UserError(
             f"The prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.",
-            "The model reads about 512 tokens; shorten the prompt.",
+            "The model reads 512 tokens, about 2000 characters of English; shorten the prompt.",
         )
     width, height = _resolve_size(request.resolution, spec, limits, start, adjustments)
     frames = _resolve_frames(request.frames, spec, limits, adjustments)

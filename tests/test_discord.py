@@ -12,6 +12,7 @@ from bot.discord_adapter import DiscordAdapter
 from engine.config import Settings
 from engine.errors import UserError
 from engine.jobs import DeliveryStatus, JobStatus
+from engine.models import MAX_PROMPT_CHARS
 from tests import imagefactory
 from tests.fake_discord import APPLICATION_ID, CHANNEL_ID, GUILD_ID, FakeDiscord
 from tests.running import RunningBot, until
@@ -55,7 +56,7 @@ async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(t
         assert hidden == {"pause", "resume"}
         [video_command] = [command for command in synced if command["name"] == "video"]
         limits = {option["name"]: option.get("max_length") for option in video_command["options"]}
-        assert limits["prompt"] == limits["negative_prompt"] == 2000  # the client stops longer ones
+        assert limits["prompt"] == limits["negative_prompt"] == MAX_PROMPT_CHARS  # the client stops longer ones
         prompt = "a red fox for @everyone and <@999>"
         interaction = await discord_server.slash(ALICE, "video", {"prompt": prompt, "seed": 5, "steps": 3})
         videos = await until(discord_server.with_files, what="the video")
