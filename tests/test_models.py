@@ -125,7 +125,7 @@ def test_unknown_resolution_and_empty_prompt_are_user_errors():
         resolve(Mode.T2V, T2V_A14B, prompt="")
     assert resolve(Mode.I2V, I2V_A14B, start=image(832, 480), prompt="").prompt == ""
     assert len(resolve(Mode.T2V, T2V_A14B, prompt="a fox " * 600).prompt) == 3599  # long, but counted in tokens
-    with pytest.raises(UserError, match="The prompt is 4200 characters; the limit is 4000"):
+    with pytest.raises(UserError, match="The prompt is 4199 characters; the limit is 4000"):
         resolve(Mode.T2V, T2V_A14B, prompt="a fox " * 700)
 
 
