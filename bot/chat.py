@@ -117,7 +117,8 @@ def queued_text(job: Job, position: QueuePosition | None, duplicate: bool = Fals
     if position is None:
         lines = [f"{head}: {job.status.value}."]
     else:
-        eta = f", about {duration_text(position.eta_s)} to wait" if position.eta_s else ""
+        # Under a second left means the job ahead is overrunning the usual time: no number is better than "0s".
+        eta = f", about {duration_text(position.eta_s)} to wait" if (position.eta_s or 0) >= 1 else ""
         lines = [f"{head} is queued: position {position.position}{eta}."]
     lines.append(
         f"{job.params.width}x{job.params.height}, {job.params.frames} frames at {job.params.fps} fps, "

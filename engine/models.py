@@ -309,10 +309,10 @@ def _resolve_size(
                 f"{_ratio_text(ratio)}, because the model makes poor videos in narrower shapes."
             )
         width, height = math.sqrt(area * ratio), math.sqrt(area / ratio)
-    if width * height > limits.max_pixels:
+    reduced = width * height > limits.max_pixels
+    if reduced:
         scale = math.sqrt(limits.max_pixels / (width * height))
         width, height = width * scale, height * scale
-        adjustments.append(f"The size was reduced to fit the limit of {limits.max_pixels} pixels per frame.")
     snapped = (_snap(width, spec.multiple), _snap(height, spec.multiple))
     if snapped[0] * snapped[1] > limits.max_pixels:
         # Rounding up went over the limit; rounding down never does.
@@ -321,12 +321,13 @@ def _resolve_size(
             max(spec.multiple, int(height) // spec.multiple * spec.multiple),
         )
     if snapped != asked:
-        reason = (
-            "to follow the start image's shape"
-            if spec.size_follows_image and start
-            else (f"to multiples of {spec.multiple}")
-        )
-        adjustments.append(f"Size {asked[0]}x{asked[1]} became {snapped[0]}x{snapped[1]} {reason}.")
+        reasons = [
+            *(["to follow the start image's shape"] if spec.size_follows_image and start else []),
+            *([f"to stay within {limits.max_pixels:,} pixels a frame"] if reduced else []),
+            f"in multiples of {spec.multiple}",
+        ]
+        why = reasons[0] if len(reasons) == 1 else f"{', '.join(reasons[:-1])} and {reasons[-1]}"
+        adjustments.append(f"Size {asked[0]}x{asked[1]} became {snapped[0]}x{snapped[1]} {why}.")
     return snapped
 
 

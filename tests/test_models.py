@@ -107,7 +107,11 @@ def test_limits_on_pixels_steps_and_guidance():
     )
     assert params.width * params.height <= 832 * 480
     assert params.steps == 50 and params.guidance == 20
-    assert len(params.adjustments) == 4
+    assert params.adjustments[0] == (
+        f"Size 1280x720 became {params.width}x{params.height} to stay within 399,360 pixels a frame and in multiples "
+        "of 16."
+    )
+    assert len(params.adjustments) == 3
 
 
 def test_seed_is_chosen_when_missing_and_checked_when_given():
