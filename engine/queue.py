@@ -592,15 +592,24 @@ class JobQueue:
             db,
             """SELECT (SELECT AVG(finished_at - started_at) FROM (SELECT finished_at, started_at FROM jobs
                         WHERE status = 'succeeded' ORDER BY finished_at DESC LIMIT 20)) AS typical,
-                      (SELECT MIN(started_at) FROM jobs WHERE status = 'running') AS running_since""",
+                      running.started_at AS running_since, running.progress_json AS running_progress
+               FROM (SELECT 1) LEFT JOIN (SELECT started_at, progress_json FROM jobs WHERE status = 'running'
+                                          ORDER BY started_at LIMIT 1) AS running""",
         )
-        typical = stats["typical"]
-        if typical is None:
-            return QueuePosition(position=row["position"], eta_s=None)
-        running_left = 0.0
+        typical, position = stats["typical"], row["position"]
+        running_left = None
         if stats["running_since"] is not None:
-            running_left = max(typical - (self._clock() - stats["running_since"]), 0.0)
-        return QueuePosition(position=row["position"], eta_s=running_left + typical * (row["position"] - 1))
+            progress = Progress.model_validate_json(stats["running_progress"]) if stats["running_progress"] else None
+            if progress is not None and progress.eta_s is not None:
+                # The running job's own step times say more than the average of jobs of other sizes and models.
+                running_left = progress.eta_s
+            elif typical is not None:
+                running_left = max(typical - (self._clock() - stats["running_since"]), 0.0)
+        if position == 1:
+            return QueuePosition(position=position, eta_s=running_left)
+        if typical is None:
+            return QueuePosition(position=position, eta_s=None)
+        return QueuePosition(position=position, eta_s=(running_left or 0.0) + typical * (position - 1))
 
     async def stats(self, period_s: float) -> list[dict[str, Any]]:
         """Per model, the jobs created in the last `period_s`: how they ended, were delivered, waited and ran."""

@@ -150,6 +150,13 @@ async def test_position_follows_the_claim_order_and_has_an_eta(queue: JobQueue):
     assert waiting.position == 1
     assert waiting.eta_s == pytest.approx(20.0)  # a typical job takes 30 s and bob's has run for 10
     assert await clocked.position(bob.job.id) is None
+    # Once bob's job reports its own estimate (from its step times), that is the wait of the job behind it.
+    await clocked.update_progress(bob.job.id, Progress(stage=Stage.DENOISING, step=2, total=40, eta_s=95.0))
+    assert (await clocked.position(second.job.id)).eta_s == pytest.approx(95.0)
+    carol = await clocked.enqueue(source("carol", "c0"), Mode.T2V, "tiny", params())  # not served yet: goes first
+    assert (await clocked.position(carol.job.id)).eta_s == pytest.approx(95.0)
+    behind = await clocked.position(second.job.id)
+    assert (behind.position, behind.eta_s) == (2, pytest.approx(95.0 + 30.0))
 
 
 async def test_terminal_states_never_change(queue: JobQueue):
