@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -46,8 +47,12 @@ class JobRelay:
         send_video: SendVideo,
         config: ChatConfig,
         edit_interval_for: Callable[[Job], float] | None = None,
+        refresh_per_chat: int | None = None,
     ) -> None:
+        """`edit_interval_for` paces some chats more slowly; `refresh_per_chat` caps how many waiting jobs of one chat
+        have their place shown again each time the queue moves (a platform where a chat's messages share a budget)."""
         self._queue = queue
+        self._refresh_per_chat = refresh_per_chat
         self._platform = platform
         self._show = show
         self._send_video = send_video
@@ -134,9 +139,13 @@ class JobRelay:
                 jobs = await self._queue.list_jobs(
                     (JobStatus.QUEUED,), platform=self._platform, limit=POSITION_REFRESH_LIMIT, oldest_first=True
                 )
+            shown_in: Counter[str] = Counter()
             for job in jobs:
+                if self._refresh_per_chat is not None and shown_in[job.source.chat_id] >= self._refresh_per_chat:
+                    continue
                 position = await self._queue.position(job.id)
                 if position is not None:
+                    shown_in[job.source.chat_id] += 1
                     self.show(job, chat.queued_text(job, position), "cancel")
         except Exception:
             # Places are a courtesy: a failed read must not stop the progress and results that follow.

@@ -40,6 +40,7 @@ from engine.video import fit_to_limit
 log = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
+GROUP_REFRESH_LIMIT = 5
 COMMANDS = {"video": None, "t2v": Mode.T2V, "i2v": Mode.I2V, "ti2v": Mode.TI2V}
 CAPTION_COMMAND = re.compile(r"^/(video|t2v|i2v|ti2v)(?:@(\w+))?(?:\s|$)", re.IGNORECASE)
 TELEGRAM_NOTES = (
@@ -77,8 +78,15 @@ class TelegramAdapter:
             allowed_chats=frozenset(str(chat_id) for chat_id in config.allowed_chats),
             admins=frozenset(engine.settings.access.admins),
         )
+        # A group's 20 messages a minute are shared by every job in it: only its first few places are refreshed.
         self._relay = JobRelay(
-            engine.queue, PLATFORM, self._show, self._send_video, config, edit_interval_for=self._edit_interval
+            engine.queue,
+            PLATFORM,
+            self._show,
+            self._send_video,
+            config,
+            edit_interval_for=self._edit_interval,
+            refresh_per_chat=GROUP_REFRESH_LIMIT,
         )
         self._albums: dict[tuple[int, str], list[Message]] = {}
         self._album_timers: dict[tuple[int, str], asyncio.Task[None]] = {}

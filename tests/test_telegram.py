@@ -475,6 +475,27 @@ async def test_progress_in_a_group_is_edited_at_the_slower_group_pace(tiny_setti
     assert len(live_edits) >= 2 and min(gaps) >= 0.55, gaps
 
 
+async def test_in_a_busy_group_only_the_first_places_are_refreshed_when_the_queue_moves(tiny_settings, telegram):
+    group = -500
+
+    def places() -> list[int]:
+        """How often each waiting job's message in the group was edited, in the order they were asked for."""
+        return [message["edits"] for message in telegram.replies(group) if "is queued" in message["text"]]
+
+    async with running_bot(configure(tiny_settings, telegram)) as bot:
+        await bot.engine.queue.set_paused(True)
+        telegram.command(ALICE, "/video first in line")
+        await until(lambda: status_of(telegram, ALICE, "is queued"), what="alice's job")
+        for count, member in enumerate(range(1001, 1007), start=1):
+            telegram.command(member, f"/video member {member} waits", chat_id=group, chat_type="supergroup")
+            await until(lambda count=count: len(places()) == count, what=f"place {count} in the group")
+        await bot.engine.queue.cancel(1, ADMIN)  # the queue moves: everyone behind alice has a new place
+        await until(lambda: places()[:5] == [2] * 5, what="the first five places refreshed")
+        await asyncio.sleep(0.5)
+    # 18 messages in all, within the group's 20 a minute; the sixth waiting job keeps its place text.
+    assert places() == [2, 2, 2, 2, 2, 1]
+
+
 async def test_only_admins_pause_and_resume_the_queue(tiny_settings, telegram):
     settings = configure(tiny_settings, telegram)
     admins = settings.access.model_copy(update={"admins": [f"telegram:{ALICE}"]})
