@@ -140,7 +140,7 @@ class PipelineRunner:
         pipeline_class = PIPELINE_CLASSES[model.spec.pipeline]
         dtype: Any = torch.float32 if device.type == "cpu" else {"default": torch.bfloat16, "vae": torch.float32}
         pipeline = pipeline_class.from_pretrained(folder, dtype=dtype)
-        _correct_flow_shift(pipeline, model.spec)
+        correct_flow_shift(pipeline, model.spec)
         pipeline.set_progress_bar_config(disable=True)
         strategy = self._place(pipeline, model.spec, device)
         self.loaded = LoadedPipeline(model=model, pipeline=pipeline, device=device, strategy=strategy)
@@ -181,7 +181,7 @@ class PipelineRunner:
     ) -> np.ndarray:
         spec = loaded.model.spec
         pipeline = loaded.pipeline
-        self._set_vae_tiling(pipeline, params)
+        set_vae_tiling(pipeline, self._config.vae_tiling, params.width, params.height)
         tracker = StepTracker(spec, params.steps, hooks)
         arguments: dict[str, Any] = {
             "prompt": params.prompt,
@@ -211,15 +211,6 @@ class PipelineRunner:
         timings["denoise_s"] = tracker.denoise_s
         timings["decode_s"] = hooks.clock() - tracker.decode_started
         return output.frames[0]
-
-    def _set_vae_tiling(self, pipeline: Any, params: GenerationParams) -> None:
-        wanted = self._config.vae_tiling == "on" or (
-            self._config.vae_tiling == "auto" and params.width * params.height > 832 * 480
-        )
-        if wanted:
-            pipeline.vae.enable_tiling()
-        else:
-            pipeline.vae.disable_tiling()
 
 
 class StepTracker:
@@ -325,7 +316,15 @@ def _pick_device(configured: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _correct_flow_shift(pipeline: Any, spec: ModelSpec) -> None:
+def set_vae_tiling(pipeline: Any, setting: str, width: int, height: int) -> None:
+    """Tiled VAE decode above 480p ("auto"): a 720p A14B decode can run out of memory on an 80 GB card without it."""
+    if setting == "on" or (setting == "auto" and width * height > 832 * 480):
+        pipeline.vae.enable_tiling()
+    else:
+        pipeline.vae.disable_tiling()
+
+
+def correct_flow_shift(pipeline: Any, spec: ModelSpec) -> None:
     """The conversion script wrote flow_shift=3.0 into the A14B repos; the official values are 12 (t2v) and 5 (i2v)."""
     if spec.flow_shift is None or pipeline.scheduler.config.get("flow_shift") == spec.flow_shift:
         return
