@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from collections.abc import Coroutine, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -38,6 +39,7 @@ app.add_typer(models_app, name="models")
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
 CLI_ACTOR = Actor(platform="cli", user_id="admin", is_admin=True)
+WORKER_TASK = "worker"
 T = TypeVar("T")
 
 ConfigOption = Annotated[
@@ -65,7 +67,8 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coroutine)
     except UserError as exc:
-        errors.print(f"{exc.message}\n{exc.hint}".strip(), markup=False)
+        # One line, message and hint: it is read in journald and cron mails, a line per record.
+        errors.print(str(exc), markup=False)
         raise typer.Exit(2) from None
 
 
@@ -277,6 +280,32 @@ def queue_stats(
             highlight=False,
             soft_wrap=True,
         )
+
+
+@app.command()
+def backup(
+    target: Annotated[Path, typer.Argument(help="The file to write the copy to; an existing one is replaced.")],
+    config: ConfigOption = None,
+) -> None:
+    """Copy the job database, consistently, even while wanbot runs (SQLite's online backup)."""
+    settings = _settings(config)
+    if target.is_dir():
+        raise _usage_error(f"{target} is a folder; name the file to write, such as {target / 'wanbot-backup.db'}.")
+
+    async def work() -> None:
+        async with _open_queue(settings) as queue:
+            try:
+                await queue.backup(target)
+            except OSError as exc:
+                raise UserError(f"Could not write {target}: {exc.strerror}.", "Choose another place.") from None
+
+    _run(work())
+    console.print(f"Copied {settings.db_path} to {target}.", highlight=False)
+
+
+def _usage_error(message: str) -> typer.Exit:
+    errors.print(message, markup=False)
+    return typer.Exit(2)
 
 
 @queue_app.command("pause")
@@ -566,7 +595,7 @@ def models_download(
     config: ConfigOption = None,
 ) -> None:
     """Download a model (only the files the pipeline needs), resuming whatever an earlier run fetched."""
-    from engine.downloads import Downloader
+    from engine.downloads import Downloader, size_text
 
     settings = _settings(config)
     repo_id = _repo_for(name, settings)
@@ -580,7 +609,8 @@ def models_download(
             TextColumn("{task.fields[speed]}"),
             TimeRemainingColumn(),
         )
-        with Progress(*columns, console=errors) as bar:
+        # A bar only where someone watches it: in a log or a pipe it would leave a line of its own before the result.
+        with Progress(*columns, console=errors, disable=not errors.is_terminal) as bar:
             task = bar.add_task(repo_id, total=None, speed="")
 
             def show(progress: Any) -> None:
@@ -588,7 +618,7 @@ def models_download(
                     task,
                     completed=progress.done_bytes,
                     total=progress.total_bytes,
-                    speed=f"{progress.speed_bps / 1e6:.1f} MB/s",
+                    speed=f"{size_text(int(progress.speed_bps))}/s",
                 )
 
             return await downloader.download(repo_id, revision, on_progress=show)
@@ -679,16 +709,22 @@ def models_verify(
 def run(config: ConfigOption = None) -> None:
     """Run the worker and the chat adapters that have a token, until Ctrl+C or SIGTERM."""
     settings = _settings(config)
-    _run(_serve(settings))
+    failure = _run(_serve(settings))
+    if failure:
+        # systemd's Restart=on-failure starts it again; exit code 2 stays for what a restart cannot fix.
+        errors.print(f"wanbot stopped: {failure}. The log above has the details.", markup=False)
+        raise typer.Exit(1)
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings) -> str | None:
+    """Run until a signal (None) or until a long-lived task could not be kept alive (what failed)."""
     import signal
 
     from engine.generate import describe_device
     from engine.service import Engine
 
     engine = await Engine.open(settings)
+    supervisor = engine.supervisor
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -703,22 +739,39 @@ async def _serve(settings: Settings) -> None:
                 )
             await engine.worker.start_up()
             await _start_adapters(engine, adapters)
-            worker = asyncio.create_task(engine.worker.run())
+            supervisor.start(WORKER_TASK, engine.worker.run)
+            supervisor.start("clean-up", partial(_clean_up_periodically, engine))
+            supervisor.start("database watch", partial(_watch_database, engine))
             names = ", ".join(type(adapter).__name__ for adapter in adapters) or "no chat adapter (no token set)"
             errors.print(
                 f"wanbot running on {settings.data_dir} with {names}; Ctrl+C stops, the running job is re-queued"
             )
             errors.print(f"videos are made on {describe_device(settings.generation)}", markup=False)
-            cleaner = asyncio.create_task(_clean_up_periodically(engine))
-            await stop.wait()
-            cleaner.cancel()
+            await _first_of(stop.wait(), supervisor.wait_failed())
             await engine.worker.stop(requeue_running=True)
-            await worker
+            await supervisor.join(WORKER_TASK)
     finally:
         # Also when an adapter fails to start: the ones already running stop, and the process can exit.
         for adapter in adapters:
             await adapter.stop()
         await engine.close()
+    return supervisor.failure
+
+
+async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+
+
+async def _watch_database(engine: Engine, every_s: float = 5.0) -> None:
+    """A database file deleted or replaced under a running bot takes every later request with it: stop instead."""
+    while True:
+        await asyncio.sleep(every_s)
+        if engine.queue.file_is_gone():
+            engine.supervisor.fail(f"the job database {engine.queue.path} was deleted or replaced while wanbot ran")
+            return
 
 
 async def _start_adapters(engine: Engine, started: list[Any]) -> None:

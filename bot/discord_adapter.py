@@ -30,6 +30,7 @@ from engine.video import fit_to_limit
 log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
+CONNECTION_TASK = "discord connection"
 CONTENT_LIMIT = 2000
 MODAL_TIMEOUT_S = 900
 UNKNOWN_CHANNEL = 10003  # Discord's JSON error code
@@ -137,7 +138,7 @@ class DiscordAdapter:
         self.client = WanbotClient(
             self, intents=discord.Intents(guilds=True), allowed_mentions=discord.AllowedMentions.none()
         )
-        self._relay = JobRelay(engine.queue, PLATFORM, self._show, self._send_video, config)
+        self._relay = JobRelay(engine.queue, engine.supervisor, PLATFORM, self._show, self._send_video, config)
         self._runner: asyncio.Task[None] | None = None
         self._register_commands()
 
@@ -160,8 +161,11 @@ class DiscordAdapter:
                 "Check discord.token, discord.api_base_url and the network.",
             ) from error
         self._relay.start(events)
+        # discord.py ends client.start() on a gateway parser error without a word: that must stop the process.
+        self._engine.supervisor.watch(CONNECTION_TASK, self._runner)
 
     async def stop(self) -> None:
+        await self._engine.supervisor.cancel(CONNECTION_TASK)
         await self._relay.stop()
         await self.client.close()
         if self._runner is not None:

@@ -8,13 +8,16 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
 from typing import Literal
 
 from bot import chat
 from engine.config import ChatConfig
 from engine.events import Subscription
-from engine.jobs import EventKind, Job, JobStatus
+from engine.jobs import DeliveryStatus, EventKind, Job, JobStatus
 from engine.queue import JobQueue
+from engine.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class JobRelay:
     def __init__(
         self,
         queue: JobQueue,
+        supervisor: Supervisor,
         platform: str,
         show: ShowText,
         send_video: SendVideo,
@@ -52,6 +56,7 @@ class JobRelay:
         """`edit_interval_for` paces some chats more slowly; `refresh_per_chat` caps how many waiting jobs of one chat
         have their place shown again each time the queue moves (a platform where a chat's messages share a budget)."""
         self._queue = queue
+        self._supervisor = supervisor
         self._refresh_per_chat = refresh_per_chat
         self._platform = platform
         self._show = show
@@ -67,12 +72,15 @@ class JobRelay:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, events: Subscription) -> None:
-        """Follow `events` (subscribed before the platform connects, so nothing is missed) and retry deliveries."""
-        self._spawn(self._follow(events))
-        self._spawn(self._redeliver_periodically())
+        """Follow `events` (subscribed before the platform connects, so nothing is missed), retry deliveries, and
+        show the end of every job whose message does not show it yet (the process stopped before it could)."""
+        self._supervisor.start(f"{self._platform} relay", partial(self._follow, events))
+        self._supervisor.start(f"{self._platform} redelivery", self._redeliver_periodically)
+        self._spawn(self._show_missed_ends())
 
     async def stop(self) -> None:
         # An upload cut short here stays 'pending' and goes out again after the restart.
+        await self._supervisor.cancel(f"{self._platform} relay", f"{self._platform} redelivery")
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -90,6 +98,22 @@ class JobRelay:
         await self._live.settle(job.id)
         self._live.forget(job.id)
         self._jobs.pop(job.id, None)
+        try:
+            await self._queue.mark_final_shown(job.id)
+        except Exception:
+            # Only means the end may be shown once more after a restart.
+            log.warning("could not record that job=%s shows its end", job.id, exc_info=True)
+
+    async def _show_missed_ends(self) -> None:
+        for job in await self._queue.final_unshown(self._platform, self._max_attempts):
+            await self.show_last(job, self._end_text(job))
+
+    def _end_text(self, job: Job) -> str:
+        if job.status is not JobStatus.SUCCEEDED:
+            return chat.finished_text(job)
+        if job.delivery_status is DeliveryStatus.DELIVERED:
+            return chat.delivered_text(job)
+        return chat.undeliverable_text(job)
 
     @property
     def tracked(self) -> int:
@@ -158,7 +182,7 @@ class JobRelay:
         self._retry_at.pop(job.id, None)  # this is the attempt it waited for; a failure below sets the next one
         try:
             await self._live.settle(job.id)
-            await self._send_video(job)
+            await self._send(job)
             delivered = await self._queue.mark_delivered(job.id)
             await self.show_last(delivered, chat.delivered_text(delivered))
         except DeliveryFailed as failure:
@@ -183,6 +207,20 @@ class JobRelay:
                 )
         finally:
             self._delivering.discard(job.id)
+
+    async def _send(self, job: Job) -> None:
+        """Send the video; every failure becomes a DeliveryFailed whose reason is a plain sentence."""
+        if job.result is None or not await asyncio.to_thread(Path(job.result.path).is_file):
+            log.error("video file of job=%s is missing: %s", job.id, job.result.path if job.result else None)
+            raise DeliveryFailed("the video file is no longer on the server; Reroll makes it again", permanent=True)
+        try:
+            await self._send_video(job)
+        except DeliveryFailed:
+            raise
+        except Exception as exc:
+            # A dropped connection or anything else unexpected: one failed attempt, tried again later.
+            log.warning("upload of job=%s failed", job.id, exc_info=True)
+            raise DeliveryFailed(f"the upload to {self._platform.capitalize()} did not go through") from exc
 
     async def _redeliver_periodically(self) -> None:
         """Videos finished while we were down, or whose upload failed, go out again (never regenerated)."""

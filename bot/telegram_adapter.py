@@ -81,6 +81,7 @@ class TelegramAdapter:
         # A group's 20 messages a minute are shared by every job in it: only its first few places are refreshed.
         self._relay = JobRelay(
             engine.queue,
+            engine.supervisor,
             PLATFORM,
             self._show,
             self._send_video,

@@ -10,8 +10,9 @@ from pathlib import Path
 from engine.images import ImageStore
 from engine.queue import JobQueue
 
-# job-12.mp4, and the copies re-encoded to fit an upload limit: job-12.fit-10485760.mp4
-VIDEO_NAME = re.compile(r"job-(\d+)(?:\.fit-\d+)?\.mp4")
+# job-12-3fa9c2d1.mp4 (job-12.mp4 before names were made unique), and the copies re-encoded to fit an upload limit:
+# job-12-3fa9c2d1.fit-10485760.mp4. Group 1 is the name of the video the job recorded, group 2 the job's number.
+VIDEO_NAME = re.compile(r"(job-(\d+)(?:-[0-9a-f]+)?)(?:\.fit-\d+)?\.mp4")
 # What engine.video writes before renaming into place; one that old was left by a crash mid-encode.
 TEMP_VIDEO_NAME = re.compile(r"\.job-\d+\..+\.mp4")
 
@@ -41,7 +42,10 @@ async def remove_delivered_videos(
     """
     videos, stale_temps = await asyncio.to_thread(_scan_outputs, outputs_dir, temp_grace_s)
     delivered = await queue.delivered_before(videos, retention_s)
-    doomed = [*stale_temps, *(path for job_id in delivered for path in videos[job_id])]
+    # Only the files of the video the job made: another one with its number is from a queue that started over.
+    doomed = [*stale_temps]
+    for job_id, video_name in delivered.items():
+        doomed.extend(path for path in videos[job_id] if _video_of(path) == Path(video_name).stem)
     await asyncio.to_thread(_unlink_all, doomed)
     return len(doomed)
 
@@ -52,10 +56,16 @@ def _scan_outputs(outputs_dir: Path, temp_grace_s: float) -> tuple[dict[int, lis
     stale_temps: list[Path] = []
     for path in outputs_dir.glob("*.mp4") if outputs_dir.is_dir() else []:
         if match := VIDEO_NAME.fullmatch(path.name):
-            videos.setdefault(int(match[1]), []).append(path)
+            videos.setdefault(int(match[2]), []).append(path)
         elif TEMP_VIDEO_NAME.fullmatch(path.name) and _older_than(path, temp_grace_s):
             stale_temps.append(path)
     return videos, stale_temps
+
+
+def _video_of(path: Path) -> str:
+    """The name (without .mp4) of the video a file is, or is a re-encoded copy of."""
+    match = VIDEO_NAME.fullmatch(path.name)
+    return match[1] if match else ""
 
 
 def _unlink_all(paths: list[Path]) -> None:

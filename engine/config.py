@@ -50,6 +50,9 @@ class QueueConfig(Section):
     max_attempts: int = Field(2, ge=1, description="Starts a job gets before a crash marks it failed.")
     pause_on_start: bool = Field(False, description="Start with processing paused after a restart.")
     max_model_skips: int = Field(3, ge=0, description="Times a job may be passed over to keep a model warm.")
+    write_retry_s: float = Field(
+        300.0, gt=0, description="How long a finished job's result is retried on a locked or full database."
+    )
 
 
 class ModelsConfig(Section):

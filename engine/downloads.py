@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
+import io
 import json
+import math
 import os
 import random
 import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +110,14 @@ class Downloader:
         free_bytes: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = root
         self._config = config
         self._free_bytes = free_bytes
         self._sleep = sleep
         self._clock = clock
+        self._wall_clock = wall_clock  # for Retry-After dates, which name a moment, not a duration
         self._endpoint = config.endpoint.rstrip("/")
         token = os.environ.get("HF_TOKEN") or get_token()
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -144,24 +151,34 @@ class Downloader:
                 "Turn downloads.offline off, or put the model folder on this machine.",
             )
         async with self._client(self._config.metadata_timeout_s) as client:
-            info = await self._json(client, f"/api/models/{repo_id}/revision/{revision}", repo_id)
-            commit = info["sha"]
-            tree = await self._json(client, f"/api/models/{repo_id}/tree/{commit}?recursive=true", repo_id)
-            index_response = await self._get_with_retries(
-                client, f"/{repo_id}/resolve/{commit}/model_index.json", repo_id
-            )
-        index = json.loads(index_response.content)
-        entries = {entry["path"]: entry for entry in tree if entry.get("type") == "file"}
-        wanted = select_files(index, list(entries))
+            what = "the model's revision"
+            info = await self._json(client, f"/api/models/{repo_id}/revision/{revision}", repo_id, what)
+            commit = info.get("sha") if isinstance(info, dict) else None
+            if not isinstance(commit, str):
+                raise self._unexpected(repo_id, what, "an answer without a commit sha")
+            what = "the model's file list"
+            tree = await self._json(client, f"/api/models/{repo_id}/tree/{commit}?recursive=true", repo_id, what)
+            what = "model_index.json"
+            index = await self._json(client, f"/{repo_id}/resolve/{commit}/model_index.json", repo_id, what)
+        if not isinstance(index, dict):
+            raise self._unexpected(repo_id, "model_index.json", "something that is not a JSON object")
+        try:
+            entries = tree_files(tree)
+        except ValueError as error:
+            raise self._unexpected(repo_id, "the model's file list", str(error)) from None
         folder = self.repo_folder(repo_id) / commit
-        files = []
-        for path in wanted:
-            entry = entries[path]
-            lfs = entry.get("lfs") or {}
-            item = PlannedFile(path=path, size=int(lfs.get("size", entry.get("size", 0))), sha256=lfs.get("oid"))
+        files = [entries[path] for path in select_files(index, list(entries))]
+        for item in files:
             item.present_bytes = self._present_bytes(folder, item, commit)
-            files.append(item)
         return DownloadPlan(repo_id=repo_id, commit=commit, folder=folder, files=files)
+
+    def _unexpected(self, repo_id: str, what: str, problem: str) -> UserError:
+        # Often not the Hub at all: a proxy's login page, a captive portal, a mirror that does not serve the API.
+        return UserError(
+            f"The Hub at {self._endpoint} answered {what} of {repo_id} with {problem}.",
+            "Check downloads.endpoint (HF_ENDPOINT): it must be a Hugging Face Hub or a mirror of its API, not a web "
+            "page or a proxy that asks to log in.",
+        )
 
     def _present_bytes(self, folder: Path, item: PlannedFile, commit: str) -> int:
         final = folder / item.path
@@ -199,15 +216,29 @@ class Downloader:
         needed = plan.missing_bytes + self._config.reserve_bytes + RESERVATIONS.others(plan.repo_id)
         if needed > free:
             raise UserError(
-                f"Not enough disk space for {plan.repo_id}: it needs {plan.missing_bytes / 1e9:.1f} GB more (plus "
-                f"{self._config.reserve_bytes / 1e9:.1f} GB kept free and "
-                f"{RESERVATIONS.others(plan.repo_id) / 1e9:.1f} GB for other downloads), but only "
-                f"{free / 1e9:.1f} GB are free in {self.root}.",
+                f"Not enough disk space for {plan.repo_id}: it needs {size_text(plan.missing_bytes)} more (plus "
+                f"{size_text(self._config.reserve_bytes)} kept free and "
+                f"{size_text(RESERVATIONS.others(plan.repo_id))} for other downloads), but only "
+                f"{size_text(free)} are free in {self.root}.",
                 "Free some space or move data_dir (WANBOT_DATA_DIR) to a larger disk.",
             )
 
     async def _fetch_all(self, plan: DownloadPlan, on_progress: ProgressCallback | None) -> None:
         meter = _Meter(plan.total_bytes, sum(item.present_bytes for item in plan.files), self._clock, on_progress)
+        try:
+            await self._fetch_files(plan, meter)
+        except OSError as error:
+            # The space checked at the start can be taken by anything meanwhile; the part files stay for the next run.
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(
+                f"The disk holding {self.root} filled up while downloading {plan.repo_id}: it needs "
+                f"{size_text(meter.remaining_bytes)} more (plus {size_text(self._config.reserve_bytes)} kept free).",
+                "Free some space or move data_dir (WANBOT_DATA_DIR) to a larger disk, then run the download again: "
+                "it continues from what was fetched.",
+            ) from None
+
+    async def _fetch_files(self, plan: DownloadPlan, meter: _Meter) -> None:
         async with self._client(self._config.timeout_s) as client:
             for item in plan.files:
                 final = plan.folder / item.path
@@ -242,7 +273,8 @@ class Downloader:
         part = self._part(plan, item)
         part.parent.mkdir(parents=True, exist_ok=True)
         url = f"/{plan.repo_id}/resolve/{plan.commit}/{item.path}"
-        for attempt in range(self._config.retries + 1):
+        failures = 0  # in a row, with no byte arriving in between
+        while True:
             have = part.stat().st_size if part.exists() else 0
             if have > item.size:
                 part.unlink()
@@ -252,12 +284,17 @@ class Downloader:
                     await self._stream(client, url, part, have, item, meter)
                 break
             except TransientError as error:
-                if attempt == self._config.retries:
+                # A 50 GB file may lose its connection many times over hours and still be moving: only failures
+                # without progress use up the retries.
+                if part.exists() and part.stat().st_size > have:
+                    failures = 0
+                if failures == self._config.retries:
                     raise UserError(
-                        f"Downloading {plan.repo_id} failed after {attempt + 1} tries ({error}).",
+                        f"Downloading {plan.repo_id} failed {failures + 1} times in a row ({error}).",
                         "Check the network and try again; what was fetched is kept.",
                     ) from error
-                await self._sleep(self._backoff(attempt, error.retry_after_s))
+                await self._sleep(self._backoff(failures, error.retry_after_s))
+                failures += 1
         # In a thread: hashing a 57 GB expert takes minutes, and the bot's event loop must keep answering chats.
         await asyncio.to_thread(self._verify, part, item, plan.repo_id)
         final = plan.folder / item.path
@@ -284,7 +321,7 @@ class Downloader:
                     handle.seek(have)
                     handle.truncate()
                     async for chunk in response.aiter_bytes():
-                        handle.write(chunk)
+                        _write_all(handle, chunk)
                         meter.add(len(chunk), item.path)
                     await asyncio.to_thread(os.fsync, handle.fileno())
                     written = handle.tell()
@@ -313,7 +350,8 @@ class Downloader:
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         if retry_after_s is not None:
-            return retry_after_s
+            # The server's wish, up to our own longest wait: a proxy asking for a day would otherwise hang silently.
+            return min(retry_after_s, self._config.max_backoff_s)
         delay = min(self._config.backoff_s * 2**attempt, self._config.max_backoff_s)
         return delay * random.uniform(0.5, 1.5)
 
@@ -323,8 +361,13 @@ class Downloader:
         timeout = httpx.Timeout(self._config.metadata_timeout_s, read=read_timeout_s)
         return httpx.AsyncClient(base_url=self._endpoint, headers=self._headers, timeout=timeout, follow_redirects=True)
 
-    async def _json(self, client: httpx.AsyncClient, url: str, repo_id: str) -> Any:
-        return (await self._get_with_retries(client, url, repo_id)).json()
+    async def _json(self, client: httpx.AsyncClient, url: str, repo_id: str, what: str) -> Any:
+        response = await self._get_with_retries(client, url, repo_id)
+        try:
+            return json.loads(response.content)
+        except ValueError:  # also UnicodeDecodeError
+            content_type = response.headers.get("Content-Type", "no content type").split(";")[0]
+            raise self._unexpected(repo_id, what, f"something that is not JSON ({content_type})") from None
 
     async def _get_with_retries(self, client: httpx.AsyncClient, url: str, repo_id: str) -> httpx.Response:
         for attempt in range(self._config.retries + 1):
@@ -344,14 +387,13 @@ class Downloader:
             await self._sleep(self._backoff(attempt, failure.retry_after_s))
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def _raise_for_status(response: httpx.Response, what: str) -> None:
+    def _raise_for_status(self, response: httpx.Response, what: str) -> None:
         status = response.status_code
         if status < 400:
             return
         if status == 429 or status >= 500:
-            retry_after = response.headers.get("Retry-After")
-            raise TransientError(f"HTTP {status}", float(retry_after) if retry_after else None)
+            retry_after = retry_after_s(response.headers.get("Retry-After", ""), self._wall_clock())
+            raise TransientError(f"HTTP {status}", retry_after)
         if status in (401, 403):
             raise UserError(
                 f"The Hub refused access to {what} (HTTP {status}): it is gated or private.",
@@ -360,6 +402,68 @@ class Downloader:
         if status == 404:
             raise UserError(f"{what} was not found on the Hub.", "Check the repo id (for example in models.t2v).")
         raise UserError(f"The Hub answered HTTP {status} for {what}.", "Try again later.")
+
+
+def retry_after_s(value: str, now: float) -> float | None:
+    """The wait a Retry-After header asks for, as seconds or as an HTTP date (RFC 9110 10.2.3); None when it is
+    absent or unreadable, so the usual backoff applies."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        # An HTTP date is always GMT; one written with "-0000" parses without a zone.
+        seconds = moment.replace(tzinfo=moment.tzinfo or UTC).timestamp() - now
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
+
+
+def tree_files(tree: Any) -> dict[str, PlannedFile]:
+    """The files of a Hub tree listing by path; ValueError says what is wrong with an answer of another shape."""
+    if not isinstance(tree, list):
+        raise ValueError(f"a JSON {type(tree).__name__} where a list of files belongs")
+    files = {}
+    for entry in tree:
+        if not isinstance(entry, dict):
+            raise ValueError(f"a JSON {type(entry).__name__} where a file entry belongs")
+        if entry.get("type") != "file":
+            continue
+        lfs = entry.get("lfs") or {}
+        path = entry.get("path")
+        size = lfs.get("size", entry.get("size")) if isinstance(lfs, dict) else None
+        if not isinstance(path, str) or not isinstance(size, int):
+            raise ValueError(f"a file entry without a path and a size ({json.dumps(entry)[:120]})")
+        files[path] = PlannedFile(path=path, size=size, sha256=lfs.get("oid"))
+    if "model_index.json" not in files:
+        # Without it the snapshot never counts as complete, and a job waiting for it would wait for ever.
+        raise ValueError("a list of files without model_index.json")
+    return files
+
+
+def size_text(count: int) -> str:
+    """Bytes in the unit that fits, as disks are sold (powers of 1000): 512 B, 5.0 KB, 410 KB, 1.5 GB, 57 GB."""
+    units = ("B", "KB", "MB", "GB", "TB")
+    value, unit = float(count), 0
+    while abs(value) >= 1000 and unit < len(units) - 1:
+        value /= 1000
+        unit += 1
+    if unit == 0:
+        return f"{count} B"
+    return f"{value:.1f} {units[unit]}" if abs(value) < 10 else f"{value:.0f} {units[unit]}"
+
+
+def _write_all(handle: io.FileIO, data: bytes) -> None:
+    """An unbuffered write may take only part of the data (a disk about to fill does that): write the rest too, so
+    no bytes go missing from the middle of a part file; the disk being full then raises OSError(ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        written = handle.write(view)
+        if not written:  # nothing taken and no error: treat it as the full disk it is
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
 
 
 def verify_snapshot(folder: Path) -> list[str]:
@@ -393,7 +497,7 @@ def select_files(model_index: dict[str, Any], paths: list[str]) -> list[str]:
     components = {
         name
         for name, value in model_index.items()
-        if not name.startswith("_") and isinstance(value, list) and value[0] is not None
+        if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None
     }
     chosen = ["model_index.json"] if "model_index.json" in paths else []
     for component in sorted(components):
@@ -425,6 +529,10 @@ class _Meter:
         self._total, self._done, self._clock, self._callback = total, done, clock, callback
         self._window: list[tuple[float, int]] = [(clock(), done)]
         self._last_report = float("-inf")
+
+    @property
+    def remaining_bytes(self) -> int:
+        return self._total - self._done
 
     def add(self, count: int, current: str) -> None:
         self._done += count

@@ -1,13 +1,17 @@
 """Background model downloads for the worker: a job whose model is missing waits in the queue while its model
-downloads, and jobs for models already here keep running meanwhile."""
+downloads, and jobs for models already here keep running meanwhile.
+
+A download that fails ends with the waiting jobs failed, never with them left queued: the worker would claim them,
+find the model missing and start the download again at once, in a loop as fast as the failure.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from engine.downloads import Downloader, DownloadProgress
+from engine.downloads import Downloader, DownloadProgress, size_text
 from engine.errors import UserError
 from engine.images import Mode
 from engine.jobs import Progress, Stage
@@ -18,10 +22,23 @@ log = logging.getLogger(__name__)
 
 
 class ModelFetcher:
-    def __init__(self, queue: JobQueue, downloader: Downloader, on_ready: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        queue: JobQueue,
+        downloader: Downloader,
+        on_ready: Callable[[], None],
+        tries: int = 3,
+        backoff_s: float = 30.0,
+        max_backoff_s: float = 300.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._queue = queue
         self._downloader = downloader
         self._on_ready = on_ready
+        self._tries = tries  # for unexpected errors; the downloader retries network failures itself
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._sleep = sleep
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     @property
@@ -46,16 +63,36 @@ class ModelFetcher:
         latest: list[DownloadProgress] = []
         publisher = asyncio.create_task(self._publish_while_running(model_name, latest))
         try:
-            await self._downloader.download(model_name, on_progress=latest.append)
-            log.info("model downloaded model=%s", model_name)
-        except UserError as error:
-            await self._queue.fail_waiting(model_name, str(error), f"download failed: {error}")
+            await self._download(model_name, latest)
         except asyncio.CancelledError:
             log.info("download stopped model=%s (what was fetched is kept)", model_name)
         finally:
             publisher.cancel()
             self._tasks.pop(model_name, None)
             self._on_ready()
+
+    async def _download(self, model_name: str, latest: list[DownloadProgress]) -> None:
+        for attempt in range(1, self._tries + 1):
+            try:
+                await self._downloader.download(model_name, on_progress=latest.append)
+                log.info("model downloaded model=%s", model_name)
+                return
+            except UserError as error:
+                await self._queue.fail_waiting(model_name, str(error), f"download failed: {error}")
+                return
+            except Exception as error:
+                # A bug, a broken disk, an answer nobody expected: logged once with its traceback, tried again after
+                # a longer wait each time (it may pass), and after a few tries the waiting jobs are told.
+                log.exception("download failed model=%s try=%s/%s", model_name, attempt, self._tries)
+                if attempt == self._tries:
+                    await self._queue.fail_waiting(
+                        model_name,
+                        f"Sorry, downloading the model {model_name} failed {attempt} times with an unexpected "
+                        "error. Try again later; the bot's log has the details.",
+                        f"download failed {attempt} times: {error!r}",
+                    )
+                    return
+                await self._sleep(min(self._backoff_s * 2 ** (attempt - 1), self._max_backoff_s))
 
     async def _publish_while_running(
         self, model_name: str, latest: list[DownloadProgress], every_s: float = 0.5
@@ -85,6 +122,6 @@ def download_progress(progress: DownloadProgress) -> Progress:
         step=progress.done_bytes // mib,
         total=max(progress.total_bytes // mib, 1),
         eta_s=progress.eta_s,
-        detail=f"{progress.done_bytes / 1e9:.2f}/{progress.total_bytes / 1e9:.2f} GB, "
-        f"{progress.speed_bps / 1e6:.1f} MB/s",
+        detail=f"{size_text(progress.done_bytes)}/{size_text(progress.total_bytes)}, "
+        f"{size_text(int(progress.speed_bps))}/s",
     )

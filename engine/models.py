@@ -12,8 +12,9 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from engine.config import GenerationConfig, Settings
 from engine.errors import UserError, quoted
@@ -25,6 +26,10 @@ TINY = "tiny"
 MAX_PROMPT_CHARS = 4000
 # Widest (and, turned, tallest) video shape an image is followed to; Wan is trained on 16:9 and 9:16.
 MAX_ASPECT = 2.4
+# Far past any frame the limits allow; the bound keeps the size arithmetic within floats.
+MAX_SIDE = 1_000_000
+# What to suggest for a numeric option that is not a finite number.
+NUMBER_EXAMPLES = {"seed": "42", "steps": "30", "frames": "49", "guidance": "4"}
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,24 @@ class GenerationRequest(BaseModel):
     resolution: str | None = Field(None, description="A preset name like '480p' or 'WxH'.")
     frames: int | None = None
 
+    @field_validator("seed", "steps", "frames", "guidance", mode="before")
+    @classmethod
+    def _finite(cls, value: Any, info: ValidationInfo) -> Any:
+        # nan fails every comparison, so the range checks in resolve_request would pass it on to fail in the
+        # pipeline with no word why; inf is no number a user meant either. A UserError, unlike a ValueError, comes
+        # out of pydantic as it is, so every adapter shows it as it shows the other request errors.
+        try:
+            finite = value is None or math.isfinite(float(value))
+        except (TypeError, ValueError, OverflowError):
+            return value  # not a number at all, or a huge whole one: pydantic's own checks and the ranges handle it
+        if not finite:
+            name = str(info.field_name)
+            raise UserError(
+                f"{name} must be a finite number, not {quoted(str(value))}.",
+                f"Give a plain number, for example {name}={NUMBER_EXAMPLES[name]}.",
+            )
+        return value
+
 
 def resolve_request(
     request: GenerationRequest,
@@ -283,10 +306,15 @@ def parse_resolution(text: str, spec: ModelSpec) -> tuple[int, int]:
     cleaned = text.strip().lower().replace("×", "x").replace(" ", "")
     if cleaned in spec.presets:
         return spec.presets[cleaned]
-    parts = cleaned.split("x")
-    if len(parts) == 2 and all(part.isdigit() for part in parts):
-        return int(parts[0]), int(parts[1])
     names = ", ".join(spec.presets)
+    parts = cleaned.split("x")
+    if len(parts) == 2 and all(part.isdecimal() for part in parts):
+        width, height = int(parts[0]), int(parts[1])
+        if max(width, height) > MAX_SIDE:
+            raise UserError(
+                f"{quoted(text)} has a side over {MAX_SIDE:,} pixels.", f"Use {names}, or a size such as 832x480."
+            )
+        return width, height
     raise UserError(
         f"{quoted(text)} is not a resolution this model knows.", f"Use one of {names}, or WIDTHxHEIGHT such as 832x480."
     )
@@ -299,36 +327,42 @@ def _resolve_size(
     width, height = asked
     if min(width, height) <= 0:
         raise UserError(f"The size {width}x{height} is empty.", "Use positive numbers, such as 832x480.")
+    reasons: list[str] = []
     if spec.size_follows_image and start is not None:
         # The i2v way: keep the preset's area, take the image's shape (within what the model makes well).
-        area = width * height
-        ratio = min(max(start.width / start.height, 1 / MAX_ASPECT), MAX_ASPECT)
+        ratio = _within_aspect(start.width / start.height)
         if ratio != start.width / start.height:
             adjustments.append(
                 f"The picture is {_ratio_text(start.width / start.height)}; the video is made from its middle at "
                 f"{_ratio_text(ratio)}, because the model makes poor videos in narrower shapes."
             )
+        reasons.append("to follow the start image's shape")
+    else:
+        # The model makes thin shapes poorly, and snapping a thin side up to one multiple would multiply the area
+        # (1x921600 became 16x921600): keep the area at the nearest shape it makes well.
+        ratio = _within_aspect(width / height)
+        if ratio != width / height:
+            bound = "wider" if ratio > 1 else "taller"
+            reasons.append(
+                f"to be no {bound} than {_ratio_text(ratio)} (the model makes poor videos in narrower shapes)"
+            )
+    too_large = width * height > limits.max_pixels
+    if reasons or too_large:
+        area = min(width * height, limits.max_pixels)
         width, height = math.sqrt(area * ratio), math.sqrt(area / ratio)
-    reduced = width * height > limits.max_pixels
-    if reduced:
-        scale = math.sqrt(limits.max_pixels / (width * height))
-        width, height = width * scale, height * scale
-    snapped = (_snap(width, spec.multiple), _snap(height, spec.multiple))
-    if snapped[0] * snapped[1] > limits.max_pixels:
-        # Rounding up went over the limit; rounding down never does.
-        snapped = (
-            max(spec.multiple, int(width) // spec.multiple * spec.multiple),
-            max(spec.multiple, int(height) // spec.multiple * spec.multiple),
-        )
+    rounded = (_snap(width, spec.multiple), _snap(height, spec.multiple))
+    snapped = _within_pixels(rounded, spec.multiple, limits.max_pixels)
     if snapped != asked:
-        reasons = [
-            *(["to follow the start image's shape"] if spec.size_follows_image and start else []),
-            *([f"to stay within {limits.max_pixels:,} pixels a frame"] if reduced else []),
-            f"in multiples of {spec.multiple}",
-        ]
+        if too_large or snapped != rounded:
+            reasons.append(f"to stay within {limits.max_pixels:,} pixels a frame")
+        reasons.append(f"in multiples of {spec.multiple}")
         why = reasons[0] if len(reasons) == 1 else f"{', '.join(reasons[:-1])} and {reasons[-1]}"
         adjustments.append(f"Size {asked[0]}x{asked[1]} became {snapped[0]}x{snapped[1]} {why}.")
     return snapped
+
+
+def _within_aspect(ratio: float) -> float:
+    return min(max(ratio, 1 / MAX_ASPECT), MAX_ASPECT)
 
 
 def _ratio_text(ratio: float) -> str:
@@ -337,6 +371,17 @@ def _ratio_text(ratio: float) -> str:
 
 def _snap(value: float, multiple: int) -> int:
     return max(multiple, round(value / multiple) * multiple)
+
+
+def _within_pixels(size: tuple[int, int], multiple: int, max_pixels: int) -> tuple[int, int]:
+    """`size` (in multiples), with multiples taken off its longer side until it holds at most `max_pixels`."""
+    fitted = list(size)
+    # Snapping rounds up as well as down, and never below one multiple, so it can go over the limit.
+    # The configuration's smallest max_pixels (64x64) holds one multiple squared, so this ends within the limit.
+    while fitted[0] * fitted[1] > max_pixels and max(fitted) > multiple:
+        longer = 0 if fitted[0] >= fitted[1] else 1
+        fitted[longer] -= multiple
+    return fitted[0], fitted[1]
 
 
 def _resolve_frames(asked: int | None, spec: ModelSpec, limits: GenerationConfig, adjustments: list[str]) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
@@ -16,7 +18,7 @@ from typing import Any
 
 import aiosqlite
 
-from engine.errors import InvalidTransition, JobNotFound, NotAllowed, QueueFull, duration_text
+from engine.errors import InvalidTransition, JobNotFound, NotAllowed, QueueFull, UserError, duration_text
 from engine.events import EventBus
 from engine.images import ImageInfo, Mode
 from engine.jobs import (
@@ -101,6 +103,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_queued_per_user ON jobs (user_key, priority DESC, id) WHERE status = 'queued';
     CREATE INDEX jobs_succeeded ON jobs (finished_at) WHERE status = 'succeeded';
     """,
+    # 4: whether the chat message of an ended job shows how it ended (a restart tells the ones that do not).
+    """
+    ALTER TABLE jobs ADD COLUMN final_shown INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET final_shown = 1 WHERE status IN ('succeeded', 'failed', 'cancelled');
+    CREATE INDEX jobs_final_unshown ON jobs (finished_at) WHERE final_shown = 0
+        AND status IN ('succeeded', 'failed', 'cancelled');
+    """,
 ]
 
 ACTIVE = ("queued", "running")
@@ -115,24 +124,64 @@ class JobQueue:
     def __init__(self, db: aiosqlite.Connection, events: EventBus, clock: Callable[[], float]) -> None:
         self._db = db
         self._lock = asyncio.Lock()
+        self.path = Path()
+        self.identity: tuple[int, int] | None = None
         self.events = events
         self._clock = clock
 
     @classmethod
-    async def open(cls, path: Path, events: EventBus | None = None, clock: Callable[[], float] = time.time) -> JobQueue:
+    async def open(
+        cls,
+        path: Path,
+        events: EventBus | None = None,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = 10.0,
+    ) -> JobQueue:
+        """Open (creating or migrating) the queue at `path`; a damaged file is a UserError that names it."""
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = aiosqlite.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.execute("PRAGMA busy_timeout=10000")
-        await db.execute("PRAGMA foreign_keys=ON")
-        queue = cls(db, events or EventBus(), clock)
-        await queue._migrate()
+        try:
+            db.row_factory = aiosqlite.Row
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            await db.execute("PRAGMA foreign_keys=ON")
+            check = await (await db.execute("PRAGMA quick_check(1)")).fetchone()
+            if check[0] != "ok":
+                raise sqlite3.DatabaseError(check[0])
+            queue = cls(db, events or EventBus(), clock)
+            await queue._migrate()
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise UserError(
+                f"The job database {path} cannot be used: {exc}.",
+                "Stop wanbot, restore the file from a backup (wanbot backup) or move it aside to start with an empty "
+                "queue, then start it again.",
+            ) from exc
+        queue.path = path
+        queue.identity = _file_identity(path)
         return queue
 
     async def close(self) -> None:
         await self._db.close()
+
+    def file_is_gone(self) -> bool:
+        """True once the database file was deleted or replaced under us: writes would go to a file nobody sees."""
+        return _file_identity(self.path) != self.identity
+
+    async def backup(self, target: Path) -> None:
+        """A consistent copy of the live database (SQLite's online backup), written aside and renamed into place."""
+        temp = target.with_name(f".{target.name}.part")
+        temp.unlink(missing_ok=True)
+        async with self._lock:
+            copy = await aiosqlite.connect(temp)
+            try:
+                await self._db.backup(copy)
+            finally:
+                await copy.close()
+        temp.replace(target)
 
     async def _migrate(self) -> None:
         async with self._transaction() as db:
@@ -527,6 +576,25 @@ class JobQueue:
         )
         return [_row_to_job(row) for row in rows]
 
+    async def mark_final_shown(self, job_id: int) -> None:
+        async with self._transaction() as db:
+            await db.execute("UPDATE jobs SET final_shown = 1 WHERE id = ?", (job_id,))
+
+    async def final_unshown(self, platform: str, max_attempts: int, limit: int = 200) -> list[Job]:
+        """Ended jobs on `platform` whose chat message does not show the end yet (the process stopped first, or a
+        restart gave the job up): failed and cancelled ones, and videos sent or given up on. Videos still to be
+        sent are not here: their delivery shows the end."""
+        rows = await self._read_all(
+            """SELECT * FROM jobs INDEXED BY jobs_final_unshown
+               WHERE final_shown = 0 AND status IN ('succeeded', 'failed', 'cancelled')
+               AND json_extract(source_json, '$.platform') = ?
+               AND NOT (status = 'succeeded' AND delivery_status IN ('pending', 'delivery_failed')
+                        AND delivery_attempts < ?)
+               ORDER BY finished_at LIMIT ?""",
+            (platform, max_attempts, limit),
+        )
+        return [_row_to_job(row) for row in rows]
+
     # -- reading -----------------------------------------------------------------------------------------------
 
     async def get(self, job_id: int) -> Job:
@@ -657,18 +725,19 @@ class JobQueue:
         )
         return {row["sha256"] for row in rows}
 
-    async def delivered_before(self, job_ids: Collection[int], retention_s: float) -> set[int]:
-        """Which of these jobs had their video delivered more than `retention_s` ago."""
+    async def delivered_before(self, job_ids: Collection[int], retention_s: float) -> dict[int, str]:
+        """Which of these jobs had their video delivered more than `retention_s` ago, with its file's name."""
         ids = sorted(job_ids)
-        found: set[int] = set()
+        found: dict[int, str] = {}
         for start in range(0, len(ids), SQL_CHUNK):
             chunk = ids[start : start + SQL_CHUNK]
             rows = await self._read_all(
-                f"""SELECT id FROM jobs WHERE id IN ({",".join("?" * len(chunk))})
+                f"""SELECT id, json_extract(result_json, '$.path') AS path FROM jobs
+                    WHERE id IN ({",".join("?" * len(chunk))})
                     AND delivery_status = 'delivered' AND delivered_at < ?""",
                 (*chunk, self._clock() - retention_s),
             )
-            found.update(row["id"] for row in rows)
+            found.update((row["id"], Path(row["path"] or "").name) for row in rows)
         return found
 
     async def _read_one(self, sql: str, args: tuple[Any, ...] = ()) -> aiosqlite.Row | None:
@@ -707,6 +776,14 @@ def _check_owner(job: Job, actor: Actor, verb: str) -> None:
 
 def _finished_verb(status: JobStatus) -> str:
     return {"succeeded": "finished", "failed": "failed", "cancelled": "been cancelled"}[status.value]
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _row_to_job(row: aiosqlite.Row) -> Job:

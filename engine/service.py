@@ -16,6 +16,7 @@ from engine.jobs import Actor, EnqueueResult, JobSource
 from engine.models import GenerationRequest, model_for_mode, resolve_request
 from engine.prompts import PromptLengths
 from engine.queue import JobQueue
+from engine.supervisor import Supervisor
 from engine.worker import Worker
 
 
@@ -43,6 +44,8 @@ class Engine:
     runner: PipelineRunner
     worker: Worker
     prompt_lengths: PromptLengths
+    # The process's long-lived tasks (worker, relays, clean-up, chat connections) run under it.
+    supervisor: Supervisor = field(default_factory=Supervisor)
 
     @classmethod
     async def open(cls, settings: Settings, locator: ModelLocator | None = None) -> Engine:
@@ -51,13 +54,14 @@ class Engine:
         store = ImageStore(settings.images_dir, settings.images.background)
         downloader = Downloader(settings.models_dir, settings.downloads)
         runner = PipelineRunner(settings.generation, locator or default_locator(settings, downloader))
-        worker = Worker(queue, runner, store, settings, downloader)
+        worker = Worker(queue, runner, store, settings, downloader, write_retry_s=settings.queue.write_retry_s)
         prompt_lengths = PromptLengths(lambda model: find_model_folder(settings, downloader, model))
         return cls(
             settings=settings, queue=queue, store=store, runner=runner, worker=worker, prompt_lengths=prompt_lengths
         )
 
     async def close(self) -> None:
+        await self.supervisor.stop()
         await self.worker.stop()
         await self.worker.close()
         await self.queue.close()

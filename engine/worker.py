@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import secrets
+import sqlite3
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from engine.config import Settings
@@ -59,6 +63,8 @@ class Worker:
         poll_s: float = 1.0,
         progress_persist_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        error_wait_s: float = 1.0,
+        write_retry_s: float = 300.0,
     ) -> None:
         self._queue = queue
         self._runner = runner
@@ -67,6 +73,8 @@ class Worker:
         self._poll_s = poll_s
         self._persist_s = progress_persist_s
         self._clock = clock
+        self._error_wait_s = error_wait_s
+        self._write_retry_s = write_retry_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanbot-gpu")
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -92,37 +100,66 @@ class Worker:
             await self._queue.set_paused(True)
 
     async def run(self, stop_after: int | None = None) -> None:
-        """Process jobs until `stop()` (or, for the CLI, until `stop_after` jobs are done and nothing waits)."""
+        """Process jobs until `stop()` (or, for the CLI, until `stop_after` jobs are done and nothing waits).
+
+        Nothing outside a job stops the loop either: a failed claim or a database that refuses writes is logged, and
+        the loop waits (doubling, up to a minute) and goes on once the disk or the lock is back."""
         inbox = self._queue.events.subscribe()
         wake_task = asyncio.create_task(self._wake_on_events(inbox))
         self.state.running = True
+        wait_s = self._error_wait_s
         try:
             while not self._stop.is_set():
-                # Cleared before the claim, so a job enqueued right after an empty claim still wakes us.
-                self._wake.clear()
-                self.state.paused = await self._queue.is_paused()
-                job = None
-                if not self.state.paused:
-                    job = await self._queue.claim_next(
-                        self._runner.loaded_model, self._settings.queue.max_model_skips, self._fetcher.busy_models
-                    )
-                if job is None:
-                    done = stop_after is not None and self.state.jobs_done >= stop_after
-                    if done and not self._fetcher.busy_models:
+                try:
+                    if not await self._step(stop_after):
                         break
-                    await self._idle()
-                    continue
-                if self._fetcher.missing(job.model, job.mode):
-                    # Back to the queue until its model is here; jobs for other models go on meanwhile.
-                    await self._queue.requeue(job.id, "waiting for the model download")
-                    self._fetcher.start(job.model)
-                    continue
-                await self._process(job)
-                self.state.jobs_done += 1
+                    wait_s = self._error_wait_s
+                except Exception as exc:
+                    log.exception("worker loop error; going on in %.1f s", wait_s)
+                    self.state.last_error = f"{type(exc).__name__}: {exc}"
+                    await self._pause(wait_s)
+                    wait_s = min(wait_s * 2, 60.0)
         finally:
             self.state.running = False
             wake_task.cancel()
             inbox.close()
+
+    async def _step(self, stop_after: int | None) -> bool:
+        """Claim and process one job, or wait a poll interval; False once `stop_after` jobs are done."""
+        # Cleared before the claim, so a job enqueued right after an empty claim still wakes us.
+        self._wake.clear()
+        self.state.paused = await self._queue.is_paused()
+        job = None
+        if not self.state.paused:
+            job = await self._queue.claim_next(
+                self._runner.loaded_model, self._settings.queue.max_model_skips, self._fetcher.busy_models
+            )
+        if job is None:
+            done = stop_after is not None and self.state.jobs_done >= stop_after
+            if done and not self._fetcher.busy_models:
+                return False
+            await self._idle(self._poll_s)
+            return True
+        try:
+            missing = self._fetcher.missing(job.model, job.mode)
+        except UserError as exc:
+            # The job's local model folder went away while it waited: its owner is told (without the server's
+            # paths), the loop goes on.
+            log.error("model of job=%s is gone: %s", job.id, exc)
+            message = (
+                f"Video #{job.id} could not be made: its model is no longer on this server. "
+                f"An admin can check models.{job.mode.value} in the configuration."
+            )
+            await self._finish(job.id, "fail", partial(self._queue.mark_failed, job.id, message, str(exc)))
+            return True
+        if missing:
+            # Back to the queue until its model is here; jobs for other models go on meanwhile.
+            await self._queue.requeue(job.id, "waiting for the model download")
+            self._fetcher.start(job.model)
+            return True
+        await self._process(job)
+        self.state.jobs_done += 1
+        return True
 
     async def stop(self, requeue_running: bool = True) -> None:
         """Stop claiming; with `requeue_running` the running job stops at its next step and goes back to the queue."""
@@ -135,9 +172,14 @@ class Worker:
         await self._fetcher.close()
         self._executor.shutdown(wait=True)
 
-    async def _idle(self) -> None:
+    async def _pause(self, seconds: float) -> None:
+        """Wait after an error; only `stop()` cuts it short (new jobs do not: the database is the problem)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+    async def _idle(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=timeout_s)
 
     async def _wake_on_events(self, inbox: Subscription) -> None:
         async for event in inbox:
@@ -165,27 +207,52 @@ class Worker:
             await self._generate(job, flags, reporter)
         except JobInterrupted:
             await reporter.drain()
-            await self._queue.requeue(job.id, "the worker stopped")
+            await self._finish(job.id, "requeue", partial(self._queue.requeue, job.id, "the worker stopped"))
         except JobCancelled:
             await reporter.drain()
-            await self._queue.mark_cancelled(job.id)
+            await self._finish(job.id, "cancel", partial(self._queue.mark_cancelled, job.id))
         except UserError as exc:
             await reporter.drain()
             self.state.last_error = str(exc)
-            await self._queue.mark_failed(job.id, str(exc), f"{type(exc).__name__}: {exc}")
+            detail = f"{type(exc).__name__}: {exc}"
+            await self._finish(job.id, "fail", partial(self._queue.mark_failed, job.id, str(exc), detail))
         except Exception as exc:
             await reporter.drain()
             log.exception("job failed job=%s user=%s model=%s", job.id, job.source.user_key, job.model)
             self.state.last_error = f"{type(exc).__name__}: {exc}"
-            await self._queue.mark_failed(
-                job.id,
-                f"Sorry, something went wrong while making video #{job.id}. It has been logged; you can retry it.",
-                traceback.format_exc(),
-            )
+            failed = partial(self._queue.mark_failed, job.id, _failure_message(job.id, exc), traceback.format_exc())
+            await self._finish(job.id, "fail", failed)
         finally:
             watcher.cancel()
             self._flags = None
             self.state.current_job = None
+
+    async def _finish(self, job_id: int, what: str, write: Callable[[], Awaitable[object]]) -> None:
+        """A job's last database write, retried while the database is locked, read-only or its disk full.
+
+        After `write_retry_s` a success or cancel that still cannot be written is recorded as a failure, so the
+        owner is told; that failure is retried until it is written or the worker stops (the job is then running in
+        the database, and the next start puts it back in the queue)."""
+        deadline = self._clock() + self._write_retry_s
+        wait_s = self._error_wait_s
+        while True:
+            try:
+                await write()
+                return
+            except sqlite3.OperationalError as exc:
+                if self._stop.is_set():
+                    # Left running in the database: the next start puts it back in the queue.
+                    log.error("could not record job=%s as %s before stopping: %s", job_id, what, exc)
+                    return
+                if what != "fail" and self._clock() >= deadline:
+                    log.error("could not record job=%s as %s in %.0f s: %s", job_id, what, self._write_retry_s, exc)
+                    message = f"Video #{job_id} could not be saved: the server's database refused the write."
+                    write = partial(self._queue.mark_failed, job_id, message, f"{what} not recorded: {exc}")
+                    what = "fail"
+                    continue
+                log.warning("recording job=%s as %s failed (%s); trying again in %.1f s", job_id, what, exc, wait_s)
+                await self._pause(wait_s)
+                wait_s = min(wait_s * 2, 30.0)
 
     async def _generate(self, job: Job, flags: _Flags, reporter: _ProgressReporter) -> None:
         loop = asyncio.get_running_loop()
@@ -202,7 +269,7 @@ class Worker:
         )
         reporter.report(Progress(stage=Stage.ENCODING, step=job.params.steps, total=job.params.steps))
         started = self._clock()
-        target = self._settings.outputs_dir / f"job-{job.id}.mp4"
+        target = self._settings.outputs_dir / output_name(job.id)
         metadata = {
             "job": job.id,
             "prompt": job.params.prompt,
@@ -222,7 +289,8 @@ class Worker:
         video = await loop.run_in_executor(self._executor, encode_mp4, output.frames, job.params.fps, target, metadata)
         output.timings["encode_s"] = self._clock() - started
         await reporter.drain()
-        await self._queue.mark_succeeded(
+        result = partial(
+            self._queue.mark_succeeded,
             job.id,
             ResultInfo(
                 path=str(Path(video.path)),
@@ -237,6 +305,18 @@ class Worker:
                 timings=output.timings,
             ),
         )
+        await self._finish(job.id, "succeed", result)
+
+
+def output_name(job_id: int) -> str:
+    """Unique even when job numbers start again (a new database beside the old videos): never overwrite a video."""
+    return f"job-{job_id}-{secrets.token_hex(4)}.mp4"
+
+
+def _failure_message(job_id: int, error: Exception) -> str:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"Video #{job_id} could not be saved: the server's disk is full. It has been logged; retry it later."
+    return f"Sorry, something went wrong while making video #{job_id}. It has been logged; you can retry it."
 
 
 class _ProgressReporter:

@@ -2,7 +2,10 @@
 
 It answers the calls huggingface_hub and wanbot make (revision and tree APIs, HEAD/GET resolve with X-Repo-Commit,
 ETag, Content-Length and Range), redirects LFS files to a second origin as the Hub does, and injects faults per
-file: a connection closed mid-file, a reset, a stall, 503 and 429 bursts, or a pause the test releases.
+file: a connection closed mid-file or after `drop_after` bytes, a reset, a stall, 503 and 429 bursts (429 with the
+Retry-After written after it, "429 Wed, 21 Oct 2015 07:28:00 GMT"), a pause the test releases ("pause" then closes,
+"hold" goes on). `api_faults` make the revision or tree API answer an HTML page ("html") or entries without the
+fields a file has ("fieldless"), every time.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class FakeHub:
     repo_id: str
     folder: Path
     faults: dict[str, list[str]] = field(default_factory=dict)
+    api_faults: dict[str, str] = field(default_factory=dict)  # "revision" or "tree" -> "html" or "fieldless"
+    drop_after: int = 10_000
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, Range header)
     paused: asyncio.Event = field(default_factory=asyncio.Event)
     pause_reached: asyncio.Event = field(default_factory=asyncio.Event)
@@ -76,6 +81,8 @@ class FakeHub:
 
     async def _revision(self, request: web.Request) -> web.Response:
         self.requests.append(("GET", request.path, ""))
+        if self.api_faults.get("revision") == "html":
+            return _login_page()
         if not self._repo_ok(request):
             return web.json_response(
                 {"error": "Repository not found"}, status=404, headers={"X-Error-Code": "RepoNotFound"}
@@ -88,6 +95,10 @@ class FakeHub:
         self.requests.append(("GET", request.path, ""))
         if not self._repo_ok(request):
             return web.json_response({"error": "Repository not found"}, status=404)
+        if self.api_faults.get("tree") == "html":
+            return _login_page()
+        if self.api_faults.get("tree") == "fieldless":
+            return web.json_response([{"type": "file", "path": path} for path in self.files])
         entries: list[dict[str, Any]] = []
         for path, served in self.files.items():
             entry: dict[str, Any] = {"type": "file", "path": path, "size": served.size, "oid": served.sha256[:40]}
@@ -125,8 +136,9 @@ class FakeHub:
         fault = self.faults.get(path, []).pop(0) if self.faults.get(path) else None
         if fault == "503":
             return web.Response(status=503, text="Service Unavailable")
-        if fault == "429":
-            return web.Response(status=429, text="Too Many Requests", headers={"Retry-After": "0"})
+        if fault and fault.startswith("429"):
+            retry_after = fault[4:] or "0"
+            return web.Response(status=429, text="Too Many Requests", headers={"Retry-After": retry_after})
         data = (self.folder / path).read_bytes()
         start = 0
         status = 200
@@ -139,8 +151,17 @@ class FakeHub:
         await response.prepare(request)
         if request.method == "HEAD":
             return response
+        if fault == "drop":
+            await response.write(body[: self.drop_after])
+            request.transport.close()
+            return response
         half = len(body) // 2
+        held = False
         for offset in range(0, len(body), self.chunk):
+            if offset >= half and fault == "hold" and not held:
+                held = True
+                self.pause_reached.set()
+                await self.paused.wait()
             if offset >= half and fault in ("close", "reset", "stall", "pause"):
                 if fault == "close":
                     request.transport.close()
@@ -157,3 +178,8 @@ class FakeHub:
             await response.write(body[offset : offset + self.chunk])
         await response.write_eof()
         return response
+
+
+def _login_page() -> web.Response:
+    """What a proxy or captive portal answers in the Hub's place: HTML, with 200 OK."""
+    return web.Response(text="<!doctype html><html><body>Please log in</body></html>", content_type="text/html")

@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
+from bot.cli import app
+from engine import downloads
 from engine.config import DownloadsConfig, Settings
-from engine.downloads import Downloader, select_files, verify_snapshot
+from engine.downloads import Downloader, ProgressCallback, select_files, size_text, verify_snapshot
 from engine.errors import UserError
+from engine.fetcher import ModelFetcher
 from engine.images import Mode
 from engine.jobs import EventKind, JobSource, JobStatus, Stage
 from engine.models import GenerationRequest
+from engine.queue import JobQueue
 from engine.service import Engine
+from tests.factories import params
 from tests.fake_hub import COMMIT, FakeHub
 
 REPO_ID = "wan-test/Tiny-T2V-Diffusers"
@@ -123,7 +134,10 @@ async def test_download_survives_closed_reset_stalled_and_busy_answers(hub: Fake
 
 async def test_not_enough_disk_is_refused_before_the_first_byte(hub: FakeHub, tmp_path: Path):
     downloader = Downloader(tmp_path / "models", config(hub, reserve_bytes=1000), free_bytes=lambda path: 5000)
-    with pytest.raises(UserError, match=r"Not enough disk space .* only 0\.0 GB are free in") as caught:
+    # The tiny model is about 410 KB: said in KB, not as "0.0 GB".
+    with pytest.raises(
+        UserError, match=r"it needs 4\d\d KB more \(plus 1\.0 KB kept free .* only 5\.0 KB are free in"
+    ) as caught:
         await downloader.download(REPO_ID)
     assert "WANBOT_DATA_DIR" in caught.value.hint
     assert not [path for method, path, rng in hub.requests if "resolve" in path and "model_index" not in path]
@@ -292,3 +306,239 @@ async def test_cancelling_the_only_waiting_job_stops_its_download(
         await engine.close()
     part = tmp_path / "data" / "models" / "hub" / REPO_ID.replace("/", "--") / ".partial" / COMMIT / f"{WEIGHTS}.part"
     assert part.stat().st_size > 0  # kept for the next attempt
+
+
+# -- answers nobody expected, full disks, long files -------------------------------------------------------------
+
+
+def test_sizes_are_said_in_the_unit_that_fits():
+    assert [size_text(count) for count in (0, 999, 5000, 410_123, 12_345_678, 1_500_000_000, 57e9, 3.2e12)] == [
+        "0 B",
+        "999 B",
+        "5.0 KB",
+        "410 KB",
+        "12 MB",
+        "1.5 GB",
+        "57 GB",
+        "3.2 TB",
+    ]
+
+
+async def test_a_hub_answering_html_or_fieldless_entries_is_a_clear_user_error(hub: FakeHub, tmp_path: Path):
+    hub.api_faults = {"tree": "html"}
+    downloader = Downloader(tmp_path / "models", config(hub))
+    with pytest.raises(UserError) as caught:
+        await downloader.download(REPO_ID)
+    assert caught.value.message == (
+        f"The Hub at {hub.url} answered the model's file list of {REPO_ID} with something that is not JSON (text/html)."
+    )
+    assert "HF_ENDPOINT" in caught.value.hint
+    assert [path for method, path, rng in hub.requests if "/tree/" in path] == [f"/api/models/{REPO_ID}/tree/{COMMIT}"]
+    hub.api_faults = {"tree": "fieldless"}
+    with pytest.raises(UserError, match=r"file list .* with a file entry without a path and a size"):
+        await downloader.download(REPO_ID)
+    hub.api_faults = {"revision": "html"}
+    with pytest.raises(UserError, match=r"answered the model's revision .* not JSON"):
+        await downloader.download(REPO_ID)
+
+
+async def test_retry_after_as_an_http_date_is_honoured_and_a_bad_or_huge_one_is_not_obeyed(
+    hub: FakeHub, tmp_path: Path
+):
+    asked = "Wed, 21 Oct 2015 07:28:00 GMT"
+    hub.faults = {WEIGHTS: [f"429 {asked}", "429 soon, promise", "429 Fri, 01 Jan 2100 00:00:00 GMT"]}
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    seven_seconds_before = parsedate_to_datetime(asked).timestamp() - 7
+    downloader = Downloader(
+        tmp_path / "models",
+        config(hub, backoff_s=1.0, max_backoff_s=30.0),
+        sleep=sleep,
+        wall_clock=lambda: seven_seconds_before,
+    )
+    folder = await downloader.download(REPO_ID)
+    assert verify_snapshot(folder) == []
+    assert waits[0] == 7.0  # the date, less the time now
+    assert 1.0 <= waits[1] <= 3.0  # unreadable: the second step of the usual backoff (2 s, with jitter)
+    assert waits[2] == 30.0  # 85 years away: capped at downloads.max_backoff_s
+
+
+async def test_drops_after_progress_do_not_use_up_the_retries(hub: FakeHub, tmp_path: Path):
+    hub.faults = {WEIGHTS: ["drop"] * 8}  # 8 x 10 KB of the 120 KB file, each time cut off
+    downloader = Downloader(tmp_path / "models", config(hub, retries=2))
+    folder = await downloader.download(REPO_ID)
+    assert verify_snapshot(folder) == []
+    starts = [
+        int(rng[6:].split("-")[0]) if rng else 0 for method, path, rng in hub.requests if path == f"cdn:{WEIGHTS}"
+    ]
+    assert starts == [hub.drop_after * tries for tries in range(9)]
+
+
+async def test_failures_in_a_row_without_progress_still_give_up(hub: FakeHub, tmp_path: Path):
+    hub.faults = {WEIGHTS: ["drop", "503", "503", "503"]}
+    downloader = Downloader(tmp_path / "models", config(hub, retries=2))
+    with pytest.raises(UserError, match=r"failed 3 times in a row \(HTTP 503\)") as caught:
+        await downloader.download(REPO_ID)
+    assert "what was fetched is kept" in caught.value.hint
+
+
+async def test_a_hub_answering_html_fails_the_waiting_job_once_instead_of_retrying_in_a_loop(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.delenv("WANBOT_CONFIG", raising=False)
+    hub.api_faults = {"tree": "html"}
+    engine = await Engine.open(hub_settings(hub, tmp_path))
+    worker = asyncio.create_task(engine.worker.run())
+    try:
+        request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", steps=2)
+        submission = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="a"))
+        for _ in range(100):
+            if (await engine.queue.get(submission.result.job.id)).status.terminal:
+                break
+            await asyncio.sleep(0.1)
+        job = await engine.queue.get(submission.result.job.id)
+    finally:
+        await engine.worker.stop()
+        await worker
+        await engine.close()
+    assert job.status is JobStatus.FAILED
+    assert "not JSON (text/html)" in job.error_user and hub.url in job.error_user
+    assert len([path for method, path, rng in hub.requests if "/tree/" in path]) == 1
+
+
+class BrokenDownloader:
+    """Fails the way today's surprises do: not a UserError, not a network error."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def download(self, repo_id: str, revision: str = "main", on_progress: ProgressCallback | None = None) -> Path:
+        self.calls += 1
+        raise KeyError("sha")
+
+
+async def test_unexpected_download_errors_back_off_then_fail_the_waiting_jobs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    queue = await JobQueue.open(tmp_path / "queue.sqlite3")
+    waiting = await queue.enqueue(JobSource(platform="cli", chat_id="c", user_id="a"), Mode.T2V, REPO_ID, params())
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    ready = asyncio.Event()
+    downloader = BrokenDownloader()
+    fetcher = ModelFetcher(queue, downloader, ready.set, tries=3, backoff_s=10.0, max_backoff_s=15.0, sleep=sleep)
+    with caplog.at_level(logging.ERROR, logger="engine.fetcher"):
+        fetcher.start(REPO_ID)
+        fetcher.start(REPO_ID)  # the worker asking again meanwhile does not start a second download
+        await asyncio.wait_for(ready.wait(), timeout=10)
+    job = await queue.get(waiting.job.id)
+    await queue.close()
+    assert downloader.calls == 3
+    assert waits == [10.0, 15.0]  # doubling, bounded
+    assert job.status is JobStatus.FAILED
+    assert job.error_user.startswith(f"Sorry, downloading the model {REPO_ID} failed 3 times")
+    logged = [record for record in caplog.records if record.name == "engine.fetcher"]
+    assert len(logged) == 3 and all(record.exc_info for record in logged)
+    assert not fetcher.busy_models
+
+
+def download_command(hub: FakeHub, data: Path) -> Result:
+    """`wanbot models download` in this process, so a test can stand in for the disk; with the bar of a pipe."""
+    env = {
+        "WANBOT_DATA_DIR": str(data),
+        "WANBOT_LOG_LEVEL": "WARNING",
+        "WANBOT_DOWNLOADS__ENDPOINT": hub.url,
+        "WANBOT_DOWNLOADS__RESERVE_BYTES": "0",
+        "WANBOT_DOWNLOADS__BACKOFF_S": "0.01",
+        "WANBOT_DOWNLOADS__MAX_BACKOFF_S": "0.05",
+    }
+    return CliRunner().invoke(app, ["models", "download", REPO_ID], env=env)
+
+
+async def test_cli_download_from_a_hub_answering_html_is_one_line_and_exit_2(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.delenv("WANBOT_CONFIG", raising=False)
+    hub.api_faults = {"tree": "html"}
+    done = await asyncio.to_thread(download_command, hub, tmp_path / "data")
+    assert done.exit_code == 2, done.output
+    [line] = done.stderr.splitlines()
+    assert "something that is not JSON (text/html). Check downloads.endpoint (HF_ENDPOINT)" in line
+
+
+class SmallDisk:
+    """A 1 MB tmpfs on `folder` where this machine lets the test mount one (root on Linux); elsewhere part-file
+    writes that fail with ENOSPC once filled. The downloader sees a full disk the same way either way."""
+
+    def __init__(self, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        folder.mkdir(parents=True)
+        self.folder = folder
+        self._monkeypatch = monkeypatch
+        mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)]
+        self.mounted = shutil.which("mount") is not None and subprocess.run(mount, capture_output=True).returncode == 0
+
+    def fill(self) -> None:
+        if not self.mounted:
+            self._monkeypatch.setattr(downloads, "_write_all", _no_space_left)
+            return
+        with (self.folder / "filler").open("wb", buffering=0) as filler, pytest.raises(OSError) as caught:
+            while True:
+                filler.write(bytes(64 * 1024))
+        assert caught.value.errno == errno.ENOSPC
+
+    def free(self) -> None:
+        if self.mounted:
+            (self.folder / "filler").unlink()
+        else:
+            self._monkeypatch.undo()
+
+    def remove(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.folder)], check=True)
+
+
+def _no_space_left(handle: object, data: bytes) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SmallDisk]:
+    disk = SmallDisk(tmp_path / "data" / "models", monkeypatch)
+    yield disk
+    disk.remove()
+
+
+async def test_cli_download_on_a_disk_that_fills_is_one_line_and_the_next_run_resumes(
+    hub: FakeHub, tmp_path: Path, small_disk: SmallDisk, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.delenv("WANBOT_CONFIG", raising=False)
+    hub.faults = {WEIGHTS: ["hold"]}
+    data = tmp_path / "data"
+    part = data / "models" / "hub" / REPO_ID.replace("/", "--") / ".partial" / COMMIT / f"{WEIGHTS}.part"
+    first = asyncio.create_task(asyncio.to_thread(download_command, hub, data))
+    await asyncio.wait_for(hub.pause_reached.wait(), timeout=30)
+    for _ in range(100):  # the bytes sent before the hold are on disk
+        if part.exists() and part.stat().st_size > 0:
+            break
+        await asyncio.sleep(0.05)
+    small_disk.fill()  # something else takes the space the download was counting on
+    hub.paused.set()
+    done = await first
+    assert done.exit_code == 2, done.output
+    [line] = done.stderr.splitlines()
+    assert f"The disk holding {data / 'models'} filled up while downloading {REPO_ID}: it needs " in line
+    assert "KB more" in line and "run the download again" in line
+    had = part.stat().st_size
+    assert 0 < had < hub.files[WEIGHTS].size  # kept for the next run
+
+    small_disk.free()
+    again = await asyncio.to_thread(download_command, hub, data)
+    assert again.exit_code == 0, again.output
+    assert f"bytes={had}-" in [rng for method, path, rng in hub.requests if path == f"cdn:{WEIGHTS}"]
+    assert verify_snapshot(data / "models" / "hub" / REPO_ID.replace("/", "--") / COMMIT) == []

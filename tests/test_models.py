@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -10,8 +11,10 @@ from engine.generate import choose_strategy
 from engine.images import ImageInfo, Mode
 from engine.models import (
     I2V_A14B,
+    MAX_ASPECT,
     T2V_A14B,
     TI2V_5B,
+    TINY_SPECS,
     GenerationRequest,
     ModelRef,
     resolve_model,
@@ -86,6 +89,61 @@ def test_very_wide_or_tall_pictures_are_followed_only_to_the_shape_the_model_mak
     assert tall.height > 2.2 * tall.width and "The picture is 1:10.0;" in tall.adjustments[0]
     usual = resolve(Mode.I2V, I2V_A14B, start=image(1920, 1080))
     assert not any("middle" in note for note in usual.adjustments)
+
+
+def test_a_thin_or_wide_t2v_size_keeps_its_area_at_the_nearest_shape_the_model_makes_well():
+    tall = resolve(Mode.T2V, T2V_A14B, resolution="1x921600")
+    assert (tall.width, tall.height) == (624, 1472)  # not 16x921600: 16 times the 921,600 pixels allowed
+    assert tall.adjustments == [
+        "Size 1x921600 became 624x1472 to be no taller than 1:2.4 (the model makes poor videos in narrower shapes), "
+        "to stay within 921,600 pixels a frame and in multiples of 16."
+    ]
+    wide = resolve(Mode.T2V, T2V_A14B, resolution="3000x300")
+    assert (wide.width, wide.height) == (1472, 608)  # 900,000 pixels asked, 894,976 made
+    assert wide.adjustments == [
+        "Size 3000x300 became 1472x608 to be no wider than 2.4:1 (the model makes poor videos in narrower shapes) "
+        "and in multiples of 16."
+    ]
+    assert resolve(Mode.T2V, T2V_A14B, resolution="1152x480").adjustments == []  # 2.4:1 itself is made as asked
+
+
+@pytest.mark.parametrize("spec", [T2V_A14B, TI2V_5B, TINY_SPECS[Mode.T2V]], ids=lambda spec: spec.family)
+@pytest.mark.parametrize("max_pixels", [64 * 64, 832 * 480, 1280 * 720])
+def test_no_size_frames_or_picture_leaves_the_frame_limit_or_the_models_multiples(spec, max_pixels: int):
+    limits = GenerationConfig(max_pixels=max_pixels, max_frames=100)
+    mode = Mode.T2V if spec.pipeline == "WanPipeline" else Mode.TI2V
+    sizes = ("1x1", "1x2", "33x79", "1010x601", "1x921600", "921600x1", "16x100000", "1000000x1000000")
+    for size in sizes:
+        for frames in (1, 50, 500):
+            for start in (None, image(1, 1000), image(3000, 300), image(1920, 1080)):
+                params = resolve(mode, spec, start=start, limits=limits, resolution=size, frames=frames)
+                width, height, multiple = params.width, params.height, spec.multiple
+                assert width * height <= max_pixels, (size, start)
+                assert width % multiple == 0 and height % multiple == 0 and min(width, height) >= multiple
+                assert max(width, height) <= MAX_ASPECT * min(width, height) + multiple, (size, start)
+                assert params.frames <= 100 and params.frames % 4 == 1
+                if f"{width}x{height}" != size:
+                    assert any(note.startswith(f"Size {size} became {width}x{height} ") for note in params.adjustments)
+
+
+def test_sizes_past_any_frame_or_in_other_digits_are_user_errors():
+    with pytest.raises(UserError, match="'1000001x480' has a side over 1,000,000 pixels") as caught:
+        resolve(Mode.T2V, T2V_A14B, resolution="1000001x480")
+    assert caught.value.hint == "Use 480p, 720p, or a size such as 832x480."
+    with pytest.raises(UserError, match="has a side over"):  # was an OverflowError: too large for float arithmetic
+        resolve(Mode.T2V, T2V_A14B, resolution="9" * 400 + "x9")
+    with pytest.raises(UserError, match="is not a resolution"):  # "²" is a digit to str.isdigit, but not to int()
+        resolve(Mode.T2V, T2V_A14B, resolution="²x480")
+
+
+@pytest.mark.parametrize("field", ["guidance", "steps", "frames", "seed"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "nan", "-Infinity", "1e999"], ids=repr)
+def test_a_number_that_is_not_finite_is_refused_with_what_to_give_instead(field: str, value: float | str):
+    with pytest.raises(UserError) as caught:
+        GenerationRequest(mode=Mode.T2V, prompt="a fox", **{field: value})
+    assert caught.value.message.startswith(f"{field} must be a finite number, not '")
+    assert caught.value.hint.startswith(f"Give a plain number, for example {field}=")
+    assert getattr(GenerationRequest(mode=Mode.T2V, prompt="a fox", **{field: 5}), field) == 5
 
 
 def test_frames_snap_to_4k_plus_1_within_the_limit():
