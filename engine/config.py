@@ -33,6 +33,14 @@ class ImagesConfig(Section):
     max_bytes: int = Field(25_000_000, gt=0, description="Largest accepted upload in bytes.")
     # 48 and 50 MP phone cameras and 61 MP ones fit; decoding one costs about 250 MiB (bench/images.py).
     max_pixels: int = Field(64_000_000, gt=0, description="Largest accepted width*height, checked before decoding.")
+    # Every RGB, grey or CMYK picture max_pixels allows fits (8 bytes a pixel at most); so do 50 MP HEIC photos. A
+    # 64 MP WebP (16 bytes a pixel) or 16-bit greyscale PNG (10) does not (engine/images.py has the figures).
+    max_decode_bytes: int = Field(
+        512_000_000,
+        gt=0,
+        description="Most memory decoding one picture may take, estimated from its header before decoding.",
+    )
+    max_concurrent_decodes: int = Field(2, ge=1, description="Pictures decoded at once, on threads of their own.")
     min_side: int = Field(64, gt=0, description="Smallest accepted width or height in pixels.")
     aspect_tolerance: float = Field(0.05, ge=0, lt=1, description="Allowed relative start/end aspect difference.")
     background: tuple[int, int, int] = Field((255, 255, 255), description="RGB behind transparent pixels.")

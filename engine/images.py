@@ -1,14 +1,16 @@
 """Validation, normalisation and content-addressed storage of the images a job starts (and ends) from.
 
 Checks run on the raw bytes before anything is stored: size, format (by content, and against the file name),
-declared pixel count (so a decompression bomb is refused before decoding), then a full decode. The image is then
-normalised to 8-bit sRGB RGB, upright, with transparency composited on a background.
+declared pixel count (so a decompression bomb is refused before decoding), the memory the decode will take (estimated
+from the header; a JPEG over the budget is decoded smaller, anything else refused), then a full decode. The image is
+then normalised to 8-bit sRGB RGB, upright, with transparency composited on a background.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,7 +59,22 @@ EXTENSIONS = {
     ".dib": "BMP",
     ".gif": "GIF",
 }
-BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3, "I": 4, "F": 4}
+# The peak memory of decoding and normalising a picture, in bytes a pixel, is the sum of three parts, each known from
+# the header (tests/test_image_memory.py holds them against the real peaks; at 64 MP with Pillow 13 a WebP peaked at
+# 16, a 16-bit grey PNG at 10, a CMYK JPEG at 8):
+# - the decoded image as Pillow holds it: one band takes 1 byte (16-bit grey 2), several take 4, RGB too;
+STORED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+# - what the decoder holds besides: Pillow decodes every WebP with libwebp's animation decoder, which keeps two RGBA
+#   canvases as long as the file is open and hands each frame over as a copy; libheif its planes while it decodes;
+DECODER_HELD_BYTES_PER_PIXEL = {"WEBP": 8}
+DECODER_BYTES_PER_PIXEL = {"WEBP": 4, "HEIF": 6, "AVIF": 6}
+# - what normalising adds once the decoder's own buffers are gone: an RGB copy (a rotation, a colour profile or the
+#   conversion makes one); for transparency also an RGBA copy and the alpha band it is flattened with; for 16- and
+#   32-bit grey a 32-bit copy to scale.
+NORMALISE_BYTES_PER_PIXEL = {
+    **dict.fromkeys(("RGBA", "RGBa", "LA", "La", "PA"), 9),
+    **dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "I", "F"), 8),
+}
 
 
 class Mode(StrEnum):
@@ -82,7 +99,10 @@ class ImageInfo(BaseModel):
     aspect_ratio: float
     pixel_count: int
     file_size: int
-    decoded_bytes: int = Field(description="Estimated memory of the decoded original plus its RGB copy.")
+    decoded_bytes: int = Field(description="Estimated peak memory of decoding and normalising it, from its header.")
+    reduced_to: tuple[int, int] | None = Field(
+        None, description="The size a JPEG over images.max_decode_bytes was asked to decode at; None: full size."
+    )
     source_sha256: str = Field(description="Hash of the bytes as uploaded.")
     sha256: str = Field("", description="Hash of the stored file (the upload as received); the storage key.")
     background: tuple[int, int, int] | None = Field(
@@ -162,6 +182,12 @@ def _validate_opened(
             "Send a larger picture.",
         )
     found_warnings: list[str] = []
+    reduced_to = _fit_decode_budget(opened, fmt, config, label)
+    decoded_bytes = _decode_bytes(opened, fmt)
+    if reduced_to is not None:
+        found_warnings.append(
+            f"{label} is {width}x{height}; it was read at {opened.width}x{opened.height} to save memory."
+        )
     animated = bool(getattr(opened, "is_animated", False))
     if animated:
         found_warnings.append(f"{label} is animated; only its first frame is used.")
@@ -175,7 +201,6 @@ def _validate_opened(
         ) from None
     has_transparency = _has_transparency(opened)
     pixels = _normalise(opened, config.background)
-    bands = BYTES_PER_PIXEL.get(original_mode.split(";")[0], 4) * (2 if ";16" in original_mode else 1)
     info = ImageInfo(
         role=role,
         format=ALLOWED_FORMATS[fmt],
@@ -187,12 +212,54 @@ def _validate_opened(
         aspect_ratio=round(pixels.width / pixels.height, 4),
         pixel_count=pixels.width * pixels.height,
         file_size=len(data),
-        decoded_bytes=width * height * bands + pixels.width * pixels.height * 3,
+        decoded_bytes=decoded_bytes,
+        reduced_to=reduced_to,
         source_sha256=hashlib.sha256(data).hexdigest(),
         background=config.background if has_transparency else None,
         warnings=found_warnings,
     )
     return ValidatedImage(pixels=pixels, info=info, upload=data)
+
+
+def _decode_bytes(image: Image.Image, fmt: str) -> int:
+    """The peak memory of decoding and normalising `image` at its current size, from its header alone."""
+    mode = image.mode
+    alpha = mode == "P" and "transparency" in image.info
+    normalise = 9 if alpha else NORMALISE_BYTES_PER_PIXEL.get(mode, 4)
+    per_pixel = (
+        STORED_BYTES_PER_PIXEL.get(mode, 4)
+        + DECODER_HELD_BYTES_PER_PIXEL.get(fmt, 0)
+        + max(DECODER_BYTES_PER_PIXEL.get(fmt, 0), normalise)
+    )
+    return image.width * image.height * per_pixel
+
+
+def _fit_decode_budget(opened: Image.Image, fmt: str, config: ImagesConfig, label: str) -> tuple[int, int] | None:
+    """Keep the decode within images.max_decode_bytes, before decoding: a JPEG over it is decoded at 1/2, 1/4 or 1/8
+    of its size (libjpeg scales as it decodes) when that fits, anything else is refused. Returns the size asked of
+    `draft`, which a restore asks again, or None for a full decode."""
+    full = _decode_bytes(opened, fmt)
+    if full <= config.max_decode_bytes:
+        return None
+    width, height = opened.size
+    for scale in (2, 4, 8) if fmt == "JPEG" else ():
+        reduced = (-(-width // scale), -(-height // scale))
+        if min(reduced) < config.min_side:
+            break
+        if full * reduced[0] * reduced[1] / (width * height) <= config.max_decode_bytes:
+            request = (width // scale, height // scale)
+            if opened.draft(None, request) is not None:
+                return request
+            break
+    fit = math.sqrt(config.max_decode_bytes / full)
+    depth = " with 16 bits a channel" if opened.mode.startswith("I;16") else ""
+    # Of what we accept, a JPEG takes the least memory to read (8 bytes a pixel at most) and can be read smaller.
+    as_jpeg = "" if fmt == "JPEG" else ", or save it as a JPEG,"
+    raise ImageRejected(
+        f"{label} ({width}x{height} {ALLOWED_FORMATS[fmt]}{depth}) would take about {full / 1e6:.0f} MB of memory "
+        f"to read; the limit is {config.max_decode_bytes / 1e6:.0f} MB.",
+        f"Scale it down to {int(width * fit)}x{int(height * fit)} or less{as_jpeg} and send it again.",
+    )
 
 
 def _check_extension(filename: str | None, fmt: str, label: str) -> None:
@@ -221,7 +288,8 @@ def _has_transparency(image: Image.Image) -> bool:
 def _normalise(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Upright, sRGB, 8-bit RGB with transparency flattened onto `background`; may change `image` in place.
 
-    In place, and no conversion of what is already RGB: each copy of a 40 MP image is 120 MB (bench/images.py).
+    In place, and no conversion of what is already RGB: each copy of a 40 MP image is 160 MB, as Pillow keeps RGB at
+    4 bytes a pixel (bench/images.py).
     """
     ImageOps.exif_transpose(image, in_place=True)
     upright = image
@@ -351,6 +419,9 @@ class ImageStore:
                 "Send the picture again with a new job.",
             )
         with Image.open(io.BytesIO(payload)) as opened:
+            if info.reduced_to is not None:
+                # The same reduced decode validation made, so the same pixels.
+                opened.draft(None, info.reduced_to)
             pixels = _normalise(opened, info.background or self._background)
         if pixels.size != (info.width, info.height):
             pixels = pixels.resize((info.width, info.height), Image.Resampling.LANCZOS)

@@ -110,7 +110,24 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_final_unshown ON jobs (finished_at) WHERE final_shown = 0
         AND status IN ('succeeded', 'failed', 'cancelled');
     """,
+    # 5: chat updates stored before the platform is told they arrived, until they have been handled.
+    """
+    CREATE TABLE chat_inbox (
+        platform TEXT NOT NULL,
+        key TEXT NOT NULL,
+        message_key TEXT,
+        payload TEXT NOT NULL,
+        reply TEXT,
+        received_at REAL NOT NULL,
+        done_at REAL,
+        PRIMARY KEY (platform, key)
+    );
+    CREATE INDEX chat_inbox_open ON chat_inbox (platform, received_at) WHERE done_at IS NULL;
+    CREATE INDEX chat_inbox_message ON chat_inbox (platform, message_key);
+    """,
 ]
+# Handled chat updates are kept this long, so a platform that sends one again is not answered twice.
+INBOX_KEEP_S = 86400
 
 ACTIVE = ("queued", "running")
 DAY_S = 86400
@@ -300,6 +317,27 @@ class JobQueue:
                 f"You have asked for {row['used']} videos in the last 24 hours; the limit is {limit} a day.",
                 f"You can ask for the next one in {duration_text(row['oldest'] - since)}.",
             )
+
+    async def check_room(
+        self,
+        source: JobSource,
+        *,
+        is_admin: bool = False,
+        per_user_limit: int = 3,
+        global_limit: int = 100,
+        daily_limit: int = 0,
+    ) -> None:
+        """Raise QueueFull where `enqueue` would, adding nothing: lets a caller refuse before it downloads or decodes
+        anything. A message enqueued before passes, as `enqueue` returns its job."""
+        if is_admin:
+            return
+        async with self._lock:
+            known = "SELECT 1 FROM jobs WHERE dedup_key = ?"
+            if source.dedup_key is not None and await _fetch_one(self._db, known, (source.dedup_key,)):
+                return
+            await self._check_limits(self._db, source.user_key, per_user_limit, global_limit)
+            if daily_limit:
+                await self._check_daily_limit(self._db, source.user_key, daily_limit)
 
     async def retry(
         self,
@@ -594,6 +632,55 @@ class JobQueue:
             (platform, max_attempts, limit),
         )
         return [_row_to_job(row) for row in rows]
+
+    # -- the chat inbox ----------------------------------------------------------------------------------------
+
+    async def inbox_put(self, platform: str, key: str, payload: str, message_key: str | None = None) -> bool:
+        """Store an update before the platform learns it arrived; False if it was stored before (sent again)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                """INSERT OR IGNORE INTO chat_inbox (platform, key, message_key, payload, received_at)
+                   VALUES (?, ?, ?, ?, ?)""",
+                (platform, key, message_key, payload, self._clock()),
+            )
+            return cursor.rowcount == 1
+
+    async def inbox_open(self, platform: str) -> list[str]:
+        """Payloads of the updates not handled to the end (the process stopped first), oldest first; handled ones
+        older than a day are forgotten meanwhile."""
+        async with self._transaction() as db:
+            await db.execute(
+                "DELETE FROM chat_inbox WHERE platform = ? AND done_at < ?", (platform, self._clock() - INBOX_KEEP_S)
+            )
+            rows = await (
+                await db.execute(
+                    """SELECT payload FROM chat_inbox INDEXED BY chat_inbox_open
+                       WHERE platform = ? AND done_at IS NULL ORDER BY received_at""",
+                    (platform,),
+                )
+            ).fetchall()
+        return [row["payload"] for row in rows]
+
+    async def inbox_done(self, platform: str, *keys: str) -> None:
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE chat_inbox SET done_at = ? WHERE platform = ? AND key = ?",
+                [(self._clock(), platform, key) for key in keys],
+            )
+
+    async def inbox_set_reply(self, platform: str, message_key: str, reply: str) -> None:
+        """What was already answered to a message (the "Checking" message), so that handling it again edits that."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE chat_inbox SET reply = ? WHERE platform = ? AND message_key = ?", (reply, platform, message_key)
+            )
+
+    async def inbox_reply(self, platform: str, message_key: str) -> str | None:
+        row = await self._read_one(
+            "SELECT reply FROM chat_inbox WHERE platform = ? AND message_key = ? AND reply IS NOT NULL",
+            (platform, message_key),
+        )
+        return row["reply"] if row else None
 
     # -- reading -----------------------------------------------------------------------------------------------
 

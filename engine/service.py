@@ -1,11 +1,15 @@
 """The engine as adapters and the CLI use it: one object holding the queue, storage, runner and worker, and the
-submit path every request takes (validate images, resolve settings, store, enqueue)."""
+submit path every request takes (check the limits, validate images, resolve settings, store, enqueue)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from engine.config import Settings
 from engine.downloads import Downloader
@@ -18,6 +22,8 @@ from engine.prompts import PromptLengths
 from engine.queue import JobQueue
 from engine.supervisor import Supervisor
 from engine.worker import Worker
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,6 +43,14 @@ class Submission:
 
 
 @dataclass
+class _Turn:
+    """One user's submissions, one at a time; `users` counts the ones holding or awaiting `lock`."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+@dataclass
 class Engine:
     settings: Settings
     queue: JobQueue
@@ -46,6 +60,16 @@ class Engine:
     prompt_lengths: PromptLengths
     # The process's long-lived tasks (worker, relays, clean-up, chat connections) run under it.
     supervisor: Supervisor = field(default_factory=Supervisor)
+    # Decoding is where a picture costs memory (up to images.max_decode_bytes): a few at a time, on threads of their
+    # own, so a burst of large pictures neither fills memory nor takes the threads of asyncio's default pool.
+    _decodes: asyncio.Semaphore = field(init=False, repr=False)
+    _decode_pool: ThreadPoolExecutor = field(init=False, repr=False)
+    _turns: dict[str, _Turn] = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        slots = self.settings.images.max_concurrent_decodes
+        self._decodes = asyncio.Semaphore(slots)
+        self._decode_pool = ThreadPoolExecutor(slots, thread_name_prefix="wanbot-decode")
 
     @classmethod
     async def open(cls, settings: Settings, locator: ModelLocator | None = None) -> Engine:
@@ -65,12 +89,38 @@ class Engine:
         await self.worker.stop()
         await self.worker.close()
         await self.queue.close()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def is_admin(self, platform: str, user_id: str) -> bool:
         return f"{platform}:{user_id}" in self.settings.access.admins
 
     def actor(self, platform: str, user_id: str) -> Actor:
         return Actor(platform=platform, user_id=user_id, is_admin=self.is_admin(platform, user_id))
+
+    async def check_room(self, source: JobSource) -> None:
+        """Raise QueueFull if the queue's limits (per user, in total, per day; admins are exempt) would refuse a job
+        from `source`, queueing nothing: adapters call it before they download a picture. A submission of the same
+        user that is still being checked is waited for, so that it counts."""
+        async with self._turn(source.user_key):
+            await self._check_room(source)
+
+    async def _check_room(self, source: JobSource) -> None:
+        is_admin = self.is_admin(source.platform, source.user_id)
+        await self.queue.check_room(source, is_admin=is_admin, **self._limits())
+
+    @asynccontextmanager
+    async def _turn(self, user_key: str) -> AsyncIterator[None]:
+        """One submission of a user at a time: the next one is checked against the limits once the one before is
+        queued or refused, so a burst of pictures from one user is refused before any of it is decoded."""
+        turn = self._turns.setdefault(user_key, _Turn())
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if turn.users == 0:
+                del self._turns[user_key]
 
     async def submit(
         self,
@@ -82,35 +132,39 @@ class Engine:
         priority: int = 0,
         notes: list[str] | None = None,
     ) -> Submission:
-        """Validate, resolve, store and enqueue; raise a UserError (nothing stored, nothing queued) if anything is
-        wrong. `notes` (what the chat adapter noticed: unknown options, extra pictures) are stored with the job's
-        warnings, so every later text about it repeats them."""
+        """Check the limits, validate, resolve, store and enqueue; raise a UserError (nothing stored, nothing queued)
+        if anything is wrong. The limits come first, so a request over them is refused before its pictures are
+        decoded; one user's submissions run one at a time, so each one sees the jobs of the ones before. `notes`
+        (what the chat adapter noticed: unknown options, extra pictures) are stored with the job's warnings, so every
+        later text about it repeats them."""
         model = model_for_mode(request.mode, self.settings, model_override)
-        start_image = await self._validate(start, "start")
-        end_image = await self._validate(end, "end")
-        checked = check_mode(request.mode, start_image, end_image, self.settings.images)
-        infos = [image.info for image in checked.images]
-        params = resolve_request(
-            request,
-            model,
-            self.settings.generation,
-            start=infos[0] if infos else None,
-            end=infos[1] if len(infos) > 1 else None,
-        )
-        too_long = await self.prompt_lengths.warnings(model, params)
-        warnings = [*(notes or []), *checked.warnings, *params.warnings, *too_long]
-        params = params.model_copy(update={"warnings": warnings})
-        stored = [await asyncio.to_thread(self.store.put, image) for image in checked.images]
-        result = await self.queue.enqueue(
-            source,
-            request.mode,
-            model.name,
-            params,
-            stored,
-            priority=priority,
-            is_admin=self.is_admin(source.platform, source.user_id),
-            **self._limits(),
-        )
+        async with self._turn(source.user_key):
+            await self._check_room(source)
+            start_image = await self._validate(start, "start")
+            end_image = await self._validate(end, "end")
+            checked = check_mode(request.mode, start_image, end_image, self.settings.images)
+            infos = [image.info for image in checked.images]
+            params = resolve_request(
+                request,
+                model,
+                self.settings.generation,
+                start=infos[0] if infos else None,
+                end=infos[1] if len(infos) > 1 else None,
+            )
+            too_long = await self.prompt_lengths.warnings(model, params)
+            warnings = [*(notes or []), *checked.warnings, *params.warnings, *too_long]
+            params = params.model_copy(update={"warnings": warnings})
+            stored = [await asyncio.to_thread(self.store.put, image) for image in checked.images]
+            result = await self.queue.enqueue(
+                source,
+                request.mode,
+                model.name,
+                params,
+                stored,
+                priority=priority,
+                is_admin=self.is_admin(source.platform, source.user_id),
+                **self._limits(),
+            )
         return Submission(result=result, notes=[*params.adjustments, *params.warnings])
 
     async def reroll(self, job_id: int, actor: Actor, source: JobSource | None = None) -> EnqueueResult:
@@ -119,7 +173,7 @@ class Engine:
         params = old.params.model_copy(update={"seed": random.SystemRandom().randrange(2**32), "adjustments": []})
         for image in old.images:
             # Fails with a clear message when the images were already cleaned up.
-            await asyncio.to_thread(self.store.restore, image)
+            await self._decode(self.store.restore, image)
         return await self.queue.retry(
             job_id,
             actor,
@@ -139,5 +193,10 @@ class Engine:
     async def _validate(self, upload: Upload | None, role: str) -> ValidatedImage | None:
         if upload is None:
             return None
-        # Decoding a 40 MP image takes a while: keep the event loop free for other chats.
-        return await asyncio.to_thread(validate_image_bytes, upload.data, self.settings.images, role, upload.filename)
+        return await self._decode(validate_image_bytes, upload.data, self.settings.images, role, upload.filename)
+
+    async def _decode(self, decode: Callable[..., T], *args: object) -> T:
+        """Run a decode off the event loop (a 40 MP image takes a while), at most max_concurrent_decodes at once.
+        The pool's size is the hard bound: a cancelled wait gives its slot back while its decode still runs."""
+        async with self._decodes:
+            return await asyncio.get_running_loop().run_in_executor(self._decode_pool, decode, *args)

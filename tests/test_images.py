@@ -291,3 +291,82 @@ def test_restore_uses_the_background_the_image_was_validated_with(tmp_path, imag
     restored = store.restore(ImageInfo.model_validate_json(info.model_dump_json()))  # as the queue keeps it
     assert info.background == (0, 0, 0)
     assert restored.pixels.tobytes() == image.pixels.tobytes()
+
+
+def _declared_png(width: int, height: int, bit_depth: int, colour_type: int) -> bytes:
+    """A PNG header declaring width x height at this depth and colour type, with no pixel data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def test_the_decode_budget_is_checked_from_the_header_before_decoding():
+    # 16-bit grey: 2 bytes a pixel as decoded, 8 more to scale it to 8 bits; 3000x2000 is 60 MB. No pixel data
+    # follows the header, so a decode would fail as damaged: the refusal shows nothing was decoded.
+    sixteen_bit_grey = _declared_png(3000, 2000, 16, 0)
+    with pytest.raises(ImageRejected) as caught:
+        validate_image_bytes(sixteen_bit_grey, ImagesConfig(max_decode_bytes=50_000_000))
+    assert str(caught.value.message) == (
+        "The start image (3000x2000 PNG with 16 bits a channel) would take about 60 MB of memory to read; "
+        "the limit is 50 MB."
+    )
+    assert caught.value.hint == "Scale it down to 2738x1825 or less, or save it as a JPEG, and send it again."
+    with pytest.raises(ImageRejected, match="damaged or incomplete"):
+        validate_image_bytes(sixteen_bit_grey, ImagesConfig(max_decode_bytes=60_000_000))
+
+
+@pytest.mark.parametrize(
+    ("data", "bytes_per_pixel"),
+    [
+        (make.png(400, 300), 8),  # RGB, held at 4 bytes a pixel, and the copy a rotation or profile makes
+        (make.encode(make.gradient(400, 300, "L"), "PNG"), 5),
+        (make.encode(make.gradient(400, 300).convert("RGBA"), "PNG"), 13),  # and the alpha flattened
+        (make.encode(make.gradient(400, 300), "WEBP"), 16),  # and libwebp's two canvases and its frame copy
+        (make.encode(make.gradient(400, 300), "HEIF"), 10),
+        (make.encode(Image.new("CMYK", (400, 300)), "JPEG"), 8),
+        (make.encode(Image.new("I;16", (400, 300)), "PNG"), 10),
+    ],
+    ids=["rgb", "grey", "rgba", "webp", "heic", "cmyk-jpeg", "16-bit-grey"],
+)
+def test_the_decode_estimate_counts_the_format_and_mode(data: bytes, bytes_per_pixel: int):
+    estimate = 400 * 300 * bytes_per_pixel
+    assert validate_image_bytes(data, ImagesConfig(max_decode_bytes=estimate)).info.decoded_bytes == estimate
+    over = ImagesConfig(max_decode_bytes=estimate - 1)
+    if data.startswith(b"\xff\xd8"):  # a JPEG is read at half the size instead
+        assert validate_image_bytes(data, over).pixels.size == (200, 150)
+    else:
+        with pytest.raises(ImageRejected, match="of memory to read"):
+            validate_image_bytes(data, over)
+
+
+def test_a_jpeg_over_the_decode_budget_is_read_smaller_and_restores_the_same(tmp_path):
+    config = ImagesConfig(max_decode_bytes=1600 * 1200 * 8 // 4)  # half the width and height fit
+    image = validate_image_bytes(make.jpeg(1600, 1200), config)
+    assert image.pixels.size == (800, 600)
+    assert image.info.reduced_to == (800, 600)
+    assert image.info.decoded_bytes <= config.max_decode_bytes
+    assert image.info.warnings == ["The start image is 1600x1200; it was read at 800x600 to save memory."]
+    assert image.pixels.getpixel((799, 0))[0] > 240  # the whole picture, smaller; not a crop
+    store = ImageStore(tmp_path / "images")
+    assert store.restore(store.put(image)).pixels.tobytes() == image.pixels.tobytes()
+
+
+def test_a_rotated_jpeg_read_at_an_eighth_restores_the_same(tmp_path):
+    config = ImagesConfig(max_decode_bytes=640 * 1280 * 8 // 60)  # a quarter is not enough, an eighth is
+    image = validate_image_bytes(make.jpeg_with_orientation(1280, 640, 6), config)
+    assert image.pixels.size == (80, 160)
+    store = ImageStore(tmp_path / "images")
+    restored = store.restore(ImageInfo.model_validate_json(store.put(image).model_dump_json()))
+    assert restored.pixels.tobytes() == image.pixels.tobytes()
+
+
+def test_a_jpeg_is_not_read_smaller_than_the_minimum_side():
+    # At half the size, 400x300, it would fit the budget but not the minimum side.
+    with pytest.raises(ImageRejected, match=r"\(800x600 JPEG\) would take about 4 MB") as caught:
+        validate_image_bytes(make.jpeg(800, 600), ImagesConfig(max_decode_bytes=1_000_000, min_side=301))
+    assert caught.value.hint == "Scale it down to 408x306 or less and send it again."
