@@ -2,7 +2,7 @@
 
 The real TelegramAdapter long-polls a fake Bot API server on 127.0.0.1 (tests/fake_telegram.py). For each sample
 a new user sends either a text prompt or a 4 MB photo with a caption; the clock starts when the update is offered
-to the bot's pending getUpdates and stops when the bot's edit saying "is queued" reaches the server (for the photo:
+to the bot's pending getUpdates and stops when the bot's answer saying "is queued" reaches the server (for the photo:
 getFile, download, validation, normalisation, content-addressed store, enqueue). No worker runs, so nothing else
 competes for the CPU.
 
@@ -32,11 +32,17 @@ TOKEN = "123456:BENCH-token"
 
 
 class TimedTelegram(FakeTelegram):
-    """The fake Bot API, noting when each chat's status message first says the job is queued."""
+    """The fake Bot API, noting when each chat's status message first says the job is queued: a text request's first
+    message, a photo request's "Checking" message once edited."""
 
     def __init__(self, token: str) -> None:
         super().__init__(token)
         self.queued_at: dict[int, float] = {}
+
+    def _do_sendMessage(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        if "is queued" in fields["text"]:
+            self.queued_at.setdefault(int(fields["chat_id"]), time.perf_counter())
+        return super()._do_sendMessage(fields, files)
 
     def _do_editMessageText(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
         if "is queued" in fields["text"]:
@@ -103,7 +109,7 @@ async def main() -> None:
         await adapter.stop()
         await engine.close()
     await server.stop()
-    print(f"Telegram update -> 'queued' edit, real python-telegram-bot against a fake Bot API, {args.samples} samples")
+    print(f"Telegram update -> 'queued' reply, real python-telegram-bot against a fake Bot API, {args.samples} samples")
     for name, samples in results.items():
         ms = [sample * 1000 for sample in samples]
         print(

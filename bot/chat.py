@@ -8,6 +8,7 @@ import contextlib
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -68,7 +69,8 @@ def parse_message(text: str, command_mode: Mode | None, has_image: bool) -> Pars
 
     prompt = " ".join(OPTION_PATTERN.sub(take, text).split())
     if unknown:
-        notes.append(f"Ignored unknown option(s): {', '.join(unknown)}. Known: {', '.join(sorted(set(OPTION_KEYS)))}.")
+        names = ", ".join(dict.fromkeys(unknown))  # each name once, in the order written
+        notes.append(f"Ignored unknown option(s): {names}. Known: {', '.join(sorted(set(OPTION_KEYS)))}.")
     for key in INTEGER_OPTIONS & values.keys():
         values[key] = _number(key, values[key], int)
     if "guidance" in values:
@@ -168,15 +170,14 @@ def delivered_text(job: Job) -> str:
 
 
 def result_caption(job: Job, limit: int = 1024) -> str:
+    """The prompt, cut to leave room for the settings below it; 1024 is Telegram's caption limit."""
     params = job.params
     took = duration_text((job.finished_at or 0) - (job.started_at or 0))
     details = (
         f"\nseed {params.seed} · {job.model} · {params.width}x{params.height} · {params.frames} frames · "
         f"{params.steps} steps · {took}"
     )
-    room = limit - len(details)
-    prompt = params.prompt if len(params.prompt) <= room else params.prompt[: room - 1] + "…"
-    return prompt + details
+    return fit_text(cut_text(params.prompt, limit - text_size(details)) + details, limit)
 
 
 def apology(job_id: int | None = None) -> str:
@@ -252,6 +253,90 @@ def help_text(platform_note: str = "") -> str:
     return text + (f"\n{platform_note}" if platform_note else "")
 
 
+# -- fitting a text to a platform's limit -------------------------------------------------------------------------
+
+# Lines that are the items of a list, and what "… and 37 more notes" calls them.
+LIST_ITEMS = (("• ", "note"), ("#", "job"))
+# Thirteen or more single words in a row, comma separated: a list of names (the unknown options a request named).
+NAME_LIST = re.compile(r"[^\s,.;:]+(?:, [^\s,.;:]+){12,}")
+NAMES_KEPT = 10
+
+
+def text_size(text: str) -> int:
+    """A text's length as a platform counts it at worst: in UTF-16 code units (an emoji is two), which is never fewer
+    than characters, so a text fitted by this count fits however the platform counts."""
+    return len(text) + sum(1 for character in text if ord(character) > 0xFFFF)
+
+
+def fit_text(text: str, limit: int) -> str:
+    """`text` within `limit` (a platform's message or caption limit), still readable: a text that fits is returned as
+    it is; otherwise long lists of names keep their first ten ("… and 490 more"), then lists of lines (notes, jobs)
+    keep the items that fit ("… and 37 more notes"), and only a text still too long is cut, with an ellipsis."""
+    if text_size(text) <= limit:
+        return text
+    lines = [NAME_LIST.sub(_fewer_names, line) for line in text.split("\n")]
+    # From the last list up, so the places of those above stay where they are.
+    for start, end, noun in reversed(_item_runs(lines)):
+        lines[start:end] = _fewer_items(lines, start, end, noun, limit)
+    return cut_text("\n".join(lines), limit)
+
+
+def cut_text(text: str, limit: int) -> str:
+    """The last resort: the start of `text` and an ellipsis, within `limit`."""
+    if text_size(text) <= limit:
+        return text
+    if limit < 1:
+        return ""
+    size = 0
+    for end, character in enumerate(text):
+        size += text_size(character)
+        if size > limit - 1:  # one is left for the ellipsis
+            return text[:end].rstrip() + "…"
+    return text
+
+
+def _fewer_names(match: re.Match[str]) -> str:
+    names = match.group(0).split(", ")
+    return f"{', '.join(names[:NAMES_KEPT])} … and {len(names) - NAMES_KEPT} more"
+
+
+def _item_kind(line: str) -> str | None:
+    for marker, noun in LIST_ITEMS:
+        if line.startswith(marker) and (marker != "#" or line[1:2].isdigit()):
+            return noun
+    return None
+
+
+def _item_runs(lines: list[str]) -> list[tuple[int, int, str]]:
+    """(start, end, noun) of each run of two or more list items of one kind, top to bottom."""
+    runs: list[tuple[int, int, str]] = []
+    start = 0
+    while start < len(lines):
+        noun = _item_kind(lines[start])
+        end = start + 1
+        while noun is not None and end < len(lines) and _item_kind(lines[end]) == noun:
+            end += 1
+        if noun is not None and end - start >= 2:
+            runs.append((start, end, noun))
+        start = end
+    return runs
+
+
+def _fewer_items(lines: list[str], start: int, end: int, noun: str, limit: int) -> list[str]:
+    """The first items of lines[start:end] that fit in `limit` with the rest of `lines`, then one line counting the
+    others; at least the first item stays (a text still too long is cut after)."""
+    items = lines[start:end]
+    others = text_size("\n".join(lines[:start] + lines[end:]))
+    size = sum(text_size(item) + 1 for item in items)  # the first `kept` items, each with its line break
+    for kept in range(len(items), 0, -1):
+        dropped = len(items) - kept
+        summary = [f"… and {dropped} more {noun}{'s' if dropped > 1 else ''}"] if dropped else []
+        if kept == 1 or others + size + sum(text_size(line) + 1 for line in summary) <= limit:
+            return [*items[:kept], *summary]
+        size -= text_size(items[kept - 1]) + 1
+    return items
+
+
 # -- access ------------------------------------------------------------------------------------------------------
 
 
@@ -289,10 +374,21 @@ class RetryLater(Exception):
 EditSender = Callable[[Any, str, Any], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class _Pending:
+    text: str
+    extra: Any
+    refresh: bool
+
+
 class LiveMessages:
     """Keeps one message per key (a job) showing the latest text: at most one edit per `interval_s` (or per
     `interval_for(key)`), only the newest text is sent, the same text never twice, and a flood-limit wait delays the
-    edit instead of dropping it."""
+    edit instead of dropping it.
+
+    Two priorities: a text marked `refresh` (a waiting job's new place) goes only while no other text is ready to go,
+    one at a time, so that answers and progress never queue behind a hundred places at the platform's rate limit;
+    while it waits, a newer text for its key replaces it (a newer place, the job's start, its end)."""
 
     def __init__(
         self,
@@ -304,15 +400,21 @@ class LiveMessages:
         self._send = send
         self._interval_for = interval_for or (lambda key: interval_s)
         self._clock = clock
-        self._pending: dict[Any, tuple[str, Any]] = {}
+        self._pending: dict[Any, _Pending] = {}
         self._shown: dict[Any, str] = {}
         self._last_sent: dict[Any, float] = {}
         self._tasks: dict[Any, asyncio.Task[None]] = {}
+        self._refreshing = 0  # refreshes being sent now
+        self._line: deque[Any] = deque()  # keys whose refresh waits for its turn, first come first
+        self._changed = asyncio.Event()  # a text was added, taken or sent: waiting refreshes look again
 
-    def update(self, key: Any, text: str, extra: Any = None) -> None:
-        if self._shown.get(key) == text and key not in self._pending:
+    def update(self, key: Any, text: str, extra: Any = None, refresh: bool = False) -> None:
+        pending = self._pending.get(key)
+        if self._shown.get(key) == text and pending is None:
             return
-        self._pending[key] = (text, extra)
+        # A text that replaces an answer not sent yet is that answer now: the user is still waiting for it.
+        self._pending[key] = _Pending(text, extra, refresh and (pending is None or pending.refresh))
+        self._changed.set()
         if key not in self._tasks or self._tasks[key].done():
             self._tasks[key] = asyncio.create_task(self._flush(key))
 
@@ -339,13 +441,16 @@ class LiveMessages:
             wait = self._last_sent.get(key, float("-inf")) + self._interval_for(key) - self._clock()
             if wait > 0:
                 await asyncio.sleep(wait)
-            text, extra = self._pending.pop(key)
-            if self._shown.get(key) == text:
+            await self._turn_of(key)
+            pending = self._pending.pop(key)
+            self._changed.set()
+            if self._shown.get(key) == pending.text:
                 continue
+            self._refreshing += pending.refresh
             try:
-                await self._send(key, text, extra)
+                await self._send(key, pending.text, pending.extra)
             except RetryLater as limit:
-                self._pending.setdefault(key, (text, extra))
+                self._pending.setdefault(key, pending)
                 await asyncio.sleep(limit.seconds)
                 continue
             except Exception:
@@ -353,8 +458,36 @@ class LiveMessages:
                 log.warning("could not update the message of %s", key, exc_info=True)
                 self._last_sent[key] = self._clock()
                 continue
-            self._shown[key] = text
+            finally:
+                self._refreshing -= pending.refresh
+                self._changed.set()
+            self._shown[key] = pending.text
             self._last_sent[key] = self._clock()
+
+    async def _turn_of(self, key: Any) -> None:
+        """Returns at once for an answer or progress. Refreshes wait in line: the first goes when no other refresh is
+        being sent and no other text is ready to go; one whose text was replaced by an answer leaves the line at once.
+        """
+        if not self._pending[key].refresh:
+            return
+        self._line.append(key)
+        try:
+            while self._pending[key].refresh and not self._first_refresh_may_go(key):
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            self._line.remove(key)
+            self._changed.set()  # the next in line looks
+
+    def _first_refresh_may_go(self, key: Any) -> bool:
+        return self._line[0] == key and not self._refreshing and not self._others_ready()
+
+    def _others_ready(self) -> bool:
+        now = self._clock()
+        return any(
+            not pending.refresh and self._last_sent.get(key, float("-inf")) + self._interval_for(key) <= now
+            for key, pending in self._pending.items()
+        )
 
     async def close(self) -> None:
         for task in self._tasks.values():

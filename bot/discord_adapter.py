@@ -10,13 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot import chat
+from bot import chat, transfers
+from bot.discord_inbox import InteractionInbox
 from bot.logredact import redact_everywhere, remove_redactor
 from bot.relay import Buttons, DeliveryFailed, JobRelay
 from engine.config import DiscordConfig
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 CONNECTION_TASK = "discord connection"
-CONTENT_LIMIT = 2000
+CONTENT_LIMIT = 2000  # characters in a message; every text the bot sends is fitted to it (chat.fit_text)
 MODAL_TIMEOUT_S = 900
 UNKNOWN_CHANNEL = 10003  # Discord's JSON error code
 NOT_ALLOWED = "Sorry, you are not allowed to use this bot here."
@@ -108,7 +110,6 @@ class PictureVideoModal(discord.ui.Modal, title="Make a video from this picture"
         self.add_item(discord.ui.Label(text="Mode", component=self.mode))
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        await interaction.response.defer(thinking=True)
         mode = Mode(self.mode.values[0]) if self.mode.values else Mode.I2V
         await self.adapter.submit_picture_request(interaction, self.prompt.value, mode, self.pictures)
 
@@ -139,6 +140,8 @@ class DiscordAdapter:
             self, intents=discord.Intents(guilds=True), allowed_mentions=discord.AllowedMentions.none()
         )
         self._relay = JobRelay(engine.queue, engine.supervisor, PLATFORM, self._show, self._send_video, config)
+        self._inbox = InteractionInbox(self.client, engine.queue, clock)
+        self._finishing: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._register_commands()
 
@@ -161,11 +164,24 @@ class DiscordAdapter:
                 "Check discord.token, discord.api_base_url and the network.",
             ) from error
         self._relay.start(events)
+        for pending in await self._inbox.unfinished():
+            log.info(
+                "finishing the request of interaction=%s, which the last run had not queued", pending.interaction.id
+            )
+            task = asyncio.create_task(
+                self._submit_durably(
+                    pending.interaction, pending.request, pending.start, pending.end, pending.notes, pending.received_at
+                )
+            )
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
         # discord.py ends client.start() on a gateway parser error without a word: that must stop the process.
         self._engine.supervisor.watch(CONNECTION_TASK, self._runner)
 
     async def stop(self) -> None:
         await self._engine.supervisor.cancel(CONNECTION_TASK)
+        for task in list(self._finishing):
+            task.cancel()  # stays in the inbox: the next start finishes it
         await self._relay.stop()
         await self.client.close()
         if self._runner is not None:
@@ -217,8 +233,6 @@ class DiscordAdapter:
             resolution: str | None = None,
             guidance: app_commands.Range[float, 0.0, 20.0] | None = None,
         ) -> None:
-            # Acknowledge first: Discord drops interactions not answered within 3 seconds.
-            await interaction.response.defer(thinking=True)
             request_mode = Mode(mode) if mode else (Mode.I2V if start_image else Mode.T2V)
             request = GenerationRequest(
                 mode=request_mode,
@@ -230,12 +244,12 @@ class DiscordAdapter:
                 resolution=resolution,
                 guidance=guidance,
             )
-            await adapter._submit(interaction, request, start_image, end_image)
+            await adapter._accept(interaction, request, start_image, end_image, [])
 
         @tree.command(name="queue", description="Your jobs and their places in the queue.")
         async def queue(interaction: discord.Interaction) -> None:
             text = await chat.queue_answer(adapter._engine.queue, f"{PLATFORM}:{interaction.user.id}")
-            await interaction.response.send_message(text, ephemeral=True)
+            await _answer_privately(interaction, text)
 
         @tree.command(name="cancel", description="Cancel a job (your latest if no number is given).")
         async def cancel(interaction: discord.Interaction, job: int | None = None) -> None:
@@ -246,18 +260,18 @@ class DiscordAdapter:
                 text = chat.cancel_text(cancelled)
             except UserError as error:
                 text = chat.user_error_text(error)
-            await interaction.response.send_message(text, ephemeral=True)
+            await _answer_privately(interaction, text)
 
         @tree.command(name="status", description="What the worker is doing.")
         async def status(interaction: discord.Interaction) -> None:
-            await interaction.response.send_message(await chat.status_answer(adapter._engine), ephemeral=True)
+            await _answer_privately(interaction, await chat.status_answer(adapter._engine))
 
         async def pause_or_resume(interaction: discord.Interaction, paused: bool) -> None:
             try:
                 text = await chat.pause_answer(adapter._engine.queue, adapter._actor(interaction), paused)
             except UserError as error:
                 text = chat.user_error_text(error)
-            await interaction.response.send_message(text, ephemeral=True)
+            await _answer_privately(interaction, text)
 
         # Shown only to members who may manage the server; wanbot's own admin list still decides.
         @tree.command(name="pause", description="Admins: start no new videos (the running one finishes).")
@@ -294,12 +308,13 @@ class DiscordAdapter:
         user_id = str(interaction.user.id)
         return Actor(platform=PLATFORM, user_id=user_id, is_admin=f"{PLATFORM}:{user_id}" in self._admins)
 
-    def _reply_for(self, interaction: discord.Interaction) -> dict[str, str]:
+    def _reply_for(self, interaction: discord.Interaction, received_at: float | None = None) -> dict[str, str]:
         """How the job answers: through the interaction while its token lives, with the upload limit it allows."""
+        received = received_at if received_at is not None else self._clock()
         return {
             "application_id": str(interaction.application_id),
             "interaction_token": interaction.token,
-            "token_expires_at": str(self._clock() + self._config.interaction_lifetime_s),
+            "token_expires_at": str(received + self._config.interaction_lifetime_s),
             "filesize_limit": str(interaction.filesize_limit or self._config.filesize_limit_bytes),
         }
 
@@ -323,11 +338,41 @@ class DiscordAdapter:
         try:
             parsed = chat.parse_message(text, mode, has_image=True)
         except UserError as error:
-            await interaction.edit_original_response(content=chat.user_error_text(error))
+            await interaction.response.defer(thinking=True)
+            await _edit_answer(interaction, chat.user_error_text(error))
             return
         notes = [*([chat.EXTRA_PICTURES_NOTE] if len(pictures) > 2 else []), *parsed.notes]
         end = pictures[1] if len(pictures) > 1 else None
-        await self._submit(interaction, parsed.request, pictures[0], end, notes)
+        await self._accept(interaction, parsed.request, pictures[0], end, notes)
+
+    async def _accept(
+        self,
+        interaction: discord.Interaction,
+        request: GenerationRequest,
+        start: discord.Attachment | None,
+        end: discord.Attachment | None,
+        notes: list[str],
+    ) -> None:
+        """Store the request, acknowledge it (Discord drops interactions not answered within 3 s), then submit."""
+        await self._inbox.remember(interaction, request, start, end, notes)
+        await interaction.response.defer(thinking=True)
+        await self._submit_durably(interaction, request, start, end, notes)
+
+    async def _submit_durably(
+        self,
+        interaction: discord.Interaction,
+        request: GenerationRequest,
+        start: discord.Attachment | None,
+        end: discord.Attachment | None,
+        notes: list[str],
+        received_at: float | None = None,
+    ) -> None:
+        """Submit, then take the request out of the inbox; a process stopping before that leaves it there."""
+        try:
+            await self._submit(interaction, request, start, end, notes, received_at)
+        except Exception:
+            log.exception("request failed interaction=%s", interaction.id)
+        await self._inbox.done(interaction)
 
     async def _submit(
         self,
@@ -336,6 +381,7 @@ class DiscordAdapter:
         start: discord.Attachment | None,
         end: discord.Attachment | None,
         notes: list[str] | None = None,
+        received_at: float | None = None,
     ) -> None:
         if not self._allowed(interaction):
             await interaction.edit_original_response(content=NOT_ALLOWED)
@@ -346,17 +392,19 @@ class DiscordAdapter:
             user_id=str(interaction.user.id),
             user_name=interaction.user.name,
             message_id=str(interaction.id),
-            reply=self._reply_for(interaction),
+            reply=self._reply_for(interaction, received_at),
         )
         try:
+            if start is not None or end is not None:
+                await self._engine.check_room(source)  # the limits before any download or decode
             uploads = [await self._download(attachment, role) for attachment, role in ((start, "start"), (end, "end"))]
             submission = await self._engine.submit(request, source, uploads[0], uploads[1], notes=notes)
         except UserError as error:
-            await interaction.edit_original_response(content=chat.user_error_text(error))
+            await _edit_answer(interaction, chat.user_error_text(error))
             return
         except Exception:
             log.exception("request failed channel=%s user=%s", interaction.channel_id, interaction.user.id)
-            await interaction.edit_original_response(content=chat.apology())
+            await _edit_answer(interaction, chat.apology())
             return
         await self._show_duplicate(interaction, submission.result)
 
@@ -364,7 +412,7 @@ class DiscordAdapter:
         """A new job's place is shown by the relay, in event order; a request already queued is answered here."""
         if not result.created:
             text = chat.queued_text(result.job, result.position, duplicate=True)
-            await interaction.edit_original_response(content=text, view=_view(CancelButton(result.job.id)))
+            await _edit_answer(interaction, text, _view(CancelButton(result.job.id)))
 
     async def _download(self, attachment: discord.Attachment | None, role: str) -> Upload | None:
         if attachment is None:
@@ -378,7 +426,12 @@ class DiscordAdapter:
         if not _is_picture(attachment):
             kind = attachment.content_type or attachment.filename
             raise UserError(f"The {role} attachment ({kind}) is not a picture.", SEND_SUPPORTED)
-        return Upload(await attachment.read(), attachment.filename)
+
+        async def fetch() -> bytes:
+            return transfers.check_size(await attachment.read(), attachment.size)
+
+        data = await transfers.download(fetch, _worth_retrying, attachment.size, f"the {role} picture")
+        return Upload(data, attachment.filename)
 
     # -- buttons -----------------------------------------------------------------------------------------------
 
@@ -387,7 +440,7 @@ class DiscordAdapter:
             text = chat.cancel_text(await self._engine.queue.cancel(job_id, self._actor(interaction)))
         except UserError as error:
             text = chat.user_error_text(error)
-        await interaction.response.send_message(text, ephemeral=True)
+        await _answer_privately(interaction, text)
 
     async def on_reroll_button(self, interaction: discord.Interaction, job_id: int) -> None:
         await interaction.response.defer(thinking=True)
@@ -402,7 +455,7 @@ class DiscordAdapter:
         try:
             result = await self._engine.reroll(job_id, self._actor(interaction), source)
         except UserError as error:
-            await interaction.edit_original_response(content=chat.user_error_text(error))
+            await _edit_answer(interaction, chat.user_error_text(error))
             return
         await self._show_duplicate(interaction, result)
 
@@ -423,7 +476,8 @@ class DiscordAdapter:
         view = _view(CancelButton(job.id)) if buttons == "cancel" else discord.ui.View(timeout=None)
         try:
             if alive:
-                await self._webhook(job).edit_message("@original", content=text[:CONTENT_LIMIT], view=view)
+                content = chat.fit_text(text, CONTENT_LIMIT)
+                await self._webhook(job).edit_message("@original", content=content, view=view)
             else:
                 await self._show_in_channel(job, text, view)
         except discord.NotFound:
@@ -435,7 +489,7 @@ class DiscordAdapter:
 
     async def _show_in_channel(self, job: Job, text: str, view: discord.ui.View) -> None:
         channel = self.client.get_partial_messageable(int(job.source.chat_id))
-        content = f"<@{job.source.user_id}> {text}"[:CONTENT_LIMIT]
+        content = chat.fit_text(f"<@{job.source.user_id}> {text}", CONTENT_LIMIT)
         message_id = job.source.reply.get("channel_message_id")
         if message_id:
             try:
@@ -451,14 +505,17 @@ class DiscordAdapter:
     async def _send_video(self, job: Job) -> None:
         assert job.result is not None
         limit = int(job.source.reply.get("filesize_limit", self._config.filesize_limit_bytes))
+        source = Path(job.result.path)
         try:
+            video = await asyncio.to_thread(fit_to_limit, source, limit)
             try:
-                await self._upload(job, limit)
+                await self._upload(job, video)
             except discord.HTTPException as error:
                 if error.status != 413:
                     raise
-                # The channel's limit is lower than the interaction said: one more try, well under it.
-                await self._upload(job, int(limit * 0.6))
+                # The channel's limit is lower than the interaction said: one more try, well under the refused file.
+                smaller = transfers.limit_after_413(video.stat().st_size)
+                await self._upload(job, await asyncio.to_thread(fit_to_limit, source, smaller))
         except (UserError, discord.HTTPException, OSError) as error:
             # No access to the channel, the channel is gone, or still too large after re-encoding: final.
             permanent = isinstance(error, UserError | discord.Forbidden) or (
@@ -466,18 +523,39 @@ class DiscordAdapter:
             )
             raise DeliveryFailed(f"{type(error).__name__}: {error}", permanent) from error
 
-    async def _upload(self, job: Job, limit: int) -> None:
-        assert job.result is not None
-        video = await asyncio.to_thread(fit_to_limit, Path(job.result.path), limit)
+    async def _upload(self, job: Job, video: Path) -> None:
+        # discord.py gives each request aiohttp's 5 minutes (not a few seconds): more than transfers.upload_timeout_s
+        # asks for the largest upload Discord allows a bot (100 MiB), so a slow answer is not taken for a failure.
         content = f"<@{job.source.user_id}> {chat.result_caption(job, limit=CONTENT_LIMIT - 30)}"
-        file = discord.File(io.BytesIO(video.read_bytes()), filename=f"wanbot-{job.id}.mp4")
+        file = discord.File(io.BytesIO(await asyncio.to_thread(video.read_bytes)), filename=f"wanbot-{job.id}.mp4")
         view = _view(RerollButton(job.id))
         mentions = _owner_only(job)
         if self._interaction_alive(job):
             await self._webhook(job).send(content=content, file=file, view=view, wait=True, allowed_mentions=mentions)
         else:
             channel = self.client.get_partial_messageable(int(job.source.chat_id))
-            await channel.send(content, file=file, view=view, allowed_mentions=mentions)
+            # The same nonce on every try of this job: Discord answers a repeat of an upload whose answer was lost
+            # with the message it already made. (An interaction's follow-up has no such check.)
+            nonce = f"wanbot-{job.id}"
+            await channel.send(content, file=file, view=view, allowed_mentions=mentions, nonce=nonce)
+
+
+def _worth_retrying(error: Exception) -> bool:
+    """A CDN failure that may pass: a 5xx, or a reset, cut-short or timed-out connection (not a 404 or 403)."""
+    if isinstance(error, discord.HTTPException):
+        return error.status >= 500
+    return isinstance(error, aiohttp.ClientError | OSError)
+
+
+async def _answer_privately(interaction: discord.Interaction, text: str) -> None:
+    await interaction.response.send_message(chat.fit_text(text, CONTENT_LIMIT), ephemeral=True)
+
+
+async def _edit_answer(
+    interaction: discord.Interaction, text: str, view: discord.ui.View = discord.utils.MISSING
+) -> None:
+    """The deferred answer to a command: an error, or the place of a request already queued."""
+    await interaction.edit_original_response(content=chat.fit_text(text, CONTENT_LIMIT), view=view)
 
 
 def _owner_only(job: Job) -> discord.AllowedMentions:

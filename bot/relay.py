@@ -88,9 +88,11 @@ class JobRelay:
                 await task
         await self._live.close()
 
-    def show(self, job: Job, text: str, buttons: Buttons = "none") -> None:
+    def show(self, job: Job, text: str, buttons: Buttons = "none", refresh: bool = False) -> None:
+        """Show `text` in the job's live message; a `refresh` (a new place in the queue) goes after every answer and
+        progress text waiting to be sent, and a newer text for the job replaces it."""
         self._jobs[job.id] = job
-        self._live.update(job.id, text, buttons)
+        self._live.update(job.id, text, buttons, refresh=refresh)
 
     async def show_last(self, job: Job, text: str) -> None:
         """Show the job's final text; once it is on screen nothing about the job is kept."""
@@ -107,6 +109,8 @@ class JobRelay:
     async def _show_missed_ends(self) -> None:
         for job in await self._queue.final_unshown(self._platform, self._max_attempts):
             await self.show_last(job, self._end_text(job))
+        # A request queued just before a stop may not have shown its answer yet: every waiting job shows its place.
+        await self._show_positions(refresh=True)
 
     def _end_text(self, job: Job) -> str:
         if job.status is not JobStatus.SUCCEEDED:
@@ -141,7 +145,7 @@ class JobRelay:
             if event.kind in (EventKind.STARTED, EventKind.CANCELLED):
                 # Any platform's claim or cancel moves everyone behind it. Done here, in event order, so a job that
                 # starts meanwhile has its progress shown after (not before) its last "queued" text.
-                await self._show_positions()
+                await self._show_positions(refresh=True)
             if job.source.platform != self._platform:
                 continue
             if event.kind is EventKind.ENQUEUED:
@@ -156,8 +160,9 @@ class JobRelay:
             elif event.kind in (EventKind.FAILED, EventKind.CANCELLED):
                 self._spawn(self.show_last(job, chat.finished_text(job)))
 
-    async def _show_positions(self, jobs: list[Job] | None = None) -> None:
-        """Show waiting jobs their place: `jobs`, or else the oldest waiting jobs of this platform."""
+    async def _show_positions(self, jobs: list[Job] | None = None, refresh: bool = False) -> None:
+        """Show waiting jobs their place: `jobs` (a new job: its answer), or else, as a `refresh`, the oldest waiting
+        jobs of this platform."""
         try:
             if jobs is None:
                 jobs = await self._queue.list_jobs(
@@ -170,7 +175,7 @@ class JobRelay:
                 position = await self._queue.position(job.id)
                 if position is not None:
                     shown_in[job.source.chat_id] += 1
-                    self.show(job, chat.queued_text(job, position), "cancel")
+                    self.show(job, chat.queued_text(job, position), "cancel", refresh=refresh)
         except Exception:
             # Places are a courtesy: a failed read must not stop the progress and results that follow.
             log.warning("could not refresh queue positions", exc_info=True)

@@ -4,7 +4,6 @@ per job and the finished video out. It only translates; the engine and bot/chat.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
 import re
@@ -14,8 +13,9 @@ from pathlib import Path
 # Opt in to python-telegram-bot's future time type now (RetryAfter.retry_after as a timedelta); _seconds takes both.
 os.environ.setdefault("PTB_TIMEDELTA", "1")
 
-from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
-from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
+import httpx
+from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Message, ReplyParameters, Update
+from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError, TimedOut
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -27,9 +27,10 @@ from telegram.ext import (
     filters,
 )
 
-from bot import chat
+from bot import chat, transfers
 from bot.logredact import redact_everywhere, remove_redactor
 from bot.relay import Buttons, DeliveryFailed, JobRelay
+from bot.telegram_polling import DurablePolling, message_key, seconds
 from engine.config import TelegramConfig
 from engine.errors import UserError, quoted
 from engine.images import Mode
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
 GROUP_REFRESH_LIMIT = 5
+TEXT_LIMIT = 4096  # characters in a message; a video's caption may have 1024 (chat.result_caption's default)
 COMMANDS = {"video": None, "t2v": Mode.T2V, "i2v": Mode.I2V, "ti2v": Mode.TI2V}
 CAPTION_COMMAND = re.compile(r"^/(video|t2v|i2v|ti2v)(?:@(\w+))?(?:\s|$)", re.IGNORECASE)
 TELEGRAM_NOTES = (
@@ -91,6 +93,7 @@ class TelegramAdapter:
         )
         self._albums: dict[tuple[int, str], list[Message]] = {}
         self._album_timers: dict[tuple[int, str], asyncio.Task[None]] = {}
+        self._album_updates: dict[tuple[int, str], list[int]] = {}
         # Before the Application exists: building it already logs its base URL, token included.
         self._redactor = redact_everywhere(self._token)
         self.app: Application = (
@@ -100,7 +103,16 @@ class TelegramAdapter:
             .base_file_url(config.file_base_url)
             .rate_limiter(AIORateLimiter(max_retries=3))
             .concurrent_updates(True)
+            .updater(None)  # DurablePolling fetches the updates: it stores each one before Telegram forgets it
             .build()
+        )
+        self._polling = DurablePolling(
+            self.app.bot,
+            engine.queue,
+            engine.supervisor,
+            self.app.process_update,
+            poll_timeout_s,
+            allowed_updates=["message", "callback_query"],
         )
         self._add_handlers()
 
@@ -136,16 +148,13 @@ class TelegramAdapter:
             ]
         )
         await self.app.start()
-        await self.app.updater.start_polling(
-            timeout=dt.timedelta(seconds=self._poll_timeout_s), allowed_updates=["message", "callback_query"]
-        )
+        await self._polling.start()
 
     async def stop(self) -> None:
         for timer in self._album_timers.values():
             timer.cancel()
+        await self._polling.stop()
         await self._relay.stop()
-        if self.app.updater.running:
-            await self.app.updater.stop()
         if self.app.running:
             await self.app.stop()
         await self.app.shutdown()
@@ -180,6 +189,9 @@ class TelegramAdapter:
         if message.media_group_id:
             key = (message.chat_id, message.media_group_id)
             self._albums.setdefault(key, []).append(message)
+            # Open until the album is handled: a crash while it waits for its other photos must not lose it.
+            self._polling.defer(update.update_id)
+            self._album_updates.setdefault(key, []).append(update.update_id)
             if key in self._album_timers:
                 self._album_timers[key].cancel()
             self._album_timers[key] = asyncio.create_task(self._album_complete(key))
@@ -189,7 +201,7 @@ class TelegramAdapter:
             await self._submit(message, request[1], request[0], _images_of(message))
         elif _is_private(message):
             caption = (message.caption or "").split()
-            await message.reply_text(_unknown_command_text(caption[0]) if caption else PICTURE_HINT)
+            await self._reply(message, _unknown_command_text(caption[0]) if caption else PICTURE_HINT)
 
     async def _on_private_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
@@ -198,7 +210,7 @@ class TelegramAdapter:
 
     async def _on_unknown_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
-        await message.reply_text(_unknown_command_text(message.text.split()[0]))
+        await self._reply(message, _unknown_command_text(message.text.split()[0]))
 
     async def _on_unusable(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await update.effective_message.reply_text(UNUSABLE_HINT)
@@ -207,6 +219,12 @@ class TelegramAdapter:
         """Albums arrive as separate updates; once none has come for `album_wait_s`, treat them as one request."""
         await asyncio.sleep(self._config.album_wait_s)
         self._album_timers.pop(key, None)
+        try:
+            await self._handle_album(key)
+        finally:
+            await self._polling.done(*self._album_updates.pop(key, []))
+
+    async def _handle_album(self, key: tuple[int, str]) -> None:
         messages = sorted(self._albums.pop(key, []), key=lambda item: item.message_id)
         captioned = next((item for item in messages if self._caption_request(item) is not None), None)
         if captioned is None:
@@ -245,11 +263,16 @@ class TelegramAdapter:
             message_id=str(message.message_id),
         )
         if await self._engine.queue.find_by_source(source) is not None:
-            return  # Telegram redelivered an update we already took (we restarted): its status message lives on.
-        status = await message.reply_text("Checking your request…")
-        source.reply = _reply_to(message, status)
+            return  # Handled again after a restart, and already queued: its status message lives on.
+        # Only a picture takes long enough (download, checks) to need a "Checking" message first. A text request's
+        # first answer is its place, which the relay sends in event order: one message instead of two, which counts
+        # when many users write at once and every message shares the bot's 30 a second.
+        status_id = await self._status_message(message) if images else None
+        source.reply = _reply_to(message, status_id)
         try:
             parsed = chat.parse_message(text, mode, has_image=bool(images))
+            if images:
+                await self._engine.check_room(source)  # the limits before any download or decode
             uploads = [await self._download(ref, role) for ref, role in zip(images, ("start", "end"), strict=False)]
             submission = await self._engine.submit(
                 parsed.request,
@@ -259,19 +282,29 @@ class TelegramAdapter:
                 notes=[*(notes or []), *parsed.notes],
             )
         except UserError as error:
-            await self._edit((chat_id, status.message_id), chat.user_error_text(error), None)
+            await self._answer(message, status_id, chat.user_error_text(error))
             return
         except Exception:
             log.exception("request failed chat=%s user=%s", chat_id, user.id)
-            await self._edit((chat_id, status.message_id), chat.apology(), None)
+            await self._answer(message, status_id, chat.apology())
             return
-        await self._show_duplicate(submission.result, (chat_id, status.message_id))
+        await self._show_duplicate(submission.result, message, status_id)
 
-    async def _show_duplicate(self, result: EnqueueResult, status_key: tuple[int, int]) -> None:
+    async def _status_message(self, message: Message) -> int:
+        """The "Checking" message of this request: the one a stopped process sent already, or a new one."""
+        key = message_key(message.chat_id, message.message_id)
+        sent = await self._engine.queue.inbox_reply(PLATFORM, key)
+        if sent is not None:
+            return int(sent)
+        status = await message.reply_text("Checking your request…")
+        await self._engine.queue.inbox_set_reply(PLATFORM, key, str(status.message_id))
+        return status.message_id
+
+    async def _show_duplicate(self, result: EnqueueResult, request: Message, status_id: int | None) -> None:
         """A new job's place is shown by the relay, in event order; a request already queued is answered here."""
         if not result.created:
             text = chat.queued_text(result.job, result.position, duplicate=True)
-            await self._edit(status_key, text, _cancel_button(result.job.id))
+            await self._answer(request, status_id, text, _cancel_button(result.job.id))
 
     async def _download(self, ref: ImageRef, role: str) -> Upload:
         limit = self._config.download_limit_bytes
@@ -280,12 +313,19 @@ class TelegramAdapter:
                 f"The {role} picture is {ref.file_size / 1e6:.1f} MB; bots can fetch at most {limit / 1e6:.0f} MB.",
                 "Send a smaller or more compressed picture.",
             )
-        telegram_file = await self.app.bot.get_file(ref.file_id)
-        return Upload(bytes(await telegram_file.download_as_bytearray()), ref.filename)
+
+        async def fetch() -> bytes:
+            # getFile again on each try: a file path Telegram handed out may be what stopped working.
+            telegram_file = await self.app.bot.get_file(ref.file_id)
+            data = bytes(await telegram_file.download_as_bytearray())
+            return transfers.check_size(data, telegram_file.file_size or ref.file_size)
+
+        data = await transfers.download(fetch, _worth_retrying, ref.file_size or limit, f"the {role} picture")
+        return Upload(data, ref.filename)
 
     async def _on_queue(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         user_key = f"{PLATFORM}:{update.effective_user.id}"
-        await update.effective_message.reply_text(await chat.queue_answer(self._engine.queue, user_key))
+        await self._reply(update.effective_message, await chat.queue_answer(self._engine.queue, user_key))
 
     async def _on_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message, user = update.effective_message, update.effective_user
@@ -293,9 +333,9 @@ class TelegramAdapter:
             job_id = await self._job_to_cancel(context.args, user.id)
             job = await self._engine.queue.cancel(job_id, self._actor(user.id))
         except UserError as error:
-            await message.reply_text(chat.user_error_text(error))
+            await self._reply(message, chat.user_error_text(error))
             return
-        await message.reply_text(chat.cancel_text(job))
+        await self._reply(message, chat.cancel_text(job))
 
     async def _job_to_cancel(self, args: list[str] | None, user_id: int) -> int:
         if args:
@@ -307,7 +347,7 @@ class TelegramAdapter:
         return await chat.latest_active_job(self._engine.queue, f"{PLATFORM}:{user_id}")
 
     async def _on_status(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        await update.effective_message.reply_text(await chat.status_answer(self._engine))
+        await self._reply(update.effective_message, await chat.status_answer(self._engine))
 
     async def _on_pause(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
@@ -316,7 +356,7 @@ class TelegramAdapter:
             text = await chat.pause_answer(self._engine.queue, self._actor(update.effective_user.id), paused)
         except UserError as error:
             text = chat.user_error_text(error)
-        await message.reply_text(text)
+        await self._reply(message, text)
 
     async def _on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await update.effective_message.reply_text(chat.help_text(TELEGRAM_NOTES))
@@ -338,13 +378,15 @@ class TelegramAdapter:
     async def _reroll(self, anchor: Message, job_id: int, actor: Actor, query_id: str) -> None:
         status = await anchor.reply_text(f"Rerolling job #{job_id}…")
         old = await self._engine.queue.get(job_id)
-        source = old.source.model_copy(update={"message_id": f"reroll-{query_id}", "reply": _reply_to(anchor, status)})
+        source = old.source.model_copy(
+            update={"message_id": f"reroll-{query_id}", "reply": _reply_to(anchor, status.message_id)}
+        )
         try:
             result = await self._engine.reroll(job_id, actor, source)
         except UserError as error:
             await self._edit((anchor.chat_id, status.message_id), chat.user_error_text(error), None)
             return
-        await self._show_duplicate(result, (anchor.chat_id, status.message_id))
+        await self._show_duplicate(result, anchor, status.message_id)
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("telegram handler failed: %s", type(context.error).__name__, exc_info=context.error)
@@ -360,16 +402,54 @@ class TelegramAdapter:
     # -- outgoing ----------------------------------------------------------------------------------------------
 
     async def _show(self, job: Job, text: str, buttons: Buttons) -> None:
-        key = _status_key(job)
-        if key is not None:
-            await self._edit(key, text, _cancel_button(job.id) if buttons == "cancel" else None)
+        markup = _cancel_button(job.id) if buttons == "cancel" else None
+        # The relay's copy of the job may predate the message its first text made.
+        key = _status_key(job) or _status_key(await self._engine.queue.get(job.id))
+        if key is None:
+            await self._post_status(job, text, markup)
+        else:
+            await self._edit(key, text, markup)
+
+    async def _post_status(self, job: Job, text: str, markup: InlineKeyboardMarkup | None) -> None:
+        """The first text of a job whose request had no "Checking" message: a new message, which later texts edit."""
+        chat_id, reply = int(job.source.chat_id), job.source.reply
+        request_id, thread_id = reply.get("request_message_id"), reply.get("thread_id")
+        # Quoted in groups, where other people write in between, as message.reply_text does.
+        quote = (
+            ReplyParameters(int(request_id), allow_sending_without_reply=True) if chat_id < 0 and request_id else None
+        )
+        try:
+            status = await self.app.bot.send_message(
+                chat_id,
+                chat.fit_text(text, TEXT_LIMIT),
+                reply_markup=markup,
+                reply_parameters=quote,
+                message_thread_id=int(thread_id) if thread_id else None,
+            )
+        except RetryAfter as limit:
+            raise chat.RetryLater(seconds(limit.retry_after)) from None
+        await self._engine.queue.update_reply(job.id, status_message_id=str(status.message_id))
+
+    async def _answer(
+        self, request: Message, status_id: int | None, text: str, markup: InlineKeyboardMarkup | None = None
+    ) -> None:
+        """A request's answer: in its "Checking" message when it has one, else as a reply."""
+        if status_id is None:
+            await self._reply(request, text, markup)
+        else:
+            await self._edit((request.chat_id, status_id), text, markup)
+
+    async def _reply(self, message: Message, text: str, markup: InlineKeyboardMarkup | None = None) -> Message:
+        return await message.reply_text(chat.fit_text(text, TEXT_LIMIT), reply_markup=markup)
 
     async def _edit(self, key: tuple[int, int], text: str, markup: InlineKeyboardMarkup | None) -> None:
         chat_id, message_id = key
         try:
-            await self.app.bot.edit_message_text(text, chat_id=chat_id, message_id=message_id, reply_markup=markup)
+            await self.app.bot.edit_message_text(
+                chat.fit_text(text, TEXT_LIMIT), chat_id=chat_id, message_id=message_id, reply_markup=markup
+            )
         except RetryAfter as limit:
-            raise chat.RetryLater(_seconds(limit.retry_after)) from None
+            raise chat.RetryLater(seconds(limit.retry_after)) from None
         except BadRequest as error:
             # "message is not modified" is harmless; a deleted message just stops getting updates.
             if "not modified" not in error.message.lower():
@@ -379,8 +459,16 @@ class TelegramAdapter:
         assert job.result is not None
         request_id = job.source.reply.get("request_message_id")
         thread_id = job.source.reply.get("thread_id")
+        # A 413 leaves a lower limit in the job (so a restart keeps it): the refused file is never sent again.
+        limit = self._config.upload_limit_bytes
+        if "upload_limit" in job.source.reply:
+            limit = min(limit, int(job.source.reply["upload_limit"]))
+        sent_bytes = 0
         try:
-            video = await asyncio.to_thread(fit_to_limit, Path(job.result.path), self._config.upload_limit_bytes)
+            video = await asyncio.to_thread(fit_to_limit, Path(job.result.path), limit)
+            sent_bytes = video.stat().st_size
+            # Telegram answers once it has processed the upload: giving up sooner would send the video again.
+            timeout = transfers.upload_timeout_s(sent_bytes, self._config.upload_limit_bytes)
             with video.open("rb") as payload:
                 await self.app.bot.send_video(
                     int(job.source.chat_id),
@@ -396,12 +484,40 @@ class TelegramAdapter:
                     # Keeps the video in the request's forum topic even if the request was deleted meanwhile.
                     message_thread_id=int(thread_id) if thread_id else None,
                     filename=f"wanbot-{job.id}.mp4",
-                    write_timeout=300,
+                    read_timeout=timeout,
+                    write_timeout=timeout,
                 )
         except (UserError, TelegramError, OSError) as error:
+            if _answer_lost(error):
+                # Telegram cannot be asked whether it posted the video; sending it again would most likely be a second.
+                log.warning("no answer after the whole video of job=%s was sent; counted as delivered", job.id)
+                return
+            if _too_large(error):
+                smaller = transfers.limit_after_413(sent_bytes)
+                await self._engine.queue.update_reply(job.id, upload_limit=str(smaller))
+                raise DeliveryFailed(
+                    f"Telegram refused the {sent_bytes / 1e6:.1f} MB video as too large; "
+                    f"the next try sends it re-encoded to {smaller / 1e6:.1f} MB"
+                ) from error
             # Blocked by the user, removed from the group, or a video that cannot be made small enough: final.
             permanent = isinstance(error, Forbidden | UserError) or "chat not found" in str(error).lower()
             raise DeliveryFailed(str(error).replace(self._token, "<token>"), permanent) from error
+
+
+def _worth_retrying(error: Exception) -> bool:
+    """A picture download failure that may pass: a 5xx, a dropped or timed-out connection (not a bad file id)."""
+    return isinstance(error, NetworkError) and not isinstance(error, BadRequest)
+
+
+def _answer_lost(error: Exception) -> bool:
+    """A read timeout: the whole upload went out, and Telegram did not answer in time."""
+    return isinstance(error, TimedOut) and isinstance(error.__cause__, httpx.ReadTimeout)
+
+
+def _too_large(error: Exception) -> bool:
+    # python-telegram-bot turns a 413 into a NetworkError that keeps only Telegram's description.
+    text = str(error).lower()
+    return isinstance(error, NetworkError) and ("too large" in text or "too big" in text)
 
 
 def _images_of(message: Message) -> list[ImageRef]:
@@ -427,9 +543,12 @@ def _is_private(message: Message) -> bool:
     return message.chat.type == "private"
 
 
-def _reply_to(request: Message, status: Message) -> dict[str, str]:
-    """Where a job's progress and video go: its status message, the request (and its forum topic, if any)."""
-    reply = {"status_message_id": str(status.message_id), "request_message_id": str(request.message_id)}
+def _reply_to(request: Message, status_message_id: int | None) -> dict[str, str]:
+    """Where a job's progress and video go: its status message (if it has one yet), the request (and its forum
+    topic, if any)."""
+    reply = {"request_message_id": str(request.message_id)}
+    if status_message_id is not None:
+        reply["status_message_id"] = str(status_message_id)
     if request.is_topic_message and request.message_thread_id is not None:
         reply["thread_id"] = str(request.message_thread_id)
     return reply
@@ -446,7 +565,3 @@ def _cancel_button(job_id: int) -> InlineKeyboardMarkup:
 
 def _reroll_button(job_id: int) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup([[InlineKeyboardButton("Reroll (new seed)", callback_data=f"reroll:{job_id}")]])
-
-
-def _seconds(value: int | dt.timedelta) -> float:
-    return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)

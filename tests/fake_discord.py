@@ -1,10 +1,13 @@
-"""A fake Discord on 127.0.0.1 for the adapter tests: REST (/api/v10), the gateway websocket and a CDN, in one
-aiohttp app, speaking the shapes discord.py parses. It records what the bot did and can answer with Discord's
-errors: 404 Unknown Message, 401 for an expired interaction token, 413, and 429 with the `Via` header that
-discord.py needs before it retries."""
+"""A fake Discord on 127.0.0.1 for the adapter tests: REST (/api/v10), the gateway websocket and a CDN, in one aiohttp
+app, speaking the shapes discord.py parses. It records what the bot did and can answer with Discord's errors: 404
+Unknown Message, 401 for an expired interaction token, 413, 429 with the `Via` header that discord.py needs before it
+retries, and, as Discord does by itself, 400 for content over 2000 characters. Like Discord it answers a channel
+message whose `nonce` it has seen (with `enforce_nonce`) with the message already made. It can also lose an upload's
+answer after doing the work (`lost_uploads`) and fail CDN downloads the ways a file server does (`cdn_faults`)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -13,6 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests.fake_faults import drop_connection, faulty_file
 
 APPLICATION_ID = 900000000000000001
 BOT_USER = {
@@ -25,6 +30,7 @@ BOT_USER = {
     "flags": 0,
 }
 GUILD_ID = 800000000000000001
+CONTENT_LIMIT = 2000  # characters in a message; Discord refuses more with 400 Invalid Form Body (code 50035)
 CHANNEL_ID = 700000000000000001
 ROLE_IDS = (555, 1)
 
@@ -50,6 +56,11 @@ class FakeDiscord:
         self.dispatched_at: dict[str, float] = {}
         self.cdn: dict[str, bytes] = {}
         self.faults: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        self.lost_uploads = 0  # how many of the next uploads are carried out, then answered by a dropped connection
+        self.cdn_faults: list[str] = []  # how the next CDN downloads go wrong: see fake_faults.FILE_FAULTS
+        self.downloads: list[str] = []  # the names of CDN requests, in order
+        self.cdn_gate: asyncio.Event | None = None
+        self._nonces: dict[tuple[int, str], int] = {}  # (channel, nonce) -> the message posted with it
         self.commands: dict[str, list[dict[str, Any]]] = {}
         self.modals: dict[str, dict[str, Any]] = {}  # interaction id -> the modal the bot answered it with
         self._ids = itertools.count(600000000000000001)
@@ -64,7 +75,7 @@ class FakeDiscord:
         app = web.Application(client_max_size=200 * 1024 * 1024)
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get("/cdn/{name}", self._cdn)
-        app.router.add_route("*", "/api/v10/{path:.+}", self._rest)
+        app.router.add_route("*", "/api/v10/{path:.+}", self._rest_or_lost)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -85,8 +96,13 @@ class FakeDiscord:
     def gateway_url(self) -> str:
         return self.url.replace("http://", "ws://") + "/gateway"
 
-    async def _cdn(self, request: web.Request) -> web.Response:
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        self.downloads.append(request.match_info["name"])
+        if self.cdn_gate is not None:  # a slow CDN: the download waits until the test opens the gate
+            await self.cdn_gate.wait()
         data = self.cdn.get(request.match_info["name"])
+        if data is not None and self.cdn_faults:
+            return await faulty_file(request, self.cdn_faults.pop(0), data)
         return web.Response(body=data) if data is not None else web.Response(status=404)
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
@@ -124,6 +140,13 @@ class FakeDiscord:
         self._sockets.remove(socket)
         return socket
 
+    async def _rest_or_lost(self, request: web.Request) -> web.Response:
+        response = await self._rest(request)
+        if self.lost_uploads and request.content_type == "multipart/form-data":  # only files go as multipart
+            self.lost_uploads -= 1
+            return drop_connection(request)
+        return response
+
     async def _rest(self, request: web.Request) -> web.Response:
         path = request.match_info["path"]
         body, files = await _read_body(request)
@@ -137,6 +160,19 @@ class FakeDiscord:
             f"Bot {self.token}"
         ):
             return _error(401, 0, "401: Unauthorized")
+        if _content_too_long(body):
+            return _json(
+                {
+                    "message": "Invalid Form Body",
+                    "code": 50035,
+                    "errors": {
+                        "content": {
+                            "_errors": [{"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]
+                        }
+                    },
+                },
+                status=400,
+            )
         parts = path.split("/")
         if route == "GET users/@me":
             return _json(BOT_USER)
@@ -232,7 +268,13 @@ class FakeDiscord:
     def _post(self, channel_id: int, body: dict[str, Any], files: dict[str, bytes]) -> web.Response:
         if any(len(data) > self.upload_limit for data in files.values()):
             return _error(413, 40005, "Request entity too large")
-        return _json(_public(self._message(channel_id, body, files)))
+        nonce = (channel_id, str(body.get("nonce"))) if body.get("enforce_nonce") else None
+        if nonce in self._nonces and self._nonces[nonce] in self.messages:
+            return _json(_public(self.messages[self._nonces[nonce]]))
+        message = self._message(channel_id, body, files)
+        if nonce is not None:
+            self._nonces[nonce] = message["id_int"]
+        return _json(_public(message))
 
     def _edit(self, message_id: int | None, body: dict[str, Any]) -> web.Response:
         if message_id is None or message_id not in self.messages:
@@ -529,6 +571,14 @@ def _guild() -> dict[str, Any]:
         "premium_progress_bar_enabled": False,
         "joined_at": "2025-01-01T00:00:00+00:00",
     }
+
+
+def _content_too_long(body: Any) -> bool:
+    """A message's text over Discord's limit, sent directly or as an interaction's answer."""
+    if not isinstance(body, dict):
+        return False  # a command sync sends a list
+    content = body.get("content") or (body.get("data") or {}).get("content") or ""
+    return isinstance(content, str) and len(content) > CONTENT_LIMIT
 
 
 def _route_name(path: str) -> str:

@@ -2,7 +2,9 @@
 
 It speaks the real protocol (form-encoded and multipart requests, `{"ok": ...}` answers, long-polled getUpdates,
 file downloads under /file/bot<token>/) closely enough for python-telegram-bot's real HTTP layer, keeps what the
-bot sent, and can answer with the errors Telegram gives: 400 "message is not modified", 413, 429 with retry_after.
+bot sent, and can answer with the errors Telegram gives: 400 "message is not modified", 413, 429 with retry_after,
+and, as Telegram does by itself, 400 "message is too long" for a text over 4096 characters or a caption over 1024;
+it can also answer late (`delays`) and fail file downloads the ways a file server does (`file_faults`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fake_faults import faulty_file
+
 BOT_ID = 4242
 BOT_USERNAME = "wanbot_test_bot"
+TEXT_LIMIT, CAPTION_LIMIT = 4096, 1024  # what Telegram takes; a longer text is refused with 400
 
 
 @dataclass
@@ -39,6 +44,11 @@ class FakeTelegram:
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}
         self.files: dict[str, tuple[str, bytes]] = {}
         self.faults: dict[str, list[tuple[int, str, dict[str, Any] | None]]] = {}
+        # Seconds to wait before answering the next calls of a method; the call is carried out all the same.
+        self.delays: dict[str, list[float]] = {}
+        self.file_faults: list[str] = []  # how the next file downloads go wrong: see fake_faults.FILE_FAULTS
+        self.downloads: list[str] = []  # the paths of /file/ requests, in order
+        self.gates: dict[str, asyncio.Event] = {}
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(1000)
@@ -69,6 +79,10 @@ class FakeTelegram:
         method = request.match_info["method"]
         fields, files = await _read_fields(request)
         self.calls.append(Sent(method, fields, files))
+        if method in self.gates:  # a slow Telegram: the call waits until the test opens the gate
+            await self.gates[method].wait()
+        if self.delays.get(method):
+            await asyncio.sleep(self.delays[method].pop(0))
         if self.faults.get(method):
             status, description, parameters = self.faults[method].pop(0)
             return _error(status, description, parameters)
@@ -82,9 +96,12 @@ class FakeTelegram:
             return result
         return web.json_response({"ok": True, "result": result})
 
-    async def _file(self, request: web.Request) -> web.Response:
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        self.downloads.append(request.match_info["path"])
         for path, data in self.files.values():
             if path == request.match_info["path"]:
+                if self.file_faults:
+                    return await faulty_file(request, self.file_faults.pop(0), data)
                 return web.Response(body=data)
         return web.Response(status=404)
 
@@ -112,6 +129,9 @@ class FakeTelegram:
 
     async def _do_getUpdates(self, fields: dict[str, Any], files: dict[str, bytes]) -> list[dict[str, Any]]:
         offset = int(fields.get("offset") or 0)
+        # As the real Bot API: asking for a later offset confirms the updates before it, which are then forgotten,
+        # also for the next process polling with this token.
+        self._updates = [update for update in self._updates if update["update_id"] >= offset]
         deadline = time.monotonic() + min(float(fields.get("timeout") or 0), 1.0)
         while True:
             ready = [update for update in self._updates if update["update_id"] >= offset]
@@ -121,10 +141,14 @@ class FakeTelegram:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_update.wait(), timeout=max(deadline - time.monotonic(), 0.01))
 
-    def _do_sendMessage(self, fields: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+    def _do_sendMessage(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        if len(fields["text"]) > TEXT_LIMIT:
+            return _error(400, "Bad Request: message is too long")
         return self._store(int(fields["chat_id"]), {"text": fields["text"]}, fields)
 
     def _do_editMessageText(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        if len(fields["text"]) > TEXT_LIMIT:
+            return _error(400, "Bad Request: message is too long")
         key = (int(fields["chat_id"]), int(fields["message_id"]))
         if key not in self.messages:
             return _error(400, "Bad Request: message to edit not found")
@@ -148,6 +172,8 @@ class FakeTelegram:
         return self._send_file("document", fields, files)
 
     def _send_file(self, kind: str, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        if len(fields.get("caption", "")) > CAPTION_LIMIT:
+            return _error(400, "Bad Request: message caption is too long")
         data = files.get(kind, b"")
         if len(data) > self.upload_limit:
             return _error(413, "Request Entity Too Large")

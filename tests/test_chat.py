@@ -9,11 +9,15 @@ from typing import Any
 import pytest
 
 from bot.chat import LiveMessages, RetryLater, parse_message, progress_text, queued_text, status_answer
-from engine.config import GenerationConfig
+from bot.relay import JobRelay
+from engine.config import ChatConfig, GenerationConfig
 from engine.errors import UserError
 from engine.images import Mode
-from engine.jobs import JobSource, Progress, Stage
+from engine.jobs import Job, JobSource, Progress, Stage
 from engine.models import GenerationRequest, resolve_model, resolve_request
+from engine.supervisor import Supervisor
+from tests import factories
+from tests.running import until
 
 
 class Platform:
@@ -27,6 +31,82 @@ class Platform:
         if self.failures:
             raise self.failures.pop(0)
         self.shown.append((key, text))
+
+
+class SlowPlatform:
+    """A platform that takes a while for each text (its rate limit, say), noting the order they arrive in and how many
+    texts for `waiting` keys (jobs whose places are refreshed) it was sent at once."""
+
+    def __init__(self, seconds: float, waiting: set[Any]) -> None:
+        self.seconds = seconds
+        self.waiting = waiting
+        self.shown: list[tuple[Any, str]] = []
+        self.refreshes_at_once = 0
+        self._refreshing = 0
+
+    async def edit(self, key: Any, text: str, extra: Any) -> None:
+        refresh = key in self.waiting and text.startswith("place")
+        self._refreshing += refresh
+        self.refreshes_at_once = max(self.refreshes_at_once, self._refreshing)
+        self.shown.append((key, text))
+        await asyncio.sleep(self.seconds)
+        self._refreshing -= refresh
+
+
+async def test_answers_go_before_waiting_refreshes_and_stale_refreshes_are_dropped():
+    platform = SlowPlatform(seconds=0.02, waiting=set(range(1, 21)))
+    live = LiveMessages(platform.edit, interval_s=0)
+    for key in range(1, 21):
+        live.update(key, f"place of {key}: {key + 1}", refresh=True)
+    live.update(99, "answer to 99")  # a new job's answer, asked for after twenty places
+    live.update(5, "place of 5: 1", refresh=True)  # a newer place replaces the one still waiting
+    live.update(7, "job 7 is starting")  # the job started: its waiting place is never shown
+    live.update(50, "answer to 50")
+    live.update(50, "place of 50: 3", refresh=True)  # replaces an answer not sent yet: still an answer
+    for key in (*range(1, 21), 50, 99):
+        await asyncio.wait_for(live.settle(key), timeout=10)
+    order = [text for _, text in platform.shown]
+    first_place = order[0] if order[0].startswith("place") else None  # one place may have left before any answer
+    answers = [text for text in order if text != first_place][:3]
+    assert sorted(answers) == ["answer to 99", "job 7 is starting", "place of 50: 3"], order
+    assert "place of 5: 6" not in order and "place of 5: 1" in order
+    assert not any(text.startswith("place of 7") for text in order)
+    assert len(order) == 22 and platform.refreshes_at_once == 1  # keys 1 to 20, 50 and 99; one refresh at a time
+    await live.close()
+
+
+class RecordingChat:
+    """A chat platform for the relay: notes each text with its job, slowly."""
+
+    def __init__(self) -> None:
+        self.shown: list[tuple[int, str]] = []
+
+    async def show(self, job: Job, text: str, buttons: str) -> None:
+        self.shown.append((job.id, text))
+        await asyncio.sleep(0.01)
+
+    async def send_video(self, job: Job) -> None:
+        raise AssertionError("no video in this test")
+
+
+async def test_the_relay_answers_a_new_job_before_the_places_a_start_refreshes(queue):
+    platform = RecordingChat()
+    relay = JobRelay(queue, Supervisor(), "telegram", platform.show, platform.send_video, ChatConfig(edit_interval_s=0))
+    relay.start(queue.events.subscribe())
+    try:
+        for user in range(12):
+            await queue.enqueue(factories.source(f"u{user}", f"m{user}"), Mode.T2V, "tiny", factories.params())
+        await until(lambda: len(platform.shown) == 12, limit_s=10, what="twelve answers")
+        platform.shown.clear()
+        started = await queue.claim_next()  # the queue moves: eleven places to refresh
+        late = (await queue.enqueue(factories.source("late", "m-late"), Mode.T2V, "tiny", factories.params())).job
+        await until(lambda: len(platform.shown) == 13, limit_s=10, what="the places, the start and the answer")
+    finally:
+        await relay.stop()
+    order = [job_id for job_id, _ in platform.shown]
+    places_before = [job_id for job_id in order[: order.index(late.id)] if job_id != started.id]
+    assert len(places_before) <= 1, platform.shown  # only a place already being sent went first
+    assert "starting" in dict(platform.shown)[started.id]
 
 
 async def test_only_the_newest_text_goes_out_and_never_twice():
