@@ -317,8 +317,11 @@ class TelegramAdapter:
         async def fetch() -> bytes:
             # getFile again on each try: a file path Telegram handed out may be what stopped working.
             telegram_file = await self.app.bot.get_file(ref.file_id)
+            declared = telegram_file.file_size or ref.file_size
+            if declared is None:
+                return await transfers.read_capped(telegram_file.file_path, limit, f"the {role} picture")
             data = bytes(await telegram_file.download_as_bytearray())
-            return transfers.check_size(data, telegram_file.file_size or ref.file_size)
+            return transfers.check_size(data, declared)
 
         data = await transfers.download(fetch, _worth_retrying, ref.file_size or limit, f"the {role} picture")
         return Upload(data, ref.filename)
@@ -506,7 +509,8 @@ class TelegramAdapter:
 
 def _worth_retrying(error: Exception) -> bool:
     """A picture download failure that may pass: a 5xx, a dropped or timed-out connection (not a bad file id)."""
-    return isinstance(error, NetworkError) and not isinstance(error, BadRequest)
+    network = isinstance(error, NetworkError) and not isinstance(error, BadRequest)
+    return network or transfers.retryable_http_error(error)
 
 
 def _answer_lost(error: Exception) -> bool:

@@ -8,6 +8,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+import httpx
+
+from engine.downloads import size_text
+from engine.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # A platform answers an upload only after it has processed it, so a timeout shorter than sending plus processing
@@ -34,6 +39,29 @@ def upload_timeout_s(size_bytes: int, limit_bytes: int) -> float:
 def limit_after_413(sent_bytes: int) -> int:
     """The upload limit for the next try after the platform refused a file of `sent_bytes` as too large."""
     return int(sent_bytes * SMALLER_AFTER_413)
+
+
+async def read_capped(url: str, limit: int, what: str) -> bytes:
+    """A file whose size nobody declared, read only up to `limit` bytes: a larger one is refused as soon as it is,
+    before it fills the memory."""
+    data = bytearray()
+    async with httpx.AsyncClient(timeout=DOWNLOAD_TIMEOUT_FLOOR_S) as client, client.stream("GET", url) as response:
+        response.raise_for_status()
+        async for chunk in response.aiter_bytes():
+            data += chunk
+            if len(data) > limit:
+                raise UserError(
+                    f"{what.capitalize()} is larger than the {size_text(limit)} a bot may fetch.",
+                    "Send a smaller or more compressed picture.",
+                )
+    return bytes(data)
+
+
+def retryable_http_error(error: Exception) -> bool:
+    """What `read_capped` may raise that can pass: a dropped connection or a 5xx."""
+    if isinstance(error, httpx.HTTPStatusError):
+        return error.response.status_code >= 500
+    return isinstance(error, httpx.TransportError)
 
 
 def check_size(data: bytes, declared: int | None) -> bytes:

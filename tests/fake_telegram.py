@@ -49,6 +49,7 @@ class FakeTelegram:
         self.file_faults: list[str] = []  # how the next file downloads go wrong: see fake_faults.FILE_FAULTS
         self.downloads: list[str] = []  # the paths of /file/ requests, in order
         self.gates: dict[str, asyncio.Event] = {}
+        self.undeclared_sizes: set[str] = set()
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(1000)
@@ -192,12 +193,10 @@ class FakeTelegram:
         if fields["file_id"] not in self.files:
             return _error(400, "Bad Request: invalid file_id")
         path, data = self.files[fields["file_id"]]
-        return {
-            "file_id": fields["file_id"],
-            "file_unique_id": fields["file_id"],
-            "file_size": len(data),
-            "file_path": path,
-        }
+        answer = {"file_id": fields["file_id"], "file_unique_id": fields["file_id"], "file_path": path}
+        if fields["file_id"] not in self.undeclared_sizes:  # Bot API: file_size "if known"
+            answer["file_size"] = len(data)
+        return answer
 
     def _store(self, chat_id: int, content: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         message_id = next(self._message_ids)
@@ -261,6 +260,9 @@ class FakeTelegram:
         document = {**self.upload(data, file_name), "file_name": file_name, "mime_type": mime_type}
         if size is not None:
             document["file_size"] = size
+        if size == 0:  # no declared size anywhere, as Telegram may send for a document
+            del document["file_size"]
+            self.undeclared_sizes.add(document["file_id"])
         content: dict[str, Any] = {"document": document, **extra}
         if caption is not None:
             content["caption"] = caption

@@ -138,6 +138,21 @@ async def test_a_picture_that_cannot_be_downloaded_three_times_gets_the_apology(
     assert sum("download of the start picture failed" in record.getMessage() for record in caplog.records) == 2
 
 
+async def test_a_document_of_undeclared_size_is_read_only_up_to_the_download_limit(tiny_settings, telegram):
+    settings = on_telegram.configure(tiny_settings, telegram, download_limit_bytes=50_000)
+    async with on_telegram.running_bot(settings) as bot:
+        await bot.engine.queue.set_paused(True)  # only the queueing matters here
+        big = imagefactory.png(640, 480) + bytes(200_000)  # a picture with a long tail: 200 KB past the limit
+        telegram.document(ALICE, big, "big.png", caption="/i2v too big to know", size=0)
+        status = await until(lambda: on_telegram.status_of(telegram, ALICE, "larger than"), what="the refusal")
+        fitting = imagefactory.png(160, 120)
+        telegram.document(ALICE, fitting, "small.png", caption="/i2v small enough", size=0)
+        await until(lambda: on_telegram.status_of(telegram, ALICE, "is queued"), what="the small one queued")
+        jobs = await bot.engine.queue.list_jobs()
+    assert status["text"].startswith("The start picture is larger than the 50 KB a bot may fetch.\nSend a smaller")
+    assert [job.params.prompt for job in jobs] == ["small enough"]
+
+
 # -- Discord ---------------------------------------------------------------------------------------------------
 
 
