@@ -43,6 +43,7 @@ OPTION_PATTERN = re.compile(r"""(?<!\S)([A-Za-z_]+)\s*(=|:)\s*("[^"]*"|'[^']*'|\
 BAR_WIDTH = 12
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 EXTRA_PICTURES_NOTE = "Only the first two pictures are used: the first as start, the second as end."
+QUEUE_PAUSED = "The queue is paused: nothing new starts until an admin resumes it."
 
 
 @dataclass
@@ -112,12 +113,15 @@ def job_notes(job: Job) -> list[str]:
     return [f"• {note}" for note in (*job.params.adjustments, *job.params.warnings)]
 
 
-def queued_text(job: Job, position: QueuePosition | None, duplicate: bool = False) -> str:
+def queued_text(job: Job, position: QueuePosition | None, duplicate: bool = False, paused: bool = False) -> str:
     head = f"Job #{job.id} ({job.mode.value})"
     if duplicate:
         head += " was already queued from this message"
     if position is None:
         lines = [f"{head}: {job.status.value}."]
+    elif paused:
+        # No wait to show: nothing starts until an admin resumes the queue.
+        lines = [f"{head} is queued: position {position.position}. {QUEUE_PAUSED}"]
     else:
         # Under a second left means the job ahead is overrunning the usual time: no number is better than "0s".
         eta = f", about {duration_text(position.eta_s)} to wait" if (position.eta_s or 0) >= 1 else ""
@@ -214,7 +218,12 @@ async def status_answer(engine: Engine) -> str:
     """The worker's state, the queue's size, and what is being made and downloaded right now."""
     worker, queue = engine.worker, engine.queue
     counts = await queue.counts()
-    state = "paused" if await queue.is_paused() else "working" if worker.state.running else "stopped"
+    if await queue.is_paused():
+        state = "paused"
+    elif not worker.state.running:
+        state = "stopped"
+    else:
+        state = "idle" if worker.state.current_job is None else "working"
     lines = [
         f"Worker: {state}. Loaded model: {worker.loaded_model or 'none'}.",
         f"Queued: {counts.get('queued', 0)}, running: {counts.get('running', 0)}.",
@@ -239,18 +248,15 @@ async def pause_answer(queue: JobQueue, actor: Actor, paused: bool) -> str:
     return f"Resumed: {waiting} waiting video(s) will start in turn."
 
 
-def help_text(platform_note: str = "") -> str:
-    text = (
+def help_text(how_to_ask: str) -> str:
+    """The help both platforms share around `how_to_ask`: each adapter's own lines on how to ask for a video there."""
+    return (
         "Make a short video from text or a picture.\n"
-        "/video a red fox running through snow: text to video (t2v)\n"
-        "A photo with the caption /video the fox turns its head: image to video (i2v)\n"
-        "Two photos in one album with /video: start and end frames\n"
-        "/t2v, /i2v, /ti2v pick the mode; or write mode=ti2v.\n"
-        'Options: seed=42 steps=30 frames=49 res=480p (or 832x480) guidance=4 neg="blurry, text" '
-        "(neg= replaces Wan's default negative prompt)\n"
+        f"{how_to_ask}\n"
+        "Options, anywhere in the prompt: mode=ti2v seed=42 steps=30 frames=49 res=480p (or 832x480) guidance=4 "
+        'neg="blurry, text" (neg= replaces Wan\'s default negative prompt)\n'
         "/queue: your jobs · /cancel [id]: cancel · /status: the worker · admins: /pause, /resume"
     )
-    return text + (f"\n{platform_note}" if platform_note else "")
 
 
 # -- fitting a text to a platform's limit -------------------------------------------------------------------------

@@ -7,9 +7,14 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
+import os
+import shutil
+import signal
 import sys
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -21,18 +26,24 @@ from rich.table import Table
 
 from engine.cleanup import remove_delivered_videos, remove_unused_images
 from engine.config import ModelsConfig, Settings, load_settings
-from engine.errors import ConfigError, UserError, duration_text
+from engine.errors import ConfigError, JobNotFound, UserError, duration_text
 from engine.images import Mode, check_mode, validate_image_bytes
 from engine.jobs import Actor, EventKind, Job, JobSource, JobStatus
-from engine.models import GenerationRequest
+from engine.models import GenerationRequest, model_for_mode, resolve_model, resolve_request
 from engine.queue import JobQueue
 
 if TYPE_CHECKING:
     from engine.service import Engine, Upload
 
-app = typer.Typer(help="wanbot: chat messages to Wan 2.2 videos.", no_args_is_help=True, add_completion=False)
-queue_app = typer.Typer(help="Look at and manage the job queue.", no_args_is_help=True)
-models_app = typer.Typer(help="Models: download, list, verify, and the tiny offline one.", no_args_is_help=True)
+# Plain help, as Click writes it: typer's rich panels show every flag (--help too) as taking a <bool>.
+HELP: dict[str, Any] = {
+    "no_args_is_help": True,
+    "rich_markup_mode": None,
+    "context_settings": {"max_content_width": 120},
+}
+app = typer.Typer(help="wanbot: chat messages to Wan 2.2 videos.", add_completion=False, **HELP)
+queue_app = typer.Typer(help="Look at and manage the job queue.", **HELP)
+models_app = typer.Typer(help="Models: download, list, verify, and the tiny offline one.", **HELP)
 app.add_typer(queue_app, name="queue")
 app.add_typer(models_app, name="models")
 
@@ -43,9 +54,14 @@ WORKER_TASK = "worker"
 T = TypeVar("T")
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", help="TOML config file (default: $WANBOT_CONFIG).", show_default=False)
+    Path | None,
+    typer.Option(
+        "--config", metavar="FILE", help="TOML config file (default: $WANBOT_CONFIG, else none).", show_default=False
+    ),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+# metavar="": a flag takes no value, and typer would show it as <bool> next to the name.
+JsonOption = Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of text (default: text).")]
+JobIdArgument = Annotated[int, typer.Argument(metavar="JOB", help="The job's number, as `wanbot queue list` shows it.")]
 
 
 def main() -> None:
@@ -54,12 +70,35 @@ def main() -> None:
     except ConfigError as exc:
         errors.print(str(exc), markup=False)
         sys.exit(2)
+    except OSError as exc:
+        # A path that is a file, a folder this user may not write, a full disk: the user's to fix, never a traceback.
+        where = f" {exc.filename}" if exc.filename else ""
+        errors.print(
+            f"Could not use{where}: {exc.strerror or exc}. Check the path and its permissions, or choose another.",
+            markup=False,
+        )
+        sys.exit(2)
 
 
 def _settings(config: Path | None) -> Settings:
     settings = load_settings(config)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _check_data_dir(settings.data_dir)
     return settings
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """Refuse a data folder that cannot be used, before any command starts work in it (nothing is created here)."""
+    existing = data_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    fix = "Set WANBOT_DATA_DIR (or data_dir in the config) to a folder this user can write."
+    if not existing.is_dir():
+        problem = "is a file" if existing == data_dir else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"The data folder {data_dir} {problem}, not a folder. {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable" if existing == data_dir else f"cannot be created: {existing} is not writable"
+        raise ConfigError(f"The data folder {data_dir} {problem}. {fix}")
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -77,23 +116,39 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 @app.command()
 def validate(
-    mode: Annotated[Mode, typer.Option(help="t2v, i2v or ti2v.")],
-    start: Annotated[Path | None, typer.Option(help="Start image file.")] = None,
-    end: Annotated[Path | None, typer.Option(help="End image file.")] = None,
+    mode: Annotated[Mode, typer.Option(help="t2v, i2v or ti2v.", show_default=False)],
+    start: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Start image (default: none; i2v and ti2v need one).")
+    ] = None,
+    end: Annotated[Path | None, typer.Option(metavar="FILE", help="End image (default: none).")] = None,
     as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """Check images for a mode, as the bot would. Exit 0 if valid, 2 if not."""
+    """Check images for a mode, as the bot would, and say what the video will change. Exit 0 if valid, 2 if not."""
     settings = _settings(config)
-    report: dict[str, Any] = {"valid": False, "mode": mode.value, "errors": [], "warnings": [], "images": []}
+    report: dict[str, Any] = {
+        "valid": False,
+        "mode": mode.value,
+        "errors": [],
+        "warnings": [],
+        "adjustments": [],
+        "images": [],
+    }
     try:
         start_image = _read_and_validate(start, "start", settings)
         end_image = _read_and_validate(end, "end", settings)
         checked = check_mode(mode, start_image, end_image, settings.images)
-        report.update(
-            valid=True, warnings=checked.warnings, images=[image.info.model_dump() for image in checked.images]
-        )
+        infos = [image.info for image in checked.images]
+        report.update(valid=True, warnings=list(checked.warnings), images=[info.model_dump() for info in infos])
+        if infos:
+            # What generate and the chats add once the request meets the model: an end image it ignores, a crop.
+            model = model_for_mode(mode, settings)
+            end_info = infos[1] if len(infos) > 1 else None
+            params = resolve_request(GenerationRequest(mode=mode), model, settings.generation, infos[0], end_info)
+            report["warnings"].extend(params.warnings)
+            report["adjustments"] = params.adjustments
     except UserError as exc:
+        report["valid"] = False
         report["errors"].append(str(exc))
     if as_json:
         console.print_json(json.dumps(report))
@@ -119,6 +174,8 @@ def _print_validation(report: dict[str, Any]) -> None:
         console.print(f"[red]invalid:[/red] {message}", highlight=False)
     for message in report["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    for message in report["adjustments"]:
+        console.print(f"note: {message}", highlight=False, markup=False)
     for image in report["images"]:
         console.print(
             f"  {image['role']}: {image['format']} {image['width']}x{image['height']} {image['mode']}, "
@@ -156,8 +213,15 @@ def _job_summary(job: Job) -> dict[str, Any]:
 
 @queue_app.command("list")
 def queue_list(
-    status: Annotated[list[JobStatus] | None, typer.Option(help="Only jobs in this state (repeatable).")] = None,
-    limit: int = 50,
+    status: Annotated[
+        list[JobStatus] | None,
+        typer.Option(
+            metavar="STATE",
+            help="Only jobs in this state: queued, running, succeeded, failed or cancelled; repeatable "
+            "(default: every state).",
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option(metavar="N", help="At most this many jobs, the newest.")] = 50,
     as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
@@ -172,22 +236,27 @@ def queue_list(
     if as_json:
         console.print_json(json.dumps([_job_summary(job) for job in jobs]))
         return
-    table = Table("id", "status", "mode", "user", "prompt", "result / error")
+    if not jobs:
+        console.print("No jobs.")
     for job in jobs:
-        outcome = (job.result.path if job.result else job.error_user) or ""
-        table.add_row(
-            str(job.id), job.status.value, job.mode.value, job.source.user_key, job.params.prompt[:40], outcome
-        )
-    console.print(table)
+        # A line per job, not a table: a table cuts the model's folder and the video's path to fit the terminal.
+        outcome = job.result.path if job.result else job.error_user
+        parts = [f"#{job.id}", job.status.value, job.mode.value, job.model, job.source.user_key]
+        parts += [_cut(job.params.prompt), *([outcome] if outcome else [])]
+        console.print(" · ".join(parts), highlight=False, markup=False)
+
+
+def _cut(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 @queue_app.command("show")
-def queue_show(job_id: int, as_json: JsonOption = False, config: ConfigOption = None) -> None:
+def queue_show(job_id: JobIdArgument, as_json: JsonOption = False, config: ConfigOption = None) -> None:
     """Everything about one job, with its event history."""
     settings = _settings(config)
 
     async def work() -> tuple[Job, list[tuple[str, str | None]], Any]:
-        async with _open_queue(settings) as queue:
+        async with _open_queue(settings) as queue, _terminal_hints():
             return await queue.get(job_id), await queue.events_of(job_id), await queue.position(job_id)
 
     job, history, place = _run(work())
@@ -200,21 +269,77 @@ def queue_show(job_id: int, as_json: JsonOption = False, config: ConfigOption = 
     if as_json:
         console.print_json(json.dumps(data))
         return
-    for key, value in _job_summary(job).items():
-        console.print(f"{key:>9}: {value}", highlight=False)
+    for key, value in _job_lines(job, history, place):
+        console.print(f"{key:>9}: {value}", highlight=False, markup=False)
+
+
+def _job_lines(job: Job, history: list[tuple[str, str | None]], place: Any) -> list[tuple[str, str]]:
+    """`queue show` as text: what was asked, what was made, when, and what went wrong; nothing unknown is printed."""
+    params = job.params
+    lines = [
+        ("job", f"#{job.id} {job.status.value}" + (" (cancel requested)" if job.cancel_requested else "")),
+        ("mode", job.mode.value),
+        ("model", job.model),
+        ("user", job.source.user_key),
+        ("prompt", params.prompt or "(none)"),
+        ("seed", str(params.seed)),
+        ("size", f"{params.width}x{params.height}, {params.frames} frames at {params.fps} fps, {params.steps} steps"),
+        ("attempts", str(job.attempts)),
+        ("asked", _time_text(job.created_at)),
+    ]
+    if job.started_at is not None:
+        waited = duration_text(job.started_at - job.created_at)
+        lines.append(("started", f"{_time_text(job.started_at)} (waited {waited})"))
+    if job.finished_at is not None:
+        took = f" (ran {duration_text(job.finished_at - job.started_at)})" if job.started_at is not None else ""
+        lines.append(("finished", _time_text(job.finished_at) + took))
     if place is not None:
-        console.print(f" position: {place.position} (eta {place.eta_s or 0:.0f}s)", highlight=False)
-    for entry in data["history"]:
-        console.print(f"    event: {entry['event']} {entry['detail'] or ''}", highlight=False)
+        lines.append(("position", _place_text(place, history)))
+    if job.error_user:
+        lines.append(("error", job.error_user))
+    if job.result is not None:
+        lines.append(("video", job.result.path))
+    if job.delivery_status is not None:
+        problem = f": {job.delivery_error}" if job.delivery_error else ""
+        lines.append(("delivery", f"{job.delivery_status.value} after {job.delivery_attempts} tries{problem}"))
+    if job.delivered_at is not None:
+        lines.append(("delivered", _time_text(job.delivered_at)))
+    lines.extend(("note", note) for note in (*params.adjustments, *params.warnings))
+    lines.extend(("event", f"{kind} ({detail})" if detail else kind) for kind, detail in history)
+    return lines
+
+
+def _place_text(place: Any, history: list[tuple[str, str | None]]) -> str:
+    last_kind, last_detail = history[-1] if history else ("", None)
+    if last_kind == EventKind.REQUEUED.value and "download" in (last_detail or ""):
+        # Put back by the worker until its model is on disk: no place in the line says when that is.
+        return f"{place.position}, waiting for its model to download"
+    # Under a second left means the job ahead is overrunning its usual time: no number says more than "0s".
+    if place.eta_s is None or place.eta_s < 1:
+        return f"{place.position}, next to start" if place.position == 1 else f"{place.position}"
+    return f"{place.position}, about {duration_text(place.eta_s)} to wait"
+
+
+def _time_text(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+@contextlib.asynccontextmanager
+async def _terminal_hints() -> AsyncIterator[None]:
+    """The queue's hints name the chats' /queue; in a terminal the command to run is `wanbot queue list`."""
+    try:
+        yield
+    except JobNotFound as exc:
+        raise JobNotFound(exc.message, "Try wanbot queue list to see the jobs there are.") from None
 
 
 @queue_app.command("cancel")
-def queue_cancel(job_id: int, config: ConfigOption = None) -> None:
+def queue_cancel(job_id: JobIdArgument, config: ConfigOption = None) -> None:
     """Cancel a queued job at once, or ask a running one to stop."""
     settings = _settings(config)
 
     async def work() -> Job:
-        async with _open_queue(settings) as queue:
+        async with _open_queue(settings) as queue, _terminal_hints():
             return await queue.cancel(job_id, CLI_ACTOR)
 
     job = _run(work())
@@ -223,12 +348,12 @@ def queue_cancel(job_id: int, config: ConfigOption = None) -> None:
 
 
 @queue_app.command("retry")
-def queue_retry(job_id: int, config: ConfigOption = None) -> None:
+def queue_retry(job_id: JobIdArgument, config: ConfigOption = None) -> None:
     """Queue a finished job again as a new job."""
     settings = _settings(config)
 
     async def work():
-        async with _open_queue(settings) as queue:
+        async with _open_queue(settings) as queue, _terminal_hints():
             return await queue.retry(job_id, CLI_ACTOR)
 
     added = _run(work())
@@ -236,12 +361,12 @@ def queue_retry(job_id: int, config: ConfigOption = None) -> None:
 
 
 @queue_app.command("redeliver")
-def queue_redeliver(job_id: int, config: ConfigOption = None) -> None:
+def queue_redeliver(job_id: JobIdArgument, config: ConfigOption = None) -> None:
     """Send a finished video whose delivery failed again, from its stored file (the running bot sends it)."""
     settings = _settings(config)
 
     async def work() -> Job:
-        async with _open_queue(settings) as queue:
+        async with _open_queue(settings) as queue, _terminal_hints():
             return await queue.redeliver(job_id)
 
     job = _run(work())
@@ -250,11 +375,13 @@ def queue_redeliver(job_id: int, config: ConfigOption = None) -> None:
 
 @queue_app.command("stats")
 def queue_stats(
-    days: Annotated[float, typer.Option(help="How far back, by the day a job was asked for.")] = 7,
+    days: Annotated[float, typer.Option(metavar="DAYS", help="How far back, by the day a job was asked for.")] = 7,
     as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Per model: how many jobs, how they ended, how long they waited and ran."""
+    if not 0 < days < math.inf:
+        raise _usage_error(f"--days must be a number of days above 0, not {days:g}. Give one such as 7, or 0.5.")
     settings = _settings(config)
 
     async def work() -> list[dict[str, Any]]:
@@ -350,8 +477,17 @@ def _worker_lock(settings: Settings) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-async def _wait_for_jobs(engine: Engine, job_ids: set[int], show_progress: bool) -> list[Job]:
-    """Run the worker (or wait on another process's) until every job in `job_ids` has ended."""
+QUEUE_PAUSED = "the queue is paused (wanbot queue resume)"
+
+
+async def _wait_for_jobs(
+    engine: Engine, job_ids: set[int], show_progress: bool, stop: asyncio.Event | None = None
+) -> list[Job]:
+    """Run the worker (or wait on another process's) until every job in `job_ids` has ended.
+
+    The command owns its jobs: once `stop` is set (a signal), or when the queue is paused while one still waits, the
+    jobs not yet ended are cancelled, so none is left behind to be made by the next command or `wanbot run`."""
+    stop = stop or asyncio.Event()
     with _worker_lock(engine.settings) as own_worker:
         inbox = engine.queue.events.subscribe()
         worker = None
@@ -363,21 +499,35 @@ async def _wait_for_jobs(engine: Engine, job_ids: set[int], show_progress: bool)
         try:
             with _progress_display(show_progress) as display:
                 pending = set(job_ids)
-                while pending:
+                while pending and not stop.is_set():
                     with contextlib.suppress(TimeoutError):
                         event = await asyncio.wait_for(inbox.get(), timeout=1.0)
                         display.show(event)
-                    for job_id in list(pending):
-                        if (await engine.queue.get(job_id)).status.terminal:
-                            pending.discard(job_id)
+                    jobs = [await engine.queue.get(job_id) for job_id in pending]
+                    pending = {job.id for job in jobs if not job.status.terminal}
+                    if any(job.status is JobStatus.QUEUED for job in jobs) and await engine.queue.is_paused():
+                        cancelled = await _cancel_jobs(engine, pending)
+                        raise UserError(f"Cancelled {cancelled}: {QUEUE_PAUSED}.", "Resume it, then run this again.")
                     if worker is not None and worker.done():
                         worker.result()
+                if stop.is_set():
+                    await _cancel_jobs(engine, pending)
         finally:
             inbox.close()
             if worker is not None:
-                await engine.worker.stop(requeue_running=True)
+                # A cancelled job stops at its next step; only an unexpected end puts the running one back.
+                await engine.worker.stop(requeue_running=not stop.is_set())
                 await worker
     return [await engine.queue.get(job_id) for job_id in sorted(job_ids)]
+
+
+async def _cancel_jobs(engine: Engine, job_ids: set[int]) -> str:
+    """Cancel what has not ended (a running job stops at its next step); say which, as 'job 3' or 'jobs 3, 4'."""
+    for job_id in sorted(job_ids):
+        with contextlib.suppress(UserError):  # it ended meanwhile
+            await engine.queue.cancel(job_id, CLI_ACTOR)
+    named = ", ".join(str(job_id) for job_id in sorted(job_ids))
+    return f"job{'s' if len(job_ids) > 1 else ''} {named}"
 
 
 class _ProgressDisplay:
@@ -390,30 +540,33 @@ class _ProgressDisplay:
             return
         job_id = event.job.id
         if job_id not in self._tasks:
-            self._tasks[job_id] = self._progress.add_task(f"job {job_id}", total=None)
+            self._tasks[job_id] = self._progress.add_task(f"job {job_id}", total=None, count="")
         if event.progress is None:
             return
         stage = event.progress.stage.value + (f" ({event.progress.detail})" if event.progress.detail else "")
+        # Loading and downloading have no step count yet: the bar pulses, with no "0/None" beside it.
+        total = event.progress.total or None
         self._progress.update(
             self._tasks[job_id],
             description=f"job {job_id} {stage}",
             completed=event.progress.step,
-            total=event.progress.total or None,
+            total=total,
+            count=f"{event.progress.step}/{total}" if total else "",
         )
 
 
 @contextlib.contextmanager
-def _progress_display(enabled: bool) -> Iterator[_ProgressDisplay]:
+def _progress_display(enabled: bool, console: Console = errors) -> Iterator[_ProgressDisplay]:
     if not enabled:
         yield _ProgressDisplay(None)
         return
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[count]}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=errors, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False) as progress:
         yield _ProgressDisplay(progress)
 
 
@@ -428,22 +581,63 @@ def _upload(path: Path | None) -> Upload | None:
         raise UserError(f"{path} cannot be read ({exc.strerror}).", "Check the path.") from None
 
 
+def _model_option(ctx: typer.Context, name: str | None) -> str | None:
+    """Check --model as soon as it is read: the engine's message about a bad name points to models.<mode>."""
+    mode = ctx.params.get("mode")
+    if name is None or mode is None:
+        return name
+    try:
+        resolve_model(name, mode)
+    except UserError as exc:
+        what = f"--model {exc.message.removeprefix('Model ')}" if exc.message.startswith("Model ") else exc.message
+        example = getattr(ModelsConfig(), mode.value)
+        raise _usage_error(f"{what} Give --model a model folder, 'tiny', or a Hub repo id such as {example}.") from None
+    return name
+
+
 @app.command()
 def generate(
-    mode: Annotated[Mode, typer.Option(help="t2v, i2v or ti2v.")],
-    prompt: Annotated[str, typer.Option(help="What the video shows.")] = "",
-    start: Annotated[Path | None, typer.Option(help="Start image (i2v, ti2v).")] = None,
-    end: Annotated[Path | None, typer.Option(help="End image (optional).")] = None,
-    model: Annotated[str | None, typer.Option(help="Repo id, folder or 'tiny' (default: models.<mode>).")] = None,
-    frames: int | None = None,
-    steps: int | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    resolution: Annotated[str | None, typer.Option(help="A preset such as 480p, or WxH.")] = None,
-    seed: int | None = None,
-    guidance: float | None = None,
-    negative: Annotated[str, typer.Option(help="What to avoid (default: generation.negative_prompt).")] = "",
-    out: Annotated[Path | None, typer.Option(help="Copy the MP4 here too.")] = None,
+    # Eager: --model's check below needs the mode, wherever on the line each one stands.
+    mode: Annotated[Mode, typer.Option(help="t2v, i2v or ti2v.", is_eager=True)],
+    prompt: Annotated[
+        str, typer.Option(metavar="TEXT", help="What the video shows (default: none; t2v needs one).")
+    ] = "",
+    start: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Start image (default: none; i2v and ti2v need one).")
+    ] = None,
+    end: Annotated[Path | None, typer.Option(metavar="FILE", help="End image (default: none).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            metavar="MODEL",
+            help="Repo id, folder or 'tiny' (default: the configured models.<mode>).",
+            callback=_model_option,
+        ),
+    ] = None,
+    frames: Annotated[
+        int | None, typer.Option(metavar="N", help="Frames, 4k+1 (default: the model's, 81 or 121 for TI2V-5B).")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(metavar="N", help="Denoising steps (default: the model's, 40 or 50 for TI2V-5B).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(metavar="PX", help="Width, with --height (default: from --resolution).")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(metavar="PX", help="Height, with --width (default: from --resolution).")
+    ] = None,
+    resolution: Annotated[
+        str | None,
+        typer.Option(metavar="SIZE", help="A preset such as 480p, or WxH (default: the model's; images set shape)."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(metavar="N", help="0 to 4294967295 (default: a random one).")] = None,
+    guidance: Annotated[float | None, typer.Option(metavar="SCALE", help="0 to 20 (default: the model's).")] = None,
+    negative: Annotated[
+        str, typer.Option(metavar="TEXT", help="What to avoid (default: generation.negative_prompt).")
+    ] = "",
+    out: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Copy the MP4 here too (default: only under the data folder).")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Make one video through the same validation, queue and worker as the bot, with a progress bar."""
@@ -462,14 +656,48 @@ def generate(
         resolution=size,
         frames=frames,
     )
-    job = _run(_generate(settings, request, _upload(start), _upload(end), model))
+    if out is not None and out.is_dir():
+        raise _usage_error(f"--out {out} is a folder, not a file. Name the file to write, such as {out / 'video.mp4'}.")
+    try:
+        job = _run(_generate(settings, request, _upload(start), _upload(end), model))
+    except _Interrupted as stopped:
+        errors.print(stopped.message, markup=False)
+        raise typer.Exit(128 + stopped.signum) from None
     if job.status is not JobStatus.SUCCEEDED or job.result is None:
         errors.print(f"job {job.id} {job.status.value}: {job.error_user or ''}", markup=False)
         raise typer.Exit(1)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(Path(job.result.path).read_bytes())
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(Path(job.result.path).read_bytes())
+        except OSError as exc:
+            where = job.result.path
+            raise _usage_error(f"The video could not be copied to {out} ({exc.strerror}). It is in {where}.") from None
     console.print(f"{out or job.result.path}  ({_timings(job)})", highlight=False)
+
+
+class _Interrupted(Exception):
+    """`generate` got SIGINT or SIGTERM and cancelled its job."""
+
+    def __init__(self, signum: int, job: Job) -> None:
+        super().__init__(signum, job)
+        self.signum = signum
+        name = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
+        done = "was cancelled" if job.status is JobStatus.CANCELLED else "stops at its next step"
+        self.message = f"Interrupted by {name}: job {job.id} {done} and makes no video. Run the command again for it."
+
+
+def _quiet_libraries() -> None:
+    """The libraries' own progress bars and INFO lines ("Loading weights", "Writing model shards") would run
+    between ours and repeat what the progress display says."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+    disable_progress_bars()
 
 
 async def _generate(
@@ -478,15 +706,44 @@ async def _generate(
     # torch and diffusers load only for the commands that generate: `queue list` stays quick.
     from engine.service import Engine
 
+    _quiet_libraries()
+    # pause_on_start is for `wanbot run` after a restart; here it would pause the queue under this command's own job.
+    settings = settings.model_copy(update={"queue": settings.queue.model_copy(update={"pause_on_start": False})})
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+        loop.remove_signal_handler(signum)  # a second Ctrl+C stops at once
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
     engine = await Engine.open(settings)
     try:
+        if await engine.queue.is_paused():
+            raise UserError(f"Nothing was queued: {QUEUE_PAUSED}.", "Resume it, then run this command again.")
         source = JobSource(platform="cli", chat_id="terminal", user_id="admin")
         submission = await engine.submit(request, source, start, end, model_override=model)
+        job = submission.result.job
         for note in submission.notes:
             errors.print(f"note: {note}", markup=False)
-        return (await _wait_for_jobs(engine, {submission.result.job.id}, show_progress=True))[0]
+        errors.print(f"job {job.id}: {_settings_text(job)}", markup=False)
+        job = (await _wait_for_jobs(engine, {job.id}, show_progress=True, stop=stop))[0]
+        if received and job.status is not JobStatus.SUCCEEDED:
+            raise _Interrupted(received[0], job)
+        return job
     finally:
         await engine.close()
+
+
+def _settings_text(job: Job) -> str:
+    params = job.params
+    return (
+        f"{params.width}x{params.height}, {params.frames} frames at {params.fps} fps, {params.steps} steps, "
+        f"seed {params.seed}, model {job.model}"
+    )
 
 
 def _timings(job: Job) -> str:
@@ -568,30 +825,67 @@ def _demo_images() -> tuple[bytes, bytes]:
 def models_make_tiny(
     target: Annotated[Path, typer.Argument(help="Folder to create.")],
     kind: Annotated[Mode, typer.Option("--kind", help="Which pipeline shape: t2v, i2v or ti2v.")] = Mode.T2V,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the random weights.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace a model already in the folder.")] = False,
 ) -> None:
     """Build a randomly initialised tiny Wan pipeline and save it as a diffusers folder."""
     from engine.tiny import make_tiny_model
 
-    if target.exists() and any(target.iterdir()) and not (target / "model_index.json").exists():
-        errors.print(f"{target} exists and is not a diffusers model folder; choose an empty or new folder.")
-        raise typer.Exit(2)
-    make_tiny_model(target, kind, seed)
+    if target.exists() and not target.is_dir():
+        raise _usage_error(f"{target} is a file, not a folder. Name a new or empty folder.")
+    if target.is_dir() and any(target.iterdir()):
+        held = _folder_holds(target)
+        if not (target / "model_index.json").exists():
+            # --force replaces a model, never a folder of something else (`make-tiny . --force` must not empty it).
+            raise _usage_error(f"{target} already holds {held}, not a model. Name a new or empty folder.")
+        if not force:
+            fix = "Name a new or empty folder, or add --force to replace it."
+            raise _usage_error(f"{target} already holds {held}. {fix}")
+        shutil.rmtree(target)
+    _quiet_libraries()
+    try:
+        # Checked here, before the pipeline is built: a path this user cannot write fails in a second, not after.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        make_tiny_model(target, kind, seed)
+    except OSError as exc:
+        raise _usage_error(
+            f"The tiny model could not be written to {target} ({exc.strerror}). Choose a folder this user can write."
+        ) from None
     size = sum(path.stat().st_size for path in target.rglob("*") if path.is_file())
     console.print(f"tiny {kind.value} model in {target} ({size / 1024:.0f} KiB)", highlight=False)
 
 
+def _folder_holds(folder: Path) -> str:
+    """What a folder holds, in a few words: which Wan model, or how many entries."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        entries = sorted(path.name for path in folder.iterdir())
+        shown = ", ".join(entries[:3]) + (", …" if len(entries) > 3 else "")
+        return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ({shown})"
+    kind = "i2v" if index.get("_class_name") == "WanImageToVideoPipeline" else "t2v"
+    kind = "ti2v" if index.get("expand_timesteps") else kind
+    return f"a {kind} model ({index.get('_class_name')})"
+
+
 def _repo_for(name: str, settings: Settings) -> str:
-    """A mode names the model configured for it; anything else is taken as a repo id."""
+    """A mode names the model configured for it; anything else is taken as a repo id, checked by its form."""
+    from engine.downloads import check_repo_id
+
     if name in {mode.value for mode in Mode}:
         return getattr(settings.models, name)
+    try:
+        check_repo_id(name)
+    except UserError as exc:
+        errors.print(str(exc), markup=False)
+        raise typer.Exit(2) from None
     return name
 
 
 @models_app.command("download")
 def models_download(
     name: Annotated[str, typer.Argument(help="t2v, i2v, ti2v (the configured model) or a repo id.")],
-    revision: str = "main",
+    revision: Annotated[str, typer.Option(metavar="REV", help="A branch, tag or commit of the repo.")] = "main",
     config: ConfigOption = None,
 ) -> None:
     """Download a model (only the files the pipeline needs), resuming whatever an earlier run fetched."""
@@ -629,14 +923,14 @@ def models_download(
 
 @models_app.command("list")
 def models_list(as_json: JsonOption = False, config: ConfigOption = None) -> None:
-    """The configured models: on disk or not, size on disk, size still to download."""
-    from engine.downloads import Downloader
+    """The configured models: on disk or not, size on disk (at once), size still to download (asked briefly)."""
+    from engine.downloads import Downloader, size_text
     from engine.models import resolve_model
 
     settings = _settings(config)
     downloader = Downloader(settings.models_dir, settings.downloads)
 
-    async def describe(mode: Mode) -> dict[str, Any]:
+    def describe(mode: Mode) -> dict[str, Any]:
         name = getattr(settings.models, mode.value)
         model = resolve_model(name, mode)
         row: dict[str, Any] = {
@@ -645,6 +939,7 @@ def models_list(as_json: JsonOption = False, config: ConfigOption = None) -> Non
             "on_disk": False,
             "bytes_on_disk": 0,
             "bytes_to_download": None,
+            "not_checked": None,
         }
         folder = (
             settings.models_dir / model.name
@@ -659,13 +954,18 @@ def models_list(as_json: JsonOption = False, config: ConfigOption = None) -> Non
             row["bytes_to_download"] = 0
         elif model.is_tiny:
             row["bytes_to_download"] = 0  # built locally on first use
-        elif not settings.downloads.offline:
-            with contextlib.suppress(UserError):
-                row["bytes_to_download"] = (await downloader.plan(model.name)).missing_bytes
         return row
 
     async def work() -> list[dict[str, Any]]:
-        return [await describe(mode) for mode in Mode]
+        rows = [describe(mode) for mode in Mode]  # from disk: no waiting on a network
+        # Then the Hub, once and briefly, for what is missing: without a network this answers in seconds.
+        to_check = list(dict.fromkeys(row["model"] for row in rows if row["bytes_to_download"] is None))
+        for size in await downloader.sizes_to_download(to_check):
+            for row in rows:
+                if row["model"] == size.repo_id:
+                    row["bytes_to_download"] = size.missing_bytes
+                    row["not_checked"] = size.not_checked or None
+        return rows
 
     rows = _run(work())
     if as_json:
@@ -673,10 +973,13 @@ def models_list(as_json: JsonOption = False, config: ConfigOption = None) -> Non
         return
     table = Table("mode", "model", "on disk", "size on disk", "to download")
     for row in rows:
-        to_get = "unknown" if row["bytes_to_download"] is None else f"{row['bytes_to_download'] / 1e9:.2f} GB"
-        table.add_row(
-            row["mode"], row["model"], "yes" if row["on_disk"] else "no", f"{row['bytes_on_disk'] / 1e9:.2f} GB", to_get
+        to_get = (
+            f"not checked: {row['not_checked']}"
+            if row["bytes_to_download"] is None
+            else size_text(row["bytes_to_download"])
         )
+        on_disk = "yes" if row["on_disk"] else "no"
+        table.add_row(row["mode"], row["model"], on_disk, size_text(row["bytes_on_disk"]), to_get)
     console.print(table)
 
 
@@ -720,6 +1023,7 @@ async def _serve(settings: Settings) -> str | None:
     """Run until a signal (None) or until a long-lived task could not be kept alive (what failed)."""
     import signal
 
+    from engine.downloads import warn_missing_models
     from engine.generate import describe_device
     from engine.service import Engine
 
@@ -747,6 +1051,7 @@ async def _serve(settings: Settings) -> str | None:
                 f"wanbot running on {settings.data_dir} with {names}; Ctrl+C stops, the running job is re-queued"
             )
             errors.print(f"videos are made on {describe_device(settings.generation)}", markup=False)
+            await warn_missing_models(settings, partial(errors.print, markup=False))
             await _first_of(stop.wait(), supervisor.wait_failed())
             await engine.worker.stop(requeue_running=True)
             await supervisor.join(WORKER_TASK)

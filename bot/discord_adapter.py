@@ -37,7 +37,12 @@ CONTENT_LIMIT = 2000  # characters in a message; every text the bot sends is fit
 MODAL_TIMEOUT_S = 900
 UNKNOWN_CHANNEL = 10003  # Discord's JSON error code
 NOT_ALLOWED = "Sorry, you are not allowed to use this bot here."
-DISCORD_NOTE = "Or right-click a message with a picture > Apps > Make a video (two pictures: start and end frames)."
+DISCORD_HELP = (
+    "/video with a prompt: text to video (t2v); attach start_image for image to video (i2v), and end_image for the "
+    "last frame.\n"
+    "/video's fields set the mode and the options below; options written in the prompt work too, and a field wins.\n"
+    "Or right-click a message with a picture > Apps > Make a video (two pictures: start and end frames)."
+)
 
 
 class WanbotClient(discord.Client):
@@ -203,6 +208,7 @@ class DiscordAdapter:
     def _register_commands(self) -> None:
         tree = self.client.tree
         adapter = self
+        limits = self._engine.settings.generation
 
         @tree.command(name="video", description="Make a short video from text, or from a picture and text.")
         @app_commands.describe(
@@ -220,6 +226,11 @@ class DiscordAdapter:
         @app_commands.choices(
             mode=[app_commands.Choice(name=mode.value, value=mode.value) for mode in Mode],
         )
+        # The limits in force, so the client refuses what the bot would clamp (5 frames is the fewest Wan makes).
+        @_annotate(
+            steps=app_commands.Range[int, 1, limits.max_steps] | None,
+            frames=app_commands.Range[int, 5, limits.max_frames] | None,
+        )
         async def video(
             interaction: discord.Interaction,
             prompt: app_commands.Range[str, None, MAX_PROMPT_CHARS] = "",
@@ -228,23 +239,29 @@ class DiscordAdapter:
             end_image: discord.Attachment | None = None,
             negative_prompt: app_commands.Range[str, None, MAX_PROMPT_CHARS] = "",
             seed: app_commands.Range[int, 0, 2**32 - 1] | None = None,
-            steps: app_commands.Range[int, 1, 200] | None = None,
-            frames: app_commands.Range[int, 1, 1000] | None = None,
+            steps: int | None = None,
+            frames: int | None = None,
             resolution: str | None = None,
             guidance: app_commands.Range[float, 0.0, 20.0] | None = None,
         ) -> None:
-            request_mode = Mode(mode) if mode else (Mode.I2V if start_image else Mode.T2V)
-            request = GenerationRequest(
-                mode=request_mode,
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                seed=seed,
-                steps=steps,
-                frames=frames,
-                resolution=resolution,
-                guidance=guidance,
-            )
-            await adapter._accept(interaction, request, start_image, end_image, [])
+            # Options written in the prompt count, as in the "Make a video" form; a field the user filled in wins.
+            try:
+                parsed = chat.parse_message(prompt, None, has_image=start_image is not None)
+            except UserError as error:
+                await _answer_privately(interaction, chat.user_error_text(error))
+                return
+            fields = {
+                "mode": Mode(mode) if mode else None,
+                "negative_prompt": negative_prompt,
+                "seed": seed,
+                "steps": steps,
+                "frames": frames,
+                "resolution": resolution,
+                "guidance": guidance,
+            }
+            given = {name: value for name, value in fields.items() if value not in (None, "")}
+            request = parsed.request.model_copy(update=given)
+            await adapter._accept(interaction, request, start_image, end_image, parsed.notes)
 
         @tree.command(name="queue", description="Your jobs and their places in the queue.")
         async def queue(interaction: discord.Interaction) -> None:
@@ -286,7 +303,7 @@ class DiscordAdapter:
 
         @tree.command(name="help", description="How to use this bot.")
         async def help_command(interaction: discord.Interaction) -> None:
-            await interaction.response.send_message(chat.help_text(DISCORD_NOTE), ephemeral=True)
+            await interaction.response.send_message(chat.help_text(DISCORD_HELP), ephemeral=True)
 
         @tree.context_menu(name="Make a video")
         async def make_video(interaction: discord.Interaction, message: discord.Message) -> None:
@@ -411,7 +428,8 @@ class DiscordAdapter:
     async def _show_duplicate(self, interaction: discord.Interaction, result: EnqueueResult) -> None:
         """A new job's place is shown by the relay, in event order; a request already queued is answered here."""
         if not result.created:
-            text = chat.queued_text(result.job, result.position, duplicate=True)
+            paused = await self._engine.queue.is_paused()
+            text = chat.queued_text(result.job, result.position, duplicate=True, paused=paused)
             await _edit_answer(interaction, text, _view(CancelButton(result.job.id)))
 
     async def _download(self, attachment: discord.Attachment | None, role: str) -> Upload | None:
@@ -538,6 +556,17 @@ class DiscordAdapter:
             # with the message it already made. (An interaction's follow-up has no such check.)
             nonce = f"wanbot-{job.id}"
             await channel.send(content, file=file, view=view, allowed_mentions=mentions, nonce=nonce)
+
+
+def _annotate(**annotations: Any) -> Any:
+    """Set a command's option types at registration: the module's annotations are strings that discord.py
+    resolves in the module's namespace, which knows no settings."""
+
+    def apply(callback: Any) -> Any:
+        callback.__annotations__.update(annotations)
+        return callback
+
+    return apply
 
 
 def _worth_retrying(error: Exception) -> bool:

@@ -70,6 +70,8 @@ class JobRelay:
         self._delivering: set[int] = set()
         self._retry_at: dict[int, float] = {}  # job id -> loop time of its next upload attempt
         self._tasks: set[asyncio.Task[None]] = set()
+        # Set once what the last run left unshown (ended jobs, waiting jobs' places) has been shown.
+        self.caught_up = asyncio.Event()
 
     def start(self, events: Subscription) -> None:
         """Follow `events` (subscribed before the platform connects, so nothing is missed), retry deliveries, and
@@ -107,10 +109,16 @@ class JobRelay:
             log.warning("could not record that job=%s shows its end", job.id, exc_info=True)
 
     async def _show_missed_ends(self) -> None:
-        for job in await self._queue.final_unshown(self._platform, self._max_attempts):
-            await self.show_last(job, self._end_text(job))
-        # A request queued just before a stop may not have shown its answer yet: every waiting job shows its place.
-        await self._show_positions(refresh=True)
+        try:
+            for job in await self._queue.final_unshown(self._platform, self._max_attempts):
+                await self.show_last(job, self._end_text(job))
+            # A request queued just before a stop may not have shown its answer yet: every waiting job shows its
+            # place.
+            await self._show_positions(refresh=True)
+        except Exception:
+            log.warning("could not show what the last run left unshown", exc_info=True)
+        finally:
+            self.caught_up.set()
 
     def _end_text(self, job: Job) -> str:
         if job.status is not JobStatus.SUCCEEDED:
@@ -169,13 +177,14 @@ class JobRelay:
                     (JobStatus.QUEUED,), platform=self._platform, limit=POSITION_REFRESH_LIMIT, oldest_first=True
                 )
             shown_in: Counter[str] = Counter()
+            paused = await self._queue.is_paused()
             for job in jobs:
                 if self._refresh_per_chat is not None and shown_in[job.source.chat_id] >= self._refresh_per_chat:
                     continue
                 position = await self._queue.position(job.id)
                 if position is not None:
                     shown_in[job.source.chat_id] += 1
-                    self.show(job, chat.queued_text(job, position), "cancel", refresh=refresh)
+                    self.show(job, chat.queued_text(job, position, paused=paused), "cancel", refresh=refresh)
         except Exception:
             # Places are a courtesy: a failed read must not stop the progress and results that follow.
             log.warning("could not refresh queue positions", exc_info=True)

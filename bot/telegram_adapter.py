@@ -45,7 +45,11 @@ GROUP_REFRESH_LIMIT = 5
 TEXT_LIMIT = 4096  # characters in a message; a video's caption may have 1024 (chat.result_caption's default)
 COMMANDS = {"video": None, "t2v": Mode.T2V, "i2v": Mode.I2V, "ti2v": Mode.TI2V}
 CAPTION_COMMAND = re.compile(r"^/(video|t2v|i2v|ti2v)(?:@(\w+))?(?:\s|$)", re.IGNORECASE)
-TELEGRAM_NOTES = (
+TELEGRAM_HELP = (
+    "/video a red fox running through snow: text to video (t2v)\n"
+    "A photo with the caption /video the fox turns its head: image to video (i2v)\n"
+    "Two photos in one album with /video: start and end frames\n"
+    "/t2v, /i2v, /ti2v pick the mode.\n"
     "In a private chat with me /video is optional: any message, or a picture with a caption, is a request; "
     "a message that replies to a picture uses that picture.\n"
     "Tip: send pictures as files (documents); Telegram recompresses photos."
@@ -54,6 +58,11 @@ UNUSABLE_HINT = "I make videos from a text prompt or a picture: send either (a p
 PICTURE_HINT = (
     "Got the picture. What should happen in the video? Reply to it with a prompt (for example: the waves roll in), "
     "or send it again with the prompt as its caption."
+)
+HINTS_KEPT = 1000  # picture hints whose pictures a reply can still use; older ones (and all after a restart) cannot
+REPLY_TO_VIDEO_NOTE = (
+    "My video is not used as a picture, so this is text to video from your prompt. "
+    "To animate a picture, reply to the picture itself."
 )
 
 
@@ -94,6 +103,8 @@ class TelegramAdapter:
         self._albums: dict[tuple[int, str], list[Message]] = {}
         self._album_timers: dict[tuple[int, str], asyncio.Task[None]] = {}
         self._album_updates: dict[tuple[int, str], list[int]] = {}
+        # Telegram leaves the reply to a hint out of the hint a reply quotes: the hint's pictures are kept here.
+        self._hint_pictures: dict[tuple[int, int], list[ImageRef]] = {}
         # Before the Application exists: building it already logs its base URL, token included.
         self._redactor = redact_everywhere(self._token)
         self.app: Application = (
@@ -180,9 +191,7 @@ class TelegramAdapter:
     async def _on_video_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
         text = message.text.partition(" ")[2] if " " in message.text else ""
-        replied = message.reply_to_message
-        images = _images_of(replied) if replied is not None else []
-        await self._submit(message, text, COMMANDS.get(_command_name(message)), images)
+        await self._submit_text(message, text, COMMANDS.get(_command_name(message)))
 
     async def _on_picture(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
@@ -201,12 +210,14 @@ class TelegramAdapter:
             await self._submit(message, request[1], request[0], _images_of(message))
         elif _is_private(message):
             caption = (message.caption or "").split()
-            await self._reply(message, _unknown_command_text(caption[0]) if caption else PICTURE_HINT)
+            if caption:
+                await self._reply(message, _unknown_command_text(caption[0]))
+            else:
+                await self._send_picture_hint(message, _images_of(message))
 
     async def _on_private_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
-        replied = message.reply_to_message
-        await self._submit(message, message.text, None, _images_of(replied) if replied is not None else [])
+        await self._submit_text(message, message.text, None)
 
     async def _on_unknown_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
@@ -229,12 +240,46 @@ class TelegramAdapter:
         captioned = next((item for item in messages if self._caption_request(item) is not None), None)
         if captioned is None:
             if messages and _is_private(messages[0]):
-                await messages[0].reply_text(PICTURE_HINT)
+                await self._send_picture_hint(messages[0], [ref for item in messages for ref in _images_of(item)][:2])
             return
         mode, text = self._caption_request(captioned)
         images = [ref for item in messages for ref in _images_of(item)]
         notes = [chat.EXTRA_PICTURES_NOTE] if len(images) > 2 else []
         await self._submit(captioned, text, mode, images[:2], notes)
+
+    async def _send_picture_hint(self, picture: Message, images: list[ImageRef]) -> None:
+        """Ask for a prompt, and keep the pictures, so that a reply to the hint uses them."""
+        hint = await self._reply(picture, PICTURE_HINT)
+        self._hint_pictures[(hint.chat_id, hint.message_id)] = images
+        while len(self._hint_pictures) > HINTS_KEPT:
+            del self._hint_pictures[next(iter(self._hint_pictures))]
+
+    async def _submit_text(self, message: Message, text: str, mode: Mode | None) -> None:
+        """A text request, with the pictures of the message it replies to."""
+        try:
+            images, notes = self._pictures_replied_to(message)
+        except UserError as error:
+            await self._reply(message, chat.user_error_text(error))
+            return
+        await self._submit(message, text, mode, images, notes)
+
+    def _pictures_replied_to(self, message: Message) -> tuple[list[ImageRef], list[str]]:
+        """The pictures a request uses from the message it replies to, and notes on them. A reply to the bot's picture
+        hint uses the picture the hint asked about; a reply to the bot's video is text to video, and says so."""
+        replied = message.reply_to_message
+        if replied is None:
+            return [], []
+        if replied.from_user is None or replied.from_user.id != self.app.bot.id:
+            return _images_of(replied), []
+        if replied.text == PICTURE_HINT:
+            pictures = self._hint_pictures.get((replied.chat_id, replied.message_id))
+            if pictures is None:
+                raise UserError(
+                    "I no longer have the picture that message asked about.",
+                    "Send the picture again with the prompt as its caption.",
+                )
+            return pictures, []
+        return [], [REPLY_TO_VIDEO_NOTE] if replied.video is not None else []
 
     def _caption_request(self, message: Message) -> tuple[Mode | None, str] | None:
         """The mode and text a caption asks for: a /video command anywhere, any plain caption in a private chat."""
@@ -303,7 +348,8 @@ class TelegramAdapter:
     async def _show_duplicate(self, result: EnqueueResult, request: Message, status_id: int | None) -> None:
         """A new job's place is shown by the relay, in event order; a request already queued is answered here."""
         if not result.created:
-            text = chat.queued_text(result.job, result.position, duplicate=True)
+            paused = await self._engine.queue.is_paused()
+            text = chat.queued_text(result.job, result.position, duplicate=True, paused=paused)
             await self._answer(request, status_id, text, _cancel_button(result.job.id))
 
     async def _download(self, ref: ImageRef, role: str) -> Upload:
@@ -362,7 +408,7 @@ class TelegramAdapter:
         await self._reply(message, text)
 
     async def _on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        await update.effective_message.reply_text(chat.help_text(TELEGRAM_NOTES))
+        await update.effective_message.reply_text(chat.help_text(TELEGRAM_HELP))
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         query = update.callback_query

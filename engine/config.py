@@ -5,12 +5,15 @@ Precedence, highest first: environment, TOML file (`--config` or `WANBOT_CONFIG`
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,6 +24,10 @@ from pydantic_settings import (
 from engine.errors import ConfigError
 
 CONFIG_ENV = "WANBOT_CONFIG"
+ENV_PREFIX = "WANBOT_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+log = logging.getLogger(__name__)
 
 
 class Section(BaseModel):
@@ -166,6 +173,15 @@ class Settings(BaseSettings):
     telegram: TelegramConfig = TelegramConfig()
     discord: DiscordConfig = DiscordConfig()
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        # logging.basicConfig takes any string and fails later with a traceback; "info" is as good as "INFO".
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -214,15 +230,49 @@ class _PlatformTokens(PydanticBaseSettingsSource):
 
 def load_settings(config_path: Path | None = None) -> Settings:
     """Load and validate the configuration; raise ConfigError with one line per bad key."""
+    previous = os.environ.get(CONFIG_ENV)
     if config_path is not None:
         os.environ[CONFIG_ENV] = str(config_path)
     toml_path = os.environ.get(CONFIG_ENV)
-    if toml_path:
-        _check_toml_readable(Path(toml_path))
     try:
-        return Settings()
+        if toml_path:
+            _check_toml_readable(Path(toml_path))
+        settings = Settings()
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc)) from None
+    finally:
+        # The settings source reads the path from the environment; it must not stay there for the next load (a
+        # test, or a second configuration in one process).
+        if config_path is not None:
+            if previous is None:
+                os.environ.pop(CONFIG_ENV, None)
+            else:
+                os.environ[CONFIG_ENV] = previous
+    for warning in unknown_environment_variables(os.environ):
+        log.warning("%s", warning)
+    return settings
+
+
+def unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each WANBOT_* variable that names no setting.
+
+    A misspelt key inside a section (WANBOT_QUEUE__PER_USER_LIMT) is refused like one in the TOML file, but
+    pydantic-settings reads only the variables of fields it knows, so one with an unknown first part
+    (WANBOT_QEUE__PER_USER_LIMIT) would be ignored without a word."""
+    sections = {name.upper() for name in Settings.model_fields}
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV:
+            continue
+        first, _, rest = upper.removeprefix(ENV_PREFIX).partition("__")
+        if first in sections:
+            continue
+        guess = difflib.get_close_matches(first, sections, n=1)
+        meant = ENV_PREFIX + "__".join(part for part in (guess[0] if guess else "", rest) if part)
+        hint = f"did you mean {meant}?" if guess else f"settings are {ENV_PREFIX}<SECTION>__<KEY>."
+        found.append(f"config warning: {name} is not a wanbot setting and is ignored; {hint}")
+    return found
 
 
 def _check_toml_readable(path: Path) -> None:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -31,14 +32,25 @@ from typing import Any
 import httpx
 from huggingface_hub import get_token
 
-from engine.config import DownloadsConfig
-from engine.errors import UserError
+from engine.config import DownloadsConfig, Settings
+from engine.errors import UserError, quoted
 from engine.files import fsync_folder
+from engine.images import Mode
+from engine.models import resolve_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf")
 SKIPPED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".mp4", ".webp", ".gitattributes")
 CHUNK = 1024 * 1024
 MANIFEST = ".wanbot-manifest.json"
+# Without a network every metadata request waits for its timeout and its retries: minutes before anyone is told.
+# One request with this limit answers in seconds whether the Hub can be reached at all.
+PROBE_TIMEOUT_S = 5.0
+# How long `models list` and `wanbot run` wait for the Hub to say what a model still needs.
+CHECK_LIMIT_S = 10.0
+# The Hub's own rule (huggingface_hub's validate_repo_id): owner/name, each of ASCII letters, digits, '-', '_' and
+# '.', beginning and ending with a letter, digit or '_', at most 96 characters; no '--' or '..', no '.git' at the end.
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+REPO_ID_PATTERN = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
 
 
 @dataclass
@@ -81,6 +93,15 @@ class DownloadProgress:
 ProgressCallback = Callable[[DownloadProgress], None]
 
 
+@dataclass
+class ToDownload:
+    """What a repo still needs from the Hub: its size, or why that could not be checked."""
+
+    repo_id: str
+    missing_bytes: int | None = None
+    not_checked: str = ""
+
+
 class TransientError(Exception):
     """Worth another try: a network error, a reset, a stall, 5xx or 429 (with the delay the server asked for)."""
 
@@ -111,6 +132,7 @@ class Downloader:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        probe_timeout_s: float = PROBE_TIMEOUT_S,
     ) -> None:
         self.root = root
         self._config = config
@@ -118,6 +140,7 @@ class Downloader:
         self._sleep = sleep
         self._clock = clock
         self._wall_clock = wall_clock  # for Retry-After dates, which name a moment, not a duration
+        self._probe_timeout_s = probe_timeout_s
         self._endpoint = config.endpoint.rstrip("/")
         token = os.environ.get("HF_TOKEN") or get_token()
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -145,11 +168,13 @@ class Downloader:
 
     async def plan(self, repo_id: str, revision: str = "main") -> DownloadPlan:
         """Pin the commit and list the files the pipeline needs, with sizes and what is already here."""
+        check_repo_id(repo_id)
         if self._config.offline:
             raise UserError(
                 f"The model {repo_id} is not on disk and downloads are off (offline mode).",
                 "Turn downloads.offline off, or put the model folder on this machine.",
             )
+        await self.check_reachable()
         async with self._client(self._config.metadata_timeout_s) as client:
             what = "the model's revision"
             info = await self._json(client, f"/api/models/{repo_id}/revision/{revision}", repo_id, what)
@@ -172,6 +197,42 @@ class Downloader:
             item.present_bytes = self._present_bytes(folder, item, commit)
         return DownloadPlan(repo_id=repo_id, commit=commit, folder=folder, files=files)
 
+    async def check_reachable(self) -> None:
+        """One request with a short limit: any HTTP answer means the Hub (or a proxy in its place) is there."""
+        try:
+            async with httpx.AsyncClient(timeout=self._probe_timeout_s) as client:
+                await asyncio.wait_for(client.head(f"{self._endpoint}/"), self._probe_timeout_s)
+        except (httpx.TimeoutException, TimeoutError):
+            reason = f"no answer within {self._probe_timeout_s:g} s"
+        except (httpx.TransportError, httpx.InvalidURL, OSError) as error:
+            reason = str(error) or type(error).__name__
+        else:
+            return
+        raise UserError(
+            f"The Hub at {self._endpoint} cannot be reached from here ({reason}).",
+            "Check the network or HF_ENDPOINT (downloads.endpoint), or use a local model folder.",
+        )
+
+    async def sizes_to_download(self, repo_ids: list[str], limit_s: float = CHECK_LIMIT_S) -> list[ToDownload]:
+        """Ask the Hub briefly what each repo still needs; one it could not check says why instead of a size."""
+        if self._config.offline:
+            return [ToDownload(repo_id, not_checked="downloads are off (offline mode)") for repo_id in repo_ids]
+        try:
+            await self.check_reachable()
+        except UserError:
+            return [ToDownload(repo_id, not_checked="the Hub cannot be reached") for repo_id in repo_ids]
+
+        async def one(repo_id: str) -> ToDownload:
+            try:
+                plan = await asyncio.wait_for(self.plan(repo_id), limit_s)
+            except TimeoutError:
+                return ToDownload(repo_id, not_checked=f"the Hub did not answer within {limit_s:g} s")
+            except UserError as error:
+                return ToDownload(repo_id, not_checked=error.message)
+            return ToDownload(repo_id, plan.missing_bytes)
+
+        return list(await asyncio.gather(*(one(repo_id) for repo_id in repo_ids)))
+
     def _unexpected(self, repo_id: str, what: str, problem: str) -> UserError:
         # Often not the Hub at all: a proxy's login page, a captive portal, a mirror that does not serve the API.
         return UserError(
@@ -193,6 +254,7 @@ class Downloader:
 
     async def download(self, repo_id: str, revision: str = "main", on_progress: ProgressCallback | None = None) -> Path:
         """Make the repo's snapshot complete on disk and return its folder. Cancelling keeps what was fetched."""
+        check_repo_id(repo_id)  # before its folder is made: "../x" is no folder name either
         lock_path = self.repo_folder(repo_id) / ".lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with lock_path.open("w") as lock:
@@ -402,6 +464,48 @@ class Downloader:
         if status == 404:
             raise UserError(f"{what} was not found on the Hub.", "Check the repo id (for example in models.t2v).")
         raise UserError(f"The Hub answered HTTP {status} for {what}.", "Try again later.")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse, before any request or folder, a name the Hub could never hold."""
+    valid = REPO_ID_PATTERN.fullmatch(repo_id) and not any(part in repo_id for part in ("..", "--"))
+    if valid and not repo_id.endswith(".git"):
+        return
+    raise UserError(
+        f"{quoted(repo_id)} is not a Hub repo id: one is owner/name, made of letters, digits, '-', '_' and '.'.",
+        "Give an id like Wan-AI/Wan2.2-T2V-A14B-Diffusers, a mode (t2v, i2v, ti2v) or a local model folder.",
+    )
+
+
+async def warn_missing_models(
+    settings: Settings, say: Callable[[str], None], downloader: Downloader | None = None
+) -> None:
+    """At start: one line for each configured Hub model that is not on disk, with what it would download."""
+    downloader = downloader or Downloader(settings.models_dir, settings.downloads)
+    modes_of: dict[str, list[str]] = {}
+    for mode in Mode:
+        try:
+            model = resolve_model(getattr(settings.models, mode.value), mode)
+        except UserError as error:
+            say(str(error))
+            continue
+        if not (model.is_tiny or model.is_local) and downloader.local_snapshot(model.name) is None:
+            modes_of.setdefault(model.name, []).append(mode.value)
+    for size in await downloader.sizes_to_download(list(modes_of)):
+        modes = modes_of[size.repo_id]
+        which = f"The {' and '.join(modes)} model {size.repo_id} is not on disk"
+        if settings.downloads.offline:
+            say(f"{which} and downloads are off (offline mode). Put it on this machine, or jobs for it fail.")
+        elif size.missing_bytes is None:
+            say(
+                f"{which}, and its size could not be checked ({size.not_checked}). Run `wanbot models download "
+                f"{modes[0]}` before its first job, or that job waits for the download."
+            )
+        else:
+            say(
+                f"{which} ({size_text(size.missing_bytes)} to download). Run `wanbot models download {modes[0]}` "
+                "now, or its first job waits for the download."
+            )
 
 
 def retry_after_s(value: str, now: float) -> float | None:

@@ -78,7 +78,12 @@ class ModelFetcher:
                 log.info("model downloaded model=%s", model_name)
                 return
             except UserError as error:
-                await self._queue.fail_waiting(model_name, str(error), f"download failed: {error}")
+                # The chat user cannot fix a network, a token or a disk: they are told the video cannot be made,
+                # the operator reads why and what to do in the log.
+                log.error("download failed model=%s: %s", model_name, error)
+                await self._queue.fail_waiting(
+                    model_name, download_failed_text(model_name), f"download failed: {error}"
+                )
                 return
             except Exception as error:
                 # A bug, a broken disk, an answer nobody expected: logged once with its traceback, tried again after
@@ -113,6 +118,13 @@ class ModelFetcher:
                     await self._queue.update_progress(job.id, shown, persist=False)
                 shown = None
             await asyncio.sleep(every_s)
+
+
+def download_failed_text(model_name: str) -> str:
+    return (
+        f"Sorry, the model {model_name} could not be downloaded, so this video cannot be made. The admin has been "
+        "told in the bot's log; try again later."
+    )
 
 
 def download_progress(progress: DownloadProgress) -> Progress:

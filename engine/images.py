@@ -321,6 +321,15 @@ def _to_srgb(image: Image.Image, profile: bytes) -> Image.Image:
     return converted if converted is not None else image
 
 
+def flattening_note(info: ImageInfo) -> str | None:
+    """What a user is told about a picture with transparent parts: the video cannot show them, they get a colour."""
+    if not info.has_transparency or info.background is None:
+        return None
+    names = {(255, 255, 255): "white", (0, 0, 0): "black"}
+    colour = names.get(tuple(info.background), "RGB {}, {}, {}".format(*info.background))
+    return f"{_label(info.role)} has transparent parts; the video shows them filled with {colour}."
+
+
 def check_mode(mode: Mode, start: ValidatedImage | None, end: ValidatedImage | None, config: ImagesConfig) -> ModeCheck:
     """Apply the per-mode rules and the start/end compatibility check."""
     if mode is Mode.T2V:
@@ -345,6 +354,7 @@ def check_mode(mode: Mode, start: ValidatedImage | None, end: ValidatedImage | N
         images.append(end)
         if mode is Mode.I2V:
             found.append("i2v was not trained with end images: the end frame is a best effort and may drift.")
+    found.extend(note for note in (flattening_note(image.info) for image in images) if note)
     return ModeCheck(images=images, warnings=found)
 
 

@@ -76,14 +76,16 @@ async def test_answers_go_before_waiting_refreshes_and_stale_refreshes_are_dropp
 
 
 class RecordingChat:
-    """A chat platform for the relay: notes each text with its job, slowly."""
+    """A chat platform for the relay: notes each text with its job, slowly (slower than the relay reads the
+    queue, even on a loaded machine, so that what waits for the platform is what the test looks at)."""
 
-    def __init__(self) -> None:
+    def __init__(self, send_s: float = 0.3) -> None:
         self.shown: list[tuple[int, str]] = []
+        self._send_s = send_s
 
     async def show(self, job: Job, text: str, buttons: str) -> None:
         self.shown.append((job.id, text))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(self._send_s)
 
     async def send_video(self, job: Job) -> None:
         raise AssertionError("no video in this test")
@@ -93,14 +95,15 @@ async def test_the_relay_answers_a_new_job_before_the_places_a_start_refreshes(q
     platform = RecordingChat()
     relay = JobRelay(queue, Supervisor(), "telegram", platform.show, platform.send_video, ChatConfig(edit_interval_s=0))
     relay.start(queue.events.subscribe())
+    await asyncio.wait_for(relay.caught_up.wait(), timeout=10)
     try:
         for user in range(12):
             await queue.enqueue(factories.source(f"u{user}", f"m{user}"), Mode.T2V, "tiny", factories.params())
-        await until(lambda: len(platform.shown) == 12, limit_s=10, what="twelve answers")
+        await until(lambda: len(platform.shown) == 12, limit_s=30, what="twelve answers")
         platform.shown.clear()
         started = await queue.claim_next()  # the queue moves: eleven places to refresh
         late = (await queue.enqueue(factories.source("late", "m-late"), Mode.T2V, "tiny", factories.params())).job
-        await until(lambda: len(platform.shown) == 13, limit_s=10, what="the places, the start and the answer")
+        await until(lambda: len(platform.shown) == 13, limit_s=30, what="the places, the start and the answer")
     finally:
         await relay.stop()
     order = [job_id for job_id, _ in platform.shown]

@@ -24,7 +24,11 @@ pytestmark = pytest.mark.timeout(180)
 
 def wanbot(*args: str, data: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     environment = {key: value for key, value in os.environ.items() if not key.startswith("WANBOT_")}
-    environment.update({"WANBOT_DATA_DIR": str(data), "COLUMNS": "200"}, **(env or {}))
+    # Never a real Hub: a closed port on loopback, unless a test names its fake one.
+    environment.update(
+        {"WANBOT_DATA_DIR": str(data), "COLUMNS": "200", "WANBOT_DOWNLOADS__ENDPOINT": "http://127.0.0.1:9"},
+        **(env or {}),
+    )
     return subprocess.run(
         [sys.executable, "-c", "from bot.cli import main; main()", *args],
         capture_output=True,

@@ -405,7 +405,13 @@ async def test_a_hub_answering_html_fails_the_waiting_job_once_instead_of_retryi
         await worker
         await engine.close()
     assert job.status is JobStatus.FAILED
-    assert "not JSON (text/html)" in job.error_user and hub.url in job.error_user
+    # The chat user is told it failed; why, and the hint about HF_ENDPOINT, are for the operator.
+    assert job.error_user == (
+        f"Sorry, the model {REPO_ID} could not be downloaded, so this video cannot be made. The admin has been told "
+        "in the bot's log; try again later."
+    )
+    assert "not JSON (text/html)" in job.error_detail and hub.url in job.error_detail
+    assert "HF_ENDPOINT" not in job.error_user and "HF_ENDPOINT" in job.error_detail
     assert len([path for method, path, rng in hub.requests if "/tree/" in path]) == 1
 
 

@@ -109,6 +109,7 @@ async def test_a_deferred_discord_request_killed_before_it_was_queued_is_finishe
         WANBOT_DISCORD__GATEWAY_URL=discord_server.gateway_url,
         WANBOT_DISCORD__GUILD_IDS=f"[{GUILD_ID}]",
         WANBOT_DISCORD__EDIT_INTERVAL_S="0.2",
+        WANBOT_DOWNLOADS__ENDPOINT="http://127.0.0.1:9",  # never a real Hub: a closed port
     )
     log_path = tmp_path / "run.log"
     first = await _start_bot(env, log_path)

@@ -27,6 +27,7 @@ def _run_env(data: Path) -> dict[str, str]:
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("WANBOT_", "TELEGRAM_"))}
     environment.pop("DISCORD_BOT_TOKEN", None)
     environment.update({"WANBOT_DATA_DIR": str(data), "WANBOT_MODELS__T2V": "tiny", "PYTHONUNBUFFERED": "1"})
+    environment["WANBOT_DOWNLOADS__ENDPOINT"] = "http://127.0.0.1:9"  # never a real Hub: a closed port
     return environment
 
 

@@ -1,0 +1,153 @@
+"""The first hour's rough edges: each platform's own help, options in Discord's /video prompt and its ranges, what a
+Telegram reply to the bot's own hint or video uses, and /status and queued places while the queue is idle or paused."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from bot.chat import status_answer
+from engine.images import Mode
+from tests import imagefactory
+from tests import test_discord as on_discord
+from tests import test_telegram as on_telegram
+from tests.fake_discord import APPLICATION_ID, GUILD_ID, FakeDiscord
+from tests.fake_telegram import FakeTelegram
+from tests.running import until
+
+ALICE = 111
+DISCORD_ALICE = on_discord.ALICE
+pytestmark = pytest.mark.timeout(120)
+TELEGRAM_ONLY = ("caption", "album", "/t2v", "/i2v", "/ti2v", "private chat")
+
+
+@pytest.fixture
+async def telegram() -> AsyncIterator[FakeTelegram]:
+    server = FakeTelegram(on_telegram.TOKEN)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def discord_server() -> AsyncIterator[FakeDiscord]:
+    server = FakeDiscord(on_discord.TOKEN)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def public(message: dict[str, Any]) -> dict[str, Any]:
+    """A message the fake stored, as Telegram quotes it in a reply."""
+    return {key: value for key, value in message.items() if key not in ("edits", "reply_markup")}
+
+
+def discord_answers(server: FakeDiscord) -> list[str]:
+    return [call.body["data"]["content"] for call in server.calls_to("POST", "/callback") if call.body["type"] == 4]
+
+
+# -- help ------------------------------------------------------------------------------------------------------
+
+
+async def test_discord_help_describes_discord_and_telegram_help_telegram(tiny_settings, discord_server, telegram):
+    async with on_discord.running_bot(on_discord.configure(tiny_settings, discord_server)):
+        await discord_server.slash(DISCORD_ALICE, "help")
+        [discord_help] = await until(lambda: discord_answers(discord_server), what="the Discord help")
+    async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)):
+        telegram.command(ALICE, "/help")
+        [telegram_help] = await until(lambda: on_telegram.texts(telegram, ALICE), what="the Telegram help")
+    assert not [word for word in TELEGRAM_ONLY if word in discord_help]
+    assert "start_image" in discord_help and "Make a video" in discord_help and "seed=42" in discord_help
+    assert "Make a video" not in telegram_help and "start_image" not in telegram_help
+    assert all(word in telegram_help for word in ("caption", "album", "/t2v")) and "seed=42" in telegram_help
+
+
+# -- Discord /video: options in the prompt, ranges from the settings ---------------------------------------------
+
+
+async def test_discord_video_reads_options_in_its_prompt_and_its_fields_win(tiny_settings, discord_server):
+    async with on_discord.running_bot(on_discord.configure(tiny_settings, discord_server)) as bot:
+        await bot.engine.queue.set_paused(True)
+        options = {"prompt": "a fox seed=42 steps=2 colour=red", "steps": 3}
+        interaction = await discord_server.slash(DISCORD_ALICE, "video", options)
+        answer = await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
+        [job] = await bot.engine.queue.list_jobs()
+    assert answer and job.params.prompt == "a fox" and job.params.seed == 42 and job.params.steps == 3
+    assert "Ignored unknown option(s): colour" in discord_server.original(interaction)["content"]
+
+
+async def test_discord_video_option_ranges_are_the_limits_in_force(tiny_settings, discord_server):
+    generation = tiny_settings.generation.model_copy(update={"max_steps": 12, "max_frames": 33})
+    settings = on_discord.configure(tiny_settings.model_copy(update={"generation": generation}), discord_server)
+    async with on_discord.running_bot(settings):
+        synced = discord_server.commands[f"applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"]
+    [video] = [command for command in synced if command["name"] == "video"]
+    ranges = {option["name"]: (option.get("min_value"), option.get("max_value")) for option in video["options"]}
+    assert ranges["steps"] == (1, 12) and ranges["frames"] == (5, 33)
+
+
+# -- Telegram: replies to the bot's own messages -----------------------------------------------------------------
+
+
+async def test_a_reply_to_the_picture_hint_uses_the_picture(tiny_settings, telegram):
+    async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
+        await bot.engine.queue.set_paused(True)
+        telegram.photo(ALICE, imagefactory.jpeg(128, 96))
+        hint = await until(lambda: on_telegram.status_of(telegram, ALICE, "Got the picture"), what="the hint")
+        telegram.user_message(ALICE, text="the waves roll in steps=2", reply_to_message=public(hint))
+        await until(lambda: on_telegram.status_of(telegram, ALICE, "is queued"), what="the job")
+        [job] = await bot.engine.queue.list_jobs()
+    assert job.mode is Mode.I2V and [image.role for image in job.images] == ["start"]
+    assert job.params.prompt == "the waves roll in"
+
+
+async def test_a_reply_to_a_hint_the_bot_no_longer_knows_says_so(tiny_settings, telegram):
+    async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)):
+        telegram.photo(ALICE, imagefactory.jpeg(128, 96))
+        hint = await until(lambda: on_telegram.status_of(telegram, ALICE, "Got the picture"), what="the hint")
+    async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:  # a restart
+        telegram.user_message(ALICE, text="the waves roll in", reply_to_message=public(hint))
+        answer = await until(lambda: on_telegram.status_of(telegram, ALICE, "no longer have"), what="the answer")
+        assert await bot.engine.queue.list_jobs() == []
+    assert "Send the picture again" in answer["text"]
+
+
+async def test_a_reply_to_the_bots_video_says_it_is_text_to_video(tiny_settings, telegram):
+    async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
+        telegram.command(ALICE, "/video a fox steps=2")
+        await until(lambda: telegram.sent("sendVideo", ALICE), what="the first video")
+        video = next(message for message in telegram.replies(ALICE) if "video" in message)
+        await bot.engine.queue.set_paused(True)
+        telegram.user_message(ALICE, text="the fox sleeps", reply_to_message=public(video))
+        answer = await until(lambda: on_telegram.status_of(telegram, ALICE, "(t2v) is queued"), what="the answer")
+        second = (await bot.engine.queue.list_jobs())[0]
+    assert second.mode is Mode.T2V and second.params.prompt == "the fox sleeps"
+    assert "My video is not used as a picture, so this is text to video" in answer["text"]
+
+
+# -- idle and paused -------------------------------------------------------------------------------------------
+
+
+async def test_status_says_idle_when_nothing_runs_and_paused_when_paused(engine):
+    assert (await status_answer(engine)).startswith("Worker: stopped.")
+    worker = asyncio.create_task(engine.worker.run())
+    try:
+        await until(lambda: engine.worker.state.running, what="the worker")
+        idle = await status_answer(engine)
+        await engine.queue.set_paused(True)
+        paused = await status_answer(engine)
+    finally:
+        await engine.worker.stop()
+        await worker
+    assert idle.startswith("Worker: idle.") and paused.startswith("Worker: paused.")
+
+
+async def test_a_queued_job_says_the_queue_is_paused(tiny_settings, telegram):
+    async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
+        await bot.engine.queue.set_paused(True)
+        telegram.command(ALICE, "/video a patient fox")
+        answer = await until(lambda: on_telegram.status_of(telegram, ALICE, "is queued"), what="the place")
+    assert "Job #1 (t2v) is queued: position 1. The queue is paused" in answer["text"]
