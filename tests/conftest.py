@@ -27,6 +27,28 @@ async def queue(tmp_path: Path) -> AsyncIterator[JobQueue]:
     await opened.close()
 
 
+@pytest.fixture
+async def telegram() -> AsyncIterator[object]:
+    """The fake Telegram Bot API on 127.0.0.1."""
+    from tests.fake_telegram import TEST_TOKEN, FakeTelegram
+
+    server = FakeTelegram(TEST_TOKEN)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def discord_server() -> AsyncIterator[object]:
+    """The fake Discord (REST, gateway, CDN) on 127.0.0.1."""
+    from tests.fake_discord import TEST_TOKEN, FakeDiscord
+
+    server = FakeDiscord(TEST_TOKEN)
+    await server.start()
+    yield server
+    await server.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The three tiny models, built once per test session and shared read-only."""

@@ -29,6 +29,8 @@ BOT_USER = {
     "bot": True,
     "flags": 0,
 }
+# The token the tests configure: it must never appear in a log.
+TEST_TOKEN = "discord-TEST-token-do-not-log"
 GUILD_ID = 800000000000000001
 CONTENT_LIMIT = 2000  # characters in a message; Discord refuses more with 400 Invalid Form Body (code 50035)
 CHANNEL_ID = 700000000000000001

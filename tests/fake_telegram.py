@@ -23,6 +23,8 @@ from tests.fake_faults import faulty_file
 
 BOT_ID = 4242
 BOT_USERNAME = "wanbot_test_bot"
+# The token the tests configure: it must never appear in a log.
+TEST_TOKEN = "123456:TEST-token-do-not-log"
 TEXT_LIMIT, CAPTION_LIMIT = 4096, 1024  # what Telegram takes; a longer text is refused with 400
 
 

@@ -4,7 +4,6 @@ Telegram reply to the bot's own hint or video uses, and /status and queued place
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,29 +14,12 @@ from tests import imagefactory
 from tests import test_discord as on_discord
 from tests import test_telegram as on_telegram
 from tests.fake_discord import APPLICATION_ID, GUILD_ID, FakeDiscord
-from tests.fake_telegram import FakeTelegram
 from tests.running import until
 
 ALICE = 111
 DISCORD_ALICE = on_discord.ALICE
 pytestmark = pytest.mark.timeout(120)
 TELEGRAM_ONLY = ("caption", "album", "/t2v", "/i2v", "/ti2v", "private chat")
-
-
-@pytest.fixture
-async def telegram() -> AsyncIterator[FakeTelegram]:
-    server = FakeTelegram(on_telegram.TOKEN)
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    server = FakeDiscord(on_discord.TOKEN)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def public(message: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import string
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,13 +17,13 @@ from engine.config import Settings
 from engine.images import Mode
 from engine.jobs import JobSource
 from engine.models import GenerationRequest
-from tests import factories, imagefactory
+from tests import factories, fake_discord, fake_telegram, imagefactory
 from tests.fake_discord import CHANNEL_ID, GUILD_ID, FakeDiscord
 from tests.fake_telegram import FakeTelegram
 from tests.running import RunningBot, until
 
-TELEGRAM_TOKEN = "123456:TEST-token-do-not-log"
-DISCORD_TOKEN = "discord-TEST-token-do-not-log"
+TELEGRAM_TOKEN = fake_telegram.TEST_TOKEN
+DISCORD_TOKEN = fake_discord.TEST_TOKEN
 ALICE = 111
 DISCORD_ALICE = 111111111111111111
 pytestmark = pytest.mark.timeout(180)
@@ -79,14 +78,6 @@ def test_the_last_resort_cuts_with_an_ellipsis_counting_emoji_as_telegram_does()
 # -- Telegram ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def telegram() -> AsyncIterator[FakeTelegram]:
-    server = FakeTelegram(TELEGRAM_TOKEN)
-    await server.start()
-    yield server
-    await server.stop()
-
-
 def telegram_settings(settings: Settings, server: FakeTelegram) -> Settings:
     telegram = {
         "token": TELEGRAM_TOKEN,
@@ -139,14 +130,6 @@ def _text_with(server: FakeTelegram, fragment: str) -> str | None:
 
 
 # -- Discord -----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    server = FakeDiscord(DISCORD_TOKEN)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def discord_settings(settings: Settings, server: FakeDiscord) -> Settings:

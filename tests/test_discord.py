@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,20 +13,12 @@ from engine.errors import UserError
 from engine.jobs import DeliveryStatus, JobStatus
 from engine.models import MAX_PROMPT_CHARS
 from tests import imagefactory
-from tests.fake_discord import APPLICATION_ID, CHANNEL_ID, GUILD_ID, FakeDiscord
+from tests.fake_discord import APPLICATION_ID, CHANNEL_ID, GUILD_ID, TEST_TOKEN, FakeDiscord
 from tests.running import RunningBot, until
 
-TOKEN = "discord-TEST-token-do-not-log"
+TOKEN = TEST_TOKEN
 ALICE, BOB = 111111111111111111, 222222222222222222
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    server = FakeDiscord(TOKEN)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def configure(settings: Settings, server: FakeDiscord, **overrides: Any) -> Settings:

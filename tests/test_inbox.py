@@ -21,9 +21,7 @@ from tests.fake_discord import GUILD_ID
 from tests.running import until
 from tests.test_discord import ALICE as DISCORD_ALICE
 from tests.test_discord import TOKEN as DISCORD_TOKEN
-from tests.test_discord import discord_server as discord_server  # the fixture
 from tests.test_telegram import ALICE, BOB, run_environment, status_of
-from tests.test_telegram import telegram as telegram  # the fixture
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -47,14 +47,7 @@ def test_a_damaged_database_stops_start_up_with_one_line_and_exit_2(tmp_path: Pa
 
 def test_a_database_deleted_while_running_stops_the_bot_with_a_clear_line(tmp_path: Path):
     data = tmp_path / "data"
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from bot.cli import main; main()", "run"],
-        cwd=REPO,
-        env=_run_env(data),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = _start_run(data)
     try:
         started = _read_until(process, "wanbot running", 60)
         assert "wanbot running" in started
@@ -68,6 +61,18 @@ def test_a_database_deleted_while_running_stops_the_bot_with_a_clear_line(tmp_pa
     assert f"wanbot stopped: the job database {database} was deleted or replaced while wanbot ran" in output
 
 
+def _start_run(data: Path) -> subprocess.Popen[str]:
+    """`wanbot run` with no chat token, its output readable line by line."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "from bot.cli import main; main()", "run"],
+        cwd=REPO,
+        env=_run_env(data),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def _read_until(process: subprocess.Popen[str], marker: str, limit_s: float) -> str:
     seen = ""
     deadline = time.monotonic() + limit_s
@@ -78,14 +83,7 @@ def _read_until(process: subprocess.Popen[str], marker: str, limit_s: float) -> 
 
 def test_sigterm_still_stops_the_bot_cleanly(tmp_path: Path):
     data = tmp_path / "data"
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from bot.cli import main; main()", "run"],
-        cwd=REPO,
-        env=_run_env(data),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = _start_run(data)
     try:
         assert "wanbot running" in _read_until(process, "wanbot running", 60)
         process.send_signal(signal.SIGTERM)

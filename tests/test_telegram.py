@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,20 +19,12 @@ from engine.jobs import DeliveryStatus, JobStatus
 from engine.service import Engine
 from tests import imagefactory
 from tests.factories import ADMIN
-from tests.fake_telegram import FakeTelegram
+from tests.fake_telegram import TEST_TOKEN, FakeTelegram
 from tests.running import RunningBot, until
 
-TOKEN = "123456:TEST-token-do-not-log"
+TOKEN = TEST_TOKEN
 ALICE, BOB = 111, 222
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def telegram() -> AsyncIterator[FakeTelegram]:
-    server = FakeTelegram(TOKEN)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def configure(settings: Settings, server: FakeTelegram, **overrides: Any) -> Settings:

@@ -5,7 +5,6 @@ that fails on the way is tried again before the user gets an apology."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -14,7 +13,7 @@ from engine.jobs import DeliveryStatus
 from tests import fake_faults, imagefactory
 from tests import test_discord as on_discord
 from tests import test_telegram as on_telegram
-from tests.fake_discord import CHANNEL_ID, FakeDiscord
+from tests.fake_discord import CHANNEL_ID
 from tests.fake_telegram import FakeTelegram
 from tests.running import until
 
@@ -22,22 +21,6 @@ ALICE = on_telegram.ALICE
 pytestmark = pytest.mark.timeout(120)
 # Longer than python-telegram-bot's default read timeout (5 s), which sent such an upload twice.
 SLOW_ANSWER_S = 7.0
-
-
-@pytest.fixture
-async def telegram() -> AsyncIterator[FakeTelegram]:
-    server = FakeTelegram(on_telegram.TOKEN)
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    server = FakeDiscord(on_discord.TOKEN)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture(autouse=True)
