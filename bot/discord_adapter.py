@@ -18,7 +18,7 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bot import chat, transfers
-from bot.discord_inbox import InteractionInbox
+from bot.discord_inbox import InteractionInbox, PendingRequest
 from bot.logredact import redact_everywhere, remove_redactor
 from bot.relay import Buttons, DeliveryFailed, JobRelay
 from engine.config import DiscordConfig
@@ -145,7 +145,7 @@ class DiscordAdapter:
             self, intents=discord.Intents(guilds=True), allowed_mentions=discord.AllowedMentions.none()
         )
         self._relay = JobRelay(engine.queue, engine.supervisor, PLATFORM, self._show, self._send_video, config)
-        self._inbox = InteractionInbox(self.client, engine.queue, clock)
+        self._inbox = InteractionInbox(self.client, engine.queue)
         self._finishing: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._register_commands()
@@ -173,11 +173,7 @@ class DiscordAdapter:
             log.info(
                 "finishing the request of interaction=%s, which the last run had not queued", pending.interaction.id
             )
-            task = asyncio.create_task(
-                self._submit_durably(
-                    pending.interaction, pending.request, pending.start, pending.end, pending.notes, pending.received_at
-                )
-            )
+            task = asyncio.create_task(self._submit_durably(pending))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
         # discord.py ends client.start() on a gateway parser error without a word: that must stop the process.
@@ -371,35 +367,26 @@ class DiscordAdapter:
         notes: list[str],
     ) -> None:
         """Store the request, acknowledge it (Discord drops interactions not answered within 3 s), then submit."""
-        await self._inbox.remember(interaction, request, start, end, notes)
+        pending = PendingRequest(interaction, request, start, end, notes, received_at=self._clock())
+        await self._inbox.remember(pending)
         await interaction.response.defer(thinking=True)
-        await self._submit_durably(interaction, request, start, end, notes)
+        await self._submit_durably(pending)
 
-    async def _submit_durably(
-        self,
-        interaction: discord.Interaction,
-        request: GenerationRequest,
-        start: discord.Attachment | None,
-        end: discord.Attachment | None,
-        notes: list[str],
-        received_at: float | None = None,
-    ) -> None:
+    async def _submit_durably(self, pending: PendingRequest) -> None:
         """Submit, then take the request out of the inbox; a process stopping before that leaves it there."""
+        interaction = pending.interaction
         try:
-            await self._submit(interaction, request, start, end, notes, received_at)
+            await self._submit(pending)
         except Exception:
             log.exception("request failed interaction=%s", interaction.id)
-        await self._inbox.done(interaction)
+        try:
+            await self._inbox.done(interaction)
+        except Exception:
+            # Only means it is handled once more (harmlessly: the job is found by its interaction) at the next start.
+            log.warning("could not mark interaction=%s handled", interaction.id, exc_info=True)
 
-    async def _submit(
-        self,
-        interaction: discord.Interaction,
-        request: GenerationRequest,
-        start: discord.Attachment | None,
-        end: discord.Attachment | None,
-        notes: list[str] | None = None,
-        received_at: float | None = None,
-    ) -> None:
+    async def _submit(self, pending: PendingRequest) -> None:
+        interaction, start, end = pending.interaction, pending.start, pending.end
         if not self._allowed(interaction):
             await interaction.edit_original_response(content=NOT_ALLOWED)
             return
@@ -409,13 +396,13 @@ class DiscordAdapter:
             user_id=str(interaction.user.id),
             user_name=interaction.user.name,
             message_id=str(interaction.id),
-            reply=self._reply_for(interaction, received_at),
+            reply=self._reply_for(interaction, pending.received_at),
         )
         try:
             if start is not None or end is not None:
                 await self._engine.check_room(source)  # the limits before any download or decode
             uploads = [await self._download(attachment, role) for attachment, role in ((start, "start"), (end, "end"))]
-            submission = await self._engine.submit(request, source, uploads[0], uploads[1], notes=notes)
+            submission = await self._engine.submit(pending.request, source, uploads[0], uploads[1], notes=pending.notes)
         except UserError as error:
             await _edit_answer(interaction, chat.user_error_text(error))
             return

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +37,9 @@ class PendingRequest:
 
 
 class InteractionInbox:
-    def __init__(self, client: discord.Client, queue: JobQueue, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, client: discord.Client, queue: JobQueue) -> None:
         self._client = client
         self._queue = queue
-        self._clock = clock
         self._payloads: OrderedDict[int, dict[str, Any]] = OrderedDict()
         state = client._connection
         parse = state.parsers["INTERACTION_CREATE"]
@@ -55,26 +52,20 @@ class InteractionInbox:
 
         state.parsers["INTERACTION_CREATE"] = keep_payload
 
-    async def remember(
-        self,
-        interaction: discord.Interaction,
-        request: GenerationRequest,
-        start: discord.Attachment | None,
-        end: discord.Attachment | None,
-        notes: list[str],
-    ) -> None:
+    async def remember(self, pending: PendingRequest) -> None:
         """Store the request before the interaction is deferred."""
+        interaction = pending.interaction
         payload = self._payloads.pop(interaction.id, None)
         if payload is None:  # not from the gateway (cannot happen in a running bot): nothing to rebuild it from
             log.warning("no payload for interaction=%s; it is not kept across a restart", interaction.id)
             return
         stored = {
             "interaction": payload,
-            "request": request.model_dump(mode="json"),
-            "start": start.to_dict() if start is not None else None,
-            "end": end.to_dict() if end is not None else None,
-            "notes": notes,
-            "received_at": self._clock(),
+            "request": pending.request.model_dump(mode="json"),
+            "start": pending.start.to_dict() if pending.start is not None else None,
+            "end": pending.end.to_dict() if pending.end is not None else None,
+            "notes": pending.notes,
+            "received_at": pending.received_at,
         }
         await self._queue.inbox_put(PLATFORM, str(interaction.id), json.dumps(stored))
 
