@@ -11,12 +11,17 @@ nothing about a GPU.
 The plan runs in order of value and skips what its time budget (`--budget-s`) cannot fit, so one call on a lent
 machine returns every figure it had time for. Each figure is printed and, with `--out`, appended as a JSON line.
 
-Variants: `quality` is the official setting (classifier-free guidance: two transformer passes a step); `fast` is the
-compute of the 4-step distilled presets (guidance 1: one pass a step; fused LoRA weights cost nothing extra), so
-its seconds per step are those of a fast video. `attention=...` switches the attention backend, `compiled` compiles
-the repeated transformer blocks (the first run includes the compilation).
+Variants: `quality` is the official setting (classifier-free guidance: two transformer passes a step); `fast` is
+the fast preset's sampling as wanbot runs it (engine/samplers.py: LightX2V's 4 sigmas, 2 steps per expert, or
+FastWan's 3 DMD steps; guidance 1: one pass a step). `fast-preset` runs it as wanbot does end to end: random LoRAs
+of LightX2V's rank (64) and key layout fused into both experts (timed, and taken out again, timed), then each
+speed-up alone and together (engine/speedups.py: the attention kernel wanbot would pick, fp8 with torchao, compiled
+blocks; the first compiled run includes the compilation). `passes` needs no GPU: the transformer passes of one
+video per mode and preset, counted on the tiny pipelines with each preset's real schedule (the count does not
+depend on the size), times the FLOPs of one pass of the real model at its real size (built on the meta device).
 
-    .venv/bin/python bench/gpu.py [--size real|tiny] [--budget-s 520] [--only ti2v,t2v,i2v,t2v-720p,compile]
+    .venv/bin/python bench/gpu.py [--size real|tiny] [--budget-s 520]
+        [--only passes,text,ti2v,t2v,fast-preset,i2v,t2v-720p] [--out figures.jsonl]
 """
 
 from __future__ import annotations
@@ -39,15 +44,25 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from PIL import Image
 from transformers import UMT5Config, UMT5EncoderModel
 
+from engine.config import GenerationConfig
 from engine.generate import correct_flow_shift, place_pipeline, set_vae_tiling
 from engine.images import Mode
+from engine.loras import FusedLoras, random_lightx2v_lora, write_lora
 from engine.models import I2V_A14B, T2V_A14B, TI2V_5B, ModelSpec
+from engine.passes import PassCounter
+from engine.presets import FASTWAN_DMD, LIGHTX2V_EULER, Sampling
+from engine.samplers import scheduled
+from engine.speedups import Choice, Speedups, apply_speedups, choose_speedups
 from engine.tiny import build_tiny_pipeline
 from engine.video import encode_mp4
 
 # Dense bf16 tensor-core peaks (no sparsity), by a fragment of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 TEXT_TOKENS = 512
+LIGHTX2V_RANK = 64
+# Measured on the H200 (BENCHMARKS.md), whose dense bf16 peak is the H100 SXM's: the expected H100 seconds.
+H100_BF16_TFLOPS = 989.0
+MEASURED_MFU = {Mode.T2V: 0.57, Mode.I2V: 0.44, Mode.TI2V: 0.46}
 
 A14B_TRANSFORMER = {
     "patch_size": (1, 2, 2),
@@ -113,7 +128,7 @@ class Run:
 
     label: str
     size: tuple[int, int, int]  # height, width, frames
-    steps: int
+    steps: int  # a fast run takes its preset's schedule instead
     fast: bool = False
     decode: bool = False
     mp4: bool = False
@@ -199,9 +214,8 @@ def tokens(pipeline: Any, height: int, width: int, frames: int) -> int:
     return latent_frames * (height // spatial) * (width // spatial)
 
 
-def pass_flops(pipeline: Any, sequence: int) -> float:
+def pass_flops(transformer: Any, sequence: int) -> float:
     """Model FLOPs of one transformer pass: 2 per parameter per token, plus self- and cross-attention scores."""
-    transformer = pipeline.transformer
     params = sum(parameter.numel() for parameter in transformer.parameters())
     config = transformer.config
     width = config.num_attention_heads * config.attention_head_dim
@@ -209,9 +223,15 @@ def pass_flops(pipeline: Any, sequence: int) -> float:
     return 2 * params * sequence + attention
 
 
+def fast_sampling(spec: ModelSpec) -> Sampling:
+    return LIGHTX2V_EULER if spec.two_experts else FASTWAN_DMD
+
+
 def run_pipeline(pipeline: Any, model: Model, run: Run, bench: Bench, strategy: str) -> dict[str, Any]:
     height, width, frames = run.size
     spec = model.spec
+    sampling = fast_sampling(spec) if run.fast else None
+    steps = sampling.steps if sampling else run.steps
     text_dim = pipeline.transformer.config.text_dim
     embeds = torch.randn(1, TEXT_TOKENS, text_dim, dtype=pipeline.transformer.dtype, device=bench.device)
     arguments: dict[str, Any] = {
@@ -220,7 +240,7 @@ def run_pipeline(pipeline: Any, model: Model, run: Run, bench: Bench, strategy: 
         "height": height,
         "width": width,
         "num_frames": frames,
-        "num_inference_steps": run.steps,
+        "num_inference_steps": steps,
         "guidance_scale": 1.0 if run.fast else spec.guidance,
         "generator": torch.Generator().manual_seed(0),
         "output_type": "np" if run.decode else "latent",
@@ -244,18 +264,20 @@ def run_pipeline(pipeline: Any, model: Model, run: Run, bench: Bench, strategy: 
         torch.cuda.reset_peak_memory_stats()
     resident = bench.allocated_gib()
     started = time.perf_counter()
-    output = pipeline(**arguments)
+    with scheduled(pipeline, sampling, seed=0), PassCounter(pipeline) as passes:
+        output = pipeline(**arguments)
     bench.sync()
     finished = time.perf_counter()
     sequence = tokens(pipeline, height, width, frames)
     cfg = not run.fast
-    flops = pass_flops(pipeline, sequence) * (2 if cfg else 1)
+    flops = pass_flops(pipeline.transformer, sequence) * (2 if cfg else 1)
     figures: dict[str, Any] = {
         "what": f"{model.name} {run.label}",
         "strategy": strategy,
         "size": f"{width}x{height}x{frames}",
-        "steps": run.steps,
+        "steps": steps,
         "passes_per_step": 2 if cfg else 1,
+        "transformer_calls": passes.calls,
         "tokens": sequence,
         # The first step also holds the scheduler set-up, the image's VAE encode (i2v) and, offloading, the first
         # transfer; each expert's first step after the switch holds the swap: steady means leave both out.
@@ -274,9 +296,8 @@ def run_pipeline(pipeline: Any, model: Model, run: Run, bench: Bench, strategy: 
         figures["tflop_per_step"] = flops / 1e12
         if bench.peak_tflops:
             figures["mfu"] = f"{flops / step_s / (bench.peak_tflops * 1e12):.0%}"
-        # Denoising one whole video: the official step count, or the distilled presets' 4 (A14B) or 3 (FastWan).
-        preset_steps = (4 if spec.two_experts else 3) if run.fast else spec.steps
-        figures["denoise_video_s"] = step_s * preset_steps
+        # Denoising one whole video: the official step count, or the fast preset's whole schedule.
+        figures["denoise_video_s"] = step_s * (sampling.steps if sampling else spec.steps)
     if run.decode:
         figures["vae_decode_s"] = finished - marks[-1][0]
     figures["total_s"] = finished - started
@@ -375,6 +396,117 @@ def t2v(bench: Bench, size: tuple[int, int, int]) -> None:
     bench.free()
 
 
+def fast_preset(bench: Bench, size: tuple[int, int, int]) -> None:
+    """T2V-A14B's fast preset as wanbot runs it: a LoRA pair fused into both experts, then each speed-up alone and
+    together. fp8 comes last: its weights can be neither fused into nor restored."""
+    if not bench.fits("T2V-A14B fast preset", 240):
+        return
+    pipeline = build(T2V, bench)
+    place_pipeline(pipeline, "gpu", bench.device)
+    with tempfile.TemporaryDirectory() as folder:
+        rank = LIGHTX2V_RANK if bench.real else 4
+        high, low = random_lora_pair(pipeline, Path(folder), rank)
+        started = time.perf_counter()
+        fused = FusedLoras(pipeline, high, low)
+        bench.sync()
+        fuse_s = time.perf_counter() - started
+        bench.report({"what": "T2V-A14B LoRA pair, fused", "rank": rank, "fuse_s": fuse_s})
+        measure(pipeline, T2V, Run("fast, LoRAs fused", size, 0, fast=True, decode=True, mp4=True), bench, "gpu", 40)
+        started = time.perf_counter()
+        fused.restore()
+        bench.sync()
+        bench.report(
+            {"what": "T2V-A14B LoRA pair, taken out for a quality job", "restore_s": time.perf_counter() - started}
+        )
+        FusedLoras(pipeline, high, low)
+    if not bench.cuda:
+        return
+    off = Choice("off", "not measured here")
+    attention = choose_speedups(GenerationConfig(attention="on"), torch.device(bench.device)).attention
+    bench.report({"what": "attention kernel wanbot picks here", "kernel": attention.value, "why": attention.reason})
+    if attention.value != "native":
+        with attention_backend(pipeline, attention.value):
+            measure(pipeline, T2V, Run(f"fast attention={attention.value}", size, 0, fast=True), bench, "gpu", 30)
+    fp8 = choose_speedups(GenerationConfig(fp8="on"), torch.device(bench.device)).fp8
+    if fp8.value == "on" and bench.fits("T2V-A14B fast fp8", 60):
+        apply_speedups(pipeline, Speedups(Choice("native", "default"), fp8, off))
+        measure(pipeline, T2V, Run("fast fp8", size, 0, fast=True), bench, "gpu", 30)
+    else:
+        bench.report({"what": "T2V-A14B fast fp8", "skipped": fp8.reason})
+    if bench.fits("T2V-A14B fast compiled (+fp8 if on above)", 150):
+        apply_speedups(pipeline, Speedups(Choice("native", "default"), off, Choice("on", "measured")))
+        measure(pipeline, T2V, Run("fast compiled, first run", size, 0, fast=True), bench, "gpu", 120)
+        measure(pipeline, T2V, Run("fast compiled", size, 0, fast=True), bench, "gpu", 30)
+        with attention_backend(pipeline, attention.value):
+            label = f"fast all together (attention={attention.value}, fp8={fp8.value}, compiled)"
+            measure(pipeline, T2V, Run(label, size, 0, fast=True), bench, "gpu", 60)
+    del pipeline
+    bench.free()
+
+
+def random_lora_pair(pipeline: Any, folder: Path, rank: int) -> tuple[Path, Path]:
+    """LoRA files in LightX2V's layout for the pipeline's experts (made on the CPU, in bf16 on a GPU run)."""
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if pipeline.transformer.dtype == torch.bfloat16 else torch.float32
+    paths = []
+    for expert, name in ((pipeline.transformer, "high.safetensors"), (pipeline.transformer_2, "low.safetensors")):
+        paths.append(write_lora(random_lightx2v_lora(expert, rank, generator, dtype=dtype), folder / name))
+    return paths[0], paths[1]
+
+
+def passes_per_video(bench: Bench) -> None:
+    """Passes of one video per mode and preset, counted with the real schedules, times the real per-pass FLOPs."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    sizes = {Mode.T2V: [(480, 832, 81), (720, 1280, 81)], Mode.I2V: [(480, 832, 81), (720, 1280, 81)]}
+    sizes[Mode.TI2V] = [(704, 1280, 121)]
+    for model in (T2V, I2V, TI2V):
+        pipeline = build_tiny_pipeline(model.kind)
+        correct_flow_shift(pipeline, model.spec)
+        pipeline.set_progress_bar_config(disable=True)
+        with torch.device("meta"):
+            real = WanTransformer3DModel(**model.transformer)
+        for preset in ("quality", "fast"):
+            calls = count_passes(pipeline, model.spec, preset == "fast", image if model.kind is Mode.I2V else None)
+            for height, width, frames in sizes[model.kind]:
+                flops = sum(calls.values()) * pass_flops(real, real_tokens(model, height, width, frames))
+                seconds = flops / (H100_BF16_TFLOPS * 1e12 * MEASURED_MFU[model.kind])
+                bench.report(
+                    {
+                        "what": f"{model.name} {preset} passes per video",
+                        "size": f"{width}x{height}x{frames}",
+                        "transformer_calls": calls,
+                        "pflop_per_video": flops / 1e15,
+                        "h100_denoise_s": seconds,
+                    }
+                )
+
+
+def count_passes(pipeline: Any, spec: ModelSpec, fast: bool, image: Image.Image | None) -> dict[str, int]:
+    sampling = fast_sampling(spec) if fast else None
+    arguments: dict[str, Any] = {
+        "prompt": "w1",
+        "height": 64,
+        "width": 64,
+        "num_frames": 5,
+        "num_inference_steps": sampling.steps if sampling else spec.steps,
+        "guidance_scale": 1.0 if fast else spec.guidance,
+        "output_type": "latent",
+    }
+    if spec.two_experts:
+        arguments["guidance_scale_2"] = 1.0 if fast else spec.guidance_2
+    if image is not None:
+        arguments["image"] = image
+    with scheduled(pipeline, sampling, seed=0), PassCounter(pipeline) as passes:
+        pipeline(**arguments)
+    return passes.calls
+
+
+def real_tokens(model: Model, height: int, width: int, frames: int) -> int:
+    """`tokens` for the real model, whose VAE compresses 4x in time and 8x (A14B) or 16x (TI2V) in space."""
+    spatial = (16 if model.kind is Mode.TI2V else 8) * model.transformer["patch_size"][1]
+    return ((frames - 1) // 4 + 1) * (height // spatial) * (width // spatial)
+
+
 def i2v(bench: Bench, size: tuple[int, int, int]) -> None:
     """All on the GPU, then the offload strategies smaller cards get, on the same weights moved back to the CPU."""
     if not bench.fits("I2V-A14B", 120):
@@ -416,7 +548,9 @@ def main() -> None:
     has_gpu = torch.cuda.is_available()
     parser.add_argument("--size", choices=("real", "tiny"), default="real" if has_gpu else "tiny")
     parser.add_argument("--budget-s", type=float, default=520, help="skip what would run past this many seconds")
-    parser.add_argument("--only", default="text,ti2v,t2v,i2v,t2v-720p", help="which parts of the plan, in order")
+    parser.add_argument(
+        "--only", default="text,ti2v,t2v,fast-preset,i2v,t2v-720p", help="which parts of the plan, in order"
+    )
     parser.add_argument("--out", type=Path, help="append each figure here as a JSON line")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, when not in the table")
     args = parser.parse_args()
@@ -447,9 +581,11 @@ def main() -> None:
     ti2v_size = (704, 1280, 121) if real else tiny
     a14b_size = (480, 832, 81) if real else tiny
     plan = {
+        "passes": lambda: passes_per_video(bench),
         "text": lambda: text_encoder(bench),
         "ti2v": lambda: ti2v(bench, ti2v_size),
         "t2v": lambda: t2v(bench, a14b_size),
+        "fast-preset": lambda: fast_preset(bench, a14b_size),
         "i2v": lambda: i2v(bench, a14b_size),
         "t2v-720p": lambda: t2v_720p_and_compiled(bench, (720, 1280, 81) if real else tiny, a14b_size),
     }

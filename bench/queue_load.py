@@ -37,6 +37,31 @@ def latency_line(name: str, samples: list[float]) -> str:
     )
 
 
+async def fill(queue: JobQueue, jobs: int, users: int, rng: random.Random) -> tuple[list[int], float]:
+    """Enqueue `jobs` jobs of `users` users for two models, one transaction each; their ids and the seconds taken."""
+    started = time.perf_counter()
+    ids = []
+    for index in range(jobs):
+        source = JobSource(platform="bench", chat_id="c", user_id=f"u{index % users}", message_id=str(index))
+        result = await queue.enqueue(
+            source, Mode.T2V, rng.choice(MODELS), PARAMS, per_user_limit=jobs, global_limit=jobs
+        )
+        ids.append(result.job.id)
+    return ids, time.perf_counter() - started
+
+
+async def measure_claims(queue: JobQueue, claims: int) -> list[float]:
+    """Seconds per claim (the worker finishes each job before the next, so a user's last_served moves on)."""
+    samples = []
+    for _ in range(claims):
+        began = time.perf_counter()
+        job = await queue.claim_next(MODELS[0])
+        samples.append(time.perf_counter() - began)
+        assert job is not None
+        await queue.mark_cancelled(job.id)
+    return samples
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=10_000)
@@ -47,30 +72,13 @@ async def main() -> None:
     rng = random.Random(1)
     with tempfile.TemporaryDirectory() as folder:
         queue = await JobQueue.open(Path(folder) / "wanbot.db")
-        started = time.perf_counter()
-        ids = []
-        for index in range(args.jobs):
-            source = JobSource(platform="bench", chat_id="c", user_id=f"u{index % args.users}", message_id=str(index))
-            result = await queue.enqueue(
-                source, Mode.T2V, rng.choice(MODELS), PARAMS, per_user_limit=args.jobs, global_limit=args.jobs
-            )
-            ids.append(result.job.id)
-        enqueue_s = time.perf_counter() - started
-
+        ids, enqueue_s = await fill(queue, args.jobs, args.users, rng)
         lookups = []
         for job_id in rng.sample(ids, args.lookups):
             began = time.perf_counter()
             await queue.position(job_id)
             lookups.append(time.perf_counter() - began)
-
-        claims = []
-        for _ in range(args.claims):
-            began = time.perf_counter()
-            job = await queue.claim_next(MODELS[0])
-            claims.append(time.perf_counter() - began)
-            assert job is not None
-            # The worker finishes each job before claiming the next, so a user's last_served moves on.
-            await queue.mark_cancelled(job.id)
+        claims = await measure_claims(queue, args.claims)
         await queue.close()
     print(f"queue: {args.jobs} jobs from {args.users} users, SQLite WAL, synchronous=FULL (an fsync per commit)")
     print(f"enqueue: {args.jobs / enqueue_s:.0f} jobs/s ({enqueue_s:.1f} s in all, one transaction each)")

@@ -11,16 +11,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from engine.errors import UserError, duration_text, quoted
+from engine.errors import UserError, counted, duration_text, quoted
 from engine.images import Mode
-from engine.jobs import Actor, Job, JobStatus, Progress, QueuePosition, Stage
+from engine.jobs import Job, JobStatus, Progress, QueuePosition, Stage
 from engine.models import GenerationRequest
-
-if TYPE_CHECKING:
-    from engine.queue import JobQueue
-    from engine.service import Engine
+from engine.presets import PRESET_HELP
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +33,10 @@ OPTION_KEYS = {
     "cfg": "guidance",
     "neg": "negative_prompt",
     "negative": "negative_prompt",
+    "preset": "preset",
 }
+# A valid example of each number option, for the hint when one is not a number (frames are 4k+1).
+NUMBER_EXAMPLES = {"seed": "42", "steps": "30", "frames": "49", "guidance": "4.5"}
 INTEGER_OPTIONS = {"seed", "steps", "frames"}
 # key=value anywhere in the text; key:value only for known keys, so "note: a fox" stays in the prompt.
 OPTION_PATTERN = re.compile(r"""(?<!\S)([A-Za-z_]+)\s*(=|:)\s*("[^"]*"|'[^']*'|\S+)""")
@@ -44,6 +44,7 @@ BAR_WIDTH = 12
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 EXTRA_PICTURES_NOTE = "Only the first two pictures are used: the first as start, the second as end."
 QUEUE_PAUSED = "The queue is paused: nothing new starts until an admin resumes it."
+MOVED_BACK = "It was position {was}: the queue takes one job per person in turn, and people who joined are due first."
 
 
 @dataclass
@@ -84,8 +85,8 @@ def _number(key: str, raw: str, kind: type) -> Any:
     try:
         return kind(raw)
     except ValueError:
-        example = "30" if kind is int else "4.5"
-        raise UserError(f"{key} must be a number, not {quoted(raw)}.", f"For example {key}={example}.") from None
+        example = f"For example {key}={NUMBER_EXAMPLES[key]}."
+        raise UserError(f"{key} must be a number, not {quoted(raw)}.", example) from None
 
 
 def _mode(asked: str | None, command_mode: Mode | None, has_image: bool) -> Mode:
@@ -113,7 +114,10 @@ def job_notes(job: Job) -> list[str]:
     return [f"• {note}" for note in (*job.params.adjustments, *job.params.warnings)]
 
 
-def queued_text(job: Job, position: QueuePosition | None, duplicate: bool = False, paused: bool = False) -> str:
+def queued_text(
+    job: Job, position: QueuePosition | None, duplicate: bool = False, paused: bool = False, was: int | None = None
+) -> str:
+    """`was`: a better place this job was shown before, which a user who sees theirs grow is told the reason for."""
     head = f"Job #{job.id} ({job.mode.value})"
     if duplicate:
         head += " was already queued from this message"
@@ -123,12 +127,12 @@ def queued_text(job: Job, position: QueuePosition | None, duplicate: bool = Fals
         # No wait to show: nothing starts until an admin resumes the queue.
         lines = [f"{head} is queued: position {position.position}. {QUEUE_PAUSED}"]
     else:
-        # Under a second left means the job ahead is overrunning the usual time: no number is better than "0s".
-        eta = f", about {duration_text(position.eta_s)} to wait" if (position.eta_s or 0) >= 1 else ""
-        lines = [f"{head} is queued: position {position.position}{eta}."]
+        lines = [f"{head} is queued: position {position.position}, {_wait_text(position.eta_s)}."]
+    if position is not None and was is not None and was < position.position:
+        lines.append(MOVED_BACK.format(was=was))
     lines.append(
         f"{job.params.width}x{job.params.height}, {job.params.frames} frames at {job.params.fps} fps, "
-        f"{job.params.steps} steps, seed {job.params.seed}."
+        f"{counted(job.params.steps, 'step')}, seed {job.params.seed}, {job.params.preset.value} preset."
     )
     return "\n".join([*lines, *job_notes(job)])
 
@@ -144,20 +148,40 @@ STAGE_WORDS = {
 }
 
 
-def progress_text(job: Job, progress: Progress | None) -> str:
-    return "\n".join([*progress_lines(job, progress), *job_notes(job)])
+RESTARTED = "Started again from the beginning: the bot restarted while this job ran."
+
+
+def progress_text(job: Job, progress: Progress | None, restarted: bool = False) -> str:
+    lines = progress_lines(job, progress)
+    return "\n".join([*lines[:1], *([RESTARTED] if restarted else []), *lines[1:], *job_notes(job)])
 
 
 def progress_lines(job: Job, progress: Progress | None) -> list[str]:
     """The stage, and for counted stages a bar, step/total and the time left."""
     if progress is None:
         return [f"Job #{job.id}: starting…"]
-    words = STAGE_WORDS[progress.stage] + (f" ({progress.detail})" if progress.detail else "")
-    lines = [f"Job #{job.id}: {words}"]
+    words = STAGE_WORDS[progress.stage] + (f", {progress.detail}" if progress.detail else "")
+    lines = [f"Job #{job.id}, {job.params.preset.value} preset: {words}"]
     if progress.total:
-        eta = f" · about {duration_text(progress.eta_s)} left" if progress.eta_s is not None else ""
-        lines.append(f"{progress_bar(progress.fraction)} {progress.step}/{progress.total}{eta}")
+        counted_steps = f"{progress_bar(progress.fraction)} {progress.step}/{progress.total}"
+        lines.append(f"{counted_steps} · {_time_left_text(progress)}")
     return lines
+
+
+def _wait_text(eta_s: float | None) -> str:
+    """A waiting job's wait; None when the queue cannot tell (no video of the model yet, the job ahead overrunning)."""
+    if eta_s is None:
+        return "the wait is not known yet"
+    return "about to start" if eta_s < 1 else f"about {duration_text(eta_s)} to wait"
+
+
+def _time_left_text(progress: Progress) -> str:
+    """A running job's time left, never "0s": under a second is said as such, and a time without the decode and
+    encode after the steps (no video of the model made yet) says that they follow."""
+    if progress.eta_s is None:
+        return "time left not known yet"
+    left = "less than a second" if progress.eta_s < 1 else f"about {duration_text(progress.eta_s)}"
+    return f"{left} left for the steps, then decoding" if progress.eta_steps_only else f"{left} left"
 
 
 def finished_text(job: Job) -> str:
@@ -178,8 +202,8 @@ def result_caption(job: Job, limit: int = 1024) -> str:
     params = job.params
     took = duration_text((job.finished_at or 0) - (job.started_at or 0))
     details = (
-        f"\nseed {params.seed} · {job.model} · {params.width}x{params.height} · {params.frames} frames · "
-        f"{params.steps} steps · {took}"
+        f"\nseed {params.seed} · {job.model} · {params.preset.value} preset · {params.width}x{params.height} · "
+        f"{params.frames} frames · {counted(params.steps, 'step')} · {took}"
     )
     return fit_text(cut_text(params.prompt, limit - text_size(details)) + details, limit)
 
@@ -193,68 +217,15 @@ def user_error_text(error: UserError) -> str:
     return f"{error.message}\n{error.hint}".strip()
 
 
-async def queue_answer(queue: JobQueue, user_key: str) -> str:
-    """The user's waiting and running jobs, oldest first, with their places in the queue."""
-    jobs = await queue.list_jobs(ACTIVE, user_key=user_key)
-    if not jobs:
-        return "You have no videos waiting or running."
-    lines = []
-    for job in reversed(jobs):
-        position = await queue.position(job.id)
-        where = "running" if job.status is JobStatus.RUNNING else f"position {position.position}" if position else ""
-        lines.append(f"#{job.id} {job.mode.value} · {where} · {job.params.prompt[:40]}")
-    return "\n".join(lines)
-
-
-async def latest_active_job(queue: JobQueue, user_key: str) -> int:
-    """What a cancel without a job number means: the user's newest waiting or running job."""
-    active = await queue.list_jobs(ACTIVE, user_key=user_key, limit=1)
-    if not active:
-        raise UserError("You have no job to cancel.", "See /queue for your jobs.")
-    return active[0].id
-
-
-async def status_answer(engine: Engine) -> str:
-    """The worker's state, the queue's size, and what is being made and downloaded right now."""
-    worker, queue = engine.worker, engine.queue
-    counts = await queue.counts()
-    if await queue.is_paused():
-        state = "paused"
-    elif not worker.state.running:
-        state = "stopped"
-    else:
-        state = "idle" if worker.state.current_job is None else "working"
-    lines = [
-        f"Worker: {state}. Loaded model: {worker.loaded_model or 'none'}.",
-        f"Queued: {counts.get('queued', 0)}, running: {counts.get('running', 0)}.",
-    ]
-    if worker.state.current_job is not None:
-        job = await queue.get(worker.state.current_job)
-        if job.status is JobStatus.RUNNING:
-            lines.append("Now: " + " · ".join(progress_lines(job, job.progress)))
-    if worker.downloading:
-        lines.append(f"Downloading: {', '.join(sorted(worker.downloading))}.")
-    return "\n".join(lines)
-
-
-async def pause_answer(queue: JobQueue, actor: Actor, paused: bool) -> str:
-    """An admin's /pause or /resume: the running job always finishes; only new starts wait."""
-    if not actor.is_admin:
-        raise UserError("Only admins can pause or resume the queue.", "Ask an admin; /status shows the worker.")
-    await queue.set_paused(paused)
-    if paused:
-        return "Paused: the running job finishes, nothing new starts until /resume. Requests are still queued."
-    waiting = (await queue.counts()).get("queued", 0)
-    return f"Resumed: {waiting} waiting video(s) will start in turn."
-
-
 def help_text(how_to_ask: str) -> str:
     """The help both platforms share around `how_to_ask`: each adapter's own lines on how to ask for a video there."""
     return (
         "Make a short video from text or a picture.\n"
         f"{how_to_ask}\n"
-        "Options, anywhere in the prompt: mode=ti2v seed=42 steps=30 frames=49 res=480p (or 832x480) guidance=4 "
+        # Every example here works for every mode and model: presets such as 480p differ per model, sizes do not.
+        "Options, anywhere in the prompt: mode=ti2v seed=42 steps=30 frames=49 size=832x480 guidance=4 "
         'neg="blurry, text" (neg= replaces Wan\'s default negative prompt)\n'
+        f"preset=fast or preset=quality ({PRESET_HELP})\n"
         "/queue: your jobs · /cancel [id]: cancel · /status: the worker · admins: /pause, /resume"
     )
 
@@ -343,29 +314,6 @@ def _fewer_items(lines: list[str], start: int, end: int, noun: str, limit: int) 
     return items
 
 
-# -- access ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AccessPolicy:
-    """Allowlists of users and chats (empty: everyone) and admins, for one platform."""
-
-    platform: str
-    allowed_users: frozenset[str] = frozenset()
-    allowed_chats: frozenset[str] = frozenset()
-    admins: frozenset[str] = frozenset()
-
-    def is_admin(self, user_id: str) -> bool:
-        return f"{self.platform}:{user_id}" in self.admins
-
-    def allows(self, user_id: str, chat_id: str) -> bool:
-        if self.is_admin(user_id):
-            return True
-        user_ok = not self.allowed_users or user_id in self.allowed_users
-        chat_ok = not self.allowed_chats or chat_id in self.allowed_chats
-        return user_ok and chat_ok
-
-
 # -- live progress messages --------------------------------------------------------------------------------------
 
 
@@ -385,16 +333,20 @@ class _Pending:
     text: str
     extra: Any
     refresh: bool
+    at_once: bool = False
 
 
 class LiveMessages:
     """Keeps one message per key (a job) showing the latest text: at most one edit per `interval_s` (or per
-    `interval_for(key)`), only the newest text is sent, the same text never twice, and a flood-limit wait delays the
+    `interval_for(key)`), only the newest text is sent, the same text (with the same extra) never twice, and a
+    flood-limit wait delays the
     edit instead of dropping it.
 
     Two priorities: a text marked `refresh` (a waiting job's new place) goes only while no other text is ready to go,
     one at a time, so that answers and progress never queue behind a hundred places at the platform's rate limit;
-    while it waits, a newer text for its key replaces it (a newer place, the job's start, its end)."""
+    while it waits, a newer text for its key replaces it (a newer place, the job's start, its end). A text marked
+    `at_once` (a job's end) does not wait for the pacing: one edit more per job is worth "done" showing with the
+    video, not seconds after it."""
 
     def __init__(
         self,
@@ -407,28 +359,33 @@ class LiveMessages:
         self._interval_for = interval_for or (lambda key: interval_s)
         self._clock = clock
         self._pending: dict[Any, _Pending] = {}
-        self._shown: dict[Any, str] = {}
+        self._shown: dict[Any, tuple[str, Any]] = {}  # what each message shows: its text and extra
         self._last_sent: dict[Any, float] = {}
         self._tasks: dict[Any, asyncio.Task[None]] = {}
         self._refreshing = 0  # refreshes being sent now
         self._line: deque[Any] = deque()  # keys whose refresh waits for its turn, first come first
         self._changed = asyncio.Event()  # a text was added, taken or sent: waiting refreshes look again
+        self._pacing: set[Any] = set()  # keys whose next edit waits out the interval now
 
-    def update(self, key: Any, text: str, extra: Any = None, refresh: bool = False) -> None:
+    def update(self, key: Any, text: str, extra: Any = None, refresh: bool = False, at_once: bool = False) -> None:
         pending = self._pending.get(key)
-        if self._shown.get(key) == text and pending is None:
+        if self._shown.get(key) == (text, extra) and pending is None:
             return
         # A text that replaces an answer not sent yet is that answer now: the user is still waiting for it.
-        self._pending[key] = _Pending(text, extra, refresh and (pending is None or pending.refresh))
+        self._pending[key] = _Pending(text, extra, refresh and (pending is None or pending.refresh), at_once)
         self._changed.set()
-        if key not in self._tasks or self._tasks[key].done():
+        if at_once and key in self._pacing:
+            # Only ever while it sleeps, so nothing is being sent; the cancelled task is not done yet: a new one sends.
+            self._tasks[key].cancel()
+            self._pacing.discard(key)
+            self._tasks[key] = asyncio.create_task(self._flush(key))
+        elif key not in self._tasks or self._tasks[key].done():
             self._tasks[key] = asyncio.create_task(self._flush(key))
 
     async def settle(self, key: Any) -> None:
         """Wait until the latest text for `key` has been sent (or given up)."""
-        task = self._tasks.get(key)
-        if task is not None:
-            await asyncio.shield(task)
+        while (task := self._tasks.get(key)) is not None and not task.done():
+            await asyncio.wait({task})  # a task replaced by an at_once text ends cancelled: wait for the new one
 
     def forget(self, key: Any) -> None:
         """Drop what is kept for `key` once its last text is shown, unless a newer text is still waiting."""
@@ -445,12 +402,16 @@ class LiveMessages:
     async def _flush(self, key: Any) -> None:
         while key in self._pending:
             wait = self._last_sent.get(key, float("-inf")) + self._interval_for(key) - self._clock()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if wait > 0 and not self._pending[key].at_once:
+                self._pacing.add(key)
+                try:
+                    await asyncio.sleep(wait)
+                finally:
+                    self._pacing.discard(key)
             await self._turn_of(key)
             pending = self._pending.pop(key)
             self._changed.set()
-            if self._shown.get(key) == pending.text:
+            if self._shown.get(key) == (pending.text, pending.extra):
                 continue
             self._refreshing += pending.refresh
             try:
@@ -467,7 +428,7 @@ class LiveMessages:
             finally:
                 self._refreshing -= pending.refresh
                 self._changed.set()
-            self._shown[key] = pending.text
+            self._shown[key] = (pending.text, pending.extra)
             self._last_sent[key] = self._clock()
 
     async def _turn_of(self, key: Any) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -24,12 +23,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from engine.cleanup import remove_delivered_videos, remove_unused_images
+from bot.core import reply_for_new_job
 from engine.config import ModelsConfig, Settings, load_settings
-from engine.errors import ConfigError, JobNotFound, UserError, duration_text
+from engine.errors import ConfigError, JobNotFound, UserError, counted, duration_text
 from engine.images import Mode, check_mode, validate_image_bytes
 from engine.jobs import Actor, EventKind, Job, JobSource, JobStatus
 from engine.models import GenerationRequest, model_for_mode, resolve_model, resolve_request
+from engine.presets import PRESET_HELP, Preset
 from engine.queue import JobQueue
 
 if TYPE_CHECKING:
@@ -50,7 +50,6 @@ app.add_typer(models_app, name="models")
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
 CLI_ACTOR = Actor(platform="cli", user_id="admin", is_admin=True)
-WORKER_TASK = "worker"
 T = TypeVar("T")
 
 ConfigOption = Annotated[
@@ -189,7 +188,7 @@ def _print_validation(report: dict[str, Any]) -> None:
 
 @contextlib.asynccontextmanager
 async def _open_queue(settings: Settings):
-    queue = await JobQueue.open(settings.db_path)
+    queue = await JobQueue.connect(settings.database_url)
     try:
         yield queue
     finally:
@@ -283,7 +282,8 @@ def _job_lines(job: Job, history: list[tuple[str, str | None]], place: Any) -> l
         ("user", job.source.user_key),
         ("prompt", params.prompt or "(none)"),
         ("seed", str(params.seed)),
-        ("size", f"{params.width}x{params.height}, {params.frames} frames at {params.fps} fps, {params.steps} steps"),
+        ("size", f"{params.width}x{params.height}, {params.frames} frames at {params.fps} fps"),
+        ("steps", str(params.steps)),
         ("attempts", str(job.attempts)),
         ("asked", _time_text(job.created_at)),
     ]
@@ -344,7 +344,7 @@ def queue_cancel(job_id: JobIdArgument, config: ConfigOption = None) -> None:
 
     job = _run(work())
     verb = "cancelled" if job.status is JobStatus.CANCELLED else "asked to stop (it is running)"
-    console.print(f"job {job.id} {verb}")
+    console.print(f"job #{job.id} {verb}")
 
 
 @queue_app.command("retry")
@@ -354,10 +354,13 @@ def queue_retry(job_id: JobIdArgument, config: ConfigOption = None) -> None:
 
     async def work():
         async with _open_queue(settings) as queue, _terminal_hints():
-            return await queue.retry(job_id, CLI_ACTOR)
+            # The new job gets its own message in the chat: the old one keeps its ending.
+            old = await queue.get(job_id)
+            source = old.source.model_copy(update={"message_id": None, "reply": reply_for_new_job(old.source.reply)})
+            return await queue.retry(job_id, CLI_ACTOR, source=source)
 
     added = _run(work())
-    console.print(f"job {added.job.id} queued as a retry of job {job_id}")
+    console.print(f"job #{added.job.id} queued as a retry of job #{job_id}")
 
 
 @queue_app.command("redeliver")
@@ -370,7 +373,7 @@ def queue_redeliver(job_id: JobIdArgument, config: ConfigOption = None) -> None:
             return await queue.redeliver(job_id)
 
     job = _run(work())
-    console.print(f"job {job.id}: the running bot sends {job.result.path} to {job.source.platform} again")
+    console.print(f"job #{job.id}: the running bot sends {job.result.path} to {job.source.platform} again")
 
 
 @queue_app.command("stats")
@@ -419,15 +422,15 @@ def backup(
     if target.is_dir():
         raise _usage_error(f"{target} is a folder; name the file to write, such as {target / 'wanbot-backup.db'}.")
 
-    async def work() -> None:
+    async def work() -> Path | None:
         async with _open_queue(settings) as queue:
             try:
                 await queue.backup(target)
             except OSError as exc:
                 raise UserError(f"Could not write {target}: {exc.strerror}.", "Choose another place.") from None
+            return queue.path
 
-    _run(work())
-    console.print(f"Copied {settings.db_path} to {target}.", highlight=False)
+    console.print(f"Copied {_run(work())} to {target}.", highlight=False)
 
 
 def _usage_error(message: str) -> typer.Exit:
@@ -461,22 +464,6 @@ def _set_paused(config: Path | None, paused: bool) -> None:
 # -- generate and demo -------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _worker_lock(settings: Settings) -> Iterator[bool]:
-    """True if this process may run the worker; False when another wanbot process already does."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    with (settings.data_dir / "worker.lock").open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 QUEUE_PAUSED = "the queue is paused (wanbot queue resume)"
 
 
@@ -488,7 +475,9 @@ async def _wait_for_jobs(
     The command owns its jobs: once `stop` is set (a signal), or when the queue is paused while one still waits, the
     jobs not yet ended are cancelled, so none is left behind to be made by the next command or `wanbot run`."""
     stop = stop or asyncio.Event()
-    with _worker_lock(engine.settings) as own_worker:
+    from bot.runtime import worker_lock
+
+    with worker_lock(engine.settings) as own_worker:
         inbox = engine.queue.events.subscribe()
         worker = None
         if own_worker:
@@ -522,11 +511,11 @@ async def _wait_for_jobs(
 
 
 async def _cancel_jobs(engine: Engine, job_ids: set[int]) -> str:
-    """Cancel what has not ended (a running job stops at its next step); say which, as 'job 3' or 'jobs 3, 4'."""
+    """Cancel what has not ended (a running job stops at its next step); say which, as 'job #3' or 'jobs #3, #4'."""
     for job_id in sorted(job_ids):
         with contextlib.suppress(UserError):  # it ended meanwhile
             await engine.queue.cancel(job_id, CLI_ACTOR)
-    named = ", ".join(str(job_id) for job_id in sorted(job_ids))
+    named = ", ".join(f"#{job_id}" for job_id in sorted(job_ids))
     return f"job{'s' if len(job_ids) > 1 else ''} {named}"
 
 
@@ -540,7 +529,7 @@ class _ProgressDisplay:
             return
         job_id = event.job.id
         if job_id not in self._tasks:
-            self._tasks[job_id] = self._progress.add_task(f"job {job_id}", total=None, count="")
+            self._tasks[job_id] = self._progress.add_task(f"job #{job_id}", total=None, count="")
         if event.progress is None:
             return
         stage = event.progress.stage.value + (f" ({event.progress.detail})" if event.progress.detail else "")
@@ -548,7 +537,7 @@ class _ProgressDisplay:
         total = event.progress.total or None
         self._progress.update(
             self._tasks[job_id],
-            description=f"job {job_id} {stage}",
+            description=f"job #{job_id} {stage}",
             completed=event.progress.step,
             total=total,
             count=f"{event.progress.step}/{total}" if total else "",
@@ -628,10 +617,18 @@ def generate(
     ] = None,
     resolution: Annotated[
         str | None,
-        typer.Option(metavar="SIZE", help="A preset such as 480p, or WxH (default: the model's; images set shape)."),
+        typer.Option(
+            metavar="SIZE",
+            help="WxH such as 832x480, or the model's preset: 480p or 720p (A14B), 720p (TI2V-5B) "
+            "(default: the model's; images set shape).",
+        ),
     ] = None,
     seed: Annotated[int | None, typer.Option(metavar="N", help="0 to 4294967295 (default: a random one).")] = None,
     guidance: Annotated[float | None, typer.Option(metavar="SCALE", help="0 to 20 (default: the model's).")] = None,
+    preset: Annotated[
+        Preset | None,
+        typer.Option(help=f"fast or quality (default: generation.default_preset). {PRESET_HELP}"),
+    ] = None,
     negative: Annotated[
         str, typer.Option(metavar="TEXT", help="What to avoid (default: generation.negative_prompt).")
     ] = "",
@@ -655,6 +652,7 @@ def generate(
         guidance=guidance,
         resolution=size,
         frames=frames,
+        preset=preset,
     )
     if out is not None and out.is_dir():
         raise _usage_error(f"--out {out} is a folder, not a file. Name the file to write, such as {out / 'video.mp4'}.")
@@ -664,7 +662,7 @@ def generate(
         errors.print(stopped.message, markup=False)
         raise typer.Exit(128 + stopped.signum) from None
     if job.status is not JobStatus.SUCCEEDED or job.result is None:
-        errors.print(f"job {job.id} {job.status.value}: {job.error_user or ''}", markup=False)
+        errors.print(f"job #{job.id} {job.status.value}: {job.error_user or ''}", markup=False)
         raise typer.Exit(1)
     if out is not None:
         try:
@@ -684,7 +682,7 @@ class _Interrupted(Exception):
         self.signum = signum
         name = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
         done = "was cancelled" if job.status is JobStatus.CANCELLED else "stops at its next step"
-        self.message = f"Interrupted by {name}: job {job.id} {done} and makes no video. Run the command again for it."
+        self.message = f"Interrupted by {name}: job #{job.id} {done} and makes no video. Run the command again for it."
 
 
 def _quiet_libraries() -> None:
@@ -729,7 +727,7 @@ async def _generate(
         job = submission.result.job
         for note in submission.notes:
             errors.print(f"note: {note}", markup=False)
-        errors.print(f"job {job.id}: {_settings_text(job)}", markup=False)
+        errors.print(f"job #{job.id}: {_settings_text(job)}", markup=False)
         job = (await _wait_for_jobs(engine, {job.id}, show_progress=True, stop=stop))[0]
         if received and job.status is not JobStatus.SUCCEEDED:
             raise _Interrupted(received[0], job)
@@ -741,8 +739,8 @@ async def _generate(
 def _settings_text(job: Job) -> str:
     params = job.params
     return (
-        f"{params.width}x{params.height}, {params.frames} frames at {params.fps} fps, {params.steps} steps, "
-        f"seed {params.seed}, model {job.model}"
+        f"{params.width}x{params.height}, {params.frames} frames at {params.fps} fps, {counted(params.steps, 'step')}, "
+        f"seed {params.seed}, model {job.model}, {params.preset.value} preset"
     )
 
 
@@ -754,21 +752,27 @@ def _timings(job: Job) -> str:
 
 @app.command()
 def demo(config: ConfigOption = None) -> None:
-    """Run a t2v, an i2v (start + end image) and a ti2v job on the tiny models through queue and worker."""
+    """Run a t2v, an i2v (start + end image) and a ti2v job at quality, and a fast t2v one, on the tiny models
+    through queue and worker."""
     settings = _settings(config)
-    settings = settings.model_copy(update={"models": ModelsConfig(t2v="tiny", i2v="tiny", ti2v="tiny")})
+    # Four jobs from one user: the per-user queue limit (3 by default) must let them all wait at once.
+    queue = settings.queue.model_copy(update={"per_user_limit": max(settings.queue.per_user_limit, 4)})
+    models = ModelsConfig(t2v="tiny", i2v="tiny", ti2v="tiny")
+    settings = settings.model_copy(update={"models": models, "queue": queue})
     started = time.monotonic()
     jobs = _run(_demo(settings))
     failed = [job for job in jobs if job.status is not JobStatus.SUCCEEDED]
     for job in jobs:
         if job.result is not None:
             console.print(
-                f"{job.mode.value:5} job {job.id}: {job.result.path}  {job.result.width}x{job.result.height}, "
-                f"{job.result.frames} frames @ {job.result.fps} fps  ({_timings(job)})",
+                f"{job.mode.value:5} {job.params.preset.value:7} job #{job.id}: {job.result.path}  "
+                f"{job.result.width}x{job.result.height}, {job.result.frames} frames @ {job.result.fps} fps, "
+                f"{sum(job.result.run.transformer_calls.values()) if job.result.run else '?'} transformer passes  "
+                f"({_timings(job)})",
                 highlight=False,
             )
         else:
-            console.print(f"{job.mode.value:5} job {job.id}: {job.status.value}: {job.error_user}", highlight=False)
+            console.print(f"{job.mode.value:5} job #{job.id}: {job.status.value}: {job.error_user}", highlight=False)
     console.print(f"demo finished in {time.monotonic() - started:.1f}s", highlight=False)
     if failed:
         raise typer.Exit(1)
@@ -781,20 +785,28 @@ async def _demo(settings: Settings) -> list[Job]:
     engine = await Engine.open(settings)
     try:
         source = JobSource(platform="cli", chat_id="demo", user_id="admin")
+        quality = Preset.QUALITY
+        fox = "w1 w2 w3 a red fox running through snow"
         requests = [
-            (GenerationRequest(mode=Mode.T2V, prompt="w1 w2 w3 a red fox running through snow"), None, None),
+            (GenerationRequest(mode=Mode.T2V, prompt=fox, preset=quality), None, None),
             (
-                GenerationRequest(mode=Mode.I2V, prompt="w4 w5 the sun sets"),
+                GenerationRequest(mode=Mode.I2V, prompt="w4 w5 the sun sets", preset=quality),
                 Upload(start_png, "start.png"),
                 Upload(end_png, "end.png"),
             ),
-            (GenerationRequest(mode=Mode.TI2V, prompt="w6 w7 waves roll in"), Upload(start_png, "start.png"), None),
+            (
+                GenerationRequest(mode=Mode.TI2V, prompt="w6 w7 waves roll in", preset=quality),
+                Upload(start_png, "start.png"),
+                None,
+            ),
+            # The same fox with the distilled 4-step LoRAs: 4 transformer passes instead of 2 x 4.
+            (GenerationRequest(mode=Mode.T2V, prompt=fox, preset=Preset.FAST), None, None),
         ]
         ids = set()
         for request, start, end in requests:
             submission = await engine.submit(request, source, start, end, priority=1)
             ids.add(submission.result.job.id)
-            console.print(f"queued {request.mode.value} as job {submission.result.job.id}", highlight=False)
+            console.print(f"queued {request.mode.value} as job #{submission.result.job.id}", highlight=False)
         return await _wait_for_jobs(engine, ids, show_progress=sys.stderr.isatty())
     finally:
         await engine.close()
@@ -1011,101 +1023,11 @@ def models_verify(
 @app.command()
 def run(config: ConfigOption = None) -> None:
     """Run the worker and the chat adapters that have a token, until Ctrl+C or SIGTERM."""
+    from bot.runtime import serve
+
     settings = _settings(config)
-    failure = _run(_serve(settings))
+    failure = _run(serve(settings, partial(errors.print, markup=False)))
     if failure:
         # systemd's Restart=on-failure starts it again; exit code 2 stays for what a restart cannot fix.
         errors.print(f"wanbot stopped: {failure}. The log above has the details.", markup=False)
         raise typer.Exit(1)
-
-
-async def _serve(settings: Settings) -> str | None:
-    """Run until a signal (None) or until a long-lived task could not be kept alive (what failed)."""
-    import signal
-
-    from engine.downloads import warn_missing_models
-    from engine.generate import describe_device
-    from engine.service import Engine
-
-    engine = await Engine.open(settings)
-    supervisor = engine.supervisor
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    adapters: list[Any] = []
-    try:
-        with _worker_lock(settings) as own_worker:
-            if not own_worker:
-                raise UserError(
-                    "Another wanbot process is already running the worker on this data folder.",
-                    "Stop it first, or give this one another WANBOT_DATA_DIR.",
-                )
-            await engine.worker.start_up()
-            await _start_adapters(engine, adapters)
-            supervisor.start(WORKER_TASK, engine.worker.run)
-            supervisor.start("clean-up", partial(_clean_up_periodically, engine))
-            supervisor.start("database watch", partial(_watch_database, engine))
-            names = ", ".join(type(adapter).__name__ for adapter in adapters) or "no chat adapter (no token set)"
-            errors.print(
-                f"wanbot running on {settings.data_dir} with {names}; Ctrl+C stops, the running job is re-queued"
-            )
-            errors.print(f"videos are made on {describe_device(settings.generation)}", markup=False)
-            await warn_missing_models(settings, partial(errors.print, markup=False))
-            await _first_of(stop.wait(), supervisor.wait_failed())
-            await engine.worker.stop(requeue_running=True)
-            await supervisor.join(WORKER_TASK)
-    finally:
-        # Also when an adapter fails to start: the ones already running stop, and the process can exit.
-        for adapter in adapters:
-            await adapter.stop()
-        await engine.close()
-    return supervisor.failure
-
-
-async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
-    tasks = [asyncio.ensure_future(wait) for wait in waits]
-    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in tasks:
-        task.cancel()
-
-
-async def _watch_database(engine: Engine, every_s: float = 5.0) -> None:
-    """A database file deleted or replaced under a running bot takes every later request with it: stop instead."""
-    while True:
-        await asyncio.sleep(every_s)
-        if engine.queue.file_is_gone():
-            engine.supervisor.fail(f"the job database {engine.queue.path} was deleted or replaced while wanbot ran")
-            return
-
-
-async def _start_adapters(engine: Engine, started: list[Any]) -> None:
-    """Start the adapters that have a token, adding each to `started` once it runs."""
-    if engine.settings.telegram.token is not None:
-        from bot.telegram_adapter import TelegramAdapter
-
-        telegram = TelegramAdapter(engine, engine.settings.telegram)
-        await telegram.start()
-        started.append(telegram)
-    if engine.settings.discord.token is not None:
-        from bot.discord_adapter import DiscordAdapter
-
-        discord_adapter = DiscordAdapter(engine, engine.settings.discord)
-        await discord_adapter.start()
-        started.append(discord_adapter)
-
-
-async def _clean_up_periodically(engine: Engine, every_s: float = 3600) -> None:
-    settings = engine.settings
-    log = logging.getLogger(__name__)
-    while True:
-        try:
-            images = await remove_unused_images(engine.queue, engine.store, settings.images.retention_hours * 3600)
-            video_retention_s = settings.outputs.retention_hours * 3600
-            videos = await remove_delivered_videos(engine.queue, settings.outputs_dir, video_retention_s)
-            if images or videos:
-                log.info("removed %d unused images and %d video files", images, videos)
-        except Exception:
-            # A full disk or a locked file must not end the clean-up for good: the next round tries again.
-            log.warning("clean-up failed; next try in %.0f s", every_s, exc_info=True)
-        await asyncio.sleep(every_s)

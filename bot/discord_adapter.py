@@ -7,6 +7,7 @@ import asyncio
 import io
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,17 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bot import chat, transfers
+from bot.core import NOT_ALLOWED, AccessPolicy, Answer, Ask, ChatCore, Person, Place, ids
 from bot.discord_inbox import InteractionInbox, PendingRequest
 from bot.logredact import redact_everywhere, remove_redactor
-from bot.relay import Buttons, DeliveryFailed, JobRelay
-from engine.config import DiscordConfig
+from bot.relay import Buttons, JobRelay, TooLarge, UploadRefused
+from engine.config import DiscordConfig, GenerationConfig
 from engine.errors import UserError
 from engine.images import EXTENSIONS, SEND_SUPPORTED, Mode
-from engine.jobs import Actor, EnqueueResult, Job, JobSource, JobStatus
+from engine.jobs import Job, JobStatus
 from engine.models import MAX_PROMPT_CHARS, GenerationRequest
-from engine.service import Engine, Upload
-from engine.video import fit_to_limit
+from engine.presets import PRESET_HELP, Preset
+from engine.service import Engine
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,8 @@ PLATFORM = "discord"
 CONNECTION_TASK = "discord connection"
 CONTENT_LIMIT = 2000  # characters in a message; every text the bot sends is fitted to it (chat.fit_text)
 MODAL_TIMEOUT_S = 900
+MAX_DESCRIPTION = 100  # characters in a slash command option's description
 UNKNOWN_CHANNEL = 10003  # Discord's JSON error code
-NOT_ALLOWED = "Sorry, you are not allowed to use this bot here."
 DISCORD_HELP = (
     "/video with a prompt: text to video (t2v); attach start_image for image to video (i2v), and end_image for the "
     "last frame.\n"
@@ -49,6 +51,10 @@ class WanbotClient(discord.Client):
     """A discord.py client that knows its adapter, so persistent buttons can reach it after a restart."""
 
     def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+        # wanbot never joins a voice channel: discord.py's start-up warnings that PyNaCl and davey (voice
+        # libraries) are missing would only worry an operator.
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
         super().__init__(**options)
         self.adapter = adapter
         self.tree = app_commands.CommandTree(self)
@@ -56,6 +62,10 @@ class WanbotClient(discord.Client):
     async def setup_hook(self) -> None:
         self.add_dynamic_items(CancelButton, RerollButton)
         await self.adapter.sync_commands()
+
+
+def _adapter(interaction: discord.Interaction) -> DiscordAdapter:
+    return interaction.client.adapter
 
 
 class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:cancel:(?P<job_id>\d+)"):
@@ -70,7 +80,7 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:
         return cls(int(match["job_id"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await interaction.client.adapter.on_cancel_button(interaction, self.job_id)
+        await _adapter(interaction).on_cancel_button(interaction, self.job_id)
 
 
 class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:reroll:(?P<job_id>\d+)"):
@@ -87,22 +97,21 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:
         return cls(int(match["job_id"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await interaction.client.adapter.on_reroll_button(interaction, self.job_id)
+        await _adapter(interaction).on_reroll_button(interaction, self.job_id)
 
 
 class PictureVideoModal(discord.ui.Modal, title="Make a video from this picture"):
     """What the "Make a video" message command asks before it queues: the prompt (options allowed) and the mode."""
 
-    def __init__(self, adapter: DiscordAdapter, pictures: list[discord.Attachment]) -> None:
+    def __init__(self, pictures: list[discord.Attachment]) -> None:
         # A dismissed modal never reports back; the timeout is what removes it from discord.py's store.
         super().__init__(timeout=MODAL_TIMEOUT_S)
-        self.adapter = adapter
         self.pictures = pictures
         self.prompt = discord.ui.TextInput(
             style=discord.TextStyle.paragraph,
             required=False,
             max_length=MAX_PROMPT_CHARS,
-            placeholder="the waves roll in (options work too: seed=7 steps=30 res=720p)",
+            placeholder="the waves roll in (options work too: seed=7 steps=30 size=832x480)",
         )
         self.mode = discord.ui.Select(
             options=[
@@ -115,8 +124,16 @@ class PictureVideoModal(discord.ui.Modal, title="Make a video from this picture"
         self.add_item(discord.ui.Label(text="Mode", component=self.mode))
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
+        """The form's text is read like a Telegram caption."""
         mode = Mode(self.mode.values[0]) if self.mode.values else Mode.I2V
-        await self.adapter.submit_picture_request(interaction, self.prompt.value, mode, self.pictures)
+        try:
+            parsed = chat.parse_message(self.prompt.value, mode, has_image=True)
+        except UserError as error:
+            await answer_privately(interaction, chat.user_error_text(error))
+            return
+        notes = [*([chat.EXTRA_PICTURES_NOTE] if len(self.pictures) > 2 else []), *parsed.notes]
+        end = self.pictures[1] if len(self.pictures) > 1 else None
+        await _adapter(interaction).accept(interaction, parsed.request, self.pictures[0], end, notes)
 
 
 def _view(*items: discord.ui.Item[Any]) -> discord.ui.View:
@@ -124,6 +141,24 @@ def _view(*items: discord.ui.Item[Any]) -> discord.ui.View:
     for item in items:
         view.add_item(item)
     return view
+
+
+@dataclass(frozen=True)
+class DiscordPicture:
+    """An attachment as the chat core downloads it (bot.core.Picture)."""
+
+    attachment: discord.Attachment
+
+    @property
+    def declared_size(self) -> int:
+        return self.attachment.size
+
+    @property
+    def filename(self) -> str:
+        return self.attachment.filename
+
+    async def read(self, limit_bytes: int, label: str) -> bytes:
+        return transfers.check_size(await self.attachment.read(), self.attachment.size)
 
 
 class DiscordAdapter:
@@ -138,22 +173,31 @@ class DiscordAdapter:
         self._config = config
         self._clock = clock
         self._redactor = redact_everywhere(config.token.get_secret_value())
-        self._admins = frozenset(engine.settings.access.admins)
+        access = AccessPolicy(
+            PLATFORM,
+            admins=frozenset(engine.settings.access.admins),
+            users=ids(config.allowed_users),
+            chats=ids(config.allowed_channels),
+            guilds=ids(config.allowed_guilds),
+            roles=ids(config.allowed_roles),
+        )
+        self.core = ChatCore(engine, access, config.download_limit_bytes, _worth_retrying, DISCORD_HELP)
         # Only the guilds intent: it caches guild roles, so role allowlists work; no privileged intents are needed.
         # Prompts are echoed in captions: "@everyone" or "<@someone>" in one must not ping anybody but the owner.
         self.client = WanbotClient(
             self, intents=discord.Intents(guilds=True), allowed_mentions=discord.AllowedMentions.none()
         )
-        self._relay = JobRelay(engine.queue, engine.supervisor, PLATFORM, self._show, self._send_video, config)
-        self._inbox = InteractionInbox(self.client, engine.queue)
+        self._relay = JobRelay(engine, PLATFORM, self._show, self._send_video, self._upload_limit, config)
+        self._inbox = InteractionInbox(self.client, engine)
         self._finishing: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
-        self._register_commands()
+        for command in (*COMMANDS, video_command(engine.settings.generation)):
+            self.client.tree.add_command(command)
 
     # -- life cycle --------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        events = self._engine.queue.events.subscribe()
+        events = self._engine.subscribe()
         self._runner = asyncio.create_task(self.client.start(self._config.token.get_secret_value()))
         ready = asyncio.create_task(self.client.wait_until_ready())
         await asyncio.wait({self._runner, ready}, return_when=asyncio.FIRST_COMPLETED)
@@ -199,127 +243,7 @@ class DiscordAdapter:
         else:
             await tree.sync()
 
-    # -- commands ----------------------------------------------------------------------------------------------
-
-    def _register_commands(self) -> None:
-        tree = self.client.tree
-        adapter = self
-        limits = self._engine.settings.generation
-
-        @tree.command(name="video", description="Make a short video from text, or from a picture and text.")
-        @app_commands.describe(
-            prompt="What the video shows",
-            mode="t2v: text only; i2v: from a start image; ti2v: text and image (5B model)",
-            start_image="First frame (i2v, ti2v)",
-            end_image="Last frame (optional)",
-            negative_prompt="What to avoid (replaces Wan's default negative prompt)",
-            seed="Same seed, same video",
-            steps="Denoising steps (more: slower, finer)",
-            frames="Number of frames (4k+1)",
-            resolution="480p, 720p or WIDTHxHEIGHT",
-            guidance="How closely to follow the prompt",
-        )
-        @app_commands.choices(
-            mode=[app_commands.Choice(name=mode.value, value=mode.value) for mode in Mode],
-        )
-        # The limits in force, so the client refuses what the bot would clamp (5 frames is the fewest Wan makes).
-        @_annotate(
-            steps=app_commands.Range[int, 1, limits.max_steps] | None,
-            frames=app_commands.Range[int, 5, limits.max_frames] | None,
-        )
-        async def video(
-            interaction: discord.Interaction,
-            prompt: app_commands.Range[str, None, MAX_PROMPT_CHARS] = "",
-            mode: str | None = None,
-            start_image: discord.Attachment | None = None,
-            end_image: discord.Attachment | None = None,
-            negative_prompt: app_commands.Range[str, None, MAX_PROMPT_CHARS] = "",
-            seed: app_commands.Range[int, 0, 2**32 - 1] | None = None,
-            steps: int | None = None,
-            frames: int | None = None,
-            resolution: str | None = None,
-            guidance: app_commands.Range[float, 0.0, 20.0] | None = None,
-        ) -> None:
-            # Options written in the prompt count, as in the "Make a video" form; a field the user filled in wins.
-            try:
-                parsed = chat.parse_message(prompt, None, has_image=start_image is not None)
-            except UserError as error:
-                await _answer_privately(interaction, chat.user_error_text(error))
-                return
-            fields = {
-                "mode": Mode(mode) if mode else None,
-                "negative_prompt": negative_prompt,
-                "seed": seed,
-                "steps": steps,
-                "frames": frames,
-                "resolution": resolution,
-                "guidance": guidance,
-            }
-            given = {name: value for name, value in fields.items() if value not in (None, "")}
-            request = parsed.request.model_copy(update=given)
-            await adapter._accept(interaction, request, start_image, end_image, parsed.notes)
-
-        @tree.command(name="queue", description="Your jobs and their places in the queue.")
-        async def queue(interaction: discord.Interaction) -> None:
-            text = await chat.queue_answer(adapter._engine.queue, f"{PLATFORM}:{interaction.user.id}")
-            await _answer_privately(interaction, text)
-
-        @tree.command(name="cancel", description="Cancel a job (your latest if no number is given).")
-        async def cancel(interaction: discord.Interaction, job: int | None = None) -> None:
-            try:
-                if job is None:
-                    job = await chat.latest_active_job(adapter._engine.queue, f"{PLATFORM}:{interaction.user.id}")
-                cancelled = await adapter._engine.queue.cancel(job, adapter._actor(interaction))
-                text = chat.cancel_text(cancelled)
-            except UserError as error:
-                text = chat.user_error_text(error)
-            await _answer_privately(interaction, text)
-
-        @tree.command(name="status", description="What the worker is doing.")
-        async def status(interaction: discord.Interaction) -> None:
-            await _answer_privately(interaction, await chat.status_answer(adapter._engine))
-
-        async def pause_or_resume(interaction: discord.Interaction, paused: bool) -> None:
-            try:
-                text = await chat.pause_answer(adapter._engine.queue, adapter._actor(interaction), paused)
-            except UserError as error:
-                text = chat.user_error_text(error)
-            await _answer_privately(interaction, text)
-
-        # Shown only to members who may manage the server; wanbot's own admin list still decides.
-        @tree.command(name="pause", description="Admins: start no new videos (the running one finishes).")
-        @app_commands.default_permissions(manage_guild=True)
-        async def pause(interaction: discord.Interaction) -> None:
-            await pause_or_resume(interaction, paused=True)
-
-        @tree.command(name="resume", description="Admins: start queued videos again.")
-        @app_commands.default_permissions(manage_guild=True)
-        async def resume(interaction: discord.Interaction) -> None:
-            await pause_or_resume(interaction, paused=False)
-
-        @tree.command(name="help", description="How to use this bot.")
-        async def help_command(interaction: discord.Interaction) -> None:
-            await interaction.response.send_message(chat.help_text(DISCORD_HELP), ephemeral=True)
-
-        @tree.context_menu(name="Make a video")
-        async def make_video(interaction: discord.Interaction, message: discord.Message) -> None:
-            if not adapter._allowed(interaction):
-                await interaction.response.send_message(NOT_ALLOWED, ephemeral=True)
-                return
-            pictures = [attachment for attachment in message.attachments if _is_picture(attachment)]
-            if not pictures:
-                await interaction.response.send_message(
-                    "That message has no picture to start from. Use it on a message with a picture attached, or "
-                    "/video for text to video.",
-                    ephemeral=True,
-                )
-                return
-            # A modal must be the first answer, so it cannot wait behind a defer.
-            await interaction.response.send_modal(PictureVideoModal(adapter, pictures))
-
-    def _actor(self, interaction: discord.Interaction) -> Actor:
-        user_id = str(interaction.user.id)
-        return Actor(platform=PLATFORM, user_id=user_id, is_admin=f"{PLATFORM}:{user_id}" in self._admins)
+    # -- requests ----------------------------------------------------------------------------------------------
 
     def _reply_for(self, interaction: discord.Interaction, received_at: float | None = None) -> dict[str, str]:
         """How the job answers: through the interaction while its token lives, with the upload limit it allows."""
@@ -331,34 +255,7 @@ class DiscordAdapter:
             "filesize_limit": str(interaction.filesize_limit or self._config.filesize_limit_bytes),
         }
 
-    def _allowed(self, interaction: discord.Interaction) -> bool:
-        config = self._config
-        if self._actor(interaction).is_admin:
-            return True
-        roles = {role.id for role in getattr(interaction.user, "roles", [])}
-        checks = [
-            not config.allowed_guilds or interaction.guild_id in config.allowed_guilds,
-            not config.allowed_channels or interaction.channel_id in config.allowed_channels,
-            not config.allowed_users or interaction.user.id in config.allowed_users,
-            not config.allowed_roles or bool(roles & set(config.allowed_roles)),
-        ]
-        return all(checks)
-
-    async def submit_picture_request(
-        self, interaction: discord.Interaction, text: str, mode: Mode, pictures: list[discord.Attachment]
-    ) -> None:
-        """A request from the "Make a video" message command: its text is read like a Telegram caption."""
-        try:
-            parsed = chat.parse_message(text, mode, has_image=True)
-        except UserError as error:
-            await interaction.response.defer(thinking=True)
-            await _edit_answer(interaction, chat.user_error_text(error))
-            return
-        notes = [*([chat.EXTRA_PICTURES_NOTE] if len(pictures) > 2 else []), *parsed.notes]
-        end = pictures[1] if len(pictures) > 1 else None
-        await self._accept(interaction, parsed.request, pictures[0], end, notes)
-
-    async def _accept(
+    async def accept(
         self,
         interaction: discord.Interaction,
         request: GenerationRequest,
@@ -367,6 +264,9 @@ class DiscordAdapter:
         notes: list[str],
     ) -> None:
         """Store the request, acknowledge it (Discord drops interactions not answered within 3 s), then submit."""
+        if not self.core.allows(_person(interaction), _place(interaction)):
+            await answer_privately(interaction, NOT_ALLOWED)
+            return
         pending = PendingRequest(interaction, request, start, end, notes, received_at=self._clock())
         await self._inbox.remember(pending)
         await interaction.response.defer(thinking=True)
@@ -386,83 +286,45 @@ class DiscordAdapter:
             log.warning("could not mark interaction=%s handled", interaction.id, exc_info=True)
 
     async def _submit(self, pending: PendingRequest) -> None:
-        interaction, start, end = pending.interaction, pending.start, pending.end
-        if not self._allowed(interaction):
-            await interaction.edit_original_response(content=NOT_ALLOWED)
-            return
-        source = JobSource(
-            platform=PLATFORM,
-            chat_id=str(interaction.channel_id),
-            user_id=str(interaction.user.id),
-            user_name=interaction.user.name,
-            message_id=str(interaction.id),
-            reply=self._reply_for(interaction, pending.received_at),
+        interaction = pending.interaction
+        pictures = [attachment for attachment in (pending.start, pending.end) if attachment is not None]
+        for attachment, role in zip(pictures, ("start", "end"), strict=False):
+            if not _is_picture(attachment):
+                kind = attachment.content_type or attachment.filename
+                text = chat.user_error_text(
+                    UserError(f"The {role} attachment ({kind}) is not a picture.", SEND_SUPPORTED)
+                )
+                await _edit_answer(interaction, Answer(text))
+                return
+        ask = Ask(
+            _person(interaction),
+            _place(interaction),
+            str(interaction.id),
+            self._reply_for(interaction, pending.received_at),
+            lambda: chat.ParsedMessage(pending.request),
+            [DiscordPicture(attachment) for attachment in pictures],
+            pending.notes,
         )
-        try:
-            if start is not None or end is not None:
-                await self._engine.check_room(source)  # the limits before any download or decode
-            uploads = [await self._download(attachment, role) for attachment, role in ((start, "start"), (end, "end"))]
-            submission = await self._engine.submit(pending.request, source, uploads[0], uploads[1], notes=pending.notes)
-        except UserError as error:
-            await _edit_answer(interaction, chat.user_error_text(error))
-            return
-        except Exception:
-            log.exception("request failed channel=%s user=%s", interaction.channel_id, interaction.user.id)
-            await _edit_answer(interaction, chat.apology())
-            return
-        await self._show_duplicate(interaction, submission.result)
-
-    async def _show_duplicate(self, interaction: discord.Interaction, result: EnqueueResult) -> None:
-        """A new job's place is shown by the relay, in event order; a request already queued is answered here."""
-        if not result.created:
-            paused = await self._engine.queue.is_paused()
-            text = chat.queued_text(result.job, result.position, duplicate=True, paused=paused)
-            await _edit_answer(interaction, text, _view(CancelButton(result.job.id)))
-
-    async def _download(self, attachment: discord.Attachment | None, role: str) -> Upload | None:
-        if attachment is None:
-            return None
-        limit = self._config.download_limit_bytes
-        if attachment.size > limit:
-            raise UserError(
-                f"The {role} image is {attachment.size / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB.",
-                "Send a smaller or more compressed picture.",
-            )
-        if not _is_picture(attachment):
-            kind = attachment.content_type or attachment.filename
-            raise UserError(f"The {role} attachment ({kind}) is not a picture.", SEND_SUPPORTED)
-
-        async def fetch() -> bytes:
-            return transfers.check_size(await attachment.read(), attachment.size)
-
-        data = await transfers.download(fetch, _worth_retrying, attachment.size, f"the {role} picture")
-        return Upload(data, attachment.filename)
+        answer = await self.core.request(ask)
+        if answer is not None:
+            await _edit_answer(interaction, answer)
 
     # -- buttons -----------------------------------------------------------------------------------------------
 
     async def on_cancel_button(self, interaction: discord.Interaction, job_id: int) -> None:
-        try:
-            text = chat.cancel_text(await self._engine.queue.cancel(job_id, self._actor(interaction)))
-        except UserError as error:
-            text = chat.user_error_text(error)
-        await _answer_privately(interaction, text)
+        text = await self.core.cancel(_person(interaction), _place(interaction), str(job_id))
+        await answer_privately(interaction, text)
 
     async def on_reroll_button(self, interaction: discord.Interaction, job_id: int) -> None:
-        await interaction.response.defer(thinking=True)
-        old = await self._engine.queue.get(job_id)
-        source = old.source.model_copy(
-            update={
-                "user_id": str(interaction.user.id),
-                "message_id": str(interaction.id),
-                "reply": self._reply_for(interaction),
-            }
-        )
-        try:
-            result = await self._engine.reroll(job_id, self._actor(interaction), source)
-        except UserError as error:
-            await _edit_answer(interaction, chat.user_error_text(error))
+        refusal = await self.core.reroll_refusal(_person(interaction), _place(interaction), job_id)
+        if refusal is not None:
+            await answer_privately(interaction, refusal)
             return
-        await self._show_duplicate(interaction, result)
+        await interaction.response.defer(thinking=True)
+        reply = self._reply_for(interaction)
+        answer = await self.core.reroll(_person(interaction), job_id, str(interaction.id), reply)
+        if answer is not None:
+            await _edit_answer(interaction, answer)
 
     # -- outgoing ----------------------------------------------------------------------------------------------
 
@@ -473,76 +335,227 @@ class DiscordAdapter:
         reply = job.source.reply
         return discord.Webhook.partial(int(reply["application_id"]), reply["interaction_token"], client=self.client)
 
-    async def _show(self, job: Job, text: str, buttons: Buttons) -> None:
+    async def _show(self, job: Job, text: str, buttons: Buttons, picture: bytes | None) -> None:
+        """The job's live message: the interaction's answer while its token lives, then a channel message; a new
+        preview replaces the picture attached to it."""
         alive = self._interaction_alive(job) and "progress_deleted" not in job.source.reply
         if not alive and job.status is JobStatus.QUEUED and not job.source.reply.get("channel_message_id"):
             # A new place in the queue is not worth a new message that mentions the user: the job's start makes one.
             return
         view = _view(CancelButton(job.id)) if buttons == "cancel" else discord.ui.View(timeout=None)
+        attachments = [_preview_file(picture)] if picture is not None else discord.utils.MISSING
         try:
             if alive:
                 content = chat.fit_text(text, CONTENT_LIMIT)
-                await self._webhook(job).edit_message("@original", content=content, view=view)
+                await self._webhook(job).edit_message("@original", content=content, view=view, attachments=attachments)
             else:
-                await self._show_in_channel(job, text, view)
+                await self._show_in_channel(job, text, view, attachments)
         except discord.NotFound:
             # The user (or a moderator) deleted the progress message: carry on in a new channel message.
-            job = await self._engine.queue.update_reply(job.id, progress_deleted="1", channel_message_id="")
-            await self._show_in_channel(job, text, view)
+            job = await self._engine.update_reply(job.id, progress_deleted="1", channel_message_id="")
+            await self._show_in_channel(job, text, view, attachments)
         except discord.HTTPException as error:
             log.warning("cannot show progress job=%s: %s %s", job.id, error.status, error.text)
 
-    async def _show_in_channel(self, job: Job, text: str, view: discord.ui.View) -> None:
+    async def _show_in_channel(self, job: Job, text: str, view: discord.ui.View, attachments: Any) -> None:
         channel = self.client.get_partial_messageable(int(job.source.chat_id))
         content = chat.fit_text(f"<@{job.source.user_id}> {text}", CONTENT_LIMIT)
         message_id = job.source.reply.get("channel_message_id")
         if message_id:
             try:
                 await channel.get_partial_message(int(message_id)).edit(
-                    content=content, view=view, allowed_mentions=_owner_only(job)
+                    content=content, view=view, allowed_mentions=_owner_only(job), attachments=attachments
                 )
                 return
             except discord.NotFound:
                 pass
-        message = await channel.send(content, view=view, allowed_mentions=_owner_only(job))
-        await self._engine.queue.update_reply(job.id, channel_message_id=str(message.id))
+        files = attachments if attachments is not discord.utils.MISSING else None
+        message = await channel.send(content, view=view, allowed_mentions=_owner_only(job), files=files)
+        await self._engine.update_reply(job.id, channel_message_id=str(message.id))
 
-    async def _send_video(self, job: Job) -> None:
-        assert job.result is not None
-        limit = int(job.source.reply.get("filesize_limit", self._config.filesize_limit_bytes))
-        source = Path(job.result.path)
-        try:
-            video = await asyncio.to_thread(fit_to_limit, source, limit)
-            try:
-                await self._upload(job, video)
-            except discord.HTTPException as error:
-                if error.status != 413:
-                    raise
-                # The channel's limit is lower than the interaction said: one more try, well under the refused file.
-                smaller = transfers.limit_after_413(video.stat().st_size)
-                await self._upload(job, await asyncio.to_thread(fit_to_limit, source, smaller))
-        except (UserError, discord.HTTPException, OSError) as error:
-            # No access to the channel, the channel is gone, or still too large after re-encoding: final.
-            permanent = isinstance(error, UserError | discord.Forbidden) or (
-                isinstance(error, discord.HTTPException) and (error.status == 413 or error.code == UNKNOWN_CHANNEL)
-            )
-            raise DeliveryFailed(f"{type(error).__name__}: {error}", permanent) from error
+    def _upload_limit(self, job: Job) -> int:
+        return int(job.source.reply.get("filesize_limit", self._config.filesize_limit_bytes))
 
-    async def _upload(self, job: Job, video: Path) -> None:
+    async def _send_video(self, job: Job, video: Path) -> None:
         # discord.py gives each request aiohttp's 5 minutes (not a few seconds): more than transfers.upload_timeout_s
         # asks for the largest upload Discord allows a bot (100 MiB), so a slow answer is not taken for a failure.
         content = f"<@{job.source.user_id}> {chat.result_caption(job, limit=CONTENT_LIMIT - 30)}"
         file = discord.File(io.BytesIO(await asyncio.to_thread(video.read_bytes)), filename=f"wanbot-{job.id}.mp4")
         view = _view(RerollButton(job.id))
         mentions = _owner_only(job)
-        if self._interaction_alive(job):
-            await self._webhook(job).send(content=content, file=file, view=view, wait=True, allowed_mentions=mentions)
-        else:
-            channel = self.client.get_partial_messageable(int(job.source.chat_id))
-            # The same nonce on every try of this job: Discord answers a repeat of an upload whose answer was lost
-            # with the message it already made. (An interaction's follow-up has no such check.)
-            nonce = f"wanbot-{job.id}"
-            await channel.send(content, file=file, view=view, allowed_mentions=mentions, nonce=nonce)
+        try:
+            if self._interaction_alive(job):
+                await self._webhook(job).send(
+                    content=content, file=file, view=view, wait=True, allowed_mentions=mentions
+                )
+            else:
+                channel = self.client.get_partial_messageable(int(job.source.chat_id))
+                # The same nonce on every try of this job: Discord answers a repeat of an upload whose answer was lost
+                # with the message it already made. (An interaction's follow-up has no such check.)
+                nonce = f"wanbot-{job.id}"
+                await channel.send(content, file=file, view=view, allowed_mentions=mentions, nonce=nonce)
+        except discord.HTTPException as error:
+            if error.status == 413:
+                raise TooLarge from error
+            # No access to the channel, or the channel is gone: final.
+            if isinstance(error, discord.Forbidden) or error.code == UNKNOWN_CHANNEL:
+                raise UploadRefused(f"{type(error).__name__}: {error}") from error
+            raise
+
+
+# -- commands: each reaches the adapter through the interaction's client, as the persistent buttons do --------------
+
+
+def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., None]:
+    """/video, with the step and frame ranges of the settings in force, so the client refuses what the bot would
+    clamp (5 frames is the fewest Wan makes)."""
+
+    @app_commands.command(name="video", description="Make a short video from text, or from a picture and text.")
+    @app_commands.describe(
+        prompt="What the video shows",
+        mode="t2v: text only; i2v: from a start image; ti2v: text and image (5B model)",
+        start_image="First frame (i2v, ti2v)",
+        end_image="Last frame (optional)",
+        negative_prompt="What to avoid (replaces Wan's default negative prompt)",
+        seed="Same seed, same video",
+        steps="Denoising steps (more: slower, finer)",
+        frames="Number of frames (4k+1)",
+        resolution="WIDTHxHEIGHT such as 832x480, or the model's preset: 480p or 720p (A14B), 720p (TI2V-5B)",
+        guidance="How closely to follow the prompt",
+        preset=PRESET_HELP[:MAX_DESCRIPTION],
+    )
+    @app_commands.choices(
+        mode=[app_commands.Choice(name=mode.value, value=mode.value) for mode in Mode],
+        preset=[app_commands.Choice(name=preset.value, value=preset.value) for preset in Preset],
+    )
+    @_annotate(
+        steps=app_commands.Range[int, 1, limits.max_steps] | None,
+        frames=app_commands.Range[int, 5, limits.max_frames] | None,
+    )
+    async def video(
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, None, MAX_PROMPT_CHARS] = "",
+        mode: str | None = None,
+        start_image: discord.Attachment | None = None,
+        end_image: discord.Attachment | None = None,
+        negative_prompt: app_commands.Range[str, None, MAX_PROMPT_CHARS] = "",
+        seed: app_commands.Range[int, 0, 2**32 - 1] | None = None,
+        steps: int | None = None,
+        frames: int | None = None,
+        resolution: str | None = None,
+        guidance: app_commands.Range[float, 0.0, 20.0] | None = None,
+        preset: str | None = None,
+    ) -> None:
+        # Options written in the prompt count, as in the "Make a video" form; a field the user filled in wins.
+        try:
+            parsed = chat.parse_message(prompt, None, has_image=start_image is not None)
+        except UserError as error:
+            await answer_privately(interaction, chat.user_error_text(error))
+            return
+        fields = {
+            "mode": Mode(mode) if mode else None,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "steps": steps,
+            "frames": frames,
+            "resolution": resolution,
+            "guidance": guidance,
+            "preset": Preset(preset) if preset else None,
+        }
+        given = {name: value for name, value in fields.items() if value not in (None, "")}
+        request = parsed.request.model_copy(update=given)
+        await _adapter(interaction).accept(interaction, request, start_image, end_image, parsed.notes)
+
+    return video
+
+
+@app_commands.command(name="queue", description="Your jobs and their places in the queue.")
+async def queue_command(interaction: discord.Interaction) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, await core.queue_text(_person(interaction), _place(interaction)))
+
+
+@app_commands.command(name="cancel", description="Cancel a job (your latest if no number is given).")
+async def cancel_command(interaction: discord.Interaction, job: int | None = None) -> None:
+    core = _adapter(interaction).core
+    job_ref = str(job) if job is not None else None
+    await answer_privately(interaction, await core.cancel(_person(interaction), _place(interaction), job_ref))
+
+
+@app_commands.command(name="status", description="What the worker is doing.")
+async def status_command(interaction: discord.Interaction) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, await core.status_text(_person(interaction), _place(interaction)))
+
+
+# Shown only to members who may manage the server; wanbot's own admin list still decides.
+@app_commands.command(name="pause", description="Admins: start no new videos (the running one finishes).")
+@app_commands.default_permissions(manage_guild=True)
+async def pause_command(interaction: discord.Interaction) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, await core.pause(_person(interaction), _place(interaction), paused=True))
+
+
+@app_commands.command(name="resume", description="Admins: start queued videos again.")
+@app_commands.default_permissions(manage_guild=True)
+async def resume_command(interaction: discord.Interaction) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, await core.pause(_person(interaction), _place(interaction), paused=False))
+
+
+@app_commands.command(name="previews", description="Admins: show the video taking shape while it is made, or not.")
+@app_commands.describe(state="on or off; leave it out to see how it is now")
+@app_commands.choices(state=[app_commands.Choice(name=state, value=state) for state in ("on", "off")])
+async def previews_command(interaction: discord.Interaction, state: str | None = None) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, await core.previews(_person(interaction), _place(interaction), state))
+
+
+@app_commands.command(name="help", description="How to use this bot.")
+async def help_command(interaction: discord.Interaction) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, core.help_text(_person(interaction), _place(interaction)))
+
+
+@app_commands.context_menu(name="Make a video")
+async def make_video_command(interaction: discord.Interaction, message: discord.Message) -> None:
+    """Right-click a message with pictures: a form asks for the prompt and the mode."""
+    if not _adapter(interaction).core.allows(_person(interaction), _place(interaction)):
+        await answer_privately(interaction, NOT_ALLOWED)
+        return
+    pictures = [attachment for attachment in message.attachments if _is_picture(attachment)]
+    if not pictures:
+        await answer_privately(
+            interaction,
+            "That message has no picture to start from. Use it on a message with a picture attached, or /video for "
+            "text to video.",
+        )
+        return
+    # A modal must be the first answer, so it cannot wait behind a defer.
+    await interaction.response.send_modal(PictureVideoModal(pictures))
+
+
+COMMANDS = (
+    queue_command,
+    cancel_command,
+    status_command,
+    pause_command,
+    resume_command,
+    previews_command,
+    help_command,
+    make_video_command,
+)
+
+
+def _person(interaction: discord.Interaction) -> Person:
+    user = interaction.user
+    roles = frozenset(str(role.id) for role in getattr(user, "roles", []))
+    return Person(str(user.id), user.name, roles)
+
+
+def _place(interaction: discord.Interaction) -> Place:
+    guild = str(interaction.guild_id) if interaction.guild_id is not None else None
+    return Place(str(interaction.channel_id), guild)
 
 
 def _annotate(**annotations: Any) -> Any:
@@ -563,15 +576,20 @@ def _worth_retrying(error: Exception) -> bool:
     return isinstance(error, aiohttp.ClientError | OSError)
 
 
-async def _answer_privately(interaction: discord.Interaction, text: str) -> None:
+async def answer_privately(interaction: discord.Interaction, text: str) -> None:
+    """An answer only the user who asked sees."""
     await interaction.response.send_message(chat.fit_text(text, CONTENT_LIMIT), ephemeral=True)
 
 
-async def _edit_answer(
-    interaction: discord.Interaction, text: str, view: discord.ui.View = discord.utils.MISSING
-) -> None:
-    """The deferred answer to a command: an error, or the place of a request already queued."""
-    await interaction.edit_original_response(content=chat.fit_text(text, CONTENT_LIMIT), view=view)
+async def _edit_answer(interaction: discord.Interaction, answer: Answer) -> None:
+    """The deferred answer to a request: an error, or the place of a request already queued."""
+    with_cancel = answer.buttons == "cancel" and answer.job_id is not None
+    view = _view(CancelButton(answer.job_id)) if with_cancel else discord.utils.MISSING
+    await interaction.edit_original_response(content=chat.fit_text(answer.text, CONTENT_LIMIT), view=view)
+
+
+def _preview_file(picture: bytes) -> discord.File:
+    return discord.File(io.BytesIO(picture), filename="preview.jpg")
 
 
 def _owner_only(job: Job) -> discord.AllowedMentions:

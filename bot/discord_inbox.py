@@ -18,7 +18,7 @@ from typing import Any
 import discord
 
 from engine.models import GenerationRequest
-from engine.queue import JobQueue
+from engine.service import Engine
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ class PendingRequest:
 
 
 class InteractionInbox:
-    def __init__(self, client: discord.Client, queue: JobQueue) -> None:
+    def __init__(self, client: discord.Client, engine: Engine) -> None:
         self._client = client
-        self._queue = queue
+        self._engine = engine
         self._payloads: OrderedDict[int, dict[str, Any]] = OrderedDict()
         state = client._connection
         parse = state.parsers["INTERACTION_CREATE"]
@@ -67,16 +67,16 @@ class InteractionInbox:
             "notes": pending.notes,
             "received_at": pending.received_at,
         }
-        await self._queue.inbox_put(PLATFORM, str(interaction.id), json.dumps(stored))
+        await self._engine.inbox_put(PLATFORM, str(interaction.id), json.dumps(stored))
 
     async def done(self, interaction: discord.Interaction) -> None:
-        await self._queue.inbox_done(PLATFORM, str(interaction.id))
+        await self._engine.inbox_done(PLATFORM, str(interaction.id))
 
     async def unfinished(self) -> list[PendingRequest]:
         """The requests a stopped process had acknowledged but not finished, as real discord.py objects again."""
         state = self._client._connection
         pending = []
-        for payload in await self._queue.inbox_open(PLATFORM):
+        for payload in await self._engine.inbox_open(PLATFORM):
             stored = json.loads(payload)
             pending.append(
                 PendingRequest(

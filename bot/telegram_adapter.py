@@ -4,17 +4,29 @@ per job and the finished video out. It only translates; the engine and bot/chat.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Opt in to python-telegram-bot's future time type now (RetryAfter.retry_after as a timedelta); _seconds takes both.
 os.environ.setdefault("PTB_TIMEDELTA", "1")
 
 import httpx
-from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Message, ReplyParameters, Update
+from telegram import (
+    BotCommand,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InputMediaPhoto,
+    Message,
+    ReplyParameters,
+    Update,
+    User,
+)
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError, TimedOut
 from telegram.ext import (
     AIORateLimiter,
@@ -28,21 +40,22 @@ from telegram.ext import (
 )
 
 from bot import chat, transfers
+from bot.core import NOT_ALLOWED, AccessPolicy, Answer, Ask, ChatCore, Person, Place, ids
 from bot.logredact import redact_everywhere, remove_redactor
-from bot.relay import Buttons, DeliveryFailed, JobRelay
+from bot.relay import AnswerLost, Buttons, JobRelay, TooLarge, UploadRefused
 from bot.telegram_polling import DurablePolling, message_key, seconds
 from engine.config import TelegramConfig
-from engine.errors import UserError, quoted
+from engine.errors import UserError
 from engine.images import Mode
-from engine.jobs import Actor, EnqueueResult, Job, JobSource
-from engine.service import Engine, Upload
-from engine.video import fit_to_limit
+from engine.jobs import Job
+from engine.service import Engine
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
 GROUP_REFRESH_LIMIT = 5
-TEXT_LIMIT = 4096  # characters in a message; a video's caption may have 1024 (chat.result_caption's default)
+TEXT_LIMIT = 4096  # characters in a message
+CAPTION_LIMIT = 1024  # characters in a photo's or video's caption (chat.result_caption's default)
 COMMANDS = {"video": None, "t2v": Mode.T2V, "i2v": Mode.I2V, "ti2v": Mode.TI2V}
 CAPTION_COMMAND = re.compile(r"^/(video|t2v|i2v|ti2v)(?:@(\w+))?(?:\s|$)", re.IGNORECASE)
 TELEGRAM_HELP = (
@@ -60,6 +73,7 @@ PICTURE_HINT = (
     "or send it again with the prompt as its caption."
 )
 HINTS_KEPT = 1000  # picture hints whose pictures a reply can still use; older ones (and all after a restart) cannot
+BUTTON_ANSWER_LIMIT = 200  # characters in a button's answer
 REPLY_TO_VIDEO_NOTE = (
     "My video is not used as a picture, so this is text to video from your prompt. "
     "To animate a picture, reply to the picture itself."
@@ -75,6 +89,30 @@ class ImageRef:
     filename: str | None
 
 
+@dataclass(frozen=True)
+class TelegramPicture:
+    """An ImageRef as the chat core downloads it (bot.core.Picture)."""
+
+    ref: ImageRef
+    bot: Any
+
+    @property
+    def declared_size(self) -> int | None:
+        return self.ref.file_size
+
+    @property
+    def filename(self) -> str | None:
+        return self.ref.filename
+
+    async def read(self, limit_bytes: int, label: str) -> bytes:
+        # getFile again on each try: a file path Telegram handed out may be what stopped working.
+        telegram_file = await self.bot.get_file(self.ref.file_id)
+        declared = telegram_file.file_size or self.ref.file_size
+        if declared is None:
+            return await transfers.read_capped(telegram_file.file_path, limit_bytes, label)
+        return transfers.check_size(bytes(await telegram_file.download_as_bytearray()), declared)
+
+
 class TelegramAdapter:
     def __init__(self, engine: Engine, config: TelegramConfig, poll_timeout_s: float = 10.0) -> None:
         if config.token is None:
@@ -83,19 +121,20 @@ class TelegramAdapter:
         self._engine = engine
         self._config = config
         self._poll_timeout_s = poll_timeout_s
-        self._access = chat.AccessPolicy(
-            platform=PLATFORM,
-            allowed_users=frozenset(str(user) for user in config.allowed_users),
-            allowed_chats=frozenset(str(chat_id) for chat_id in config.allowed_chats),
+        access = AccessPolicy(
+            PLATFORM,
             admins=frozenset(engine.settings.access.admins),
+            users=ids(config.allowed_users),
+            chats=ids(config.allowed_chats),
         )
+        self._core = ChatCore(engine, access, config.download_limit_bytes, _worth_retrying, TELEGRAM_HELP)
         # A group's 20 messages a minute are shared by every job in it: only its first few places are refreshed.
         self._relay = JobRelay(
-            engine.queue,
-            engine.supervisor,
+            engine,
             PLATFORM,
             self._show,
             self._send_video,
+            lambda job: config.upload_limit_bytes,
             config,
             edit_interval_for=self._edit_interval,
             refresh_per_chat=GROUP_REFRESH_LIMIT,
@@ -119,18 +158,18 @@ class TelegramAdapter:
         )
         self._polling = DurablePolling(
             self.app.bot,
-            engine.queue,
-            engine.supervisor,
+            engine,
             self.app.process_update,
             poll_timeout_s,
             allowed_updates=["message", "callback_query"],
+            arrivals=self._core.arrivals,
         )
         self._add_handlers()
 
     # -- life cycle --------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        events = self._engine.queue.events.subscribe()
+        events = self._engine.subscribe()
         try:
             await self._connect()
         except TelegramError as error:
@@ -155,6 +194,7 @@ class TelegramAdapter:
                 BotCommand("queue", "Your jobs and their places in the queue"),
                 BotCommand("cancel", "Cancel a job: /cancel or /cancel 12"),
                 BotCommand("status", "What the worker is doing"),
+                BotCommand("previews", "Admins: /previews on or off, the video taking shape while it is made"),
                 BotCommand("help", "How to use this bot"),
             ]
         )
@@ -178,6 +218,7 @@ class TelegramAdapter:
         self.app.add_handler(CommandHandler("cancel", self._on_cancel))
         self.app.add_handler(CommandHandler("status", self._on_status))
         self.app.add_handler(CommandHandler(["pause", "resume"], self._on_pause))
+        self.app.add_handler(CommandHandler("previews", self._on_previews))
         self.app.add_handler(CommandHandler(["help", "start"], self._on_help))
         self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=r"^(cancel|reroll):\d+$"))
         private = filters.ChatType.PRIVATE
@@ -296,146 +337,84 @@ class TelegramAdapter:
     async def _submit(
         self, message: Message, text: str, mode: Mode | None, images: list[ImageRef], notes: list[str] | None = None
     ) -> None:
-        user, chat_id = message.from_user, message.chat_id
-        if not self._access.allows(str(user.id), str(chat_id)):
-            await message.reply_text("Sorry, you are not allowed to use this bot here.")
+        person, place = _person(message.from_user), _place(message)
+        if not self._core.allows(person, place):
+            await self._reply(message, NOT_ALLOWED)
             return
-        source = JobSource(
-            platform=PLATFORM,
-            chat_id=str(chat_id),
-            user_id=str(user.id),
-            user_name=user.username or user.first_name or "",
-            message_id=str(message.message_id),
-        )
-        if await self._engine.queue.find_by_source(source) is not None:
+        if await self._core.already_queued(person, place, str(message.message_id)):
             return  # Handled again after a restart, and already queued: its status message lives on.
         # Only a picture takes long enough (download, checks) to need a "Checking" message first. A text request's
         # first answer is its place, which the relay sends in event order: one message instead of two, which counts
         # when many users write at once and every message shares the bot's 30 a second.
         status_id = await self._status_message(message) if images else None
-        source.reply = _reply_to(message, status_id)
-        try:
-            parsed = chat.parse_message(text, mode, has_image=bool(images))
-            if images:
-                await self._engine.check_room(source)  # the limits before any download or decode
-            uploads = [await self._download(ref, role) for ref, role in zip(images, ("start", "end"), strict=False)]
-            submission = await self._engine.submit(
-                parsed.request,
-                source,
-                uploads[0] if uploads else None,
-                uploads[1] if len(uploads) > 1 else None,
-                notes=[*(notes or []), *parsed.notes],
-            )
-        except UserError as error:
-            await self._answer(message, status_id, chat.user_error_text(error))
-            return
-        except Exception:
-            log.exception("request failed chat=%s user=%s", chat_id, user.id)
-            await self._answer(message, status_id, chat.apology())
-            return
-        await self._show_duplicate(submission.result, message, status_id)
+        ask = Ask(
+            person,
+            place,
+            str(message.message_id),
+            _reply_to(message, status_id),
+            lambda: chat.parse_message(text, mode, has_image=bool(images)),
+            [TelegramPicture(ref, self.app.bot) for ref in images],
+            notes or [],
+        )
+        answer = await self._core.request(ask)
+        if answer is not None:
+            await self._answer(message, status_id, answer)
 
     async def _status_message(self, message: Message) -> int:
         """The "Checking" message of this request: the one a stopped process sent already, or a new one."""
         key = message_key(message.chat_id, message.message_id)
-        sent = await self._engine.queue.inbox_reply(PLATFORM, key)
+        sent = await self._engine.inbox_reply(PLATFORM, key)
         if sent is not None:
             return int(sent)
         status = await message.reply_text("Checking your request…")
-        await self._engine.queue.inbox_set_reply(PLATFORM, key, str(status.message_id))
+        await self._engine.inbox_set_reply(PLATFORM, key, str(status.message_id))
         return status.message_id
 
-    async def _show_duplicate(self, result: EnqueueResult, request: Message, status_id: int | None) -> None:
-        """A new job's place is shown by the relay, in event order; a request already queued is answered here."""
-        if not result.created:
-            paused = await self._engine.queue.is_paused()
-            text = chat.queued_text(result.job, result.position, duplicate=True, paused=paused)
-            await self._answer(request, status_id, text, _cancel_button(result.job.id))
-
-    async def _download(self, ref: ImageRef, role: str) -> Upload:
-        limit = self._config.download_limit_bytes
-        if ref.file_size is not None and ref.file_size > limit:
-            raise UserError(
-                f"The {role} picture is {ref.file_size / 1e6:.1f} MB; bots can fetch at most {limit / 1e6:.0f} MB.",
-                "Send a smaller or more compressed picture.",
-            )
-
-        async def fetch() -> bytes:
-            # getFile again on each try: a file path Telegram handed out may be what stopped working.
-            telegram_file = await self.app.bot.get_file(ref.file_id)
-            declared = telegram_file.file_size or ref.file_size
-            if declared is None:
-                return await transfers.read_capped(telegram_file.file_path, limit, f"the {role} picture")
-            data = bytes(await telegram_file.download_as_bytearray())
-            return transfers.check_size(data, declared)
-
-        data = await transfers.download(fetch, _worth_retrying, ref.file_size or limit, f"the {role} picture")
-        return Upload(data, ref.filename)
-
     async def _on_queue(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        user_key = f"{PLATFORM}:{update.effective_user.id}"
-        await self._reply(update.effective_message, await chat.queue_answer(self._engine.queue, user_key))
+        message = update.effective_message
+        await self._reply(message, await self._core.queue_text(_person(update.effective_user), _place(message)))
 
     async def _on_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        message, user = update.effective_message, update.effective_user
-        try:
-            job_id = await self._job_to_cancel(context.args, user.id)
-            job = await self._engine.queue.cancel(job_id, self._actor(user.id))
-        except UserError as error:
-            await self._reply(message, chat.user_error_text(error))
-            return
-        await self._reply(message, chat.cancel_text(job))
-
-    async def _job_to_cancel(self, args: list[str] | None, user_id: int) -> int:
-        if args:
-            if not args[0].lstrip("#").isdigit():
-                raise UserError(
-                    f"{quoted(args[0])} is not a job number.", "Use /cancel 12, or /cancel for your latest job."
-                )
-            return int(args[0].lstrip("#"))
-        return await chat.latest_active_job(self._engine.queue, f"{PLATFORM}:{user_id}")
+        message, person = update.effective_message, _person(update.effective_user)
+        job_ref = context.args[0] if context.args else None
+        await self._reply(message, await self._core.cancel(person, _place(message), job_ref))
 
     async def _on_status(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        await self._reply(update.effective_message, await chat.status_answer(self._engine))
+        message = update.effective_message
+        await self._reply(message, await self._core.status_text(_person(update.effective_user), _place(message)))
 
     async def _on_pause(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
         paused = _command_name(message) == "pause"
-        try:
-            text = await chat.pause_answer(self._engine.queue, self._actor(update.effective_user.id), paused)
-        except UserError as error:
-            text = chat.user_error_text(error)
-        await self._reply(message, text)
+        await self._reply(message, await self._core.pause(_person(update.effective_user), _place(message), paused))
+
+    async def _on_previews(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message, wanted = update.effective_message, context.args[0] if context.args else None
+        await self._reply(message, await self._core.previews(_person(update.effective_user), _place(message), wanted))
 
     async def _on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        await update.effective_message.reply_text(chat.help_text(TELEGRAM_HELP))
+        message = update.effective_message
+        await self._reply(message, self._core.help_text(_person(update.effective_user), _place(message)))
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Cancel and Reroll: refusals and confirmations go to the presser alone, as the button's answer."""
         query = update.callback_query
         action, job_id = query.data.split(":")
-        actor = self._actor(query.from_user.id)
-        try:
-            if action == "cancel":
-                job = await self._engine.queue.cancel(int(job_id), actor)
-                await query.answer(chat.cancel_text(job))
-            else:
-                await query.answer("Making another one with a new seed…")
-                await self._reroll(query.message, int(job_id), actor, query.id)
-        except UserError as error:
-            await query.answer(chat.user_error_text(error)[:200], show_alert=True)
-
-    async def _reroll(self, anchor: Message, job_id: int, actor: Actor, query_id: str) -> None:
-        status = await anchor.reply_text(f"Rerolling job #{job_id}…")
-        old = await self._engine.queue.get(job_id)
-        source = old.source.model_copy(
-            update={"message_id": f"reroll-{query_id}", "reply": _reply_to(anchor, status.message_id)}
-        )
-        try:
-            result = await self._engine.reroll(job_id, actor, source)
-        except UserError as error:
-            await self._edit((anchor.chat_id, status.message_id), chat.user_error_text(error), None)
+        person, place = _person(query.from_user), _place(query.message)
+        if action == "cancel":
+            await query.answer(chat.fit_text(await self._core.cancel(person, place, job_id), BUTTON_ANSWER_LIMIT))
             return
-        await self._show_duplicate(result, anchor, status.message_id)
+        refusal = await self._core.reroll_refusal(person, place, int(job_id))
+        if refusal is not None:
+            await query.answer(chat.fit_text(refusal, BUTTON_ANSWER_LIMIT), show_alert=True)
+            return
+        await query.answer("Making another one with a new seed…")
+        anchor = query.message
+        status = await anchor.reply_text(f"Rerolling job #{job_id}…")
+        reply = _reply_to(anchor, status.message_id)
+        answer = await self._core.reroll(person, int(job_id), f"reroll-{query.id}", reply)
+        if answer is not None:
+            await self._answer(anchor, status.message_id, answer)
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("telegram handler failed: %s", type(context.error).__name__, exc_info=context.error)
@@ -445,44 +424,63 @@ class TelegramAdapter:
         group = int(job.source.chat_id) < 0
         return self._config.group_edit_interval_s if group else self._config.edit_interval_s
 
-    def _actor(self, user_id: int) -> Actor:
-        return Actor(platform=PLATFORM, user_id=str(user_id), is_admin=self._access.is_admin(str(user_id)))
-
     # -- outgoing ----------------------------------------------------------------------------------------------
 
-    async def _show(self, job: Job, text: str, buttons: Buttons) -> None:
+    async def _show(self, job: Job, text: str, buttons: Buttons, picture: bytes | None) -> None:
+        """A job's live message: a text message until its first preview, a photo with the text as its caption from
+        then on (a text message cannot become a photo: the photo replaces it)."""
         markup = _cancel_button(job.id) if buttons == "cancel" else None
-        # The relay's copy of the job may predate the message its first text made.
-        key = _status_key(job) or _status_key(await self._engine.queue.get(job.id))
-        if key is None:
-            await self._post_status(job, text, markup)
-        else:
-            await self._edit(key, text, markup)
+        # The relay's copy of the job may predate the message its first text (or picture) made.
+        reply = (await self._engine.job(job.id)).source.reply
+        key = _status_key(job.source.chat_id, reply)
+        photo = reply.get("status_kind") == "photo"
+        with _edit_errors(f"job={job.id}"):
+            if picture is not None and not photo:
+                await self._post_status(job, text, markup, picture)
+                if key is not None:
+                    await self._delete(key)
+            elif key is None:
+                await self._post_status(job, text, markup)
+            elif picture is not None:
+                media = InputMediaPhoto(picture, caption=chat.fit_text(text, CAPTION_LIMIT))
+                await self.app.bot.edit_message_media(media, chat_id=key[0], message_id=key[1], reply_markup=markup)
+            elif photo:
+                caption = chat.fit_text(text, CAPTION_LIMIT)
+                await self.app.bot.edit_message_caption(key[0], key[1], caption=caption, reply_markup=markup)
+            else:
+                await self._edit(key, text, markup)
 
-    async def _post_status(self, job: Job, text: str, markup: InlineKeyboardMarkup | None) -> None:
-        """The first text of a job whose request had no "Checking" message: a new message, which later texts edit."""
+    async def _post_status(
+        self, job: Job, text: str, markup: InlineKeyboardMarkup | None, picture: bytes | None = None
+    ) -> None:
+        """A job's new live message, which later texts edit: its first text when its request had no "Checking"
+        message, or its first preview, as a photo captioned with the text."""
         chat_id, reply = int(job.source.chat_id), job.source.reply
         request_id, thread_id = reply.get("request_message_id"), reply.get("thread_id")
         # Quoted in groups, where other people write in between, as message.reply_text does.
         quote = (
             ReplyParameters(int(request_id), allow_sending_without_reply=True) if chat_id < 0 and request_id else None
         )
-        try:
-            status = await self.app.bot.send_message(
-                chat_id,
-                chat.fit_text(text, TEXT_LIMIT),
-                reply_markup=markup,
-                reply_parameters=quote,
-                message_thread_id=int(thread_id) if thread_id else None,
-            )
-        except RetryAfter as limit:
-            raise chat.RetryLater(seconds(limit.retry_after)) from None
-        await self._engine.queue.update_reply(job.id, status_message_id=str(status.message_id))
+        where = {"reply_markup": markup, "reply_parameters": quote, "message_thread_id": _thread(thread_id)}
+        if picture is None:
+            status = await self.app.bot.send_message(chat_id, chat.fit_text(text, TEXT_LIMIT), **where)
+            await self._engine.update_reply(job.id, status_message_id=str(status.message_id))
+        else:
+            caption = chat.fit_text(text, CAPTION_LIMIT)
+            status = await self.app.bot.send_photo(chat_id, picture, caption=caption, **where)
+            await self._engine.update_reply(job.id, status_message_id=str(status.message_id), status_kind="photo")
 
-    async def _answer(
-        self, request: Message, status_id: int | None, text: str, markup: InlineKeyboardMarkup | None = None
-    ) -> None:
+    async def _delete(self, key: tuple[int, int]) -> None:
+        """Remove a live message a newer one replaced; one left behind only shows an older state."""
+        try:
+            await self.app.bot.delete_message(*key)
+        except TelegramError as error:
+            log.warning("could not delete a replaced message chat=%s: %s", key[0], error)
+
+    async def _answer(self, request: Message, status_id: int | None, answer: Answer) -> None:
         """A request's answer: in its "Checking" message when it has one, else as a reply."""
+        text = answer.text
+        markup = _cancel_button(answer.job_id) if answer.buttons == "cancel" and answer.job_id is not None else None
         if status_id is None:
             await self._reply(request, text, markup)
         else:
@@ -493,31 +491,19 @@ class TelegramAdapter:
 
     async def _edit(self, key: tuple[int, int], text: str, markup: InlineKeyboardMarkup | None) -> None:
         chat_id, message_id = key
-        try:
+        with _edit_errors(f"chat={chat_id}"):
             await self.app.bot.edit_message_text(
                 chat.fit_text(text, TEXT_LIMIT), chat_id=chat_id, message_id=message_id, reply_markup=markup
             )
-        except RetryAfter as limit:
-            raise chat.RetryLater(seconds(limit.retry_after)) from None
-        except BadRequest as error:
-            # "message is not modified" is harmless; a deleted message just stops getting updates.
-            if "not modified" not in error.message.lower():
-                log.warning("cannot edit message chat=%s: %s", chat_id, error.message)
 
-    async def _send_video(self, job: Job) -> None:
+    async def _send_video(self, job: Job, video: Path) -> None:
         assert job.result is not None
         request_id = job.source.reply.get("request_message_id")
         thread_id = job.source.reply.get("thread_id")
-        # A 413 leaves a lower limit in the job (so a restart keeps it): the refused file is never sent again.
-        limit = self._config.upload_limit_bytes
-        if "upload_limit" in job.source.reply:
-            limit = min(limit, int(job.source.reply["upload_limit"]))
-        sent_bytes = 0
+        # Telegram answers once it has processed the upload: giving up sooner would send the video again.
+        size = (await asyncio.to_thread(video.stat)).st_size
+        timeout = transfers.upload_timeout_s(size, self._config.upload_limit_bytes)
         try:
-            video = await asyncio.to_thread(fit_to_limit, Path(job.result.path), limit)
-            sent_bytes = video.stat().st_size
-            # Telegram answers once it has processed the upload: giving up sooner would send the video again.
-            timeout = transfers.upload_timeout_s(sent_bytes, self._config.upload_limit_bytes)
             with video.open("rb") as payload:
                 await self.app.bot.send_video(
                     int(job.source.chat_id),
@@ -531,26 +517,35 @@ class TelegramAdapter:
                     reply_to_message_id=int(request_id) if request_id and request_id.isdigit() else None,
                     allow_sending_without_reply=True,
                     # Keeps the video in the request's forum topic even if the request was deleted meanwhile.
-                    message_thread_id=int(thread_id) if thread_id else None,
+                    message_thread_id=_thread(thread_id),
                     filename=f"wanbot-{job.id}.mp4",
                     read_timeout=timeout,
                     write_timeout=timeout,
                 )
-        except (UserError, TelegramError, OSError) as error:
+        except RetryAfter as limit:
+            raise chat.RetryLater(seconds(limit.retry_after)) from None
+        except TelegramError as error:
             if _answer_lost(error):
-                # Telegram cannot be asked whether it posted the video; sending it again would most likely be a second.
-                log.warning("no answer after the whole video of job=%s was sent; counted as delivered", job.id)
-                return
+                raise AnswerLost from error
             if _too_large(error):
-                smaller = transfers.limit_after_413(sent_bytes)
-                await self._engine.queue.update_reply(job.id, upload_limit=str(smaller))
-                raise DeliveryFailed(
-                    f"Telegram refused the {sent_bytes / 1e6:.1f} MB video as too large; "
-                    f"the next try sends it re-encoded to {smaller / 1e6:.1f} MB"
-                ) from error
-            # Blocked by the user, removed from the group, or a video that cannot be made small enough: final.
-            permanent = isinstance(error, Forbidden | UserError) or "chat not found" in str(error).lower()
-            raise DeliveryFailed(str(error).replace(self._token, "<token>"), permanent) from error
+                raise TooLarge from error
+            # Blocked by the user, removed from the group, the chat gone: final.
+            if isinstance(error, Forbidden) or "chat not found" in str(error).lower():
+                raise UploadRefused(str(error).replace(self._token, "<token>")) from error
+            raise
+
+
+@contextlib.contextmanager
+def _edit_errors(what: str) -> Iterator[None]:
+    """A flood limit is waited out (chat.RetryLater); "message is not modified" is harmless; a deleted message just
+    stops getting updates."""
+    try:
+        yield
+    except RetryAfter as limit:
+        raise chat.RetryLater(seconds(limit.retry_after)) from None
+    except BadRequest as error:
+        if "not modified" not in error.message.lower():
+            log.warning("cannot update a message %s: %s", what, error.message)
 
 
 def _worth_retrying(error: Exception) -> bool:
@@ -580,6 +575,14 @@ def _images_of(message: Message) -> list[ImageRef]:
     return []
 
 
+def _person(user: User) -> Person:
+    return Person(str(user.id), user.username or user.first_name or "")
+
+
+def _place(message: Message) -> Place:
+    return Place(str(message.chat_id))
+
+
 def _command_name(message: Message) -> str:
     """ "/Video@wanbot a fox" -> "video"."""
     return message.text.split()[0].lstrip("/").split("@")[0].lower()
@@ -604,9 +607,13 @@ def _reply_to(request: Message, status_message_id: int | None) -> dict[str, str]
     return reply
 
 
-def _status_key(job: Job) -> tuple[int, int] | None:
-    message_id = job.source.reply.get("status_message_id")
-    return (int(job.source.chat_id), int(message_id)) if message_id else None
+def _status_key(chat_id: str, reply: dict[str, str]) -> tuple[int, int] | None:
+    message_id = reply.get("status_message_id")
+    return (int(chat_id), int(message_id)) if message_id else None
+
+
+def _thread(thread_id: str | None) -> int | None:
+    return int(thread_id) if thread_id else None
 
 
 def _cancel_button(job_id: int) -> InlineKeyboardMarkup:

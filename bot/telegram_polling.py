@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from telegram import Bot, Update
 from telegram.error import NetworkError, RetryAfter
 
-from engine.queue import JobQueue
-from engine.supervisor import Supervisor
+from bot.arrivals import ArrivalOrder
+from engine.service import Engine
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +38,28 @@ class DurablePolling:
     def __init__(
         self,
         bot: Bot,
-        queue: JobQueue,
-        supervisor: Supervisor,
+        engine: Engine,
         process: Callable[[Update], Awaitable[None]],
         timeout_s: float,
         allowed_updates: Sequence[str],
+        arrivals: ArrivalOrder,
     ) -> None:
+        """`arrivals` learns of each message as it is handed on, in the order Telegram sent them, and when it has
+        been handled."""
         self._bot = bot
-        self._queue = queue
-        self._supervisor = supervisor
+        self._engine = engine
+        self._supervisor = engine.supervisor
         self._process = process
         self._timeout_s = timeout_s
         self._allowed = list(allowed_updates)
         self._offset: int | None = None
         self._handling: set[asyncio.Task[None]] = set()
         self._deferred: set[int] = set()
+        self._arrivals = arrivals
 
     async def start(self) -> None:
         await self._bot.delete_webhook()
-        for payload in await self._queue.inbox_open(PLATFORM):
+        for payload in await self._engine.inbox_open(PLATFORM):
             update = Update.de_json(json.loads(payload), self._bot)
             log.info("handling again update=%s, which the last run had not finished", update.update_id)
             self._hand_on(update)
@@ -77,7 +80,7 @@ class DurablePolling:
 
     async def done(self, *update_ids: int) -> None:
         self._deferred.difference_update(update_ids)
-        await self._queue.inbox_done(PLATFORM, *(str(update_id) for update_id in update_ids))
+        await self._engine.inbox_done(PLATFORM, *(str(update_id) for update_id in update_ids))
 
     async def _poll(self) -> None:
         wait_s = 1.0
@@ -97,7 +100,7 @@ class DurablePolling:
                 continue
             wait_s = 1.0
             for update in updates:
-                stored = await self._queue.inbox_put(
+                stored = await self._engine.inbox_put(
                     PLATFORM, str(update.update_id), json.dumps(update.to_dict()), _message_key_of(update)
                 )
                 if stored:  # else the last run stored it, and its start handled it again
@@ -106,6 +109,8 @@ class DurablePolling:
                 self._offset = updates[-1].update_id + 1
 
     def _hand_on(self, update: Update) -> None:
+        if update.message is not None:
+            self._arrivals.arrived(str(update.message.chat_id), str(update.message.message_id))
         task = asyncio.create_task(self._handle(update))
         self._handling.add(task)
         task.add_done_callback(self._handling.discard)
@@ -115,6 +120,9 @@ class DurablePolling:
             await self._process(update)
         except Exception:
             log.exception("update=%s could not be handled", update.update_id)
+        finally:
+            if update.message is not None:  # also when stopped: the chat's later messages must not wait for it
+                self._arrivals.handled(str(update.message.chat_id), str(update.message.message_id))
         if update.update_id not in self._deferred:
             try:
                 await self.done(update.update_id)

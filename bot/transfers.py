@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
-from engine.downloads import size_text
 from engine.errors import UserError
+from engine.service import size_text
 
 log = logging.getLogger(__name__)
 

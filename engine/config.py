@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from huggingface_hub import constants as hf_constants
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -22,10 +23,13 @@ from pydantic_settings import (
 )
 
 from engine.errors import ConfigError
+from engine.queue_url import parse_database_url, sqlite_url
 
 CONFIG_ENV = "WANBOT_CONFIG"
 ENV_PREFIX = "WANBOT_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Keys whose value is never repeated in an error message: it may hold a password.
+UNSHOWN_INPUTS = {"database.url"}
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +74,40 @@ class QueueConfig(Section):
     )
 
 
+class LoraPairConfig(Section):
+    """A step-distilled LoRA pair on the Hub: the high-noise file for `transformer`, the low-noise one for
+    `transformer_2`."""
+
+    repo: str
+    high: str
+    low: str
+
+
+LIGHTX2V_REPO = "lightx2v/Wan2.2-Distill-Loras"
+
+
+class FastLorasConfig(Section):
+    t2v: LoraPairConfig = LoraPairConfig(
+        repo=LIGHTX2V_REPO,
+        high="wan2.2_t2v_A14b_high_noise_lora_rank64_lightx2v_4step_1217.safetensors",
+        low="wan2.2_t2v_A14b_low_noise_lora_rank64_lightx2v_4step_1217.safetensors",
+    )
+    i2v: LoraPairConfig = LoraPairConfig(
+        repo=LIGHTX2V_REPO,
+        high="wan2.2_i2v_A14b_high_noise_lora_rank64_lightx2v_4step_1022.safetensors",
+        low="wan2.2_i2v_A14b_low_noise_lora_rank64_lightx2v_4step_1022.safetensors",
+    )
+
+
 class ModelsConfig(Section):
     t2v: str = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
     i2v: str = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
     ti2v: str = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+    fast_loras: FastLorasConfig = FastLorasConfig()
+    fast_ti2v: str = Field(
+        "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers",
+        description="The distilled TI2V-5B the fast preset runs (a repo id or folder); 'tiny' models use their own.",
+    )
 
 
 # Wan's own default negative prompt (sample_neg_prompt in the official Wan 2.2 configs), in the Chinese the model
@@ -94,6 +128,25 @@ class GenerationConfig(Section):
     vae_tiling: Literal["auto", "on", "off"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     negative_prompt: str = Field(WAN_NEGATIVE_PROMPT, description="Used when a request names none.")
+    default_preset: Literal["fast", "quality"] = Field(
+        "fast", description="fast: distilled, seconds a video; quality: the official settings, minutes."
+    )
+    attention: Literal["auto", "on", "off"] = Field(
+        "auto", description="A faster attention kernel than PyTorch's (auto: the fastest that works on this GPU)."
+    )
+    fp8: Literal["auto", "on", "off"] = Field(
+        "auto", description="fp8 transformers with torchao (auto: on for compute capability 8.9 or newer)."
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the repeated blocks (auto: off; the first job per size warms up)."
+    )
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), read as huggingface_hub reads it, so one switch keeps wanbot and
+    diffusers alike off the network."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in hf_constants.ENV_VARS_TRUE_VALUES
 
 
 class DownloadsConfig(Section):
@@ -107,7 +160,41 @@ class DownloadsConfig(Section):
     backoff_s: float = Field(2.0, ge=0, description="First retry delay; doubles each time.")
     max_backoff_s: float = Field(120.0, ge=0)
     reserve_bytes: int = Field(5_000_000_000, ge=0, description="Disk space always left free.")
-    offline: bool = Field(False, description="Use only models already on disk; never contact the Hub.")
+    offline: bool = Field(
+        default_factory=_hub_offline,
+        description="Use only models already on disk; never contact the Hub (default: $HF_HUB_OFFLINE).",
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="Where downloads go, in the Hugging Face cache layout (default: models/hub in data_dir). Set it "
+        "to $HF_HUB_CACHE to keep one copy that diffusers scripts and huggingface-cli share.",
+    )
+
+
+class PreviewsConfig(Section):
+    """Live previews: the video taking shape in a running job's progress message (engine/previews.py)."""
+
+    enabled: bool = Field(True, description="Make previews of running jobs.")
+    interval_s: float = Field(10.0, gt=0, description="Least seconds between two previews of one job.")
+    decoder: Literal["linear"] = Field(
+        "linear", description="How latents become pictures: 'linear', ComfyUI's latent-to-RGB factors."
+    )
+    max_bytes: int = Field(100_000, ge=10_000, description="Largest preview JPEG in bytes.")
+
+
+class DatabaseConfig(Section):
+    url: str | None = Field(
+        None,
+        description="Where the job queue lives: sqlite:///path (default: wanbot.sqlite3 in data_dir) or "
+        "postgresql://user:password@host:port/dbname, which any number of processes and machines may share.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _readable_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_database_url(value)
+        return value
 
 
 class AccessConfig(Section):
@@ -172,6 +259,8 @@ class Settings(BaseSettings):
     downloads: DownloadsConfig = DownloadsConfig()
     telegram: TelegramConfig = TelegramConfig()
     discord: DiscordConfig = DiscordConfig()
+    previews: PreviewsConfig = PreviewsConfig()
+    database: DatabaseConfig = DatabaseConfig()
 
     @field_validator("log_level")
     @classmethod
@@ -202,6 +291,11 @@ class Settings(BaseSettings):
         return self.data_dir / "wanbot.sqlite3"
 
     @property
+    def database_url(self) -> str:
+        """database.url, or the SQLite file in data_dir that wanbot has always used."""
+        return self.database.url or sqlite_url(self.db_path)
+
+    @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
 
@@ -212,6 +306,10 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def previews_dir(self) -> Path:
+        return self.data_dir / "previews"
 
 
 class _PlatformTokens(PydanticBaseSettingsSource):
@@ -290,7 +388,7 @@ def _describe_validation_error(exc: ValidationError) -> str:
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"])
         got = error.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        shown = "" if isinstance(got, dict) or key in UNSHOWN_INPUTS else f" (got {got!r})"
         env_name = "WANBOT_" + "__".join(str(part).upper() for part in error["loc"])
         lines.append(f"config error: {key}: {error['msg']}{shown}; set it in the TOML file or {env_name}")
     return "\n".join(lines)

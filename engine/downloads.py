@@ -2,18 +2,22 @@
 
 huggingface_hub resumes only within one call, does not retry resets or 5xx on file bodies and leaves some metadata
 calls without a timeout (../shared/REFERENCE.md). So this module plans first (pinned commit, only the files the
-pipeline needs, exact sizes, what is already here), checks the disk, then fetches each file into a `.part` file
-that a later run continues with a Range request, retrying with backoff, and verifies size and sha256. Files whose
-content already exists (the same text encoder or VAE in another repo) are linked, not downloaded again.
+pipeline needs, exact sizes, what is already here), checks the disk, then fetches each file into a part file that
+a later run continues with a Range request, retrying with backoff, and verifies size and sha256 (or git blob id).
+Files whose content already exists (the same text encoder or VAE in another repo) are linked, not downloaded again.
+
+Everything is written in the Hugging Face cache layout (engine/hfcache.py), so huggingface_hub, diffusers and
+`huggingface-cli` read wanbot's downloads as their own and wanbot uses theirs: a snapshot already in the standard
+cache is used where it is, and one that is partial is completed there, only its missing files fetched. The part file
+of a blob is `blobs/<etag>.incomplete`, a name huggingface_hub never writes (its own temporary files carry a random
+suffix). Models downloaded before this layout (`hub/owner--name/<commit>` under the models folder) are still found.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
-import hashlib
 import io
 import json
 import math
@@ -35,13 +39,28 @@ from huggingface_hub import get_token
 from engine.config import DownloadsConfig, Settings
 from engine.errors import UserError, quoted
 from engine.files import fsync_folder
+from engine.hfcache import (
+    GIT_OID,
+    SHA256,
+    blob_problems,
+    file_sha256,
+    files_snapshot,
+    git_blob_id,
+    hub_cache,
+    pipeline_problems,
+    pipeline_snapshot,
+    repo_folder,
+    select_files,
+)
 from engine.images import Mode
 from engine.models import resolve_model
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf")
-SKIPPED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".mp4", ".webp", ".gitattributes")
-CHUNK = 1024 * 1024
-MANIFEST = ".wanbot-manifest.json"
+MANIFEST = ".wanbot-manifest.json"  # how downloads in the old layout recorded their files
+PART_SUFFIX = ".incomplete"
+MOVE_HINT = (
+    "Free some space, or set downloads.cache_dir (or move data_dir, WANBOT_DATA_DIR, where it lies by default) to a "
+    "larger disk"
+)
 # Without a network every metadata request waits for its timeout and its retries: minutes before anyone is told.
 # One request with this limit answers in seconds whether the Hub can be reached at all.
 PROBE_TIMEOUT_S = 5.0
@@ -57,7 +76,8 @@ REPO_ID_PATTERN = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
 class PlannedFile:
     path: str
     size: int
-    sha256: str | None  # LFS files carry one; small git files are checked by size only
+    sha256: str | None  # LFS files carry one; small git files are checked by size and git blob id
+    etag: str  # the blob's name in the cache: the sha256 of an LFS file, the git blob id of a small one
     present_bytes: int = 0  # already on disk (complete file, or the part a killed run left)
 
     @property
@@ -68,9 +88,25 @@ class PlannedFile:
 @dataclass
 class DownloadPlan:
     repo_id: str
+    revision: str
     commit: str
-    folder: Path
+    folder: Path  # snapshots/<commit> in the cache the download completes
     files: list[PlannedFile]
+    whole_pipeline: bool  # every file the pipeline loads, not a few chosen ones (a LoRA pair)
+
+    @property
+    def repo_folder(self) -> Path:
+        return self.folder.parents[1]
+
+    @property
+    def cache(self) -> Path:
+        return self.folder.parents[2]
+
+    def blob(self, item: PlannedFile) -> Path:
+        return self.repo_folder / "blobs" / item.etag
+
+    def part(self, item: PlannedFile) -> Path:
+        return self.repo_folder / "blobs" / f"{item.etag}{PART_SUFFIX}"
 
     @property
     def total_bytes(self) -> int:
@@ -134,7 +170,10 @@ class Downloader:
         wall_clock: Callable[[], float] = time.time,
         probe_timeout_s: float = PROBE_TIMEOUT_S,
     ) -> None:
-        self.root = root
+        self.root = root  # the models folder, where the old layout lies
+        self.cache = (config.cache_dir or root / "hub").expanduser()
+        # Searched for snapshots and blobs: wanbot's own cache first, then the standard one other tools fill.
+        self._caches = list(dict.fromkeys([self.cache, hub_cache()]))
         self._config = config
         self._free_bytes = free_bytes
         self._sleep = sleep
@@ -147,27 +186,48 @@ class Downloader:
 
     # -- where things are --------------------------------------------------------------------------------------
 
-    def repo_folder(self, repo_id: str) -> Path:
-        return self.root / "hub" / repo_id.replace("/", "--")
+    def local_snapshot(self, repo_id: str, revision: str = "main") -> Path | None:
+        """A complete snapshot of the pipeline at `revision`, in a Hugging Face cache or the old layout, or None."""
+        for cache in self._caches:
+            if found := pipeline_snapshot(cache, repo_id, revision):
+                return found
+        old = self._old_snapshot(repo_id)
+        return old if old is not None and (old / "model_index.json").exists() else None
 
-    def local_snapshot(self, repo_id: str) -> Path | None:
-        """The complete snapshot on disk (the newest, if several), or None."""
-        marker = self.repo_folder(repo_id) / "current"
-        if not marker.exists():
-            return None
-        folder = self.repo_folder(repo_id) / marker.read_text().strip()
-        return folder if (folder / "model_index.json").exists() else None
+    def local_files(self, repo_id: str, files: list[str], revision: str = "main") -> Path | None:
+        """The snapshot holding every one of `files` (a LoRA pair, say), or None."""
+        for cache in self._caches:
+            if found := files_snapshot(cache, repo_id, files, revision):
+                return found
+        old = self._old_snapshot(repo_id)
+        return old if old is not None and all((old / name).is_file() for name in files) else None
 
-    def _blob(self, sha256: str) -> Path:
-        return self.root / "blobs" / sha256
+    def _old_snapshot(self, repo_id: str) -> Path | None:
+        """Where wanbot kept a download before the shared layout: hub/owner--name/<commit>, named by `current`."""
+        marker = self.root / "hub" / repo_id.replace("/", "--") / "current"
+        return marker.parent / marker.read_text().strip() if marker.is_file() else None
 
-    def _part(self, plan: DownloadPlan, item: PlannedFile) -> Path:
-        return plan.folder.parent / ".partial" / plan.commit / f"{item.path}.part"
+    def _home(self, repo_id: str) -> Path:
+        """The cache a download of `repo_id` completes: one already holding part of it (a snapshot another tool
+        began) where wanbot may write, so its files are not fetched or copied again; else downloads.cache_dir."""
+        for cache in self._caches:
+            folder = repo_folder(cache, repo_id)
+            if folder.is_dir() and os.access(folder, os.W_OK):
+                return cache
+        return self.cache
+
+    def _existing_blob(self, item: PlannedFile) -> Path | None:
+        """The same content already on this machine: in any repo of the caches (the same text encoder or VAE in
+        another Wan repo), or in the old layout's store."""
+        found = [blob for cache in self._caches for blob in cache.glob(f"models--*/blobs/{item.etag}")]
+        found.append(self.root / "blobs" / item.etag)
+        return next((blob for blob in found if blob.is_file() and blob.stat().st_size == item.size), None)
 
     # -- planning ----------------------------------------------------------------------------------------------
 
-    async def plan(self, repo_id: str, revision: str = "main") -> DownloadPlan:
-        """Pin the commit and list the files the pipeline needs, with sizes and what is already here."""
+    async def plan(self, repo_id: str, revision: str = "main", files: list[str] | None = None) -> DownloadPlan:
+        """Pin the commit and list the files the pipeline needs (or just `files`, for a repo that is no pipeline,
+        such as a LoRA collection), with sizes and what is already here."""
         check_repo_id(repo_id)
         if self._config.offline:
             raise UserError(
@@ -179,23 +239,32 @@ class Downloader:
             what = "the model's revision"
             info = await self._json(client, f"/api/models/{repo_id}/revision/{revision}", repo_id, what)
             commit = info.get("sha") if isinstance(info, dict) else None
-            if not isinstance(commit, str):
+            if not isinstance(commit, str) or not GIT_OID.fullmatch(commit):  # it names a folder: nothing else may
                 raise self._unexpected(repo_id, what, "an answer without a commit sha")
             what = "the model's file list"
             tree = await self._json(client, f"/api/models/{repo_id}/tree/{commit}?recursive=true", repo_id, what)
-            what = "model_index.json"
-            index = await self._json(client, f"/{repo_id}/resolve/{commit}/model_index.json", repo_id, what)
-        if not isinstance(index, dict):
+            index = None
+            if files is None:
+                what = "model_index.json"
+                index = await self._json(client, f"/{repo_id}/resolve/{commit}/model_index.json", repo_id, what)
+        if files is None and not isinstance(index, dict):
             raise self._unexpected(repo_id, "model_index.json", "something that is not a JSON object")
         try:
-            entries = tree_files(tree)
+            # A repo of single files (LoRAs) is no pipeline: the files asked for are checked below instead.
+            entries = tree_files(tree, required="model_index.json" if files is None else None)
         except ValueError as error:
             raise self._unexpected(repo_id, "the model's file list", str(error)) from None
-        folder = self.repo_folder(repo_id) / commit
-        files = [entries[path] for path in select_files(index, list(entries))]
-        for item in files:
-            item.present_bytes = self._present_bytes(folder, item, commit)
-        return DownloadPlan(repo_id=repo_id, commit=commit, folder=folder, files=files)
+        if files is not None and (absent := [name for name in files if name not in entries]):
+            raise UserError(
+                f"{repo_id} has no file {', '.join(absent)}.",
+                "Check the file names in the configuration (models.fast_loras) against the repo's file list.",
+            )
+        folder = repo_folder(self._home(repo_id), repo_id) / "snapshots" / commit
+        chosen = files if files is not None else select_files(index or {}, list(entries))
+        plan = DownloadPlan(repo_id, revision, commit, folder, [entries[path] for path in chosen], files is None)
+        for item in plan.files:
+            item.present_bytes = self._present_bytes(plan, item)
+        return plan
 
     async def check_reachable(self) -> None:
         """One request with a short limit: any HTTP answer means the Hub (or a proxy in its place) is there."""
@@ -241,27 +310,32 @@ class Downloader:
             "page or a proxy that asks to log in.",
         )
 
-    def _present_bytes(self, folder: Path, item: PlannedFile, commit: str) -> int:
-        final = folder / item.path
-        if final.exists() and final.stat().st_size == item.size:
-            return item.size
-        if item.sha256 and self._blob(item.sha256).exists():
-            return item.size  # the same content came with another repo: it will be linked
-        part = folder.parent / ".partial" / commit / f"{item.path}.part"
+    def _present_bytes(self, plan: DownloadPlan, item: PlannedFile) -> int:
+        if _complete(plan.folder / item.path, item) or self._existing_blob(item) is not None:
+            return item.size  # here, or the same content elsewhere that will be linked
+        part = plan.part(item)
         return min(part.stat().st_size, item.size) if part.exists() else 0
 
     # -- downloading -------------------------------------------------------------------------------------------
 
-    async def download(self, repo_id: str, revision: str = "main", on_progress: ProgressCallback | None = None) -> Path:
-        """Make the repo's snapshot complete on disk and return its folder. Cancelling keeps what was fetched."""
+    async def download(
+        self,
+        repo_id: str,
+        revision: str = "main",
+        on_progress: ProgressCallback | None = None,
+        files: list[str] | None = None,
+    ) -> Path:
+        """Make the repo's snapshot (or just `files` of it) complete on disk and return its folder. Cancelling keeps
+        what was fetched."""
         check_repo_id(repo_id)  # before its folder is made: "../x" is no folder name either
-        lock_path = self.repo_folder(repo_id) / ".lock"
+        # Beside huggingface_hub's own locks (one a blob), where its cache scan does not look.
+        lock_path = repo_folder(self._home(repo_id) / ".locks", repo_id) / "wanbot.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with lock_path.open("w") as lock:
             # One downloader per model, across processes too; a second waits and then finds the files present.
             await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
             try:
-                plan = await self.plan(repo_id, revision)
+                plan = await self.plan(repo_id, revision, files)
                 self._check_disk(plan)
                 RESERVATIONS.by_repo[repo_id] = plan.missing_bytes
                 try:
@@ -273,16 +347,16 @@ class Downloader:
         return plan.folder
 
     def _check_disk(self, plan: DownloadPlan) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        free = self._free_bytes(self.root)
+        plan.cache.mkdir(parents=True, exist_ok=True)
+        free = self._free_bytes(plan.cache)
         needed = plan.missing_bytes + self._config.reserve_bytes + RESERVATIONS.others(plan.repo_id)
         if needed > free:
             raise UserError(
                 f"Not enough disk space for {plan.repo_id}: it needs {size_text(plan.missing_bytes)} more (plus "
                 f"{size_text(self._config.reserve_bytes)} kept free and "
                 f"{size_text(RESERVATIONS.others(plan.repo_id))} for other downloads), but only "
-                f"{size_text(free)} are free in {self.root}.",
-                "Free some space or move data_dir (WANBOT_DATA_DIR) to a larger disk.",
+                f"{size_text(free)} are free in {plan.cache}.",
+                f"{MOVE_HINT}.",
             )
 
     async def _fetch_all(self, plan: DownloadPlan, on_progress: ProgressCallback | None) -> None:
@@ -294,45 +368,38 @@ class Downloader:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise UserError(
-                f"The disk holding {self.root} filled up while downloading {plan.repo_id}: it needs "
+                f"The disk holding {plan.cache} filled up while downloading {plan.repo_id}: it needs "
                 f"{size_text(meter.remaining_bytes)} more (plus {size_text(self._config.reserve_bytes)} kept free).",
-                "Free some space or move data_dir (WANBOT_DATA_DIR) to a larger disk, then run the download again: "
-                "it continues from what was fetched.",
+                f"{MOVE_HINT}, then run the download again: it continues from what was fetched.",
             ) from None
 
     async def _fetch_files(self, plan: DownloadPlan, meter: _Meter) -> None:
         async with self._client(self._config.timeout_s) as client:
             for item in plan.files:
-                final = plan.folder / item.path
-                if final.exists() and final.stat().st_size == item.size:
+                if _complete(plan.folder / item.path, item):
                     continue
-                if item.sha256 and await asyncio.to_thread(self._link_blob, item.sha256, final):
-                    continue
-                await self._fetch_file(client, plan, item, meter)
-        self._clean_partials(plan)
-        manifest = [{"path": item.path, "size": item.size, "sha256": item.sha256} for item in plan.files]
-        (plan.folder / MANIFEST).write_text(
-            json.dumps({"repo_id": plan.repo_id, "commit": plan.commit, "files": manifest}, indent=1)
-        )
-        (plan.folder.parent / "current").write_text(plan.commit)
+                if not await asyncio.to_thread(self._reuse_blob, plan, item):
+                    await self._fetch_file(client, plan, item, meter)
+                _link_snapshot_file(plan.blob(item), plan.folder / item.path)
+        if plan.whole_pipeline:
+            self._clean_partials(plan)
+        if plan.revision != plan.commit:
+            # Last: huggingface_hub and wanbot read a branch's snapshot through this, and it is complete now.
+            _write_atomically(plan.repo_folder / "refs" / plan.revision, plan.commit)
 
-    def _link_blob(self, sha256: str, target: Path) -> bool:
-        blob = self._blob(sha256)
-        if not blob.exists():
+    def _reuse_blob(self, plan: DownloadPlan, item: PlannedFile) -> bool:
+        """Put content already on this machine in place of a download: a hard link, or a copy across disks."""
+        found = self._existing_blob(item)
+        if found is None:
             return False
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            target.unlink()
-        try:
-            os.link(blob, target)
-        except OSError:
-            shutil.copyfile(blob, target)
+        if found != plan.blob(item):
+            _link_or_copy(found, plan.blob(item))
         return True
 
     async def _fetch_file(
         self, client: httpx.AsyncClient, plan: DownloadPlan, item: PlannedFile, meter: _Meter
     ) -> None:
-        part = self._part(plan, item)
+        part = plan.part(item)
         part.parent.mkdir(parents=True, exist_ok=True)
         url = f"/{plan.repo_id}/resolve/{plan.commit}/{item.path}"
         failures = 0  # in a row, with no byte arriving in between
@@ -359,14 +426,8 @@ class Downloader:
                 failures += 1
         # In a thread: hashing a 57 GB expert takes minutes, and the bot's event loop must keep answering chats.
         await asyncio.to_thread(self._verify, part, item, plan.repo_id)
-        final = plan.folder / item.path
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(part, final)
-        fsync_folder(final.parent)
-        if item.sha256:
-            self._blob(item.sha256).parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                os.link(final, self._blob(item.sha256))
+        os.replace(part, plan.blob(item))
+        fsync_folder(part.parent)
 
     async def _stream(
         self, client: httpx.AsyncClient, url: str, part: Path, have: int, item: PlannedFile, meter: _Meter
@@ -400,6 +461,8 @@ class Downloader:
             problem = f"is {size} bytes, expected {item.size}"
         elif item.sha256 and file_sha256(part) != item.sha256:
             problem = "does not match its sha256"
+        elif not item.sha256 and git_blob_id(part) != item.etag:
+            problem = "does not match its git blob id"
         if problem:
             part.unlink()
             raise UserError(
@@ -407,8 +470,12 @@ class Downloader:
             )
 
     def _clean_partials(self, plan: DownloadPlan) -> None:
-        """Partial files of other (older) commits can never be resumed: remove them."""
-        shutil.rmtree(plan.folder.parent / ".partial", ignore_errors=True)
+        """With every file of the pipeline in place, wanbot's part files left in its blobs belong to files of other
+        (older) commits, which nothing will resume: remove them. huggingface_hub's own carry a random suffix and a
+        download of its may be writing them: they stay."""
+        for part in (plan.repo_folder / "blobs").glob(f"*{PART_SUFFIX}"):
+            if SHA256.fullmatch(part.stem) or GIT_OID.fullmatch(part.stem):
+                part.unlink(missing_ok=True)
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         if retry_after_s is not None:
@@ -525,8 +592,9 @@ def retry_after_s(value: str, now: float) -> float | None:
     return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
-def tree_files(tree: Any) -> dict[str, PlannedFile]:
-    """The files of a Hub tree listing by path; ValueError says what is wrong with an answer of another shape."""
+def tree_files(tree: Any, required: str | None = "model_index.json") -> dict[str, PlannedFile]:
+    """The files of a Hub tree listing by path, which must include `required`; ValueError says what is wrong with
+    an answer of another shape."""
     if not isinstance(tree, list):
         raise ValueError(f"a JSON {type(tree).__name__} where a list of files belongs")
     files = {}
@@ -540,10 +608,17 @@ def tree_files(tree: Any) -> dict[str, PlannedFile]:
         size = lfs.get("size", entry.get("size")) if isinstance(lfs, dict) else None
         if not isinstance(path, str) or not isinstance(size, int):
             raise ValueError(f"a file entry without a path and a size ({json.dumps(entry)[:120]})")
-        files[path] = PlannedFile(path=path, size=size, sha256=lfs.get("oid"))
-    if "model_index.json" not in files:
+        if path.startswith("/") or ".." in path.split("/"):  # it names a file inside the snapshot, nowhere else
+            raise ValueError(f"a file entry with a path outside the repo ({json.dumps(entry)[:120]})")
+        sha256 = lfs.get("oid")
+        etag = sha256 or entry.get("oid")
+        # The etag names a file in the cache: only a hash may.
+        if not isinstance(etag, str) or not (SHA256.fullmatch(etag) or GIT_OID.fullmatch(etag)):
+            raise ValueError(f"a file entry without a hash as its oid ({json.dumps(entry)[:120]})")
+        files[path] = PlannedFile(path=path, size=size, sha256=sha256, etag=etag)
+    if required is not None and required not in files:
         # Without it the snapshot never counts as complete, and a job waiting for it would wait for ever.
-        raise ValueError("a list of files without model_index.json")
+        raise ValueError(f"a list of files without {required}")
     return files
 
 
@@ -571,7 +646,11 @@ def _write_all(handle: io.FileIO, data: bytes) -> None:
 
 
 def verify_snapshot(folder: Path) -> list[str]:
-    """Check a downloaded snapshot against its manifest; return the problems found (none: it is intact)."""
+    """Check a snapshot's files (a long read: every byte is hashed); return the problems found (none: it is intact).
+    In the Hugging Face layout each file is checked against the hash its blob is named by, whoever downloaded it;
+    a download in the old layout against its manifest."""
+    if folder.parent.name == "snapshots":
+        return pipeline_problems(folder) + blob_problems(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.exists():
         return [f"{folder} has no download manifest; download it again with `wanbot models download`."]
@@ -587,43 +666,41 @@ def verify_snapshot(folder: Path) -> list[str]:
     return problems
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _complete(path: Path, item: PlannedFile) -> bool:
+    """The file is in the snapshot with its size (a link whose blob is missing does not exist)."""
+    return path.is_file() and path.stat().st_size == item.size
 
 
-def select_files(model_index: dict[str, Any], paths: list[str]) -> list[str]:
-    """The files a diffusers pipeline loads: model_index.json and its components' folders; one weight format
-    (safetensors when there is any), no half-precision variants beside full ones, no docs or example media."""
-    components = {
-        name
-        for name, value in model_index.items()
-        if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None
-    }
-    chosen = ["model_index.json"] if "model_index.json" in paths else []
-    for component in sorted(components):
-        inside = [path for path in paths if path.startswith(f"{component}/")]
-        has_safetensors = any(path.endswith(".safetensors") for path in inside)
-        for path in inside:
-            name = path.rsplit("/", 1)[-1]
-            if name.endswith(SKIPPED_SUFFIXES):
-                continue
-            if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
-                if has_safetensors and "safetensors" not in name:
-                    continue
-                variant = _variant_of(name)
-                if variant and path.replace(f"{variant}.", ".", 1) in inside:
-                    continue  # an fp16/bf16 copy beside the default weights
-            chosen.append(path)
-    return chosen
+def _link_snapshot_file(blob: Path, pointer: Path) -> None:
+    """snapshots/<commit>/<path> as a relative link to its blob, as huggingface_hub makes it, so the cache folder
+    can move as a whole. A link is made in one step: no reader sees half of one."""
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.unlink(missing_ok=True)  # a link whose blob went missing, or one from a copy with another content
+    try:
+        os.symlink(os.path.relpath(blob, pointer.parent), pointer)
+    except FileExistsError:
+        if pointer.resolve() != blob.resolve():  # huggingface_hub made the same link meanwhile: that is fine
+            raise
 
 
-def _variant_of(name: str) -> str:
-    parts = name.split(".")
-    return f".{parts[-2]}" if len(parts) >= 3 and parts[-2] in ("fp16", "bf16", "fp32") else ""
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`source`'s content at `target`: a hard link where both are on one disk, else a copy; under a temporary name
+    first, so `target` is whole or absent."""
+    temporary = target.with_name(f"{target.name}.{os.getpid()}.linking")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 class _Meter:

@@ -31,6 +31,11 @@ def duration_text(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m"
 
 
+def counted(count: int, noun: str) -> str:
+    """'1 step', '30 steps': a number of things as a sentence says it."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def quoted(text: str, limit: int = 40) -> str:
     """The user's own words in an error message, in quotes, cut short: a 2000-character option value would push the
     message past what a chat platform lets a bot send."""

@@ -21,6 +21,10 @@ class Subscription:
     async def get(self) -> JobEvent:
         return await self._inbox.get()
 
+    def caught_up(self) -> bool:
+        """Every event delivered so far has been taken: the end of a burst (requests sent at once, say)."""
+        return self._inbox.empty()
+
     def close(self) -> None:
         self._bus.unsubscribe(self)
 

@@ -46,7 +46,8 @@ class ModelFetcher:
         return set(self._tasks)
 
     def missing(self, model_name: str, mode: Mode) -> bool:
-        """True for a Hub model with no complete snapshot on disk (tiny and local folders are never fetched)."""
+        """True for a Hub model with no complete snapshot on disk, in a Hugging Face cache (the standard one, as other
+        tools fill it, or wanbot's) or wanbot's old layout; tiny and local folders are never fetched."""
         model = resolve_model(model_name, mode)
         return not (model.is_tiny or model.is_local) and self._downloader.local_snapshot(model_name) is None
 

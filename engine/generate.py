@@ -6,6 +6,7 @@ whose callables must be thread-safe.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -22,9 +23,16 @@ from PIL import Image, ImageOps
 from engine.config import GenerationConfig, Settings
 from engine.downloads import Downloader
 from engine.errors import UserError
-from engine.jobs import GenerationParams, Job, Progress, Stage
+from engine.jobs import FinishTimes, GenerationParams, Job, Progress, RunInfo, Stage
+from engine.loras import LoraSlot
 from engine.models import ModelRef, ModelSpec, resolve_model
+from engine.passes import PassCounter
+from engine.presets import Preset
+from engine.previews import LivePreviews
+from engine.samplers import scheduled, scheduler_name
+from engine.speedups import Speedups, apply_speedups, choose_speedups
 from engine.tiny import make_tiny_model
+from engine.weights import Locator
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +64,15 @@ class RunHooks:
     should_interrupt: Callable[[], bool] = lambda: False
     timeout_s: float = float("inf")
     clock: Callable[[], float] = time.monotonic
+    previews: LivePreviews | None = None  # watches the transformers while the pipeline denoises
+    finish: FinishTimes | None = None  # the decode and encode expected after the last step; None: not known yet
 
 
 @dataclass
 class RunOutput:
     frames: np.ndarray  # frames x height x width x 3, float in [0, 1]
     timings: dict[str, float] = field(default_factory=dict)
+    info: RunInfo | None = None
 
 
 @dataclass
@@ -70,9 +81,15 @@ class LoadedPipeline:
     pipeline: WanPipeline | WanImageToVideoPipeline
     device: torch.device
     strategy: str
+    source: str = ""  # the weights loaded: the model's name, or its distilled model's for a fast TI2V
+    loras: LoraSlot = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loras = LoraSlot(self.pipeline)
+        self.source = self.source or self.model.name
 
 
-ModelLocator = Callable[[ModelRef, RunHooks], Path]
+ModelLocator = Locator
 
 
 def default_locator(settings: Settings, downloader: Downloader) -> ModelLocator:
@@ -87,7 +104,7 @@ def default_locator(settings: Settings, downloader: Downloader) -> ModelLocator:
             raise UserError(f"The model {model.name} is not downloaded.", f"Run: wanbot models download {model.name}")
         return folder
 
-    return locate
+    return Locator(settings, downloader, locate)
 
 
 def find_model_folder(settings: Settings, downloader: Downloader, model: ModelRef) -> Path | None:
@@ -107,6 +124,12 @@ class PipelineRunner:
         self._config = config
         self._locate = locator
         self.loaded: LoadedPipeline | None = None
+        # Chosen once (the attention check runs a kernel), logged with each load, applied to each loaded model.
+        self._speedups = choose_speedups(config, _pick_device(config.device))
+
+    @property
+    def speedups(self) -> Speedups:
+        return self._speedups
 
     @property
     def loaded_model(self) -> str | None:
@@ -116,9 +139,9 @@ class PipelineRunner:
         timings: dict[str, float] = {}
         started = hooks.clock()
         try:
-            loaded = self._ensure_loaded(resolve_model(job.model, job.mode), hooks)
+            loaded = self._ensure_loaded(resolve_model(job.model, job.mode), job.params.preset, hooks)
             timings["load_s"] = hooks.clock() - started
-            frames = self._denoise_and_decode(loaded, job.params, images, hooks, timings)
+            frames, info = self._denoise_and_decode(loaded, job.params, images, hooks, timings)
         except torch.OutOfMemoryError as exc:
             self._free_after_oom()
             raise OutOfMemory(
@@ -126,16 +149,24 @@ class PipelineRunner:
                 "Try a lower resolution (res=480p) or fewer frames.",
             ) from exc
         timings["generate_s"] = hooks.clock() - started - timings["load_s"]
-        return RunOutput(frames=frames, timings=timings)
+        return RunOutput(frames=frames, timings=timings, info=info)
 
     # -- loading -----------------------------------------------------------------------------------------------
 
-    def _ensure_loaded(self, model: ModelRef, hooks: RunHooks) -> LoadedPipeline:
-        if self.loaded is not None and self.loaded.model.name == model.name:
-            return self.loaded
+    def _ensure_loaded(self, model: ModelRef, preset: Preset, hooks: RunHooks) -> LoadedPipeline:
+        """`model` loaded with the weights `preset` runs on. A LoRA pair is fused in or taken out in place; only a
+        distilled model of its own (TI2V) or fp8 weights (which a LoRA can neither enter nor leave) mean a reload."""
+        fast = model.spec.fast if preset is Preset.FAST else None
+        source = self._locate.fast_model(model) if fast and fast.weights == "model" else model
+        loras = self._locate.loras(model, hooks) if fast and fast.weights == "lora" else None
+        loaded = self.loaded
+        same_weights = loaded is not None and (loaded.model.name, loaded.source) == (model.name, source.name)
+        if loaded is not None and same_weights and (loaded.loras.files == loras or not self._speedups.changes_weights):
+            loaded.loras.switch(loras)
+            return loaded
         self.unload()
-        folder = self._locate(model, hooks)
-        hooks.on_progress(Progress(stage=Stage.LOADING, detail=model.name))
+        folder = self._locate(model, hooks) if source is model else self._locate.fast_model_folder(source, hooks)
+        hooks.on_progress(Progress(stage=Stage.LOADING, detail=source.name))
         device = _pick_device(self._config.device)
         pipeline_class = PIPELINE_CLASSES[model.spec.pipeline]
         dtype: Any = torch.float32 if device.type == "cpu" else {"default": torch.bfloat16, "vae": torch.float32}
@@ -143,9 +174,20 @@ class PipelineRunner:
         correct_flow_shift(pipeline, model.spec)
         pipeline.set_progress_bar_config(disable=True)
         strategy = self._place(pipeline, model.spec, device)
-        self.loaded = LoadedPipeline(model=model, pipeline=pipeline, device=device, strategy=strategy)
-        log.info("loaded model=%s device=%s strategy=%s", model.name, device, strategy)
-        return self.loaded
+        loaded = LoadedPipeline(model=model, pipeline=pipeline, device=device, strategy=strategy, source=source.name)
+        # Fused where the weights are placed (bf16 on a GPU), and before fp8 or compiling see them.
+        loaded.loras.switch(loras)
+        apply_speedups(pipeline, self._speedups)
+        self.loaded = loaded
+        log.info(
+            "loaded model=%s weights=%s device=%s strategy=%s speed-ups: %s",
+            model.name,
+            source.name,
+            device,
+            strategy,
+            self._speedups.describe(),
+        )
+        return loaded
 
     def unload(self) -> None:
         if self.loaded is None:
@@ -178,7 +220,7 @@ class PipelineRunner:
         images: list[Image.Image],
         hooks: RunHooks,
         timings: dict[str, float],
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, RunInfo]:
         spec = loaded.model.spec
         pipeline = loaded.pipeline
         set_vae_tiling(pipeline, self._config.vae_tiling, params.width, params.height)
@@ -201,16 +243,31 @@ class PipelineRunner:
             arguments["image"] = cover(images[0], params.width, params.height)
             if len(images) > 1 and spec.uses_end_image:
                 arguments["last_image"] = cover(images[1], params.width, params.height)
+        sampling = spec.fast.sampling if params.preset is Preset.FAST and spec.fast else None
         tracker.start()
         try:
-            output = pipeline(**arguments)
+            with (
+                tracker.watching(pipeline),
+                scheduled(pipeline, sampling, params.seed) as scheduler,
+                PassCounter(pipeline) as passes,
+            ):
+                output = pipeline(**arguments)
+                sigmas = [round(sigma, 4) for sigma in scheduler.sigmas.tolist()]
         except BaseException:
             if hasattr(pipeline, "maybe_free_model_hooks"):
                 pipeline.maybe_free_model_hooks()
             raise
         timings["denoise_s"] = tracker.denoise_s
         timings["decode_s"] = hooks.clock() - tracker.decode_started
-        return output.frames[0]
+        info = RunInfo(
+            preset=params.preset,
+            loras=loaded.loras.names,
+            scheduler=scheduler_name(scheduler, sampling),
+            sigmas=sigmas,
+            transformer_calls=passes.calls,
+            speedups=self._speedups.metadata(),
+        )
+        return output.frames[0], info
 
 
 class StepTracker:
@@ -232,11 +289,17 @@ class StepTracker:
         self._deadline = self._started + self._hooks.timeout_s
         self._hooks.on_progress(Progress(stage=Stage.DENOISING, step=0, total=self._steps, detail=self._expert(1000)))
 
+    def watching(self, pipeline: Any) -> contextlib.AbstractContextManager[None]:
+        """Live previews, when the run makes them, from the pipeline's transformers while the block runs."""
+        previews = self._hooks.previews
+        return previews.attached(pipeline) if previews is not None else contextlib.nullcontext()
+
     def _expert(self, timestep: float) -> str:
         if not self._spec.two_experts:
             return ""
+        # Users are told the part, not the expert's name: the high-noise expert makes the first part of the steps.
         boundary = (self._spec.boundary_ratio or 0) * 1000
-        return "high-noise expert" if timestep >= boundary else "low-noise expert"
+        return "part 1 of 2" if timestep >= boundary else "part 2 of 2"
 
     def on_step_end(self, pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         now = self._hooks.clock()
@@ -253,17 +316,28 @@ class StepTracker:
                 "Try fewer steps, fewer frames or a lower resolution.",
             )
         done = step + 1
+        finish = self._hooks.finish
         if done < self._steps:
+            # The decode and encode after the steps take seconds: a time left without them ends in "0s" too early.
+            eta_s = self._steps_left_s(done) + (finish.total_s if finish else 0.0)
             self._hooks.on_progress(
-                Progress(stage=Stage.DENOISING, step=done, total=self._steps, eta_s=self._eta(done), detail=expert)
+                Progress(
+                    stage=Stage.DENOISING,
+                    step=done,
+                    total=self._steps,
+                    eta_s=eta_s,
+                    eta_steps_only=finish is None,
+                    detail=expert,
+                )
             )
         else:
             self.denoise_s = now - self._started
             self.decode_started = now
-            self._hooks.on_progress(Progress(stage=Stage.DECODING, step=done, total=self._steps))
+            eta_s = finish.total_s if finish else None
+            self._hooks.on_progress(Progress(stage=Stage.DECODING, step=done, total=self._steps, eta_s=eta_s))
         return {}
 
-    def _eta(self, done: int) -> float:
+    def _steps_left_s(self, done: int) -> float:
         """Remaining steps times the mean step time of the expert that will run them (steps differ per expert)."""
         all_steps = [duration for durations in self._durations.values() for duration in durations]
         mean = sum(all_steps) / len(all_steps)

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.images import ImageInfo, Mode
+from engine.presets import Preset
 
 PARAMS_VERSION = 1
 
@@ -89,6 +90,8 @@ class GenerationParams(BaseModel):
     height: int
     frames: int
     fps: int
+    # Jobs stored before presets existed ran the official settings.
+    preset: Preset = Preset.QUALITY
     adjustments: list[str] = Field(default_factory=list, description="What was changed from the request, why.")
     warnings: list[str] = Field(default_factory=list)
 
@@ -98,16 +101,52 @@ class GenerationParams(BaseModel):
         return cls.model_validate({**data, "v": PARAMS_VERSION})
 
 
+class PreviewInfo(BaseModel):
+    """A running job's latest live preview: a JPEG at `path`, replaced in place by each newer one (so the file may
+    already hold a later one) and deleted when the job ends."""
+
+    seq: int = Field(description="1 for the first preview of this run of the job, then 2, 3...: a new seq is new.")
+    step: int = Field(description="The denoising step whose estimate of the finished video it shows.")
+    path: str
+    width: int
+    height: int
+
+
 class Progress(BaseModel):
     stage: Stage
     step: int = 0
     total: int = 0
-    eta_s: float | None = None
+    eta_s: float | None = Field(None, description="Seconds until the video is made: steps, decode and encode.")
+    eta_steps_only: bool = Field(False, description="eta_s leaves out decode and encode: their time is not known yet.")
     detail: str = ""
+    preview: PreviewInfo | None = Field(None, description="The latest live preview, from the first one on.")
 
     @property
     def fraction(self) -> float:
         return self.step / self.total if self.total else 0.0
+
+
+class FinishTimes(BaseModel):
+    """What follows a job's last step, expected from the model's recent videos: seconds of VAE decode and of MP4
+    encode. Both take seconds (more than a step of a tiny model), so every time left includes them."""
+
+    decode_s: float
+    encode_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.decode_s + self.encode_s
+
+
+class RunInfo(BaseModel):
+    """How a video was actually made: what the pipeline ran, counted while it ran."""
+
+    preset: Preset
+    loras: list[str] = Field(default_factory=list, description="'repo/file' of every LoRA fused in.")
+    scheduler: str
+    sigmas: list[float]
+    transformer_calls: dict[str, int] = Field(description="Forward passes per transformer, counted by a hook.")
+    speedups: dict[str, str] = Field(default_factory=dict, description="attention, fp8, compile: what was on.")
 
 
 class ResultInfo(BaseModel):
@@ -121,6 +160,7 @@ class ResultInfo(BaseModel):
     model: str
     seed: int
     timings: dict[str, float] = Field(default_factory=dict)
+    run: RunInfo | None = None  # None for videos made before it was recorded
 
 
 class Job(BaseModel):
@@ -163,12 +203,14 @@ class EventKind(StrEnum):
     DELIVERED = "delivered"
     DELIVERY_FAILED = "delivery_failed"
     REDELIVERY = "redelivery"
+    PREVIEW = "preview"  # a running job has a new live preview (JobEvent.preview)
 
 
 class JobEvent(BaseModel):
     kind: EventKind
     job: Job
     progress: Progress | None = None
+    preview: PreviewInfo | None = None
 
 
 class QueuePosition(BaseModel):

@@ -12,7 +12,7 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
@@ -20,6 +20,7 @@ from engine.config import GenerationConfig, Settings
 from engine.errors import UserError, quoted
 from engine.images import ImageInfo, Mode
 from engine.jobs import GenerationParams
+from engine.presets import FASTWAN_DMD, LIGHTX2V_EULER, Preset, Sampling, choose_preset
 
 TINY = "tiny"
 # A sanity bound, not the model's: the text encoder's 512 tokens are counted with its own tokenizer (engine/prompts.py).
@@ -30,6 +31,15 @@ MAX_ASPECT = 2.4
 MAX_SIDE = 1_000_000
 # What to suggest for a numeric option that is not a finite number.
 NUMBER_EXAMPLES = {"seed": "42", "steps": "30", "frames": "49", "guidance": "4"}
+
+
+@dataclass(frozen=True)
+class FastSpec:
+    """How a model family runs the fast preset: its distilled schedule, and whether the distilled weights are a LoRA
+    pair fused into both experts (models.fast_loras) or a model of their own (models.fast_ti2v)."""
+
+    sampling: Sampling
+    weights: Literal["lora", "model"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,7 @@ class ModelSpec:
     # Peak GB with one component on the GPU at a time, by the largest frame it makes (official figures): below
     # that, group offload.
     offload_vram_gb: tuple[tuple[int, float], ...] = ()
+    fast: FastSpec | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -84,6 +95,7 @@ T2V_A14B = ModelSpec(
     flow_shift=12.0,
     full_vram_gb=80,
     offload_vram_gb=A14B_OFFLOAD_GB,
+    fast=FastSpec(LIGHTX2V_EULER, "lora"),
 )
 I2V_A14B = ModelSpec(
     family="wan2.2-i2v-a14b",
@@ -102,6 +114,7 @@ I2V_A14B = ModelSpec(
     size_follows_image=True,
     full_vram_gb=80,
     offload_vram_gb=A14B_OFFLOAD_GB,
+    fast=FastSpec(LIGHTX2V_EULER, "lora"),
 )
 TI2V_5B = ModelSpec(
     family="wan2.2-ti2v-5b",
@@ -117,6 +130,7 @@ TI2V_5B = ModelSpec(
     size_follows_image=True,
     full_vram_gb=40,
     offload_vram_gb=((1280 * 704, 23.0),),  # 22.9 GB at 720p on an RTX 4090
+    fast=FastSpec(FASTWAN_DMD, "model"),
 )
 
 
@@ -204,7 +218,8 @@ def _spec_from_folder(folder: Path, mode: Mode) -> ModelSpec:
     else:
         spec = T2V_A14B
     if not has_two_experts and spec.two_experts:
-        spec = replace(spec, boundary_ratio=None, guidance_2=None)
+        # The distilled LoRAs come as a pair, one per expert.
+        spec = replace(spec, boundary_ratio=None, guidance_2=None, fast=None)
     _check_spec_serves(spec, mode, str(folder))
     return spec
 
@@ -229,6 +244,21 @@ class GenerationRequest(BaseModel):
     guidance: float | None = None
     resolution: str | None = Field(None, description="A preset name like '480p' or 'WxH'.")
     frames: int | None = None
+    preset: Preset | None = Field(None, description="fast or quality; None: generation.default_preset.")
+
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _known_preset(cls, value: Any) -> Any:
+        # A chat option arrives as text; pydantic's own enum error would not say what to write instead.
+        if value is None or isinstance(value, Preset):
+            return value
+        text = str(value).strip().lower()
+        if text not in {preset.value for preset in Preset}:
+            raise UserError(
+                f"preset must be fast or quality, not {quoted(str(value))}.",
+                "Use preset=fast (seconds to a minute) or preset=quality (the official settings, minutes).",
+            )
+        return text
 
     @field_validator("seed", "steps", "frames", "guidance", mode="before")
     @classmethod
@@ -271,16 +301,16 @@ def resolve_request(
         )
     width, height = _resolve_size(request.resolution, spec, limits, start, adjustments)
     frames = _resolve_frames(request.frames, spec, limits, adjustments)
-    steps = request.steps if request.steps is not None else spec.steps
-    if not 1 <= steps <= limits.max_steps:
-        clamped = min(max(steps, 1), limits.max_steps)
-        adjustments.append(f"Steps must be between 1 and {limits.max_steps}: using {clamped} instead of {steps}.")
-        steps = clamped
-    guidance = request.guidance if request.guidance is not None else spec.guidance
-    if not 0 <= guidance <= 20:
-        clamped_guidance = min(max(guidance, 0.0), 20.0)
-        adjustments.append(f"Guidance must be between 0 and 20: using {clamped_guidance:g} instead of {guidance:g}.")
-        guidance = clamped_guidance
+    fast_steps = spec.fast.sampling.steps if spec.fast else None
+    choice = choose_preset(
+        request.preset, Preset(limits.default_preset), request.steps, request.guidance, fast_steps, spec.family
+    )
+    adjustments.extend(choice.notes)
+    if choice.preset is Preset.FAST and fast_steps is not None:
+        # Both experts without guidance: guidance_scale alone decides whether the unconditional pass runs at all.
+        steps, guidance, guidance_2 = fast_steps, 1.0, (1.0 if spec.two_experts else None)
+    else:
+        steps, guidance, guidance_2 = _steps_and_guidance(request.steps, request.guidance, spec, limits, adjustments)
     if end is not None and not spec.uses_end_image:
         warnings.append(f"{spec.family} does not use an end image: only the start image guides this video.")
     seed = request.seed if request.seed is not None else (rng or random.SystemRandom()).randrange(2**32)
@@ -292,14 +322,32 @@ def resolve_request(
         seed=seed,
         steps=steps,
         guidance=guidance,
-        guidance_2=spec.guidance_2,
+        guidance_2=guidance_2,
         width=width,
         height=height,
         frames=frames,
         fps=spec.fps,
+        preset=choice.preset,
         adjustments=adjustments,
         warnings=warnings,
     )
+
+
+def _steps_and_guidance(
+    steps: int | None, guidance: float | None, spec: ModelSpec, limits: GenerationConfig, adjustments: list[str]
+) -> tuple[int, float, float | None]:
+    """The quality preset's steps and guidance: the user's within the limits, else the model's official ones."""
+    steps = steps if steps is not None else spec.steps
+    if not 1 <= steps <= limits.max_steps:
+        clamped = min(max(steps, 1), limits.max_steps)
+        adjustments.append(f"Steps must be between 1 and {limits.max_steps}: using {clamped} instead of {steps}.")
+        steps = clamped
+    guidance = guidance if guidance is not None else spec.guidance
+    if not 0 <= guidance <= 20:
+        clamped_guidance = min(max(guidance, 0.0), 20.0)
+        adjustments.append(f"Guidance must be between 0 and 20: using {clamped_guidance:g} instead of {guidance:g}.")
+        guidance = clamped_guidance
+    return steps, guidance, spec.guidance_2
 
 
 def parse_resolution(text: str, spec: ModelSpec) -> tuple[int, int]:
@@ -357,7 +405,11 @@ def _resolve_size(
             reasons.append(f"to stay within {limits.max_pixels:,} pixels a frame")
         reasons.append(f"in multiples of {spec.multiple}")
         why = reasons[0] if len(reasons) == 1 else f"{', '.join(reasons[:-1])} and {reasons[-1]}"
-        adjustments.append(f"Size {asked[0]}x{asked[1]} became {snapped[0]}x{snapped[1]} {why}.")
+        if resolution:
+            adjustments.append(f"Size {asked[0]}x{asked[1]} became {snapped[0]}x{snapped[1]} {why}.")
+        else:
+            # No size was asked for: "became" would name the preset's size, which the user never gave.
+            adjustments.append(f"The video is {snapped[0]}x{snapped[1]} {why}.")
     return snapped
 
 

@@ -59,7 +59,9 @@ class PromptLengths:
 def _cut_note(tokenizer: PreTrainedTokenizerBase, label: str, text: str) -> str | None:
     if not text:
         return None
-    count = len(tokenizer(text, add_special_tokens=True)["input_ids"])
+    # Not verbose: the tokenizer's own "sequence length is longer than ... (570 > 512)" warning would repeat, in a
+    # log an operator reads, what the note below tells the user.
+    count = len(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
     if count <= TEXT_TOKENS:
         return None
     # Tokenised as the pipelines do it; special tokens have empty offsets, so the largest end is where reading stops.

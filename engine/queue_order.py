@@ -1,6 +1,7 @@
-"""The fair order of the job queue as SQL: which job is next, and where a job stands.
+"""The fair order of the job queue as SQL: which jobs are next, and where a job stands.
 
-Needs the partial index `jobs_queued_per_user` (migration 3 in engine/queue.py).
+Written once for SQLite and PostgreSQL (engine/queue_backend.py says how it is adapted). Needs the partial index
+`jobs_queued_per_user`.
 """
 
 # Fair order of queued jobs: every user's first waiting job before anyone's second (round-robin), users served
@@ -9,6 +10,9 @@ Needs the partial index `jobs_queued_per_user` (migration 3 in engine/queue.py).
 # SQL of a claim or a position lookup takes about a millisecond with 10,000 jobs from 100 users waiting
 # (bench/queue_load.py): the users with queued jobs are found by a skip scan of the partial index, one seek each.
 # INDEXED BY pins the plans: without statistics SQLite may pick the status index and scan every queued job.
+# A CTE marked MATERIALIZED is computed once: inlined, both databases would run its per-user subqueries again at
+# every place its columns are used. Jobs are looked up by id in subqueries rather than joined, which PostgreSQL would
+# do by hashing the whole table (bench/scale.py).
 USERS_CTE = """
 WITH RECURSIVE queued_users(user_key) AS (
     SELECT MIN(user_key) FROM jobs INDEXED BY jobs_queued_per_user WHERE status = 'queued'
@@ -30,28 +34,50 @@ AHEAD_IN_TURN = """(
     + (SELECT COUNT(*) FROM jobs a INDEXED BY jobs_queued_per_user
        WHERE a.status = 'queued' AND a.user_key = {j}.user_key AND a.priority = {j}.priority AND a.id < {j}.id))"""
 
-# The next job (always some user's first eligible job; jobs for excluded models, a json list, wait where they are
-# and hold nobody's other jobs back), and beside it the first job for the warm model when that one may go first:
-# the next job is for another model and has been passed over fewer than :max_skips times.
-NEXT_SQL = (
+
+def next_sql(depth: int, excluded_models: int) -> str:
+    """The first jobs in the fair order, the next one first: each user's first `depth` eligible jobs (a worker that
+    finds the next one being claimed by another takes the one after it). Binds, for each of the `depth` turns, the
+    `excluded_models` models whose jobs wait where they are (holding nobody's other jobs back); then how many jobs
+    to return. SQLite takes no column in OFFSET, hence one SELECT per turn."""
+    excluded = f"AND c.model NOT IN ({', '.join('?' * excluded_models)})" if excluded_models else ""
+    turns = "\n    UNION ALL\n    ".join(
+        f"""SELECT {turn} AS turn, u.last_served, (
+        SELECT c.id FROM jobs c INDEXED BY jobs_queued_per_user WHERE c.status = 'queued' AND c.user_key = u.user_key
+            {excluded}
+        ORDER BY c.priority DESC, c.id LIMIT 1 OFFSET {turn}) AS id
+    FROM users u"""
+        for turn in range(depth)
+    )
+    return (
+        USERS_CTE
+        + f"""
+, candidates AS MATERIALIZED (
+    {turns}
+)
+SELECT p.id, (SELECT j.model FROM jobs j WHERE j.id = p.id) AS model,
+       (SELECT j.passed_over FROM jobs j WHERE j.id = p.id) AS passed_over
+FROM candidates p WHERE p.id IS NOT NULL
+ORDER BY p.turn, (SELECT j.priority FROM jobs j WHERE j.id = p.id) DESC, p.last_served, p.id LIMIT ?
+"""
+    )
+
+
+# The first job for model `?` in the fair order: the one a worker with that model loaded may take out of turn.
+WARM_SQL = (
     USERS_CTE
     + f"""
-, head AS (
-    SELECT j.id, j.model, j.passed_over FROM users u JOIN jobs j ON j.id = (
+, firsts AS MATERIALIZED (
+    SELECT u.user_key, u.last_served, (
         SELECT c.id FROM jobs c INDEXED BY jobs_queued_per_user WHERE c.status = 'queued' AND c.user_key = u.user_key
-            AND c.model NOT IN (SELECT value FROM json_each(:excluded))
-        ORDER BY c.priority DESC, c.id LIMIT 1)
-    ORDER BY j.priority DESC, u.last_served, j.id LIMIT 1
+            AND c.model = ?
+        ORDER BY c.priority DESC, c.id LIMIT 1) AS id
+    FROM users u
+), ranked AS (
+    SELECT f.user_key, f.last_served, f.id, (SELECT j.priority FROM jobs j WHERE j.id = f.id) AS priority
+    FROM firsts f WHERE f.id IS NOT NULL
 )
-SELECT head.id, (
-    SELECT j.id FROM users u JOIN jobs j ON j.id = (
-        SELECT c.id FROM jobs c INDEXED BY jobs_queued_per_user WHERE c.status = 'queued' AND c.user_key = u.user_key
-            AND c.model = :preferred
-        ORDER BY c.priority DESC, c.id LIMIT 1)
-    WHERE head.model != :preferred AND head.passed_over < :max_skips
-    ORDER BY {AHEAD_IN_TURN.format(j="j")}, j.priority DESC, u.last_served, j.id LIMIT 1
-) AS warm_id
-FROM head
+SELECT r.id FROM ranked r ORDER BY {AHEAD_IN_TURN.format(j="r")}, r.priority DESC, r.last_served, r.id LIMIT 1
 """
 )
 
@@ -61,10 +87,10 @@ POSITION_SQL = (
     USERS_CTE
     + f"""
 , me AS (
-    SELECT j.id, j.user_key, j.priority, {AHEAD_IN_TURN.format(j="j")} AS ahead,
+    SELECT j.id, j.user_key, j.priority, j.model, {AHEAD_IN_TURN.format(j="j")} AS ahead,
            (SELECT last_served FROM users WHERE user_key = j.user_key) AS last_served
     FROM jobs j WHERE j.id = ? AND j.status = 'queued'
-), others AS (
+), others AS MATERIALIZED (
     SELECT u.last_served,
            (SELECT COUNT(*) FROM jobs c INDEXED BY jobs_queued_per_user
             WHERE c.status = 'queued' AND c.user_key = u.user_key) AS queued,
@@ -72,12 +98,16 @@ POSITION_SQL = (
             WHERE c.status = 'queued' AND c.user_key = u.user_key
             ORDER BY c.priority DESC, c.id LIMIT 1 OFFSET (SELECT ahead FROM me)) AS same_turn
     FROM users u WHERE u.user_key != (SELECT user_key FROM me)
+), rivals AS (
+    SELECT o.last_served, o.queued, o.same_turn,
+           (SELECT s.priority FROM jobs s WHERE s.id = o.same_turn) AS same_priority
+    FROM others o
 )
-SELECT me.ahead + 1 + COALESCE((
-    SELECT SUM(MIN(o.queued, me.ahead) + COALESCE(
-        s.priority > me.priority OR (s.priority = me.priority AND (o.last_served < me.last_served
-            OR (o.last_served = me.last_served AND s.id < me.id))), 0))
-    FROM others o LEFT JOIN jobs s ON s.id = o.same_turn), 0) AS position
+SELECT CAST(me.ahead + 1 + COALESCE((
+    SELECT SUM(CASE WHEN r.queued < me.ahead THEN r.queued ELSE me.ahead END
+        + CASE WHEN r.same_priority > me.priority OR (r.same_priority = me.priority AND (r.last_served < me.last_served
+            OR (r.last_served = me.last_served AND r.same_turn < me.id))) THEN 1 ELSE 0 END)
+    FROM rivals r), 0) AS INTEGER) AS position, me.model
 FROM me
 """
 )

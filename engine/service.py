@@ -5,25 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
+from engine.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
 from engine.config import Settings
-from engine.downloads import Downloader
-from engine.events import EventBus
-from engine.generate import ModelLocator, PipelineRunner, default_locator, find_model_folder
+from engine.downloads import Downloader, size_text, warn_missing_models
+from engine.events import EventBus, Subscription
+from engine.generate import ModelLocator, PipelineRunner, default_locator, describe_device, find_model_folder
 from engine.images import ImageStore, ValidatedImage, check_mode, validate_image_bytes
-from engine.jobs import Actor, EnqueueResult, JobSource
+from engine.jobs import Actor, EnqueueResult, EventKind, Job, JobSource, JobStatus, QueuePosition
 from engine.models import GenerationRequest, model_for_mode, resolve_request
+from engine.previews import preview_path
 from engine.prompts import PromptLengths
 from engine.queue import JobQueue
 from engine.supervisor import Supervisor
-from engine.worker import Worker
+from engine.video import fit_to_limit
+from engine.worker import WORKER_STOPPED, Worker
 
 T = TypeVar("T")
+# The one way sizes are written, for chat texts as for the engine's own.
+__all__ = ["Engine", "Submission", "Subscription", "Upload", "WorkerStatus", "size_text"]
 
 
 @dataclass
@@ -40,6 +46,16 @@ class Submission:
 
     result: EnqueueResult
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """What /status shows of the worker."""
+
+    running: bool
+    current_job: int | None
+    loaded_model: str | None
+    downloading: frozenset[str]
 
 
 @dataclass
@@ -74,7 +90,7 @@ class Engine:
     @classmethod
     async def open(cls, settings: Settings, locator: ModelLocator | None = None) -> Engine:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        queue = await JobQueue.open(settings.db_path, EventBus())
+        queue = await JobQueue.connect(settings.database_url, EventBus())
         store = ImageStore(settings.images_dir, settings.images.background)
         downloader = Downloader(settings.models_dir, settings.downloads)
         runner = PipelineRunner(settings.generation, locator or default_locator(settings, downloader))
@@ -90,6 +106,161 @@ class Engine:
         await self.worker.close()
         await self.queue.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- what chat adapters and the relay read and change; a remote worker's serving process answers the same calls --
+
+    def subscribe(self) -> Subscription:
+        """Every job event from now on, in order."""
+        return self.queue.events.subscribe()
+
+    async def job(self, job_id: int) -> Job:
+        return await self.queue.get(job_id)
+
+    async def job_from(self, source: JobSource) -> Job | None:
+        """The job a chat message already made (a message handled again after a restart), if any."""
+        return await self.queue.find_by_source(source)
+
+    async def jobs(
+        self,
+        statuses: Collection[JobStatus],
+        user_key: str | None = None,
+        platform: str | None = None,
+        limit: int = 50,
+        oldest_first: bool = False,
+    ) -> list[Job]:
+        return await self.queue.list_jobs(
+            statuses, user_key=user_key, platform=platform, limit=limit, oldest_first=oldest_first
+        )
+
+    async def position(self, job_id: int) -> QueuePosition | None:
+        return await self.queue.position(job_id)
+
+    async def counts(self) -> dict[str, int]:
+        return await self.queue.counts()
+
+    async def is_paused(self) -> bool:
+        return await self.queue.is_paused()
+
+    async def set_paused(self, paused: bool) -> None:
+        await self.queue.set_paused(paused)
+
+    async def cancel(self, job_id: int, actor: Actor) -> Job:
+        return await self.queue.cancel(job_id, actor)
+
+    async def was_interrupted(self, job: Job) -> bool:
+        """True when the job ran before and a restart (or crash) of the process sent it back to the queue."""
+        if job.attempts > 1:  # a crash: the attempt it was on counted
+            return True
+        history = await self.queue.events_of(job.id)
+        return any(kind == EventKind.REQUEUED and detail == WORKER_STOPPED for kind, detail in history)
+
+    async def update_reply(self, job_id: int, **reply: str) -> Job:
+        """Store what an adapter needs to answer about the job later (its message ids, a lowered upload limit)."""
+        return await self.queue.update_reply(job_id, **reply)
+
+    def worker_status(self) -> WorkerStatus:
+        worker = self.worker
+        return WorkerStatus(
+            running=worker.state.running,
+            current_job=worker.state.current_job,
+            loaded_model=worker.loaded_model,
+            downloading=frozenset(worker.downloading),
+        )
+
+    # -- delivery --
+
+    async def undelivered(self, platform: str, max_attempts: int) -> list[Job]:
+        return await self.queue.undelivered(platform, max_attempts)
+
+    async def mark_delivered(self, job_id: int) -> Job:
+        return await self.queue.mark_delivered(job_id)
+
+    async def mark_delivery_failed(self, job_id: int, error: str, attempts_at_least: int = 0) -> Job:
+        return await self.queue.mark_delivery_failed(job_id, error, attempts_at_least)
+
+    async def mark_final_shown(self, job_id: int) -> None:
+        await self.queue.mark_final_shown(job_id)
+
+    async def final_unshown(self, platform: str, max_attempts: int) -> list[Job]:
+        return await self.queue.final_unshown(platform, max_attempts)
+
+    async def fit_video(self, video: Path, limit_bytes: int) -> Path:
+        """The video itself when it fits `limit_bytes`, else a re-encoded copy that does (UserError if none can)."""
+        return await asyncio.to_thread(fit_to_limit, video, limit_bytes)
+
+    # -- the worker, in the process that runs it --
+
+    async def recover(self) -> None:
+        """Put back (or fail) what a crash left running, and pause if configured to, before anything starts."""
+        await self.worker.start_up()
+
+    async def run_worker(self) -> None:
+        await self.worker.run()
+
+    async def stop_worker(self) -> None:
+        """Stop making videos; the running job goes back to the queue, first in line."""
+        await self.worker.stop(requeue_running=True)
+
+    # -- live previews --
+
+    async def preview_bytes(self, job_id: int) -> bytes | None:
+        """The running job's latest preview JPEG; None once the job has ended (its preview is removed then)."""
+        try:
+            return await asyncio.to_thread(preview_path(self.settings.previews_dir, job_id).read_bytes)
+        except FileNotFoundError:
+            return None
+
+    async def set_previews(self, platform: str, chat_id: str, on: bool) -> None:
+        await self.queue.set_flag(_previews_flag(platform, chat_id), "on" if on else "off")
+
+    async def previews_on(self, platform: str, chat_id: str) -> bool:
+        """Whether a chat shows previews: wherever previews.enabled, unless its admins turned them off."""
+        if not self.settings.previews.enabled:
+            return False
+        return await self.queue.flag(_previews_flag(platform, chat_id)) != "off"
+
+    # -- upkeep --
+
+    async def clean_up(self) -> tuple[int, int]:
+        """Remove the images no job needs and the videos past their retention; how many of each went."""
+        settings = self.settings
+        image_retention_s = settings.images.retention_hours * 3600
+        video_retention_s = settings.outputs.retention_hours * 3600
+        images = await remove_unused_images(self.queue, self.store, image_retention_s)
+        videos = await remove_delivered_videos(self.queue, settings.outputs_dir, video_retention_s)
+        await remove_stale_previews(self.queue, settings.previews_dir)
+        return images, videos
+
+    def device_text(self) -> str:
+        """Where videos are made, and why there ("the CPU (no CUDA GPU found)")."""
+        return describe_device(self.settings.generation)
+
+    async def say_missing_models(self, say: Callable[[str], None]) -> None:
+        """Name each mode's model that is not on disk yet (its first job downloads it), through `say`."""
+        await warn_missing_models(self.settings, say)
+
+    def database_gone(self) -> str | None:
+        """Why the job database can no longer be trusted (deleted or replaced under the running process), or None."""
+        if self.queue.file_is_gone():
+            return f"the job database {self.queue.path} was deleted or replaced while wanbot ran"
+        return None
+
+    # -- chat requests stored before they are acknowledged --
+
+    async def inbox_put(self, platform: str, key: str, payload: str, message_key: str | None = None) -> bool:
+        return await self.queue.inbox_put(platform, key, payload, message_key)
+
+    async def inbox_open(self, platform: str) -> list[str]:
+        return await self.queue.inbox_open(platform)
+
+    async def inbox_done(self, platform: str, *keys: str) -> None:
+        await self.queue.inbox_done(platform, *keys)
+
+    async def inbox_set_reply(self, platform: str, message_key: str, reply: str) -> None:
+        await self.queue.inbox_set_reply(platform, message_key, reply)
+
+    async def inbox_reply(self, platform: str, message_key: str) -> str | None:
+        return await self.queue.inbox_reply(platform, message_key)
 
     def is_admin(self, platform: str, user_id: str) -> bool:
         return f"{platform}:{user_id}" in self.settings.access.admins
@@ -168,19 +339,24 @@ class Engine:
         return Submission(result=result, notes=[*params.adjustments, *params.warnings])
 
     async def reroll(self, job_id: int, actor: Actor, source: JobSource | None = None) -> EnqueueResult:
-        """The same request again with a new seed, as a new job linked to the old one."""
+        """The same request again with a new seed, as a new job linked to the old one; while one such job waits or
+        runs, that one (a double tap makes one job, not two)."""
         old = await self.queue.get(job_id)
-        params = old.params.model_copy(update={"seed": random.SystemRandom().randrange(2**32), "adjustments": []})
-        for image in old.images:
-            # Fails with a clear message when the images were already cleaned up.
-            await self._decode(self.store.restore, image)
-        return await self.queue.retry(
-            job_id,
-            actor,
-            params=params,
-            source=source,
-            **self._limits(),
-        )
+        async with self._turn(old.source.user_key):
+            waiting = await self.active_reroll(job_id)
+            if waiting is not None:
+                return EnqueueResult(job=waiting, created=False, position=await self.queue.position(waiting.id))
+            params = old.params.model_copy(update={"seed": random.SystemRandom().randrange(2**32), "adjustments": []})
+            for image in old.images:
+                # Fails with a clear message when the images were already cleaned up.
+                await self._decode(self.store.restore, image)
+            return await self.queue.retry(job_id, actor, params=params, source=source, **self._limits())
+
+    async def active_reroll(self, job_id: int) -> Job | None:
+        """The waiting or running job made again from `job_id`, if any."""
+        old = await self.queue.get(job_id)
+        active = await self.queue.list_jobs((JobStatus.QUEUED, JobStatus.RUNNING), user_key=old.source.user_key)
+        return next((job for job in active if job.retry_of == job_id), None)
 
     def _limits(self) -> dict[str, int]:
         limits = self.settings.queue
@@ -200,3 +376,7 @@ class Engine:
         The pool's size is the hard bound: a cancelled wait gives its slot back while its decode still runs."""
         async with self._decodes:
             return await asyncio.get_running_loop().run_in_executor(self._decode_pool, decode, *args)
+
+
+def _previews_flag(platform: str, chat_id: str) -> str:
+    return f"previews:{platform}:{chat_id}"

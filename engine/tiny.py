@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +25,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from engine.images import Mode
+from engine.loras import random_lightx2v_lora, write_lora
 
+# The fast preset's stand-ins: a random LoRA pair in LightX2V's layout for each A14B kind, and a second TI2V
+# pipeline (another draw of weights) for FastWan's distilled model; neither makes better videos, but both run
+# through exactly the code a real one does.
+TINY_LORA_FILES = ("high_noise_lora.safetensors", "low_noise_lora.safetensors")
+TINY_LORA_RANK = 4
+TINY_FAST_SEED = 1
 TEXT_DIM = 32
 VOCAB = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(61)]
 
@@ -126,16 +134,35 @@ def build_tiny_pipeline(kind: Mode, seed: int = 0) -> WanPipeline | WanImageToVi
 
 def make_tiny_model(target: Path, kind: Mode, seed: int = 0) -> Path:
     """Save a tiny pipeline as a diffusers folder at `target`, atomically (built aside, then renamed)."""
-    if (target / "model_index.json").exists():
+    return _build_aside(
+        target, ("model_index.json",), lambda staging: build_tiny_pipeline(kind, seed).save_pretrained(staging)
+    )
+
+
+def make_tiny_loras(target: Path, kind: Mode, seed: int = 0) -> Path:
+    """Save a random LoRA pair for the tiny `kind` (t2v or i2v) in LightX2V's layout at `target`, atomically."""
+
+    def build(staging: Path) -> None:
+        shapes = _transformer(36 if kind is Mode.I2V else 16, 16)  # only its layer shapes matter
+        generator = torch.Generator().manual_seed(seed)
+        for name in TINY_LORA_FILES:
+            write_lora(random_lightx2v_lora(shapes, TINY_LORA_RANK, generator), staging / name)
+
+    return _build_aside(target, TINY_LORA_FILES, build)
+
+
+def _build_aside(target: Path, files: tuple[str, ...], build: Callable[[Path], None]) -> Path:
+    """`target` with `files` in it: made in a hidden folder beside it and renamed into place, unless already there."""
+    if all((target / name).exists() for name in files):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        build_tiny_pipeline(kind, seed).save_pretrained(staging)
+        build(staging)
         staging.rename(target)
     except OSError:
         # Another process finished the same folder first; theirs is as good as ours.
-        if not (target / "model_index.json").exists():
+        if not all((target / name).exists() for name in files):
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

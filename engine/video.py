@@ -51,7 +51,8 @@ def encode_mp4(
         av.open(str(temp_path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container,
     ):
         if metadata:
-            container.metadata["comment"] = json.dumps(metadata, sort_keys=True)
+            # UTF-8 as written: a prompt in Chinese (like Wan's default negative prompt) stays readable in players.
+            container.metadata["comment"] = json.dumps(metadata, sort_keys=True, ensure_ascii=False)
         stream = container.add_stream("libx264", rate=Fraction(fps, 1))
         stream.width, stream.height, stream.pix_fmt = even_width, even_height, "yuv420p"
         if bitrate:

@@ -28,11 +28,15 @@ from engine.events import Subscription
 from engine.fetcher import ModelFetcher
 from engine.generate import JobCancelled, JobInterrupted, PipelineRunner, RunHooks, RunOutput
 from engine.images import ImageStore
-from engine.jobs import EventKind, Job, Progress, ResultInfo, Stage
+from engine.jobs import EventKind, Job, JobEvent, PreviewInfo, Progress, ResultInfo, Stage
+from engine.previews import LivePreviews, preview_path, remove_preview
 from engine.queue import JobQueue
 from engine.video import encode_mp4
 
 log = logging.getLogger(__name__)
+
+
+WORKER_STOPPED = "the worker stopped"  # why a running job went back to the queue when the process stopped
 
 
 @dataclass
@@ -76,6 +80,8 @@ class Worker:
         self._error_wait_s = error_wait_s
         self._write_retry_s = write_retry_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanbot-gpu")
+        # Previews are rendered beside the GPU thread, never on it.
+        self._preview_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanbot-preview")
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._flags: _Flags | None = None
@@ -171,6 +177,7 @@ class Worker:
     async def close(self) -> None:
         await self._fetcher.close()
         self._executor.shutdown(wait=True)
+        self._preview_executor.shutdown(wait=True)
 
     async def _pause(self, seconds: float) -> None:
         """Wait after an error; only `stop()` cuts it short (new jobs do not: the database is the problem)."""
@@ -207,7 +214,7 @@ class Worker:
             await self._generate(job, flags, reporter)
         except JobInterrupted:
             await reporter.drain()
-            await self._finish(job.id, "requeue", partial(self._queue.requeue, job.id, "the worker stopped"))
+            await self._finish(job.id, "requeue", partial(self._queue.requeue, job.id, WORKER_STOPPED))
         except JobCancelled:
             await reporter.drain()
             await self._finish(job.id, "cancel", partial(self._queue.mark_cancelled, job.id))
@@ -226,6 +233,7 @@ class Worker:
             watcher.cancel()
             self._flags = None
             self.state.current_job = None
+            await asyncio.to_thread(remove_preview, self._settings.previews_dir, job.id)
 
     async def _finish(self, job_id: int, what: str, write: Callable[[], Awaitable[object]]) -> None:
         """A job's last database write, retried while the database is locked, read-only or its disk full.
@@ -254,6 +262,20 @@ class Worker:
                 await self._pause(wait_s)
                 wait_s = min(wait_s * 2, 30.0)
 
+    def _live_previews(self, job: Job, reporter: _ProgressReporter) -> LivePreviews | None:
+        config = self._settings.previews
+        if not config.enabled:
+            return None
+        loop = asyncio.get_running_loop()
+        return LivePreviews(
+            job.id,
+            config,
+            preview_path(self._settings.previews_dir, job.id),
+            self._preview_executor,
+            publish=lambda preview: loop.call_soon_threadsafe(reporter.show_preview, preview),
+            clock=self._clock,
+        )
+
     async def _generate(self, job: Job, flags: _Flags, reporter: _ProgressReporter) -> None:
         loop = asyncio.get_running_loop()
         images = [await asyncio.to_thread(self._store.restore, info) for info in job.images]
@@ -263,11 +285,18 @@ class Worker:
             should_interrupt=flags.interrupt.is_set,
             timeout_s=self._settings.generation.timeout_s,
             clock=self._clock,
+            previews=self._live_previews(job, reporter),
+            finish=await self._queue.finish_times(job.model, job.params.width * job.params.height * job.params.frames),
         )
-        output: RunOutput = await loop.run_in_executor(
-            self._executor, self._runner.run, job, [image.pixels for image in images], hooks
-        )
-        reporter.report(Progress(stage=Stage.ENCODING, step=job.params.steps, total=job.params.steps))
+        try:
+            output: RunOutput = await loop.run_in_executor(
+                self._executor, self._runner.run, job, [image.pixels for image in images], hooks
+            )
+        finally:
+            if hooks.previews is not None:
+                await hooks.previews.finish()
+        encode_s = hooks.finish.encode_s if hooks.finish else None
+        reporter.report(Progress(stage=Stage.ENCODING, step=job.params.steps, total=job.params.steps, eta_s=encode_s))
         started = self._clock()
         target = self._settings.outputs_dir / output_name(job.id)
         metadata = {
@@ -285,6 +314,8 @@ class Worker:
             "frames": job.params.frames,
             "fps": job.params.fps,
             "timings": {key: round(value, 3) for key, value in output.timings.items()},
+            # preset, loras, scheduler, sigmas, transformer_calls and speedups: how the video was really made
+            **(output.info.model_dump(mode="json") if output.info else {}),
         }
         video = await loop.run_in_executor(self._executor, encode_mp4, output.frames, job.params.fps, target, metadata)
         output.timings["encode_s"] = self._clock() - started
@@ -303,6 +334,7 @@ class Worker:
                 model=job.model,
                 seed=job.params.seed,
                 timings=output.timings,
+                run=output.info,
             ),
         )
         await self._finish(job.id, "succeed", result)
@@ -320,7 +352,10 @@ def _failure_message(job_id: int, error: Exception) -> str:
 
 
 class _ProgressReporter:
-    """Publishes every progress update in order; writes it to the database at most every `persist_s`."""
+    """Publishes every progress update in order; writes it to the database at most every `persist_s`.
+
+    A new live preview is announced at once (a PREVIEW event); every later update carries it, and the next one
+    stores it with the job, so another process finds it too."""
 
     def __init__(self, queue: JobQueue, job_id: int, persist_s: float, clock: Callable[[], float]) -> None:
         self._queue = queue
@@ -329,16 +364,38 @@ class _ProgressReporter:
         self._clock = clock
         self._last_persist = float("-inf")
         self._last_stage: Stage | None = None
-        self._pending: list[asyncio.Task[None]] = []
+        self._preview: PreviewInfo | None = None
+        self._preview_stored = True
+        self._pending: list[asyncio.Future[None]] = []
 
     def report(self, progress: Progress) -> None:
+        if self._preview is not None:
+            progress = progress.model_copy(update={"preview": self._preview})
         now = self._clock()
-        persist = progress.stage != self._last_stage or now - self._last_persist >= self._persist_s
+        persist = (
+            not self._preview_stored
+            or progress.stage != self._last_stage
+            or now - self._last_persist >= self._persist_s
+        )
         if persist:
             self._last_persist = now
+            self._preview_stored = True
         self._last_stage = progress.stage
+        self._track(self._queue.update_progress(self._job_id, progress, persist))
+
+    def show_preview(self, preview: PreviewInfo) -> None:
+        self._preview = preview
+        self._preview_stored = False
+        self._track(self._announce(preview))
+
+    async def _announce(self, preview: PreviewInfo) -> None:
+        # The job as it is now: an adapter may have moved its progress message since the job was claimed.
+        job = await self._queue.get(self._job_id)
+        self._queue.events.publish(JobEvent(kind=EventKind.PREVIEW, job=job, preview=preview))
+
+    def _track(self, work: Awaitable[None]) -> None:
         self._pending = [task for task in self._pending if not task.done()]
-        self._pending.append(asyncio.ensure_future(self._queue.update_progress(self._job_id, progress, persist)))
+        self._pending.append(asyncio.ensure_future(work))
 
     async def drain(self) -> None:
         """Wait for reports already made, so no progress event arrives after the job's final event."""

@@ -50,6 +50,8 @@ class FakeDiscord:
     def __init__(self, token: str, upload_limit: int = 10 * 1024 * 1024, token_lifetime_s: float = 900) -> None:
         self.token = token
         self.upload_limit = upload_limit
+        # (when, message id, files) of each edit that attached files
+        self.attached: list[tuple[float, int, dict[str, bytes]]] = []
         self.token_lifetime_s = token_lifetime_s
         self.calls: list[Call] = []
         self.messages: dict[int, dict[str, Any]] = {}
@@ -78,7 +80,8 @@ class FakeDiscord:
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get("/cdn/{name}", self._cdn)
         app.router.add_route("*", "/api/v10/{path:.+}", self._rest_or_lost)
-        self._runner = web.AppRunner(app)
+        # A call held by a gate (one of a killed process) would hold the shutdown for aiohttp's default 60 s.
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -254,7 +257,7 @@ class FakeDiscord:
         if self._token_expired(token):
             return _error(401, 50027, "Invalid Webhook Token")
         if method == "PATCH" and parts[-1] == "@original":
-            return self._edit(self.originals.get(token), body)
+            return self._edit(self.originals.get(token), body, files)
         if method == "POST" and len(parts) == 3:
             return self._post(CHANNEL_ID, body, files)
         return _error(404, 0, "404: Not Found")
@@ -264,7 +267,7 @@ class FakeDiscord:
         if method == "POST" and parts[2:] == ["messages"]:
             return self._post(channel_id, body, files)
         if method == "PATCH" and len(parts) == 4:
-            return self._edit(int(parts[3]), body)
+            return self._edit(int(parts[3]), body, files)
         return _error(404, 0, "404: Not Found")
 
     def _post(self, channel_id: int, body: dict[str, Any], files: dict[str, bytes]) -> web.Response:
@@ -278,7 +281,7 @@ class FakeDiscord:
             self._nonces[nonce] = message["id_int"]
         return _json(_public(message))
 
-    def _edit(self, message_id: int | None, body: dict[str, Any]) -> web.Response:
+    def _edit(self, message_id: int | None, body: dict[str, Any], files: dict[str, bytes]) -> web.Response:
         if message_id is None or message_id not in self.messages:
             return _error(404, 10008, "Unknown Message")
         message = self.messages[message_id]
@@ -286,13 +289,15 @@ class FakeDiscord:
             message["content"] = body["content"]
         if "components" in body:
             message["components"] = body["components"]
+        if files:  # new attachments replace the old ones (a preview); kept apart from posted files (videos)
+            message["attachments"] = self._attachments(files)
+            self.attached.append((time.monotonic(), message_id, files))
         message["edits"] += 1
         message["edited_timestamp"] = datetime.now(UTC).isoformat()
         return _json(_public(message))
 
-    def _message(self, channel_id: int, body: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
-        message_id = next(self._ids)
-        attachments = [
+    def _attachments(self, files: dict[str, bytes]) -> list[dict[str, Any]]:
+        return [
             {
                 "id": str(next(self._ids)),
                 "filename": name,
@@ -302,6 +307,10 @@ class FakeDiscord:
             }
             for name, data in files.items()
         ]
+
+    def _message(self, channel_id: int, body: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+        message_id = next(self._ids)
+        attachments = self._attachments(files)
         message = {
             **_message_payload(message_id, channel_id, BOT_USER, body.get("content") or "", attachments),
             "components": body.get("components", []),

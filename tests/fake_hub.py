@@ -25,6 +25,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 class Served:
     size: int
     sha256: str
+    git_oid: str  # what git names the file by: the Hub's ETag and tree oid of a small file
     lfs: bool
 
 
@@ -49,7 +50,10 @@ class FakeHub:
                 data = path.read_bytes()
                 relative = path.relative_to(self.folder).as_posix()
                 self.files[relative] = Served(
-                    len(data), hashlib.sha256(data).hexdigest(), relative.endswith((".safetensors", ".bin", ".png"))
+                    len(data),
+                    hashlib.sha256(data).hexdigest(),
+                    hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
+                    relative.endswith((".safetensors", ".bin", ".png")),
                 )
         self._runners: list[web.AppRunner] = []
 
@@ -64,7 +68,8 @@ class FakeHub:
         self.cdn_url = await self._serve(cdn)
 
     async def _serve(self, app: web.Application) -> str:
-        runner = web.AppRunner(app)
+        # A stalled answer sleeps for an hour: stopping must not wait for it (aiohttp's default is a minute).
+        runner = web.AppRunner(app, shutdown_timeout=0.5)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -101,7 +106,7 @@ class FakeHub:
             return web.json_response([{"type": "file", "path": path} for path in self.files])
         entries: list[dict[str, Any]] = []
         for path, served in self.files.items():
-            entry: dict[str, Any] = {"type": "file", "path": path, "size": served.size, "oid": served.sha256[:40]}
+            entry: dict[str, Any] = {"type": "file", "path": path, "size": served.size, "oid": served.git_oid}
             if served.lfs:
                 entry["lfs"] = {"oid": served.sha256, "size": served.size, "pointerSize": 134}
             entries.append(entry)
@@ -115,7 +120,7 @@ class FakeHub:
                 {"error": "Entry not found"}, status=404, headers={"X-Error-Code": "EntryNotFound"}
             )
         served = self.files[path]
-        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{served.sha256[:40]}"'}
+        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{served.git_oid}"'}
         if served.lfs:
             headers.update(
                 {

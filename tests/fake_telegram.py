@@ -65,7 +65,8 @@ class FakeTelegram:
         app = web.Application(client_max_size=200 * 1024 * 1024)
         app.router.add_route("*", "/bot{token}/{method}", self._api)
         app.router.add_get("/file/bot{token}/{path:.+}", self._file)
-        self._runner = web.AppRunner(app)
+        # A call held by a gate (one of a killed process) would hold the shutdown for aiohttp's default 60 s.
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -166,6 +167,48 @@ class FakeTelegram:
         message["text"] = fields["text"]
         message["reply_markup"] = markup
         message["edits"] = message.get("edits", 0) + 1
+        return {key: value for key, value in message.items() if key not in ("edits", "reply_markup")}
+
+    def _do_sendPhoto(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        if len(fields.get("caption", "")) > CAPTION_LIMIT:
+            return _error(400, "Bad Request: message caption is too long")
+        content = {"photo": self._photo_sizes(files["photo"]), "caption": fields.get("caption", "")}
+        return self._store(int(fields["chat_id"]), content, fields)
+
+    def _do_editMessageMedia(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        media = json.loads(fields["media"])
+        message = self.messages.get((int(fields["chat_id"]), int(fields["message_id"])))
+        if message is None or "photo" not in message:
+            return _error(400, "Bad Request: message to edit not found" if message is None else "there is no media")
+        if len(media.get("caption", "")) > CAPTION_LIMIT:
+            return _error(400, "Bad Request: message caption is too long")
+        message.update(photo=self._photo_sizes(files[media["media"].removeprefix("attach://")]))
+        return self._edited(message, {"caption": media.get("caption", "")}, fields)
+
+    def _do_editMessageCaption(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        message = self.messages.get((int(fields["chat_id"]), int(fields["message_id"])))
+        if message is None:
+            return _error(400, "Bad Request: message to edit not found")
+        if message.get("caption") == fields.get("caption", "") and message.get("reply_markup") == fields.get(
+            "reply_markup"
+        ):
+            return _error(400, "Bad Request: message is not modified")
+        if len(fields.get("caption", "")) > CAPTION_LIMIT:
+            return _error(400, "Bad Request: message caption is too long")
+        return self._edited(message, {"caption": fields.get("caption", "")}, fields)
+
+    def _do_deleteMessage(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        if self.messages.pop((int(fields["chat_id"]), int(fields["message_id"])), None) is None:
+            return _error(400, "Bad Request: message to delete not found")
+        return True
+
+    def _photo_sizes(self, data: bytes) -> list[dict[str, Any]]:
+        file_id = f"sent-{len(self.files)}"
+        self.files[file_id] = (f"sent/{file_id}.jpg", data)
+        return [{"file_id": file_id, "file_unique_id": file_id, "file_size": len(data), "width": 1, "height": 1}]
+
+    def _edited(self, message: dict[str, Any], content: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        message.update(content, reply_markup=fields.get("reply_markup"), edits=message.get("edits", 0) + 1)
         return {key: value for key, value in message.items() if key not in ("edits", "reply_markup")}
 
     def _do_sendVideo(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:

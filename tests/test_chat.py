@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bot.chat import LiveMessages, RetryLater, parse_message, progress_text, queued_text, status_answer
+from bot.chat import OPTION_PATTERN, LiveMessages, RetryLater, help_text, parse_message, progress_text, queued_text
 from bot.relay import JobRelay
-from engine.config import ChatConfig, GenerationConfig
+from engine.config import ChatConfig, GenerationConfig, ModelsConfig
 from engine.errors import UserError
 from engine.images import Mode
-from engine.jobs import Job, JobSource, Progress, Stage
+from engine.jobs import Job, JobSource, Progress, QueuePosition, Stage
 from engine.models import GenerationRequest, resolve_model, resolve_request
-from engine.supervisor import Supervisor
 from tests import factories
 from tests.running import until
 
@@ -83,18 +83,20 @@ class RecordingChat:
         self.shown: list[tuple[int, str]] = []
         self._send_s = send_s
 
-    async def show(self, job: Job, text: str, buttons: str) -> None:
+    async def show(self, job: Job, text: str, buttons: str, picture: bytes | None = None) -> None:
         self.shown.append((job.id, text))
         await asyncio.sleep(self._send_s)
 
-    async def send_video(self, job: Job) -> None:
+    async def send_video(self, job: Job, video: Path) -> None:
         raise AssertionError("no video in this test")
 
 
-async def test_the_relay_answers_a_new_job_before_the_places_a_start_refreshes(queue):
+async def test_the_relay_answers_a_new_job_before_the_places_a_start_refreshes(engine):
     platform = RecordingChat()
-    relay = JobRelay(queue, Supervisor(), "telegram", platform.show, platform.send_video, ChatConfig(edit_interval_s=0))
-    relay.start(queue.events.subscribe())
+    queue = engine.queue
+    config = ChatConfig(edit_interval_s=0)
+    relay = JobRelay(engine, "telegram", platform.show, platform.send_video, lambda job: 50_000_000, config)
+    relay.start(engine.subscribe())
     await asyncio.wait_for(relay.caught_up.wait(), timeout=10)
     try:
         for user in range(12):
@@ -121,6 +123,18 @@ async def test_only_the_newest_text_goes_out_and_never_twice():
     live.update(1, "step 5/5")
     await live.settle(1)
     assert platform.shown == [(1, "step 5/5")]
+
+
+async def test_an_end_text_goes_out_at_once_past_a_progress_text_waiting_for_the_pace():
+    platform = Platform()
+    live = LiveMessages(platform.edit, interval_s=600)
+    live.update(1, "starting")
+    await live.settle(1)
+    live.update(1, "step 1/4")  # waits out the 600 s pace
+    await asyncio.sleep(0.05)
+    live.update(1, "done", at_once=True)
+    await asyncio.wait_for(live.settle(1), timeout=5)
+    assert platform.shown == [(1, "starting"), (1, "done")]
 
 
 async def test_a_flood_wait_delays_the_edit_and_a_network_error_does_not_end_the_updates():
@@ -180,7 +194,7 @@ async def test_status_names_the_running_job_and_its_progress(engine):
     worker = asyncio.create_task(engine.worker.run(stop_after=2))
     try:
         for _ in range(300):
-            answer = await status_answer(engine)
+            answer = await factories.status_answer(engine)
             if "generating" in answer:
                 break
             await asyncio.sleep(0.05)
@@ -190,9 +204,29 @@ async def test_status_names_the_running_job_and_its_progress(engine):
     assert answer.splitlines() == [
         "Worker: working. Loaded model: tiny-t2v.",
         "Queued: 0, running: 1.",
-        f"Now: Job #{second.result.job.id}: generating (high-noise expert) · ░░░░░░░░░░░░ 0/3",
+        f"Now: Job #{second.result.job.id}, quality preset: generating, part 1 of 2 · ░░░░░░░░░░░░ 0/3 · time left not known yet",
     ]
-    assert "Now:" not in await status_answer(engine)
+    assert "Now:" not in await factories.status_answer(engine)
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_every_option_example_in_the_help_works_unchanged_for_every_mode_and_model(mode: Mode):
+    examples = [match.group(0) for match in OPTION_PATTERN.finditer(help_text("/video a fox"))]
+    assert {"size=832x480", "frames=49", "steps=30", "preset=fast"} <= set(examples)
+    for model in ("tiny", getattr(ModelsConfig(), mode.value)):  # the tiny and the default model
+        for example in examples:
+            parsed = parse_message(f"a fox {example}", mode, has_image=mode is not Mode.T2V)
+            request = parsed.request.model_copy(update={"mode": mode})
+            params = resolve_request(request, resolve_model(model, mode), GenerationConfig())
+            assert parsed.notes == [], example
+            changed = [note for note in params.adjustments if note.startswith(("Size", "Frames", "Steps", "Guid"))]
+            assert changed == [], (model, example)
+
+
+def test_the_hint_for_frames_that_are_no_number_gives_a_frame_count_the_models_take():
+    with pytest.raises(UserError) as caught:
+        parse_message("a fox frames=many", None, has_image=False)
+    assert caught.value.hint == "For example frames=49."  # 4k+1: the example is not adjusted in its turn
 
 
 def test_a_huge_bad_option_is_quoted_short_so_the_error_can_still_be_sent():
@@ -201,6 +235,28 @@ def test_a_huge_bad_option_is_quoted_short_so_the_error_can_still_be_sent():
             request = parse_message(text, None, has_image=False).request
             resolve_request(request, resolve_model("tiny", Mode.T2V), GenerationConfig())
         assert len(str(caught.value)) < 200 and "…'" in caught.value.message
+
+
+async def test_waits_and_times_left_never_say_0s_and_say_when_they_are_not_known(engine):
+    source = JobSource(platform="cli", chat_id="local", user_id="u1")
+    job = (await engine.submit(GenerationRequest(mode=Mode.T2V, prompt="a fox", steps=1), source)).result.job
+    assert "1 step, seed" in queued_text(job, QueuePosition(position=1, eta_s=0.0))  # not "1 steps"
+    waits = {eta_s: queued_text(job, QueuePosition(position=2, eta_s=eta_s)).splitlines()[0] for eta_s in (None, 0, 95)}
+    assert waits == {
+        None: "Job #1 (t2v) is queued: position 2, the wait is not known yet.",
+        0: "Job #1 (t2v) is queued: position 2, about to start.",
+        95: "Job #1 (t2v) is queued: position 2, about 1m 35s to wait.",
+    }
+    left = {
+        "time left not known yet": Progress(stage=Stage.DECODING, step=4, total=4),
+        "less than a second left": Progress(stage=Stage.ENCODING, step=4, total=4, eta_s=0.4),
+        "about 12s left for the steps, then decoding": Progress(
+            stage=Stage.DENOISING, step=1, total=4, eta_s=12, eta_steps_only=True
+        ),
+        "about 20s left": Progress(stage=Stage.DENOISING, step=1, total=4, eta_s=20),
+    }
+    for said, progress in left.items():
+        assert progress_text(job, progress).splitlines()[1].endswith(f" · {said}")
 
 
 async def test_the_notes_on_a_request_stay_on_its_place_and_its_progress(engine):
@@ -213,4 +269,6 @@ async def test_the_notes_on_a_request_stay_on_its_place_and_its_progress(engine)
     for text in (running, waiting):
         assert "• Frames must be 4k+1 between 5 and 121: using 9 instead of 10." in text
         assert "• Ignored unknown option(s): colour." in text
-    assert running.startswith("Job #1: generating\n") and waiting.startswith("Job #1 (t2v) is queued: position 1")
+    assert running.startswith("Job #1, fast preset: generating\n") and waiting.startswith(
+        "Job #1 (t2v) is queued: position 1"
+    )

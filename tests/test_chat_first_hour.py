@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
-from bot.chat import status_answer
+from bot import chat
 from engine.images import Mode
 from tests import imagefactory
 from tests import test_discord as on_discord
 from tests import test_telegram as on_telegram
+from tests.factories import status_answer
 from tests.fake_discord import APPLICATION_ID, GUILD_ID, FakeDiscord
 from tests.running import until
 
@@ -133,3 +134,42 @@ async def test_a_queued_job_says_the_queue_is_paused(tiny_settings, telegram):
         telegram.command(ALICE, "/video a patient fox")
         answer = await until(lambda: on_telegram.status_of(telegram, ALICE, "is queued"), what="the place")
     assert "Job #1 (t2v) is queued: position 1. The queue is paused" in answer["text"]
+
+
+# -- places ----------------------------------------------------------------------------------------------------
+
+
+async def test_messages_sent_at_once_get_numbers_in_order_and_distinct_places_and_a_move_back_says_why(
+    tiny_settings, telegram
+):
+    group, bob, carol = -700, 222, 333
+
+    def heads() -> dict[int, str]:
+        """The first line of each job's message in the group, by job number."""
+        return {int(text.split("#")[1].split(" ")[0]): text for text in on_telegram.texts(telegram, group)}
+
+    def places() -> dict[int, int]:
+        return {job: int(text.split("position ")[1].split(".")[0]) for job, text in heads().items()}
+
+    async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
+        queue = bot.engine.queue
+        await queue.set_paused(True)
+        # Five messages in one getUpdates answer, handled at once: Alice's three, then Bob's two.
+        sent = [
+            telegram.command(user, f"/video {user} {index}", chat_id=group, chat_type="supergroup")
+            for user, index in ((ALICE, 0), (ALICE, 1), (ALICE, 2), (bob, 0), (bob, 1))
+        ]
+        await until(lambda: len(heads()) == 5, what="five answers")
+        jobs = await queue.list_jobs(oldest_first=True)
+        assert [job.params.prompt for job in jobs] == [message["text"].removeprefix("/video ") for message in sent]
+        # One job per person in turn: Bob's first goes before Alice's second; every message shows its own place.
+        expected = {1: 1, 4: 2, 2: 3, 5: 4, 3: 5}
+        await until(lambda: places() == expected, what="every place as it is now")
+        # Carol's first job goes before everyone's second: theirs move back, and their messages say why.
+        telegram.command(carol, "/video carol 0", chat_id=group, chat_type="supergroup")
+        await until(lambda: places() == {1: 1, 4: 2, 6: 3, 2: 4, 5: 5, 3: 6}, what="the places after Carol's")
+    for moved in (2, 5, 3):  # the best place each showed depends on how the five were taken in: 2 or 3 for #2
+        reason = heads()[moved].split("\n")[1]
+        was = int(reason.removeprefix("It was position ").split(":")[0])
+        assert was < places()[moved] and reason == chat.MOVED_BACK.format(was=was)
+    assert not any("It was position" in heads()[unmoved] for unmoved in (1, 4, 6))

@@ -108,13 +108,13 @@ def test_generate_then_manage_the_queue(tmp_path: Path):
     assert [entry["event"] for entry in shown["history"]] == ["enqueued", "started", "succeeded"]
 
     retried = wanbot("queue", "retry", "1", data=data)
-    assert retried.returncode == 0 and "job 2 queued as a retry of job 1" in retried.stdout
+    assert retried.returncode == 0 and "job #2 queued as a retry of job #1" in retried.stdout
     cancelled = wanbot("queue", "cancel", "2", data=data)
-    assert cancelled.returncode == 0 and "job 2 cancelled" in cancelled.stdout
+    assert cancelled.returncode == 0 and "job #2 cancelled" in cancelled.stdout
     again = wanbot("queue", "cancel", "2", data=data)
     assert again.returncode == 2 and "already been cancelled" in again.stderr
     unknown = wanbot("queue", "show", "99", data=data)
-    assert unknown.returncode == 2 and "There is no job 99" in unknown.stderr
+    assert unknown.returncode == 2 and "There is no job #99" in unknown.stderr
 
     [stats] = json.loads(wanbot("queue", "stats", "--json", data=data).stdout)
     assert stats["model"] == "tiny-ti2v" and stats["jobs"] == 2

@@ -115,7 +115,7 @@ def test_an_interrupted_generate_cancels_its_job_and_says_so(tmp_path: Path, sig
         running.kill()
     assert running.returncode == code, stderr
     last = stderr.strip().splitlines()[-1]
-    assert last == f"Interrupted by {said}: job 1 was cancelled and makes no video. Run the command again for it."
+    assert last == f"Interrupted by {said}: job #1 was cancelled and makes no video. Run the command again for it."
     assert "Traceback" not in stderr
     [job] = jobs_in(tmp_path)
     assert job.status is JobStatus.CANCELLED  # not queued again, for the next command to make first
@@ -155,7 +155,7 @@ def test_generate_waiting_on_another_worker_stops_when_the_queue_is_paused(tmp_p
     finally:
         lock.close()
     assert waiting.returncode == 2, stderr
-    assert stderr.strip().splitlines()[-1].startswith("Cancelled job 1: the queue is paused (wanbot queue resume).")
+    assert stderr.strip().splitlines()[-1].startswith("Cancelled job #1: the queue is paused (wanbot queue resume).")
     assert [job.status for job in jobs_in(tmp_path)] == [JobStatus.CANCELLED]
 
 
@@ -177,7 +177,7 @@ def test_generate_says_the_settings_it_used_and_keeps_the_libraries_quiet(tmp_pa
     args = ("generate", "--mode", "t2v", "--prompt", "w1 fox", "--model", "tiny", "--frames", "5", "--steps", "3")
     done = wanbot(*args, "--seed", "5", data=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "job 1: 64x64, 5 frames at 16 fps, 3 steps, seed 5, model tiny-t2v" in done.stderr
+    assert "job #1: 64x64, 5 frames at 16 fps, 3 steps, seed 5, model tiny-t2v" in done.stderr
     for noise in ("Writing model shards", "Loading weights", "Loading pipeline components", "it/s", "None"):
         assert noise not in done.stderr
 
@@ -195,9 +195,9 @@ def test_the_progress_display_shows_no_step_count_before_there_is_one():
         return console.export_text()
 
     loading = shown(JobProgress(stage=Stage.LOADING))
-    assert "job 7 loading" in loading and "None" not in loading and "0/" not in loading
+    assert "job #7 loading" in loading and "None" not in loading and "0/" not in loading
     denoising = shown(JobProgress(stage=Stage.LOADING), JobProgress(stage=Stage.DENOISING, step=3, total=8))
-    assert "job 7 denoising" in denoising and "3/8" in denoising
+    assert "job #7 denoising" in denoising and "3/8" in denoising
 
 
 def job_for_display() -> Job:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
+import discord
 import pytest
 
-from bot.discord_adapter import DiscordAdapter
+from bot.core import NOT_ALLOWED, NOT_YOURS_TO_REROLL
+from bot.discord_adapter import DiscordAdapter, WanbotClient
 from engine.config import Settings
 from engine.errors import UserError
 from engine.jobs import DeliveryStatus, JobStatus
@@ -42,7 +45,7 @@ async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(t
     async with running_bot(configure(tiny_settings, discord_server)) as bot:
         synced = discord_server.commands[f"applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"]
         names = {command["name"] for command in synced}
-        assert names == {"video", "queue", "cancel", "status", "help", "pause", "resume", "Make a video"}
+        assert names == {"video", "queue", "cancel", "status", "help", "pause", "resume", "previews", "Make a video"}
         hidden = {command["name"] for command in synced if command["default_member_permissions"] is not None}
         assert hidden == {"pause", "resume"}
         [video_command] = [command for command in synced if command["name"] == "video"]
@@ -91,7 +94,7 @@ async def test_bad_attachments_are_refused_from_their_metadata_before_download(t
         for interaction in (first, second, third):
             await until(lambda i=interaction: discord_server.original(i)["content"], what="a refusal")
         assert await bot.engine.queue.counts() == {}
-    assert "50.0 MB; the limit is 0 MB" in discord_server.original(first)["content"]
+    assert "is 50 MB; the most I can fetch is 10 KB" in discord_server.original(first)["content"]
     assert "attachment (text/plain) is not a picture" in discord_server.original(second)["content"]
     assert "ti2v needs a start image" in discord_server.original(third)["content"]
     assert not [call for call in discord_server.calls if call.path.startswith("cdn")]
@@ -223,6 +226,15 @@ async def test_two_users_at_once_and_role_allowlist(tiny_settings, discord_serve
     assert discord_server.callback_delay(alice) < 3.0 and discord_server.callback_delay(bob) < 3.0
 
 
+async def test_the_client_starts_without_warnings_about_voice_libraries(monkeypatch, caplog):
+    """wanbot never joins a voice channel: discord.py's "PyNaCl/davey is not installed" warnings stay out of the log."""
+    monkeypatch.setattr(discord.VoiceClient, "warn_nacl", True)
+    monkeypatch.setattr(discord.VoiceClient, "warn_dave", True)
+    with caplog.at_level(logging.WARNING, logger="discord"):
+        await WanbotClient(adapter=None, intents=discord.Intents(guilds=True)).close()
+    assert "voice" not in caplog.text
+
+
 async def test_queue_cancel_status_and_help_answer_privately(tiny_settings, discord_server):
     async with running_bot(configure(tiny_settings, discord_server)) as bot:
         await bot.engine.queue.set_paused(True)
@@ -323,3 +335,56 @@ async def test_a_rejected_token_is_one_clear_error(tiny_settings, discord_server
             pass
     assert "Discord did not connect (LoginFailure" in refused.value.message
     assert "wrong-discord-token" not in f"{refused.value.message} {refused.value.hint}"
+
+
+async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner_rerolls(tiny_settings, discord_server):
+    carol = 333333333333333333
+    settings = configure(tiny_settings, discord_server, allowed_users=[ALICE, carol])
+    async with running_bot(settings) as bot:
+        await discord_server.slash(ALICE, "video", {"prompt": "a fox", "steps": 2})
+        video = (await until(discord_server.with_files, what="alice's video"))[0]
+        await bot.engine.queue.set_paused(True)
+        waiting = await discord_server.slash(ALICE, "video", {"prompt": "a second fox"})
+        await until(lambda: "is queued" in discord_server.original(waiting)["content"], what="a waiting job")
+        answered = len(discord_server.calls_to("POST", "/callback"))
+        posted = len(discord_server.calls_to("POST", "/messages")) + len(discord_server.calls_to("POST", "webhooks/"))
+        for name in ("queue", "status", "help", "cancel", "pause", "video"):
+            await discord_server.slash(BOB, name, {"prompt": "let me in"} if name == "video" else None)
+        picture = discord_server.attachment(imagefactory.png(), "p.png")
+        await discord_server.message_command(BOB, "Make a video", discord_server.user_post(BOB, "", [picture]))
+        for user, message, custom_id in (
+            (BOB, video, "wanbot:reroll:1"),
+            (BOB, discord_server.original(waiting), "wanbot:cancel:2"),
+            (carol, video, "wanbot:reroll:1"),
+        ):
+            await discord_server.click(user, message, custom_id)
+        await until(lambda: len(discord_server.calls_to("POST", "/callback")) == answered + 10, what="ten answers")
+        await asyncio.sleep(0.5)  # room for a wrong extra message to arrive
+        jobs = await bot.engine.queue.list_jobs()
+    answers = [call.body for call in discord_server.calls_to("POST", "/callback")[answered:]]
+    assert (
+        len(discord_server.calls_to("POST", "/messages")) + len(discord_server.calls_to("POST", "webhooks/")) == posted
+    )
+    assert all(answer["type"] == 4 and answer["data"]["flags"] & 64 for answer in answers)  # each only to the presser
+    contents = [answer["data"]["content"] for answer in answers]
+    only_admins = "Only admins can pause or resume the queue.\nAsk an admin; /status shows the worker."
+    # Each handler answers as soon as it can: the order of the answers is not the order of the clicks.
+    assert sorted(contents) == sorted([NOT_ALLOWED] * 8 + [only_admins, NOT_YOURS_TO_REROLL])
+    assert [job.status for job in jobs] == [JobStatus.QUEUED, JobStatus.SUCCEEDED]
+
+
+async def test_the_preset_field_picks_the_preset_and_the_video_names_it(tiny_settings, discord_server):
+    async with running_bot(configure(tiny_settings, discord_server)) as bot:
+        synced = discord_server.commands[f"applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"]
+        video_command = next(command for command in synced if command["name"] == "video")
+        preset_option = next(option for option in video_command["options"] if option["name"] == "preset")
+        await discord_server.slash(ALICE, "video", {"prompt": "a slow fox", "preset": "quality", "steps": 2})
+        await discord_server.slash(BOB, "video", {"prompt": "a quick fox preset=fast"})
+        await until(lambda: len(discord_server.with_files()) == 2, what="two videos")
+        jobs = {job.params.prompt: job for job in await bot.engine.queue.list_jobs()}
+    assert [choice["value"] for choice in preset_option["choices"]] == ["fast", "quality"]
+    assert jobs["a slow fox"].params.preset.value == "quality" and jobs["a slow fox"].params.steps == 2
+    assert jobs["a quick fox"].params.preset.value == "fast"
+    captions = [message["content"] for message in discord_server.with_files()]
+    assert any("a slow fox" in c and "quality preset" in c for c in captions)
+    assert any("a quick fox" in c and "fast preset" in c for c in captions)

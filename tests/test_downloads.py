@@ -38,6 +38,21 @@ WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.fixture(autouse=True)
+def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights in this machine's own Hugging Face cache must not stand in for what a test serves."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+
+
+def repo_in(cache: Path) -> Path:
+    return cache / f"models--{REPO_ID.replace('/', '--')}"
+
+
+def weights_part(hub: FakeHub, cache: Path) -> Path:
+    """Where a stopped download keeps the weights fetched so far: beside the blob they become."""
+    return repo_in(cache) / "blobs" / f"{hub.files[WEIGHTS].sha256}.incomplete"
+
+
 @pytest.fixture
 def served_folder(tiny_models: Path, tmp_path: Path) -> Path:
     """The tiny t2v model as a Hub repo holds it, with what a pipeline does not need beside it."""
@@ -129,7 +144,7 @@ async def test_download_survives_closed_reset_stalled_and_busy_answers(hub: Fake
     resumed = [rng for method, path, rng in hub.requests if path == f"cdn:{WEIGHTS}" and rng]
     assert resumed and all(int(rng[6:].split("-")[0]) > 0 for rng in resumed)  # continued, not restarted
     assert not hub.faults[WEIGHTS]
-    assert not (folder.parent / ".partial").exists()
+    assert not list(folder.parents[1].glob("blobs/*.incomplete"))
 
 
 async def test_not_enough_disk_is_refused_before_the_first_byte(hub: FakeHub, tmp_path: Path):
@@ -183,7 +198,7 @@ async def test_cancel_keeps_what_was_fetched_and_the_next_run_resumes(hub: FakeH
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    part = tmp_path / "models" / "hub" / REPO_ID.replace("/", "--") / ".partial" / COMMIT / f"{WEIGHTS}.part"
+    part = weights_part(hub, tmp_path / "models" / "hub")
     assert 0 < part.stat().st_size < hub.files[WEIGHTS].size
     had = part.stat().st_size
     hub.paused.set()
@@ -209,7 +224,7 @@ async def test_a_sigkilled_download_process_resumes_within_the_file(hub: FakeHub
     await asyncio.sleep(0.3)
     child.send_signal(signal.SIGKILL)
     await child.wait()
-    part = tmp_path / "data" / "models" / "hub" / REPO_ID.replace("/", "--") / ".partial" / COMMIT / f"{WEIGHTS}.part"
+    part = weights_part(hub, tmp_path / "data" / "models" / "hub")
     had = part.stat().st_size
     assert 0 < had < hub.files[WEIGHTS].size
     hub.paused.set()
@@ -304,7 +319,7 @@ async def test_cancelling_the_only_waiting_job_stops_its_download(
         await engine.worker.stop()
         await worker
         await engine.close()
-    part = tmp_path / "data" / "models" / "hub" / REPO_ID.replace("/", "--") / ".partial" / COMMIT / f"{WEIGHTS}.part"
+    part = weights_part(hub, tmp_path / "data" / "models" / "hub")
     assert part.stat().st_size > 0  # kept for the next attempt
 
 
@@ -526,7 +541,7 @@ async def test_cli_download_on_a_disk_that_fills_is_one_line_and_the_next_run_re
     monkeypatch.delenv("WANBOT_CONFIG", raising=False)
     hub.faults = {WEIGHTS: ["hold"]}
     data = tmp_path / "data"
-    part = data / "models" / "hub" / REPO_ID.replace("/", "--") / ".partial" / COMMIT / f"{WEIGHTS}.part"
+    part = weights_part(hub, data / "models" / "hub")
     first = asyncio.create_task(asyncio.to_thread(download_command, hub, data))
     await asyncio.wait_for(hub.pause_reached.wait(), timeout=30)
     for _ in range(100):  # the bytes sent before the hold are on disk
@@ -538,7 +553,7 @@ async def test_cli_download_on_a_disk_that_fills_is_one_line_and_the_next_run_re
     done = await first
     assert done.exit_code == 2, done.output
     [line] = done.stderr.splitlines()
-    assert f"The disk holding {data / 'models'} filled up while downloading {REPO_ID}: it needs " in line
+    assert f"The disk holding {data / 'models' / 'hub'} filled up while downloading {REPO_ID}: it needs " in line
     assert "KB more" in line and "run the download again" in line
     had = part.stat().st_size
     assert 0 < had < hub.files[WEIGHTS].size  # kept for the next run
@@ -547,4 +562,4 @@ async def test_cli_download_on_a_disk_that_fills_is_one_line_and_the_next_run_re
     again = await asyncio.to_thread(download_command, hub, data)
     assert again.exit_code == 0, again.output
     assert f"bytes={had}-" in [rng for method, path, rng in hub.requests if path == f"cdn:{WEIGHTS}"]
-    assert verify_snapshot(data / "models" / "hub" / REPO_ID.replace("/", "--") / COMMIT) == []
+    assert verify_snapshot(repo_in(data / "models" / "hub") / "snapshots" / COMMIT) == []

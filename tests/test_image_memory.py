@@ -63,7 +63,7 @@ async def test_check_room_refuses_at_the_per_user_limit_and_queues_nothing(tiny_
         await submit_picture(engine, "alice", "m1")
         with pytest.raises(QueueFull) as caught:
             await engine.check_room(chat("alice", "m2"))
-        assert caught.value.message == "You already have 1 videos waiting (the limit is 1)."
+        assert caught.value.message == "You already have 1 video waiting (the limit is 1)."
         assert caught.value.hint == "Wait for one to finish, or cancel one with /cancel."
         await engine.check_room(chat("bob", "m3"))  # another user
         await engine.check_room(chat("alice", "m1"))  # the same message again: enqueue returns its job
@@ -75,7 +75,7 @@ async def test_check_room_refuses_at_the_per_user_limit_and_queues_nothing(tiny_
 async def test_check_room_refuses_at_the_global_and_daily_limits(tiny_settings: Settings):
     async with opened(tiny_settings, queue={"global_limit": 1}) as engine:
         await submit_picture(engine, "alice", "m1")
-        with pytest.raises(QueueFull, match=r"The queue is full \(1 videos waiting\)"):
+        with pytest.raises(QueueFull, match=r"The queue is full \(1 video waiting\)"):
             await engine.check_room(chat("bob", "m2"))
     async with opened(tiny_settings, queue={"daily_limit": 1}) as engine:
         with pytest.raises(QueueFull, match="the limit is 1 a day"):
@@ -92,7 +92,7 @@ async def test_submit_checks_the_limits_before_decoding(tiny_settings: Settings,
     monkeypatch.setattr("engine.service.validate_image_bytes", spy)
     async with opened(tiny_settings, queue={"per_user_limit": 1}) as engine:
         await submit_picture(engine, "alice", "m1")
-        with pytest.raises(QueueFull, match="already have 1 videos waiting"):
+        with pytest.raises(QueueFull, match="already have 1 video waiting"):
             await submit_picture(engine, "alice", "m2")
     assert len(decoded) == 1
 
@@ -195,7 +195,7 @@ def status_kib(field):
 
 
 def outcome(result):
-    if isinstance(result, QueueFull) and "videos waiting (the limit is 1)" in result.message:
+    if isinstance(result, QueueFull) and "video waiting (the limit is 1)" in result.message:
         return "limit"
     if isinstance(result, ImageRejected) and "of memory to read" in result.message:
         return "memory"

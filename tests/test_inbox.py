@@ -75,9 +75,10 @@ async def test_requests_killed_while_checking_are_finished_after_the_restart(tin
     assert open_updates == []
 
 
-async def test_the_inbox_takes_an_update_once_and_forgets_handled_ones_after_a_day(tmp_path: Path):
+@pytest.mark.both_backends
+async def test_the_inbox_takes_an_update_once_and_forgets_handled_ones_after_a_day(database_url: str):
     now = [1000.0]
-    queue = await JobQueue.open(tmp_path / "queue.db", clock=lambda: now[0])
+    queue = await JobQueue.connect(database_url, clock=lambda: now[0])
     try:
         assert await queue.inbox_put("telegram", "7", '{"update_id": 7}', "1:50")
         assert not await queue.inbox_put("telegram", "7", '{"update_id": 7}', "1:50")  # sent again: not taken twice
@@ -107,6 +108,7 @@ async def test_a_deferred_discord_request_killed_before_it_was_queued_is_finishe
         WANBOT_DISCORD__GATEWAY_URL=discord_server.gateway_url,
         WANBOT_DISCORD__GUILD_IDS=f"[{GUILD_ID}]",
         WANBOT_DISCORD__EDIT_INTERVAL_S="0.2",
+        WANBOT_PREVIEWS__ENABLED="false",
         WANBOT_DOWNLOADS__ENDPOINT="http://127.0.0.1:9",  # never a real Hub: a closed port
     )
     log_path = tmp_path / "run.log"

@@ -46,11 +46,12 @@ def resolve(mode: Mode, spec, start: ImageInfo | None = None, limits: Generation
     return resolve_request(request, model, limits or GenerationConfig(), start=start, rng=random.Random(1))
 
 
-def test_defaults_are_the_official_settings():
-    t2v = resolve(Mode.T2V, T2V_A14B)
+def test_quality_defaults_are_the_official_settings():
+    t2v = resolve(Mode.T2V, T2V_A14B, preset="quality")
     assert (t2v.width, t2v.height, t2v.frames, t2v.fps, t2v.steps) == (832, 480, 81, 16, 40)
     assert (t2v.guidance, t2v.guidance_2) == (4.0, 3.0)
-    ti2v = resolve(Mode.TI2V, TI2V_5B, start=image(1280, 704), limits=GenerationConfig(max_pixels=1280 * 704))
+    limits = GenerationConfig(max_pixels=1280 * 704)
+    ti2v = resolve(Mode.TI2V, TI2V_5B, start=image(1280, 704), limits=limits, preset="quality")
     assert (ti2v.width, ti2v.height, ti2v.frames, ti2v.fps, ti2v.steps, ti2v.guidance) == (1280, 704, 121, 24, 50, 5.0)
     assert ti2v.adjustments == []
 
@@ -161,6 +162,7 @@ def test_limits_on_pixels_steps_and_guidance():
         resolution="720p",
         steps=500,
         guidance=99,
+        preset="quality",
         limits=GenerationConfig(max_pixels=832 * 480, max_steps=50),
     )
     assert params.width * params.height <= 832 * 480

@@ -12,17 +12,21 @@ import textwrap
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from engine.cleanup import remove_delivered_videos, remove_unused_images
 from engine.errors import InvalidTransition, NotAllowed, QueueFull
 from engine.images import ImageInfo, ImageStore, Mode, validate_image_bytes
 from engine.jobs import DeliveryStatus, EventKind, JobStatus, Progress, ResultInfo, Stage
-from engine.queue import MIGRATIONS, JobQueue, _split_sql
+from engine.queue import JobQueue
+from engine.queue_sqlite import MIGRATIONS, split_sql
 from tests import imagefactory
 from tests.factories import ADMIN, owner, params, source
 
 REPO = Path(__file__).resolve().parents[1]
+# Every test that takes `queue` runs on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.both_backends
 
 
 def result(path: str = "/tmp/x.mp4") -> ResultInfo:
@@ -159,6 +163,47 @@ async def test_position_follows_the_claim_order_and_has_an_eta(queue: JobQueue):
     assert (behind.position, behind.eta_s) == (2, pytest.approx(95.0 + 30.0))
 
 
+async def test_a_wait_counts_runs_of_the_same_model_and_says_unknown_rather_than_zero(queue: JobQueue):
+    now = [1000.0]
+    clocked = JobQueue(queue._db, queue.events, lambda: now[0])
+    tiny = await clocked.enqueue(source("alice", "a0"), Mode.T2V, "tiny", params())
+    now[0] += 2
+    await clocked.claim_next()
+    await clocked.mark_succeeded(tiny.job.id, result())  # a tiny video takes 2 s
+    big = await clocked.enqueue(source("alice", "a1"), Mode.T2V, "big", params())
+    waiting = await clocked.enqueue(source("alice", "a2"), Mode.T2V, "big", params())
+    assert (await clocked.claim_next()).id == big.job.id
+    # No video of "big" yet: the tiny model's 2 s say nothing about it.
+    assert (await clocked.position(waiting.job.id)).eta_s is None
+    # A download's time left, or the steps' without the decode and encode, are not the time the job has left.
+    for partial in (
+        Progress(stage=Stage.DOWNLOADING, eta_s=5.0),
+        Progress(stage=Stage.DENOISING, step=1, total=60, eta_s=4.0, eta_steps_only=True),
+    ):
+        await clocked.update_progress(big.job.id, partial)
+        assert (await clocked.position(waiting.job.id)).eta_s is None
+    now[0] += 300
+    await clocked.mark_succeeded(big.job.id, result())
+    assert (await clocked.claim_next()).id == waiting.job.id
+    behind = await clocked.enqueue(source("alice", "a3"), Mode.T2V, "big", params())
+    now[0] += 100
+    assert (await clocked.position(behind.job.id)).eta_s == pytest.approx(200.0)  # a big video takes 300 s
+    now[0] += 250
+    assert (await clocked.position(behind.job.id)).eta_s is None  # overrunning: not "0s"
+
+
+async def test_decode_and_encode_times_are_scaled_from_the_models_latest_videos(queue: JobQueue):
+    assert await queue.finish_times("tiny", 64 * 64 * 5) is None  # no video yet
+    for decode_s, encode_s in ((2.0, 1.0), (4.0, 3.0)):
+        await queue.enqueue(source("alice", f"m{decode_s}"), Mode.T2V, "tiny", params())
+        job = await queue.claim_next()
+        timed = result().model_copy(update={"timings": {"decode_s": decode_s, "encode_s": encode_s}})
+        await queue.mark_succeeded(job.id, timed)  # each 64x64, 5 frames
+    twice_the_pixels = await queue.finish_times("tiny", 2 * 64 * 64 * 5)
+    assert (twice_the_pixels.decode_s, twice_the_pixels.encode_s) == (pytest.approx(6.0), pytest.approx(4.0))
+    assert await queue.finish_times("other", 64 * 64 * 5) is None
+
+
 async def test_terminal_states_never_change(queue: JobQueue):
     added = await queue.enqueue(source(), Mode.T2V, "tiny", params())
     job = await queue.claim_next()
@@ -167,9 +212,9 @@ async def test_terminal_states_never_change(queue: JobQueue):
         await queue.mark_failed(job.id, "late failure")
     with pytest.raises(InvalidTransition, match="already finished"):
         await queue.cancel(job.id, owner())
-    with pytest.raises(sqlite3.IntegrityError, match="terminal job status cannot change"):
+    with pytest.raises((sqlite3.IntegrityError, asyncpg.RaiseError), match="terminal job status cannot change"):
         async with queue._transaction() as db:
-            await db.execute("UPDATE jobs SET status = 'queued' WHERE id = ?", (added.job.id,))
+            await db.run("UPDATE jobs SET status = 'queued' WHERE id = ?", added.job.id)
     assert (await queue.get(job.id)).status is JobStatus.SUCCEEDED
 
 
@@ -405,7 +450,7 @@ async def test_migration_from_the_first_schema_keeps_old_rows(tmp_path: Path):
         "removed_setting": True,
     }
     with sqlite3.connect(path) as db:
-        for statement in _split_sql(MIGRATIONS[0]):
+        for statement in split_sql(MIGRATIONS[0]):
             db.execute(statement)
         db.execute("PRAGMA user_version=1")
         db.execute(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bot import chat
-from bot.relay import JobRelay
+from bot.relay import AnswerLost, JobRelay, UploadRefused
 from engine.config import ChatConfig, Settings
 from engine.images import Mode
 from engine.jobs import DeliveryStatus, JobStatus, ResultInfo
@@ -245,16 +245,24 @@ class FakePlatform:
         self.uploads = 0
         self.failures: list[BaseException] = []
 
-    async def show(self, job, text: str, buttons: str) -> None:
-        self.texts.setdefault(job.id, []).append(text)
+        self.buttons: dict[int, list[str]] = {}
 
-    async def send_video(self, job) -> None:
+    async def show(self, job, text: str, buttons: str, picture: bytes | None = None) -> None:
+        self.texts.setdefault(job.id, []).append(text)
+        self.buttons.setdefault(job.id, []).append(buttons)
+
+    async def send_video(self, job, video: Path) -> None:
         self.uploads += 1
         if self.failures:
             raise self.failures.pop(0)
 
 
-async def _finished_job(queue: JobQueue, video: Path) -> int:
+def relay_for(engine: Engine, platform: FakePlatform, config: ChatConfig) -> JobRelay:
+    engine.supervisor = Supervisor(QUICK)
+    return JobRelay(engine, "telegram", platform.show, platform.send_video, lambda job: 50_000_000, config)
+
+
+async def finished_job(queue: JobQueue, video: Path) -> int:
     created = await queue.enqueue(source(), Mode.T2V, "tiny", params())
     job = await queue.claim_next()
     result = ResultInfo(
@@ -264,17 +272,18 @@ async def _finished_job(queue: JobQueue, video: Path) -> int:
     return created.job.id
 
 
-async def test_any_upload_error_is_a_failed_attempt_and_redelivery_goes_on(queue: JobQueue, tmp_path: Path):
+async def test_any_upload_error_is_a_failed_attempt_and_redelivery_goes_on(engine: Engine, tmp_path: Path):
+    queue = engine.queue
     import aiohttp
 
     video = tmp_path / "job.mp4"
     video.write_bytes(b"video")
     platform = FakePlatform()
     platform.failures = [aiohttp.ServerDisconnectedError(), KeyError("attachments")]
-    supervisor = Supervisor(QUICK)
     config = ChatConfig(edit_interval_s=0, delivery_retry_s=0.05, max_delivery_attempts=5)
-    relay = JobRelay(queue, supervisor, "telegram", platform.show, platform.send_video, config)
-    job_id = await _finished_job(queue, video)
+    relay = relay_for(engine, platform, config)
+    supervisor = engine.supervisor
+    job_id = await finished_job(queue, video)
     relay.start(queue.events.subscribe())
     try:
         job = await _job_when(queue, job_id, lambda job: job.delivery_status is DeliveryStatus.DELIVERED)
@@ -283,6 +292,30 @@ async def test_any_upload_error_is_a_failed_attempt_and_redelivery_goes_on(queue
         assert not any("could not be sent" in text for text in platform.texts[job_id])  # retried quietly
     finally:
         await relay.stop()
+
+
+async def test_the_relay_reads_the_kind_of_each_upload_failure(engine: Engine, tmp_path: Path, caplog):
+    """Refused for good: no more tries. Answer lost after the whole file went out: counted as sent, never sent twice.
+    A flood wait: the next try waits at least as long as the platform asked."""
+    video = tmp_path / "job.mp4"
+    video.write_bytes(b"video")
+    platform = FakePlatform()
+    config = ChatConfig(edit_interval_s=0, delivery_retry_s=0.01, max_delivery_attempts=5)
+    relay = relay_for(engine, platform, config)
+    refused, lost, flooded = [await finished_job(engine.queue, video) for _ in range(3)]
+    platform.failures = [UploadRefused("Forbidden: bot was blocked by the user")]
+    await relay.deliver(await engine.queue.get(refused))
+    platform.failures = [AnswerLost()]
+    await relay.deliver(await engine.queue.get(lost))
+    platform.failures = [chat.RetryLater(30)]
+    await relay.deliver(await engine.queue.get(flooded))
+    refused_job, lost_job, flooded_job = [await engine.queue.get(job_id) for job_id in (refused, lost, flooded)]
+    assert refused_job.delivery_status is DeliveryStatus.DELIVERY_FAILED and refused_job.delivery_attempts == 5
+    assert "blocked" in platform.texts[refused][-1]
+    assert lost_job.delivery_status is DeliveryStatus.DELIVERED and platform.uploads == 3
+    assert flooded_job.delivery_attempts == 1 and flooded not in platform.texts  # tried again later, quietly
+    assert f"job={flooded} attempt=1, next in 30.0 s" in caplog.text  # not the 0.01 s of delivery_retry_s
+    await relay.stop()
 
 
 async def _job_when(queue: JobQueue, job_id: int, check, limit_s: float = 10):
@@ -295,11 +328,12 @@ async def _job_when(queue: JobQueue, job_id: int, check, limit_s: float = 10):
     raise AssertionError(f"job {job_id} never reached the state wanted: {job}")
 
 
-async def test_a_missing_video_file_gives_up_at_once_without_showing_a_path(queue: JobQueue, tmp_path: Path):
+async def test_a_missing_video_file_gives_up_at_once_without_showing_a_path(engine: Engine, tmp_path: Path):
+    queue = engine.queue
     platform = FakePlatform()
     config = ChatConfig(edit_interval_s=0, delivery_retry_s=0.05, max_delivery_attempts=5)
-    relay = JobRelay(queue, Supervisor(QUICK), "telegram", platform.show, platform.send_video, config)
-    job_id = await _finished_job(queue, tmp_path / "outputs" / "job-1-abcd.mp4")
+    relay = relay_for(engine, platform, config)
+    job_id = await finished_job(queue, tmp_path / "outputs" / "job-1-abcd.mp4")
     await relay.deliver(await queue.get(job_id))
     job = await queue.get(job_id)
     assert platform.uploads == 0
@@ -309,7 +343,8 @@ async def test_a_missing_video_file_gives_up_at_once_without_showing_a_path(queu
     assert str(tmp_path) not in last and "Errno" not in last and "/" not in last.split("redeliver")[0]
 
 
-async def test_jobs_that_ended_unseen_show_their_end_when_the_relay_starts(queue: JobQueue, tmp_path: Path):
+async def test_jobs_that_ended_unseen_show_their_end_when_the_relay_starts(engine: Engine, tmp_path: Path):
+    queue = engine.queue
     given_up = await queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())
     await queue.claim_next()
     await queue.claim_next()  # nothing else waits: the same job is not claimed twice
@@ -321,7 +356,7 @@ async def test_jobs_that_ended_unseen_show_their_end_when_the_relay_starts(queue
     await queue.mark_final_shown(shown.job.id)
     platform = FakePlatform()
     config = ChatConfig(edit_interval_s=0, delivery_retry_s=60)
-    relay = JobRelay(queue, Supervisor(QUICK), "telegram", platform.show, platform.send_video, config)
+    relay = relay_for(engine, platform, config)
     relay.start(queue.events.subscribe())
     try:
         await until(lambda: given_up.job.id in platform.texts, 5, "the given-up job's end")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from bot.core import NOT_ALLOWED, NOT_YOURS_TO_REROLL
 from bot.telegram_adapter import TelegramAdapter
 from engine.config import Settings
 from engine.jobs import DeliveryStatus, JobStatus
@@ -66,9 +67,10 @@ async def test_text_command_queues_shows_progress_and_delivers_the_video(tiny_se
     assert caption.startswith("a red fox in the snow") and "seed 7" in caption and "tiny-t2v" in caption
     assert json.loads(videos[0].fields["reply_markup"])["inline_keyboard"][0][0]["callback_data"] == f"reroll:{job.id}"
     assert status["edits"] >= 2  # queued text, then progress, then done: always the same message
-    # A text request needs no "Checking" message: its first answer is its place, edited from then on.
+    # A text request needs no "Checking" message: its first answer (its place, or its start when the idle worker took
+    # it first) is one message, edited from then on.
     [answer] = [call.fields["text"] for call in telegram.sent("sendMessage", ALICE)]
-    assert "is queued: position 1" in answer and "Ignored unknown option(s): colour" in answer
+    assert answer.startswith("Job #1") and "Ignored unknown option(s): colour" in answer
     # The place is never drawn over the progress of a job that started at once.
     assert not any("is queued" in call.fields["text"] for call in telegram.sent("editMessageText", ALICE))
     assert telegram.sent("setMyCommands")
@@ -113,7 +115,7 @@ async def test_bad_input_gets_a_clear_reply_and_queues_nothing(tiny_settings, te
     alice, bob = " | ".join(texts(telegram, ALICE)), " | ".join(texts(telegram, BOB))
     assert "ti2v needs a start image" in alice and "Attach a photo" in alice
     assert "not an image type we accept" in alice or "not an image we can read" in alice
-    assert "25.0 MB; bots can fetch at most 0 MB" in bob or "bots can fetch at most" in bob
+    assert "is 25 MB; the most I can fetch is" in bob
     assert "steps must be a number, not 'many'" in bob
     assert not [call for call in telegram.calls if call.method == "getFile" and "big" in call.fields["file_id"]]
 
@@ -259,6 +261,7 @@ def run_environment(settings: Settings, server: FakeTelegram, **extra: str) -> d
         WANBOT_TELEGRAM__FILE_BASE_URL=f"{server.url}/file/bot",
         WANBOT_TELEGRAM__EDIT_INTERVAL_S="0.2",
         WANBOT_TELEGRAM__DELIVERY_RETRY_S="0.5",
+        WANBOT_PREVIEWS__ENABLED="false",  # as in tiny_settings: the live message stays a text message
         # The start-up check of models not on disk must never reach a real Hub: a closed port answers at once.
         WANBOT_DOWNLOADS__ENDPOINT="http://127.0.0.1:9",
     )
@@ -389,7 +392,8 @@ async def test_not_modified_and_413_answers_are_survived(tiny_settings, telegram
         telegram.command(ALICE, "/video resilient fox steps=3 seed=5 frames=17")  # a video a re-encode can shrink
         await until(lambda: status_of(telegram, ALICE, "the video is below"), what="delivery")
         job = (await bot.engine.queue.list_jobs())[0]
-    assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 2
+    # The smaller file goes at once, within the same attempt, as on Discord (bot/relay.py).
+    assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 1
     assert len(telegram.sent("sendVideo", ALICE)) == 2
 
 
@@ -459,13 +463,17 @@ async def test_a_request_in_a_forum_topic_is_answered_and_delivered_in_that_topi
 async def test_progress_in_a_group_is_edited_at_the_slower_group_pace(tiny_settings, telegram):
     group = -400
     async with running_bot(configure(tiny_settings, telegram, group_edit_interval_s=0.6)):
-        telegram.command(ALICE, "/video a slow pace steps=12", chat_id=group, chat_type="supergroup")
+        telegram.command(ALICE, "/video a slow pace preset=quality steps=50 frames=33 res=128x128", chat_id=group, chat_type="supergroup")
         await until(lambda: telegram.sent("sendVideo", group), what="the video")
         await until(lambda: status_of(telegram, group, "the video is below"), what="the final text")
-    # The first message is the "queued" answer itself; every edit of it is a live update, paced for the group.
+    # The first message is the "queued" answer itself; every edit of it is a live update, paced for the group, but
+    # for the end ("done", then "the video is below"), which goes with the video at once.
     shown = [*telegram.sent("sendMessage", group), *telegram.sent("editMessageText", group)]
-    gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(shown)]
-    assert len(shown) >= 3 and min(gaps) >= 0.55, gaps
+    paced = [call for call in shown if "is done" not in call.fields["text"]]
+    gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(paced)]
+    assert len(paced) >= 2 and min(gaps) >= 0.55, gaps
+    ends = [call.fields["text"] for call in shown[len(paced) :]]
+    assert len(ends) == 2 and ends[0].endswith("Sending the video…") and ends[1].endswith("the video is below.")
 
 
 async def test_in_a_busy_group_only_the_first_places_are_refreshed_when_the_queue_moves(tiny_settings, telegram):
@@ -530,3 +538,61 @@ async def test_waiting_jobs_see_their_place_move_up(tiny_settings, telegram):
         if int(call.fields["message_id"]) == bob_status["message_id"] and "is queued" in call.fields["text"]
     ]
     assert "position 2" in telegram.sent("sendMessage", BOB)[0].fields["text"] and "position 1" in moves[-1]
+
+
+async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner_rerolls(tiny_settings, telegram):
+    carol, group = 333, -100
+    settings = configure(tiny_settings, telegram, allowed_users=[ALICE, carol])
+    async with running_bot(settings) as bot:
+        telegram.command(ALICE, "/video a group fox steps=2", chat_id=group, chat_type="supergroup")
+        video = (await until(lambda: telegram.sent("sendVideo", group), what="alice's video"))[0]
+        await until(lambda: status_of(telegram, group, "the video is below"), what="the final text")
+        video_message = next(message for message in telegram.replies(group) if "video" in message)
+        reroll = json.loads(video.fields["reply_markup"])["inline_keyboard"][0][0]["callback_data"]
+        in_group_before = len(telegram.replies(group))
+        for text in ("/queue", "/status", "/help", "/cancel 1", "/video let me in"):
+            telegram.command(BOB, text)
+        await until(lambda: len(texts(telegram, BOB)) == 5, what="bob's five answers")
+        telegram.press(BOB, video_message, reroll)
+        telegram.press(BOB, video_message, "cancel:1")
+        telegram.press(carol, video_message, reroll)  # allowed, but not hers
+        await until(lambda: len(telegram.sent("answerCallbackQuery")) == 3, what="three button answers")
+        await asyncio.sleep(0.5)  # room for a wrong extra message to arrive
+        jobs = await bot.engine.queue.list_jobs()
+    assert texts(telegram, BOB) == [NOT_ALLOWED] * 5
+    answers = [call.fields.get("text", "") for call in telegram.sent("answerCallbackQuery")]
+    assert sorted(answers) == sorted([NOT_ALLOWED, NOT_ALLOWED, NOT_YOURS_TO_REROLL])  # handled concurrently
+    assert len(telegram.replies(group)) == in_group_before  # nothing posted into the group for anybody
+    assert len(jobs) == 1
+
+
+async def test_queue_retry_of_a_chat_job_gets_a_message_of_its_own(tiny_settings, telegram):
+    from tests.test_cli import wanbot
+
+    async with running_bot(configure(tiny_settings, telegram)):
+        telegram.command(ALICE, "/video a fox made twice steps=2")
+        first = await until(lambda: status_of(telegram, ALICE, "Job #1 is done: the video is below"), what="job 1")
+        retried = await asyncio.to_thread(wanbot, "queue", "retry", "1", data=tiny_settings.data_dir)
+        assert retried.returncode == 0, retried.stderr
+        second = await until(lambda: status_of(telegram, ALICE, "Job #2 is done: the video is below"), what="job 2")
+    assert second["message_id"] != first["message_id"] and len(telegram.sent("sendVideo", ALICE)) == 2
+    assert telegram.messages[(ALICE, first["message_id"])]["text"] == "Job #1 is done: the video is below."
+
+
+async def test_presets_are_named_in_the_answer_and_caption_and_bad_ones_refused(tiny_settings, telegram):
+    async with running_bot(configure(tiny_settings, telegram)) as bot:
+        telegram.command(ALICE, "/video a quick fox preset=fast steps=30")
+        video = (await until(lambda: telegram.sent("sendVideo", ALICE), what="the fast video"))[0]
+        telegram.command(BOB, "/video a fox preset=turbo")
+        refusal = await until(lambda: texts(telegram, BOB), what="the refusal")
+        job = (await bot.engine.queue.list_jobs())[0]
+    shown = [
+        call.fields["text"]
+        for call in telegram.calls
+        if call.method in ("sendMessage", "editMessageText") and int(call.fields.get("chat_id", 0)) == ALICE
+    ]
+    assert job.params.preset.value == "fast" and job.params.steps == 4
+    assert any("4 steps, seed" in text and "fast preset." in text for text in shown)  # the place, with the preset
+    assert any("steps=30 was not used" in text for text in shown)
+    assert "fast preset" in video.fields["caption"]
+    assert "turbo" in refusal[0] and "preset=" in refusal[0]

@@ -1,0 +1,55 @@
+"""What the job queue needs of a database, so one body of SQL serves SQLite and PostgreSQL.
+
+The queue's SQL is written once, with `?` placeholders and SQLite's `INDEXED BY` hints; the PostgreSQL backend
+numbers the placeholders and drops the hints (its planner has statistics). Where the two must differ, a Tx says how:
+`for_update` and `skip_locked` are empty on SQLite, where a write transaction (BEGIN IMMEDIATE) already excludes
+every other writer, and row locks on PostgreSQL, where several processes write at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+Row = Mapping[str, Any]
+
+
+class Tx(Protocol):
+    """One transaction (or, from `Backend.reading`, one connection that only reads)."""
+
+    # Appended to a SELECT of a row the transaction is about to change: nobody changes it in between.
+    for_update: str
+    # Appended to a SELECT that picks a row to claim: rows another process is claiming right now are passed by.
+    skip_locked: str
+
+    async def one(self, sql: str, *args: Any) -> Row | None: ...
+
+    async def all(self, sql: str, *args: Any) -> list[Row]: ...
+
+    async def run(self, sql: str, *args: Any) -> int:
+        """Execute a statement; the number of rows it changed."""
+        ...
+
+    async def run_many(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None: ...
+
+    async def serialize(self, name: str) -> None:
+        """Let one transaction that calls this with `name` run at a time, until it ends (counts then inserts)."""
+        ...
+
+
+class Backend(Protocol):
+    path: Path | None  # the database file, where there is one
+
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """A write transaction, committed at the end of the block and rolled back on any error."""
+        ...
+
+    def reading(self) -> AbstractAsyncContextManager[Tx]: ...
+
+    async def close(self) -> None: ...
+
+    async def backup(self, target: Path) -> None: ...
+
+    def file_is_gone(self) -> bool: ...

@@ -1,0 +1,64 @@
+"""The layering the chat core stands on: bot/ -> engine/service.py -> the rest of engine/, nothing the other way. A
+chat module may take typed records (and the engine's wording helpers) from elsewhere in engine/, never its machinery:
+what a remote worker will sit behind is the facade alone."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD_MODULES = {"engine.config", "engine.errors", "engine.jobs", "engine.models", "engine.images", "engine.presets"}
+# The operator's command line still opens the queue, the downloader and the validator directly (see the README's
+# layout notes); every chat module goes through the facade.
+CHAT_MODULES = sorted(path for path in (ROOT / "bot").glob("*.py") if path.name not in ("cli.py", "__init__.py"))
+
+
+def engine_imports(path: Path) -> list[tuple[str, str]]:
+    """(module, name) for every `from engine.x import name` in the file, at any depth."""
+    tree = ast.parse(path.read_text())
+    return [
+        (node.module, alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("engine")
+        for alias in node.names
+    ]
+
+
+@pytest.mark.parametrize("path", CHAT_MODULES, ids=lambda path: path.name)
+def test_chat_modules_reach_the_engine_only_through_its_facade(path: Path):
+    for module_name, name in engine_imports(path):
+        if module_name == "engine.service":
+            continue
+        assert module_name in RECORD_MODULES, f"{path.name} imports {name} from {module_name}"
+        value = getattr(importlib.import_module(module_name), name)
+        machinery = inspect.isfunction(value) and module_name != "engine.errors"
+        assert not machinery, f"{path.name} calls {module_name}.{name}: give the facade a method for it"
+    source = path.read_text()
+    for private in (
+        "engine.queue.",
+        "engine.worker.",
+        "_engine.queue",
+        "_engine.worker",
+        "engine.runner",
+        "engine.store",
+    ):
+        assert private not in source, f"{path.name} reaches past the facade: {private}"
+
+
+def test_the_engine_never_imports_the_bot():
+    for path in sorted((ROOT / "engine").glob("*.py")):
+        modules = [
+            node.module or "" for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)
+        ]
+        modules += [
+            alias.name
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        ]
+        assert not [module for module in modules if module == "bot" or module.startswith("bot.")], path.name

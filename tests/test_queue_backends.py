@@ -1,0 +1,131 @@
+"""`database.url`: the queue in the SQLite file it always was, or in PostgreSQL; what each says when it cannot."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from engine.config import Settings, load_settings
+from engine.errors import ConfigError, UserError
+from engine.images import Mode
+from engine.queue import JobQueue
+from engine.queue_postgres import MIGRATIONS
+from tests.factories import params, source
+
+ONLY_POSTGRES = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WANBOT_CONFIG", "WANBOT_DATABASE__URL", "WANBOT_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+async def test_the_default_is_the_sqlite_file_in_the_data_dir(tmp_path: Path):
+    settings = Settings(data_dir=tmp_path / "data")
+    assert settings.database_url == f"sqlite:///{tmp_path}/data/wanbot.sqlite3"
+    queue = await JobQueue.connect(settings.database_url)
+    await queue.close()
+    assert queue.path == settings.db_path and settings.db_path.is_file()
+
+
+def test_a_postgres_url_is_taken_from_the_environment(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("WANBOT_DATABASE__URL", "postgresql://bot:secret@db.internal:5432/wanbot")
+    assert load_settings().database_url == "postgresql://bot:secret@db.internal:5432/wanbot"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("mysql://bot:s3cret@db/wanbot", "the scheme is 'mysql'; give sqlite:///"),
+        ("db.internal/wanbot", "the scheme is none"),
+        ("postgresql://bot:s3cret@db:port/wanbot", "port of the PostgreSQL URL is not a number"),
+        ("postgresql://bot:s3cret@db.internal:5432", "names no database"),
+        ("postgresql:///wanbot", "names no host"),
+        ("sqlite:///", "a SQLite URL names a file"),
+    ],
+)
+def test_a_bad_url_is_a_config_error_naming_the_key_and_never_the_password(
+    monkeypatch: pytest.MonkeyPatch, url: str, says: str
+):
+    monkeypatch.setenv("WANBOT_DATABASE__URL", url)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith("config error: database.url: ") and "WANBOT_DATABASE__URL" in message
+    assert says in message
+    assert "s3cret" not in message
+
+
+async def test_an_unreachable_server_is_a_user_error_that_names_it_without_the_password():
+    with pytest.raises(UserError) as caught:
+        await JobQueue.connect("postgresql://bot:s3cret@127.0.0.1:1/wanbot")
+    assert "Cannot use the job database postgresql://bot@127.0.0.1:1/wanbot" in str(caught.value)
+    assert "database.url" in caught.value.hint
+    assert "s3cret" not in str(caught.value) + caught.value.hint
+
+
+@ONLY_POSTGRES
+async def test_processes_starting_at_once_apply_each_migration_once(database_url: str):
+    queues = await asyncio.gather(*(JobQueue.connect(database_url) for _ in range(3)))
+    for queue in queues:
+        await queue.close()
+    connection = await asyncpg.connect(database_url)
+    try:
+        applied = [row["version"] for row in await connection.fetch("SELECT version FROM schema_version")]
+    finally:
+        await connection.close()
+    assert sorted(applied) == list(range(1, len(MIGRATIONS) + 1))
+
+
+@ONLY_POSTGRES
+async def test_sqlite_only_features_say_what_to_do_on_postgres(database_url: str, tmp_path: Path):
+    queue = await JobQueue.connect(database_url)
+    try:
+        with pytest.raises(UserError, match="this queue is in PostgreSQL") as caught:
+            await queue.backup(tmp_path / "copy.db")
+        assert "pg_dump" in caught.value.hint
+        assert queue.path is None and not queue.file_is_gone()  # nothing for the file watch to watch
+    finally:
+        await queue.close()
+
+
+@ONLY_POSTGRES
+async def test_a_claim_passes_by_a_job_another_process_is_claiming_and_never_waits_for_it(database_url: str):
+    queue = await JobQueue.connect(database_url)
+    other = await asyncpg.connect(database_url)
+    try:
+        first, second = [
+            await queue.enqueue(source("alice", f"a{index}"), Mode.T2V, "tiny", params()) for index in (0, 1)
+        ]
+        async with other.transaction():
+            await other.execute("SELECT id FROM jobs WHERE id = $1 FOR UPDATE", first.job.id)  # mid-claim elsewhere
+            claimed = await asyncio.wait_for(queue.claim_next(), timeout=30)
+            assert claimed.id == second.job.id
+        assert (await queue.claim_next()).id == first.job.id
+    finally:
+        await other.close()
+        await queue.close()
+
+
+@ONLY_POSTGRES
+async def test_a_user_without_the_right_to_create_tables_is_told_what_it_needs(database_url: str):
+    role = f"wanbot_test_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f"CREATE ROLE {role} LOGIN")
+    await admin.execute(f"GRANT USAGE ON SCHEMA {parse_qs(urlsplit(database_url).query)['search_path'][0]} TO {role}")
+    try:
+        parts = urlsplit(database_url)
+        as_role = urlunsplit(parts._replace(netloc=parts.netloc.replace(parts.username, role, 1)))
+        with pytest.raises(UserError, match="Cannot create or update the tables of the job database") as caught:
+            await JobQueue.connect(as_role)
+        assert "permission denied for schema" in str(caught.value) and "GRANT USAGE, CREATE" in caught.value.hint
+    finally:
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()

@@ -1,0 +1,84 @@
+"""Several worker processes claiming from one queue: every job is claimed exactly once, in the fair order."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from engine.images import Mode
+from engine.jobs import JobStatus
+from engine.queue import JobQueue
+from tests.factories import params, source
+
+REPO = Path(__file__).resolve().parents[1]
+USERS = 50
+JOBS_PER_USER = 10
+
+CLAIMER = textwrap.dedent(
+    """
+    import asyncio, sys
+    sys.path.insert(0, {repo!r})
+    from engine.queue import JobQueue
+    from tests.factories import result_for_child
+
+    async def main():
+        queue = await JobQueue.connect({url!r})
+        print("ready", flush=True)
+        sys.stdin.readline()  # all workers start claiming together
+        while (job := await queue.claim_next()) is not None:
+            print(job.id, flush=True)
+            await queue.mark_succeeded(job.id, result_for_child())
+        await queue.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize(("database_url", "workers"), [("postgres", 4), ("sqlite", 2)], indirect=["database_url"])
+async def test_worker_processes_claim_every_job_exactly_once_and_fairly(database_url: str, workers: int):
+    queue = await JobQueue.connect(database_url)
+    try:
+        for index in range(USERS * JOBS_PER_USER):
+            user = f"u{index % USERS}"
+            await queue.enqueue(
+                source(user, f"m{index}"), Mode.T2V, "tiny", params(), per_user_limit=JOBS_PER_USER, global_limit=1000
+            )
+        children = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                CLAIMER.format(repo=str(REPO), url=database_url),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            for _ in range(workers)
+        ]
+        for child in children:
+            assert await child.stdout.readline() == b"ready\n"
+        for child in children:
+            child.stdin.write(b"go\n")
+        done = await asyncio.wait_for(asyncio.gather(*(child.communicate() for child in children)), timeout=120)
+        outputs = [stdout.decode() for stdout, _ in done]
+        assert [child.returncode for child in children] == [0] * workers
+
+        claimed = Counter(int(line) for output in outputs for line in output.split())
+        jobs = await queue.list_jobs(limit=1000)
+        assert sorted(claimed) == sorted(job.id for job in jobs)
+        assert set(claimed.values()) == {1}  # no job twice
+        assert all(job.status is JobStatus.SUCCEEDED and job.attempts == 1 for job in jobs)
+        assert sum(1 for output in outputs if output) >= 2  # the claims really were made side by side
+
+        # Round-robin across the processes: at any moment, no user is more than one job ahead of another (strictly
+        # one after the other it would be 1; a claim racing another may take the job after the next).
+        served = Counter[str]({f"telegram:u{user}": 0 for user in range(USERS)})
+        for job in sorted(jobs, key=lambda job: job.started_at):
+            served[job.source.user_key] += 1
+            assert max(served.values()) - min(served.values()) <= 2
+    finally:
+        await queue.close()

@@ -1,0 +1,91 @@
+"""What a job's live message shows around its end: nothing more after "stopping…", a word when a job starts again
+after a restart, and "done" with the video at once instead of after the edit pacing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bot import chat
+from engine.config import ChatConfig
+from engine.images import Mode
+from engine.jobs import DeliveryStatus, Progress, Stage
+from engine.service import Engine
+from engine.worker import WORKER_STOPPED
+from tests.factories import ADMIN, params, source
+from tests.running import until
+from tests.test_supervision import FakePlatform, finished_job, relay_for
+
+STEP = Progress(stage=Stage.DENOISING, step=1, total=4, eta_s=9)
+
+
+async def test_after_stopping_no_progress_or_cancel_button_is_shown_again(engine: Engine):
+    platform = FakePlatform()
+    relay = relay_for(engine, platform, ChatConfig(edit_interval_s=0))
+    relay.start(engine.subscribe())
+    try:
+        queued = await engine.queue.enqueue(source(), Mode.T2V, "tiny", params())
+        job_id = queued.job.id
+        await engine.queue.claim_next()
+        await engine.queue.update_progress(job_id, STEP)
+        await until(lambda: any("1/4" in text for text in platform.texts.get(job_id, [])), 5, "progress")
+        await engine.cancel(job_id, ADMIN)
+        await engine.queue.update_progress(job_id, STEP.model_copy(update={"step": 2}))  # the step under way ends
+        await engine.queue.mark_cancelled(job_id)
+        await until(lambda: "was cancelled" in platform.texts[job_id][-1], 5, "the end")
+    finally:
+        await relay.stop()
+    stopping = platform.texts[job_id].index(f"Job #{job_id} is stopping…")
+    assert platform.texts[job_id][stopping + 1 :] == [f"Job #{job_id} was cancelled."]
+    assert platform.buttons[job_id][stopping:] == ["none", "none"]
+
+
+async def test_a_job_started_again_after_a_restart_says_so(engine: Engine):
+    platform = FakePlatform()
+    relay = relay_for(engine, platform, ChatConfig(edit_interval_s=0))
+    relay.start(engine.subscribe())
+    try:
+        first = (await engine.queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
+        await engine.queue.claim_next()
+        await engine.queue.requeue(first, WORKER_STOPPED)
+        await engine.queue.claim_next()
+        await until(lambda: chat.RESTARTED in platform.texts.get(first, [""])[-1], 5, "the restart note")
+        second = (await engine.queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())).job.id
+        await engine.queue.mark_cancelled(first)
+        await engine.queue.claim_next()
+        await until(lambda: "starting" in platform.texts.get(second, [""])[-1], 5, "the second job's start")
+    finally:
+        await relay.stop()
+    assert chat.RESTARTED not in platform.texts[second][-1]  # a first start says nothing of the kind
+
+
+async def test_done_and_the_video_go_out_without_waiting_for_the_edit_pacing(engine: Engine, tmp_path: Path):
+    video = tmp_path / "job.mp4"
+    video.write_bytes(b"video")
+    platform = FakePlatform()
+    relay = relay_for(engine, platform, ChatConfig(edit_interval_s=600))  # a pace no test could wait out
+    relay.start(engine.subscribe())
+    try:
+        job_id = await finished_job(engine.queue, video)
+        await until(lambda: platform.uploads == 1, 10, "the upload")
+        await until(lambda: platform.texts[job_id][-1].endswith("the video is below."), 10, "the final text")
+        delivered = await engine.job(job_id)
+    finally:
+        await relay.stop()
+    assert delivered.delivery_status is DeliveryStatus.DELIVERED and platform.uploads == 1
+    assert platform.texts[job_id][-2].startswith(f"Job #{job_id} is done (")  # "Sending the video…" came first
+
+
+async def test_a_waiting_job_is_shown_its_wait_again_while_the_job_ahead_runs(engine: Engine):
+    platform = FakePlatform()
+    relay = relay_for(engine, platform, ChatConfig(edit_interval_s=0))
+    relay.start(engine.subscribe())
+    try:
+        running = (await engine.queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
+        waiting = (await engine.queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())).job.id
+        await engine.queue.claim_next()
+        for eta_s, wait in ((90, "1m 30s"), (60, "1m 00s")):
+            await engine.queue.update_progress(running, STEP.model_copy(update={"eta_s": eta_s}))
+            said = f"position 1, about {wait} to wait."
+            await until(lambda said=said: said in platform.texts.get(waiting, [""])[-1], 5, f"the wait of {wait}")
+    finally:
+        await relay.stop()
