@@ -314,10 +314,11 @@ def _place_text(place: Any, history: list[tuple[str, str | None]]) -> str:
     if last_kind == EventKind.REQUEUED.value and "download" in (last_detail or ""):
         # Put back by the worker until its model is on disk: no place in the line says when that is.
         return f"{place.position}, waiting for its model to download"
-    # Under a second left means the job ahead is overrunning its usual time: no number says more than "0s".
-    if place.eta_s is None or place.eta_s < 1:
-        return f"{place.position}, next to start" if place.position == 1 else f"{place.position}"
-    return f"{place.position}, about {duration_text(place.eta_s)} to wait"
+    if place.position == 1 and (place.eta_s is None or place.eta_s < 1):
+        return "1, next to start"
+    if place.eta_s is None:  # no video of the model made yet, or the job ahead overrunning its usual time
+        return f"{place.position}, wait not known yet"
+    return f"{place.position}, about {duration_text(max(place.eta_s, 1))} to wait"
 
 
 def _time_text(timestamp: float) -> str:

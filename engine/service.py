@@ -232,8 +232,9 @@ class Engine:
         return images, videos
 
     def device_text(self) -> str:
-        """Where videos are made, and why there ("the CPU (no CUDA GPU found)")."""
-        return describe_device(self.settings.generation)
+        """Where videos are made and with which speed-ups, each with why ("the CPU (no CUDA GPU found); speed-ups:
+        attention=native (no CUDA GPU); ...")."""
+        return f"{describe_device(self.settings.generation)}; speed-ups: {self.runner.speedups.describe()}"
 
     async def say_missing_models(self, say: Callable[[str], None]) -> None:
         """Name each mode's model that is not on disk yet (its first job downloads it), through `say`."""

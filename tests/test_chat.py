@@ -204,7 +204,8 @@ async def test_status_names_the_running_job_and_its_progress(engine):
     assert answer.splitlines() == [
         "Worker: working. Loaded model: tiny-t2v.",
         "Queued: 0, running: 1.",
-        f"Now: Job #{second.result.job.id}, quality preset: generating, part 1 of 2 · ░░░░░░░░░░░░ 0/3 · time left not known yet",
+        f"Now: Job #{second.result.job.id}, quality preset: generating, part 1 of 2 · ░░░░░░░░░░░░ 0/3 · "
+        "time left not known yet",
     ]
     assert "Now:" not in await factories.status_answer(engine)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import typer
 
-from bot.cli import app
+from bot.cli import _place_text, app
 from engine.config import load_settings
 from engine.images import Mode
-from engine.jobs import JobSource
+from engine.jobs import JobSource, QueuePosition
 from engine.queue import JobQueue
 from tests import imagefactory
 from tests.factories import params
@@ -103,6 +103,12 @@ def test_validate_says_what_generate_would_say_about_the_same_pictures(tmp_path:
     flattened = wanbot("validate", "--mode", "ti2v", "--start", str(clear), data=tmp_path)
     assert flattened.returncode == 0
     assert "The start image has transparent parts; the video shows them filled with white." in flattened.stdout
+
+
+def test_a_place_in_queue_show_says_when_its_wait_is_not_known_and_never_0s():
+    assert _place_text(QueuePosition(position=3, eta_s=None), []) == "3, wait not known yet"
+    assert _place_text(QueuePosition(position=1, eta_s=0.2), []) == "1, next to start"
+    assert _place_text(QueuePosition(position=2, eta_s=0.4), []) == "2, about 1s to wait"
 
 
 def enqueue_jobs(data: Path) -> None:

@@ -339,6 +339,7 @@ async def test_wanbot_run_killed_mid_job_delivers_exactly_one_video_after_restar
     assert job.delivery_status is DeliveryStatus.DELIVERED
     assert "TEST-token-do-not-log" not in log_path.read_text()
     assert "videos are made on the CPU (no CUDA GPU found" in log_path.read_text()
+    assert "speed-ups: attention=native (no CUDA GPU); fp8=off (no CUDA GPU); compile=off" in log_path.read_text()
 
 
 async def test_allowlist_and_group_addressing(tiny_settings, telegram):
@@ -463,7 +464,8 @@ async def test_a_request_in_a_forum_topic_is_answered_and_delivered_in_that_topi
 async def test_progress_in_a_group_is_edited_at_the_slower_group_pace(tiny_settings, telegram):
     group = -400
     async with running_bot(configure(tiny_settings, telegram, group_edit_interval_s=0.6)):
-        telegram.command(ALICE, "/video a slow pace preset=quality steps=50 frames=33 res=128x128", chat_id=group, chat_type="supergroup")
+        slow = "/video a slow pace preset=quality steps=50 frames=33 res=128x128"
+        telegram.command(ALICE, slow, chat_id=group, chat_type="supergroup")
         await until(lambda: telegram.sent("sendVideo", group), what="the video")
         await until(lambda: status_of(telegram, group, "the video is below"), what="the final text")
     # The first message is the "queued" answer itself; every edit of it is a live update, paced for the group, but
