@@ -3,6 +3,8 @@ after a restart, and "done" with the video at once instead of after the edit pac
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from bot import chat
@@ -15,14 +17,24 @@ from tests.factories import ADMIN, params, source
 from tests.running import until
 from tests.test_supervision import FakePlatform, finished_job, relay_for
 
+
+@asynccontextmanager
+async def following(engine: Engine, platform: FakePlatform, config: ChatConfig) -> AsyncIterator[None]:
+    """The relay following the engine's events for `platform`, stopped at the end."""
+    relay = relay_for(engine, platform, config)
+    relay.start(engine.subscribe())
+    try:
+        yield
+    finally:
+        await relay.stop()
+
+
 STEP = Progress(stage=Stage.DENOISING, step=1, total=4, eta_s=9)
 
 
 async def test_after_stopping_no_progress_or_cancel_button_is_shown_again(engine: Engine):
     platform = FakePlatform()
-    relay = relay_for(engine, platform, ChatConfig(edit_interval_s=0))
-    relay.start(engine.subscribe())
-    try:
+    async with following(engine, platform, ChatConfig(edit_interval_s=0)):
         queued = await engine.queue.enqueue(source(), Mode.T2V, "tiny", params())
         job_id = queued.job.id
         await engine.queue.claim_next()
@@ -32,8 +44,6 @@ async def test_after_stopping_no_progress_or_cancel_button_is_shown_again(engine
         await engine.queue.update_progress(job_id, STEP.model_copy(update={"step": 2}))  # the step under way ends
         await engine.queue.mark_cancelled(job_id)
         await until(lambda: "was cancelled" in platform.texts[job_id][-1], 5, "the end")
-    finally:
-        await relay.stop()
     stopping = platform.texts[job_id].index(f"Job #{job_id} is stopping…")
     assert platform.texts[job_id][stopping + 1 :] == [f"Job #{job_id} was cancelled."]
     assert platform.buttons[job_id][stopping:] == ["none", "none"]
@@ -41,9 +51,7 @@ async def test_after_stopping_no_progress_or_cancel_button_is_shown_again(engine
 
 async def test_a_job_started_again_after_a_restart_says_so(engine: Engine):
     platform = FakePlatform()
-    relay = relay_for(engine, platform, ChatConfig(edit_interval_s=0))
-    relay.start(engine.subscribe())
-    try:
+    async with following(engine, platform, ChatConfig(edit_interval_s=0)):
         first = (await engine.queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
         await engine.queue.claim_next()
         await engine.queue.requeue(first, WORKER_STOPPED)
@@ -53,8 +61,6 @@ async def test_a_job_started_again_after_a_restart_says_so(engine: Engine):
         await engine.queue.mark_cancelled(first)
         await engine.queue.claim_next()
         await until(lambda: "starting" in platform.texts.get(second, [""])[-1], 5, "the second job's start")
-    finally:
-        await relay.stop()
     assert chat.RESTARTED not in platform.texts[second][-1]  # a first start says nothing of the kind
 
 
@@ -62,24 +68,18 @@ async def test_done_and_the_video_go_out_without_waiting_for_the_edit_pacing(eng
     video = tmp_path / "job.mp4"
     video.write_bytes(b"video")
     platform = FakePlatform()
-    relay = relay_for(engine, platform, ChatConfig(edit_interval_s=600))  # a pace no test could wait out
-    relay.start(engine.subscribe())
-    try:
+    async with following(engine, platform, ChatConfig(edit_interval_s=600)):  # a pace no test could wait out
         job_id = await finished_job(engine.queue, video)
         await until(lambda: platform.uploads == 1, 10, "the upload")
         await until(lambda: platform.texts[job_id][-1].endswith("the video is below."), 10, "the final text")
         delivered = await engine.job(job_id)
-    finally:
-        await relay.stop()
     assert delivered.delivery_status is DeliveryStatus.DELIVERED and platform.uploads == 1
     assert platform.texts[job_id][-2].startswith(f"Job #{job_id} is done (")  # "Sending the video…" came first
 
 
 async def test_a_waiting_job_is_shown_its_wait_again_while_the_job_ahead_runs(engine: Engine):
     platform = FakePlatform()
-    relay = relay_for(engine, platform, ChatConfig(edit_interval_s=0))
-    relay.start(engine.subscribe())
-    try:
+    async with following(engine, platform, ChatConfig(edit_interval_s=0)):
         running = (await engine.queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
         waiting = (await engine.queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())).job.id
         await engine.queue.claim_next()
@@ -87,5 +87,3 @@ async def test_a_waiting_job_is_shown_its_wait_again_while_the_job_ahead_runs(en
             await engine.queue.update_progress(running, STEP.model_copy(update={"eta_s": eta_s}))
             said = f"position 1, about {wait} to wait."
             await until(lambda said=said: said in platform.texts.get(waiting, [""])[-1], 5, f"the wait of {wait}")
-    finally:
-        await relay.stop()
