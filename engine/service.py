@@ -1,5 +1,8 @@
 """The engine as adapters and the CLI use it: one object holding the queue, storage, runner and worker, and the
-submit path every request takes (check the limits, validate images, resolve settings, store, enqueue)."""
+submit path every request takes (check the limits, validate images, resolve settings, store, enqueue).
+
+Importing it costs no torch: the model side (runner, worker, tokenizer, previews) is imported where an engine is
+opened, so the chat modules and the CLI's queue and model commands start in a fraction of a second."""
 
 from __future__ import annotations
 
@@ -10,22 +13,23 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from engine.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
 from engine.config import Settings
 from engine.downloads import Downloader, size_text, warn_missing_models
 from engine.events import EventBus, Subscription
-from engine.generate import ModelLocator, PipelineRunner, default_locator, describe_device, find_model_folder
 from engine.images import ImageStore, ValidatedImage, check_mode, validate_image_bytes
 from engine.jobs import Actor, EnqueueResult, EventKind, Job, JobSource, JobStatus, QueuePosition
 from engine.models import GenerationRequest, model_for_mode, resolve_request
-from engine.previews import preview_path
-from engine.prompts import PromptLengths
 from engine.queue import JobQueue
 from engine.supervisor import Supervisor
 from engine.video import fit_to_limit
-from engine.worker import WORKER_STOPPED, Worker
+
+if TYPE_CHECKING:
+    from engine.generate import ModelLocator, PipelineRunner
+    from engine.prompts import PromptLengths
+    from engine.worker import Worker
 
 T = TypeVar("T")
 # The one way sizes are written, for chat texts as for the engine's own.
@@ -89,6 +93,10 @@ class Engine:
 
     @classmethod
     async def open(cls, settings: Settings, locator: ModelLocator | None = None) -> Engine:
+        from engine.generate import PipelineRunner, default_locator, find_model_folder
+        from engine.prompts import PromptLengths
+        from engine.worker import Worker
+
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         queue = await JobQueue.connect(settings.database_url, EventBus())
         store = ImageStore(settings.images_dir, settings.images.background)
@@ -151,6 +159,8 @@ class Engine:
         """True when the job ran before and a restart (or crash) of the process sent it back to the queue."""
         if job.attempts > 1:  # a crash: the attempt it was on counted
             return True
+        from engine.worker import WORKER_STOPPED
+
         history = await self.queue.events_of(job.id)
         return any(kind == EventKind.REQUEUED and detail == WORKER_STOPPED for kind, detail in history)
 
@@ -205,6 +215,8 @@ class Engine:
 
     async def preview_bytes(self, job_id: int) -> bytes | None:
         """The running job's latest preview JPEG; None once the job has ended (its preview is removed then)."""
+        from engine.previews import preview_path
+
         try:
             return await asyncio.to_thread(preview_path(self.settings.previews_dir, job_id).read_bytes)
         except FileNotFoundError:
@@ -234,6 +246,8 @@ class Engine:
     def device_text(self) -> str:
         """Where videos are made and with which speed-ups, each with why ("the CPU (no CUDA GPU found); speed-ups:
         attention=native (no CUDA GPU); ...")."""
+        from engine.generate import describe_device
+
         return f"{describe_device(self.settings.generation)}; speed-ups: {self.runner.speedups.describe()}"
 
     async def say_missing_models(self, say: Callable[[str], None]) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,13 @@ def test_the_engine_never_imports_the_bot():
             for alias in node.names
         ]
         assert not [module for module in modules if module == "bot" or module.startswith("bot.")], path.name
+
+
+def test_the_chat_side_and_the_cli_start_without_torch():
+    """Only opening an engine loads the model side: the chat modules, the facade and the CLI's queue and model
+    commands start without torch (a serving process needs none of it)."""
+    modules = ["bot.cli", "bot.core", "bot.relay", "bot.runtime", "bot.telegram_adapter", "bot.discord_adapter"]
+    check = f"import sys; import {', '.join(modules)}; print(sorted({{'torch', 'diffusers'}} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
