@@ -26,14 +26,24 @@ from rich.table import Table
 from bot.core import reply_for_new_job
 from engine.config import ModelsConfig, Settings, load_settings
 from engine.errors import ConfigError, JobNotFound, UserError, counted, duration_text
-from engine.images import Mode, check_mode, validate_image_bytes
+from engine.images import Mode
 from engine.jobs import Actor, EventKind, Job, JobSource, JobStatus
-from engine.models import GenerationRequest, model_for_mode, resolve_model, resolve_request
+from engine.models import GenerationRequest
 from engine.presets import PRESET_HELP, Preset
-from engine.queue import JobQueue
+from engine.service import (
+    Upload,
+    check_pictures,
+    check_repo_id,
+    make_tiny_model,
+    model_downloader,
+    model_named,
+    open_job_store,
+    size_text,
+    verify_snapshot,
+)
 
 if TYPE_CHECKING:
-    from engine.service import Engine, Upload
+    from engine.service import Engine
 
 # Plain help, as Click writes it: typer's rich panels show every flag (--help too) as taking a <bool>.
 HELP: dict[str, Any] = {
@@ -134,18 +144,14 @@ def validate(
         "images": [],
     }
     try:
-        start_image = _read_and_validate(start, "start", settings)
-        end_image = _read_and_validate(end, "end", settings)
-        checked = check_mode(mode, start_image, end_image, settings.images)
-        infos = [image.info for image in checked.images]
-        report.update(valid=True, warnings=list(checked.warnings), images=[info.model_dump() for info in infos])
-        if infos:
-            # What generate and the chats add once the request meets the model: an end image it ignores, a crop.
-            model = model_for_mode(mode, settings)
-            end_info = infos[1] if len(infos) > 1 else None
-            params = resolve_request(GenerationRequest(mode=mode), model, settings.generation, infos[0], end_info)
-            report["warnings"].extend(params.warnings)
-            report["adjustments"] = params.adjustments
+        # What generate and the chats would say, once the pictures meet the model too: an end image it ignores, a crop.
+        checked = check_pictures(settings, mode, _read_picture(start, "start"), _read_picture(end, "end"))
+        report.update(
+            valid=True,
+            warnings=checked.warnings,
+            adjustments=checked.adjustments,
+            images=[info.model_dump() for info in checked.images],
+        )
     except UserError as exc:
         report["valid"] = False
         report["errors"].append(str(exc))
@@ -156,14 +162,13 @@ def validate(
     raise typer.Exit(0 if report["valid"] else 2)
 
 
-def _read_and_validate(path: Path | None, role: str, settings: Settings):
+def _read_picture(path: Path | None, role: str) -> Upload | None:
     if path is None:
         return None
     try:
-        data = path.read_bytes()
+        return Upload(path.read_bytes(), path.name)
     except OSError as exc:
         raise UserError(f"The {role} image {path} cannot be read ({exc.strerror}).", "Check the path.") from None
-    return validate_image_bytes(data, settings.images, role, path.name)
 
 
 def _print_validation(report: dict[str, Any]) -> None:
@@ -184,15 +189,6 @@ def _print_validation(report: dict[str, Any]) -> None:
 
 
 # -- queue -------------------------------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def _open_queue(settings: Settings):
-    queue = await JobQueue.connect(settings.database_url)
-    try:
-        yield queue
-    finally:
-        await queue.close()
 
 
 def _job_summary(job: Job) -> dict[str, Any]:
@@ -228,7 +224,7 @@ def queue_list(
     settings = _settings(config)
 
     async def work() -> list[Job]:
-        async with _open_queue(settings) as queue:
+        async with open_job_store(settings) as queue:
             return await queue.list_jobs(status or (), limit=limit)
 
     jobs = _run(work())
@@ -255,7 +251,7 @@ def queue_show(job_id: JobIdArgument, as_json: JsonOption = False, config: Confi
     settings = _settings(config)
 
     async def work() -> tuple[Job, list[tuple[str, str | None]], Any]:
-        async with _open_queue(settings) as queue, _terminal_hints():
+        async with open_job_store(settings) as queue, _terminal_hints():
             return await queue.get(job_id), await queue.events_of(job_id), await queue.position(job_id)
 
     job, history, place = _run(work())
@@ -340,7 +336,7 @@ def queue_cancel(job_id: JobIdArgument, config: ConfigOption = None) -> None:
     settings = _settings(config)
 
     async def work() -> Job:
-        async with _open_queue(settings) as queue, _terminal_hints():
+        async with open_job_store(settings) as queue, _terminal_hints():
             return await queue.cancel(job_id, CLI_ACTOR)
 
     job = _run(work())
@@ -354,7 +350,7 @@ def queue_retry(job_id: JobIdArgument, config: ConfigOption = None) -> None:
     settings = _settings(config)
 
     async def work():
-        async with _open_queue(settings) as queue, _terminal_hints():
+        async with open_job_store(settings) as queue, _terminal_hints():
             # The new job gets its own message in the chat: the old one keeps its ending.
             old = await queue.get(job_id)
             source = old.source.model_copy(update={"message_id": None, "reply": reply_for_new_job(old.source.reply)})
@@ -370,7 +366,7 @@ def queue_redeliver(job_id: JobIdArgument, config: ConfigOption = None) -> None:
     settings = _settings(config)
 
     async def work() -> Job:
-        async with _open_queue(settings) as queue, _terminal_hints():
+        async with open_job_store(settings) as queue, _terminal_hints():
             return await queue.redeliver(job_id)
 
     job = _run(work())
@@ -389,7 +385,7 @@ def queue_stats(
     settings = _settings(config)
 
     async def work() -> list[dict[str, Any]]:
-        async with _open_queue(settings) as queue:
+        async with open_job_store(settings) as queue:
             return await queue.stats(days * 86400)
 
     rows = _run(work())
@@ -424,7 +420,7 @@ def backup(
         raise _usage_error(f"{target} is a folder; name the file to write, such as {target / 'wanbot-backup.db'}.")
 
     async def work() -> Path | None:
-        async with _open_queue(settings) as queue:
+        async with open_job_store(settings) as queue:
             try:
                 await queue.backup(target)
             except OSError as exc:
@@ -455,7 +451,7 @@ def _set_paused(config: Path | None, paused: bool) -> None:
     settings = _settings(config)
 
     async def work() -> None:
-        async with _open_queue(settings) as queue:
+        async with open_job_store(settings) as queue:
             await queue.set_paused(paused)
 
     _run(work())
@@ -479,11 +475,11 @@ async def _wait_for_jobs(
     from bot.runtime import worker_lock
 
     with worker_lock(engine.settings) as own_worker:
-        inbox = engine.queue.events.subscribe()
+        inbox = engine.subscribe()
         worker = None
         if own_worker:
-            await engine.worker.start_up()
-            worker = asyncio.create_task(engine.worker.run())
+            await engine.recover()
+            worker = asyncio.create_task(engine.run_worker())
         else:
             errors.print("Another wanbot process runs the worker; waiting for it to make the video.")
         try:
@@ -493,9 +489,9 @@ async def _wait_for_jobs(
                     with contextlib.suppress(TimeoutError):
                         event = await asyncio.wait_for(inbox.get(), timeout=1.0)
                         display.show(event)
-                    jobs = [await engine.queue.get(job_id) for job_id in pending]
+                    jobs = [await engine.job(job_id) for job_id in pending]
                     pending = {job.id for job in jobs if not job.status.terminal}
-                    if any(job.status is JobStatus.QUEUED for job in jobs) and await engine.queue.is_paused():
+                    if any(job.status is JobStatus.QUEUED for job in jobs) and await engine.is_paused():
                         cancelled = await _cancel_jobs(engine, pending)
                         raise UserError(f"Cancelled {cancelled}: {QUEUE_PAUSED}.", "Resume it, then run this again.")
                     if worker is not None and worker.done():
@@ -506,16 +502,16 @@ async def _wait_for_jobs(
             inbox.close()
             if worker is not None:
                 # A cancelled job stops at its next step; only an unexpected end puts the running one back.
-                await engine.worker.stop(requeue_running=not stop.is_set())
+                await engine.stop_worker(requeue_running=not stop.is_set())
                 await worker
-    return [await engine.queue.get(job_id) for job_id in sorted(job_ids)]
+    return [await engine.job(job_id) for job_id in sorted(job_ids)]
 
 
 async def _cancel_jobs(engine: Engine, job_ids: set[int]) -> str:
     """Cancel what has not ended (a running job stops at its next step); say which, as 'job #3' or 'jobs #3, #4'."""
     for job_id in sorted(job_ids):
         with contextlib.suppress(UserError):  # it ended meanwhile
-            await engine.queue.cancel(job_id, CLI_ACTOR)
+            await engine.cancel(job_id, CLI_ACTOR)
     named = ", ".join(f"#{job_id}" for job_id in sorted(job_ids))
     return f"job{'s' if len(job_ids) > 1 else ''} {named}"
 
@@ -561,8 +557,6 @@ def _progress_display(enabled: bool, console: Console = errors) -> Iterator[_Pro
 
 
 def _upload(path: Path | None) -> Upload | None:
-    from engine.service import Upload
-
     if path is None:
         return None
     try:
@@ -577,7 +571,7 @@ def _model_option(ctx: typer.Context, name: str | None) -> str | None:
     if name is None or mode is None:
         return name
     try:
-        resolve_model(name, mode)
+        model_named(name, mode)
     except UserError as exc:
         what = f"--model {exc.message.removeprefix('Model ')}" if exc.message.startswith("Model ") else exc.message
         example = getattr(ModelsConfig(), mode.value)
@@ -721,7 +715,7 @@ async def _generate(
         loop.add_signal_handler(signum, on_signal, signum)
     engine = await Engine.open(settings)
     try:
-        if await engine.queue.is_paused():
+        if await engine.is_paused():
             raise UserError(f"Nothing was queued: {QUEUE_PAUSED}.", "Resume it, then run this command again.")
         source = JobSource(platform="cli", chat_id="terminal", user_id="admin")
         submission = await engine.submit(request, source, start, end, model_override=model)
@@ -842,8 +836,6 @@ def models_make_tiny(
     force: Annotated[bool, typer.Option("--force", help="Replace a model already in the folder.")] = False,
 ) -> None:
     """Build a randomly initialised tiny Wan pipeline and save it as a diffusers folder."""
-    from engine.tiny import make_tiny_model
-
     if target.exists() and not target.is_dir():
         raise _usage_error(f"{target} is a file, not a folder. Name a new or empty folder.")
     if target.is_dir() and any(target.iterdir()):
@@ -883,8 +875,6 @@ def _folder_holds(folder: Path) -> str:
 
 def _repo_for(name: str, settings: Settings) -> str:
     """A mode names the model configured for it; anything else is taken as a repo id, checked by its form."""
-    from engine.downloads import check_repo_id
-
     if name in {mode.value for mode in Mode}:
         return getattr(settings.models, name)
     try:
@@ -902,11 +892,10 @@ def models_download(
     config: ConfigOption = None,
 ) -> None:
     """Download a model (only the files the pipeline needs), resuming whatever an earlier run fetched."""
-    from engine.downloads import Downloader, size_text
 
     settings = _settings(config)
     repo_id = _repo_for(name, settings)
-    downloader = Downloader(settings.models_dir, settings.downloads)
+    downloader = model_downloader(settings)
 
     async def work() -> Path:
         columns = (
@@ -937,15 +926,13 @@ def models_download(
 @models_app.command("list")
 def models_list(as_json: JsonOption = False, config: ConfigOption = None) -> None:
     """The configured models: on disk or not, size on disk (at once), size still to download (asked briefly)."""
-    from engine.downloads import Downloader, size_text
-    from engine.models import resolve_model
 
     settings = _settings(config)
-    downloader = Downloader(settings.models_dir, settings.downloads)
+    downloader = model_downloader(settings)
 
     def describe(mode: Mode) -> dict[str, Any]:
         name = getattr(settings.models, mode.value)
-        model = resolve_model(name, mode)
+        model = model_named(name, mode)
         row: dict[str, Any] = {
             "mode": mode.value,
             "model": model.name,
@@ -1002,11 +989,10 @@ def models_verify(
     config: ConfigOption = None,
 ) -> None:
     """Check a downloaded model's files against their sizes and sha256. Exit 0 intact, 2 not."""
-    from engine.downloads import Downloader, verify_snapshot
 
     settings = _settings(config)
     repo_id = _repo_for(name, settings)
-    folder = Downloader(settings.models_dir, settings.downloads).local_snapshot(repo_id)
+    folder = model_downloader(settings).local_snapshot(repo_id)
     if folder is None:
         errors.print(f"{repo_id} is not downloaded. Run: wanbot models download {name}")
         raise typer.Exit(2)

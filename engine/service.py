@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 from engine.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
 from engine.config import Settings
-from engine.downloads import Downloader, size_text, warn_missing_models
+from engine.downloads import Downloader, check_repo_id, size_text, verify_snapshot, warn_missing_models
 from engine.events import EventBus, Subscription
-from engine.images import ImageStore, ValidatedImage, check_mode, validate_image_bytes
+from engine.images import ImageInfo, ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
 from engine.jobs import Actor, EnqueueResult, EventKind, Job, JobSource, JobStatus, QueuePosition
-from engine.models import GenerationRequest, model_for_mode, resolve_request
+from engine.models import GenerationRequest, ModelRef, model_for_mode, resolve_model, resolve_request
 from engine.queue import JobQueue
 from engine.supervisor import Supervisor
 from engine.video import fit_to_limit
@@ -32,8 +32,23 @@ if TYPE_CHECKING:
     from engine.worker import Worker
 
 T = TypeVar("T")
-# The one way sizes are written, for chat texts as for the engine's own.
-__all__ = ["Engine", "Submission", "Subscription", "Upload", "WorkerStatus", "size_text"]
+# What the facade passes on as it is: the wording of sizes, and two checks of model repos the CLI names.
+__all__ = [
+    "Engine",
+    "PictureCheck",
+    "Submission",
+    "Subscription",
+    "Upload",
+    "WorkerStatus",
+    "check_pictures",
+    "check_repo_id",
+    "make_tiny_model",
+    "model_downloader",
+    "model_named",
+    "open_job_store",
+    "size_text",
+    "verify_snapshot",
+]
 
 
 @dataclass
@@ -207,9 +222,10 @@ class Engine:
     async def run_worker(self) -> None:
         await self.worker.run()
 
-    async def stop_worker(self) -> None:
-        """Stop making videos; the running job goes back to the queue, first in line."""
-        await self.worker.stop(requeue_running=True)
+    async def stop_worker(self, requeue_running: bool = True) -> None:
+        """Stop making videos; the running job goes back to the queue, first in line (or, without `requeue_running`,
+        stops at its next step as a cancelled job does)."""
+        await self.worker.stop(requeue_running=requeue_running)
 
     # -- live previews --
 
@@ -395,3 +411,61 @@ class Engine:
 
 def _previews_flag(platform: str, chat_id: str) -> str:
     return f"previews:{platform}:{chat_id}"
+
+
+# -- the operator's commands: the job store, pictures and models, with no engine running ------------------------
+
+
+@asynccontextmanager
+async def open_job_store(settings: Settings) -> AsyncIterator[JobQueue]:
+    """The job queue alone (no model, no worker, no torch), for the commands that list and manage jobs."""
+    queue = await JobQueue.connect(settings.database_url)
+    try:
+        yield queue
+    finally:
+        await queue.close()
+
+
+@dataclass
+class PictureCheck:
+    """What the bot would say about pictures for a mode: what it warns of and changes, and what it read."""
+
+    warnings: list[str]
+    adjustments: list[str]
+    images: list[ImageInfo]
+
+
+def check_pictures(settings: Settings, mode: Mode, start: Upload | None, end: Upload | None) -> PictureCheck:
+    """Validate pictures as a request's are, and resolve them against the mode's model (an end image it ignores, a
+    crop); raise a UserError where the bot would refuse them."""
+    images = [
+        validate_image_bytes(upload.data, settings.images, role, upload.filename) if upload else None
+        for upload, role in ((start, "start"), (end, "end"))
+    ]
+    checked = check_mode(mode, images[0], images[1], settings.images)
+    infos = [image.info for image in checked.images]
+    warnings, adjustments = list(checked.warnings), []
+    if infos:
+        model = model_for_mode(mode, settings)
+        end_info = infos[1] if len(infos) > 1 else None
+        params = resolve_request(GenerationRequest(mode=mode), model, settings.generation, infos[0], end_info)
+        warnings.extend(params.warnings)
+        adjustments = params.adjustments
+    return PictureCheck(warnings, adjustments, infos)
+
+
+def model_named(name: str, mode: Mode) -> ModelRef:
+    """The model `name` means for `mode` ('tiny', a model folder or a Hub repo id); a UserError if none."""
+    return resolve_model(name, mode)
+
+
+def model_downloader(settings: Settings) -> Downloader:
+    """wanbot's downloader of model repos, as the worker uses it: plan, download, sizes, verify."""
+    return Downloader(settings.models_dir, settings.downloads)
+
+
+def make_tiny_model(target: Path, kind: Mode, seed: int) -> None:
+    """Build a randomly initialised tiny Wan pipeline of `kind` and save it as a diffusers folder at `target`."""
+    from engine.tiny import make_tiny_model as build
+
+    build(target, kind, seed)
