@@ -251,14 +251,18 @@ class ChatCore:
         waiting = await self.engine.active_reroll(job_id)
         if waiting is not None:
             return f"Job #{waiting.id} is already making this video again with a new seed: /queue shows its place."
+        try:
+            await self.engine.check_reroll(job_id)
+        except UserError as error:
+            return chat.user_error_text(error)
         return None
 
     async def reroll(self, person: Person, job_id: int, message_id: str, reply: dict[str, str]) -> Answer | None:
         """The job again with a new seed, as a new job of its owner answered through `reply`. None: queued, the relay
         shows its place. Call reroll_refusal first."""
-        old = await self.engine.job(job_id)
-        source = old.source.model_copy(update={"message_id": message_id, "reply": reply})
         try:
+            old = await self.engine.job(job_id)
+            source = old.source.model_copy(update={"message_id": message_id, "reply": reply})
             result = await self.engine.reroll(job_id, self.actor(person), source)
         except UserError as error:
             return Answer(chat.user_error_text(error))

@@ -343,33 +343,38 @@ class DiscordAdapter:
             # A new place in the queue is not worth a new message that mentions the user: the job's start makes one.
             return
         view = _view(CancelButton(job.id)) if buttons == "cancel" else discord.ui.View(timeout=None)
-        attachments = [_preview_file(picture)] if picture is not None else discord.utils.MISSING
         try:
             if alive:
                 content = chat.fit_text(text, CONTENT_LIMIT)
+                attachments = _preview_files(picture) or discord.utils.MISSING
                 await self._webhook(job).edit_message("@original", content=content, view=view, attachments=attachments)
             else:
-                await self._show_in_channel(job, text, view, attachments)
+                await self._show_in_channel(job, text, view, picture)
         except discord.NotFound:
             # The user (or a moderator) deleted the progress message: carry on in a new channel message.
             job = await self._engine.update_reply(job.id, progress_deleted="1", channel_message_id="")
-            await self._show_in_channel(job, text, view, attachments)
+            await self._show_in_channel(job, text, view, picture)
         except discord.HTTPException as error:
             log.warning("cannot show progress job=%s: %s %s", job.id, error.status, error.text)
 
-    async def _show_in_channel(self, job: Job, text: str, view: discord.ui.View, attachments: Any) -> None:
+    async def _show_in_channel(self, job: Job, text: str, view: discord.ui.View, picture: bytes | None) -> None:
+        """The job's live message as a channel message that mentions its owner. Each request gets files of its own:
+        a file already sent is read to its end."""
         channel = self.client.get_partial_messageable(int(job.source.chat_id))
         content = chat.fit_text(f"<@{job.source.user_id}> {text}", CONTENT_LIMIT)
         message_id = job.source.reply.get("channel_message_id")
         if message_id:
             try:
                 await channel.get_partial_message(int(message_id)).edit(
-                    content=content, view=view, allowed_mentions=_owner_only(job), attachments=attachments
+                    content=content,
+                    view=view,
+                    allowed_mentions=_owner_only(job),
+                    attachments=_preview_files(picture) or discord.utils.MISSING,
                 )
                 return
             except discord.NotFound:
                 pass
-        files = attachments if attachments is not discord.utils.MISSING else None
+        files = _preview_files(picture) or None
         message = await channel.send(content, view=view, allowed_mentions=_owner_only(job), files=files)
         await self._engine.update_reply(job.id, channel_message_id=str(message.id))
 
@@ -588,8 +593,9 @@ async def _edit_answer(interaction: discord.Interaction, answer: Answer) -> None
     await interaction.edit_original_response(content=chat.fit_text(answer.text, CONTENT_LIMIT), view=view)
 
 
-def _preview_file(picture: bytes) -> discord.File:
-    return discord.File(io.BytesIO(picture), filename="preview.jpg")
+def _preview_files(picture: bytes | None) -> list[discord.File]:
+    """The preview as a new file to attach (none without a picture): a discord.File is read once."""
+    return [discord.File(io.BytesIO(picture), filename="preview.jpg")] if picture is not None else []
 
 
 def _owner_only(job: Job) -> discord.AllowedMentions:

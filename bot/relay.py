@@ -17,7 +17,7 @@ from typing import Literal
 from bot import chat, transfers
 from engine.config import ChatConfig
 from engine.errors import UserError
-from engine.jobs import DeliveryStatus, EventKind, Job, JobEvent, JobStatus, PreviewInfo
+from engine.jobs import DeliveryStatus, EventKind, Job, JobEvent, JobStatus, PreviewInfo, Progress
 from engine.service import Engine, Subscription
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class JobRelay:
         self._stopping: set[int] = set()  # running jobs someone cancelled: no more progress, no Cancel button
         self._restarted: set[int] = set()  # running jobs that started again after the process stopped mid-job
         self._previews: dict[int, PreviewInfo] = {}  # each running job's latest preview, for its next edit
+        self._progress: dict[int, Progress | None] = {}  # each running job's latest progress, as its events said
         self._previews_shown: dict[int, tuple[int, float]] = {}  # job id -> seq and loop time of the shown preview
         self._preview_interval_s = engine.settings.previews.interval_s
         self._waits_shown_at = float("-inf")  # loop time the waiting jobs' places were last refreshed by progress
@@ -146,7 +147,7 @@ class JobRelay:
         self._jobs.pop(job.id, None)
         for kept in (self._stopping, self._restarted):
             kept.discard(job.id)
-        for latest in (self._previews, self._previews_shown, self._best_places):
+        for latest in (self._previews, self._previews_shown, self._best_places, self._progress):
             latest.pop(job.id, None)
         try:
             await self._engine.mark_final_shown(job.id)
@@ -275,6 +276,7 @@ class JobRelay:
             return
         if event.kind is EventKind.STARTED and await self._interrupted_before(job):
             self._restarted.add(job.id)
+        self._progress[job.id] = event.progress
         self.show(job, chat.progress_text(job, event.progress, job.id in self._restarted), "cancel")
 
     async def _take_preview(self, event: JobEvent) -> None:
@@ -290,7 +292,9 @@ class JobRelay:
             return
         if wanted:
             self._previews[job.id] = event.preview
-            self.show(job, chat.progress_text(job, job.progress, job.id in self._restarted), "cancel")
+            # The event's copy of the job is read from the database, up to a second behind the progress events.
+            progress = self._progress.get(job.id, job.progress)
+            self.show(job, chat.progress_text(job, progress, job.id in self._restarted), "cancel")
 
     async def _interrupted_before(self, job: Job) -> bool:
         try:
@@ -329,6 +333,12 @@ class JobRelay:
         self._delivering.add(job.id)
         self._retry_at.pop(job.id, None)  # this is the attempt it waited for; a failure below sets the next one
         try:
+            # The caller's copy may be minutes old (the redelivery round uploads one video after another): a video
+            # another attempt delivered (or gave up on) meanwhile must not go out again.
+            job = await self._engine.job(job.id)
+            waiting = job.delivery_status in (DeliveryStatus.PENDING, DeliveryStatus.DELIVERY_FAILED)
+            if not waiting or job.delivery_attempts >= self._max_attempts:
+                return
             await self._live.settle(job.id)
             await self._send(job)
             delivered = await self._engine.mark_delivered(job.id)

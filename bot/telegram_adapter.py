@@ -269,16 +269,22 @@ class TelegramAdapter:
 
     async def _album_complete(self, key: tuple[int, str]) -> None:
         """Albums arrive as separate updates; once none has come for `album_wait_s`, treat them as one request."""
+        # A newer picture of the album (or a stop) cancels this wait: the album stays open, and in the inbox.
         await asyncio.sleep(self._config.album_wait_s)
         self._album_timers.pop(key, None)
+        messages = sorted(self._albums.pop(key, []), key=lambda item: item.message_id)
         try:
-            await self._handle_album(key)
+            await self._handle_album(messages)
         finally:
+            for message in messages:
+                self._core.arrivals.handled(str(message.chat_id), str(message.message_id))
             await self._polling.done(*self._album_updates.pop(key, []))
 
-    async def _handle_album(self, key: tuple[int, str]) -> None:
-        messages = sorted(self._albums.pop(key, []), key=lambda item: item.message_id)
+    async def _handle_album(self, messages: list[Message]) -> None:
         captioned = next((item for item in messages if self._caption_request(item) is not None), None)
+        for item in messages:
+            if item is not captioned:  # the request waits for the chat's earlier messages, not for its own pictures
+                self._core.arrivals.handled(str(item.chat_id), str(item.message_id))
         if captioned is None:
             if messages and _is_private(messages[0]):
                 await self._send_picture_hint(messages[0], [ref for item in messages for ref in _images_of(item)][:2])

@@ -121,7 +121,9 @@ class DurablePolling:
         except Exception:
             log.exception("update=%s could not be handled", update.update_id)
         finally:
-            if update.message is not None:  # also when stopped: the chat's later messages must not wait for it
+            # Also when stopped: the chat's later messages must not wait for it. A deferred one (an album's picture)
+            # is handled when whoever deferred it says so.
+            if update.message is not None and update.update_id not in self._deferred:
                 self._arrivals.handled(str(update.message.chat_id), str(update.message.message_id))
         if update.update_id not in self._deferred:
             try:

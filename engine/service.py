@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 from engine.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
 from engine.config import Settings
 from engine.downloads import Downloader, check_repo_id, size_text, verify_snapshot, warn_missing_models
+from engine.errors import UserError
 from engine.events import EventBus, Subscription
 from engine.images import ImageInfo, ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
 from engine.jobs import Actor, EnqueueResult, EventKind, Job, JobSource, JobStatus, QueuePosition
@@ -382,6 +383,18 @@ class Engine:
                 # Fails with a clear message when the images were already cleaned up.
                 await self._decode(self.store.restore, image)
             return await self.queue.retry(job_id, actor, params=params, source=source, **self._limits())
+
+    async def check_reroll(self, job_id: int) -> None:
+        """Raise the UserError a reroll of the job would meet (the owner's limits, its pictures cleaned up), before
+        anything is posted about it."""
+        old = await self.queue.get(job_id)
+        await self.check_room(old.source.model_copy(update={"message_id": None}))  # a new job, not the old one again
+        for image in old.images:
+            if not await asyncio.to_thread(self.store.path_for(image.sha256).is_file):
+                raise UserError(
+                    f"The {image.role} image of job #{job_id} is no longer stored, so it cannot be made again.",
+                    "Send the picture again with a new request.",
+                )
 
     async def active_reroll(self, job_id: int) -> Job | None:
         """The waiting or running job made again from `job_id`, if any."""

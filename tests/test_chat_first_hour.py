@@ -173,3 +173,19 @@ async def test_messages_sent_at_once_get_numbers_in_order_and_distinct_places_an
         was = int(reason.removeprefix("It was position ").split(":")[0])
         assert was < places()[moved] and reason == chat.MOVED_BACK.format(was=was)
     assert not any("It was position" in heads()[unmoved] for unmoved in (1, 4, 6))
+
+
+async def test_an_album_keeps_its_place_in_the_chats_order(tiny_settings, telegram):
+    # The album's pictures wait album_wait_s for each other; a message after them still comes after the album.
+    async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
+        await bot.engine.queue.set_paused(True)
+        telegram.photo(ALICE, imagefactory.jpeg(160, 120), caption="/i2v the album first", media_group_id="a1")
+        telegram.photo(ALICE, imagefactory.jpeg(160, 120), media_group_id="a1")
+        telegram.command(ALICE, "/video the text after it")
+        await until(lambda: len(on_telegram.texts(telegram, ALICE)) >= 2 and _both_queued(telegram), what="two jobs")
+        jobs = await bot.engine.queue.list_jobs(oldest_first=True)
+    assert [job.params.prompt for job in jobs] == ["the album first", "the text after it"]
+
+
+def _both_queued(telegram: object) -> bool:
+    return sum("is queued" in text for text in on_telegram.texts(telegram, ALICE)) == 2

@@ -161,3 +161,15 @@ async def test_pause_and_resume_are_for_admins(engine, paused):
     assert "Only admins" in await core.pause(ALICE, HERE, paused)
     answer = await core.pause(ADMIN, HERE, paused)
     assert await engine.is_paused() is paused and answer.startswith("Paused" if paused else "Resumed")
+
+
+async def test_a_reroll_the_owners_limits_would_refuse_is_refused_before_anything_is_posted(engine):
+    core = core_for(engine)
+    await core.request(ask(ALICE, "a fox", "m0"))
+    first = (await engine.jobs(chat.ACTIVE))[0]
+    await core.cancel(ALICE, HERE, str(first.id))
+    await engine.set_paused(True)
+    for number in range(engine.settings.queue.per_user_limit):
+        await core.request(ask(ALICE, f"fox {number}", f"m{number + 1}"))
+    refusal = await core.reroll_refusal(ALICE, HERE, first.id)
+    assert refusal is not None and refusal.startswith("You already have 3 videos waiting")

@@ -87,3 +87,17 @@ async def test_a_waiting_job_is_shown_its_wait_again_while_the_job_ahead_runs(en
             await engine.queue.update_progress(running, STEP.model_copy(update={"eta_s": eta_s}))
             said = f"position 1, about {wait} to wait."
             await until(lambda said=said: said in platform.texts.get(waiting, [""])[-1], 5, f"the wait of {wait}")
+
+
+async def test_a_stale_copy_of_a_delivered_job_is_not_sent_again(engine: Engine, tmp_path: Path):
+    # The redelivery round works through a list read before its uploads: one job on it may be delivered meanwhile.
+    video = tmp_path / "job.mp4"
+    video.write_bytes(b"video")
+    platform = FakePlatform()
+    relay = relay_for(engine, platform, ChatConfig(edit_interval_s=0))
+    job_id = await finished_job(engine.queue, video)
+    stale = await engine.job(job_id)
+    await relay.deliver(stale)
+    await relay.deliver(stale)
+    await relay.stop()
+    assert platform.uploads == 1
