@@ -117,6 +117,9 @@ def find_model_folder(settings: Settings, downloader: Downloader, model: ModelRe
     return downloader.local_snapshot(model.name)
 
 
+WARMING_UP = "warming up: the first video of this size compiles the model, once"
+
+
 class PipelineRunner:
     """Keeps at most one pipeline in memory and runs jobs on it."""
 
@@ -126,6 +129,8 @@ class PipelineRunner:
         self.loaded: LoadedPipeline | None = None
         # Chosen once (the attention check runs a kernel), logged with each load, applied to each loaded model.
         self._speedups = choose_speedups(config, _pick_device(config.device))
+        # Video shapes the compiled blocks have run at: the first job of a new shape compiles them again (minutes).
+        self._compiled_shapes: set[tuple[str, int, int, int]] = set()
 
     @property
     def speedups(self) -> Speedups:
@@ -224,7 +229,10 @@ class PipelineRunner:
         spec = loaded.model.spec
         pipeline = loaded.pipeline
         set_vae_tiling(pipeline, self._config.vae_tiling, params.width, params.height)
-        tracker = StepTracker(spec, params.steps, hooks)
+        shape = (loaded.model.name, params.width, params.height, params.frames)
+        compiled = self._speedups.compile.value == "on"
+        warming_up = compiled and shape not in self._compiled_shapes
+        tracker = StepTracker(spec, params.steps, hooks, WARMING_UP if warming_up else "")
         arguments: dict[str, Any] = {
             "prompt": params.prompt,
             "negative_prompt": params.negative_prompt or None,
@@ -257,6 +265,8 @@ class PipelineRunner:
             if hasattr(pipeline, "maybe_free_model_hooks"):
                 pipeline.maybe_free_model_hooks()
             raise
+        if compiled:
+            self._compiled_shapes.add(shape)
         timings["denoise_s"] = tracker.denoise_s
         timings["decode_s"] = hooks.clock() - tracker.decode_started
         info = RunInfo(
@@ -273,10 +283,12 @@ class PipelineRunner:
 class StepTracker:
     """Turns the pipeline's per-step callback into progress with an ETA, and into cancel and timeout checks."""
 
-    def __init__(self, spec: ModelSpec, steps: int, hooks: RunHooks) -> None:
+    def __init__(self, spec: ModelSpec, steps: int, hooks: RunHooks, first_note: str = "") -> None:
+        """`first_note` is said until the first step ends (a first step that compiles takes minutes)."""
         self._spec = spec
         self._steps = steps
         self._hooks = hooks
+        self._first_note = first_note
         self._durations: dict[str, list[float]] = {}
         self._last = 0.0
         self._deadline = 0.0
@@ -287,7 +299,8 @@ class StepTracker:
     def start(self) -> None:
         self._started = self._last = self._hooks.clock()
         self._deadline = self._started + self._hooks.timeout_s
-        self._hooks.on_progress(Progress(stage=Stage.DENOISING, step=0, total=self._steps, detail=self._expert(1000)))
+        detail = ", ".join(part for part in (self._first_note, self._expert(1000)) if part)
+        self._hooks.on_progress(Progress(stage=Stage.DENOISING, step=0, total=self._steps, detail=detail))
 
     def watching(self, pipeline: Any) -> contextlib.AbstractContextManager[None]:
         """Live previews, when the run makes them, from the pipeline's transformers while the block runs."""

@@ -4,6 +4,8 @@ schedules they were distilled on, proven by counting the transformer passes a jo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,16 +24,17 @@ import torch
 from bot.chat import parse_message
 from engine.config import GenerationConfig, Settings
 from engine.errors import UserError
-from engine.generate import PipelineRunner
+from engine.generate import WARMING_UP, PipelineRunner
 from engine.hfcache import cached_pipeline
 from engine.images import Mode
-from engine.jobs import Job, JobSource, JobStatus
+from engine.jobs import EventKind, Job, JobSource, JobStatus
 from engine.loras import FusedLoras, load_pair, random_lightx2v_lora, write_lora
 from engine.models import T2V_A14B, GenerationRequest, ModelRef, resolve_request
 from engine.passes import PassCounter
 from engine.presets import LIGHTX2V_EULER, Preset
 from engine.samplers import scheduled
 from engine.service import Engine, Upload
+from engine.speedups import Choice
 from engine.tiny import build_tiny_pipeline
 from engine.video import probe
 from tests import imagefactory
@@ -380,3 +383,19 @@ def test_an_unknown_preset_says_what_to_write():
     with pytest.raises(UserError, match="preset must be fast or quality, not 'turbo'"):
         GenerationRequest(mode=Mode.T2V, prompt="a fox", preset="turbo")
     assert GenerationRequest(mode=Mode.T2V, preset="Fast ").preset is Preset.FAST
+
+
+async def test_with_compiled_blocks_the_first_job_of_each_size_says_it_warms_up(engine: Engine):
+    await make(engine, Mode.T2V)  # the model is loaded (and would be compiled) once
+    # Compiling needs a GPU build of torch: the choice is made as a GPU machine would make it, the model stays as it is.
+    engine.runner._speedups = dataclasses.replace(engine.runner.speedups, compile=Choice("on", "asked for"))
+    events = engine.subscribe()
+    jobs = [await make(engine, Mode.T2V, resolution=size) for size in ("64x64", "64x64", "96x64")]
+    firsts: dict[int, str] = {}  # each job's first denoising text
+    with contextlib.suppress(TimeoutError):
+        while True:  # every event is in the subscription already: read until none is left
+            event = await asyncio.wait_for(events.get(), timeout=0.2)
+            if event.kind is EventKind.PROGRESS and event.progress is not None:
+                firsts.setdefault(event.job.id, event.progress.detail)
+    events.close()
+    assert [WARMING_UP in firsts[job.id] for job in jobs] == [True, False, True]
