@@ -248,11 +248,11 @@ class ChatCore:
             return chat.user_error_text(error)
         if job.source.user_id != person.user_id and not self.access.is_admin(person):
             return NOT_YOURS_TO_REROLL
-        waiting = await self.engine.active_reroll(job_id)
+        waiting = await self.engine.active_reroll(job)
         if waiting is not None:
             return f"Job #{waiting.id} is already making this video again with a new seed: /queue shows its place."
         try:
-            await self.engine.check_reroll(job_id)
+            await self.engine.check_reroll(job)
         except UserError as error:
             return chat.user_error_text(error)
         return None

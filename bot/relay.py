@@ -386,7 +386,7 @@ class JobRelay:
                 log.warning("no answer after the whole video of job=%s was sent; counted as delivered", job.id)
                 return
             except TooLarge:
-                refused = video.stat().st_size
+                refused = (await asyncio.to_thread(video.stat)).st_size
                 limit = transfers.limit_after_413(refused)
                 job = await self._engine.update_reply(job.id, upload_limit=str(limit))
                 log.warning(

@@ -375,7 +375,7 @@ class Engine:
         runs, that one (a double tap makes one job, not two)."""
         old = await self.queue.get(job_id)
         async with self._turn(old.source.user_key):
-            waiting = await self.active_reroll(job_id)
+            waiting = await self.active_reroll(old)
             if waiting is not None:
                 return EnqueueResult(job=waiting, created=False, position=await self.queue.position(waiting.id))
             params = old.params.model_copy(update={"seed": random.SystemRandom().randrange(2**32), "adjustments": []})
@@ -384,23 +384,21 @@ class Engine:
                 await self._decode(self.store.restore, image)
             return await self.queue.retry(job_id, actor, params=params, source=source, **self._limits())
 
-    async def check_reroll(self, job_id: int) -> None:
+    async def check_reroll(self, old: Job) -> None:
         """Raise the UserError a reroll of the job would meet (the owner's limits, its pictures cleaned up), before
         anything is posted about it."""
-        old = await self.queue.get(job_id)
         await self.check_room(old.source.model_copy(update={"message_id": None}))  # a new job, not the old one again
         for image in old.images:
             if not await asyncio.to_thread(self.store.path_for(image.sha256).is_file):
                 raise UserError(
-                    f"The {image.role} image of job #{job_id} is no longer stored, so it cannot be made again.",
+                    f"The {image.role} image of job #{old.id} is no longer stored, so it cannot be made again.",
                     "Send the picture again with a new request.",
                 )
 
-    async def active_reroll(self, job_id: int) -> Job | None:
-        """The waiting or running job made again from `job_id`, if any."""
-        old = await self.queue.get(job_id)
+    async def active_reroll(self, old: Job) -> Job | None:
+        """The waiting or running job made again from `old`, if any."""
         active = await self.queue.list_jobs((JobStatus.QUEUED, JobStatus.RUNNING), user_key=old.source.user_key)
-        return next((job for job in active if job.retry_of == job_id), None)
+        return next((job for job in active if job.retry_of == old.id), None)
 
     def _limits(self) -> dict[str, int]:
         limits = self.settings.queue

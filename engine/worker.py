@@ -395,7 +395,14 @@ class _ProgressReporter:
 
     def _track(self, work: Awaitable[None]) -> None:
         self._pending = [task for task in self._pending if not task.done()]
-        self._pending.append(asyncio.ensure_future(work))
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(self._log_failure)
+        self._pending.append(task)
+
+    def _log_failure(self, task: asyncio.Future[None]) -> None:
+        # A lost progress report only leaves the chat a step behind; the job goes on, but the fault is not hidden.
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("progress report of job=%s failed", self._job_id, exc_info=task.exception())
 
     async def drain(self) -> None:
         """Wait for reports already made, so no progress event arrives after the job's final event."""
