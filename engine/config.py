@@ -72,6 +72,10 @@ class QueueConfig(Section):
     write_retry_s: float = Field(
         300.0, gt=0, description="How long a finished job's result is retried on a locked or full database."
     )
+    lease_s: float = Field(
+        60.0, gt=0, description="A running job whose worker has not been heard from for this long is queued again."
+    )
+    heartbeat_s: float = Field(5.0, gt=0, description="How often a worker says it is alive (well under lease_s).")
 
 
 class LoraPairConfig(Section):
@@ -127,6 +131,10 @@ class GenerationConfig(Section):
     memory: Literal["auto", "gpu", "model_offload", "group_offload", "sequential_offload", "cpu"] = "auto"
     vae_tiling: Literal["auto", "on", "off"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    devices: list[str] = Field(
+        default_factory=list,
+        description="`wanbot worker` starts one worker process per device listed (such as ['cuda:0', 'cuda:1']).",
+    )
     negative_prompt: str = Field(WAN_NEGATIVE_PROMPT, description="Used when a request names none.")
     default_preset: Literal["fast", "quality"] = Field(
         "fast", description="fast: distilled, seconds a video; quality: the official settings, minutes."
@@ -180,6 +188,13 @@ class PreviewsConfig(Section):
         "linear", description="How latents become pictures: 'linear', ComfyUI's latent-to-RGB factors."
     )
     max_bytes: int = Field(100_000, ge=10_000, description="Largest preview JPEG in bytes.")
+
+
+class MetricsConfig(Section):
+    """Prometheus metrics and a health check over HTTP, from `wanbot run`, `serve` and `worker`."""
+
+    port: int | None = Field(None, ge=1, le=65535, description="Serve /metrics and /healthz here; off when unset.")
+    host: str = Field("127.0.0.1", description="The address to listen on (0.0.0.0 for a scraper on another host).")
 
 
 class DatabaseConfig(Section):
@@ -261,6 +276,7 @@ class Settings(BaseSettings):
     discord: DiscordConfig = DiscordConfig()
     previews: PreviewsConfig = PreviewsConfig()
     database: DatabaseConfig = DatabaseConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @field_validator("log_level")
     @classmethod

@@ -62,6 +62,10 @@ class InvalidTransition(UserError):
     """The job's state does not allow the requested change (for example cancelling a finished job)."""
 
 
+class ClaimLost(InvalidTransition):
+    """A worker wrote to a job it no longer runs: it was silent past the lease, and the job was queued again."""
+
+
 class ImageIntegrityError(UserError):
     """A stored image is missing or its bytes no longer match their hash."""
 

@@ -186,6 +186,8 @@ class Job(BaseModel):
     started_at: float | None
     finished_at: float | None
     delivered_at: float | None
+    worker_id: str | None = Field(None, description="The worker that claimed it last.")
+    claim_token: str | None = Field(None, description="Proves a write comes from the claim that runs the job.")
 
     def image(self, role: str) -> ImageInfo | None:
         return next((info for info in self.images if info.role == role), None)
@@ -204,6 +206,35 @@ class EventKind(StrEnum):
     DELIVERY_FAILED = "delivery_failed"
     REDELIVERY = "redelivery"
     PREVIEW = "preview"  # a running job has a new live preview (JobEvent.preview)
+
+
+class WorkerState(StrEnum):
+    STARTING = "starting"
+    IDLE = "idle"
+    WORKING = "working"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+class WorkerRecord(BaseModel):
+    """A worker process as the fleet sees it: stored with each heartbeat, read by /status and `wanbot workers`."""
+
+    id: str
+    host: str
+    pid: int
+    device: str
+    gpu_name: str | None = None
+    free_memory_bytes: int | None = None
+    loaded_model: str | None = None
+    current_job: int | None = None
+    state: WorkerState = WorkerState.STARTING
+    started_at: float
+    heartbeat_at: float = 0.0
+    downloading: list[str] = Field(default_factory=list, description="Models it is fetching for waiting jobs.")
+
+    def online(self, now: float, lease_s: float) -> bool:
+        """Heard from within the lease and not stopped."""
+        return self.state is not WorkerState.STOPPED and now - self.heartbeat_at <= lease_s
 
 
 class JobEvent(BaseModel):

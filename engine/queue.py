@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import Callable, Collection, Iterable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InvalidTransition, JobNotFound, NotAllowed, QueueFull, counted, duration_text
+from engine.errors import ClaimLost, InvalidTransition, JobNotFound, NotAllowed, QueueFull, counted, duration_text
 from engine.events import EventBus
 from engine.images import ImageInfo, Mode
 from engine.jobs import (
@@ -29,10 +30,13 @@ from engine.jobs import (
     JobEvent,
     JobSource,
     JobStatus,
+    PreviewInfo,
     Progress,
     QueuePosition,
     ResultInfo,
     Stage,
+    WorkerRecord,
+    WorkerState,
 )
 from engine.queue_backend import Backend, Row, Tx
 from engine.queue_order import POSITION_SQL, WARM_SQL, next_sql
@@ -53,6 +57,12 @@ RUN_STAGES = (Stage.DENOISING, Stage.DECODING, Stage.ENCODING)  # a running job'
 # workers can claim at once even from a single user, never waiting for each other.
 CLAIM_DEPTH = 4
 CLAIM_CANDIDATES = 16
+EVENTS_CHANNEL = "wanbot_events"  # PostgreSQL's NOTIFY channel: "there are new rows in queue_events"
+# A running job's progress reaches other processes at most this often (every stage change at once): a chat edit is
+# paced far slower, and a row a step would be a write a step.
+SHARED_PROGRESS_EVERY_S = 0.25
+SHARED_EVENTS_KEEP_S = 600.0  # a process that was away longer catches up from the tables, not the events
+WORKER_RECORDS_KEEP_S = 7 * DAY_S  # a stopped or silent worker stays listed this long
 
 
 class JobQueue:
@@ -62,6 +72,10 @@ class JobQueue:
         self._db = db
         self.events = events
         self._clock = clock
+        # Names this process's shared events, so that it does not hear its own again.
+        self.origin = secrets.token_hex(8)
+        self._sharing = False
+        self._progress_shared_at: dict[int, tuple[float, Stage]] = {}
 
     @classmethod
     async def open(
@@ -112,8 +126,35 @@ class JobQueue:
             detail,
         )
 
-    def _publish(self, kind: EventKind, job: Job, progress: Progress | None = None) -> None:
-        self.events.publish(JobEvent(kind=kind, job=job, progress=progress))
+    async def _publish(
+        self, kind: EventKind, job: Job, progress: Progress | None = None, preview: PreviewInfo | None = None
+    ) -> None:
+        """Tell this process's subscribers at once and, when events are shared, every other process too."""
+        self.events.publish(JobEvent(kind=kind, job=job, progress=progress, preview=preview))
+        if self._sharing and self._worth_sharing(kind, job.id, progress):
+            detail = (progress or preview).model_dump_json() if (progress or preview) else None
+            async with self._transaction() as db:
+                await db.run(
+                    "INSERT INTO queue_events (origin, kind, job_id, detail, at) VALUES (?, ?, ?, ?, ?)",
+                    self.origin,
+                    kind.value,
+                    job.id,
+                    detail,
+                    self._clock(),
+                )
+                await db.notify(EVENTS_CHANNEL)
+
+    def _worth_sharing(self, kind: EventKind, job_id: int, progress: Progress | None) -> bool:
+        """Every event but progress; a job's progress at its stage changes and at most every SHARED_PROGRESS_EVERY_S."""
+        if kind is not EventKind.PROGRESS or progress is None:
+            self._progress_shared_at.pop(job_id, None)
+            return True
+        now = self._clock()
+        last = self._progress_shared_at.get(job_id)
+        if last is not None and last[1] == progress.stage and now - last[0] < SHARED_PROGRESS_EVERY_S:
+            return False
+        self._progress_shared_at[job_id] = (now, progress.stage)
+        return True
 
     # -- adding jobs -------------------------------------------------------------------------------------------
 
@@ -168,7 +209,7 @@ class JobQueue:
             )
             await self._log(db, job.id, EventKind.ENQUEUED, None if retry_of is None else f"retry of {retry_of}")
             position = await self._position(db, job.id)
-        self._publish(EventKind.ENQUEUED, job)
+        await self._publish(EventKind.ENQUEUED, job)
         return EnqueueResult(job=job, created=True, position=position)
 
     async def _check_limits(self, db: Tx, user_key: str, per_user: int, total: int) -> None:
@@ -256,9 +297,16 @@ class JobQueue:
     # -- the worker's side -------------------------------------------------------------------------------------
 
     async def claim_next(
-        self, preferred_model: str | None = None, max_model_skips: int = 3, exclude_models: Iterable[str] = ()
+        self,
+        preferred_model: str | None = None,
+        max_model_skips: int = 3,
+        exclude_models: Iterable[str] = (),
+        worker_id: str | None = None,
     ) -> Job | None:
         """Atomically move the next queued job to running and return it, or None when nothing waits.
+
+        With `worker_id` the job is that worker's while it heartbeats, and gets a new `claim_token` that its writes
+        must carry (a worker silent past the lease loses the job to the queue, and its late writes are refused).
 
         With `preferred_model` (the one loaded), a job for it may go first, but the job that was next counts each
         time it is passed over this way, and one passed over `max_model_skips` times goes next, so nobody starves.
@@ -277,10 +325,10 @@ class JobQueue:
                 if warm is not None:
                     warm_id = warm["id"]
                     order.insert(0, warm_id)
-            row = await self._start_first_free(db, order)
+            row = await self._start_first_free(db, order, worker_id)
             if row is None:  # every user's next job is being claimed by another process right now
                 deeper = await _candidates(db, CLAIM_DEPTH, excluded)
-                row = await self._start_first_free(db, [candidate["id"] for candidate in deeper])
+                row = await self._start_first_free(db, [candidate["id"] for candidate in deeper], worker_id)
             if row is None:
                 return None
             job_id = row["id"]
@@ -292,48 +340,64 @@ class JobQueue:
                 )
             await self._log(db, job_id, EventKind.STARTED)
             job = _row_to_job(row)
-        self._publish(EventKind.STARTED, job)
+        await self._publish(EventKind.STARTED, job)
         return job
 
-    async def _start_first_free(self, db: Tx, job_ids: list[int]) -> Row | None:
+    async def _start_first_free(self, db: Tx, job_ids: list[int], worker_id: str | None) -> Row | None:
         """Start the first of these jobs still queued and not being claimed by another process; its row."""
+        token = secrets.token_hex(16) if worker_id is not None else None
         for job_id in job_ids:
             row = await db.one(
-                f"""UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, progress_json = NULL
+                f"""UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, progress_json = NULL,
+                           worker_id = ?, claim_token = ?
                     WHERE id = (SELECT id FROM jobs WHERE id = ? AND status = 'queued'{db.skip_locked})
                       AND status = 'queued'
                     RETURNING *""",
                 self._clock(),
+                worker_id,
+                token,
                 job_id,
             )
             if row is not None:
                 return row
         return None
 
-    async def update_progress(self, job_id: int, progress: Progress, persist: bool = True) -> None:
-        """Publish progress to subscribers; `persist` also stores it (callers throttle that)."""
+    async def update_progress(
+        self, job_id: int, progress: Progress, persist: bool = True, token: str | None = None
+    ) -> None:
+        """Publish progress to subscribers; `persist` also stores it (callers throttle that). With the claim's
+        `token`, a job that is no longer this claim's raises ClaimLost."""
         if persist:
             async with self._transaction() as db:
-                await db.run(
-                    "UPDATE jobs SET progress_json = ? WHERE id = ? AND status = 'running'",
+                changed = await db.run(
+                    f"UPDATE jobs SET progress_json = ? WHERE id = ? AND status = 'running'{_CLAIMED}",
                     progress.model_dump_json(),
                     job_id,
+                    token,
+                    token,
                 )
                 job = await self._get(db, job_id)
+            if changed != 1 and token is not None:
+                raise _claim_lost(job)
         else:
             job = await self.get(job_id)
-        self._publish(EventKind.PROGRESS, job, progress)
+        await self._publish(EventKind.PROGRESS, job, progress)
 
-    async def mark_succeeded(self, job_id: int, result: ResultInfo) -> Job:
+    async def announce_preview(self, job_id: int, preview: PreviewInfo) -> None:
+        """A running job has a new live preview: subscribers here and in other processes show it."""
+        await self._publish(EventKind.PREVIEW, await self.get(job_id), preview=preview)
+
+    async def mark_succeeded(self, job_id: int, result: ResultInfo, token: str | None = None) -> Job:
         return await self._finish(
             job_id,
             JobStatus.SUCCEEDED,
             EventKind.SUCCEEDED,
             "result_json = ?, delivery_status = 'pending'",
             (result.model_dump_json(),),
+            token=token,
         )
 
-    async def mark_failed(self, job_id: int, user_message: str, detail: str = "") -> Job:
+    async def mark_failed(self, job_id: int, user_message: str, detail: str = "", token: str | None = None) -> Job:
         return await self._finish(
             job_id,
             JobStatus.FAILED,
@@ -341,10 +405,11 @@ class JobQueue:
             "error_user = ?, error_detail = ?",
             (user_message, detail),
             detail=user_message,
+            token=token,
         )
 
-    async def mark_cancelled(self, job_id: int) -> Job:
-        return await self._finish(job_id, JobStatus.CANCELLED, EventKind.CANCELLED, "", ())
+    async def mark_cancelled(self, job_id: int, token: str | None = None) -> Job:
+        return await self._finish(job_id, JobStatus.CANCELLED, EventKind.CANCELLED, "", (), token=token)
 
     async def _finish(
         self,
@@ -354,35 +419,46 @@ class JobQueue:
         extra_sql: str,
         extra: tuple[Any, ...],
         detail: str | None = None,
+        token: str | None = None,
     ) -> Job:
+        """End a running job; with the claim's `token`, only if this claim still runs it (else ClaimLost)."""
         assignments = "status = ?, finished_at = ?" + (f", {extra_sql}" if extra_sql else "")
         async with self._transaction() as db:
             changed = await db.run(
-                f"UPDATE jobs SET {assignments} WHERE id = ? AND status = 'running'",
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND status = 'running'{_CLAIMED}",
                 status.value,
                 self._clock(),
                 *extra,
                 job_id,
+                token,
+                token,
             )
             job = await self._get(db, job_id)
+            if changed != 1 and token is not None:
+                raise _claim_lost(job)
             if changed != 1:
                 raise InvalidTransition(f"Job #{job_id} is {job.status}, not running; it cannot become {status}.")
             await self._log(db, job_id, kind, detail)
-        self._publish(kind, job)
+        await self._publish(kind, job)
         return job
 
-    async def requeue(self, job_id: int, reason: str) -> Job:
-        """Put a running job back at the head of its turn, not counting the interrupted attempt."""
+    async def requeue(self, job_id: int, reason: str, token: str | None = None) -> Job:
+        """Put a running job back at the head of its turn, not counting the interrupted attempt (with the claim's
+        `token`: only if this claim still runs it, else ClaimLost)."""
         async with self._transaction() as db:
-            await db.run(
-                """UPDATE jobs SET status = 'queued', started_at = NULL, progress_json = NULL,
-                          attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END
-                   WHERE id = ? AND status = 'running'""",
+            changed = await db.run(
+                f"""UPDATE jobs SET status = 'queued', started_at = NULL, progress_json = NULL, claim_token = NULL,
+                           attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END
+                    WHERE id = ? AND status = 'running'{_CLAIMED}""",
                 job_id,
+                token,
+                token,
             )
-            await self._log(db, job_id, EventKind.REQUEUED, reason)
             job = await self._get(db, job_id)
-        self._publish(EventKind.REQUEUED, job)
+            if changed != 1 and token is not None:
+                raise _claim_lost(job)
+            await self._log(db, job_id, EventKind.REQUEUED, reason)
+        await self._publish(EventKind.REQUEUED, job)
         return job
 
     async def fail_waiting(self, model: str, user_message: str, detail: str) -> list[Job]:
@@ -400,38 +476,140 @@ class JobQueue:
             for job in failed:
                 await self._log(db, job.id, EventKind.FAILED, user_message)
         for job in failed:
-            self._publish(EventKind.FAILED, job)
+            await self._publish(EventKind.FAILED, job)
         return failed
 
     async def waiting_for(self, model: str) -> list[Job]:
         rows = await self._read_all("SELECT * FROM jobs WHERE status = 'queued' AND model = ? ORDER BY id", model)
         return [_row_to_job(row) for row in rows]
 
-    async def recover_interrupted(self, max_attempts: int) -> list[Job]:
-        """At start-up: jobs left running by a crash go back to queued, or fail once they used their attempts."""
+    async def recover_interrupted(
+        self,
+        max_attempts: int,
+        lease_s: float = 60.0,
+        host: str | None = None,
+        is_alive: Callable[[int], bool] = lambda pid: True,
+    ) -> list[Job]:
+        """Running jobs whose worker is gone go back to the queue, or fail once they used their attempts (the attempt
+        they were on counts). Gone: stopped, not heard from for `lease_s`, unknown (a claim made without a worker, by
+        an older wanbot), or on `host` (this machine) with a process that `is_alive` says has ended (a crash seen at
+        once, without waiting out the lease). Any live process may call it, as often as it likes."""
+        now = self._clock()
         async with self._transaction() as db:
-            rows = await db.all(f"SELECT id, attempts FROM jobs WHERE status = 'running' ORDER BY id{db.for_update}")
+            rows = await db.all(
+                f"SELECT id, attempts, worker_id FROM jobs WHERE status = 'running' ORDER BY id{db.skip_locked}"
+            )
             recovered = []
             for row in rows:
+                worker = await db.one("SELECT * FROM workers WHERE id = ?", row["worker_id"])
+                why = _why_gone(worker, now, lease_s, host, is_alive)
+                if why is None:
+                    continue
                 if row["attempts"] < max_attempts:
                     await db.run(
-                        "UPDATE jobs SET status = 'queued', started_at = NULL, progress_json = NULL WHERE id = ?",
+                        """UPDATE jobs SET status = 'queued', started_at = NULL, progress_json = NULL,
+                                  claim_token = NULL WHERE id = ?""",
                         row["id"],
                     )
-                    await self._log(db, row["id"], EventKind.REQUEUED, "the bot restarted while it ran")
+                    await self._log(db, row["id"], EventKind.REQUEUED, why)
                 else:
                     await db.run(
-                        """UPDATE jobs SET status = 'failed', finished_at = ?, error_user = ?, error_detail = ?
-                           WHERE id = ?""",
-                        self._clock(),
+                        """UPDATE jobs SET status = 'failed', finished_at = ?, error_user = ?, error_detail = ?,
+                                  claim_token = NULL WHERE id = ?""",
+                        now,
                         f"The bot stopped while making this video {row['attempts']} times, so it was given "
                         "up. Retry it if you like; if it keeps failing, try fewer frames or a lower resolution.",
-                        f"interrupted after {row['attempts']} attempts",
+                        f"interrupted after {row['attempts']} attempts ({why})",
                         row["id"],
                     )
                     await self._log(db, row["id"], EventKind.FAILED, "too many interrupted attempts")
                 recovered.append(await self._get(db, row["id"]))
+        for job in recovered:
+            await self._publish(EventKind.REQUEUED if job.status is JobStatus.QUEUED else EventKind.FAILED, job)
         return recovered
+
+    # -- workers -----------------------------------------------------------------------------------------------
+
+    async def heartbeat(self, worker: WorkerRecord, token: str | None = None) -> bool:
+        """Store the worker's state as of now. False when the job it runs (`worker.current_job`, claimed with
+        `token`) is no longer its own: it was silent past the lease and the job went back to the queue."""
+        async with self._transaction() as db:
+            await db.run(
+                """INSERT INTO workers (id, host, pid, device, gpu_name, free_memory_bytes, loaded_model,
+                                        downloading_json, current_job, state, started_at, heartbeat_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (id) DO UPDATE SET gpu_name = excluded.gpu_name,
+                       free_memory_bytes = excluded.free_memory_bytes, loaded_model = excluded.loaded_model,
+                       downloading_json = excluded.downloading_json, current_job = excluded.current_job,
+                       state = excluded.state, heartbeat_at = excluded.heartbeat_at""",
+                worker.id,
+                worker.host,
+                worker.pid,
+                worker.device,
+                worker.gpu_name,
+                worker.free_memory_bytes,
+                worker.loaded_model,
+                json.dumps(worker.downloading),
+                worker.current_job,
+                worker.state.value,
+                worker.started_at,
+                self._clock(),
+            )
+            if worker.current_job is None or token is None:
+                return True
+            row = await db.one(
+                "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND claim_token = ?", worker.current_job, token
+            )
+            return row is not None
+
+    async def workers(self) -> list[WorkerRecord]:
+        """Every worker heard from in the last week, the most recently started first."""
+        rows = await self._read_all(
+            "SELECT * FROM workers WHERE heartbeat_at >= ? ORDER BY started_at DESC, id",
+            self._clock() - WORKER_RECORDS_KEEP_S,
+        )
+        return [_row_to_worker(row) for row in rows]
+
+    # -- events shared between processes -----------------------------------------------------------------------
+
+    def share_events(self) -> None:
+        """From now on this process's events are stored for other processes (serve, workers) to hear as well."""
+        self._sharing = True
+
+    def listen(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[Callable[[], bool]]:
+        """Call `wake` when another process has shared events (PostgreSQL's NOTIFY; SQLite polls instead)."""
+        return self._db.listen(EVENTS_CHANNEL, wake)
+
+    @property
+    def event_poll_s(self) -> float:
+        return self._db.event_poll_s
+
+    async def last_shared_event(self) -> int:
+        row = await self._read_one("SELECT MAX(id) AS last FROM queue_events")
+        return row["last"] or 0
+
+    async def shared_events_after(self, last_id: int, limit: int = 500) -> list[tuple[int, JobEvent]]:
+        """Events other processes shared after `last_id`, oldest first, each with the job as it is now."""
+        rows = await self._read_all(
+            "SELECT * FROM queue_events WHERE id > ? AND origin != ? ORDER BY id LIMIT ?", last_id, self.origin, limit
+        )
+        found = []
+        for row in rows:
+            kind = EventKind(row["kind"])
+            try:
+                job = await self.get(row["job_id"])
+            except JobNotFound:
+                continue
+            detail = row["detail"]
+            progress = Progress.model_validate_json(detail) if detail and kind is EventKind.PROGRESS else None
+            preview = PreviewInfo.model_validate_json(detail) if detail and kind is EventKind.PREVIEW else None
+            found.append((row["id"], JobEvent(kind=kind, job=job, progress=progress, preview=preview)))
+        return found
+
+    async def forget_shared_events(self) -> None:
+        """Events older than anyone could still need (a process away longer reads the tables when it is back)."""
+        async with self._transaction() as db:
+            await db.run("DELETE FROM queue_events WHERE at < ?", self._clock() - SHARED_EVENTS_KEEP_S)
 
     # -- cancelling --------------------------------------------------------------------------------------------
 
@@ -455,7 +633,7 @@ class JobQueue:
                 raise InvalidTransition(f"Job #{job_id} has already {_finished_verb(job.status)}; nothing to cancel.")
             await self._log(db, job_id, kind, f"by {actor.user_key}")
             job = await self._get(db, job_id)
-        self._publish(kind, job)
+        await self._publish(kind, job)
         return job
 
     async def is_cancel_requested(self, job_id: int) -> bool:
@@ -495,7 +673,7 @@ class JobQueue:
             if changed != 1:
                 raise InvalidTransition(f"Job #{job_id} has no video waiting for delivery.")
             await self._log(db, job_id, kind, error)
-        self._publish(kind, job)
+        await self._publish(kind, job)
         return job
 
     async def redeliver(self, job_id: int) -> Job:
@@ -520,7 +698,7 @@ class JobQueue:
                 raise InvalidTransition(f"Job #{job_id} was delivered meanwhile.", "Nothing to do.")
             job = await self._get(db, job_id)
             await self._log(db, job_id, EventKind.REDELIVERY)
-        self._publish(EventKind.REDELIVERY, job)
+        await self._publish(EventKind.REDELIVERY, job)
         return job
 
     async def undelivered(self, platform: str, max_attempts: int = 5) -> list[Job]:
@@ -809,6 +987,37 @@ async def _candidates(db: Tx, depth: int, excluded: list[str]) -> list[Row]:
     return await db.all(next_sql(depth, len(excluded)), *(excluded * depth), CLAIM_CANDIDATES)
 
 
+# Appended to a job's WHERE: the claim token matches, unless the caller gave none (it does not hold a claim).
+_CLAIMED = " AND (CAST(? AS TEXT) IS NULL OR claim_token = ?)"
+
+
+def _claim_lost(job: Job) -> ClaimLost:
+    return ClaimLost(
+        f"Job #{job.id} is no longer this worker's ({job.status.value}): it was silent longer than the lease, and the "
+        "job went back to the queue."
+    )
+
+
+def _why_gone(
+    worker: Row | None, now: float, lease_s: float, host: str | None, is_alive: Callable[[int], bool]
+) -> str | None:
+    """Why a running job's worker is gone (its job is to be queued again), or None while it runs."""
+    if worker is None:
+        return "the bot restarted while it ran"
+    if worker["state"] == WorkerState.STOPPED.value:
+        return f"its worker {worker['id']} stopped"
+    if now - worker["heartbeat_at"] > lease_s:
+        return f"its worker {worker['id']} was not heard from for {duration_text(now - worker['heartbeat_at'])}"
+    if worker["host"] == host and not is_alive(worker["pid"]):
+        return f"its worker {worker['id']} ended"
+    return None
+
+
+def _row_to_worker(row: Row) -> WorkerRecord:
+    stored = set(WorkerRecord.model_fields) - {"downloading"}
+    return WorkerRecord(**{name: row[name] for name in stored}, downloading=json.loads(row["downloading_json"]))
+
+
 def _platform_range(platform: str) -> tuple[str, str]:
     """user_key is "platform:user": a range on it finds one platform's jobs, and stays an index seek."""
     return f"{platform}:", f"{platform};"
@@ -861,4 +1070,6 @@ def _row_to_job(row: Row) -> Job:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         delivered_at=row["delivered_at"],
+        worker_id=row["worker_id"],
+        claim_token=row["claim_token"],
     )

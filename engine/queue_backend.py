@@ -8,7 +8,7 @@ every other writer, and row locks on PostgreSQL, where several processes write a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,15 +38,24 @@ class Tx(Protocol):
         """Let one transaction that calls this with `name` run at a time, until it ends (counts then inserts)."""
         ...
 
+    async def notify(self, channel: str) -> None:
+        """Tell listening processes, once this transaction commits, that `channel` has news (PostgreSQL)."""
+        ...
+
 
 class Backend(Protocol):
     path: Path | None  # the database file, where there is one
+    event_poll_s: float  # how often a process looks for events of others (beside notifications, where there are)
 
     def transaction(self) -> AbstractAsyncContextManager[Tx]:
         """A write transaction, committed at the end of the block and rolled back on any error."""
         ...
 
     def reading(self) -> AbstractAsyncContextManager[Tx]: ...
+
+    def listen(self, channel: str, wake: Callable[[], None]) -> AbstractAsyncContextManager[Callable[[], bool]]:
+        """Call `wake` whenever another process notifies `channel`; yields a check that it still listens."""
+        ...
 
     async def close(self) -> None: ...
 

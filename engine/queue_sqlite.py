@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,35 @@ MIGRATIONS: list[str] = [
     CREATE INDEX chat_inbox_open ON chat_inbox (platform, received_at) WHERE done_at IS NULL;
     CREATE INDEX chat_inbox_message ON chat_inbox (platform, message_key);
     """,
+    # 6: which worker runs a job (its claim token checked on every write), the workers with their heartbeats, and
+    # job events shared between processes (`wanbot serve` and `wanbot worker` on one machine).
+    """
+    ALTER TABLE jobs ADD COLUMN worker_id TEXT;
+    ALTER TABLE jobs ADD COLUMN claim_token TEXT;
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        device TEXT NOT NULL,
+        gpu_name TEXT,
+        free_memory_bytes INTEGER,
+        loaded_model TEXT,
+        downloading_json TEXT NOT NULL DEFAULT '[]',
+        current_job INTEGER,
+        state TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL
+    );
+    CREATE TABLE queue_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        origin TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        job_id INTEGER NOT NULL,
+        detail TEXT,
+        at REAL NOT NULL
+    );
+    CREATE INDEX queue_events_at ON queue_events (at);
+    """,
 ]
 
 
@@ -132,9 +161,15 @@ class SqliteTx:
     async def serialize(self, name: str) -> None:
         """Nothing to do: a write transaction here already excludes every other."""
 
+    async def notify(self, channel: str) -> None:
+        """Nothing to do: processes sharing a SQLite file poll for new events."""
+
 
 class SqliteBackend:
     """One aiosqlite connection; its statements run one transaction (or read) at a time."""
+
+    # Processes sharing the file learn of each other's events by polling (a read of an index, a few times a second).
+    event_poll_s = 0.1
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
@@ -212,6 +247,11 @@ class SqliteBackend:
     async def reading(self) -> AsyncIterator[SqliteTx]:
         async with self._lock:
             yield SqliteTx(self._db)
+
+    @asynccontextmanager
+    async def listen(self, channel: str, wake: Callable[[], None]) -> AsyncIterator[Callable[[], bool]]:
+        """SQLite has no notifications: the follower polls every `event_poll_s` instead."""
+        yield lambda: True
 
 
 def split_sql(script: str) -> list[str]:

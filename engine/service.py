@@ -21,7 +21,7 @@ from engine.downloads import Downloader, check_repo_id, size_text, verify_snapsh
 from engine.errors import UserError
 from engine.events import EventBus, Subscription
 from engine.images import ImageInfo, ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
-from engine.jobs import Actor, EnqueueResult, EventKind, Job, JobSource, JobStatus, QueuePosition
+from engine.jobs import Actor, EnqueueResult, EventKind, Job, JobSource, JobStatus, QueuePosition, WorkerRecord
 from engine.models import GenerationRequest, ModelRef, model_for_mode, resolve_model, resolve_request
 from engine.queue import JobQueue
 from engine.supervisor import Supervisor
@@ -183,6 +183,11 @@ class Engine:
     async def update_reply(self, job_id: int, **reply: str) -> Job:
         """Store what an adapter needs to answer about the job later (its message ids, a lowered upload limit)."""
         return await self.queue.update_reply(job_id, **reply)
+
+    async def workers(self) -> list[WorkerRecord]:
+        """The fleet: every worker process heard from in the last week (this process's too), newest first; whether
+        each is online is `record.online(time.time(), settings.queue.lease_s)`."""
+        return await self.queue.workers()
 
     def worker_status(self) -> WorkerStatus:
         worker = self.worker
