@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.errors import UserError, counted, duration_text, quoted
 from engine.images import Mode
-from engine.jobs import Job, JobStatus, Progress, QueuePosition, Stage
+from engine.jobs import Job, JobStatus, Progress, QueuePosition, Stage, WorkerRecord, WorkerState
 from engine.models import GenerationRequest
 from engine.presets import PRESET_HELP
 
@@ -184,6 +184,68 @@ def _time_left_text(progress: Progress) -> str:
     return f"{left} left for the steps, then decoding" if progress.eta_steps_only else f"{left} left"
 
 
+# -- the fleet (/status) ------------------------------------------------------------------------------------------
+
+NO_WORKER_ONLINE = "Workers: none online. Videos wait in the queue until a worker starts."
+# How /status counts the online workers, in this order: "2 online (1 working, 1 idle)".
+WORKER_DOINGS = ("working", "downloading", "idle", "paused", "starting")
+
+
+def worker_doing(worker: WorkerRecord) -> str:
+    """What an online worker is busy with, in one word of WORKER_DOINGS: a job counts first, then a download."""
+    if worker.current_job is not None or worker.state is WorkerState.WORKING:
+        return "working"
+    if worker.downloading:
+        return "downloading"
+    return worker.state.value if worker.state.value in WORKER_DOINGS else "idle"
+
+
+def fleet_head(online: list[WorkerRecord]) -> str:
+    """/status's first line: how many workers are online and what they do, or that none is and videos wait."""
+    if not online:
+        return NO_WORKER_ONLINE
+    doings = [worker_doing(worker) for worker in online]
+    parts = ", ".join(f"{doings.count(doing)} {doing}" for doing in WORKER_DOINGS if doing in doings)
+    return f"Workers: {len(online)} online ({parts})."
+
+
+def worker_names(workers: list[WorkerRecord]) -> dict[str, str]:
+    """Each worker's name as people tell them apart, host/device ("gpu-a/cuda:0"), with its process id where two
+    share both."""
+    shared = {
+        (worker.host, worker.device)
+        for worker in workers
+        if sum((other.host, other.device) == (worker.host, worker.device) for other in workers) > 1
+    }
+    return {
+        worker.id: f"{worker.host}/{worker.device}"
+        + (f" (pid {worker.pid})" if (worker.host, worker.device) in shared else "")
+        for worker in workers
+    }
+
+
+def worker_line(name: str, worker: WorkerRecord, job: Job | None) -> str:
+    """One online worker in /status: the job it makes with its progress (`job`, when it is running), else what it
+    downloads, else whether it is idle and with which model."""
+    model = f"{worker.loaded_model} loaded" if worker.loaded_model else "no model loaded"
+    downloads = ", ".join(sorted(worker.downloading))
+    if job is not None and job.status is JobStatus.RUNNING:
+        doing = "making " + " · ".join(progress_lines(job, job.progress))
+        if downloads:
+            doing += f" · also downloading {downloads}"
+    elif worker.current_job is not None:
+        doing = f"working on job #{worker.current_job}"
+    elif downloads:
+        doing = f"downloading {downloads}"
+    elif worker.state is WorkerState.STARTING:
+        doing = "starting"
+    elif worker.state is WorkerState.PAUSED:
+        doing = f"paused, {model}"
+    else:
+        doing = f"idle, {model}"
+    return f"Worker {name}: {doing}" + ("" if doing.endswith("…") else ".")
+
+
 def finished_text(job: Job) -> str:
     if job.status is JobStatus.SUCCEEDED:
         took = duration_text((job.finished_at or 0) - (job.started_at or 0))
@@ -226,7 +288,7 @@ def help_text(how_to_ask: str) -> str:
         "Options, anywhere in the prompt: mode=ti2v seed=42 steps=30 frames=49 size=832x480 guidance=4 "
         'neg="blurry, text" (neg= replaces Wan\'s default negative prompt)\n'
         f"preset=fast or preset=quality ({PRESET_HELP})\n"
-        "/queue: your jobs · /cancel [id]: cancel · /status: the worker · admins: /pause, /resume"
+        "/queue: your jobs · /cancel [id]: cancel · /status: the workers · admins: /pause, /resume"
     )
 
 

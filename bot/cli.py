@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -22,12 +21,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from bot.core import reply_for_new_job
 from engine.config import ModelsConfig, Settings, load_settings
 from engine.errors import ConfigError, JobNotFound, UserError, counted, duration_text
 from engine.images import Mode
-from engine.jobs import Actor, EventKind, Job, JobSource, JobStatus
+from engine.jobs import Actor, EventKind, Job, JobSource, JobStatus, WorkerRecord, WorkerState
 from engine.models import GenerationRequest
 from engine.presets import PRESET_HELP, Preset
 from engine.service import (
@@ -407,6 +407,87 @@ def queue_stats(
             highlight=False,
             soft_wrap=True,
         )
+
+
+# -- workers -----------------------------------------------------------------------------------------------------
+
+NO_WORKERS = (
+    "No worker has started yet: queued videos wait until one does. Start one with `wanbot worker` (a GPU worker "
+    "alone) or `wanbot run` (the chats and a worker)."
+)
+NONE_ONLINE = "None is online: queued videos wait until a worker starts (`wanbot worker` or `wanbot run`)."
+WORKER_COLUMNS = ("worker", "host", "device", "GPU", "state", "model", "job", "free GPU memory", "uptime")
+
+
+@app.command()
+def workers(as_json: JsonOption = False, config: ConfigOption = None) -> None:
+    """The worker processes the job store has heard from in the last week: online ones with what they do (their
+    job, model and free GPU memory), then those offline (silent past queue.lease_s) and stopped."""
+    settings = _settings(config)
+
+    async def work() -> tuple[list[WorkerRecord], dict[int, Job]]:
+        async with open_job_store(settings) as queue:
+            records = await queue.workers()
+            jobs: dict[int, Job] = {}
+            for record in records:
+                if record.current_job is not None:
+                    with contextlib.suppress(JobNotFound):  # deleted since the worker said it runs it
+                        jobs[record.current_job] = await queue.get(record.current_job)
+            return records, jobs
+
+    records, jobs = _run(work())
+    now, lease_s = time.time(), settings.queue.lease_s
+    online = {record.id: record.online(now, lease_s) for record in records}
+    records.sort(key=lambda record: not online[record.id])  # online first, each part as the store lists it
+    if as_json:
+        rows = [{**record.model_dump(mode="json"), "online": online[record.id]} for record in records]
+        console.print_json(json.dumps(rows))
+        return
+    if not records:
+        console.print(NO_WORKERS, highlight=False, markup=False)
+        return
+    table = Table()
+    for column in WORKER_COLUMNS:
+        table.add_column(column, overflow="fold")  # ids and model names wrap on a narrow terminal, never cut
+    for record in records:
+        job = jobs.get(record.current_job) if record.current_job is not None else None
+        cells = _worker_cells(record, job, online[record.id], now)
+        table.add_row(*(Text(cell) for cell in cells))  # Text: a prompt's [brackets] are not rich markup
+    console.print(table)
+    if not any(online.values()):
+        console.print(NONE_ONLINE, highlight=False, markup=False)
+
+
+def _worker_cells(record: WorkerRecord, job: Job | None, online: bool, now: float) -> list[str]:
+    """A row of `wanbot workers`, in WORKER_COLUMNS' order; "-" for what is not known."""
+    if online:
+        state = record.state.value
+        if record.downloading:
+            state += f", downloading {', '.join(sorted(record.downloading))}"
+    elif record.state is WorkerState.STOPPED:
+        state = "stopped"
+    else:
+        state = f"offline (last heard {_ago(now - record.heartbeat_at)} ago)"
+    if record.current_job is None:
+        current = "-"
+    else:
+        current = f"#{record.current_job}" + (f" {_cut(job.params.prompt, 30)}" if job is not None else "")
+    free = size_text(record.free_memory_bytes) if record.free_memory_bytes is not None else "-"
+    uptime = duration_text(now - record.started_at) if online else "-"
+    gpu, model = record.gpu_name or "-", record.loaded_model or "-"
+    return [record.id, record.host, record.device, gpu, state, model, current, free, uptime]
+
+
+def _ago(seconds: float) -> str:
+    """How long ago, as people say it: 42s, 3 min, 2h 05m, 3 days."""
+    seconds = max(round(seconds), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        return duration_text(seconds)
+    return counted(seconds // 86400, "day")
 
 
 @app.command()
@@ -1010,10 +1091,58 @@ def models_verify(
 @app.command()
 def run(config: ConfigOption = None) -> None:
     """Run the worker and the chat adapters that have a token, until Ctrl+C or SIGTERM."""
-    from bot.runtime import serve
+    _run_role(config, "run")
 
+
+@app.command("serve")
+def serve_command(config: ConfigOption = None) -> None:
+    """Run the chat adapters, delivery and clean-up without a worker (no GPU, no model): `wanbot worker` processes,
+    here or on other machines sharing database.url, make the videos."""
+    _run_role(config, "serve")
+
+
+@app.command("worker")
+def worker_command(
+    device: Annotated[
+        str | None, typer.Option("--device", help="The GPU to use, such as cuda:1 (default: generation.device).")
+    ] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            "--devices",
+            help="Start one worker process per GPU listed, such as cuda:0,cuda:1 (default: generation.devices).",
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run one GPU worker and nothing else (no chat token needed); with --devices, one worker process per GPU."""
     settings = _settings(config)
-    failure = _run(serve(settings, partial(errors.print, markup=False)))
+    if device and devices:
+        raise _usage_error("Give --device (one worker) or --devices (one process per GPU), not both.")
+    listed = [name.strip() for name in devices.split(",") if name.strip()] if devices else settings.generation.devices
+    if device is None and listed:
+        from bot.worker_processes import run_worker_processes
+
+        failure = _run(run_worker_processes(listed, str(config) if config else None, _say))
+        _exit_on(failure)
+        return
+    if device is not None:
+        settings.generation = settings.generation.model_copy(update={"device": device})
+    _run_role(config, "worker", settings)
+
+
+def _say(line: str) -> None:
+    errors.print(line, markup=False)
+
+
+def _run_role(config: Path | None, role: str, settings: Settings | None = None) -> None:
+    from bot.runtime import Role, serve
+
+    settings = settings or _settings(config)
+    _exit_on(_run(serve(settings, _say, Role(role))))
+
+
+def _exit_on(failure: str | None) -> None:
     if failure:
         # systemd's Restart=on-failure starts it again; exit code 2 stays for what a restart cannot fix.
         errors.print(f"wanbot stopped: {failure}. The log above has the details.", markup=False)

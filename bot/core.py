@@ -5,6 +5,7 @@ returned text into a platform reply; a third platform needs only an adapter."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -12,7 +13,7 @@ from typing import Literal, Protocol
 from bot import chat, transfers
 from bot.arrivals import ArrivalOrder
 from engine.errors import UserError, quoted
-from engine.jobs import Actor, EnqueueResult, JobSource, JobStatus
+from engine.jobs import Actor, EnqueueResult, Job, JobSource, JobStatus, WorkerRecord
 from engine.service import Engine, Upload, size_text
 
 log = logging.getLogger(__name__)
@@ -288,28 +289,30 @@ class ChatCore:
         return "\n".join(lines)
 
     async def status_text(self, person: Person, place: Place) -> str:
-        """/status: the worker's state, the queue's size, and what is being made and downloaded right now."""
+        """/status: the workers online and what each is doing (the job it makes, with its progress), and the queue's
+        size. Every worker process counts, on whichever machine, `wanbot run`'s own worker too."""
         if not self.allows(person, place):
             return NOT_ALLOWED
-        worker = self.engine.worker_status()
+        now, lease_s = time.time(), self.engine.settings.queue.lease_s
+        online = [worker for worker in await self.engine.workers() if worker.online(now, lease_s)]
         counts = await self.engine.counts()
+        lines = [chat.fleet_head(online)]
         if await self.engine.is_paused():
-            state = "paused"
-        elif not worker.running:
-            state = "stopped"
-        else:
-            state = "idle" if worker.current_job is None else "working"
-        lines = [
-            f"Worker: {state}. Loaded model: {worker.loaded_model or 'none'}.",
-            f"Queued: {counts.get('queued', 0)}, running: {counts.get('running', 0)}.",
-        ]
-        if worker.current_job is not None:
-            job = await self.engine.job(worker.current_job)
-            if job.status is JobStatus.RUNNING:
-                lines.append("Now: " + " · ".join(chat.progress_lines(job, job.progress)))
-        if worker.downloading:
-            lines.append(f"Downloading: {', '.join(sorted(worker.downloading))}.")
+            lines.append(chat.QUEUE_PAUSED)
+        lines.append(f"Queued: {counts.get('queued', 0)}, running: {counts.get('running', 0)}.")
+        names = chat.worker_names(online)
+        for worker in online:
+            lines.append(chat.worker_line(names[worker.id], worker, await self._job_of(worker)))
         return "\n".join(lines)
+
+    async def _job_of(self, worker: WorkerRecord) -> Job | None:
+        """The job a worker said it runs, unless it is gone (a job deleted since the worker's last heartbeat)."""
+        if worker.current_job is None:
+            return None
+        try:
+            return await self.engine.job(worker.current_job)
+        except UserError:
+            return None
 
     def help_text(self, person: Person, place: Place) -> str:
         if not self.allows(person, place):
@@ -340,7 +343,7 @@ class ChatCore:
         """An admin's /pause or /resume: the running job always finishes; only new starts wait."""
         if not self.access.is_admin(person):
             return chat.user_error_text(
-                UserError("Only admins can pause or resume the queue.", "Ask an admin; /status shows the worker.")
+                UserError("Only admins can pause or resume the queue.", "Ask an admin; /status shows the workers.")
             )
         await self.engine.set_paused(paused)
         if paused:

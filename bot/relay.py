@@ -370,7 +370,8 @@ class JobRelay:
         """Send the video, re-encoded to fit the upload limit, and once more well under a size the platform refused;
         every failure becomes a DeliveryFailed whose reason is a plain sentence."""
         platform = self._platform.capitalize()
-        if job.result is None or not await asyncio.to_thread(Path(job.result.path).is_file):
+        made = await self._engine.video_file(job)
+        if made is None:
             log.error("video file of job=%s is missing: %s", job.id, job.result.path if job.result else None)
             raise DeliveryFailed("the video file is no longer on the server; Reroll makes it again", permanent=True)
         limit = self._upload_limit(job)
@@ -379,7 +380,7 @@ class JobRelay:
             limit = min(limit, int(job.source.reply["upload_limit"]))
         for _ in range(2):
             try:
-                video = await self._engine.fit_video(Path(job.result.path), limit)
+                video = await self._engine.fit_video(made, limit)
                 await self._send_video(job, video)
                 return
             except AnswerLost:

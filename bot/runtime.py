@@ -1,5 +1,6 @@
-"""`wanbot run`: the worker and the chat adapters that have a token in one process, each long-lived task supervised,
-until a signal (exit 0, the running job re-queued) or a task that cannot be kept alive (exit 1, said in one line)."""
+"""`wanbot run`, `wanbot serve` and `wanbot worker`: the chat adapters that have a token and/or one GPU worker, each
+long-lived task supervised, until a signal (exit 0, the running job re-queued) or a task that cannot be kept alive
+(exit 1, said in one line)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import fcntl
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterator
+from enum import StrEnum
 from functools import partial
 from typing import Any
 
@@ -23,10 +25,19 @@ CLEAN_UP_EVERY_S = 3600.0
 DATABASE_CHECK_EVERY_S = 5.0
 
 
-async def serve(settings: Settings, say: Callable[[str], None]) -> str | None:
+class Role(StrEnum):
+    """What a process does: `run` is both of the others in one process."""
+
+    RUN = "run"
+    SERVE = "serve"  # the chat adapters, delivery, clean-up; no model, no torch
+    WORKER = "worker"  # one GPU worker and nothing else
+
+
+async def serve(settings: Settings, say: Callable[[str], None], role: Role = Role.RUN) -> str | None:
     """Run until a signal (None) or until a long-lived task could not be kept alive (what failed). `say` prints the
     lines an operator reads at start-up."""
-    engine = await Engine.open(settings)
+    makes_videos = role is not Role.SERVE
+    engine = await Engine.open(settings, with_worker=makes_videos)
     supervisor = engine.supervisor
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -34,21 +45,34 @@ async def serve(settings: Settings, say: Callable[[str], None]) -> str | None:
         loop.add_signal_handler(signum, stop.set)
     adapters: list[Any] = []
     try:
-        with worker_lock(settings) as own_worker:
+        with worker_lock(settings) if makes_videos else contextlib.nullcontext(True) as own_worker:
             if not own_worker:
                 raise UserError(
-                    "Another wanbot process is already running the worker on this data folder.",
-                    "Stop it first, or give this one another WANBOT_DATA_DIR.",
+                    f"Another wanbot process is already running a worker for {settings.generation.device} on this "
+                    "data folder.",
+                    "Stop it first, give this one another device (wanbot worker --device cuda:N), or another "
+                    "WANBOT_DATA_DIR.",
                 )
+            # Alone on a SQLite file, `wanbot run` has nobody to tell; with other processes, every event is shared.
+            if role is not Role.RUN or engine.shared_database:
+                engine.share_events()
+                supervisor.start("shared events", engine.follow_events)
             await engine.recover()
-            await _start_adapters(engine, adapters)
-            supervisor.start(WORKER_TASK, engine.run_worker)
+            if role is not Role.WORKER:
+                await _start_adapters(engine, adapters)
+            if makes_videos:
+                supervisor.start(WORKER_TASK, engine.run_worker)
+            else:
+                supervisor.start("recovery", engine.recover_periodically)
             supervisor.start("clean-up", partial(_clean_up_periodically, engine))
             supervisor.start("database watch", partial(_watch_database, engine))
-            serving = _serving(adapters)
-            say(f"wanbot running on {settings.data_dir} {serving}; Ctrl+C stops, the running job is re-queued")
-            say(f"videos are made on {engine.device_text()}")
-            await engine.say_missing_models(say)
+            if settings.metrics.port is not None:
+                # A port that is taken is the operator's to fix: said once, not retried.
+                supervisor.start("metrics", engine.serve_metrics, restart=False)
+            say(_started_line(settings, role, adapters))
+            if makes_videos:
+                say(f"videos are made on {engine.device_text()}")
+                await engine.say_missing_models(say)
             await _first_of(stop.wait(), supervisor.wait_failed())
             await engine.stop_worker()
             await supervisor.join(WORKER_TASK)
@@ -60,11 +84,23 @@ async def serve(settings: Settings, say: Callable[[str], None]) -> str | None:
     return supervisor.failure
 
 
+def _started_line(settings: Settings, role: Role, adapters: list[Any]) -> str:
+    where = settings.data_dir if settings.database.url is None else settings.database_shown
+    if role is Role.SERVE:
+        chats = ", ".join(type(adapter).__name__ for adapter in adapters) or "no chat (no token set)"
+        return f"wanbot serving {chats} on {where}; videos are made by `wanbot worker` processes; Ctrl+C stops"
+    if role is Role.WORKER:
+        return f"wanbot worker on {where} ({settings.generation.device}); Ctrl+C stops, the running job is re-queued"
+    return f"wanbot running on {where} {_serving(adapters)}; Ctrl+C stops, the running job is re-queued"
+
+
 @contextlib.contextmanager
 def worker_lock(settings: Settings) -> Iterator[bool]:
-    """True if this process may run the worker; False when another wanbot process already does."""
+    """True if this process may run the worker of its device; False when another wanbot process already does."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    with (settings.data_dir / "worker.lock").open("w") as handle:
+    device = settings.generation.device
+    name = "worker.lock" if device == "auto" else f"worker-{device.replace(':', '')}.lock"
+    with (settings.data_dir / name).open("w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -307,6 +307,11 @@ class Settings(BaseSettings):
         return self.data_dir / "wanbot.sqlite3"
 
     @property
+    def database_shown(self) -> str:
+        """Where the queue is, for messages and logs (never with a password)."""
+        return parse_database_url(self.database_url).shown()
+
+    @property
     def database_url(self) -> str:
         """database.url, or the SQLite file in data_dir that wanbot has always used."""
         return self.database.url or sqlite_url(self.db_path)

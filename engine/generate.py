@@ -397,6 +397,15 @@ def describe_device(config: GenerationConfig) -> str:
     return f"{device} ({name}, {free_bytes / 2**30:.0f} of {total_bytes / 2**30:.0f} GiB free, memory={config.memory})"
 
 
+def device_facts(config: GenerationConfig) -> tuple[str, str | None, int | None]:
+    """The device jobs run on, its GPU's name and its free memory in bytes (None on a CPU), for the fleet view."""
+    device = _pick_device(config.device)
+    if device.type == "cpu":
+        return "cpu", None, None
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return str(device), torch.cuda.get_device_name(device), free_bytes
+
+
 def _pick_device(configured: str) -> torch.device:
     if configured != "auto":
         return torch.device(configured)

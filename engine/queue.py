@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
+
+import asyncpg
 
 from engine.errors import ClaimLost, InvalidTransition, JobNotFound, NotAllowed, QueueFull, counted, duration_text
 from engine.events import EventBus
@@ -57,6 +60,16 @@ RUN_STAGES = (Stage.DENOISING, Stage.DECODING, Stage.ENCODING)  # a running job'
 # workers can claim at once even from a single user, never waiting for each other.
 CLAIM_DEPTH = 4
 CLAIM_CANDIDATES = 16
+# What a database that is locked, read-only, full or out of reach raises: a writer waits and tries again.
+DATABASE_DOWN: tuple[type[BaseException], ...] = (
+    sqlite3.OperationalError,
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+WORKER_STOPPED = "the worker stopped"  # why a running job went back to the queue when its process stopped
 EVENTS_CHANNEL = "wanbot_events"  # PostgreSQL's NOTIFY channel: "there are new rows in queue_events"
 # A running job's progress reaches other processes at most this often (every stage change at once): a chat edit is
 # paced far slower, and a row a step would be a write a step.
@@ -495,16 +508,31 @@ class JobQueue:
         an older wanbot), or on `host` (this machine) with a process that `is_alive` says has ended (a crash seen at
         once, without waiting out the lease). Any live process may call it, as often as it likes."""
         now = self._clock()
-        async with self._transaction() as db:
-            rows = await db.all(
-                f"SELECT id, attempts, worker_id FROM jobs WHERE status = 'running' ORDER BY id{db.skip_locked}"
-            )
-            recovered = []
-            for row in rows:
+        # Looked for without locks first: every live process asks every few seconds, and mostly nothing is gone.
+        async with self._db.reading() as db:
+            running = await db.all("SELECT id, worker_id FROM jobs WHERE status = 'running' ORDER BY id")
+            gone = {}
+            for row in running:
                 worker = await db.one("SELECT * FROM workers WHERE id = ?", row["worker_id"])
                 why = _why_gone(worker, now, lease_s, host, is_alive)
-                if why is None:
-                    continue
+                if why is not None:
+                    gone[row["id"]] = (row["worker_id"], why)
+        if not gone:
+            return []
+        recovered = []
+        async with self._transaction() as db:
+            for job_id, (worker_id, why) in gone.items():
+                # Still running for the same claim: a job that ended, or moved on, meanwhile is left alone.
+                row = await db.one(
+                    f"""SELECT id, attempts FROM jobs WHERE id = ? AND status = 'running'
+                        AND (worker_id = ? OR (worker_id IS NULL AND CAST(? AS TEXT) IS NULL)){db.skip_locked}""",
+                    job_id,
+                    worker_id,
+                    worker_id,
+                )
+                worker = await db.one("SELECT * FROM workers WHERE id = ?", worker_id)
+                if row is None or _why_gone(worker, now, lease_s, host, is_alive) is None:
+                    continue  # ended meanwhile, or its worker was heard from again
                 if row["attempts"] < max_attempts:
                     await db.run(
                         """UPDATE jobs SET status = 'queued', started_at = NULL, progress_json = NULL,
@@ -588,13 +616,18 @@ class JobQueue:
         row = await self._read_one("SELECT MAX(id) AS last FROM queue_events")
         return row["last"] or 0
 
-    async def shared_events_after(self, last_id: int, limit: int = 500) -> list[tuple[int, JobEvent]]:
-        """Events other processes shared after `last_id`, oldest first, each with the job as it is now."""
+    async def shared_events_after(
+        self, after_id: int, skip: Collection[int] = (), limit: int = 500
+    ) -> list[tuple[int, JobEvent]]:
+        """Events other processes shared after `after_id`, oldest first, but for the ids in `skip`; each with its job
+        as it is now."""
         rows = await self._read_all(
-            "SELECT * FROM queue_events WHERE id > ? AND origin != ? ORDER BY id LIMIT ?", last_id, self.origin, limit
+            "SELECT * FROM queue_events WHERE id > ? AND origin != ? ORDER BY id LIMIT ?", after_id, self.origin, limit
         )
         found = []
         for row in rows:
+            if row["id"] in skip:
+                continue
             kind = EventKind(row["kind"])
             try:
                 job = await self.get(row["job_id"])

@@ -7,6 +7,7 @@ opened, so the chat modules and the CLI's queue and model commands start in a fr
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import AsyncIterator, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +20,14 @@ from engine.cleanup import remove_delivered_videos, remove_stale_previews, remov
 from engine.config import Settings
 from engine.downloads import Downloader, check_repo_id, size_text, verify_snapshot, warn_missing_models
 from engine.errors import UserError
+from engine.event_follower import EventFollower
 from engine.events import EventBus, Subscription
+from engine.fleet import recover_orphans
 from engine.images import ImageInfo, ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
 from engine.jobs import Actor, EnqueueResult, EventKind, Job, JobSource, JobStatus, QueuePosition, WorkerRecord
 from engine.models import GenerationRequest, ModelRef, model_for_mode, resolve_model, resolve_request
-from engine.queue import JobQueue
+from engine.queue import WORKER_STOPPED, JobQueue
+from engine.shared_files import SharedFiles, shared_files
 from engine.supervisor import Supervisor
 from engine.video import fit_to_limit
 
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
     from engine.worker import Worker
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # What the facade passes on as it is: the wording of sizes, and two checks of model repos the CLI names.
 __all__ = [
     "Engine",
@@ -40,7 +45,6 @@ __all__ = [
     "Submission",
     "Subscription",
     "Upload",
-    "WorkerStatus",
     "check_pictures",
     "check_repo_id",
     "make_tiny_model",
@@ -68,16 +72,6 @@ class Submission:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class WorkerStatus:
-    """What /status shows of the worker."""
-
-    running: bool
-    current_job: int | None
-    loaded_model: str | None
-    downloading: frozenset[str]
-
-
 @dataclass
 class _Turn:
     """One user's submissions, one at a time; `users` counts the ones holding or awaiting `lock`."""
@@ -91,9 +85,10 @@ class Engine:
     settings: Settings
     queue: JobQueue
     store: ImageStore
-    runner: PipelineRunner
-    worker: Worker
-    prompt_lengths: PromptLengths
+    # None in a process that makes no videos (`wanbot serve`): it imports no torch, and workers elsewhere claim.
+    runner: PipelineRunner | None
+    worker: Worker | None
+    prompt_lengths: PromptLengths | None
     # The process's long-lived tasks (worker, relays, clean-up, chat connections) run under it.
     supervisor: Supervisor = field(default_factory=Supervisor)
     # Decoding is where a picture costs memory (up to images.max_decode_bytes): a few at a time, on threads of their
@@ -101,21 +96,29 @@ class Engine:
     _decodes: asyncio.Semaphore = field(init=False, repr=False)
     _decode_pool: ThreadPoolExecutor = field(init=False, repr=False)
     _turns: dict[str, _Turn] = field(init=False, repr=False, default_factory=dict)
+    _follower: EventFollower = field(init=False, repr=False)
+    # Pictures, videos and previews as every process of this queue sees them (on PostgreSQL, in the database).
+    files: SharedFiles = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._follower = EventFollower(self.queue)
+        self.files = shared_files(self.queue)
         slots = self.settings.images.max_concurrent_decodes
         self._decodes = asyncio.Semaphore(slots)
         self._decode_pool = ThreadPoolExecutor(slots, thread_name_prefix="wanbot-decode")
 
     @classmethod
-    async def open(cls, settings: Settings, locator: ModelLocator | None = None) -> Engine:
+    async def open(cls, settings: Settings, locator: ModelLocator | None = None, with_worker: bool = True) -> Engine:
+        """The engine of a process; `with_worker=False` for one that only serves chats (no model, no torch)."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        queue = await JobQueue.connect(settings.database_url, EventBus())
+        store = ImageStore(settings.images_dir, settings.images.background)
+        if not with_worker:
+            return cls(settings=settings, queue=queue, store=store, runner=None, worker=None, prompt_lengths=None)
         from engine.generate import PipelineRunner, default_locator, find_model_folder
         from engine.prompts import PromptLengths
         from engine.worker import Worker
 
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        queue = await JobQueue.connect(settings.database_url, EventBus())
-        store = ImageStore(settings.images_dir, settings.images.background)
         downloader = Downloader(settings.models_dir, settings.downloads)
         runner = PipelineRunner(settings.generation, locator or default_locator(settings, downloader))
         worker = Worker(queue, runner, store, settings, downloader, write_retry_s=settings.queue.write_retry_s)
@@ -126,10 +129,38 @@ class Engine:
 
     async def close(self) -> None:
         await self.supervisor.stop()
-        await self.worker.stop()
-        await self.worker.close()
+        if self.worker is not None:
+            await self.worker.stop()
+            await self.worker.close()
         await self.queue.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def shared_database(self) -> bool:
+        """The queue is on a database server, which other processes and machines may share."""
+        return self.queue.path is None
+
+    def share_events(self) -> None:
+        """Other processes (workers, a serving process) share this queue: its events are stored for them, and theirs
+        are published here by `follow_events`."""
+        self.queue.share_events()
+
+    async def follow_events(self) -> None:
+        """Publish the events of other processes here, until cancelled (a supervised task)."""
+        await self._follower.follow()
+
+    async def serve_metrics(self) -> None:
+        """/metrics and /healthz on metrics.port, until cancelled; healthy while no supervised task has failed."""
+        from engine.metrics import Metrics, serve_metrics
+
+        metrics = Metrics(self.settings.queue.lease_s)
+        config = self.settings.metrics
+        assert config.port is not None
+        follow = asyncio.ensure_future(metrics.follow(self.queue))
+        try:
+            await serve_metrics(metrics, self.queue, config.host, config.port, lambda: self.supervisor.failure)
+        finally:
+            follow.cancel()
 
     # -- what chat adapters and the relay read and change; a remote worker's serving process answers the same calls --
 
@@ -175,8 +206,6 @@ class Engine:
         """True when the job ran before and a restart (or crash) of the process sent it back to the queue."""
         if job.attempts > 1:  # a crash: the attempt it was on counted
             return True
-        from engine.worker import WORKER_STOPPED
-
         history = await self.queue.events_of(job.id)
         return any(kind == EventKind.REQUEUED and detail == WORKER_STOPPED for kind, detail in history)
 
@@ -188,15 +217,6 @@ class Engine:
         """The fleet: every worker process heard from in the last week (this process's too), newest first; whether
         each is online is `record.online(time.time(), settings.queue.lease_s)`."""
         return await self.queue.workers()
-
-    def worker_status(self) -> WorkerStatus:
-        worker = self.worker
-        return WorkerStatus(
-            running=worker.state.running,
-            current_job=worker.state.current_job,
-            loaded_model=worker.loaded_model,
-            downloading=frozenset(worker.downloading),
-        )
 
     # -- delivery --
 
@@ -215,6 +235,20 @@ class Engine:
     async def final_unshown(self, platform: str, max_attempts: int) -> list[Job]:
         return await self.queue.final_unshown(platform, max_attempts)
 
+    async def video_file(self, job: Job) -> Path | None:
+        """The finished video of `job` on this machine: where its worker wrote it, or (a worker on another machine)
+        fetched from the database into outputs/; None when it is gone."""
+        if job.result is None:
+            return None
+        made = Path(job.result.path)
+        if await asyncio.to_thread(made.is_file):
+            return made
+        try:
+            return await self.files.ensure_local("video", self.settings.outputs_dir / made.name)
+        except UserError as exc:
+            log.error("video of job=%s cannot be had: %s", job.id, exc)
+            return None
+
     async def fit_video(self, video: Path, limit_bytes: int) -> Path:
         """The video itself when it fits `limit_bytes`, else a re-encoded copy that does (UserError if none can)."""
         return await asyncio.to_thread(fit_to_limit, video, limit_bytes)
@@ -223,15 +257,26 @@ class Engine:
 
     async def recover(self) -> None:
         """Put back (or fail) what a crash left running, and pause if configured to, before anything starts."""
-        await self.worker.start_up()
+        if self.worker is not None:
+            await self.worker.start_up()
+        else:
+            await recover_orphans(self.queue, self.settings)
+
+    async def recover_periodically(self) -> None:
+        """In a process without a worker: put back the jobs of workers that went silent, every heartbeat_s."""
+        while True:
+            await asyncio.sleep(self.settings.queue.heartbeat_s)
+            await recover_orphans(self.queue, self.settings)
 
     async def run_worker(self) -> None:
+        assert self.worker is not None
         await self.worker.run()
 
     async def stop_worker(self, requeue_running: bool = True) -> None:
         """Stop making videos; the running job goes back to the queue, first in line (or, without `requeue_running`,
         stops at its next step as a cancelled job does)."""
-        await self.worker.stop(requeue_running=requeue_running)
+        if self.worker is not None:
+            await self.worker.stop(requeue_running=requeue_running)
 
     # -- live previews --
 
@@ -239,10 +284,15 @@ class Engine:
         """The running job's latest preview JPEG; None once the job has ended (its preview is removed then)."""
         from engine.previews import preview_path
 
+        path = preview_path(self.settings.previews_dir, job_id)
         try:
-            return await asyncio.to_thread(preview_path(self.settings.previews_dir, job_id).read_bytes)
+            return await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
+            pass
+        # A worker on another machine: its latest preview is in the database while the job runs.
+        if (await self.queue.get(job_id)).status is not JobStatus.RUNNING:
             return None
+        return await self.files.read("preview", path.name)
 
     async def set_previews(self, platform: str, chat_id: str, on: bool) -> None:
         await self.queue.set_flag(_previews_flag(platform, chat_id), "on" if on else "off")
@@ -260,9 +310,9 @@ class Engine:
         settings = self.settings
         image_retention_s = settings.images.retention_hours * 3600
         video_retention_s = settings.outputs.retention_hours * 3600
-        images = await remove_unused_images(self.queue, self.store, image_retention_s)
-        videos = await remove_delivered_videos(self.queue, settings.outputs_dir, video_retention_s)
-        await remove_stale_previews(self.queue, settings.previews_dir)
+        images = await remove_unused_images(self.queue, self.store, image_retention_s, files=self.files)
+        videos = await remove_delivered_videos(self.queue, settings.outputs_dir, video_retention_s, files=self.files)
+        await remove_stale_previews(self.queue, settings.previews_dir, files=self.files)
         return images, videos
 
     def device_text(self) -> str:
@@ -270,6 +320,7 @@ class Engine:
         attention=native (no CUDA GPU); ...")."""
         from engine.generate import describe_device
 
+        assert self.runner is not None
         return f"{describe_device(self.settings.generation)}; speed-ups: {self.runner.speedups.describe()}"
 
     async def say_missing_models(self, say: Callable[[str], None]) -> None:
@@ -359,10 +410,13 @@ class Engine:
                 start=infos[0] if infos else None,
                 end=infos[1] if len(infos) > 1 else None,
             )
-            too_long = await self.prompt_lengths.warnings(model, params)
+            # A serving process has no tokenizer (no torch): the worker's model cuts a long prompt all the same.
+            too_long = await self.prompt_lengths.warnings(model, params) if self.prompt_lengths else []
             warnings = [*(notes or []), *checked.warnings, *params.warnings, *too_long]
             params = params.model_copy(update={"warnings": warnings})
             stored = [await asyncio.to_thread(self.store.put, image) for image in checked.images]
+            for info in stored:  # before the job exists, so any worker that claims it finds its pictures
+                await self.files.publish("image", self.store.path_for(info.sha256))
             result = await self.queue.enqueue(
                 source,
                 request.mode,

@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import secrets
-import sqlite3
+import socket
 import threading
 import time
 import traceback
@@ -23,20 +24,20 @@ from pathlib import Path
 
 from engine.config import Settings
 from engine.downloads import Downloader
-from engine.errors import UserError
+from engine.errors import ClaimLost, UserError
 from engine.events import Subscription
 from engine.fetcher import ModelFetcher
-from engine.generate import JobCancelled, JobInterrupted, PipelineRunner, RunHooks, RunOutput
+from engine.fleet import recover_orphans
+from engine.generate import JobCancelled, JobInterrupted, PipelineRunner, RunHooks, RunOutput, device_facts
 from engine.images import ImageStore
-from engine.jobs import EventKind, Job, JobEvent, PreviewInfo, Progress, ResultInfo, Stage
+from engine.jobs import EventKind, Job, PreviewInfo, Progress, ResultInfo, Stage, WorkerRecord
+from engine.jobs import WorkerState as FleetState
 from engine.previews import LivePreviews, preview_path, remove_preview
-from engine.queue import JobQueue
+from engine.queue import DATABASE_DOWN, WORKER_STOPPED, JobQueue
+from engine.shared_files import shared_files
 from engine.video import encode_mp4
 
 log = logging.getLogger(__name__)
-
-
-WORKER_STOPPED = "the worker stopped"  # why a running job went back to the queue when the process stopped
 
 
 @dataclass
@@ -54,6 +55,8 @@ class WorkerState:
 class _Flags:
     cancel: threading.Event = field(default_factory=threading.Event)
     interrupt: threading.Event = field(default_factory=threading.Event)
+    # The job went back to the queue while this worker was silent: stop, and write nothing more about it.
+    lost: threading.Event = field(default_factory=threading.Event)
 
 
 class Worker:
@@ -85,8 +88,13 @@ class Worker:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._flags: _Flags | None = None
+        self._claim_token: str | None = None
+        self._files = shared_files(queue)
         self._fetcher = ModelFetcher(queue, downloader, self._wake.set)
         self.state = WorkerState()
+        self._host = socket.gethostname()
+        self._started_at = time.time()
+        self.id = f"{self._host}/{settings.generation.device}/{os.getpid()}"
 
     @property
     def loaded_model(self) -> str | None:
@@ -98,12 +106,61 @@ class Worker:
         return self._fetcher.busy_models
 
     async def start_up(self) -> None:
-        """Recover jobs a crash left running, and pause if configured to."""
-        recovered = await self._queue.recover_interrupted(self._settings.queue.max_attempts)
-        for job in recovered:
-            log.warning("recovered interrupted job=%s now=%s attempts=%s", job.id, job.status.value, job.attempts)
+        """Say this worker is here, recover jobs whose worker is gone (a crash of this machine's last process is seen
+        at once; another machine's after the lease), and pause if configured to."""
+        await self._queue.heartbeat(self.record())
+        await self._recover()
         if self._settings.queue.pause_on_start:
             await self._queue.set_paused(True)
+
+    async def _recover(self) -> None:
+        await recover_orphans(self._queue, self._settings)
+
+    def record(self, state: FleetState | None = None) -> WorkerRecord:
+        """This worker as the fleet sees it."""
+        device, gpu_name, free_bytes = device_facts(self._settings.generation)
+        if state is None:
+            if self.state.current_job is not None:
+                state = FleetState.WORKING
+            else:
+                state = FleetState.PAUSED if self.state.paused else FleetState.IDLE
+        return WorkerRecord(
+            id=self.id,
+            host=self._host,
+            pid=os.getpid(),
+            device=device,
+            gpu_name=gpu_name,
+            free_memory_bytes=free_bytes,
+            loaded_model=self._runner.loaded_model,
+            downloading=sorted(self._fetcher.busy_models),
+            current_job=self.state.current_job,
+            state=state,
+            started_at=self._started_at,
+        )
+
+    async def _heartbeat_forever(self) -> None:
+        """Every heartbeat_s: say this worker is alive, and put back the jobs of workers that are gone. A database
+        that cannot be reached is logged and tried again; the running job goes on meanwhile, and once the database
+        is back the worker either still holds its job or learns that it was given to another and drops it."""
+        while True:
+            try:
+                flags, token = self._flags, self._claim_token
+                held = await self._queue.heartbeat(self.record(), token)
+                if not held and flags is not None and token == self._claim_token:
+                    log.error(
+                        "job=%s was queued again while this worker was silent; dropping it", self.state.current_job
+                    )
+                    flags.lost.set()
+                await self._recover()
+            except Exception:
+                log.warning("heartbeat failed; trying again in %.0f s", self._settings.queue.heartbeat_s, exc_info=True)
+            await asyncio.sleep(self._settings.queue.heartbeat_s)
+
+    async def _say_stopped(self) -> None:
+        try:
+            await self._queue.heartbeat(self.record(FleetState.STOPPED))
+        except Exception:
+            log.warning("could not record this worker as stopped", exc_info=True)
 
     async def run(self, stop_after: int | None = None) -> None:
         """Process jobs until `stop()` (or, for the CLI, until `stop_after` jobs are done and nothing waits).
@@ -112,6 +169,7 @@ class Worker:
         the loop waits (doubling, up to a minute) and goes on once the disk or the lock is back."""
         inbox = self._queue.events.subscribe()
         wake_task = asyncio.create_task(self._wake_on_events(inbox))
+        heartbeat = asyncio.create_task(self._heartbeat_forever())
         self.state.running = True
         wait_s = self._error_wait_s
         try:
@@ -128,7 +186,9 @@ class Worker:
         finally:
             self.state.running = False
             wake_task.cancel()
+            heartbeat.cancel()
             inbox.close()
+            await self._say_stopped()
 
     async def _step(self, stop_after: int | None) -> bool:
         """Claim and process one job, or wait a poll interval; False once `stop_after` jobs are done."""
@@ -138,7 +198,7 @@ class Worker:
         job = None
         if not self.state.paused:
             job = await self._queue.claim_next(
-                self._runner.loaded_model, self._settings.queue.max_model_skips, self._fetcher.busy_models
+                self._runner.loaded_model, self._settings.queue.max_model_skips, self._fetcher.busy_models, self.id
             )
         if job is None:
             done = stop_after is not None and self.state.jobs_done >= stop_after
@@ -156,11 +216,12 @@ class Worker:
                 f"Video #{job.id} could not be made: its model is no longer on this server. "
                 f"An admin can check models.{job.mode.value} in the configuration."
             )
-            await self._finish(job.id, "fail", partial(self._queue.mark_failed, job.id, message, str(exc)))
+            failed = partial(self._queue.mark_failed, job.id, message, str(exc), token=job.claim_token)
+            await self._finish(job.id, "fail", failed)
             return True
         if missing:
             # Back to the queue until its model is here; jobs for other models go on meanwhile.
-            await self._queue.requeue(job.id, "waiting for the model download")
+            await self._queue.requeue(job.id, "waiting for the model download", token=job.claim_token)
             self._fetcher.start(job.model)
             return True
         await self._process(job)
@@ -207,33 +268,43 @@ class Worker:
         if job.cancel_requested:
             flags.cancel.set()
         self._flags = flags
+        self._claim_token = job.claim_token
         self.state.current_job = job.id
         watcher = asyncio.create_task(self._watch_cancel(job.id, flags))
-        reporter = _ProgressReporter(self._queue, job.id, self._persist_s, self._clock)
+        reporter = _ProgressReporter(
+            self._queue, job, self._persist_s, self._clock, flags.lost.set, self._share_preview
+        )
+        token = job.claim_token
         try:
             await self._generate(job, flags, reporter)
         except JobInterrupted:
             await reporter.drain()
-            await self._finish(job.id, "requeue", partial(self._queue.requeue, job.id, WORKER_STOPPED))
+            if flags.lost.is_set():
+                log.error("dropped job=%s: another worker has it now", job.id)
+            else:
+                requeue = partial(self._queue.requeue, job.id, WORKER_STOPPED, token=token)
+                await self._finish(job.id, "requeue", requeue)
         except JobCancelled:
             await reporter.drain()
-            await self._finish(job.id, "cancel", partial(self._queue.mark_cancelled, job.id))
+            await self._finish(job.id, "cancel", partial(self._queue.mark_cancelled, job.id, token=token))
         except UserError as exc:
             await reporter.drain()
             self.state.last_error = str(exc)
             detail = f"{type(exc).__name__}: {exc}"
-            await self._finish(job.id, "fail", partial(self._queue.mark_failed, job.id, str(exc), detail))
+            await self._finish(job.id, "fail", partial(self._queue.mark_failed, job.id, str(exc), detail, token=token))
         except Exception as exc:
             await reporter.drain()
             log.exception("job failed job=%s user=%s model=%s", job.id, job.source.user_key, job.model)
             self.state.last_error = f"{type(exc).__name__}: {exc}"
-            failed = partial(self._queue.mark_failed, job.id, _failure_message(job.id, exc), traceback.format_exc())
-            await self._finish(job.id, "fail", failed)
+            message, trace = _failure_message(job.id, exc), traceback.format_exc()
+            await self._finish(job.id, "fail", partial(self._queue.mark_failed, job.id, message, trace, token=token))
         finally:
             watcher.cancel()
             self._flags = None
+            self._claim_token = None
             self.state.current_job = None
             await asyncio.to_thread(remove_preview, self._settings.previews_dir, job.id)
+            await self._forget_shared_preview(job.id)
 
     async def _finish(self, job_id: int, what: str, write: Callable[[], Awaitable[object]]) -> None:
         """A job's last database write, retried while the database is locked, read-only or its disk full.
@@ -247,7 +318,11 @@ class Worker:
             try:
                 await write()
                 return
-            except sqlite3.OperationalError as exc:
+            except ClaimLost as exc:
+                # Another worker runs it now (this one was silent past the lease): its result is that one's.
+                log.error("could not record job=%s as %s: %s", job_id, what, exc)
+                return
+            except DATABASE_DOWN as exc:
                 if self._stop.is_set():
                     # Left running in the database: the next start puts it back in the queue.
                     log.error("could not record job=%s as %s before stopping: %s", job_id, what, exc)
@@ -255,7 +330,9 @@ class Worker:
                 if what != "fail" and self._clock() >= deadline:
                     log.error("could not record job=%s as %s in %.0f s: %s", job_id, what, self._write_retry_s, exc)
                     message = f"Video #{job_id} could not be saved: the server's database refused the write."
-                    write = partial(self._queue.mark_failed, job_id, message, f"{what} not recorded: {exc}")
+                    write = partial(
+                        self._queue.mark_failed, job_id, message, f"{what} not recorded: {exc}", token=self._claim_token
+                    )
                     what = "fail"
                     continue
                 log.warning("recording job=%s as %s failed (%s); trying again in %.1f s", job_id, what, exc, wait_s)
@@ -278,11 +355,13 @@ class Worker:
 
     async def _generate(self, job: Job, flags: _Flags, reporter: _ProgressReporter) -> None:
         loop = asyncio.get_running_loop()
+        for info in job.images:  # from the database when the job was asked for on another machine
+            await self._files.ensure_local("image", self._store.path_for(info.sha256))
         images = [await asyncio.to_thread(self._store.restore, info) for info in job.images]
         hooks = RunHooks(
             on_progress=lambda progress: loop.call_soon_threadsafe(reporter.report, progress),
             should_cancel=flags.cancel.is_set,
-            should_interrupt=flags.interrupt.is_set,
+            should_interrupt=lambda: flags.interrupt.is_set() or flags.lost.is_set(),
             timeout_s=self._settings.generation.timeout_s,
             clock=self._clock,
             previews=self._live_previews(job, reporter),
@@ -320,24 +399,35 @@ class Worker:
         video = await loop.run_in_executor(self._executor, encode_mp4, output.frames, job.params.fps, target, metadata)
         output.timings["encode_s"] = self._clock() - started
         await reporter.drain()
-        result = partial(
-            self._queue.mark_succeeded,
-            job.id,
-            ResultInfo(
-                path=str(Path(video.path)),
-                bytes=video.bytes,
-                width=video.width,
-                height=video.height,
-                frames=video.frames,
-                fps=job.params.fps,
-                duration_s=video.duration_s,
-                model=job.model,
-                seed=job.params.seed,
-                timings=output.timings,
-                run=output.info,
-            ),
+        result = ResultInfo(
+            path=str(Path(video.path)),
+            bytes=video.bytes,
+            width=video.width,
+            height=video.height,
+            frames=video.frames,
+            fps=job.params.fps,
+            duration_s=video.duration_s,
+            model=job.model,
+            seed=job.params.seed,
+            timings=output.timings,
+            run=output.info,
         )
-        await self._finish(job.id, "succeed", result)
+
+        async def record() -> None:
+            # The video first: a serving process on another machine fetches it as soon as the job has succeeded.
+            await self._files.publish("video", Path(video.path))
+            await self._queue.mark_succeeded(job.id, result, token=job.claim_token)
+
+        await self._finish(job.id, "succeed", record)
+
+    async def _share_preview(self, job_id: int) -> None:
+        await self._files.publish("preview", preview_path(self._settings.previews_dir, job_id))
+
+    async def _forget_shared_preview(self, job_id: int) -> None:
+        try:
+            await self._files.remove("preview", [preview_path(self._settings.previews_dir, job_id).name])
+        except DATABASE_DOWN:
+            log.warning("could not remove the shared preview of job=%s; the clean-up will", job_id, exc_info=True)
 
 
 def output_name(job_id: int) -> str:
@@ -357,9 +447,20 @@ class _ProgressReporter:
     A new live preview is announced at once (a PREVIEW event); every later update carries it, and the next one
     stores it with the job, so another process finds it too."""
 
-    def __init__(self, queue: JobQueue, job_id: int, persist_s: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        queue: JobQueue,
+        job: Job,
+        persist_s: float,
+        clock: Callable[[], float],
+        on_lost: Callable[[], None],
+        share_preview: Callable[[int], Awaitable[None]],
+    ) -> None:
         self._queue = queue
-        self._job_id = job_id
+        self._share_preview = share_preview
+        self._job_id = job.id
+        self._token = job.claim_token
+        self._on_lost = on_lost
         self._persist_s = persist_s
         self._clock = clock
         self._last_persist = float("-inf")
@@ -381,7 +482,7 @@ class _ProgressReporter:
             self._last_persist = now
             self._preview_stored = True
         self._last_stage = progress.stage
-        self._track(self._queue.update_progress(self._job_id, progress, persist))
+        self._track(self._queue.update_progress(self._job_id, progress, persist, self._token))
 
     def show_preview(self, preview: PreviewInfo) -> None:
         self._preview = preview
@@ -389,9 +490,8 @@ class _ProgressReporter:
         self._track(self._announce(preview))
 
     async def _announce(self, preview: PreviewInfo) -> None:
-        # The job as it is now: an adapter may have moved its progress message since the job was claimed.
-        job = await self._queue.get(self._job_id)
-        self._queue.events.publish(JobEvent(kind=EventKind.PREVIEW, job=job, preview=preview))
+        await self._share_preview(self._job_id)
+        await self._queue.announce_preview(self._job_id, preview)
 
     def _track(self, work: Awaitable[None]) -> None:
         self._pending = [task for task in self._pending if not task.done()]
@@ -401,7 +501,11 @@ class _ProgressReporter:
 
     def _log_failure(self, task: asyncio.Future[None]) -> None:
         # A lost progress report only leaves the chat a step behind; the job goes on, but the fault is not hidden.
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled() or task.exception() is None:
+            return
+        if isinstance(task.exception(), ClaimLost):
+            self._on_lost()
+        else:
             log.warning("progress report of job=%s failed", self._job_id, exc_info=task.exception())
 
     async def drain(self) -> None:

@@ -367,7 +367,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
     )
     assert all(answer["type"] == 4 and answer["data"]["flags"] & 64 for answer in answers)  # each only to the presser
     contents = [answer["data"]["content"] for answer in answers]
-    only_admins = "Only admins can pause or resume the queue.\nAsk an admin; /status shows the worker."
+    only_admins = "Only admins can pause or resume the queue.\nAsk an admin; /status shows the workers."
     # Each handler answers as soon as it can: the order of the answers is not the order of the clicks.
     assert sorted(contents) == sorted([NOT_ALLOWED] * 8 + [only_admins, NOT_YOURS_TO_REROLL])
     assert [job.status for job in jobs] == [JobStatus.QUEUED, JobStatus.SUCCEEDED]

@@ -12,7 +12,7 @@ from engine.config import ChatConfig
 from engine.images import Mode
 from engine.jobs import DeliveryStatus, Progress, Stage
 from engine.service import Engine
-from engine.worker import WORKER_STOPPED
+from engine.queue import WORKER_STOPPED
 from tests.factories import ADMIN, params, source
 from tests.running import until
 from tests.test_supervision import FakePlatform, finished_job, relay_for

@@ -1,0 +1,77 @@
+"""`wanbot worker --devices cuda:0,cuda:1`: one worker process per GPU, each started again when it dies (a CUDA error
+in one never takes the others down), all stopped together on Ctrl+C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+CONFIG_ERROR = 2  # what `wanbot` exits with for a setting or argument no restart can fix
+FIRST_WAIT_S = 1.0
+MAX_WAIT_S = 60.0
+HEALTHY_AFTER_S = 300.0  # a child that ran this long before dying starts its backoff again
+STOP_WAIT_S = 60.0  # how long a child may take to put its job back in the queue after SIGTERM
+
+
+def worker_command(device: str, config: str | None) -> list[str]:
+    command = [sys.executable, "-c", "from bot.cli import main; main()", "worker", "--device", device]
+    return [*command, "--config", config] if config else command
+
+
+async def run_worker_processes(devices: list[str], config: str | None, say: Callable[[str], None]) -> str | None:
+    """Keep one `wanbot worker --device D` running per device until a signal (None), or until one cannot start
+    because of its configuration (what failed)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    failures: list[str] = []
+    say(f"wanbot starting {len(devices)} worker processes: {', '.join(devices)}; Ctrl+C stops them all")
+    keepers = [asyncio.create_task(_keep(device, config, stop, failures)) for device in devices]
+    await asyncio.gather(*keepers)
+    return failures[0] if failures else None
+
+
+async def _keep(device: str, config: str | None, stop: asyncio.Event, failures: list[str]) -> None:
+    wait_s = FIRST_WAIT_S
+    while not stop.is_set():
+        started = time.monotonic()
+        child = await asyncio.create_subprocess_exec(*worker_command(device, config))
+        stopping = asyncio.ensure_future(stop.wait())
+        exited = asyncio.ensure_future(child.wait())
+        await asyncio.wait([stopping, exited], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if stop.is_set():
+            await _stop_child(child, device)
+            return
+        code = exited.result()
+        if code == CONFIG_ERROR:
+            failures.append(f"the worker for {device} cannot start (exit {code}; its error is above)")
+            stop.set()
+            return
+        if time.monotonic() - started >= HEALTHY_AFTER_S:
+            wait_s = FIRST_WAIT_S
+        log.error("worker process for %s exited with %s; starting it again in %.0f s", device, code, wait_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=wait_s)
+        wait_s = min(wait_s * 2, MAX_WAIT_S)
+
+
+async def _stop_child(child: asyncio.subprocess.Process, device: str) -> None:
+    """SIGTERM: the child puts its running job back in the queue and exits; one that hangs is killed."""
+    if child.returncode is not None:
+        return
+    child.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(child.wait(), timeout=STOP_WAIT_S)
+    except TimeoutError:
+        log.error("worker process for %s did not stop in %.0f s; killing it", device, STOP_WAIT_S)
+        child.kill()
+        await child.wait()

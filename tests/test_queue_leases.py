@@ -1,0 +1,161 @@
+"""Workers, leases and events shared between processes, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from engine.errors import ClaimLost
+from engine.event_follower import EventFollower
+from engine.images import Mode
+from engine.jobs import EventKind, JobStatus, Progress, ResultInfo, Stage, WorkerRecord, WorkerState
+from engine.queue import JobQueue
+from tests.factories import ADMIN, params, source
+from tests.running import until
+
+pytestmark = pytest.mark.both_backends
+LEASE_S = 60.0
+
+
+def result() -> ResultInfo:
+    return ResultInfo(path="x.mp4", bytes=1, width=64, height=64, frames=5, fps=16, duration_s=0.3, model="t", seed=1)
+
+
+def worker(name: str, host: str = "gpu-a", pid: int = 100, **fields: object) -> WorkerRecord:
+    return WorkerRecord(id=name, host=host, pid=pid, device="cuda:0", started_at=0.0, **fields)
+
+
+@pytest.fixture
+async def clocked(queue: JobQueue):
+    """The queue with a clock the test moves: [JobQueue, now]."""
+    now = [1000.0]
+    yield JobQueue(queue._db, queue.events, lambda: now[0]), now
+
+
+async def claimed_by(queue: JobQueue, name: str, prompt: str = "p", **fields: object):
+    await queue.enqueue(source(prompt), Mode.T2V, "tiny", params(prompt))
+    await queue.heartbeat(worker(name, **fields))
+    job = await queue.claim_next(worker_id=name)
+    assert job is not None and job.worker_id == name and job.claim_token
+    return job
+
+
+async def test_a_silent_worker_loses_its_job_after_the_lease_and_its_late_writes_are_refused(clocked):
+    queue, now = clocked
+    job = await claimed_by(queue, "w1")
+    now[0] += LEASE_S - 1  # still within the lease: nothing to recover
+    assert await queue.recover_interrupted(max_attempts=3, lease_s=LEASE_S) == []
+    now[0] += 2
+    (recovered,) = await queue.recover_interrupted(max_attempts=3, lease_s=LEASE_S)
+    assert recovered.status is JobStatus.QUEUED and recovered.attempts == 1 and recovered.claim_token is None
+    assert "was not heard from" in (await queue.events_of(job.id))[-1][1]
+
+    await queue.heartbeat(worker("w2"))
+    again = await queue.claim_next(worker_id="w2")
+    assert again.id == job.id and again.attempts == 2 and again.claim_token != job.claim_token
+
+    # The first worker comes back: it learns the job is gone, and nothing it writes lands.
+    assert await queue.heartbeat(worker("w1", current_job=job.id), job.claim_token) is False
+    with pytest.raises(ClaimLost):
+        await queue.update_progress(job.id, Progress(stage=Stage.DENOISING, step=1, total=2), token=job.claim_token)
+    with pytest.raises(ClaimLost):
+        await queue.mark_succeeded(job.id, result(), token=job.claim_token)
+    with pytest.raises(ClaimLost):
+        await queue.requeue(job.id, "stopping", token=job.claim_token)
+    finished = await queue.mark_succeeded(job.id, result(), token=again.claim_token)
+    assert finished.status is JobStatus.SUCCEEDED and finished.worker_id == "w2"
+
+
+async def test_a_heartbeat_keeps_the_job_and_a_worker_back_in_time_resumes_it(clocked):
+    queue, now = clocked
+    job = await claimed_by(queue, "w1")
+    for _ in range(5):
+        now[0] += LEASE_S / 2
+        assert await queue.heartbeat(worker("w1", current_job=job.id), job.claim_token) is True
+        assert await queue.recover_interrupted(max_attempts=3, lease_s=LEASE_S) == []
+    # Silent for longer than the lease, but back before anyone looked: the job is still its own.
+    now[0] += LEASE_S * 3
+    assert await queue.heartbeat(worker("w1", current_job=job.id), job.claim_token) is True
+    assert await queue.recover_interrupted(max_attempts=3, lease_s=LEASE_S) == []
+    assert (await queue.mark_cancelled(job.id, token=job.claim_token)).status is JobStatus.CANCELLED
+
+
+async def test_a_stopped_worker_or_a_dead_process_of_this_host_loses_its_job_at_once(clocked):
+    queue, _ = clocked
+    stopped = await claimed_by(queue, "w-stopped", "a")
+    crashed = await claimed_by(queue, "w-crashed", "b", host="here", pid=4242)
+    other_host = await claimed_by(queue, "w-elsewhere", "c", host="there", pid=4242)
+    await queue.heartbeat(worker("w-stopped", state=WorkerState.STOPPED))
+
+    recovered = await queue.recover_interrupted(3, LEASE_S, host="here", is_alive=lambda pid: pid != 4242)
+    assert sorted(job.id for job in recovered) == [stopped.id, crashed.id]
+    assert (await queue.get(other_host.id)).status is JobStatus.RUNNING  # another machine's pid says nothing here
+
+
+async def test_a_job_out_of_attempts_fails_with_a_message(clocked):
+    queue, now = clocked
+    job = await claimed_by(queue, "w1")
+    now[0] += LEASE_S + 1
+    (failed,) = await queue.recover_interrupted(max_attempts=1, lease_s=LEASE_S)
+    assert failed.status is JobStatus.FAILED and "stopped while making this video 1 times" in failed.error_user
+    assert failed.id == job.id
+
+
+async def test_workers_are_listed_with_what_they_do(clocked):
+    queue, now = clocked
+    job = await claimed_by(queue, "w1")
+    await queue.heartbeat(
+        worker("w1", current_job=job.id, state=WorkerState.WORKING, loaded_model="tiny", downloading=["big"]),
+        job.claim_token,
+    )
+    now[0] += 1
+    await queue.heartbeat(worker("w2", gpu_name="H100", free_memory_bytes=2**34, state=WorkerState.IDLE))
+    listed = {record.id: record for record in await queue.workers()}
+    assert listed["w1"].current_job == job.id and listed["w1"].downloading == ["big"]
+    assert listed["w1"].state is WorkerState.WORKING and listed["w2"].free_memory_bytes == 2**34
+    assert listed["w2"].online(now[0], LEASE_S) and not listed["w1"].online(now[0] + LEASE_S + 1, LEASE_S)
+
+
+async def test_events_reach_another_process_sharing_the_database(queue: JobQueue, database_url: str):
+    """Two queues on one database are two processes: a worker's progress and a serving process's cancel each reach
+    the other through the shared events (NOTIFY on PostgreSQL, polling on SQLite)."""
+    serving = await JobQueue.connect(database_url)
+    follower_tasks = []
+    try:
+        for side in (queue, serving):
+            side.share_events()
+            follower_tasks.append(asyncio.create_task(EventFollower(side).follow()))
+        heard_by_serving = serving.events.subscribe()
+        heard_by_worker = queue.events.subscribe()
+        await asyncio.sleep(0.3)  # both followers have started
+
+        asked = await serving.enqueue(source("alice"), Mode.T2V, "tiny", params())
+        assert (await asyncio.wait_for(heard_by_worker.get(), 10)).kind is EventKind.ENQUEUED
+        job = await queue.claim_next(worker_id="w1")
+        await queue.update_progress(job.id, Progress(stage=Stage.DENOISING, step=1, total=2), token=job.claim_token)
+        kinds = []
+        while EventKind.PROGRESS not in kinds:
+            event = await asyncio.wait_for(heard_by_serving.get(), 10)
+            kinds.append(event.kind)
+        assert kinds[0] is EventKind.ENQUEUED  # its own, published at once
+        assert event.progress.step == 1 and event.job.id == asked.job.id
+
+        await serving.cancel(job.id, ADMIN)
+        event = await until(lambda: _drain_for(heard_by_worker, EventKind.CANCEL_REQUESTED), what="the cancel")
+        assert event.job.cancel_requested
+    finally:
+        for task in follower_tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await serving.close()
+
+
+def _drain_for(subscription, kind: EventKind):
+    while not subscription.caught_up():
+        event = subscription._inbox.get_nowait()
+        if event.kind is kind:
+            return event
+    return None
