@@ -438,7 +438,8 @@ def workers(as_json: JsonOption = False, config: ConfigOption = None) -> None:
     records, jobs = _run(work())
     now, lease_s = time.time(), settings.queue.lease_s
     online = {record.id: record.online(now, lease_s) for record in records}
-    records.sort(key=lambda record: not online[record.id])  # online first, each part as the store lists it
+    # Online first, then offline (silent: worth a look), then stopped; each part as the store lists it.
+    records.sort(key=lambda record: 0 if online[record.id] else 2 if record.state is WorkerState.STOPPED else 1)
     if as_json:
         rows = [{**record.model_dump(mode="json"), "online": online[record.id]} for record in records]
         console.print_json(json.dumps(rows))

@@ -36,13 +36,14 @@ class Role(StrEnum):
 async def serve(settings: Settings, say: Callable[[str], None], role: Role = Role.RUN) -> str | None:
     """Run until a signal (None) or until a long-lived task could not be kept alive (what failed). `say` prints the
     lines an operator reads at start-up."""
-    makes_videos = role is not Role.SERVE
-    engine = await Engine.open(settings, with_worker=makes_videos)
-    supervisor = engine.supervisor
+    # First of all: a signal while torch and the model code load (seconds) still ends the process cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    makes_videos = role is not Role.SERVE
+    engine = await Engine.open(settings, with_worker=makes_videos)
+    supervisor = engine.supervisor
     adapters: list[Any] = []
     try:
         with worker_lock(settings) if makes_videos else contextlib.nullcontext(True) as own_worker:

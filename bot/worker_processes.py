@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -18,6 +19,15 @@ FIRST_WAIT_S = 1.0
 MAX_WAIT_S = 60.0
 HEALTHY_AFTER_S = 300.0  # a child that ran this long before dying starts its backoff again
 STOP_WAIT_S = 60.0  # how long a child may take to put its job back in the queue after SIGTERM
+
+
+def thread_limits(devices: list[str]) -> dict[str, str]:
+    """CPU workers on one machine share its cores: torch's default of a thread per core in each would have them wait
+    on each other (bench/scale.py measured a tenth of the speed). An OMP_NUM_THREADS already set is kept."""
+    on_cpu = sum(device == "cpu" for device in devices)
+    if on_cpu < 2 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // on_cpu))}
 
 
 def worker_command(device: str, config: str | None) -> list[str]:
@@ -34,16 +44,17 @@ async def run_worker_processes(devices: list[str], config: str | None, say: Call
         loop.add_signal_handler(signum, stop.set)
     failures: list[str] = []
     say(f"wanbot starting {len(devices)} worker processes: {', '.join(devices)}; Ctrl+C stops them all")
-    keepers = [asyncio.create_task(_keep(device, config, stop, failures)) for device in devices]
+    env = {**os.environ, **thread_limits(devices)}
+    keepers = [asyncio.create_task(_keep(device, config, env, stop, failures)) for device in devices]
     await asyncio.gather(*keepers)
     return failures[0] if failures else None
 
 
-async def _keep(device: str, config: str | None, stop: asyncio.Event, failures: list[str]) -> None:
+async def _keep(device: str, config: str | None, env: dict[str, str], stop: asyncio.Event, failures: list[str]) -> None:
     wait_s = FIRST_WAIT_S
     while not stop.is_set():
         started = time.monotonic()
-        child = await asyncio.create_subprocess_exec(*worker_command(device, config))
+        child = await asyncio.create_subprocess_exec(*worker_command(device, config), env=env)
         stopping = asyncio.ensure_future(stop.wait())
         exited = asyncio.ensure_future(child.wait())
         await asyncio.wait([stopping, exited], return_when=asyncio.FIRST_COMPLETED)

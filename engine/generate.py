@@ -402,8 +402,14 @@ def device_facts(config: GenerationConfig) -> tuple[str, str | None, int | None]
     device = _pick_device(config.device)
     if device.type == "cpu":
         return "cpu", None, None
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    return str(device), torch.cuda.get_device_name(device), free_bytes
+    try:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        return str(device), torch.cuda.get_device_name(device), free_bytes
+    except (AssertionError, RuntimeError, ValueError) as exc:  # torch's words for "no such GPU here"
+        raise UserError(
+            f"generation.device is {config.device}, which this machine cannot use: {exc}.",
+            "Give a GPU this machine has (nvidia-smi lists them; cuda:0 is the first), or cpu.",
+        ) from None
 
 
 def _pick_device(configured: str) -> torch.device:

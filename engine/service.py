@@ -111,16 +111,18 @@ class Engine:
     async def open(cls, settings: Settings, locator: ModelLocator | None = None, with_worker: bool = True) -> Engine:
         """The engine of a process; `with_worker=False` for one that only serves chats (no model, no torch)."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        queue = await JobQueue.connect(settings.database_url, EventBus())
         store = ImageStore(settings.images_dir, settings.images.background)
         if not with_worker:
+            queue = await JobQueue.connect(settings.database_url, EventBus())
             return cls(settings=settings, queue=queue, store=store, runner=None, worker=None, prompt_lengths=None)
-        from engine.generate import PipelineRunner, default_locator, find_model_folder
+        from engine.generate import PipelineRunner, default_locator, device_facts, find_model_folder
         from engine.prompts import PromptLengths
         from engine.worker import Worker
 
+        device_facts(settings.generation)  # a GPU this machine lacks is said in one line, before anything uses it
         downloader = Downloader(settings.models_dir, settings.downloads)
         runner = PipelineRunner(settings.generation, locator or default_locator(settings, downloader))
+        queue = await JobQueue.connect(settings.database_url, EventBus())
         worker = Worker(queue, runner, store, settings, downloader, write_retry_s=settings.queue.write_retry_s)
         prompt_lengths = PromptLengths(lambda model: find_model_folder(settings, downloader, model))
         return cls(

@@ -89,6 +89,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._flags: _Flags | None = None
         self._claim_token: str | None = None
+        self._announced = False  # this worker has a record in the fleet (it said it is here)
         self._files = shared_files(queue)
         self._fetcher = ModelFetcher(queue, downloader, self._wake.set)
         self.state = WorkerState()
@@ -109,6 +110,7 @@ class Worker:
         """Say this worker is here, recover jobs whose worker is gone (a crash of this machine's last process is seen
         at once; another machine's after the lease), and pause if configured to."""
         await self._queue.heartbeat(self.record())
+        self._announced = True
         await self._recover()
         if self._settings.queue.pause_on_start:
             await self._queue.set_paused(True)
@@ -146,6 +148,7 @@ class Worker:
             try:
                 flags, token = self._flags, self._claim_token
                 held = await self._queue.heartbeat(self.record(), token)
+                self._announced = True
                 if not held and flags is not None and token == self._claim_token:
                     log.error(
                         "job=%s was queued again while this worker was silent; dropping it", self.state.current_job
@@ -157,6 +160,8 @@ class Worker:
             await asyncio.sleep(self._settings.queue.heartbeat_s)
 
     async def _say_stopped(self) -> None:
+        if not self._announced:
+            return  # never in the fleet (a CLI run, say): nothing to take back
         try:
             await self._queue.heartbeat(self.record(FleetState.STOPPED))
         except Exception:
@@ -188,7 +193,6 @@ class Worker:
             wake_task.cancel()
             heartbeat.cancel()
             inbox.close()
-            await self._say_stopped()
 
     async def _step(self, stop_after: int | None) -> bool:
         """Claim and process one job, or wait a poll interval; False once `stop_after` jobs are done."""
@@ -236,6 +240,8 @@ class Worker:
             self._flags.interrupt.set()
 
     async def close(self) -> None:
+        """Release the threads and say this worker stopped (its record stays, for `wanbot workers`)."""
+        await self._say_stopped()
         await self._fetcher.close()
         self._executor.shutdown(wait=True)
         self._preview_executor.shutdown(wait=True)

@@ -37,3 +37,59 @@ def drop_connection(request: web.Request) -> web.Response:
     assert request.transport is not None
     request.transport.close()
     return web.Response()
+
+
+class CuttableLink:
+    """A TCP relay on 127.0.0.1 to a real server (PostgreSQL), whose cable the test can pull: `cut()` drops every
+    connection and refuses new ones until `mend()`."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+        self.is_cut = False
+        self.port = 0
+
+    async def __aenter__(self) -> CuttableLink:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    def cut(self) -> None:
+        self.is_cut = True
+        for writer in list(self._open):
+            writer.transport.abort()
+        self._open.clear()
+
+    def mend(self) -> None:
+        self.is_cut = False
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.is_cut:
+            writer.transport.abort()
+            return
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._open.update((writer, upstream_writer))
+        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+        self._open.difference_update((writer, upstream_writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.transport.abort()

@@ -3,13 +3,14 @@ Telegram reply to the bot's own hint or video uses, and /status and queued place
 
 from __future__ import annotations
 
-import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from bot import chat
 from engine.images import Mode
+from engine.jobs import WorkerRecord, WorkerState
 from tests import imagefactory
 from tests import test_discord as on_discord
 from tests import test_telegram as on_telegram
@@ -115,17 +116,25 @@ async def test_a_reply_to_the_bots_video_says_it_is_text_to_video(tiny_settings,
 
 
 async def test_status_says_idle_when_nothing_runs_and_paused_when_paused(engine):
-    assert (await status_answer(engine)).startswith("Worker: stopped.")
-    worker = asyncio.create_task(engine.worker.run())
-    try:
-        await until(lambda: engine.worker.state.running, what="the worker")
-        idle = await status_answer(engine)
-        await engine.queue.set_paused(True)
-        paused = await status_answer(engine)
-    finally:
-        await engine.worker.stop()
-        await worker
-    assert idle.startswith("Worker: idle.") and paused.startswith("Worker: paused.")
+    assert (await status_answer(engine)).startswith(chat.NO_WORKER_ONLINE)
+    # An idle worker's heartbeat, as the worker stores it.
+    worker = WorkerRecord(id="gpu-a-1", host="gpu-a", pid=1, device="cuda:0", started_at=time.time())
+    await engine.queue.heartbeat(worker.model_copy(update={"state": WorkerState.IDLE}))
+    idle = await status_answer(engine)
+    await engine.queue.set_paused(True)
+    await engine.queue.heartbeat(worker.model_copy(update={"state": WorkerState.PAUSED}))
+    paused = await status_answer(engine)
+    assert idle.splitlines() == [
+        "Workers: 1 online (1 idle).",
+        "Queued: 0, running: 0.",
+        "Worker gpu-a/cuda:0: idle, no model loaded.",
+    ]
+    assert paused.splitlines() == [
+        "Workers: 1 online (1 paused).",
+        chat.QUEUE_PAUSED,
+        "Queued: 0, running: 0.",
+        "Worker gpu-a/cuda:0: paused, no model loaded.",
+    ]
 
 
 async def test_a_queued_job_says_the_queue_is_paused(tiny_settings, telegram):

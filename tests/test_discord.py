@@ -247,7 +247,7 @@ async def test_queue_cancel_status_and_help_answer_privately(tiny_settings, disc
     answers = [call.body["data"] for call in discord_server.calls_to("POST", "/callback") if call.body["type"] == 4]
     assert all(answer["flags"] & 64 for answer in answers)  # ephemeral
     assert answers[0]["content"].startswith("#1 t2v · position 1")
-    assert "Worker: paused" in answers[1]["content"]
+    assert "The queue is paused" in answers[1]["content"]
     assert "/video" in answers[2]["content"]
     assert answers[3]["content"] == "Job #1 is cancelled."
 

@@ -11,8 +11,8 @@ from bot import chat
 from engine.config import ChatConfig
 from engine.images import Mode
 from engine.jobs import DeliveryStatus, Progress, Stage
-from engine.service import Engine
 from engine.queue import WORKER_STOPPED
+from engine.service import Engine
 from tests.factories import ADMIN, params, source
 from tests.running import until
 from tests.test_supervision import FakePlatform, finished_job, relay_for

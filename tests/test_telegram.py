@@ -377,7 +377,7 @@ async def test_queue_status_help_and_cancel_commands(tiny_settings, telegram):
         statuses = [job.status for job in await bot.engine.queue.list_jobs()]
     answers = [call.fields["text"] for call in telegram.sent("sendMessage", ALICE)][2:]
     assert answers[0].startswith("#1 t2v · position 1") and "#2 t2v · position 2" in answers[0]
-    assert "Worker: paused" in answers[1] and "Queued: 2" in answers[1]
+    assert "The queue is paused" in answers[1] and "Queued: 2, running: 0." in answers[1]
     assert "/video a red fox" in answers[2] and "send pictures as files" in answers[2]
     assert "'nonsense' is not a job number" in answers[3]
     assert answers[4] == "Job #2 is cancelled."  # without a number: the latest

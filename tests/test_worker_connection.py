@@ -1,0 +1,90 @@
+"""A worker whose database goes away: it keeps its job running, tries the connection again, and either resumes its
+lease or, when the job was given away meanwhile, drops it without writing. It never exits. Real PostgreSQL, reached
+through a link the test cuts."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from engine.config import Settings
+from engine.images import Mode
+from engine.jobs import EventKind, JobStatus
+from engine.queue import JobQueue
+from engine.service import Engine
+from tests.conftest import postgres_schema
+from tests.factories import params, source
+from tests.fake_faults import CuttableLink
+
+LEASE_S = 2.0
+
+
+def through(link: CuttableLink, url: str) -> str:
+    parts = urlsplit(url)
+    user = f"{parts.username}@" if parts.username else ""
+    return urlunsplit((parts.scheme, f"{user}127.0.0.1:{link.port}", parts.path, parts.query, ""))
+
+
+async def running_job_with_progress(queue: JobQueue, job_id: int, step: int) -> bool:
+    job = await queue.get(job_id)
+    return job.status is JobStatus.RUNNING and job.progress is not None and (job.progress.step or 0) >= step
+
+
+async def wait_for(check, limit_s: float = 60) -> None:
+    for _ in range(int(limit_s / 0.05)):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("given_away", [False, True], ids=["resumes its lease", "drops the job given away"])
+async def test_a_worker_that_loses_its_database_goes_on(tiny_settings: Settings, given_away: bool, caplog):
+    async with postgres_schema() as url:
+        server = urlsplit(url)
+        direct = await JobQueue.connect(url)
+        async with CuttableLink(server.hostname, server.port or 5432) as link:
+            settings = tiny_settings.model_copy(
+                update={
+                    "database": tiny_settings.database.model_copy(update={"url": through(link, url)}),
+                    "queue": tiny_settings.queue.model_copy(update={"heartbeat_s": 0.2, "lease_s": LEASE_S}),
+                }
+            )
+            engine = await Engine.open(settings)
+            worker = asyncio.create_task(engine.worker.run())
+            try:
+                asked = await direct.enqueue(source("alice"), Mode.T2V, "tiny", params(steps=120, width=64))
+                job_id = asked.job.id
+                await wait_for(lambda: running_job_with_progress(direct, job_id, 2))
+
+                link.cut()
+                await asyncio.sleep(LEASE_S + 0.5)
+                if given_away:
+                    # Another process finds the silent worker's job and queues it again.
+                    (requeued,) = await direct.recover_interrupted(3, LEASE_S)
+                    assert requeued.status is JobStatus.QUEUED
+                assert not worker.done()
+                link.mend()
+
+                await wait_for(lambda: _succeeded(direct, job_id), limit_s=120)
+            finally:
+                await engine.worker.stop()
+                await worker
+                await engine.close()
+        job = await direct.get(job_id)
+        history = [kind for kind, _ in await direct.events_of(job_id)]
+        await direct.close()
+    assert history.count(EventKind.SUCCEEDED.value) == 1
+    if given_away:
+        # Claimed again (by the same worker, now free) and made once more; the lost run wrote nothing.
+        assert job.attempts == 2 and EventKind.REQUEUED.value in history
+        assert "dropped job" in caplog.text or "queued again while this worker was silent" in caplog.text
+    else:
+        assert job.attempts == 1 and EventKind.REQUEUED.value not in history
+    assert any("heartbeat failed" in record.message for record in caplog.records)
+
+
+async def _succeeded(queue: JobQueue, job_id: int) -> bool:
+    return (await queue.get(job_id)).status is JobStatus.SUCCEEDED

@@ -1,0 +1,109 @@
+"""`wanbot worker --devices`: one worker process per device, each started again when it dies, all stopped together;
+a device the machine does not have stops them with one clear line. Real processes on a SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+from engine.config import Settings
+from engine.jobs import WorkerRecord, WorkerState
+from engine.queue import JobQueue
+
+WANBOT = [sys.executable, "-c", "from bot.cli import main; main()"]
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("WANBOT_", "TELEGRAM_", "DISCORD_"))}
+    env.update(
+        WANBOT_DATA_DIR=str(settings.data_dir),
+        WANBOT_MODELS__T2V="tiny",
+        WANBOT_QUEUE__HEARTBEAT_S="0.3",
+        WANBOT_DOWNLOADS__ENDPOINT="http://127.0.0.1:9",
+    )
+    return env
+
+
+async def online_pids(settings: Settings) -> dict[str, int]:
+    """The configured device (cpu, auto) -> pid of its newest worker, if that one has not stopped."""
+    if not settings.db_path.exists():
+        return {}
+    queue = await JobQueue.open(settings.db_path)
+    try:
+        workers = await queue.workers()
+    finally:
+        await queue.close()
+    newest: dict[str, WorkerRecord] = {}
+    for worker in workers:  # newest first: a restarted device's new process, not the one it replaced
+        newest.setdefault(worker.id.split("/")[1], worker)
+    return {device: w.pid for device, w in newest.items() if w.state is not WorkerState.STOPPED}
+
+
+async def eventually(check, limit_s: float = 90):
+    for _ in range(int(limit_s / 0.2)):
+        if value := await check():
+            return value
+        await asyncio.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+async def test_one_process_per_device_restarted_when_it_dies_and_stopped_together(tiny_settings, tmp_path):
+    log = (tmp_path / "workers.log").open("w")
+    parent = await asyncio.create_subprocess_exec(
+        *WANBOT, "worker", "--devices", "cpu,auto", env=environment(tiny_settings), stdout=log, stderr=log
+    )
+    try:
+        first = await eventually(lambda: _both(tiny_settings))
+        os.kill(first["cpu"], signal.SIGKILL)  # a crash of one worker (a CUDA error, say)
+        second = await eventually(lambda: _both(tiny_settings, not_pid=first["cpu"]))
+        assert second["auto"] == first["auto"]  # the other one never stopped
+        parent.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(parent.wait(), timeout=60) == 0
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+        log.close()
+    assert await online_pids(tiny_settings) == {}, (tmp_path / "workers.log").read_text()
+    assert "starting 2 worker processes: cpu, auto" in (tmp_path / "workers.log").read_text()
+
+
+async def _both(settings: Settings, not_pid: int | None = None) -> dict[str, int] | None:
+    pids = await online_pids(settings)
+    return pids if len(pids) == 2 and not_pid not in pids.values() else None
+
+
+async def test_a_device_the_machine_lacks_stops_all_with_one_line(tiny_settings):
+    parent = await asyncio.create_subprocess_exec(
+        *WANBOT,
+        "worker",
+        "--devices",
+        "cpu,cuda:7",
+        env=environment(tiny_settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(parent.communicate(), timeout=120)
+    text = output.decode()
+    assert parent.returncode == 1, text
+    assert "generation.device is cuda:7, which this machine cannot use" in text
+    assert "wanbot stopped: the worker for cuda:7 cannot start" in text
+    assert "Traceback" not in text
+
+
+async def test_device_and_devices_together_is_a_usage_error(tiny_settings):
+    parent = await asyncio.create_subprocess_exec(
+        *WANBOT,
+        "worker",
+        "--device",
+        "cpu",
+        "--devices",
+        "cpu,auto",
+        env=environment(tiny_settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(parent.communicate(), timeout=60)
+    assert parent.returncode == 2 and "not both" in output.decode()
