@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from engine.jobs import DeliveryStatus, Job, JobStatus, WorkerState
@@ -55,12 +57,12 @@ class Fleet:
         self.root, self.url, self.tiny_models, self.telegram = root, url, tiny_models, telegram
         self.processes: dict[str, asyncio.subprocess.Process] = {}
 
-    async def start(self, name: str, *args: str) -> asyncio.subprocess.Process:
+    async def start(self, name: str, *args: str, **extra_env: str) -> asyncio.subprocess.Process:
         data = self.root / name
         data.mkdir(exist_ok=True)
         if args[0] == "worker" and not (data / "models").exists():
             (data / "models").symlink_to(self.tiny_models, target_is_directory=True)
-        env = role_env(data, self.url, self.telegram if args[0] == "serve" else None)
+        env = {**role_env(data, self.url, self.telegram if args[0] == "serve" else None), **extra_env}
         with (self.root / f"{name}.log").open("a") as log:
             process = await asyncio.create_subprocess_exec(*WANBOT, *args, env=env, stdout=log, stderr=log)
         self.processes[name] = process
@@ -103,10 +105,13 @@ async def test_serve_and_two_workers_deliver_every_video_once_and_a_cancel_reach
     tmp_path, tiny_models, telegram
 ):
     async with fleet_of(tmp_path, tiny_models, telegram) as (fleet, queue):
-        await fleet.start("serve", "serve")
+        metrics_port = free_port()
+        serve = await fleet.start("serve", "serve", WANBOT_METRICS__PORT=str(metrics_port))
         await fleet.start("worker-1", "worker", "--device", "cpu")
         await fleet.start("worker-2", "worker", "--device", "cpu")
         await until(lambda: telegram.sent("deleteWebhook"), what="serve polling Telegram")
+        maps = await asyncio.to_thread(Path(f"/proc/{serve.pid}/maps").read_text)
+        assert "libtorch" not in maps  # serve never loads torch
 
         for user in (ALICE, BOB, CAROL):
             for n in range(2):
@@ -120,6 +125,13 @@ async def test_serve_and_two_workers_deliver_every_video_once_and_a_cancel_reach
         assert len(jobs) == 7 and all(job.delivery_status is DeliveryStatus.DELIVERED for job in jobs)
         assert len({job.worker_id for job in jobs}) == 2, "both workers made videos"
         assert not (tmp_path / "serve" / "models").exists()  # serve never had a model
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                metrics = await response.text()
+            async with http.get(f"http://127.0.0.1:{metrics_port}/healthz") as response:
+                assert response.status == 200
+        assert 'wanbot_jobs{state="succeeded"} 7.0' in metrics and "wanbot_workers" in metrics
+        assert "wanbot_job_run_seconds_count" in metrics
 
         # A long job, cancelled from the chat: the worker running it stops within a step.
         telegram.command(ALICE, "/video a very long clip steps=2000 seed=1")
@@ -170,6 +182,12 @@ async def _running(queue: JobQueue, limit_s: float = 60) -> Job:
             return running[0]
         await asyncio.sleep(0.1)
     raise AssertionError("no job started")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _said(telegram: FakeTelegram, chat: int, fragment: str) -> bool:
