@@ -54,10 +54,9 @@ async def serve(settings: Settings, say: Callable[[str], None], role: Role = Rol
                     "Stop it first, give this one another device (wanbot worker --device cuda:N), or another "
                     "WANBOT_DATA_DIR.",
                 )
-            # Alone on a SQLite file, `wanbot run` has nobody to tell; with other processes, every event is shared.
-            if role is not Role.RUN or engine.shared_database:
-                engine.share_events()
-                supervisor.start("shared events", engine.follow_events)
+            # Always: a `wanbot worker` may share even a `wanbot run`'s SQLite file (a second GPU on one machine).
+            engine.share_events()
+            supervisor.start("shared events", engine.follow_events)
             await engine.recover()
             if role is not Role.WORKER:
                 await _start_adapters(engine, adapters)

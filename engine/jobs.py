@@ -223,6 +223,9 @@ class WorkerRecord(BaseModel):
     host: str
     pid: int
     device: str
+    machine: str = Field(
+        "", description="The host and its process namespace: where `pid` means something (containers share hosts)."
+    )
     gpu_name: str | None = None
     free_memory_bytes: int | None = None
     loaded_model: str | None = None

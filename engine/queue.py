@@ -131,6 +131,8 @@ class JobQueue:
         return self._db.transaction()
 
     async def _log(self, db: Tx, job_id: int, kind: EventKind, detail: str | None = None) -> None:
+        """Record a state change in the job's history, and (events shared) tell other processes of it, in the
+        transaction of the change: it is heard exactly when it happened, never when it did not."""
         await db.run(
             "INSERT INTO job_events (job_id, kind, at, detail) VALUES (?, ?, ?, ?)",
             job_id,
@@ -138,30 +140,31 @@ class JobQueue:
             self._clock(),
             detail,
         )
+        if self._sharing:
+            self._progress_shared_at.pop(job_id, None)
+            await self._share(db, kind, job_id)
 
-    async def _publish(
+    async def _share(self, db: Tx, kind: EventKind, job_id: int, detail: str | None = None) -> None:
+        await db.run(
+            "INSERT INTO queue_events (origin, kind, job_id, detail, at) VALUES (?, ?, ?, ?, ?)",
+            self.origin,
+            kind.value,
+            job_id,
+            detail,
+            self._clock(),
+        )
+        await db.notify(EVENTS_CHANNEL)
+
+    def _publish(
         self, kind: EventKind, job: Job, progress: Progress | None = None, preview: PreviewInfo | None = None
     ) -> None:
-        """Tell this process's subscribers at once and, when events are shared, every other process too."""
+        """Tell this process's subscribers (other processes heard of it from `_log` or `_share`)."""
         self.events.publish(JobEvent(kind=kind, job=job, progress=progress, preview=preview))
-        if self._sharing and self._worth_sharing(kind, job.id, progress):
-            detail = (progress or preview).model_dump_json() if (progress or preview) else None
-            async with self._transaction() as db:
-                await db.run(
-                    "INSERT INTO queue_events (origin, kind, job_id, detail, at) VALUES (?, ?, ?, ?, ?)",
-                    self.origin,
-                    kind.value,
-                    job.id,
-                    detail,
-                    self._clock(),
-                )
-                await db.notify(EVENTS_CHANNEL)
 
-    def _worth_sharing(self, kind: EventKind, job_id: int, progress: Progress | None) -> bool:
-        """Every event but progress; a job's progress at its stage changes and at most every SHARED_PROGRESS_EVERY_S."""
-        if kind is not EventKind.PROGRESS or progress is None:
-            self._progress_shared_at.pop(job_id, None)
-            return True
+    def _progress_worth_sharing(self, job_id: int, progress: Progress) -> bool:
+        """A job's progress at its stage changes, and at most every SHARED_PROGRESS_EVERY_S in between."""
+        if not self._sharing:
+            return False
         now = self._clock()
         last = self._progress_shared_at.get(job_id)
         if last is not None and last[1] == progress.stage and now - last[0] < SHARED_PROGRESS_EVERY_S:
@@ -222,7 +225,7 @@ class JobQueue:
             )
             await self._log(db, job.id, EventKind.ENQUEUED, None if retry_of is None else f"retry of {retry_of}")
             position = await self._position(db, job.id)
-        await self._publish(EventKind.ENQUEUED, job)
+        self._publish(EventKind.ENQUEUED, job)
         return EnqueueResult(job=job, created=True, position=position)
 
     async def _check_limits(self, db: Tx, user_key: str, per_user: int, total: int) -> None:
@@ -353,7 +356,7 @@ class JobQueue:
                 )
             await self._log(db, job_id, EventKind.STARTED)
             job = _row_to_job(row)
-        await self._publish(EventKind.STARTED, job)
+        self._publish(EventKind.STARTED, job)
         return job
 
     async def _start_first_free(self, db: Tx, job_ids: list[int], worker_id: str | None) -> Row | None:
@@ -380,25 +383,32 @@ class JobQueue:
     ) -> None:
         """Publish progress to subscribers; `persist` also stores it (callers throttle that). With the claim's
         `token`, a job that is no longer this claim's raises ClaimLost."""
-        if persist:
+        share = self._progress_worth_sharing(job_id, progress)
+        if persist or share:
             async with self._transaction() as db:
-                changed = await db.run(
-                    f"UPDATE jobs SET progress_json = ? WHERE id = ? AND status = 'running'{_CLAIMED}",
-                    progress.model_dump_json(),
-                    job_id,
-                    token,
-                    token,
-                )
+                if persist:
+                    changed = await db.run(
+                        f"UPDATE jobs SET progress_json = ? WHERE id = ? AND status = 'running'{_CLAIMED}",
+                        progress.model_dump_json(),
+                        job_id,
+                        token,
+                        token,
+                    )
+                    if changed != 1 and token is not None:
+                        raise _claim_lost(await self._get(db, job_id))
+                if share:
+                    await self._share(db, EventKind.PROGRESS, job_id, progress.model_dump_json())
                 job = await self._get(db, job_id)
-            if changed != 1 and token is not None:
-                raise _claim_lost(job)
         else:
             job = await self.get(job_id)
-        await self._publish(EventKind.PROGRESS, job, progress)
+        self._publish(EventKind.PROGRESS, job, progress)
 
     async def announce_preview(self, job_id: int, preview: PreviewInfo) -> None:
         """A running job has a new live preview: subscribers here and in other processes show it."""
-        await self._publish(EventKind.PREVIEW, await self.get(job_id), preview=preview)
+        if self._sharing:
+            async with self._transaction() as db:
+                await self._share(db, EventKind.PREVIEW, job_id, preview.model_dump_json())
+        self._publish(EventKind.PREVIEW, await self.get(job_id), preview=preview)
 
     async def mark_succeeded(self, job_id: int, result: ResultInfo, token: str | None = None) -> Job:
         return await self._finish(
@@ -452,7 +462,7 @@ class JobQueue:
             if changed != 1:
                 raise InvalidTransition(f"Job #{job_id} is {job.status}, not running; it cannot become {status}.")
             await self._log(db, job_id, kind, detail)
-        await self._publish(kind, job)
+        self._publish(kind, job)
         return job
 
     async def requeue(self, job_id: int, reason: str, token: str | None = None) -> Job:
@@ -471,7 +481,7 @@ class JobQueue:
             if changed != 1 and token is not None:
                 raise _claim_lost(job)
             await self._log(db, job_id, EventKind.REQUEUED, reason)
-        await self._publish(EventKind.REQUEUED, job)
+        self._publish(EventKind.REQUEUED, job)
         return job
 
     async def fail_waiting(self, model: str, user_message: str, detail: str) -> list[Job]:
@@ -489,7 +499,7 @@ class JobQueue:
             for job in failed:
                 await self._log(db, job.id, EventKind.FAILED, user_message)
         for job in failed:
-            await self._publish(EventKind.FAILED, job)
+            self._publish(EventKind.FAILED, job)
         return failed
 
     async def waiting_for(self, model: str) -> list[Job]:
@@ -500,13 +510,13 @@ class JobQueue:
         self,
         max_attempts: int,
         lease_s: float = 60.0,
-        host: str | None = None,
+        machine: str | None = None,
         is_alive: Callable[[int], bool] = lambda pid: True,
     ) -> list[Job]:
         """Running jobs whose worker is gone go back to the queue, or fail once they used their attempts (the attempt
         they were on counts). Gone: stopped, not heard from for `lease_s`, unknown (a claim made without a worker, by
-        an older wanbot), or on `host` (this machine) with a process that `is_alive` says has ended (a crash seen at
-        once, without waiting out the lease). Any live process may call it, as often as it likes."""
+        an older wanbot), or on `machine` (this one: WorkerRecord.machine) with a process that `is_alive` says has ended
+        (a crash seen at once, without waiting out the lease). Any live process may call it, as often as it likes."""
         now = self._clock()
         # Looked for without locks first: every live process asks every few seconds, and mostly nothing is gone.
         async with self._db.reading() as db:
@@ -514,7 +524,7 @@ class JobQueue:
             gone = {}
             for row in running:
                 worker = await db.one("SELECT * FROM workers WHERE id = ?", row["worker_id"])
-                why = _why_gone(worker, now, lease_s, host, is_alive)
+                why = _why_gone(worker, now, lease_s, machine, is_alive)
                 if why is not None:
                     gone[row["id"]] = (row["worker_id"], why)
         if not gone:
@@ -531,7 +541,7 @@ class JobQueue:
                     worker_id,
                 )
                 worker = await db.one("SELECT * FROM workers WHERE id = ?", worker_id)
-                if row is None or _why_gone(worker, now, lease_s, host, is_alive) is None:
+                if row is None or _why_gone(worker, now, lease_s, machine, is_alive) is None:
                     continue  # ended meanwhile, or its worker was heard from again
                 if row["attempts"] < max_attempts:
                     await db.run(
@@ -553,7 +563,7 @@ class JobQueue:
                     await self._log(db, row["id"], EventKind.FAILED, "too many interrupted attempts")
                 recovered.append(await self._get(db, row["id"]))
         for job in recovered:
-            await self._publish(EventKind.REQUEUED if job.status is JobStatus.QUEUED else EventKind.FAILED, job)
+            self._publish(EventKind.REQUEUED if job.status is JobStatus.QUEUED else EventKind.FAILED, job)
         return recovered
 
     # -- workers -----------------------------------------------------------------------------------------------
@@ -563,15 +573,16 @@ class JobQueue:
         `token`) is no longer its own: it was silent past the lease and the job went back to the queue."""
         async with self._transaction() as db:
             await db.run(
-                """INSERT INTO workers (id, host, pid, device, gpu_name, free_memory_bytes, loaded_model,
+                """INSERT INTO workers (id, host, machine, pid, device, gpu_name, free_memory_bytes, loaded_model,
                                         downloading_json, current_job, state, started_at, heartbeat_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (id) DO UPDATE SET gpu_name = excluded.gpu_name,
                        free_memory_bytes = excluded.free_memory_bytes, loaded_model = excluded.loaded_model,
                        downloading_json = excluded.downloading_json, current_job = excluded.current_job,
                        state = excluded.state, heartbeat_at = excluded.heartbeat_at""",
                 worker.id,
                 worker.host,
+                worker.machine,
                 worker.pid,
                 worker.device,
                 worker.gpu_name,
@@ -616,28 +627,29 @@ class JobQueue:
         row = await self._read_one("SELECT MAX(id) AS last FROM queue_events")
         return row["last"] or 0
 
-    async def shared_events_after(
-        self, after_id: int, skip: Collection[int] = (), limit: int = 500
-    ) -> list[tuple[int, JobEvent]]:
-        """Events other processes shared after `after_id`, oldest first, but for the ids in `skip`; each with its job
-        as it is now."""
-        rows = await self._read_all(
-            "SELECT * FROM queue_events WHERE id > ? AND origin != ? ORDER BY id LIMIT ?", after_id, self.origin, limit
-        )
-        found = []
-        for row in rows:
-            if row["id"] in skip:
-                continue
-            kind = EventKind(row["kind"])
-            try:
-                job = await self.get(row["job_id"])
-            except JobNotFound:
-                continue
-            detail = row["detail"]
-            progress = Progress.model_validate_json(detail) if detail and kind is EventKind.PROGRESS else None
-            preview = PreviewInfo.model_validate_json(detail) if detail and kind is EventKind.PREVIEW else None
-            found.append((row["id"], JobEvent(kind=kind, job=job, progress=progress, preview=preview)))
-        return found
+    async def shared_event_rows(self, after: int = 0, ids: Collection[int] = (), limit: int = 500) -> list[Row]:
+        """Shared events (of every process, this one's too) with ids above `after`, or with these `ids`; by id."""
+        if ids:
+            listed = sorted(ids)[:SQL_CHUNK]
+            return await self._read_all(
+                f"SELECT * FROM queue_events WHERE id IN ({','.join('?' * len(listed))}) ORDER BY id", *listed
+            )
+        return await self._read_all("SELECT * FROM queue_events WHERE id > ? ORDER BY id LIMIT ?", after, limit)
+
+    async def event_from(self, row: Row) -> JobEvent | None:
+        """A shared event as this process's subscribers take it, with its job as it is now; None for one of this
+        process (its subscribers had it at once) or of a job that is gone."""
+        if row["origin"] == self.origin:
+            return None
+        kind = EventKind(row["kind"])
+        try:
+            job = await self.get(row["job_id"])
+        except JobNotFound:
+            return None
+        detail = row["detail"]
+        progress = Progress.model_validate_json(detail) if detail and kind is EventKind.PROGRESS else None
+        preview = PreviewInfo.model_validate_json(detail) if detail and kind is EventKind.PREVIEW else None
+        return JobEvent(kind=kind, job=job, progress=progress, preview=preview)
 
     async def forget_shared_events(self) -> None:
         """Events older than anyone could still need (a process away longer reads the tables when it is back)."""
@@ -666,7 +678,7 @@ class JobQueue:
                 raise InvalidTransition(f"Job #{job_id} has already {_finished_verb(job.status)}; nothing to cancel.")
             await self._log(db, job_id, kind, f"by {actor.user_key}")
             job = await self._get(db, job_id)
-        await self._publish(kind, job)
+        self._publish(kind, job)
         return job
 
     async def is_cancel_requested(self, job_id: int) -> bool:
@@ -706,7 +718,7 @@ class JobQueue:
             if changed != 1:
                 raise InvalidTransition(f"Job #{job_id} has no video waiting for delivery.")
             await self._log(db, job_id, kind, error)
-        await self._publish(kind, job)
+        self._publish(kind, job)
         return job
 
     async def redeliver(self, job_id: int) -> Job:
@@ -717,7 +729,7 @@ class JobQueue:
                 f"Job #{job_id} has no undelivered video ({job.status.value}, {job.delivery_status or 'no delivery'}).",
                 "Only a finished video whose delivery failed can be sent again; `queue retry` makes a new one.",
             )
-        if job.result is None or not await asyncio.to_thread(Path(job.result.path).is_file):
+        if job.result is None or not await self._video_kept(Path(job.result.path)):
             raise InvalidTransition(
                 f"The video of job #{job_id} is no longer on disk.", f"Make it again with `queue retry {job_id}`."
             )
@@ -731,8 +743,16 @@ class JobQueue:
                 raise InvalidTransition(f"Job #{job_id} was delivered meanwhile.", "Nothing to do.")
             job = await self._get(db, job_id)
             await self._log(db, job_id, EventKind.REDELIVERY)
-        await self._publish(EventKind.REDELIVERY, job)
+        self._publish(EventKind.REDELIVERY, job)
         return job
+
+    async def _video_kept(self, video: Path) -> bool:
+        """On this machine, or (PostgreSQL) in the database, where workers on other machines put their videos."""
+        if await asyncio.to_thread(video.is_file):
+            return True
+        if self.path is not None:
+            return False
+        return await self._read_one("SELECT 1 FROM stored_files WHERE name = ?", f"video/{video.name}") is not None
 
     async def undelivered(self, platform: str, max_attempts: int = 5) -> list[Job]:
         """Finished videos on `platform` whose upload has not succeeded yet, oldest first."""
@@ -1032,7 +1052,7 @@ def _claim_lost(job: Job) -> ClaimLost:
 
 
 def _why_gone(
-    worker: Row | None, now: float, lease_s: float, host: str | None, is_alive: Callable[[int], bool]
+    worker: Row | None, now: float, lease_s: float, machine: str | None, is_alive: Callable[[int], bool]
 ) -> str | None:
     """Why a running job's worker is gone (its job is to be queued again), or None while it runs."""
     if worker is None:
@@ -1041,7 +1061,7 @@ def _why_gone(
         return f"its worker {worker['id']} stopped"
     if now - worker["heartbeat_at"] > lease_s:
         return f"its worker {worker['id']} was not heard from for {duration_text(now - worker['heartbeat_at'])}"
-    if worker["host"] == host and not is_alive(worker["pid"]):
+    if machine and worker["machine"] == machine and not is_alive(worker["pid"]):
         return f"its worker {worker['id']} ended"
     return None
 

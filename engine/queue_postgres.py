@@ -7,6 +7,7 @@ Migrations run under a transaction-level advisory lock: processes that start at 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -103,6 +104,7 @@ MIGRATIONS: list[str] = [
     CREATE TABLE workers (
         id TEXT PRIMARY KEY,
         host TEXT NOT NULL,
+        machine TEXT NOT NULL DEFAULT '',
         pid INTEGER NOT NULL,
         device TEXT NOT NULL,
         gpu_name TEXT,
@@ -141,6 +143,8 @@ MIGRATIONS: list[str] = [
 # Any constant will do, as long as nothing else in the database takes the same advisory lock for another purpose.
 MIGRATION_LOCK = 0x77616E626F74  # "wanbot"
 POOL_SIZE = 8
+COMMAND_TIMEOUT_S = 20.0  # well under queue.lease_s: a worker cut off says so long before its job is given away
+CLOSE_TIMEOUT_S = 10.0
 
 
 @lru_cache(maxsize=256)
@@ -194,7 +198,15 @@ class PostgresBackend:
     async def open(cls, url: PostgresUrl, connect_timeout_s: float = 10.0) -> PostgresBackend:
         """Connect and migrate; an unreachable server or a refused login is a UserError naming the URL."""
         try:
-            pool = await asyncpg.create_pool(url.dsn, min_size=1, max_size=POOL_SIZE, timeout=connect_timeout_s)
+            pool = await asyncpg.create_pool(
+                url.dsn,
+                min_size=1,
+                max_size=POOL_SIZE,
+                timeout=connect_timeout_s,
+                # A network that drops packets silently would leave a query waiting for TCP's own timeout (many
+                # minutes): it fails here instead, and the caller backs off and tries again like any lost connection.
+                command_timeout=COMMAND_TIMEOUT_S,
+            )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise UserError(
                 f"Cannot use the job database {url.shown()}: {exc or type(exc).__name__}.",
@@ -217,7 +229,11 @@ class PostgresBackend:
         return backend
 
     async def close(self) -> None:
-        await self._pool.close()
+        """Close the connections; ones that do not answer (the server is out of reach) are dropped."""
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout=CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            self._pool.terminate()
 
     def file_is_gone(self) -> bool:
         """A server database has no file to lose under us."""
@@ -253,12 +269,15 @@ class PostgresBackend:
     async def listen(self, channel: str, wake: Callable[[], None]) -> AsyncIterator[Callable[[], bool]]:
         """Call `wake` on each notification of `channel`, through a connection of its own (a pooled one may be
         handed to others); yields a check that the connection still listens."""
-        connection = await asyncpg.connect(self.url.dsn)
+        connection = await asyncpg.connect(self.url.dsn, timeout=COMMAND_TIMEOUT_S)
         try:
             await connection.add_listener(channel, lambda *_: wake())
             yield lambda: not connection.is_closed()
         finally:
-            await connection.close(timeout=5)
+            try:
+                await connection.close(timeout=CLOSE_TIMEOUT_S)
+            except (OSError, TimeoutError, asyncpg.InterfaceError):
+                connection.terminate()
 
 
 @asynccontextmanager

@@ -115,6 +115,7 @@ MIGRATIONS: list[str] = [
     CREATE TABLE workers (
         id TEXT PRIMARY KEY,
         host TEXT NOT NULL,
+        machine TEXT NOT NULL DEFAULT '',
         pid INTEGER NOT NULL,
         device TEXT NOT NULL,
         gpu_name TEXT,

@@ -26,7 +26,7 @@ from engine.fleet import recover_orphans
 from engine.images import ImageInfo, ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
 from engine.jobs import Actor, EnqueueResult, EventKind, Job, JobSource, JobStatus, QueuePosition, WorkerRecord
 from engine.models import GenerationRequest, ModelRef, model_for_mode, resolve_model, resolve_request
-from engine.queue import WORKER_STOPPED, JobQueue
+from engine.queue import DATABASE_DOWN, WORKER_STOPPED, JobQueue
 from engine.shared_files import SharedFiles, shared_files
 from engine.supervisor import Supervisor
 from engine.video import fit_to_limit
@@ -136,11 +136,6 @@ class Engine:
             await self.worker.close()
         await self.queue.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
-
-    @property
-    def shared_database(self) -> bool:
-        """The queue is on a database server, which other processes and machines may share."""
-        return self.queue.path is None
 
     def share_events(self) -> None:
         """Other processes (workers, a serving process) share this queue: its events are stored for them, and theirs
@@ -268,7 +263,11 @@ class Engine:
         """In a process without a worker: put back the jobs of workers that went silent, every heartbeat_s."""
         while True:
             await asyncio.sleep(self.settings.queue.heartbeat_s)
-            await recover_orphans(self.queue, self.settings)
+            try:
+                await recover_orphans(self.queue, self.settings)
+            except DATABASE_DOWN:
+                # Nothing to put back while the database is away; the next round looks again.
+                log.warning("could not look for jobs of workers that are gone", exc_info=True)
 
     async def run_worker(self) -> None:
         assert self.worker is not None

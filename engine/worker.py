@@ -27,7 +27,7 @@ from engine.downloads import Downloader
 from engine.errors import ClaimLost, UserError
 from engine.events import Subscription
 from engine.fetcher import ModelFetcher
-from engine.fleet import recover_orphans
+from engine.fleet import recover_orphans, this_machine
 from engine.generate import JobCancelled, JobInterrupted, PipelineRunner, RunHooks, RunOutput, device_facts
 from engine.images import ImageStore
 from engine.jobs import EventKind, Job, PreviewInfo, Progress, ResultInfo, Stage, WorkerRecord
@@ -95,7 +95,9 @@ class Worker:
         self.state = WorkerState()
         self._host = socket.gethostname()
         self._started_at = time.time()
-        self.id = f"{self._host}/{settings.generation.device}/{os.getpid()}"
+        # Never the id of an earlier process: a container started again may have the same host name and pid.
+        self.id = f"{self._host}/{settings.generation.device}/{os.getpid()}-{secrets.token_hex(2)}"
+        self._machine = this_machine()
 
     @property
     def loaded_model(self) -> str | None:
@@ -129,6 +131,7 @@ class Worker:
         return WorkerRecord(
             id=self.id,
             host=self._host,
+            machine=self._machine,
             pid=os.getpid(),
             device=device,
             gpu_name=gpu_name,
@@ -225,7 +228,8 @@ class Worker:
             return True
         if missing:
             # Back to the queue until its model is here; jobs for other models go on meanwhile.
-            await self._queue.requeue(job.id, "waiting for the model download", token=job.claim_token)
+            requeue = partial(self._queue.requeue, job.id, "waiting for the model download", token=job.claim_token)
+            await self._finish(job.id, "requeue", requeue)
             self._fetcher.start(job.model)
             return True
         await self._process(job)
@@ -266,8 +270,11 @@ class Worker:
         """Cancel requests from another process (the CLI) only reach us through the database."""
         while not flags.cancel.is_set():
             await asyncio.sleep(self._poll_s)
-            if await self._queue.is_cancel_requested(job_id):
-                flags.cancel.set()
+            try:
+                if await self._queue.is_cancel_requested(job_id):
+                    flags.cancel.set()
+            except DATABASE_DOWN:
+                pass  # asked again at the next poll; the heartbeat says what is wrong with the database
 
     async def _process(self, job: Job) -> None:
         flags = _Flags()
@@ -309,8 +316,9 @@ class Worker:
             self._flags = None
             self._claim_token = None
             self.state.current_job = None
-            await asyncio.to_thread(remove_preview, self._settings.previews_dir, job.id)
-            await self._forget_shared_preview(job.id)
+            if not flags.lost.is_set():  # else the preview is the new owner's
+                await asyncio.to_thread(remove_preview, self._settings.previews_dir, job.id)
+                await self._forget_shared_preview(job.id)
 
     async def _finish(self, job_id: int, what: str, write: Callable[[], Awaitable[object]]) -> None:
         """A job's last database write, retried while the database is locked, read-only or its disk full.
@@ -327,6 +335,8 @@ class Worker:
             except ClaimLost as exc:
                 # Another worker runs it now (this one was silent past the lease): its result is that one's.
                 log.error("could not record job=%s as %s: %s", job_id, what, exc)
+                if self._flags is not None:
+                    self._flags.lost.set()
                 return
             except DATABASE_DOWN as exc:
                 if self._stop.is_set():
@@ -422,7 +432,13 @@ class Worker:
         async def record() -> None:
             # The video first: a serving process on another machine fetches it as soon as the job has succeeded.
             await self._files.publish("video", Path(video.path))
-            await self._queue.mark_succeeded(job.id, result, token=job.claim_token)
+            try:
+                await self._queue.mark_succeeded(job.id, result, token=job.claim_token)
+            except ClaimLost:
+                # Another worker makes this job now: this video is nobody's, here or in the database.
+                await self._files.remove("video", [Path(video.path).name])
+                await asyncio.to_thread(Path(video.path).unlink, missing_ok=True)
+                raise
 
         await self._finish(job.id, "succeed", record)
 

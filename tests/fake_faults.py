@@ -48,6 +48,7 @@ class CuttableLink:
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
         self.is_cut = False
+        self.is_stalled = False
         self.port = 0
 
     async def __aenter__(self) -> CuttableLink:
@@ -60,6 +61,10 @@ class CuttableLink:
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
+
+    def stall(self) -> None:
+        """Packets vanish without a reset (a network that drops them): connections stay open, nothing arrives."""
+        self.is_stalled = True
 
     def cut(self) -> None:
         self.is_cut = True
@@ -80,15 +85,16 @@ class CuttableLink:
             writer.transport.abort()
             return
         self._open.update((writer, upstream_writer))
-        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+        await asyncio.gather(_pipe(reader, upstream_writer, self), _pipe(upstream_reader, writer, self))
         self._open.difference_update((writer, upstream_writer))
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: CuttableLink) -> None:
     try:
         while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
+            if not link.is_stalled:
+                writer.write(data)
+                await writer.drain()
     except (ConnectionError, OSError):
         pass
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -12,9 +13,12 @@ import pytest
 
 from engine.config import Settings, load_settings
 from engine.errors import ConfigError, UserError
+from engine.event_follower import EventFollower
 from engine.images import Mode
+from engine.jobs import EventKind
 from engine.queue import JobQueue
 from engine.queue_postgres import MIGRATIONS
+from tests.conftest import postgres_schema
 from tests.factories import params, source
 
 ONLY_POSTGRES = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -129,3 +133,33 @@ async def test_a_user_without_the_right_to_create_tables_is_told_what_it_needs(d
         await admin.execute(f"DROP OWNED BY {role}")
         await admin.execute(f"DROP ROLE {role}")
         await admin.close()
+
+
+async def test_an_event_committed_behind_newer_ones_is_still_heard():
+    """On PostgreSQL an event's id is taken at insert and seen at commit: one held back while hundreds of newer ones
+    commit is published when it commits, not skipped."""
+    async with postgres_schema() as url:
+        worker = await JobQueue.connect(url)
+        serving = await JobQueue.connect(url)
+        worker.share_events()
+        heard = serving.events.subscribe()
+        follower = asyncio.create_task(EventFollower(serving).follow())
+        try:
+            await asyncio.sleep(0.5)
+            held = (await worker.enqueue(source("held"), Mode.T2V, "tiny", params())).job
+            async with worker._db.transaction() as slow:  # a cancel whose transaction takes its time
+                await slow.run("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", held.id)
+                await worker._share(slow, EventKind.CANCEL_REQUESTED, held.id)
+                for n in range(250):
+                    await worker.enqueue(source(f"u{n}"), Mode.T2V, "tiny", params(), global_limit=1000)
+                await asyncio.sleep(1.5)  # the follower has read all of those meanwhile
+            kinds = []
+            while EventKind.CANCEL_REQUESTED not in kinds:
+                kinds.append((await asyncio.wait_for(heard.get(), timeout=20)).kind)
+            assert kinds.count(EventKind.ENQUEUED) >= 1
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await serving.close()
+            await worker.close()

@@ -85,13 +85,14 @@ async def test_a_heartbeat_keeps_the_job_and_a_worker_back_in_time_resumes_it(cl
 async def test_a_stopped_worker_or_a_dead_process_of_this_host_loses_its_job_at_once(clocked):
     queue, _ = clocked
     stopped = await claimed_by(queue, "w-stopped", "a")
-    crashed = await claimed_by(queue, "w-crashed", "b", host="here", pid=4242)
-    other_host = await claimed_by(queue, "w-elsewhere", "c", host="there", pid=4242)
+    crashed = await claimed_by(queue, "w-crashed", "b", machine="here|pid:[1]", pid=4242)
+    # The same host name but another PID namespace (a container with the host's name): its pid says nothing here.
+    other_host = await claimed_by(queue, "w-elsewhere", "c", machine="here|pid:[2]", pid=4242)
     await queue.heartbeat(worker("w-stopped", state=WorkerState.STOPPED))
 
-    recovered = await queue.recover_interrupted(3, LEASE_S, host="here", is_alive=lambda pid: pid != 4242)
+    recovered = await queue.recover_interrupted(3, LEASE_S, machine="here|pid:[1]", is_alive=lambda pid: pid != 4242)
     assert sorted(job.id for job in recovered) == [stopped.id, crashed.id]
-    assert (await queue.get(other_host.id)).status is JobStatus.RUNNING  # another machine's pid says nothing here
+    assert (await queue.get(other_host.id)).status is JobStatus.RUNNING
 
 
 async def test_a_job_out_of_attempts_fails_with_a_message(clocked):
@@ -159,3 +160,24 @@ def _drain_for(subscription, kind: EventKind):
         if event.kind is kind:
             return event
     return None
+
+
+async def test_a_new_follower_does_not_replay_what_happened_before_it_started(queue: JobQueue, database_url: str):
+    queue.share_events()
+    old = await queue.enqueue(source("alice"), Mode.T2V, "tiny", params())
+    job = await queue.claim_next(worker_id="w1")
+    await queue.mark_succeeded(job.id, result(), token=job.claim_token)
+    serving = await JobQueue.connect(database_url)
+    follower = asyncio.create_task(EventFollower(serving).follow())
+    heard = serving.events.subscribe()
+    try:
+        await asyncio.sleep(1.5)  # several polls
+        new = await queue.enqueue(source("bob"), Mode.T2V, "tiny", params())
+        event = await asyncio.wait_for(heard.get(), timeout=10)
+        assert (event.kind, event.job.id) == (EventKind.ENQUEUED, new.job.id)
+        assert old.job.id != new.job.id and heard.caught_up()
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        await serving.close()

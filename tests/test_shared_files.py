@@ -295,3 +295,24 @@ async def test_a_fetch_a_crash_left_behind_is_swept_with_the_videos(queue: JobQu
     os.utime(stale, (old, old))
     assert await remove_delivered_videos(queue, outputs, retention_s=-1, files=shared_files(queue)) == 1
     assert os.listdir(outputs) == [fresh.name]
+
+
+async def test_redeliver_finds_a_video_that_only_the_database_holds(
+    pg_queue: JobQueue, files: SharedFiles, tmp_path: Path
+):
+    """`queue redeliver` on the serving machine: the video is on a worker's machine and in the database."""
+    made = tmp_path / "worker" / "job-1-0a1b2c3d.mp4"
+    made.parent.mkdir()
+    made.write_bytes(b"an mp4")
+    job = (await pg_queue.enqueue(source("alice"), Mode.T2V, "tiny", params())).job
+    await pg_queue.claim_next()
+    await files.publish("video", made)
+    await pg_queue.mark_succeeded(job.id, result(made))
+    await pg_queue.mark_delivery_failed(job.id, "too large", attempts_at_least=5)
+    made.unlink()  # not on this machine
+    assert (await pg_queue.redeliver(job.id)).delivery_status.value == "pending"
+
+    await pg_queue.mark_delivery_failed(job.id, "too large", attempts_at_least=5)
+    await files.remove("video", [made.name])
+    with pytest.raises(UserError, match="no longer on disk"):
+        await pg_queue.redeliver(job.id)

@@ -5,14 +5,17 @@ through a link the test cuts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from engine import queue_postgres
 from engine.config import Settings
+from engine.event_follower import EventFollower
 from engine.images import Mode
 from engine.jobs import EventKind, JobStatus
-from engine.queue import JobQueue
+from engine.queue import DATABASE_DOWN, JobQueue
 from engine.service import Engine
 from tests.conftest import postgres_schema
 from tests.factories import params, source
@@ -88,3 +91,45 @@ async def test_a_worker_that_loses_its_database_goes_on(tiny_settings: Settings,
 
 async def _succeeded(queue: JobQueue, job_id: int) -> bool:
     return (await queue.get(job_id)).status is JobStatus.SUCCEEDED
+
+
+async def test_the_event_follower_outlives_a_lost_database():
+    """A serving process whose database goes away for a while hears the other processes again once it is back."""
+    async with postgres_schema() as url:
+        server = urlsplit(url)
+        direct = await JobQueue.connect(url)
+        async with CuttableLink(server.hostname, server.port or 5432) as link:
+            serving = await JobQueue.connect(through(link, url))
+            serving.share_events()
+            direct.share_events()
+            heard = serving.events.subscribe()
+            follower = asyncio.create_task(EventFollower(serving).follow())
+            try:
+                await asyncio.sleep(0.5)
+                link.cut()
+                await asyncio.sleep(3)
+                assert not follower.done()
+                link.mend()
+                asked = await direct.enqueue(source("alice"), Mode.T2V, "tiny", params())
+                event = await asyncio.wait_for(heard.get(), timeout=60)
+                assert event.kind is EventKind.ENQUEUED and event.job.id == asked.job.id
+            finally:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follower
+                await serving.close()
+        await direct.close()
+
+
+async def test_a_database_that_drops_packets_fails_a_query_instead_of_hanging(monkeypatch):
+    """No reset, no refusal: packets just vanish. A query fails after the command timeout, and closing does not hang."""
+    monkeypatch.setattr(queue_postgres, "COMMAND_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(queue_postgres, "CLOSE_TIMEOUT_S", 1.0)
+    async with postgres_schema() as url:
+        server = urlsplit(url)
+        async with CuttableLink(server.hostname, server.port or 5432) as link:
+            queue = await JobQueue.connect(through(link, url))
+            link.stall()
+            with pytest.raises(DATABASE_DOWN):
+                await asyncio.wait_for(queue.counts(), timeout=30)
+            await asyncio.wait_for(queue.close(), timeout=30)
