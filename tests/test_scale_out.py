@@ -112,6 +112,7 @@ async def test_serve_and_two_workers_deliver_every_video_once_and_a_cancel_reach
         await until(lambda: telegram.sent("deleteWebhook"), what="serve polling Telegram")
         maps = await asyncio.to_thread(Path(f"/proc/{serve.pid}/maps").read_text)
         assert "libtorch" not in maps  # serve never loads torch
+        await _online(queue, 2)
 
         for user in (ALICE, BOB, CAROL):
             for n in range(2):
@@ -151,27 +152,37 @@ async def test_serve_and_two_workers_deliver_every_video_once_and_a_cancel_reach
 async def test_a_worker_killed_mid_job_loses_it_and_the_video_arrives_once(tmp_path, tiny_models, telegram):
     async with fleet_of(tmp_path, tiny_models, telegram) as (fleet, queue):
         await fleet.start("serve", "serve")
-        first = await fleet.start("worker-1", "worker", "--device", "cpu")
+        workers = {name: await fleet.start(name, "worker", "--device", "cpu") for name in ("worker-1", "worker-2")}
         await until(lambda: telegram.sent("deleteWebhook"), what="serve polling Telegram")
+        await _online(queue, 2)
         telegram.command(BOB, "/video survive a crash steps=300 seed=4")
-        await until(lambda: _said(telegram, BOB, "generating"), 120, "progress from the first worker")
+        await until(lambda: _said(telegram, BOB, "generating"), 120, "progress from the worker that claimed it")
         job = (await queue.list_jobs([JobStatus.RUNNING]))[0]
-        assert f"/{first.pid}-" in job.worker_id
+        (victim,) = [name for name, process in workers.items() if f"/{process.pid}-" in job.worker_id]
+        (survivor,) = set(workers) - {victim}
 
-        first.send_signal(signal.SIGKILL)
-        await first.wait()
-        second = await fleet.start("worker-2", "worker", "--device", "cpu")
-        await until(lambda: telegram.sent("sendVideo", BOB), 180, "the video from the second worker")
+        workers[victim].send_signal(signal.SIGKILL)
+        await workers[victim].wait()
+        await until(lambda: telegram.sent("sendVideo", BOB), 180, "the video from the other worker")
         await until(lambda: _said(telegram, BOB, "the video is below"), 60, "the final status")
 
         done = await queue.get(job.id)
         assert done.status is JobStatus.SUCCEEDED and done.attempts == 2
-        assert f"/{second.pid}-" in done.worker_id
+        assert f"/{workers[survivor].pid}-" in done.worker_id
         assert done.delivery_status is DeliveryStatus.DELIVERED
         codes = await fleet.stop_all()
-        assert codes["serve"] == 0 and codes["worker-2"] == 0, fleet.logs()
+        assert codes["serve"] == 0 and codes[survivor] == 0, fleet.logs()
         assert len(telegram.sent("sendVideo", BOB)) == 1
         assert len(telegram.sent("sendMessage", BOB)) == 1  # one status message, across both workers
+
+
+async def _online(queue: JobQueue, count: int, limit_s: float = 120) -> None:
+    """Wait until `count` workers have said they are here (started, models checked)."""
+    for _ in range(int(limit_s / 0.2)):
+        if sum(w.state is not WorkerState.STOPPED for w in await queue.workers()) >= count:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"fewer than {count} workers started")
 
 
 async def _running(queue: JobQueue, limit_s: float = 60) -> Job:
