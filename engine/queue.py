@@ -337,7 +337,12 @@ class JobQueue:
             head, warm_id = candidates[0], None
             order = [row["id"] for row in candidates]
             if preferred_model and head["model"] != preferred_model and head["passed_over"] < max_model_skips:
-                warm = await db.one(WARM_SQL, preferred_model)
+                # The candidates are the users' next jobs in the fair order, and every one of those comes before
+                # anyone's second: the first of them for the model is its first job in the fair order. Only when
+                # none is, the longer search of the users' later jobs.
+                warm = next((row for row in candidates if row["model"] == preferred_model), None)
+                if warm is None:
+                    warm = await db.one(WARM_SQL, preferred_model)
                 if warm is not None:
                     warm_id = warm["id"]
                     order.insert(0, warm_id)
