@@ -401,6 +401,10 @@ class JobQueue:
                     )
                     if changed != 1 and token is not None:
                         raise _claim_lost(await self._get(db, job_id))
+                elif token is not None and not await db.one(
+                    "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND claim_token = ?", job_id, token
+                ):
+                    raise _claim_lost(await self._get(db, job_id))  # nobody else hears a late worker's steps
                 if share:
                     await self._share(db, EventKind.PROGRESS, job_id, progress.model_dump_json())
                 job = await self._get(db, job_id)

@@ -60,6 +60,9 @@ async def test_a_silent_worker_loses_its_job_after_the_lease_and_its_late_writes
     assert await queue.heartbeat(worker("w1", current_job=job.id), job.claim_token) is False
     with pytest.raises(ClaimLost):
         await queue.update_progress(job.id, Progress(stage=Stage.DENOISING, step=1, total=2), token=job.claim_token)
+    queue.share_events()  # unstored progress still reaches other processes: only while the claim holds
+    with pytest.raises(ClaimLost):
+        await queue.update_progress(job.id, Progress(stage=Stage.DECODING), persist=False, token=job.claim_token)
     with pytest.raises(ClaimLost):
         await queue.mark_succeeded(job.id, result(), token=job.claim_token)
     with pytest.raises(ClaimLost):
