@@ -3,6 +3,7 @@ workers and by the serving process alike; imports no torch."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -14,6 +15,7 @@ from engine.queue import JobQueue
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def this_machine() -> str:
     """Where a process id means this process: the host, and its PID namespace (containers on one host, even with
     the host's name, each have their own)."""

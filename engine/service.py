@@ -153,11 +153,20 @@ class Engine:
         metrics = Metrics(self.settings.queue.lease_s)
         config = self.settings.metrics
         assert config.port is not None
-        follow = asyncio.ensure_future(metrics.follow(self.queue))
+        tasks = [
+            asyncio.ensure_future(metrics.follow(self.queue)),
+            asyncio.ensure_future(
+                serve_metrics(metrics, self.queue, config.host, config.port, lambda: self.supervisor.failure)
+            ),
+        ]
         try:
-            await serve_metrics(metrics, self.queue, config.host, config.port, lambda: self.supervisor.failure)
+            # Either one failing ends both, and the supervisor reports its error as it is (a port in use, say).
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
         finally:
-            follow.cancel()
+            for task in tasks:
+                task.cancel()
 
     # -- what chat adapters and the relay read and change; a remote worker's serving process answers the same calls --
 

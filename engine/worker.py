@@ -30,8 +30,7 @@ from engine.fetcher import ModelFetcher
 from engine.fleet import recover_orphans, this_machine
 from engine.generate import JobCancelled, JobInterrupted, PipelineRunner, RunHooks, RunOutput, device_facts
 from engine.images import ImageStore
-from engine.jobs import EventKind, Job, PreviewInfo, Progress, ResultInfo, Stage, WorkerRecord
-from engine.jobs import WorkerState as FleetState
+from engine.jobs import EventKind, Job, PreviewInfo, Progress, ResultInfo, Stage, WorkerRecord, WorkerState
 from engine.previews import LivePreviews, preview_path, remove_preview
 from engine.queue import DATABASE_DOWN, WORKER_STOPPED, JobQueue
 from engine.shared_files import shared_files
@@ -41,14 +40,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class WorkerState:
-    """What /status shows."""
+class LoopState:
+    """Where the worker's loop is: what its record in the fleet says (engine.jobs.WorkerRecord), and what it made."""
 
-    running: bool = False
     paused: bool = False
     current_job: int | None = None
     jobs_done: int = 0
-    last_error: str | None = None
 
 
 @dataclass
@@ -92,7 +89,7 @@ class Worker:
         self._announced = False  # this worker has a record in the fleet (it said it is here)
         self._files = shared_files(queue)
         self._fetcher = ModelFetcher(queue, downloader, self._wake.set)
-        self.state = WorkerState()
+        self.state = LoopState()
         self._host = socket.gethostname()
         self._started_at = time.time()
         # Never the id of an earlier process: a container started again may have the same host name and pid.
@@ -120,14 +117,14 @@ class Worker:
     async def _recover(self) -> None:
         await recover_orphans(self._queue, self._settings)
 
-    def record(self, state: FleetState | None = None) -> WorkerRecord:
+    def record(self, state: WorkerState | None = None) -> WorkerRecord:
         """This worker as the fleet sees it."""
         device, gpu_name, free_bytes = device_facts(self._settings.generation)
         if state is None:
             if self.state.current_job is not None:
-                state = FleetState.WORKING
+                state = WorkerState.WORKING
             else:
-                state = FleetState.PAUSED if self.state.paused else FleetState.IDLE
+                state = WorkerState.PAUSED if self.state.paused else WorkerState.IDLE
         return WorkerRecord(
             id=self.id,
             host=self._host,
@@ -166,7 +163,7 @@ class Worker:
         if not self._announced:
             return  # never in the fleet (a CLI run, say): nothing to take back
         try:
-            await self._queue.heartbeat(self.record(FleetState.STOPPED))
+            await self._queue.heartbeat(self.record(WorkerState.STOPPED))
         except Exception:
             log.warning("could not record this worker as stopped", exc_info=True)
 
@@ -178,7 +175,6 @@ class Worker:
         inbox = self._queue.events.subscribe()
         wake_task = asyncio.create_task(self._wake_on_events(inbox))
         heartbeat = asyncio.create_task(self._heartbeat_forever())
-        self.state.running = True
         wait_s = self._error_wait_s
         try:
             while not self._stop.is_set():
@@ -186,13 +182,11 @@ class Worker:
                     if not await self._step(stop_after):
                         break
                     wait_s = self._error_wait_s
-                except Exception as exc:
+                except Exception:
                     log.exception("worker loop error; going on in %.1f s", wait_s)
-                    self.state.last_error = f"{type(exc).__name__}: {exc}"
                     await self._pause(wait_s)
                     wait_s = min(wait_s * 2, 60.0)
         finally:
-            self.state.running = False
             wake_task.cancel()
             heartbeat.cancel()
             inbox.close()
@@ -302,13 +296,11 @@ class Worker:
             await self._finish(job.id, "cancel", partial(self._queue.mark_cancelled, job.id, token=token))
         except UserError as exc:
             await reporter.drain()
-            self.state.last_error = str(exc)
             detail = f"{type(exc).__name__}: {exc}"
             await self._finish(job.id, "fail", partial(self._queue.mark_failed, job.id, str(exc), detail, token=token))
         except Exception as exc:
             await reporter.drain()
             log.exception("job failed job=%s user=%s model=%s", job.id, job.source.user_key, job.model)
-            self.state.last_error = f"{type(exc).__name__}: {exc}"
             message, trace = _failure_message(job.id, exc), traceback.format_exc()
             await self._finish(job.id, "fail", partial(self._queue.mark_failed, job.id, message, trace, token=token))
         finally:

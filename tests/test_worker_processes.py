@@ -75,35 +75,22 @@ async def _both(settings: Settings, not_pid: int | None = None) -> dict[str, int
     return pids if len(pids) == 2 and not_pid not in pids.values() else None
 
 
-async def test_a_device_the_machine_lacks_stops_all_with_one_line(tiny_settings):
-    parent = await asyncio.create_subprocess_exec(
-        *WANBOT,
-        "worker",
-        "--devices",
-        "cpu,cuda:7",
-        env=environment(tiny_settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+async def wanbot_until_exit(settings: Settings, *args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *WANBOT, *args, env=environment(settings), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
-    output, _ = await asyncio.wait_for(parent.communicate(), timeout=120)
-    text = output.decode()
-    assert parent.returncode == 1, text
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    return process.returncode, output.decode()
+
+
+async def test_a_device_the_machine_lacks_stops_all_with_one_line(tiny_settings):
+    code, text = await wanbot_until_exit(tiny_settings, "worker", "--devices", "cpu,cuda:7")
+    assert code == 1, text
     assert "generation.device is cuda:7, which this machine cannot use" in text
     assert "wanbot stopped: the worker for cuda:7 cannot start" in text
     assert "Traceback" not in text
 
 
 async def test_device_and_devices_together_is_a_usage_error(tiny_settings):
-    parent = await asyncio.create_subprocess_exec(
-        *WANBOT,
-        "worker",
-        "--device",
-        "cpu",
-        "--devices",
-        "cpu,auto",
-        env=environment(tiny_settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(parent.communicate(), timeout=60)
-    assert parent.returncode == 2 and "not both" in output.decode()
+    code, text = await wanbot_until_exit(tiny_settings, "worker", "--device", "cpu", "--devices", "cpu,auto")
+    assert code == 2 and "not both" in text
