@@ -23,8 +23,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check bot engine tests bench
 	$(BIN)/ruff format --check bot engine tests bench
 
+# Three test processes on two cores: much of the suite waits on subprocesses, sockets and timers, not the CPU.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
