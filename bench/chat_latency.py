@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bot.telegram_adapter import TelegramAdapter
+from bot.telegram.adapter import TelegramAdapter
 from engine.config import Settings
 from engine.service import Engine
 from tests.fake_telegram import FakeTelegram

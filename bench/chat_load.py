@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.chat_latency import percentile
-from bot.telegram_adapter import TelegramAdapter
+from bot.telegram.adapter import TelegramAdapter
 from engine.config import Settings
 from engine.jobs import Progress, Stage
-from engine.queue import JobQueue
+from engine.queue.jobqueue import JobQueue
 from engine.service import Engine
 from tests.fake_telegram import FakeTelegram
 

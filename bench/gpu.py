@@ -12,11 +12,11 @@ The plan runs in order of value and skips what its time budget (`--budget-s`) ca
 machine returns every figure it had time for. Each figure is printed and, with `--out`, appended as a JSON line.
 
 Variants: `quality` is the official setting (classifier-free guidance: two transformer passes a step); `fast` is
-the fast preset's sampling as wanbot runs it (engine/samplers.py: LightX2V's 4 sigmas, 2 steps per expert, or
+the fast preset's sampling as wanbot runs it (engine/pipeline/samplers.py: LightX2V's 4 sigmas, 2 steps per expert, or
 FastWan's 3 DMD steps; guidance 1: one pass a step). `fast-preset` runs it as wanbot does end to end: random LoRAs
 of LightX2V's rank (64) and key layout fused into both experts (timed, and taken out again, timed), then each
-speed-up alone and together (engine/speedups.py: the attention kernel wanbot would pick, fp8 with torchao, compiled
-blocks; the first compiled run includes the compilation). `passes` needs no GPU: the transformer passes of one
+speed-up alone and together (engine/pipeline/speedups.py: the attention kernel wanbot would pick, fp8 with torchao,
+compiled blocks; the first compiled run includes the compilation). `passes` needs no GPU: the transformer passes of one
 video per mode and preset, counted on the tiny pipelines with each preset's real schedule (the count does not
 depend on the size), times the FLOPs of one pass of the real model at its real size (built on the meta device).
 
@@ -45,16 +45,16 @@ from PIL import Image
 from transformers import UMT5Config, UMT5EncoderModel
 
 from engine.config import GenerationConfig
-from engine.generate import correct_flow_shift, place_pipeline, set_vae_tiling
-from engine.images import Mode
-from engine.loras import FusedLoras, random_lightx2v_lora, write_lora
-from engine.models import I2V_A14B, T2V_A14B, TI2V_5B, ModelSpec
-from engine.passes import PassCounter
-from engine.presets import FASTWAN_DMD, LIGHTX2V_EULER, Sampling
-from engine.samplers import scheduled
-from engine.speedups import Choice, Speedups, apply_speedups, choose_speedups
-from engine.tiny import build_tiny_pipeline
-from engine.video import encode_mp4
+from engine.pipeline.generate import correct_flow_shift, place_pipeline, set_vae_tiling
+from engine.pipeline.loras import FusedLoras, random_lightx2v_lora, write_lora
+from engine.pipeline.models import I2V_A14B, T2V_A14B, TI2V_5B, ModelSpec
+from engine.pipeline.passes import PassCounter
+from engine.pipeline.presets import FASTWAN_DMD, LIGHTX2V_EULER, Sampling
+from engine.pipeline.samplers import scheduled
+from engine.pipeline.speedups import Choice, Speedups, apply_speedups, choose_speedups
+from engine.pipeline.tiny import build_tiny_pipeline
+from engine.pipeline.video import encode_mp4
+from engine.storage.images import Mode
 
 # Dense bf16 tensor-core peaks (no sparsity), by a fragment of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}

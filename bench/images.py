@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from engine.config import ImagesConfig
-from engine.images import ImageStore, validate_image_bytes
+from engine.storage.images import ImageStore, validate_image_bytes
 
 CASES = {"4K JPEG (3840x2160)": ((3840, 2160), "JPEG"), "40 MP PNG (7744x5160)": ((7744, 5160), "PNG")}
 

@@ -22,11 +22,11 @@ from diffusers import WanPipeline
 from diffusers.utils import export_to_video
 
 from engine.config import WAN_NEGATIVE_PROMPT, Settings
-from engine.images import Mode
 from engine.jobs import EventKind, JobSource, Stage
-from engine.models import GenerationRequest
+from engine.pipeline.models import GenerationRequest
+from engine.pipeline.tiny import make_tiny_model
 from engine.service import Engine
-from engine.tiny import make_tiny_model
+from engine.storage.images import Mode
 
 
 def bare_run(pipeline: WanPipeline, args: argparse.Namespace, out: Path) -> float:

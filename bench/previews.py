@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from engine.config import PreviewsConfig, Settings
-from engine.images import Mode
 from engine.jobs import EventKind, JobSource
-from engine.models import GenerationRequest
-from engine.previews import clean_estimate, project, render
+from engine.pipeline.models import GenerationRequest
+from engine.pipeline.previews import clean_estimate, project, render
+from engine.pipeline.tiny import make_tiny_model
 from engine.service import Engine
-from engine.tiny import make_tiny_model
+from engine.storage.images import Mode
 
 # name, latent [C, T, H, W], H200 seconds per step (quality, fast) from BENCHMARKS.md; None where not measured.
 LATENTS = [

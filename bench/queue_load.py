@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.images import Mode
 from engine.jobs import GenerationParams, JobSource
-from engine.queue import JobQueue
+from engine.queue.jobqueue import JobQueue
+from engine.storage.images import Mode
 
 PARAMS = GenerationParams(prompt="a fox", seed=1, steps=40, guidance=4.0, width=832, height=480, frames=81, fps=16)
 MODELS = ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "Wan-AI/Wan2.2-TI2V-5B-Diffusers")

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.queue_load import fill, latency_line, measure_claims, percentile
-from engine.event_follower import EventFollower
-from engine.images import Mode
 from engine.jobs import EventKind, GenerationParams, JobSource, JobStatus, Progress, Stage, WorkerState
-from engine.queue import JobQueue
-from engine.queue_postgres import temporary_schema
-from engine.queue_url import parse_database_url, sqlite_url
+from engine.queue.follower import EventFollower
+from engine.queue.jobqueue import JobQueue
+from engine.queue.postgres import temporary_schema
+from engine.queue.url import parse_database_url, sqlite_url
+from engine.storage.images import Mode
 
 REPO = Path(__file__).resolve().parents[1]
 WANBOT = [sys.executable, "-c", "from bot.cli import main; main()"]
@@ -196,7 +196,7 @@ async def run_fleet(
 
 
 async def throughput_part(server: str, jobs: int, steps: int, rounds: int, threads: int | None) -> None:
-    from engine.tiny import make_tiny_model  # imports torch: only this part needs it, in this process
+    from engine.pipeline.tiny import make_tiny_model  # imports torch: only this part needs it, in this process
 
     best: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="wanbot-scale-") as folder:

@@ -23,13 +23,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from bot.core import reply_for_new_job
+from bot.chat.core import reply_for_new_job
 from engine.config import ModelsConfig, Settings, load_settings
 from engine.errors import ConfigError, JobNotFound, UserError, counted, duration_text
-from engine.images import Mode
 from engine.jobs import Actor, EventKind, Job, JobSource, JobStatus, WorkerRecord, WorkerState
-from engine.models import GenerationRequest
-from engine.presets import PRESET_HELP, Preset
+from engine.pipeline.models import GenerationRequest
+from engine.pipeline.presets import PRESET_HELP, Preset
 from engine.service import (
     Upload,
     check_pictures,
@@ -41,6 +40,7 @@ from engine.service import (
     size_text,
     verify_snapshot,
 )
+from engine.storage.images import Mode
 
 if TYPE_CHECKING:
     from engine.service import Engine
@@ -554,7 +554,7 @@ async def _wait_for_jobs(
     The command owns its jobs: once `stop` is set (a signal), or when the queue is paused while one still waits, the
     jobs not yet ended are cancelled, so none is left behind to be made by the next command or `wanbot run`."""
     stop = stop or asyncio.Event()
-    from bot.runtime import worker_lock
+    from bot.roles.runtime import worker_lock
 
     with worker_lock(engine.settings) as own_worker:
         inbox = engine.subscribe()
@@ -1122,7 +1122,7 @@ def worker_command(
         raise _usage_error("Give --device (one worker) or --devices (one process per GPU), not both.")
     listed = [name.strip() for name in devices.split(",") if name.strip()] if devices else settings.generation.devices
     if device is None and listed:
-        from bot.worker_processes import run_worker_processes
+        from bot.roles.worker_processes import run_worker_processes
 
         failure = _run(run_worker_processes(listed, str(config) if config else None, _say))
         _exit_on(failure)
@@ -1137,7 +1137,7 @@ def _say(line: str) -> None:
 
 
 def _run_role(config: Path | None, role: str, settings: Settings | None = None) -> None:
-    from bot.runtime import Role, serve
+    from bot.roles.runtime import Role, serve
 
     settings = settings or _settings(config)
     _exit_on(_run(serve(settings, _say, Role(role))))

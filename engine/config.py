@@ -23,7 +23,7 @@ from pydantic_settings import (
 )
 
 from engine.errors import ConfigError
-from engine.queue_url import parse_database_url, sqlite_url
+from engine.queue.url import parse_database_url, sqlite_url
 
 CONFIG_ENV = "WANBOT_CONFIG"
 ENV_PREFIX = "WANBOT_"
@@ -45,7 +45,7 @@ class ImagesConfig(Section):
     # 48 and 50 MP phone cameras and 61 MP ones fit; decoding one costs about 250 MiB (bench/images.py).
     max_pixels: int = Field(64_000_000, gt=0, description="Largest accepted width*height, checked before decoding.")
     # Every RGB, grey or CMYK picture max_pixels allows fits (8 bytes a pixel at most); so do 50 MP HEIC photos. A
-    # 64 MP WebP (16 bytes a pixel) or 16-bit greyscale PNG (10) does not (engine/images.py has the figures).
+    # 64 MP WebP (16 bytes a pixel) or 16-bit greyscale PNG (10) does not (engine/storage/images.py has the figures).
     max_decode_bytes: int = Field(
         512_000_000,
         gt=0,
@@ -180,7 +180,7 @@ class DownloadsConfig(Section):
 
 
 class PreviewsConfig(Section):
-    """Live previews: the video taking shape in a running job's progress message (engine/previews.py)."""
+    """Live previews: the video taking shape in a running job's progress message (engine/pipeline/previews.py)."""
 
     enabled: bool = Field(True, description="Make previews of running jobs.")
     interval_s: float = Field(10.0, gt=0, description="Least seconds between two previews of one job.")

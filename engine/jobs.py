@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.images import ImageInfo, Mode
-from engine.presets import Preset
+from engine.pipeline.presets import Preset
+from engine.storage.images import ImageInfo, Mode
 
 PARAMS_VERSION = 1
 

@@ -25,7 +25,7 @@ from engine.errors import UserError
 from engine.jobs import EventKind, JobEvent, JobStatus, WorkerRecord, WorkerState
 
 if TYPE_CHECKING:
-    from engine.queue import JobQueue
+    from engine.queue.jobqueue import JobQueue
 
 log = logging.getLogger(__name__)
 

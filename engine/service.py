@@ -16,24 +16,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from engine.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
 from engine.config import Settings
-from engine.downloads import Downloader, check_repo_id, size_text, verify_snapshot, warn_missing_models
 from engine.errors import UserError
-from engine.event_follower import EventFollower
-from engine.events import EventBus, Subscription
-from engine.fleet import recover_orphans
-from engine.images import ImageInfo, ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
+from engine.hub.downloads import Downloader, check_repo_id, size_text, verify_snapshot, warn_missing_models
 from engine.jobs import Actor, EnqueueResult, EventKind, Job, JobSource, JobStatus, QueuePosition, WorkerRecord
-from engine.models import GenerationRequest, ModelRef, model_for_mode, resolve_model, resolve_request
-from engine.queue import DATABASE_DOWN, WORKER_STOPPED, JobQueue
-from engine.shared_files import SharedFiles, shared_files
+from engine.pipeline.models import GenerationRequest, ModelRef, model_for_mode, resolve_model, resolve_request
+from engine.pipeline.video import fit_to_limit
+from engine.queue.bus import EventBus, Subscription
+from engine.queue.fleet import recover_orphans
+from engine.queue.follower import EventFollower
+from engine.queue.jobqueue import DATABASE_DOWN, WORKER_STOPPED, JobQueue
+from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
+from engine.storage.images import ImageInfo, ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
+from engine.storage.shared_files import SharedFiles, shared_files
 from engine.supervisor import Supervisor
-from engine.video import fit_to_limit
 
 if TYPE_CHECKING:
-    from engine.generate import ModelLocator, PipelineRunner
-    from engine.prompts import PromptLengths
+    from engine.pipeline.generate import ModelLocator, PipelineRunner
+    from engine.pipeline.prompts import PromptLengths
     from engine.worker import Worker
 
 T = TypeVar("T")
@@ -115,8 +115,8 @@ class Engine:
         if not with_worker:
             queue = await JobQueue.connect(settings.database_url, EventBus())
             return cls(settings=settings, queue=queue, store=store, runner=None, worker=None, prompt_lengths=None)
-        from engine.generate import PipelineRunner, default_locator, device_facts, find_model_folder
-        from engine.prompts import PromptLengths
+        from engine.pipeline.generate import PipelineRunner, default_locator, device_facts, find_model_folder
+        from engine.pipeline.prompts import PromptLengths
         from engine.worker import Worker
 
         device_facts(settings.generation)  # a GPU this machine lacks is said in one line, before anything uses it
@@ -292,7 +292,7 @@ class Engine:
 
     async def preview_bytes(self, job_id: int) -> bytes | None:
         """The running job's latest preview JPEG; None once the job has ended (its preview is removed then)."""
-        from engine.previews import preview_path
+        from engine.pipeline.previews import preview_path
 
         path = preview_path(self.settings.previews_dir, job_id)
         try:
@@ -328,7 +328,7 @@ class Engine:
     def device_text(self) -> str:
         """Where videos are made and with which speed-ups, each with why ("the CPU (no CUDA GPU found); speed-ups:
         attention=native (no CUDA GPU); ...")."""
-        from engine.generate import describe_device
+        from engine.pipeline.generate import describe_device
 
         assert self.runner is not None
         return f"{describe_device(self.settings.generation)}; speed-ups: {self.runner.speedups.describe()}"
@@ -546,6 +546,6 @@ def model_downloader(settings: Settings) -> Downloader:
 
 def make_tiny_model(target: Path, kind: Mode, seed: int) -> None:
     """Build a randomly initialised tiny Wan pipeline of `kind` and save it as a diffusers folder at `target`."""
-    from engine.tiny import make_tiny_model as build
+    from engine.pipeline.tiny import make_tiny_model as build
 
     build(target, kind, seed)

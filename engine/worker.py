@@ -23,18 +23,19 @@ from functools import partial
 from pathlib import Path
 
 from engine.config import Settings
-from engine.downloads import Downloader
 from engine.errors import ClaimLost, UserError
-from engine.events import Subscription
-from engine.fetcher import ModelFetcher
-from engine.fleet import recover_orphans, this_machine
-from engine.generate import JobCancelled, JobInterrupted, PipelineRunner, RunHooks, RunOutput, device_facts
-from engine.images import ImageStore
+from engine.hub.downloads import Downloader
+from engine.hub.fetcher import ModelFetcher
 from engine.jobs import EventKind, Job, PreviewInfo, Progress, ResultInfo, Stage, WorkerRecord, WorkerState
-from engine.previews import LivePreviews, preview_path, remove_preview
-from engine.queue import DATABASE_DOWN, WORKER_STOPPED, JobQueue
-from engine.shared_files import shared_files
-from engine.video import encode_mp4
+from engine.pipeline.generate import PipelineRunner, RunOutput, device_facts
+from engine.pipeline.hooks import JobCancelled, JobInterrupted, RunHooks
+from engine.pipeline.previews import LivePreviews, preview_path, remove_preview
+from engine.pipeline.video import encode_mp4
+from engine.queue.bus import Subscription
+from engine.queue.fleet import recover_orphans, this_machine
+from engine.queue.jobqueue import DATABASE_DOWN, WORKER_STOPPED, JobQueue
+from engine.storage.images import ImageStore
+from engine.storage.shared_files import shared_files
 
 log = logging.getLogger(__name__)
 

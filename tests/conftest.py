@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from engine.config import ImagesConfig, Settings
-from engine.queue import JobQueue
-from engine.queue_postgres import temporary_schema
-from engine.queue_url import parse_database_url, sqlite_url
+from engine.queue.jobqueue import JobQueue
+from engine.queue.postgres import temporary_schema
+from engine.queue.url import parse_database_url, sqlite_url
 
 
 @pytest.fixture
@@ -57,8 +57,8 @@ async def discord_server() -> AsyncIterator[object]:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The three tiny models, built once per test session and shared read-only."""
-    from engine.images import Mode
-    from engine.tiny import make_tiny_model
+    from engine.pipeline.tiny import make_tiny_model
+    from engine.storage.images import Mode
 
     root = tmp_path_factory.mktemp("models")
     for mode in Mode:

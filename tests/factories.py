@@ -41,13 +41,13 @@ def result_for_child() -> object:
 
 def chat_core(engine: object, platform: str = "telegram", **access: frozenset[str]) -> object:
     """The chat core as an adapter of `platform` holds it; `access` sets its allowlists and admins."""
-    from bot.core import AccessPolicy, ChatCore
+    from bot.chat.core import AccessPolicy, ChatCore
 
     return ChatCore(engine, AccessPolicy(platform, **access), 25_000_000, lambda error: False, "(how to ask)")
 
 
 def status_answer(engine: object) -> object:
     """/status as anyone may ask it."""
-    from bot.core import Person, Place
+    from bot.chat.core import Person, Place
 
     return chat_core(engine).status_text(Person("u1"), Place("c1"))

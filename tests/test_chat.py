@@ -10,13 +10,21 @@ from typing import Any
 
 import pytest
 
-from bot.chat import OPTION_PATTERN, LiveMessages, RetryLater, help_text, parse_message, progress_text, queued_text
-from bot.relay import JobRelay
+from bot.chat.relay import JobRelay
+from bot.chat.texts import (
+    OPTION_PATTERN,
+    LiveMessages,
+    RetryLater,
+    help_text,
+    parse_message,
+    progress_text,
+    queued_text,
+)
 from engine.config import ChatConfig, GenerationConfig, ModelsConfig
 from engine.errors import UserError
-from engine.images import Mode
 from engine.jobs import Job, JobSource, Progress, QueuePosition, Stage, WorkerRecord, WorkerState
-from engine.models import GenerationRequest, resolve_model, resolve_request
+from engine.pipeline.models import GenerationRequest, resolve_model, resolve_request
+from engine.storage.images import Mode
 from tests import factories
 from tests.running import until
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from bot import chat
-from engine.images import Mode
+from bot.chat import texts
 from engine.jobs import WorkerRecord, WorkerState
+from engine.storage.images import Mode
 from tests import imagefactory
 from tests import test_discord as on_discord
 from tests import test_telegram as on_telegram
@@ -116,7 +116,7 @@ async def test_a_reply_to_the_bots_video_says_it_is_text_to_video(tiny_settings,
 
 
 async def test_status_says_idle_when_nothing_runs_and_paused_when_paused(engine):
-    assert (await status_answer(engine)).startswith(chat.NO_WORKER_ONLINE)
+    assert (await status_answer(engine)).startswith(texts.NO_WORKER_ONLINE)
     # An idle worker's heartbeat, as the worker stores it.
     worker = WorkerRecord(id="gpu-a-1", host="gpu-a", pid=1, device="cuda:0", started_at=time.time())
     await engine.queue.heartbeat(worker.model_copy(update={"state": WorkerState.IDLE}))
@@ -131,7 +131,7 @@ async def test_status_says_idle_when_nothing_runs_and_paused_when_paused(engine)
     ]
     assert paused.splitlines() == [
         "Workers: 1 online (1 paused).",
-        chat.QUEUE_PAUSED,
+        texts.QUEUE_PAUSED,
         "Queued: 0, running: 0.",
         "Worker gpu-a/cuda:0: paused, no model loaded.",
     ]
@@ -180,7 +180,7 @@ async def test_messages_sent_at_once_get_numbers_in_order_and_distinct_places_an
     for moved in (2, 5, 3):  # the best place each showed depends on how the five were taken in: 2 or 3 for #2
         reason = heads()[moved].split("\n")[1]
         was = int(reason.removeprefix("It was position ").split(":")[0])
-        assert was < places()[moved] and reason == chat.MOVED_BACK.format(was=was)
+        assert was < places()[moved] and reason == texts.MOVED_BACK.format(was=was)
     assert not any("It was position" in heads()[unmoved] for unmoved in (1, 4, 6))
 
 

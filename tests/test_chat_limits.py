@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from bot.chat import fit_text, parse_message, text_size
-from bot.discord_adapter import DiscordAdapter
-from bot.telegram_adapter import TelegramAdapter
+from bot.chat.texts import fit_text, parse_message, text_size
+from bot.discord.adapter import DiscordAdapter
+from bot.telegram.adapter import TelegramAdapter
 from engine.config import Settings
-from engine.images import Mode
 from engine.jobs import JobSource
-from engine.models import GenerationRequest
+from engine.pipeline.models import GenerationRequest
+from engine.storage.images import Mode
 from tests import factories, fake_discord, fake_telegram, imagefactory
 from tests.fake_discord import CHANNEL_ID, GUILD_ID, FakeDiscord
 from tests.fake_telegram import FakeTelegram

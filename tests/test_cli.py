@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.images import Mode
 from engine.jobs import JobSource
-from engine.queue import JobQueue
-from engine.video import probe
+from engine.pipeline.video import probe
+from engine.queue.jobqueue import JobQueue
+from engine.storage.images import Mode
 from tests import imagefactory
 from tests.factories import params
 

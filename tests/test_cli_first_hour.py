@@ -17,7 +17,7 @@ from rich.console import Console
 
 from engine.jobs import EventKind, Job, JobEvent, JobStatus, Stage
 from engine.jobs import Progress as JobProgress
-from engine.queue import JobQueue
+from engine.queue.jobqueue import JobQueue
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(240)

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from bot.cli import _place_text, app
 from engine.config import load_settings
-from engine.images import Mode
 from engine.jobs import JobSource, QueuePosition
-from engine.queue import JobQueue
+from engine.queue.jobqueue import JobQueue
+from engine.storage.images import Mode
 from tests import imagefactory
 from tests.factories import params
 from tests.test_cli import wanbot
@@ -80,7 +80,7 @@ def test_validate_says_what_generate_would_say_about_the_same_pictures(tmp_path:
     settings = load_settings(None)
 
     async def notes_of_submit(mode: Mode, start: Path, end: Path | None) -> set[str]:
-        from engine.models import GenerationRequest
+        from engine.pipeline.models import GenerationRequest
         from engine.service import Engine, Upload
 
         engine = await Engine.open(settings.model_copy(update={"data_dir": tmp_path / "engine"}))

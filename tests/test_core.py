@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bot import chat
-from bot.core import NOT_ALLOWED, NOT_YOURS_TO_REROLL, AccessPolicy, Answer, Ask, ChatCore, Person, Place
+from bot.chat import texts
+from bot.chat.core import NOT_ALLOWED, NOT_YOURS_TO_REROLL, AccessPolicy, Answer, Ask, ChatCore, Person, Place
 from engine.jobs import JobStatus
 from tests import imagefactory
 
@@ -36,14 +36,14 @@ def core_for(engine: object, **access: frozenset[str]) -> ChatCore:
 
 
 def ask(person: Person, text: str, message_id: str = "m1", pictures: list[FakePicture] | None = None) -> Ask:
-    return Ask(person, HERE, message_id, {}, lambda: chat.parse_message(text, None, bool(pictures)), pictures or [])
+    return Ask(person, HERE, message_id, {}, lambda: texts.parse_message(text, None, bool(pictures)), pictures or [])
 
 
 async def test_an_outsider_is_refused_every_flow_and_an_admin_passes_every_allowlist(engine):
     core = core_for(engine, users=frozenset({"1"}))
     await engine.set_paused(True)
     assert await core.request(ask(ALICE, "a fox")) is None
-    job = (await engine.jobs(chat.ACTIVE))[0]
+    job = (await engine.jobs(texts.ACTIVE))[0]
     refused = [
         (await core.request(ask(BOB, "let me in", "m2"))).text,
         await core.queue_text(BOB, HERE),
@@ -82,7 +82,7 @@ async def test_a_request_is_queued_once_and_answered_again_with_its_place(engine
     await engine.set_paused(True)
     assert await core.request(ask(ALICE, "a fox seed=3")) is None  # the relay shows the new job's place
     again = await core.request(ask(ALICE, "a fox seed=3"))
-    job = (await engine.jobs(chat.ACTIVE))[0]
+    job = (await engine.jobs(texts.ACTIVE))[0]
     assert again == Answer(again.text, "cancel", job.id) and "already" in again.text
     assert await core.already_queued(ALICE, HERE, "m1") and not await core.already_queued(ALICE, HERE, "m2")
     assert job.source.user_name == "alice" and job.params.seed == 3
@@ -111,11 +111,11 @@ async def test_a_picture_request_is_checked_against_the_limits_before_its_pictur
 
 
 async def test_an_unexpected_fault_is_an_apology_not_a_crash(engine, caplog):
-    def unreadable() -> chat.ParsedMessage:
+    def unreadable() -> texts.ParsedMessage:
         raise RuntimeError("a bug")
 
     answer = await core_for(engine).request(Ask(ALICE, HERE, "m1", {}, unreadable))
-    assert answer == Answer(chat.apology()) and "request failed" in caplog.text
+    assert answer == Answer(texts.apology()) and "request failed" in caplog.text
 
 
 async def test_cancel_takes_a_number_or_the_latest_and_refuses_other_peoples_jobs(engine):
@@ -123,7 +123,7 @@ async def test_cancel_takes_a_number_or_the_latest_and_refuses_other_peoples_job
     await engine.set_paused(True)
     for message in ("m1", "m2"):
         await core.request(ask(ALICE, f"fox {message}", message))
-    first, second = sorted(job.id for job in await engine.jobs(chat.ACTIVE))
+    first, second = sorted(job.id for job in await engine.jobs(texts.ACTIVE))
     assert "belongs to someone else" in await core.cancel(BOB, HERE, str(first))
     assert "'x1' is not a job number" in await core.cancel(ALICE, HERE, "x1")
     assert await core.cancel(ALICE, HERE) == f"Job #{second} is cancelled."
@@ -134,14 +134,14 @@ async def test_cancel_takes_a_number_or_the_latest_and_refuses_other_peoples_job
 async def test_only_the_owner_or_an_admin_rerolls_and_the_new_job_is_the_owners(engine):
     core = core_for(engine)
     await core.request(ask(ALICE, "a fox seed=4"))
-    job = (await engine.jobs(chat.ACTIVE))[0]
+    job = (await engine.jobs(texts.ACTIVE))[0]
     await core.cancel(ALICE, HERE, str(job.id))  # finished, as a reroll needs
     assert await core.reroll_refusal(BOB, HERE, job.id) == NOT_YOURS_TO_REROLL
     assert await core.reroll_refusal(ALICE, HERE, job.id) is None
     assert "no job" in (await core.reroll_refusal(ALICE, HERE, 999)).lower()
     assert await core.reroll_refusal(ADMIN, HERE, job.id) is None
     assert await core.reroll(ADMIN, job.id, "reroll-1", {"where": "here"}) is None
-    rerolled = (await engine.jobs(chat.ACTIVE))[0]
+    rerolled = (await engine.jobs(texts.ACTIVE))[0]
     assert rerolled.retry_of == job.id and rerolled.source.user_id == ALICE.user_id
     assert rerolled.source.reply == {"where": "here"} and rerolled.params.seed != 4
 
@@ -166,7 +166,7 @@ async def test_pause_and_resume_are_for_admins(engine, paused):
 async def test_a_reroll_the_owners_limits_would_refuse_is_refused_before_anything_is_posted(engine):
     core = core_for(engine)
     await core.request(ask(ALICE, "a fox", "m0"))
-    first = (await engine.jobs(chat.ACTIVE))[0]
+    first = (await engine.jobs(texts.ACTIVE))[0]
     await core.cancel(ALICE, HERE, str(first.id))
     await engine.set_paused(True)
     for number in range(engine.settings.queue.per_user_limit):

@@ -9,12 +9,12 @@ from typing import Any
 import discord
 import pytest
 
-from bot.core import NOT_ALLOWED, NOT_YOURS_TO_REROLL
-from bot.discord_adapter import DiscordAdapter, WanbotClient
+from bot.chat.core import NOT_ALLOWED, NOT_YOURS_TO_REROLL
+from bot.discord.adapter import DiscordAdapter, WanbotClient
 from engine.config import Settings
 from engine.errors import UserError
 from engine.jobs import DeliveryStatus, JobStatus
-from engine.models import MAX_PROMPT_CHARS
+from engine.pipeline.models import MAX_PROMPT_CHARS
 from tests import imagefactory
 from tests.fake_discord import APPLICATION_ID, CHANNEL_ID, GUILD_ID, TEST_TOKEN, FakeDiscord
 from tests.running import RunningBot, until

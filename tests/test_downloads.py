@@ -19,16 +19,16 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from bot.cli import app
-from engine import downloads
 from engine.config import DownloadsConfig, Settings
-from engine.downloads import Downloader, ProgressCallback, select_files, size_text, verify_snapshot
 from engine.errors import UserError
-from engine.fetcher import ModelFetcher
-from engine.images import Mode
+from engine.hub import downloads
+from engine.hub.downloads import Downloader, ProgressCallback, select_files, size_text, verify_snapshot
+from engine.hub.fetcher import ModelFetcher
 from engine.jobs import EventKind, JobSource, JobStatus, Stage
-from engine.models import GenerationRequest
-from engine.queue import JobQueue
+from engine.pipeline.models import GenerationRequest
+from engine.queue.jobqueue import JobQueue
 from engine.service import Engine
+from engine.storage.images import Mode
 from tests.factories import params
 from tests.fake_hub import COMMIT, FakeHub
 
@@ -454,7 +454,7 @@ async def test_unexpected_download_errors_back_off_then_fail_the_waiting_jobs(
     ready = asyncio.Event()
     downloader = BrokenDownloader()
     fetcher = ModelFetcher(queue, downloader, ready.set, tries=3, backoff_s=10.0, max_backoff_s=15.0, sleep=sleep)
-    with caplog.at_level(logging.ERROR, logger="engine.fetcher"):
+    with caplog.at_level(logging.ERROR, logger="engine.hub.fetcher"):
         fetcher.start(REPO_ID)
         fetcher.start(REPO_ID)  # the worker asking again meanwhile does not start a second download
         await asyncio.wait_for(ready.wait(), timeout=10)
@@ -464,7 +464,7 @@ async def test_unexpected_download_errors_back_off_then_fail_the_waiting_jobs(
     assert waits == [10.0, 15.0]  # doubling, bounded
     assert job.status is JobStatus.FAILED
     assert job.error_user.startswith(f"Sorry, downloading the model {REPO_ID} failed 3 times")
-    logged = [record for record in caplog.records if record.name == "engine.fetcher"]
+    logged = [record for record in caplog.records if record.name == "engine.hub.fetcher"]
     assert len(logged) == 3 and all(record.exc_info for record in logged)
     assert not fetcher.busy_models
 

@@ -14,14 +14,15 @@ from PIL import Image
 
 from engine.config import WAN_NEGATIVE_PROMPT, OutputsConfig
 from engine.errors import UserError
-from engine.generate import RunHooks, cover, place_pipeline
-from engine.images import Mode
 from engine.jobs import EventKind, Job, JobSource, JobStatus, Progress, Stage
-from engine.models import GenerationRequest
-from engine.queue import RUN_STAGES
+from engine.pipeline.generate import cover, place_pipeline
+from engine.pipeline.hooks import RunHooks
+from engine.pipeline.models import GenerationRequest
+from engine.pipeline.tiny import build_tiny_pipeline
+from engine.pipeline.video import probe
+from engine.queue.jobqueue import RUN_STAGES
 from engine.service import Engine, Upload
-from engine.tiny import build_tiny_pipeline
-from engine.video import probe
+from engine.storage.images import Mode
 from tests import imagefactory
 
 pytestmark = pytest.mark.timeout(120)
@@ -327,7 +328,7 @@ def test_cover_crops_the_middle_to_the_video_shape_instead_of_stretching():
 
 
 async def test_the_bot_clean_up_round_removes_delivered_videos_and_keeps_waiting_ones(engine: Engine):
-    from bot.runtime import _clean_up_periodically
+    from bot.roles.runtime import _clean_up_periodically
 
     delivered, waiting = [await submit(engine, Mode.T2V, user=user) for user in ("u1", "u2")]
     await run_all(engine)

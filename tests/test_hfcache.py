@@ -17,13 +17,13 @@ from typer.testing import CliRunner
 
 from bot.cli import app
 from engine.config import DownloadsConfig, Settings
-from engine.downloads import MANIFEST, Downloader, select_files, verify_snapshot
 from engine.errors import UserError
-from engine.hfcache import hub_cache, repo_folder
-from engine.images import Mode
+from engine.hub.downloads import MANIFEST, Downloader, select_files, verify_snapshot
+from engine.hub.hfcache import hub_cache, repo_folder
 from engine.jobs import JobSource, JobStatus
-from engine.models import GenerationRequest
+from engine.pipeline.models import GenerationRequest
 from engine.service import Engine
+from engine.storage.images import Mode
 from tests.fake_hub import COMMIT, FakeHub
 
 REPO_ID = "wan-test/Tiny-T2V-Diffusers"

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from engine.config import DownloadsConfig, Settings
-from engine.downloads import Downloader
 from engine.errors import UserError
-from engine.fetcher import ModelFetcher
-from engine.images import Mode
+from engine.hub.downloads import Downloader
+from engine.hub.fetcher import ModelFetcher
 from engine.jobs import JobSource, JobStatus
-from engine.queue import JobQueue
+from engine.queue.jobqueue import JobQueue
+from engine.storage.images import Mode
 from tests.factories import params
 from tests.fake_hub import FakeHub
 from tests.test_downloads import REPO_ID
@@ -133,7 +133,7 @@ async def test_an_unreachable_hub_fails_the_waiting_jobs_at_once_and_the_log_say
     ready = asyncio.Event()
     downloader = Downloader(tmp_path / "models", real_config(closed_port_url()))
     fetcher = ModelFetcher(queue, downloader, ready.set, sleep=sleep)
-    with caplog.at_level(logging.WARNING, logger="engine.fetcher"):
+    with caplog.at_level(logging.WARNING, logger="engine.hub.fetcher"):
         fetcher.start(REPO_ID)
         await asyncio.wait_for(ready.wait(), timeout=10)
     job = await queue.get(waiting.job.id)
@@ -144,7 +144,7 @@ async def test_an_unreachable_hub_fails_the_waiting_jobs_at_once_and_the_log_say
         "in the bot's log; try again later."
     )
     assert UNREACHABLE in job.error_detail and WHAT_TO_DO in job.error_detail
-    [record] = [record for record in caplog.records if record.name == "engine.fetcher"]
+    [record] = [record for record in caplog.records if record.name == "engine.hub.fetcher"]
     assert record.levelno >= logging.WARNING
     assert REPO_ID in record.getMessage() and UNREACHABLE in record.getMessage() and WHAT_TO_DO in record.getMessage()
 
@@ -252,7 +252,7 @@ async def test_without_a_network_the_start_says_quickly_that_it_could_not_check_
 
 
 async def warn_missing(settings: Settings, said: list[str]) -> None:
-    from engine.downloads import warn_missing_models
+    from engine.hub.downloads import warn_missing_models
 
     await warn_missing_models(settings, said.append)
 

@@ -26,10 +26,10 @@ from PIL import Image, ImageCms
 
 from engine.config import Settings
 from engine.errors import QueueFull
-from engine.images import Mode, validate_image_bytes
 from engine.jobs import JobSource
-from engine.models import GenerationRequest
+from engine.pipeline.models import GenerationRequest
 from engine.service import Engine, Upload
+from engine.storage.images import Mode, validate_image_bytes
 from tests import imagefactory as make
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,9 +182,9 @@ from pathlib import Path
 
 from engine.config import Settings
 from engine.errors import ImageRejected, QueueFull
-from engine.images import Mode
+from engine.storage.images import Mode
 from engine.jobs import JobSource
-from engine.models import GenerationRequest
+from engine.pipeline.models import GenerationRequest
 from engine.service import Engine, Upload
 from tests import imagefactory
 
@@ -252,7 +252,7 @@ import json, sys
 from pathlib import Path
 
 from engine.config import ImagesConfig
-from engine.images import validate_image_bytes
+from engine.storage.images import validate_image_bytes
 
 
 def status_kib(field):

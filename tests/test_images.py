@@ -8,7 +8,7 @@ from PIL import Image
 
 from engine.config import ImagesConfig
 from engine.errors import ImageIntegrityError, ImageRejected
-from engine.images import ImageInfo, ImageStore, Mode, check_mode, validate_image_bytes
+from engine.storage.images import ImageInfo, ImageStore, Mode, check_mode, validate_image_bytes
 from tests import imagefactory as make
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.images import Mode
 from engine.jobs import DeliveryStatus, JobStatus
-from engine.queue import JobQueue
+from engine.queue.jobqueue import JobQueue
 from engine.service import Engine
+from engine.storage.images import Mode
 from tests import imagefactory
 from tests.factories import params, source
 from tests.fake_discord import GUILD_ID

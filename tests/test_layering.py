@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RECORD_MODULES = {"engine.config", "engine.errors", "engine.jobs", "engine.models", "engine.images", "engine.presets"}
+RECORD_MODULES = {
+    "engine.config",
+    "engine.errors",
+    "engine.jobs",
+    "engine.pipeline.models",
+    "engine.storage.images",
+    "engine.pipeline.presets",
+}
 # Besides records, the wording helpers of the engine's messages and the loading of the settings records.
 FUNCTIONS_ALLOWED = {"engine.errors", "engine.config"}
 BOT_MODULES = sorted(path for path in (ROOT / "bot").glob("*.py") if path.name != "__init__.py")
@@ -42,7 +49,7 @@ def test_the_bot_reaches_the_engine_only_through_its_facade(path: Path):
         assert not machinery, f"{path.name} calls {module_name}.{name}: give the facade a method for it"
     source = path.read_text()
     for private in (
-        "engine.queue.",
+        "engine.queue.jobqueue.",
         "engine.worker.",
         "_engine.queue",
         "_engine.worker",
@@ -69,7 +76,14 @@ def test_the_engine_never_imports_the_bot():
 def test_the_chat_side_and_the_cli_start_without_torch():
     """Only opening an engine loads the model side: the chat modules, the facade and the CLI's queue and model
     commands start without torch (a serving process needs none of it)."""
-    modules = ["bot.cli", "bot.core", "bot.relay", "bot.runtime", "bot.telegram_adapter", "bot.discord_adapter"]
+    modules = [
+        "bot.cli",
+        "bot.chat.core",
+        "bot.chat.relay",
+        "bot.roles.runtime",
+        "bot.telegram.adapter",
+        "bot.discord.adapter",
+    ]
     check = f"import sys; import {', '.join(modules)}; print(sorted({{'torch', 'diffusers'}} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -14,10 +14,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.errors import UserError
-from engine.images import Mode
 from engine.jobs import ResultInfo, WorkerRecord, WorkerState
 from engine.metrics import Metrics, serve_metrics
-from engine.queue import JobQueue
+from engine.queue.jobqueue import JobQueue
+from engine.storage.images import Mode
 from tests.factories import owner, params, source
 
 LEASE_S = 30.0

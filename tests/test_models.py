@@ -7,9 +7,8 @@ import pytest
 
 from engine.config import WAN_NEGATIVE_PROMPT, GenerationConfig
 from engine.errors import UserError
-from engine.generate import choose_strategy
-from engine.images import ImageInfo, Mode
-from engine.models import (
+from engine.pipeline.generate import choose_strategy
+from engine.pipeline.models import (
     I2V_A14B,
     MAX_ASPECT,
     T2V_A14B,
@@ -20,7 +19,8 @@ from engine.models import (
     resolve_model,
     resolve_request,
 )
-from engine.prompts import PromptLengths
+from engine.pipeline.prompts import PromptLengths
+from engine.storage.images import ImageInfo, Mode
 
 
 def image(width: int, height: int) -> ImageInfo:

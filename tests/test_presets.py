@@ -21,22 +21,22 @@ import numpy as np
 import pytest
 import torch
 
-from bot.chat import parse_message
+from bot.chat.texts import parse_message
 from engine.config import GenerationConfig, Settings
 from engine.errors import UserError
-from engine.generate import WARMING_UP, PipelineRunner
-from engine.hfcache import cached_pipeline
-from engine.images import Mode
+from engine.hub.hfcache import cached_pipeline
 from engine.jobs import EventKind, Job, JobSource, JobStatus
-from engine.loras import FusedLoras, load_pair, random_lightx2v_lora, write_lora
-from engine.models import T2V_A14B, GenerationRequest, ModelRef, resolve_request
-from engine.passes import PassCounter
-from engine.presets import LIGHTX2V_EULER, Preset
-from engine.samplers import scheduled
+from engine.pipeline.generate import WARMING_UP, PipelineRunner
+from engine.pipeline.loras import FusedLoras, load_pair, random_lightx2v_lora, write_lora
+from engine.pipeline.models import T2V_A14B, GenerationRequest, ModelRef, resolve_request
+from engine.pipeline.passes import PassCounter
+from engine.pipeline.presets import LIGHTX2V_EULER, Preset
+from engine.pipeline.samplers import scheduled
+from engine.pipeline.speedups import Choice
+from engine.pipeline.tiny import build_tiny_pipeline
+from engine.pipeline.video import probe
 from engine.service import Engine, Upload
-from engine.speedups import Choice
-from engine.tiny import build_tiny_pipeline
-from engine.video import probe
+from engine.storage.images import Mode
 from tests import imagefactory
 from tests.fake_hub import FakeHub
 from tests.test_generate import pipeline_frames
@@ -255,7 +255,7 @@ async def test_a_fast_a14b_job_makes_two_passes_per_expert_on_the_distilled_sigm
     engine: Engine, mode: Mode, caplog: pytest.LogCaptureFixture
 ):
     start = imagefactory.png(64, 64) if mode is Mode.I2V else None
-    with caplog.at_level(logging.INFO, logger="engine.generate"):
+    with caplog.at_level(logging.INFO, logger="engine.pipeline.generate"):
         job = await make(engine, mode, start, preset="fast", seed=5)
     assert f"speed-ups: {CPU_SPEEDUPS}" in caplog.text  # what was chosen, and why, with the model's load
     run = job.result.run

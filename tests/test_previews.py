@@ -21,14 +21,14 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.cleanup import remove_stale_previews
 from engine.config import PreviewsConfig, Settings
-from engine.images import Mode
 from engine.jobs import EventKind, JobStatus, PreviewInfo
-from engine.models import GenerationRequest
-from engine.previews import FRAME_GAP, FRAME_SIDE, WAN21, WAN22, clean_estimate, project, render
-from engine.queue import JobQueue
+from engine.pipeline.models import GenerationRequest
+from engine.pipeline.previews import FRAME_GAP, FRAME_SIDE, WAN21, WAN22, clean_estimate, project, render
+from engine.queue.jobqueue import JobQueue
 from engine.service import Engine, Upload
+from engine.storage.cleanup import remove_stale_previews
+from engine.storage.images import Mode
 from tests import imagefactory
 from tests.factories import params, source
 
@@ -177,7 +177,7 @@ async def test_a_preview_that_fails_is_logged_once_and_the_job_succeeds(
     slow_engine.settings.previews.interval_s = 0.2
     slow_engine.settings.previews_dir.rmdir()
     slow_engine.settings.previews_dir.write_text("a file where the previews folder should be")
-    caplog.set_level(logging.DEBUG, logger="engine.previews")
+    caplog.set_level(logging.DEBUG, logger="engine.pipeline.previews")
     watched = await _run(slow_engine, Mode.T2V, steps=6)
     assert (await slow_engine.queue.get(watched.job_id)).status is JobStatus.SUCCEEDED
     assert watched.previews == []

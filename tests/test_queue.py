@@ -15,12 +15,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from engine.cleanup import remove_delivered_videos, remove_unused_images
 from engine.errors import InvalidTransition, NotAllowed, QueueFull
-from engine.images import ImageInfo, ImageStore, Mode, validate_image_bytes
 from engine.jobs import DeliveryStatus, EventKind, JobStatus, Progress, ResultInfo, Stage
-from engine.queue import JobQueue
-from engine.queue_sqlite import MIGRATIONS, split_sql
+from engine.queue.jobqueue import JobQueue
+from engine.queue.sqlite import MIGRATIONS, split_sql
+from engine.storage.cleanup import remove_delivered_videos, remove_unused_images
+from engine.storage.images import ImageInfo, ImageStore, Mode, validate_image_bytes
 from tests import imagefactory
 from tests.factories import ADMIN, owner, params, source
 
@@ -473,8 +473,8 @@ CHILD = textwrap.dedent(
     import asyncio, sys
     sys.path.insert(0, {repo!r})
     from pathlib import Path
-    from engine.images import Mode
-    from engine.queue import JobQueue
+    from engine.storage.images import Mode
+    from engine.queue.jobqueue import JobQueue
     from tests.factories import params, source, result_for_child
 
     async def main():

@@ -13,11 +13,11 @@ import pytest
 
 from engine.config import Settings, load_settings
 from engine.errors import ConfigError, UserError
-from engine.event_follower import EventFollower
-from engine.images import Mode
 from engine.jobs import EventKind
-from engine.queue import JobQueue
-from engine.queue_postgres import MIGRATIONS
+from engine.queue.follower import EventFollower
+from engine.queue.jobqueue import JobQueue
+from engine.queue.postgres import MIGRATIONS
+from engine.storage.images import Mode
 from tests.conftest import postgres_schema
 from tests.factories import params, source
 

@@ -8,10 +8,10 @@ import contextlib
 import pytest
 
 from engine.errors import ClaimLost
-from engine.event_follower import EventFollower
-from engine.images import Mode
 from engine.jobs import EventKind, JobStatus, Progress, ResultInfo, Stage, WorkerRecord, WorkerState
-from engine.queue import JobQueue
+from engine.queue.follower import EventFollower
+from engine.queue.jobqueue import JobQueue
+from engine.storage.images import Mode
 from tests.factories import ADMIN, params, source
 from tests.running import until
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.images import Mode
 from engine.jobs import JobStatus
-from engine.queue import JobQueue
+from engine.queue.jobqueue import JobQueue
+from engine.storage.images import Mode
 from tests.factories import params, source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ CLAIMER = textwrap.dedent(
     """
     import asyncio, sys
     sys.path.insert(0, {repo!r})
-    from engine.queue import JobQueue
+    from engine.queue.jobqueue import JobQueue
     from tests.factories import result_for_child
 
     async def main():
@@ -92,7 +92,7 @@ FAR_WORKER = textwrap.dedent(
     import asyncio, sys, time
     sys.path.insert(0, {repo!r})
     from engine.jobs import WorkerRecord, WorkerState
-    from engine.queue import JobQueue
+    from engine.queue.jobqueue import JobQueue
 
     async def main():
         queue = await JobQueue.connect({url!r})
@@ -113,9 +113,9 @@ NEAR_WORKER = textwrap.dedent(
     """
     import asyncio, socket, sys, time
     sys.path.insert(0, {repo!r})
-    from engine.fleet import pid_alive, this_machine
+    from engine.queue.fleet import pid_alive, this_machine
     from engine.jobs import WorkerRecord
-    from engine.queue import JobQueue
+    from engine.queue.jobqueue import JobQueue
     from tests.factories import result_for_child
 
     async def main():

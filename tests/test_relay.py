@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from bot import chat
+from bot.chat import texts
 from engine.config import ChatConfig
-from engine.images import Mode
 from engine.jobs import DeliveryStatus, Progress, Stage
-from engine.queue import WORKER_STOPPED
+from engine.queue.jobqueue import WORKER_STOPPED
 from engine.service import Engine
+from engine.storage.images import Mode
 from tests.factories import ADMIN, params, source
 from tests.running import until
 from tests.test_supervision import FakePlatform, finished_job, relay_for
@@ -56,12 +56,12 @@ async def test_a_job_started_again_after_a_restart_says_so(engine: Engine):
         await engine.queue.claim_next()
         await engine.queue.requeue(first, WORKER_STOPPED)
         await engine.queue.claim_next()
-        await until(lambda: chat.RESTARTED in platform.texts.get(first, [""])[-1], 5, "the restart note")
+        await until(lambda: texts.RESTARTED in platform.texts.get(first, [""])[-1], 5, "the restart note")
         second = (await engine.queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())).job.id
         await engine.queue.mark_cancelled(first)
         await engine.queue.claim_next()
         await until(lambda: "starting" in platform.texts.get(second, [""])[-1], 5, "the second job's start")
-    assert chat.RESTARTED not in platform.texts[second][-1]  # a first start says nothing of the kind
+    assert texts.RESTARTED not in platform.texts[second][-1]  # a first start says nothing of the kind
 
 
 async def test_done_and_the_video_go_out_without_waiting_for_the_edit_pacing(engine: Engine, tmp_path: Path):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from bot.chat import parse_message
+from bot.chat.texts import parse_message
 from engine.config import GenerationConfig
 from engine.errors import UserError
-from engine.images import Mode
 from engine.jobs import GenerationParams
-from engine.models import resolve_model, resolve_request
+from engine.pipeline.models import resolve_model, resolve_request
+from engine.storage.images import Mode
 
 
 def from_chat(text: str) -> GenerationParams:

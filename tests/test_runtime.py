@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.cleanup import remove_delivered_videos
-from engine.images import Mode
-from engine.queue import JobQueue
+from engine.queue.jobqueue import JobQueue
+from engine.storage.cleanup import remove_delivered_videos
+from engine.storage.images import Mode
 from engine.worker import output_name
 from tests.factories import params, result_for_child, source
 from tests.test_cli import REPO, wanbot

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from engine.jobs import DeliveryStatus, Job, JobStatus, WorkerState
-from engine.queue import JobQueue
+from engine.queue.jobqueue import JobQueue
 from tests import imagefactory
 from tests.conftest import postgres_schema
 from tests.fake_telegram import TEST_TOKEN, FakeTelegram

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from engine import shared_files as shared_files_module
-from engine.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
 from engine.config import ImagesConfig
 from engine.errors import ImageIntegrityError, UserError
-from engine.images import ImageStore, Mode, validate_image_bytes
 from engine.jobs import ResultInfo
-from engine.queue import JobQueue
-from engine.shared_files import DatabaseFiles, LocalFiles, SharedFiles, shared_files
+from engine.queue.jobqueue import JobQueue
+from engine.storage import shared_files as shared_files_module
+from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
+from engine.storage.images import ImageStore, Mode, validate_image_bytes
+from engine.storage.shared_files import DatabaseFiles, LocalFiles, SharedFiles, shared_files
 from tests import imagefactory
 from tests.conftest import postgres_schema
 from tests.factories import params, source

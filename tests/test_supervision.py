@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from bot import chat
-from bot.relay import AnswerLost, JobRelay, UploadRefused
+from bot.chat import texts
+from bot.chat.relay import AnswerLost, JobRelay, UploadRefused
 from engine.config import ChatConfig, Settings
-from engine.images import Mode
 from engine.jobs import DeliveryStatus, JobStatus, ResultInfo
-from engine.models import GenerationRequest
-from engine.queue import JobQueue
+from engine.pipeline.models import GenerationRequest
+from engine.queue.jobqueue import JobQueue
 from engine.service import Engine
+from engine.storage.images import Mode
 from engine.supervisor import RestartPolicy, Supervisor
 from tests.factories import ADMIN, params, source
 from tests.running import until
@@ -307,7 +307,7 @@ async def test_the_relay_reads_the_kind_of_each_upload_failure(engine: Engine, t
     await relay.deliver(await engine.queue.get(refused))
     platform.failures = [AnswerLost()]
     await relay.deliver(await engine.queue.get(lost))
-    platform.failures = [chat.RetryLater(30)]
+    platform.failures = [texts.RetryLater(30)]
     await relay.deliver(await engine.queue.get(flooded))
     refused_job, lost_job, flooded_job = [await engine.queue.get(job_id) for job_id in (refused, lost, flooded)]
     assert refused_job.delivery_status is DeliveryStatus.DELIVERY_FAILED and refused_job.delivery_attempts == 5
@@ -360,7 +360,7 @@ async def test_jobs_that_ended_unseen_show_their_end_when_the_relay_starts(engin
     relay.start(queue.events.subscribe())
     try:
         await until(lambda: given_up.job.id in platform.texts, 5, "the given-up job's end")
-        assert platform.texts[given_up.job.id] == [chat.finished_text(recovered)]
+        assert platform.texts[given_up.job.id] == [texts.finished_text(recovered)]
         assert "given up" in platform.texts[given_up.job.id][0]
         assert shown.job.id not in platform.texts
         assert await queue.final_unshown("telegram", 5) == []

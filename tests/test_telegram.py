@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from bot.core import NOT_ALLOWED, NOT_YOURS_TO_REROLL
-from bot.telegram_adapter import TelegramAdapter
+from bot.chat.core import NOT_ALLOWED, NOT_YOURS_TO_REROLL
+from bot.telegram.adapter import TelegramAdapter
 from engine.config import Settings
 from engine.jobs import DeliveryStatus, JobStatus
 from engine.service import Engine
@@ -189,7 +189,7 @@ async def test_429_storm_waits_and_keeps_editing_one_message(tiny_settings, tele
 
 async def test_a_failed_upload_is_retried_from_the_stored_file_with_doubling_waits(tiny_settings, telegram, caplog):
     telegram.faults["sendVideo"] = [(500, "Internal Server Error", None)] * 3
-    caplog.set_level("WARNING", logger="bot.relay")
+    caplog.set_level("WARNING", logger="bot.chat.relay")
     async with running_bot(configure(tiny_settings, telegram, delivery_retry_s=0.2)) as bot:
         telegram.command(ALICE, "/video retry me steps=2")
         await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 4, what="the fourth upload")
@@ -393,7 +393,7 @@ async def test_not_modified_and_413_answers_are_survived(tiny_settings, telegram
         telegram.command(ALICE, "/video resilient fox steps=3 seed=5 frames=17")  # a video a re-encode can shrink
         await until(lambda: status_of(telegram, ALICE, "the video is below"), what="delivery")
         job = (await bot.engine.queue.list_jobs())[0]
-    # The smaller file goes at once, within the same attempt, as on Discord (bot/relay.py).
+    # The smaller file goes at once, within the same attempt, as on Discord (bot/chat/relay.py).
     assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 1
     assert len(telegram.sent("sendVideo", ALICE)) == 2
 

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from bot import chat, transfers
+from bot.chat import texts, transfers
 from engine.jobs import DeliveryStatus
 from tests import fake_faults, imagefactory
 from tests import test_discord as on_discord
@@ -53,7 +53,7 @@ async def test_an_upload_telegram_never_answers_counts_as_delivered_not_sent_aga
     # The whole file went out; with no answer after the (here shrunk) wait, sending it again would make a second.
     monkeypatch.setattr(transfers, "UPLOAD_TIMEOUT_FLOOR_S", 1.0)
     telegram.delays["sendVideo"] = [3.0]
-    caplog.set_level("WARNING", logger="bot.telegram_adapter")
+    caplog.set_level("WARNING", logger="bot.telegram.adapter")
     async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
         telegram.command(ALICE, "/video a lost answer steps=2 frames=9")
         await until(lambda: on_telegram.status_of(telegram, ALICE, "the video is below"), what="delivery")
@@ -116,7 +116,7 @@ async def test_a_picture_that_cannot_be_downloaded_three_times_gets_the_apology(
         await request_with_a_picture(bot, telegram)
         status = await until(lambda: on_telegram.status_of(telegram, ALICE, "Sorry"), what="the apology")
         assert await bot.engine.queue.counts() == {}
-    assert status["text"] == chat.apology()
+    assert status["text"] == texts.apology()
     assert len(telegram.downloads) == transfers.DOWNLOAD_TRIES
     assert sum("download of the start picture failed" in record.getMessage() for record in caplog.records) == 2
 
@@ -159,7 +159,7 @@ async def test_an_attachment_that_cannot_be_downloaded_three_times_gets_the_apol
         interaction = await discord_server.slash(on_discord.ALICE, "video", {"prompt": "waves"}, {"start_image": start})
         await until(lambda: "Sorry" in discord_server.original(interaction)["content"], what="the apology")
         assert await bot.engine.queue.counts() == {}
-    assert discord_server.original(interaction)["content"] == chat.apology()
+    assert discord_server.original(interaction)["content"] == texts.apology()
     assert len(discord_server.downloads) == transfers.DOWNLOAD_TRIES
 
 

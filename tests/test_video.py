@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine.errors import UserError
-from engine.video import encode_mp4, fit_to_limit, probe, read_frames
+from engine.pipeline.video import encode_mp4, fit_to_limit, probe, read_frames
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from engine import queue_postgres
 from engine.config import Settings
-from engine.event_follower import EventFollower
-from engine.images import Mode
 from engine.jobs import EventKind, JobStatus
-from engine.queue import DATABASE_DOWN, JobQueue
+from engine.queue import postgres as queue_postgres
+from engine.queue.follower import EventFollower
+from engine.queue.jobqueue import DATABASE_DOWN, JobQueue
 from engine.service import Engine
+from engine.storage.images import Mode
 from tests.conftest import postgres_schema
 from tests.factories import params, source
 from tests.fake_faults import CuttableLink

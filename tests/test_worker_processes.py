@@ -10,7 +10,7 @@ import sys
 
 from engine.config import Settings
 from engine.jobs import WorkerRecord, WorkerState
-from engine.queue import JobQueue
+from engine.queue.jobqueue import JobQueue
 
 WANBOT = [sys.executable, "-c", "from bot.cli import main; main()"]
 

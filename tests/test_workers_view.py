@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from bot import chat
+from bot.chat import texts
 from engine.config import Settings
-from engine.images import Mode
 from engine.jobs import JobSource, Progress, Stage, WorkerRecord, WorkerState
-from engine.models import GenerationRequest
-from engine.queue import JobQueue
+from engine.pipeline.models import GenerationRequest
+from engine.queue.jobqueue import JobQueue
+from engine.storage.images import Mode
 from tests.factories import params
 from tests.test_cli import wanbot
 from tests.test_core import ALICE, HERE, core_for
@@ -181,7 +181,7 @@ async def test_status_shows_each_online_worker_and_what_it_does(engine):
         "Worker gpu-d/cuda:0: starting.",
         "Worker gpu-c/cuda:0: downloading Wan-AI/Wan2.2-I2V-A14B-Diffusers.",
         "Worker gpu-b/cuda:0: idle, tiny-t2v loaded.",
-        "Worker gpu-a/cuda:0: making " + " · ".join(chat.progress_lines(job, job.progress)) + ".",
+        "Worker gpu-a/cuda:0: making " + " · ".join(texts.progress_lines(job, job.progress)) + ".",
     ]  # in the order the store lists them: the most recently started first
     assert f"making Job #{making.id}, quality preset: generating" in answer and " 5/20 · " in answer
 
@@ -194,7 +194,7 @@ async def test_status_when_paused_says_so_and_names_two_workers_on_one_host_apar
         record("gpu-a", id="gpu-a-77", pid=77, state=WorkerState.PAUSED),
     )
     lines = (await core_for(engine).status_text(ALICE, HERE)).splitlines()
-    assert lines[:3] == ["Workers: 2 online (2 paused).", chat.QUEUE_PAUSED, "Queued: 0, running: 0."]
+    assert lines[:3] == ["Workers: 2 online (2 paused).", texts.QUEUE_PAUSED, "Queued: 0, running: 0."]
     assert sorted(lines[3:]) == [
         "Worker gpu-a/cuda:0 (pid 1234): paused, tiny-t2v loaded.",
         "Worker gpu-a/cuda:0 (pid 77): paused, no model loaded.",

@@ -1,0 +1,608 @@
+"""Discord adapter (discord.py 2 app commands): /video with attachments, live progress, buttons that survive a
+restart, and delivery that outlives the 15-minute interaction token by moving to channel messages."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+from discord.http import Route
+
+from bot.chat import texts, transfers
+from bot.chat.core import NOT_ALLOWED, AccessPolicy, Answer, Ask, ChatCore, Person, Place, ids
+from bot.chat.logredact import redact_everywhere, remove_redactor
+from bot.chat.relay import Buttons, JobRelay, TooLarge, UploadRefused
+from bot.discord.inbox import InteractionInbox, PendingRequest
+from engine.config import DiscordConfig, GenerationConfig
+from engine.errors import UserError
+from engine.jobs import Job, JobStatus
+from engine.pipeline.models import MAX_PROMPT_CHARS, GenerationRequest
+from engine.pipeline.presets import PRESET_HELP, Preset
+from engine.service import Engine
+from engine.storage.images import EXTENSIONS, SEND_SUPPORTED, Mode
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+CONNECTION_TASK = "discord connection"
+CONTENT_LIMIT = 2000  # characters in a message; every text the bot sends is fitted to it (texts.fit_text)
+MODAL_TIMEOUT_S = 900
+MAX_DESCRIPTION = 100  # characters in a slash command option's description
+UNKNOWN_CHANNEL = 10003  # Discord's JSON error code
+DISCORD_HELP = (
+    "/video with a prompt: text to video (t2v); attach start_image for image to video (i2v), and end_image for the "
+    "last frame.\n"
+    "/video's fields set the mode and the options below; options written in the prompt work too, and a field wins.\n"
+    "Or right-click a message with a picture > Apps > Make a video (two pictures: start and end frames)."
+)
+
+
+class WanbotClient(discord.Client):
+    """A discord.py client that knows its adapter, so persistent buttons can reach it after a restart."""
+
+    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+        # wanbot never joins a voice channel: discord.py's start-up warnings that PyNaCl and davey (voice
+        # libraries) are missing would only worry an operator.
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
+        super().__init__(**options)
+        self.adapter = adapter
+        self.tree = app_commands.CommandTree(self)
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(CancelButton, RerollButton)
+        await self.adapter.sync_commands()
+
+
+def _adapter(interaction: discord.Interaction) -> DiscordAdapter:
+    return interaction.client.adapter
+
+
+class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:cancel:(?P<job_id>\d+)"):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(label="Cancel", style=discord.ButtonStyle.danger, custom_id=f"wanbot:cancel:{job_id}")
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any) -> Any:
+        return cls(int(match["job_id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _adapter(interaction).on_cancel_button(interaction, self.job_id)
+
+
+class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:reroll:(?P<job_id>\d+)"):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Reroll (new seed)", style=discord.ButtonStyle.primary, custom_id=f"wanbot:reroll:{job_id}"
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any) -> Any:
+        return cls(int(match["job_id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _adapter(interaction).on_reroll_button(interaction, self.job_id)
+
+
+class PictureVideoModal(discord.ui.Modal, title="Make a video from this picture"):
+    """What the "Make a video" message command asks before it queues: the prompt (options allowed) and the mode."""
+
+    def __init__(self, pictures: list[discord.Attachment]) -> None:
+        # A dismissed modal never reports back; the timeout is what removes it from discord.py's store.
+        super().__init__(timeout=MODAL_TIMEOUT_S)
+        self.pictures = pictures
+        self.prompt = discord.ui.TextInput(
+            style=discord.TextStyle.paragraph,
+            required=False,
+            max_length=MAX_PROMPT_CHARS,
+            placeholder="the waves roll in (options work too: seed=7 steps=30 size=832x480)",
+        )
+        self.mode = discord.ui.Select(
+            options=[
+                discord.SelectOption(label="i2v: image to video (A14B)", value=Mode.I2V.value, default=True),
+                discord.SelectOption(label="ti2v: text and image to video (5B, faster)", value=Mode.TI2V.value),
+            ],
+            required=False,
+        )
+        self.add_item(discord.ui.Label(text="What happens in the video", component=self.prompt))
+        self.add_item(discord.ui.Label(text="Mode", component=self.mode))
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        """The form's text is read like a Telegram caption."""
+        mode = Mode(self.mode.values[0]) if self.mode.values else Mode.I2V
+        try:
+            parsed = texts.parse_message(self.prompt.value, mode, has_image=True)
+        except UserError as error:
+            await answer_privately(interaction, texts.user_error_text(error))
+            return
+        notes = [*([texts.EXTRA_PICTURES_NOTE] if len(self.pictures) > 2 else []), *parsed.notes]
+        end = self.pictures[1] if len(self.pictures) > 1 else None
+        await _adapter(interaction).accept(interaction, parsed.request, self.pictures[0], end, notes)
+
+
+def _view(*items: discord.ui.Item[Any]) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for item in items:
+        view.add_item(item)
+    return view
+
+
+@dataclass(frozen=True)
+class DiscordPicture:
+    """An attachment as the chat core downloads it (bot.chat.core.Picture)."""
+
+    attachment: discord.Attachment
+
+    @property
+    def declared_size(self) -> int:
+        return self.attachment.size
+
+    @property
+    def filename(self) -> str:
+        return self.attachment.filename
+
+    async def read(self, limit_bytes: int, label: str) -> bytes:
+        return transfers.check_size(await self.attachment.read(), self.attachment.size)
+
+
+class DiscordAdapter:
+    def __init__(self, engine: Engine, config: DiscordConfig, clock: Any = time.time) -> None:
+        if config.token is None:
+            raise UserError("No Discord token is configured.", "Set discord.token or DISCORD_BOT_TOKEN.")
+        if config.api_base_url:
+            Route.BASE = config.api_base_url.rstrip("/")
+        if config.gateway_url:
+            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(config.gateway_url)
+        self._engine = engine
+        self._config = config
+        self._clock = clock
+        self._redactor = redact_everywhere(config.token.get_secret_value())
+        access = AccessPolicy(
+            PLATFORM,
+            admins=frozenset(engine.settings.access.admins),
+            users=ids(config.allowed_users),
+            chats=ids(config.allowed_channels),
+            guilds=ids(config.allowed_guilds),
+            roles=ids(config.allowed_roles),
+        )
+        self.core = ChatCore(engine, access, config.download_limit_bytes, _worth_retrying, DISCORD_HELP)
+        # Only the guilds intent: it caches guild roles, so role allowlists work; no privileged intents are needed.
+        # Prompts are echoed in captions: "@everyone" or "<@someone>" in one must not ping anybody but the owner.
+        self.client = WanbotClient(
+            self, intents=discord.Intents(guilds=True), allowed_mentions=discord.AllowedMentions.none()
+        )
+        self._relay = JobRelay(engine, PLATFORM, self._show, self._send_video, self._upload_limit, config)
+        self._inbox = InteractionInbox(self.client, engine)
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        for command in (*COMMANDS, video_command(engine.settings.generation)):
+            self.client.tree.add_command(command)
+
+    # -- life cycle --------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        events = self._engine.subscribe()
+        self._runner = asyncio.create_task(self.client.start(self._config.token.get_secret_value()))
+        ready = asyncio.create_task(self.client.wait_until_ready())
+        await asyncio.wait({self._runner, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            # client.start() ended before READY: a bad token, an unreachable gateway, or a parser error.
+            error = self._runner.exception() if not self._runner.cancelled() else None
+            events.close()
+            await self.stop()
+            reason = f"{type(error).__name__}: {error}" if error else "stopped"
+            raise UserError(
+                f"Discord did not connect ({reason.replace(self._config.token.get_secret_value(), '<token>')}).",
+                "Check discord.token, discord.api_base_url and the network.",
+            ) from error
+        self._relay.start(events)
+        for pending in await self._inbox.unfinished():
+            log.info(
+                "finishing the request of interaction=%s, which the last run had not queued", pending.interaction.id
+            )
+            task = asyncio.create_task(self._submit_durably(pending))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+        # discord.py ends client.start() on a gateway parser error without a word: that must stop the process.
+        self._engine.supervisor.watch(CONNECTION_TASK, self._runner)
+
+    async def stop(self) -> None:
+        await self._engine.supervisor.cancel(CONNECTION_TASK)
+        for task in list(self._finishing):
+            task.cancel()  # stays in the inbox: the next start finishes it
+        await self._relay.stop()
+        await self.client.close()
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+        remove_redactor(self._redactor)
+
+    async def sync_commands(self) -> None:
+        tree = self.client.tree
+        if self._config.guild_ids:
+            for guild_id in self._config.guild_ids:
+                guild = discord.Object(id=guild_id)
+                tree.copy_global_to(guild=guild)
+                await tree.sync(guild=guild)
+        else:
+            await tree.sync()
+
+    # -- requests ----------------------------------------------------------------------------------------------
+
+    def _reply_for(self, interaction: discord.Interaction, received_at: float | None = None) -> dict[str, str]:
+        """How the job answers: through the interaction while its token lives, with the upload limit it allows."""
+        received = received_at if received_at is not None else self._clock()
+        return {
+            "application_id": str(interaction.application_id),
+            "interaction_token": interaction.token,
+            "token_expires_at": str(received + self._config.interaction_lifetime_s),
+            "filesize_limit": str(interaction.filesize_limit or self._config.filesize_limit_bytes),
+        }
+
+    async def accept(
+        self,
+        interaction: discord.Interaction,
+        request: GenerationRequest,
+        start: discord.Attachment | None,
+        end: discord.Attachment | None,
+        notes: list[str],
+    ) -> None:
+        """Store the request, acknowledge it (Discord drops interactions not answered within 3 s), then submit."""
+        if not self.core.allows(_person(interaction), _place(interaction)):
+            await answer_privately(interaction, NOT_ALLOWED)
+            return
+        pending = PendingRequest(interaction, request, start, end, notes, received_at=self._clock())
+        await self._inbox.remember(pending)
+        await interaction.response.defer(thinking=True)
+        await self._submit_durably(pending)
+
+    async def _submit_durably(self, pending: PendingRequest) -> None:
+        """Submit, then take the request out of the inbox; a process stopping before that leaves it there."""
+        interaction = pending.interaction
+        try:
+            await self._submit(pending)
+        except Exception:
+            log.exception("request failed interaction=%s", interaction.id)
+        try:
+            await self._inbox.done(interaction)
+        except Exception:
+            # Only means it is handled once more (harmlessly: the job is found by its interaction) at the next start.
+            log.warning("could not mark interaction=%s handled", interaction.id, exc_info=True)
+
+    async def _submit(self, pending: PendingRequest) -> None:
+        interaction = pending.interaction
+        pictures = [attachment for attachment in (pending.start, pending.end) if attachment is not None]
+        for attachment, role in zip(pictures, ("start", "end"), strict=False):
+            if not _is_picture(attachment):
+                kind = attachment.content_type or attachment.filename
+                text = texts.user_error_text(
+                    UserError(f"The {role} attachment ({kind}) is not a picture.", SEND_SUPPORTED)
+                )
+                await _edit_answer(interaction, Answer(text))
+                return
+        ask = Ask(
+            _person(interaction),
+            _place(interaction),
+            str(interaction.id),
+            self._reply_for(interaction, pending.received_at),
+            lambda: texts.ParsedMessage(pending.request),
+            [DiscordPicture(attachment) for attachment in pictures],
+            pending.notes,
+        )
+        answer = await self.core.request(ask)
+        if answer is not None:
+            await _edit_answer(interaction, answer)
+
+    # -- buttons -----------------------------------------------------------------------------------------------
+
+    async def on_cancel_button(self, interaction: discord.Interaction, job_id: int) -> None:
+        text = await self.core.cancel(_person(interaction), _place(interaction), str(job_id))
+        await answer_privately(interaction, text)
+
+    async def on_reroll_button(self, interaction: discord.Interaction, job_id: int) -> None:
+        refusal = await self.core.reroll_refusal(_person(interaction), _place(interaction), job_id)
+        if refusal is not None:
+            await answer_privately(interaction, refusal)
+            return
+        await interaction.response.defer(thinking=True)
+        reply = self._reply_for(interaction)
+        answer = await self.core.reroll(_person(interaction), job_id, str(interaction.id), reply)
+        if answer is not None:
+            await _edit_answer(interaction, answer)
+
+    # -- outgoing ----------------------------------------------------------------------------------------------
+
+    def _interaction_alive(self, job: Job) -> bool:
+        return self._clock() < float(job.source.reply.get("token_expires_at", "0"))
+
+    def _webhook(self, job: Job) -> discord.Webhook:
+        reply = job.source.reply
+        return discord.Webhook.partial(int(reply["application_id"]), reply["interaction_token"], client=self.client)
+
+    async def _show(self, job: Job, text: str, buttons: Buttons, picture: bytes | None) -> None:
+        """The job's live message: the interaction's answer while its token lives, then a channel message; a new
+        preview replaces the picture attached to it."""
+        alive = self._interaction_alive(job) and "progress_deleted" not in job.source.reply
+        if not alive and job.status is JobStatus.QUEUED and not job.source.reply.get("channel_message_id"):
+            # A new place in the queue is not worth a new message that mentions the user: the job's start makes one.
+            return
+        view = _view(CancelButton(job.id)) if buttons == "cancel" else discord.ui.View(timeout=None)
+        try:
+            if alive:
+                content = texts.fit_text(text, CONTENT_LIMIT)
+                attachments = _preview_files(picture) or discord.utils.MISSING
+                await self._webhook(job).edit_message("@original", content=content, view=view, attachments=attachments)
+            else:
+                await self._show_in_channel(job, text, view, picture)
+        except discord.NotFound:
+            # The user (or a moderator) deleted the progress message: carry on in a new channel message.
+            job = await self._engine.update_reply(job.id, progress_deleted="1", channel_message_id="")
+            await self._show_in_channel(job, text, view, picture)
+        except discord.HTTPException as error:
+            log.warning("cannot show progress job=%s: %s %s", job.id, error.status, error.text)
+
+    async def _show_in_channel(self, job: Job, text: str, view: discord.ui.View, picture: bytes | None) -> None:
+        """The job's live message as a channel message that mentions its owner. Each request gets files of its own:
+        a file already sent is read to its end."""
+        channel = self.client.get_partial_messageable(int(job.source.chat_id))
+        content = texts.fit_text(f"<@{job.source.user_id}> {text}", CONTENT_LIMIT)
+        message_id = job.source.reply.get("channel_message_id")
+        if message_id:
+            try:
+                await channel.get_partial_message(int(message_id)).edit(
+                    content=content,
+                    view=view,
+                    allowed_mentions=_owner_only(job),
+                    attachments=_preview_files(picture) or discord.utils.MISSING,
+                )
+                return
+            except discord.NotFound:
+                pass
+        files = _preview_files(picture) or None
+        message = await channel.send(content, view=view, allowed_mentions=_owner_only(job), files=files)
+        await self._engine.update_reply(job.id, channel_message_id=str(message.id))
+
+    def _upload_limit(self, job: Job) -> int:
+        return int(job.source.reply.get("filesize_limit", self._config.filesize_limit_bytes))
+
+    async def _send_video(self, job: Job, video: Path) -> None:
+        # discord.py gives each request aiohttp's 5 minutes (not a few seconds): more than transfers.upload_timeout_s
+        # asks for the largest upload Discord allows a bot (100 MiB), so a slow answer is not taken for a failure.
+        content = f"<@{job.source.user_id}> {texts.result_caption(job, limit=CONTENT_LIMIT - 30)}"
+        file = discord.File(io.BytesIO(await asyncio.to_thread(video.read_bytes)), filename=f"wanbot-{job.id}.mp4")
+        view = _view(RerollButton(job.id))
+        mentions = _owner_only(job)
+        try:
+            if self._interaction_alive(job):
+                await self._webhook(job).send(
+                    content=content, file=file, view=view, wait=True, allowed_mentions=mentions
+                )
+            else:
+                channel = self.client.get_partial_messageable(int(job.source.chat_id))
+                # The same nonce on every try of this job: Discord answers a repeat of an upload whose answer was lost
+                # with the message it already made. (An interaction's follow-up has no such check.)
+                nonce = f"wanbot-{job.id}"
+                await channel.send(content, file=file, view=view, allowed_mentions=mentions, nonce=nonce)
+        except discord.HTTPException as error:
+            if error.status == 413:
+                raise TooLarge from error
+            # No access to the channel, or the channel is gone: final.
+            if isinstance(error, discord.Forbidden) or error.code == UNKNOWN_CHANNEL:
+                raise UploadRefused(f"{type(error).__name__}: {error}") from error
+            raise
+
+
+# -- commands: each reaches the adapter through the interaction's client, as the persistent buttons do --------------
+
+
+def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., None]:
+    """/video, with the step and frame ranges of the settings in force, so the client refuses what the bot would
+    clamp (5 frames is the fewest Wan makes)."""
+
+    @app_commands.command(name="video", description="Make a short video from text, or from a picture and text.")
+    @app_commands.describe(
+        prompt="What the video shows",
+        mode="t2v: text only; i2v: from a start image; ti2v: text and image (5B model)",
+        start_image="First frame (i2v, ti2v)",
+        end_image="Last frame (optional)",
+        negative_prompt="What to avoid (replaces Wan's default negative prompt)",
+        seed="Same seed, same video",
+        steps="Denoising steps (more: slower, finer)",
+        frames="Number of frames (4k+1)",
+        resolution="WIDTHxHEIGHT such as 832x480, or the model's preset: 480p or 720p (A14B), 720p (TI2V-5B)",
+        guidance="How closely to follow the prompt",
+        preset=PRESET_HELP[:MAX_DESCRIPTION],
+    )
+    @app_commands.choices(
+        mode=[app_commands.Choice(name=mode.value, value=mode.value) for mode in Mode],
+        preset=[app_commands.Choice(name=preset.value, value=preset.value) for preset in Preset],
+    )
+    @_annotate(
+        steps=app_commands.Range[int, 1, limits.max_steps] | None,
+        frames=app_commands.Range[int, 5, limits.max_frames] | None,
+    )
+    async def video(
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, None, MAX_PROMPT_CHARS] = "",
+        mode: str | None = None,
+        start_image: discord.Attachment | None = None,
+        end_image: discord.Attachment | None = None,
+        negative_prompt: app_commands.Range[str, None, MAX_PROMPT_CHARS] = "",
+        seed: app_commands.Range[int, 0, 2**32 - 1] | None = None,
+        steps: int | None = None,
+        frames: int | None = None,
+        resolution: str | None = None,
+        guidance: app_commands.Range[float, 0.0, 20.0] | None = None,
+        preset: str | None = None,
+    ) -> None:
+        # Options written in the prompt count, as in the "Make a video" form; a field the user filled in wins.
+        try:
+            parsed = texts.parse_message(prompt, None, has_image=start_image is not None)
+        except UserError as error:
+            await answer_privately(interaction, texts.user_error_text(error))
+            return
+        fields = {
+            "mode": Mode(mode) if mode else None,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "steps": steps,
+            "frames": frames,
+            "resolution": resolution,
+            "guidance": guidance,
+            "preset": Preset(preset) if preset else None,
+        }
+        given = {name: value for name, value in fields.items() if value not in (None, "")}
+        request = parsed.request.model_copy(update=given)
+        await _adapter(interaction).accept(interaction, request, start_image, end_image, parsed.notes)
+
+    return video
+
+
+@app_commands.command(name="queue", description="Your jobs and their places in the queue.")
+async def queue_command(interaction: discord.Interaction) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, await core.queue_text(_person(interaction), _place(interaction)))
+
+
+@app_commands.command(name="cancel", description="Cancel a job (your latest if no number is given).")
+async def cancel_command(interaction: discord.Interaction, job: int | None = None) -> None:
+    core = _adapter(interaction).core
+    job_ref = str(job) if job is not None else None
+    await answer_privately(interaction, await core.cancel(_person(interaction), _place(interaction), job_ref))
+
+
+@app_commands.command(name="status", description="What the worker is doing.")
+async def status_command(interaction: discord.Interaction) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, await core.status_text(_person(interaction), _place(interaction)))
+
+
+# Shown only to members who may manage the server; wanbot's own admin list still decides.
+@app_commands.command(name="pause", description="Admins: start no new videos (the running one finishes).")
+@app_commands.default_permissions(manage_guild=True)
+async def pause_command(interaction: discord.Interaction) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, await core.pause(_person(interaction), _place(interaction), paused=True))
+
+
+@app_commands.command(name="resume", description="Admins: start queued videos again.")
+@app_commands.default_permissions(manage_guild=True)
+async def resume_command(interaction: discord.Interaction) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, await core.pause(_person(interaction), _place(interaction), paused=False))
+
+
+@app_commands.command(name="previews", description="Admins: show the video taking shape while it is made, or not.")
+@app_commands.describe(state="on or off; leave it out to see how it is now")
+@app_commands.choices(state=[app_commands.Choice(name=state, value=state) for state in ("on", "off")])
+async def previews_command(interaction: discord.Interaction, state: str | None = None) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, await core.previews(_person(interaction), _place(interaction), state))
+
+
+@app_commands.command(name="help", description="How to use this bot.")
+async def help_command(interaction: discord.Interaction) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, core.help_text(_person(interaction), _place(interaction)))
+
+
+@app_commands.context_menu(name="Make a video")
+async def make_video_command(interaction: discord.Interaction, message: discord.Message) -> None:
+    """Right-click a message with pictures: a form asks for the prompt and the mode."""
+    if not _adapter(interaction).core.allows(_person(interaction), _place(interaction)):
+        await answer_privately(interaction, NOT_ALLOWED)
+        return
+    pictures = [attachment for attachment in message.attachments if _is_picture(attachment)]
+    if not pictures:
+        await answer_privately(
+            interaction,
+            "That message has no picture to start from. Use it on a message with a picture attached, or /video for "
+            "text to video.",
+        )
+        return
+    # A modal must be the first answer, so it cannot wait behind a defer.
+    await interaction.response.send_modal(PictureVideoModal(pictures))
+
+
+COMMANDS = (
+    queue_command,
+    cancel_command,
+    status_command,
+    pause_command,
+    resume_command,
+    previews_command,
+    help_command,
+    make_video_command,
+)
+
+
+def _person(interaction: discord.Interaction) -> Person:
+    user = interaction.user
+    roles = frozenset(str(role.id) for role in getattr(user, "roles", []))
+    return Person(str(user.id), user.name, roles)
+
+
+def _place(interaction: discord.Interaction) -> Place:
+    guild = str(interaction.guild_id) if interaction.guild_id is not None else None
+    return Place(str(interaction.channel_id), guild)
+
+
+def _annotate(**annotations: Any) -> Any:
+    """Set a command's option types at registration: the module's annotations are strings that discord.py
+    resolves in the module's namespace, which knows no settings."""
+
+    def apply(callback: Any) -> Any:
+        callback.__annotations__.update(annotations)
+        return callback
+
+    return apply
+
+
+def _worth_retrying(error: Exception) -> bool:
+    """A CDN failure that may pass: a 5xx, or a reset, cut-short or timed-out connection (not a 404 or 403)."""
+    if isinstance(error, discord.HTTPException):
+        return error.status >= 500
+    return isinstance(error, aiohttp.ClientError | OSError)
+
+
+async def answer_privately(interaction: discord.Interaction, text: str) -> None:
+    """An answer only the user who asked sees."""
+    await interaction.response.send_message(texts.fit_text(text, CONTENT_LIMIT), ephemeral=True)
+
+
+async def _edit_answer(interaction: discord.Interaction, answer: Answer) -> None:
+    """The deferred answer to a request: an error, or the place of a request already queued."""
+    with_cancel = answer.buttons == "cancel" and answer.job_id is not None
+    view = _view(CancelButton(answer.job_id)) if with_cancel else discord.utils.MISSING
+    await interaction.edit_original_response(content=texts.fit_text(answer.text, CONTENT_LIMIT), view=view)
+
+
+def _preview_files(picture: bytes | None) -> list[discord.File]:
+    """The preview as a new file to attach (none without a picture): a discord.File is read once."""
+    return [discord.File(io.BytesIO(picture), filename="preview.jpg")] if picture is not None else []
+
+
+def _owner_only(job: Job) -> discord.AllowedMentions:
+    return discord.AllowedMentions(users=[discord.Object(id=int(job.source.user_id))])
+
+
+def _is_picture(attachment: discord.Attachment) -> bool:
+    """Any image type counts (the validator names the ones it cannot take), so nothing else is downloaded."""
+    content_type = (attachment.content_type or "").split(";")[0]
+    return content_type.startswith("image/") if content_type else Path(attachment.filename).suffix.lower() in EXTENSIONS

@@ -1,0 +1,410 @@
+"""Running a Wan 2.2 pipeline for one job: load (and keep warm), place on devices, denoise with progress, decode.
+
+Everything here is blocking and runs in the worker's executor thread; it talks back only through `RunHooks`,
+whose callables must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+from PIL import Image, ImageOps
+
+from engine.config import GenerationConfig, Settings
+from engine.errors import UserError
+from engine.hub.downloads import Downloader
+from engine.jobs import GenerationParams, Job, Progress, RunInfo, Stage
+from engine.pipeline.hooks import JobCancelled, JobInterrupted, RunHooks
+from engine.pipeline.loras import LoraSlot
+from engine.pipeline.models import ModelRef, ModelSpec, resolve_model
+from engine.pipeline.passes import PassCounter
+from engine.pipeline.presets import Preset
+from engine.pipeline.samplers import scheduled, scheduler_name
+from engine.pipeline.speedups import Speedups, apply_speedups, choose_speedups
+from engine.pipeline.tiny import make_tiny_model
+from engine.pipeline.weights import Locator
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASSES = {"WanPipeline": WanPipeline, "WanImageToVideoPipeline": WanImageToVideoPipeline}
+
+
+class GenerationTimedOut(UserError):
+    """The generation ran past `generation.timeout_s`."""
+
+
+class OutOfMemory(UserError):
+    """The accelerator ran out of memory; the message says what to lower."""
+
+
+@dataclass
+class RunOutput:
+    frames: np.ndarray  # frames x height x width x 3, float in [0, 1]
+    timings: dict[str, float] = field(default_factory=dict)
+    info: RunInfo | None = None
+
+
+@dataclass
+class LoadedPipeline:
+    model: ModelRef
+    pipeline: WanPipeline | WanImageToVideoPipeline
+    device: torch.device
+    strategy: str
+    source: str = ""  # the weights loaded: the model's name, or its distilled model's for a fast TI2V
+    loras: LoraSlot = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loras = LoraSlot(self.pipeline)
+        self.source = self.source or self.model.name
+
+
+ModelLocator = Locator
+
+
+def default_locator(settings: Settings, downloader: Downloader) -> ModelLocator:
+    """Where a model's diffusers folder is: built on first use for `tiny`, the downloaded snapshot for Hub repo ids
+    (the worker has the ModelFetcher download it before the job runs)."""
+
+    def locate(model: ModelRef, hooks: RunHooks) -> Path:
+        if model.is_tiny:
+            return make_tiny_model(settings.models_dir / model.name, model.mode)
+        folder = find_model_folder(settings, downloader, model)
+        if folder is None:
+            raise UserError(f"The model {model.name} is not downloaded.", f"Run: wanbot models download {model.name}")
+        return folder
+
+    return Locator(settings, downloader, locate)
+
+
+def find_model_folder(settings: Settings, downloader: Downloader, model: ModelRef) -> Path | None:
+    """The model's diffusers folder if it is on disk already; nothing is built or downloaded."""
+    if model.is_tiny:
+        folder = settings.models_dir / model.name
+        return folder if (folder / "model_index.json").exists() else None
+    if model.is_local:
+        return Path(model.name)
+    return downloader.local_snapshot(model.name)
+
+
+WARMING_UP = "warming up: the first video of this size compiles the model, once"
+
+
+class PipelineRunner:
+    """Keeps at most one pipeline in memory and runs jobs on it."""
+
+    def __init__(self, config: GenerationConfig, locator: ModelLocator) -> None:
+        self._config = config
+        self._locate = locator
+        self.loaded: LoadedPipeline | None = None
+        # Chosen once (the attention check runs a kernel), logged with each load, applied to each loaded model.
+        self._speedups = choose_speedups(config, _pick_device(config.device))
+        # Video shapes the compiled blocks have run at: the first job of a new shape compiles them again (minutes).
+        self._compiled_shapes: set[tuple[str, int, int, int]] = set()
+
+    @property
+    def speedups(self) -> Speedups:
+        return self._speedups
+
+    @property
+    def loaded_model(self) -> str | None:
+        return self.loaded.model.name if self.loaded else None
+
+    def run(self, job: Job, images: list[Image.Image], hooks: RunHooks) -> RunOutput:
+        timings: dict[str, float] = {}
+        started = hooks.clock()
+        try:
+            loaded = self._ensure_loaded(resolve_model(job.model, job.mode), job.params.preset, hooks)
+            timings["load_s"] = hooks.clock() - started
+            frames, info = self._denoise_and_decode(loaded, job.params, images, hooks, timings)
+        except torch.OutOfMemoryError as exc:
+            self._free_after_oom()
+            raise OutOfMemory(
+                f"The GPU ran out of memory making {job.params.width}x{job.params.height}, {job.params.frames} frames.",
+                "Try a lower resolution (res=480p) or fewer frames.",
+            ) from exc
+        timings["generate_s"] = hooks.clock() - started - timings["load_s"]
+        return RunOutput(frames=frames, timings=timings, info=info)
+
+    # -- loading -----------------------------------------------------------------------------------------------
+
+    def _ensure_loaded(self, model: ModelRef, preset: Preset, hooks: RunHooks) -> LoadedPipeline:
+        """`model` loaded with the weights `preset` runs on. A LoRA pair is fused in or taken out in place; only a
+        distilled model of its own (TI2V) or fp8 weights (which a LoRA can neither enter nor leave) mean a reload."""
+        fast = model.spec.fast if preset is Preset.FAST else None
+        source = self._locate.fast_model(model) if fast and fast.weights == "model" else model
+        loras = self._locate.loras(model, hooks) if fast and fast.weights == "lora" else None
+        loaded = self.loaded
+        same_weights = loaded is not None and (loaded.model.name, loaded.source) == (model.name, source.name)
+        if loaded is not None and same_weights and (loaded.loras.files == loras or not self._speedups.changes_weights):
+            loaded.loras.switch(loras)
+            return loaded
+        self.unload()
+        folder = self._locate(model, hooks) if source is model else self._locate.fast_model_folder(source, hooks)
+        hooks.on_progress(Progress(stage=Stage.LOADING, detail=source.name))
+        device = _pick_device(self._config.device)
+        pipeline_class = PIPELINE_CLASSES[model.spec.pipeline]
+        dtype: Any = torch.float32 if device.type == "cpu" else {"default": torch.bfloat16, "vae": torch.float32}
+        pipeline = pipeline_class.from_pretrained(folder, dtype=dtype)
+        correct_flow_shift(pipeline, model.spec)
+        pipeline.set_progress_bar_config(disable=True)
+        strategy = self._place(pipeline, model.spec, device)
+        loaded = LoadedPipeline(model=model, pipeline=pipeline, device=device, strategy=strategy, source=source.name)
+        # Fused where the weights are placed (bf16 on a GPU), and before fp8 or compiling see them.
+        loaded.loras.switch(loras)
+        apply_speedups(pipeline, self._speedups)
+        self.loaded = loaded
+        log.info(
+            "loaded model=%s weights=%s device=%s strategy=%s speed-ups: %s",
+            model.name,
+            source.name,
+            device,
+            strategy,
+            self._speedups.describe(),
+        )
+        return loaded
+
+    def unload(self) -> None:
+        if self.loaded is None:
+            return
+        self.loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _place(self, pipeline: Any, spec: ModelSpec, device: torch.device) -> str:
+        if device.type == "cpu":
+            return "cpu"
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        strategy = choose_strategy(self._config.memory, spec, free_bytes / 2**30, self._config.max_pixels)
+        place_pipeline(pipeline, strategy, device)
+        return strategy
+
+    def _free_after_oom(self) -> None:
+        # A pipeline half-way through an OOM may hold fragmented blocks; reloading costs less than a second failure.
+        if self.loaded is not None and hasattr(self.loaded.pipeline, "maybe_free_model_hooks"):
+            self.loaded.pipeline.maybe_free_model_hooks()
+        self.unload()
+
+    # -- running -----------------------------------------------------------------------------------------------
+
+    def _denoise_and_decode(
+        self,
+        loaded: LoadedPipeline,
+        params: GenerationParams,
+        images: list[Image.Image],
+        hooks: RunHooks,
+        timings: dict[str, float],
+    ) -> tuple[np.ndarray, RunInfo]:
+        spec = loaded.model.spec
+        pipeline = loaded.pipeline
+        set_vae_tiling(pipeline, self._config.vae_tiling, params.width, params.height)
+        shape = (loaded.model.name, params.width, params.height, params.frames)
+        compiled = self._speedups.compile.value == "on"
+        warming_up = compiled and shape not in self._compiled_shapes
+        tracker = StepTracker(spec, params.steps, hooks, WARMING_UP if warming_up else "")
+        arguments: dict[str, Any] = {
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt or None,
+            "height": params.height,
+            "width": params.width,
+            "num_frames": params.frames,
+            "num_inference_steps": params.steps,
+            "guidance_scale": params.guidance,
+            "generator": torch.Generator(device="cpu").manual_seed(params.seed),
+            "output_type": "np",
+            "callback_on_step_end": tracker.on_step_end,
+        }
+        if spec.two_experts and params.guidance_2 is not None:
+            arguments["guidance_scale_2"] = params.guidance_2
+        if spec.pipeline == "WanImageToVideoPipeline":
+            arguments["image"] = cover(images[0], params.width, params.height)
+            if len(images) > 1 and spec.uses_end_image:
+                arguments["last_image"] = cover(images[1], params.width, params.height)
+        sampling = spec.fast.sampling if params.preset is Preset.FAST and spec.fast else None
+        tracker.start()
+        try:
+            with (
+                tracker.watching(pipeline),
+                scheduled(pipeline, sampling, params.seed) as scheduler,
+                PassCounter(pipeline) as passes,
+            ):
+                output = pipeline(**arguments)
+                sigmas = [round(sigma, 4) for sigma in scheduler.sigmas.tolist()]
+        except BaseException:
+            if hasattr(pipeline, "maybe_free_model_hooks"):
+                pipeline.maybe_free_model_hooks()
+            raise
+        if compiled:
+            self._compiled_shapes.add(shape)
+        timings["denoise_s"] = tracker.denoise_s
+        timings["decode_s"] = hooks.clock() - tracker.decode_started
+        info = RunInfo(
+            preset=params.preset,
+            loras=loaded.loras.names,
+            scheduler=scheduler_name(scheduler, sampling),
+            sigmas=sigmas,
+            transformer_calls=passes.calls,
+            speedups=self._speedups.metadata(),
+        )
+        return output.frames[0], info
+
+
+class StepTracker:
+    """Turns the pipeline's per-step callback into progress with an ETA, and into cancel and timeout checks."""
+
+    def __init__(self, spec: ModelSpec, steps: int, hooks: RunHooks, first_note: str = "") -> None:
+        """`first_note` is said until the first step ends (a first step that compiles takes minutes)."""
+        self._spec = spec
+        self._steps = steps
+        self._hooks = hooks
+        self._first_note = first_note
+        self._durations: dict[str, list[float]] = {}
+        self._last = 0.0
+        self._deadline = 0.0
+        self._started = 0.0
+        self.denoise_s = 0.0
+        self.decode_started = 0.0
+
+    def start(self) -> None:
+        self._started = self._last = self._hooks.clock()
+        self._deadline = self._started + self._hooks.timeout_s
+        detail = ", ".join(part for part in (self._first_note, self._expert(1000)) if part)
+        self._hooks.on_progress(Progress(stage=Stage.DENOISING, step=0, total=self._steps, detail=detail))
+
+    def watching(self, pipeline: Any) -> contextlib.AbstractContextManager[None]:
+        """Live previews, when the run makes them, from the pipeline's transformers while the block runs."""
+        previews = self._hooks.previews
+        return previews.attached(pipeline) if previews is not None else contextlib.nullcontext()
+
+    def _expert(self, timestep: float) -> str:
+        if not self._spec.two_experts:
+            return ""
+        # Users are told the part, not the expert's name: the high-noise expert makes the first part of the steps.
+        boundary = (self._spec.boundary_ratio or 0) * 1000
+        return "part 1 of 2" if timestep >= boundary else "part 2 of 2"
+
+    def on_step_end(self, pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        now = self._hooks.clock()
+        expert = self._expert(float(timestep))
+        self._durations.setdefault(expert, []).append(now - self._last)
+        self._last = now
+        if self._hooks.should_interrupt():
+            raise JobInterrupted
+        if self._hooks.should_cancel():
+            raise JobCancelled
+        if now > self._deadline:
+            raise GenerationTimedOut(
+                f"The video took longer than the limit of {self._hooks.timeout_s:.0f} s.",
+                "Try fewer steps, fewer frames or a lower resolution.",
+            )
+        done = step + 1
+        finish = self._hooks.finish
+        if done < self._steps:
+            # The decode and encode after the steps take seconds: a time left without them ends in "0s" too early.
+            eta_s = self._steps_left_s(done) + (finish.total_s if finish else 0.0)
+            self._hooks.on_progress(
+                Progress(
+                    stage=Stage.DENOISING,
+                    step=done,
+                    total=self._steps,
+                    eta_s=eta_s,
+                    eta_steps_only=finish is None,
+                    detail=expert,
+                )
+            )
+        else:
+            self.denoise_s = now - self._started
+            self.decode_started = now
+            eta_s = finish.total_s if finish else None
+            self._hooks.on_progress(Progress(stage=Stage.DECODING, step=done, total=self._steps, eta_s=eta_s))
+        return {}
+
+    def _steps_left_s(self, done: int) -> float:
+        """Remaining steps times the mean step time of the expert that will run them (steps differ per expert)."""
+        all_steps = [duration for durations in self._durations.values() for duration in durations]
+        mean = sum(all_steps) / len(all_steps)
+        latest = next(reversed(self._durations))
+        expert_mean = sum(self._durations[latest]) / len(self._durations[latest])
+        return (self._steps - done) * (expert_mean if len(self._durations[latest]) > 1 else mean)
+
+
+def cover(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`image` cropped about its middle to the video's shape and scaled to its size: the pipelines would stretch it,
+    and the shape differs after snapping to the model's multiple, or on purpose for very wide or tall pictures."""
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+
+
+def choose_strategy(configured: str, spec: ModelSpec, free_gib: float, max_pixels: int) -> str:
+    """For "auto": all on the GPU when the whole model fits, one component at a time when the largest one and the
+    activations of the largest frame allowed fit (an A14B expert alone is 28 GB), else blocks streamed from the CPU."""
+    if configured != "auto":
+        return configured
+    if free_gib >= spec.full_vram_gb:
+        return "gpu"
+    return "model_offload" if free_gib >= spec.offload_need_gb(max_pixels) else "group_offload"
+
+
+def place_pipeline(pipeline: Any, strategy: str, device: torch.device | str) -> None:
+    if strategy == "gpu":
+        pipeline.to(device)
+    elif strategy == "model_offload":
+        # Keeps one component (one expert of the A14B pair) on the GPU at a time.
+        pipeline.enable_model_cpu_offload(device=device)
+    elif strategy == "sequential_offload":
+        pipeline.enable_sequential_cpu_offload(device=device)
+    elif strategy == "group_offload":
+        pipeline.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1)
+
+
+def describe_device(config: GenerationConfig) -> str:
+    """Where jobs will run, for the start-up line: a CPU-only torch on a GPU server means hours per real video."""
+    device = _pick_device(config.device)
+    if device.type == "cpu":
+        return "the CPU (no CUDA GPU found: fine for the tiny models, hours per video for real ones)"
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    name = torch.cuda.get_device_name(device)
+    return f"{device} ({name}, {free_bytes / 2**30:.0f} of {total_bytes / 2**30:.0f} GiB free, memory={config.memory})"
+
+
+def device_facts(config: GenerationConfig) -> tuple[str, str | None, int | None]:
+    """The device jobs run on, its GPU's name and its free memory in bytes (None on a CPU), for the fleet view."""
+    device = _pick_device(config.device)
+    if device.type == "cpu":
+        return "cpu", None, None
+    try:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        return str(device), torch.cuda.get_device_name(device), free_bytes
+    except (AssertionError, RuntimeError, ValueError) as exc:  # torch's words for "no such GPU here"
+        raise UserError(
+            f"generation.device is {config.device}, which this machine cannot use: {exc}.",
+            "Give a GPU this machine has (nvidia-smi lists them; cuda:0 is the first), or cpu.",
+        ) from None
+
+
+def _pick_device(configured: str) -> torch.device:
+    if configured != "auto":
+        return torch.device(configured)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_vae_tiling(pipeline: Any, setting: str, width: int, height: int) -> None:
+    """Tiled VAE decode above 480p ("auto"): a 720p A14B decode can run out of memory on an 80 GB card without it."""
+    if setting == "on" or (setting == "auto" and width * height > 832 * 480):
+        pipeline.vae.enable_tiling()
+    else:
+        pipeline.vae.disable_tiling()
+
+
+def correct_flow_shift(pipeline: Any, spec: ModelSpec) -> None:
+    """The conversion script wrote flow_shift=3.0 into the A14B repos; the official values are 12 (t2v) and 5 (i2v)."""
+    if spec.flow_shift is None or pipeline.scheduler.config.get("flow_shift") == spec.flow_shift:
+        return
+    pipeline.scheduler = UniPCMultistepScheduler.from_config(pipeline.scheduler.config, flow_shift=spec.flow_shift)
