@@ -139,7 +139,7 @@ async def main() -> None:
         await poll(lambda: bool(server.answered_at), deadline)
         warm_up = set(server.asked_at)
         calls_before = len(server.calls)
-        worker = asyncio.create_task(stand_in_worker(engine.queue, args.move_every_s))
+        worker = asyncio.create_task(stand_in_worker(engine._queue, args.move_every_s))
         await send_load(server, args.requests, args.users, args.seconds)
         worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -151,7 +151,7 @@ async def main() -> None:
             deadline,
         )
         await adapter.stop()
-        jobs = len(await engine.queue.list_jobs(limit=100_000)) - 1
+        jobs = len(await engine._queue.list_jobs(limit=100_000)) - 1
         await engine.close()
     await server.stop()
     asked = {key: at for key, at in server.asked_at.items() if key not in warm_up}

@@ -49,7 +49,7 @@ def bare_run(pipeline: WanPipeline, args: argparse.Namespace, out: Path) -> floa
 
 async def wanbot_run(engine: Engine, args: argparse.Namespace, index: int) -> tuple[float, float]:
     """Seconds from submit to succeeded, and from the claim to the first denoising step."""
-    inbox = engine.queue.events.subscribe()
+    inbox = engine._queue.events.subscribe()
     started = time.perf_counter()
     request = GenerationRequest(
         mode=Mode.T2V,
@@ -60,7 +60,7 @@ async def wanbot_run(engine: Engine, args: argparse.Namespace, index: int) -> tu
         resolution=f"{args.size}x{args.size}",
     )
     await engine.submit(request, JobSource(platform="bench", chat_id="c", user_id=f"u{index}"))
-    worker = asyncio.create_task(engine.worker.run(stop_after=1))
+    worker = asyncio.create_task(engine._worker.run(stop_after=1))
     claimed_at = first_step_at = 0.0
     async for event in inbox:
         if event.kind is EventKind.STARTED:

@@ -82,7 +82,7 @@ def preview_costs(renders: int) -> None:
 async def timed_job(engine: Engine, args: argparse.Namespace, index: int) -> tuple[float, float, int]:
     """Seconds from submit to succeeded, the CPU seconds the process spent meanwhile, and how many previews the job
     published."""
-    inbox = engine.queue.events.subscribe()
+    inbox = engine._queue.events.subscribe()
     started, cpu_started = time.perf_counter(), time.process_time()
     request = GenerationRequest(
         mode=Mode.T2V,
@@ -93,7 +93,7 @@ async def timed_job(engine: Engine, args: argparse.Namespace, index: int) -> tup
         resolution=f"{args.size}x{args.size}",
     )
     await engine.submit(request, JobSource(platform="bench", chat_id="c", user_id=f"u{index}"))
-    worker = asyncio.create_task(engine.worker.run(stop_after=1))
+    worker = asyncio.create_task(engine._worker.run(stop_after=1))
     previews = 0
     async for event in inbox:
         previews += event.kind is EventKind.PREVIEW

@@ -34,9 +34,9 @@ from bench.queue_load import fill, latency_line, measure_claims, percentile
 from engine.jobs import EventKind, GenerationParams, JobSource, JobStatus, Progress, Stage, WorkerState
 from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
-from engine.queue.postgres import temporary_schema
 from engine.queue.url import parse_database_url, sqlite_url
 from engine.storage.images import Mode
+from tests.postgres import temporary_schema
 
 REPO = Path(__file__).resolve().parents[1]
 WANBOT = [sys.executable, "-c", "from bot.cli import main; main()"]

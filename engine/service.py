@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.config import Settings
 from engine.errors import UserError
@@ -22,10 +22,12 @@ from engine.hub.downloads import Downloader, check_repo_id, size_text, verify_sn
 from engine.jobs import Actor, EnqueueResult, EventKind, Job, JobSource, JobStatus, QueuePosition, WorkerRecord
 from engine.pipeline.models import GenerationRequest, ModelRef, model_for_mode, resolve_model, resolve_request
 from engine.pipeline.video import fit_to_limit
+from engine.queue.backend import Backend as Database
 from engine.queue.bus import EventBus, Subscription
+from engine.queue.core import DATABASE_DOWN, WORKER_STOPPED
 from engine.queue.fleet import recover_orphans
 from engine.queue.follower import EventFollower
-from engine.queue.jobqueue import DATABASE_DOWN, WORKER_STOPPED, JobQueue
+from engine.queue.jobqueue import JobQueue
 from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
 from engine.storage.images import ImageInfo, ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
 from engine.storage.shared_files import SharedFiles, shared_files
@@ -40,7 +42,9 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 # What the facade passes on as it is: the wording of sizes, and two checks of model repos the CLI names.
 __all__ = [
+    "Database",
     "Engine",
+    "JobStore",
     "PictureCheck",
     "Submission",
     "Subscription",
@@ -83,12 +87,13 @@ class _Turn:
 @dataclass
 class Engine:
     settings: Settings
-    queue: JobQueue
-    store: ImageStore
+    # The machinery stays behind the facade: adapters and the CLI call the methods below, never these.
+    _queue: JobQueue = field(repr=False)
+    _store: ImageStore = field(repr=False)
     # None in a process that makes no videos (`wanbot serve`): it imports no torch, and workers elsewhere claim.
-    runner: PipelineRunner | None
-    worker: Worker | None
-    prompt_lengths: PromptLengths | None
+    _runner: PipelineRunner | None = field(repr=False)
+    _worker: Worker | None = field(repr=False)
+    _prompt_lengths: PromptLengths | None = field(repr=False)
     # The process's long-lived tasks (worker, relays, clean-up, chat connections) run under it.
     supervisor: Supervisor = field(default_factory=Supervisor)
     # Decoding is where a picture costs memory (up to images.max_decode_bytes): a few at a time, on threads of their
@@ -98,11 +103,11 @@ class Engine:
     _turns: dict[str, _Turn] = field(init=False, repr=False, default_factory=dict)
     _follower: EventFollower = field(init=False, repr=False)
     # Pictures, videos and previews as every process of this queue sees them (on PostgreSQL, in the database).
-    files: SharedFiles = field(init=False, repr=False)
+    _files: SharedFiles = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._follower = EventFollower(self.queue)
-        self.files = shared_files(self.queue)
+        self._follower = EventFollower(self._queue)
+        self._files = shared_files(self._queue)
         slots = self.settings.images.max_concurrent_decodes
         self._decodes = asyncio.Semaphore(slots)
         self._decode_pool = ThreadPoolExecutor(slots, thread_name_prefix="wanbot-decode")
@@ -114,7 +119,7 @@ class Engine:
         store = ImageStore(settings.images_dir, settings.images.background)
         if not with_worker:
             queue = await JobQueue.connect(settings.database_url, EventBus())
-            return cls(settings=settings, queue=queue, store=store, runner=None, worker=None, prompt_lengths=None)
+            return cls(settings, queue, store, None, None, None)
         from engine.pipeline.generate import PipelineRunner, default_locator, device_facts, find_model_folder
         from engine.pipeline.prompts import PromptLengths
         from engine.worker import Worker
@@ -125,22 +130,20 @@ class Engine:
         queue = await JobQueue.connect(settings.database_url, EventBus())
         worker = Worker(queue, runner, store, settings, downloader, write_retry_s=settings.queue.write_retry_s)
         prompt_lengths = PromptLengths(lambda model: find_model_folder(settings, downloader, model))
-        return cls(
-            settings=settings, queue=queue, store=store, runner=runner, worker=worker, prompt_lengths=prompt_lengths
-        )
+        return cls(settings, queue, store, runner, worker, prompt_lengths)
 
     async def close(self) -> None:
         await self.supervisor.stop()
-        if self.worker is not None:
-            await self.worker.stop()
-            await self.worker.close()
-        await self.queue.close()
+        if self._worker is not None:
+            await self._worker.stop()
+            await self._worker.close()
+        await self._queue.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def share_events(self) -> None:
         """Other processes (workers, a serving process) share this queue: its events are stored for them, and theirs
         are published here by `follow_events`."""
-        self.queue.share_events()
+        self._queue.share_events()
 
     async def follow_events(self) -> None:
         """Publish the events of other processes here, until cancelled (a supervised task)."""
@@ -154,9 +157,9 @@ class Engine:
         config = self.settings.metrics
         assert config.port is not None
         tasks = [
-            asyncio.ensure_future(metrics.follow(self.queue)),
+            asyncio.ensure_future(metrics.follow(self._queue)),
             asyncio.ensure_future(
-                serve_metrics(metrics, self.queue, config.host, config.port, lambda: self.supervisor.failure)
+                serve_metrics(metrics, self._queue, config.host, config.port, lambda: self.supervisor.failure)
             ),
         ]
         try:
@@ -172,14 +175,14 @@ class Engine:
 
     def subscribe(self) -> Subscription:
         """Every job event from now on, in order."""
-        return self.queue.events.subscribe()
+        return self._queue.events.subscribe()
 
     async def job(self, job_id: int) -> Job:
-        return await self.queue.get(job_id)
+        return await self._queue.get(job_id)
 
     async def job_from(self, source: JobSource) -> Job | None:
         """The job a chat message already made (a message handled again after a restart), if any."""
-        return await self.queue.find_by_source(source)
+        return await self._queue.find_by_source(source)
 
     async def jobs(
         self,
@@ -189,57 +192,57 @@ class Engine:
         limit: int = 50,
         oldest_first: bool = False,
     ) -> list[Job]:
-        return await self.queue.list_jobs(
+        return await self._queue.list_jobs(
             statuses, user_key=user_key, platform=platform, limit=limit, oldest_first=oldest_first
         )
 
     async def position(self, job_id: int) -> QueuePosition | None:
-        return await self.queue.position(job_id)
+        return await self._queue.position(job_id)
 
     async def counts(self) -> dict[str, int]:
-        return await self.queue.counts()
+        return await self._queue.counts()
 
     async def is_paused(self) -> bool:
-        return await self.queue.is_paused()
+        return await self._queue.is_paused()
 
     async def set_paused(self, paused: bool) -> None:
-        await self.queue.set_paused(paused)
+        await self._queue.set_paused(paused)
 
     async def cancel(self, job_id: int, actor: Actor) -> Job:
-        return await self.queue.cancel(job_id, actor)
+        return await self._queue.cancel(job_id, actor)
 
     async def was_interrupted(self, job: Job) -> bool:
         """True when the job ran before and a restart (or crash) of the process sent it back to the queue."""
         if job.attempts > 1:  # a crash: the attempt it was on counted
             return True
-        history = await self.queue.events_of(job.id)
+        history = await self._queue.events_of(job.id)
         return any(kind == EventKind.REQUEUED and detail == WORKER_STOPPED for kind, detail in history)
 
     async def update_reply(self, job_id: int, **reply: str) -> Job:
         """Store what an adapter needs to answer about the job later (its message ids, a lowered upload limit)."""
-        return await self.queue.update_reply(job_id, **reply)
+        return await self._queue.update_reply(job_id, **reply)
 
     async def workers(self) -> list[WorkerRecord]:
         """The fleet: every worker process heard from in the last week (this process's too), newest first; whether
         each is online is `record.online(time.time(), settings.queue.lease_s)`."""
-        return await self.queue.workers()
+        return await self._queue.workers()
 
     # -- delivery --
 
     async def undelivered(self, platform: str, max_attempts: int) -> list[Job]:
-        return await self.queue.undelivered(platform, max_attempts)
+        return await self._queue.undelivered(platform, max_attempts)
 
     async def mark_delivered(self, job_id: int) -> Job:
-        return await self.queue.mark_delivered(job_id)
+        return await self._queue.mark_delivered(job_id)
 
     async def mark_delivery_failed(self, job_id: int, error: str, attempts_at_least: int = 0) -> Job:
-        return await self.queue.mark_delivery_failed(job_id, error, attempts_at_least)
+        return await self._queue.mark_delivery_failed(job_id, error, attempts_at_least)
 
     async def mark_final_shown(self, job_id: int) -> None:
-        await self.queue.mark_final_shown(job_id)
+        await self._queue.mark_final_shown(job_id)
 
     async def final_unshown(self, platform: str, max_attempts: int) -> list[Job]:
-        return await self.queue.final_unshown(platform, max_attempts)
+        return await self._queue.final_unshown(platform, max_attempts)
 
     async def video_file(self, job: Job) -> Path | None:
         """The finished video of `job` on this machine: where its worker wrote it, or (a worker on another machine)
@@ -250,7 +253,7 @@ class Engine:
         if await asyncio.to_thread(made.is_file):
             return made
         try:
-            return await self.files.ensure_local("video", self.settings.outputs_dir / made.name)
+            return await self._files.ensure_local("video", self.settings.outputs_dir / made.name)
         except UserError as exc:
             log.error("video of job=%s cannot be had: %s", job.id, exc)
             return None
@@ -263,30 +266,30 @@ class Engine:
 
     async def recover(self) -> None:
         """Put back (or fail) what a crash left running, and pause if configured to, before anything starts."""
-        if self.worker is not None:
-            await self.worker.start_up()
+        if self._worker is not None:
+            await self._worker.start_up()
         else:
-            await recover_orphans(self.queue, self.settings)
+            await recover_orphans(self._queue, self.settings)
 
     async def recover_periodically(self) -> None:
         """In a process without a worker: put back the jobs of workers that went silent, every heartbeat_s."""
         while True:
             await asyncio.sleep(self.settings.queue.heartbeat_s)
             try:
-                await recover_orphans(self.queue, self.settings)
+                await recover_orphans(self._queue, self.settings)
             except DATABASE_DOWN:
                 # Nothing to put back while the database is away; the next round looks again.
                 log.warning("could not look for jobs of workers that are gone", exc_info=True)
 
     async def run_worker(self) -> None:
-        assert self.worker is not None
-        await self.worker.run()
+        assert self._worker is not None
+        await self._worker.run()
 
     async def stop_worker(self, requeue_running: bool = True) -> None:
         """Stop making videos; the running job goes back to the queue, first in line (or, without `requeue_running`,
         stops at its next step as a cancelled job does)."""
-        if self.worker is not None:
-            await self.worker.stop(requeue_running=requeue_running)
+        if self._worker is not None:
+            await self._worker.stop(requeue_running=requeue_running)
 
     # -- live previews --
 
@@ -300,18 +303,18 @@ class Engine:
         except FileNotFoundError:
             pass
         # A worker on another machine: its latest preview is in the database while the job runs.
-        if (await self.queue.get(job_id)).status is not JobStatus.RUNNING:
+        if (await self._queue.get(job_id)).status is not JobStatus.RUNNING:
             return None
-        return await self.files.read("preview", path.name)
+        return await self._files.read("preview", path.name)
 
     async def set_previews(self, platform: str, chat_id: str, on: bool) -> None:
-        await self.queue.set_flag(_previews_flag(platform, chat_id), "on" if on else "off")
+        await self._queue.set_flag(_previews_flag(platform, chat_id), "on" if on else "off")
 
     async def previews_on(self, platform: str, chat_id: str) -> bool:
         """Whether a chat shows previews: wherever previews.enabled, unless its admins turned them off."""
         if not self.settings.previews.enabled:
             return False
-        return await self.queue.flag(_previews_flag(platform, chat_id)) != "off"
+        return await self._queue.flag(_previews_flag(platform, chat_id)) != "off"
 
     # -- upkeep --
 
@@ -320,9 +323,9 @@ class Engine:
         settings = self.settings
         image_retention_s = settings.images.retention_hours * 3600
         video_retention_s = settings.outputs.retention_hours * 3600
-        images = await remove_unused_images(self.queue, self.store, image_retention_s, files=self.files)
-        videos = await remove_delivered_videos(self.queue, settings.outputs_dir, video_retention_s, files=self.files)
-        await remove_stale_previews(self.queue, settings.previews_dir, files=self.files)
+        images = await remove_unused_images(self._queue, self._store, image_retention_s, files=self._files)
+        videos = await remove_delivered_videos(self._queue, settings.outputs_dir, video_retention_s, files=self._files)
+        await remove_stale_previews(self._queue, settings.previews_dir, files=self._files)
         return images, videos
 
     def device_text(self) -> str:
@@ -330,8 +333,8 @@ class Engine:
         attention=native (no CUDA GPU); ...")."""
         from engine.pipeline.generate import describe_device
 
-        assert self.runner is not None
-        return f"{describe_device(self.settings.generation)}; speed-ups: {self.runner.speedups.describe()}"
+        assert self._runner is not None
+        return f"{describe_device(self.settings.generation)}; speed-ups: {self._runner.speedups.describe()}"
 
     async def say_missing_models(self, say: Callable[[str], None]) -> None:
         """Name each mode's model that is not on disk yet (its first job downloads it), through `say`."""
@@ -339,26 +342,17 @@ class Engine:
 
     def database_gone(self) -> str | None:
         """Why the job database can no longer be trusted (deleted or replaced under the running process), or None."""
-        if self.queue.file_is_gone():
-            return f"the job database {self.queue.path} was deleted or replaced while wanbot ran"
+        if self._queue.file_is_gone():
+            return f"the job database {self._queue.path} was deleted or replaced while wanbot ran"
         return None
 
-    # -- chat requests stored before they are acknowledged --
+    # -- the chats' own records, in the same database --
 
-    async def inbox_put(self, platform: str, key: str, payload: str, message_key: str | None = None) -> bool:
-        return await self.queue.inbox_put(platform, key, payload, message_key)
-
-    async def inbox_open(self, platform: str) -> list[str]:
-        return await self.queue.inbox_open(platform)
-
-    async def inbox_done(self, platform: str, *keys: str) -> None:
-        await self.queue.inbox_done(platform, *keys)
-
-    async def inbox_set_reply(self, platform: str, message_key: str, reply: str) -> None:
-        await self.queue.inbox_set_reply(platform, message_key, reply)
-
-    async def inbox_reply(self, platform: str, message_key: str) -> str | None:
-        return await self.queue.inbox_reply(platform, message_key)
+    @property
+    def database(self) -> Database:
+        """The queue's database, for the chat side's own table (bot/chat/inbox.py): a request and the job it becomes
+        are stored, and backed up, together."""
+        return self._queue.database
 
     def is_admin(self, platform: str, user_id: str) -> bool:
         return f"{platform}:{user_id}" in self.settings.access.admins
@@ -375,7 +369,7 @@ class Engine:
 
     async def _check_room(self, source: JobSource) -> None:
         is_admin = self.is_admin(source.platform, source.user_id)
-        await self.queue.check_room(source, is_admin=is_admin, **self._limits())
+        await self._queue.check_room(source, is_admin=is_admin, **self._limits())
 
     @asynccontextmanager
     async def _turn(self, user_key: str) -> AsyncIterator[None]:
@@ -421,13 +415,13 @@ class Engine:
                 end=infos[1] if len(infos) > 1 else None,
             )
             # A serving process has no tokenizer (no torch): the worker's model cuts a long prompt all the same.
-            too_long = await self.prompt_lengths.warnings(model, params) if self.prompt_lengths else []
+            too_long = await self._prompt_lengths.warnings(model, params) if self._prompt_lengths else []
             warnings = [*(notes or []), *checked.warnings, *params.warnings, *too_long]
             params = params.model_copy(update={"warnings": warnings})
-            stored = [await asyncio.to_thread(self.store.put, image) for image in checked.images]
+            stored = [await asyncio.to_thread(self._store.put, image) for image in checked.images]
             for info in stored:  # before the job exists, so any worker that claims it finds its pictures
-                await self.files.publish("image", self.store.path_for(info.sha256))
-            result = await self.queue.enqueue(
+                await self._files.publish("image", self._store.path_for(info.sha256))
+            result = await self._queue.enqueue(
                 source,
                 request.mode,
                 model.name,
@@ -442,23 +436,23 @@ class Engine:
     async def reroll(self, job_id: int, actor: Actor, source: JobSource | None = None) -> EnqueueResult:
         """The same request again with a new seed, as a new job linked to the old one; while one such job waits or
         runs, that one (a double tap makes one job, not two)."""
-        old = await self.queue.get(job_id)
+        old = await self._queue.get(job_id)
         async with self._turn(old.source.user_key):
             waiting = await self.active_reroll(old)
             if waiting is not None:
-                return EnqueueResult(job=waiting, created=False, position=await self.queue.position(waiting.id))
+                return EnqueueResult(job=waiting, created=False, position=await self._queue.position(waiting.id))
             params = old.params.model_copy(update={"seed": random.SystemRandom().randrange(2**32), "adjustments": []})
             for image in old.images:
                 # Fails with a clear message when the images were already cleaned up.
-                await self._decode(self.store.restore, image)
-            return await self.queue.retry(job_id, actor, params=params, source=source, **self._limits())
+                await self._decode(self._store.restore, image)
+            return await self._queue.retry(job_id, actor, params=params, source=source, **self._limits())
 
     async def check_reroll(self, old: Job) -> None:
         """Raise the UserError a reroll of the job would meet (the owner's limits, its pictures cleaned up), before
         anything is posted about it."""
         await self.check_room(old.source.model_copy(update={"message_id": None}))  # a new job, not the old one again
         for image in old.images:
-            if not await asyncio.to_thread(self.store.path_for(image.sha256).is_file):
+            if not await asyncio.to_thread(self._store.path_for(image.sha256).is_file):
                 raise UserError(
                     f"The {image.role} image of job #{old.id} is no longer stored, so it cannot be made again.",
                     "Send the picture again with a new request.",
@@ -466,7 +460,7 @@ class Engine:
 
     async def active_reroll(self, old: Job) -> Job | None:
         """The waiting or running job made again from `old`, if any."""
-        active = await self.queue.list_jobs((JobStatus.QUEUED, JobStatus.RUNNING), user_key=old.source.user_key)
+        active = await self._queue.list_jobs((JobStatus.QUEUED, JobStatus.RUNNING), user_key=old.source.user_key)
         return next((job for job in active if job.retry_of == old.id), None)
 
     def _limits(self) -> dict[str, int]:
@@ -496,12 +490,60 @@ def _previews_flag(platform: str, chat_id: str) -> str:
 # -- the operator's commands: the job store, pictures and models, with no engine running ------------------------
 
 
+class JobStore:
+    """The job queue alone (no model, no worker, no torch), for the operator's commands that list and manage jobs."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self._queue = queue
+
+    @property
+    def path(self) -> Path | None:
+        """The database file (SQLite); None for a database on a server."""
+        return self._queue.path
+
+    async def job(self, job_id: int) -> Job:
+        return await self._queue.get(job_id)
+
+    async def jobs(self, statuses: Collection[JobStatus] = (), limit: int = 50) -> list[Job]:
+        """The latest jobs, newest first."""
+        return await self._queue.list_jobs(statuses, limit=limit)
+
+    async def history(self, job_id: int) -> list[tuple[str, str | None]]:
+        """The job's state changes, oldest first: (kind, detail)."""
+        return await self._queue.events_of(job_id)
+
+    async def position(self, job_id: int) -> QueuePosition | None:
+        return await self._queue.position(job_id)
+
+    async def cancel(self, job_id: int, actor: Actor) -> Job:
+        return await self._queue.cancel(job_id, actor)
+
+    async def retry(self, job_id: int, actor: Actor, source: JobSource | None = None) -> EnqueueResult:
+        """The finished job made again as a new job (`source`: where its messages go)."""
+        return await self._queue.retry(job_id, actor, source=source)
+
+    async def redeliver(self, job_id: int) -> Job:
+        return await self._queue.redeliver(job_id)
+
+    async def stats(self, period_s: float) -> list[dict[str, Any]]:
+        return await self._queue.stats(period_s)
+
+    async def set_paused(self, paused: bool) -> None:
+        await self._queue.set_paused(paused)
+
+    async def workers(self) -> list[WorkerRecord]:
+        return await self._queue.workers()
+
+    async def backup(self, target: Path) -> None:
+        await self._queue.backup(target)
+
+
 @asynccontextmanager
-async def open_job_store(settings: Settings) -> AsyncIterator[JobQueue]:
-    """The job queue alone (no model, no worker, no torch), for the commands that list and manage jobs."""
+async def open_job_store(settings: Settings) -> AsyncIterator[JobStore]:
+    """The job store of `settings`' database, closed at the end of the block."""
     queue = await JobQueue.connect(settings.database_url)
     try:
-        yield queue
+        yield JobStore(queue)
     finally:
         await queue.close()
 

@@ -32,8 +32,9 @@ from engine.pipeline.hooks import JobCancelled, JobInterrupted, RunHooks
 from engine.pipeline.previews import LivePreviews, preview_path, remove_preview
 from engine.pipeline.video import encode_mp4
 from engine.queue.bus import Subscription
+from engine.queue.core import DATABASE_DOWN, WORKER_STOPPED
 from engine.queue.fleet import recover_orphans, this_machine
-from engine.queue.jobqueue import DATABASE_DOWN, WORKER_STOPPED, JobQueue
+from engine.queue.jobqueue import JobQueue
 from engine.storage.images import ImageStore
 from engine.storage.shared_files import shared_files
 

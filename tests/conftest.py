@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,8 +10,8 @@ import pytest
 
 from engine.config import ImagesConfig, Settings
 from engine.queue.jobqueue import JobQueue
-from engine.queue.postgres import temporary_schema
 from engine.queue.url import parse_database_url, sqlite_url
+from tests.postgres import temporary_schema
 
 
 @pytest.fixture
@@ -55,14 +56,20 @@ async def discord_server() -> AsyncIterator[object]:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The three tiny models, built once per test session and shared read-only."""
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The three tiny models, built once per test run and shared read-only: under pytest-xdist the first worker
+    process builds them in the run's common temporary folder while the others wait on its lock."""
     from engine.pipeline.tiny import make_tiny_model
     from engine.storage.images import Mode
 
-    root = tmp_path_factory.mktemp("models")
-    for mode in Mode:
-        make_tiny_model(root / f"tiny-{mode.value}", mode)
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root = shared / "models"
+    with (shared / "models.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "built").exists():
+            for mode in Mode:
+                make_tiny_model(root / f"tiny-{mode.value}", mode)
+            (root / "built").touch()
     return root
 
 

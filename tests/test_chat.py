@@ -102,7 +102,7 @@ class RecordingChat:
 
 async def test_the_relay_answers_a_new_job_before_the_places_a_start_refreshes(engine):
     platform = RecordingChat()
-    queue = engine.queue
+    queue = engine._queue
     config = ChatConfig(edit_interval_s=0)
     relay = JobRelay(engine, "telegram", platform.show, platform.send_video, lambda job: 50_000_000, config)
     relay.start(engine.subscribe())
@@ -195,16 +195,16 @@ async def test_settle_waits_for_a_flood_limited_edit():
 async def test_status_names_the_running_job_and_its_progress(engine):
     source = JobSource(platform="cli", chat_id="local", user_id="u1")
     await engine.submit(GenerationRequest(mode=Mode.T2V, prompt="w1 warm up"), source)
-    await asyncio.wait_for(engine.worker.run(stop_after=0), timeout=90)
+    await asyncio.wait_for(engine._worker.run(stop_after=0), timeout=90)
     release = threading.Event()
     # Holds the second job inside its first denoising step, the way a long real step would.
-    engine.runner.loaded.pipeline.transformer.register_forward_pre_hook(lambda module, inputs: release.wait(30))
+    engine._runner.loaded.pipeline.transformer.register_forward_pre_hook(lambda module, inputs: release.wait(30))
     second = await engine.submit(GenerationRequest(mode=Mode.T2V, prompt="w2 a long one", steps=3), source)
     job_id = second.result.job.id
     # The heartbeat of a worker running the job, as the worker stores it (the worker's own may come as well).
     worker = WorkerRecord(id="gpu-a-1", host="gpu-a", pid=1, device="cuda:0", started_at=time.time())
-    await engine.queue.heartbeat(worker.model_copy(update={"state": WorkerState.WORKING, "current_job": job_id}))
-    running = asyncio.create_task(engine.worker.run(stop_after=2))
+    await engine._queue.heartbeat(worker.model_copy(update={"state": WorkerState.WORKING, "current_job": job_id}))
+    running = asyncio.create_task(engine._worker.run(stop_after=2))
     try:
         for _ in range(300):
             answer = await factories.status_answer(engine)
@@ -221,7 +221,7 @@ async def test_status_names_the_running_job_and_its_progress(engine):
         f"Worker gpu-a/cuda:0: making Job #{job_id}, quality preset: generating, part 1 of 2 · ░░░░░░░░░░░░ 0/3 · "
         "time left not known yet."
     ) in lines
-    await engine.queue.heartbeat(worker.model_copy(update={"state": WorkerState.IDLE}))
+    await engine._queue.heartbeat(worker.model_copy(update={"state": WorkerState.IDLE}))
     assert "making" not in await factories.status_answer(engine)
 
 

@@ -54,11 +54,11 @@ async def test_discord_help_describes_discord_and_telegram_help_telegram(tiny_se
 
 async def test_discord_video_reads_options_in_its_prompt_and_its_fields_win(tiny_settings, discord_server):
     async with on_discord.running_bot(on_discord.configure(tiny_settings, discord_server)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         options = {"prompt": "a fox seed=42 steps=2 colour=red", "steps": 3}
         interaction = await discord_server.slash(DISCORD_ALICE, "video", options)
         answer = await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
-        [job] = await bot.engine.queue.list_jobs()
+        [job] = await bot.engine._queue.list_jobs()
     assert answer and job.params.prompt == "a fox" and job.params.seed == 42 and job.params.steps == 3
     assert "Ignored unknown option(s): colour" in discord_server.original(interaction)["content"]
 
@@ -78,12 +78,12 @@ async def test_discord_video_option_ranges_are_the_limits_in_force(tiny_settings
 
 async def test_a_reply_to_the_picture_hint_uses_the_picture(tiny_settings, telegram):
     async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         telegram.photo(ALICE, imagefactory.jpeg(128, 96))
         hint = await until(lambda: on_telegram.status_of(telegram, ALICE, "Got the picture"), what="the hint")
         telegram.user_message(ALICE, text="the waves roll in steps=2", reply_to_message=public(hint))
         await until(lambda: on_telegram.status_of(telegram, ALICE, "is queued"), what="the job")
-        [job] = await bot.engine.queue.list_jobs()
+        [job] = await bot.engine._queue.list_jobs()
     assert job.mode is Mode.I2V and [image.role for image in job.images] == ["start"]
     assert job.params.prompt == "the waves roll in"
 
@@ -95,7 +95,7 @@ async def test_a_reply_to_a_hint_the_bot_no_longer_knows_says_so(tiny_settings, 
     async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:  # a restart
         telegram.user_message(ALICE, text="the waves roll in", reply_to_message=public(hint))
         answer = await until(lambda: on_telegram.status_of(telegram, ALICE, "no longer have"), what="the answer")
-        assert await bot.engine.queue.list_jobs() == []
+        assert await bot.engine._queue.list_jobs() == []
     assert "Send the picture again" in answer["text"]
 
 
@@ -104,10 +104,10 @@ async def test_a_reply_to_the_bots_video_says_it_is_text_to_video(tiny_settings,
         telegram.command(ALICE, "/video a fox steps=2")
         await until(lambda: telegram.sent("sendVideo", ALICE), what="the first video")
         video = next(message for message in telegram.replies(ALICE) if "video" in message)
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         telegram.user_message(ALICE, text="the fox sleeps", reply_to_message=public(video))
         answer = await until(lambda: on_telegram.status_of(telegram, ALICE, "(t2v) is queued"), what="the answer")
-        second = (await bot.engine.queue.list_jobs())[0]
+        second = (await bot.engine._queue.list_jobs())[0]
     assert second.mode is Mode.T2V and second.params.prompt == "the fox sleeps"
     assert "My video is not used as a picture, so this is text to video" in answer["text"]
 
@@ -119,10 +119,10 @@ async def test_status_says_idle_when_nothing_runs_and_paused_when_paused(engine)
     assert (await status_answer(engine)).startswith(texts.NO_WORKER_ONLINE)
     # An idle worker's heartbeat, as the worker stores it.
     worker = WorkerRecord(id="gpu-a-1", host="gpu-a", pid=1, device="cuda:0", started_at=time.time())
-    await engine.queue.heartbeat(worker.model_copy(update={"state": WorkerState.IDLE}))
+    await engine._queue.heartbeat(worker.model_copy(update={"state": WorkerState.IDLE}))
     idle = await status_answer(engine)
-    await engine.queue.set_paused(True)
-    await engine.queue.heartbeat(worker.model_copy(update={"state": WorkerState.PAUSED}))
+    await engine._queue.set_paused(True)
+    await engine._queue.heartbeat(worker.model_copy(update={"state": WorkerState.PAUSED}))
     paused = await status_answer(engine)
     assert idle.splitlines() == [
         "Workers: 1 online (1 idle).",
@@ -139,7 +139,7 @@ async def test_status_says_idle_when_nothing_runs_and_paused_when_paused(engine)
 
 async def test_a_queued_job_says_the_queue_is_paused(tiny_settings, telegram):
     async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         telegram.command(ALICE, "/video a patient fox")
         answer = await until(lambda: on_telegram.status_of(telegram, ALICE, "is queued"), what="the place")
     assert "Job #1 (t2v) is queued: position 1. The queue is paused" in answer["text"]
@@ -161,7 +161,7 @@ async def test_messages_sent_at_once_get_numbers_in_order_and_distinct_places_an
         return {job: int(text.split("position ")[1].split(".")[0]) for job, text in heads().items()}
 
     async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
-        queue = bot.engine.queue
+        queue = bot.engine._queue
         await queue.set_paused(True)
         # Five messages in one getUpdates answer, handled at once: Alice's three, then Bob's two.
         sent = [
@@ -187,12 +187,12 @@ async def test_messages_sent_at_once_get_numbers_in_order_and_distinct_places_an
 async def test_an_album_keeps_its_place_in_the_chats_order(tiny_settings, telegram):
     # The album's pictures wait album_wait_s for each other; a message after them still comes after the album.
     async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         telegram.photo(ALICE, imagefactory.jpeg(160, 120), caption="/i2v the album first", media_group_id="a1")
         telegram.photo(ALICE, imagefactory.jpeg(160, 120), media_group_id="a1")
         telegram.command(ALICE, "/video the text after it")
         await until(lambda: len(on_telegram.texts(telegram, ALICE)) >= 2 and _both_queued(telegram), what="two jobs")
-        jobs = await bot.engine.queue.list_jobs(oldest_first=True)
+        jobs = await bot.engine._queue.list_jobs(oldest_first=True)
     assert [job.params.prompt for job in jobs] == ["the album first", "the text after it"]
 
 

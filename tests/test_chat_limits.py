@@ -93,7 +93,7 @@ def telegram_settings(settings: Settings, server: FakeTelegram) -> Settings:
 async def test_telegram_answers_a_huge_request_and_a_huge_note_list_in_one_readable_message(tiny_settings, telegram):
     settings = telegram_settings(tiny_settings, telegram)
     async with RunningBot(settings, lambda engine: TelegramAdapter(engine, settings.telegram, poll_timeout_s=1)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         telegram.command(ALICE, f"/video a fox in the snow {unknown_options(300)}")  # 3,000 characters
         options = await until(lambda: _text_with(telegram, "Ignored unknown option(s)"), what="the options answer")
 
@@ -111,7 +111,7 @@ async def test_telegram_answers_a_huge_request_and_a_huge_note_list_in_one_reada
         await until(lambda: "more notes" in _text_of(telegram, status.message_id), what="the notes answer")
         noted = _text_of(telegram, status.message_id)
 
-        await bot.engine.queue.set_paused(False)  # the many-notes job goes first and comes back with a caption
+        await bot.engine._queue.set_paused(False)  # the many-notes job goes first and comes back with a caption
         videos = await until(lambda: telegram.sent("sendVideo", ALICE), what="the video")
     texts = [call.fields["text"] for call in telegram.calls if call.method in ("sendMessage", "editMessageText")]
     assert max(len(text) for text in texts) <= 4096  # the fake refuses longer ones: nothing was refused
@@ -147,7 +147,7 @@ def discord_settings(settings: Settings, server: FakeDiscord) -> Settings:
 async def test_discord_answers_a_huge_request_and_a_long_queue_in_one_readable_message(tiny_settings, discord_server):
     settings = discord_settings(tiny_settings, discord_server)
     async with RunningBot(settings, lambda engine: DiscordAdapter(engine, settings.discord)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         picture = discord_server.attachment(imagefactory.png(160, 120), "start.png")
         opened = await discord_server.message_command(
             DISCORD_ALICE, "Make a video", discord_server.user_post(DISCORD_ALICE, "look", [picture])

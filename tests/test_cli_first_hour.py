@@ -183,7 +183,7 @@ def test_generate_says_the_settings_it_used_and_keeps_the_libraries_quiet(tmp_pa
 
 
 def test_the_progress_display_shows_no_step_count_before_there_is_one():
-    from bot.cli import _progress_display
+    from bot.cli.generate import _progress_display
 
     def shown(*progress: JobProgress) -> str:
         console = Console(record=True, width=120, force_terminal=False)

@@ -11,7 +11,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bot.cli import _place_text, app
+from bot.cli import app
+from bot.cli.queue import _place_text
 from engine.config import load_settings
 from engine.jobs import JobSource, QueuePosition
 from engine.queue.jobqueue import JobQueue

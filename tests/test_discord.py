@@ -56,7 +56,7 @@ async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(t
         videos = await until(discord_server.with_files, what="the video")
         original = discord_server.original(interaction)
         await until(lambda: "the video is below" in original["content"], what="final text")
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     assert discord_server.callback_delay(interaction) < 3.0
     assert job.params.prompt == prompt and job.params.seed == 5
     [upload] = [call.body for call in discord_server.calls_to("POST", "webhooks/") if call.files]
@@ -77,7 +77,7 @@ async def test_one_and_two_attachments(tiny_settings, discord_server):
             BOB, "video", {"prompt": "sunset", "mode": "i2v", "steps": 2}, {"start_image": start2, "end_image": end2}
         )
         await until(lambda: len(discord_server.with_files()) == 2, what="two videos")
-        jobs = {job.source.user_id: job for job in await bot.engine.queue.list_jobs()}
+        jobs = {job.source.user_id: job for job in await bot.engine._queue.list_jobs()}
     assert jobs[str(ALICE)].mode.value == "i2v" and len(jobs[str(ALICE)].images) == 1
     assert [image.role for image in jobs[str(BOB)].images] == ["start", "end"]
     assert jobs[str(BOB)].images[1].width == 160
@@ -93,7 +93,7 @@ async def test_bad_attachments_are_refused_from_their_metadata_before_download(t
         third = await discord_server.slash(ALICE, "video", {"mode": "ti2v", "prompt": "no image"})
         for interaction in (first, second, third):
             await until(lambda i=interaction: discord_server.original(i)["content"], what="a refusal")
-        assert await bot.engine.queue.counts() == {}
+        assert await bot.engine._queue.counts() == {}
     assert "is 50 MB; the most I can fetch is 10 KB" in discord_server.original(first)["content"]
     assert "attachment (text/plain) is not a picture" in discord_server.original(second)["content"]
     assert "ti2v needs a start image" in discord_server.original(third)["content"]
@@ -103,12 +103,12 @@ async def test_bad_attachments_are_refused_from_their_metadata_before_download(t
 async def queued_until_the_tokens_expire(bot: RunningBot, server: FakeDiscord, *users: int) -> list[dict[str, Any]]:
     """Each user's /video waits in the paused queue until its interaction token has expired; then the queue runs."""
     server.token_lifetime_s = 1.0
-    await bot.engine.queue.set_paused(True)
+    await bot.engine._queue.set_paused(True)
     interactions = [await server.slash(user, "video", {"prompt": f"from {user}", "steps": 3}) for user in users]
     for interaction in interactions:
         await until(lambda i=interaction: "is queued" in server.original(i)["content"], what="queued")
     await asyncio.sleep(1.2)
-    await bot.engine.queue.set_paused(False)
+    await bot.engine._queue.set_paused(False)
     return interactions
 
 
@@ -132,7 +132,7 @@ async def test_after_the_token_lifetime_progress_and_video_move_to_the_channel(t
             lambda: any("the video is below" in m["content"] for m in discord_server.messages.values()),
             what="the final text",
         )
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     posted = [call for call in discord_server.calls_to("POST", f"channels/{CHANNEL_ID}/messages")]
     assert posted, "nothing was posted to the channel"
     assert not [
@@ -147,17 +147,17 @@ async def test_after_the_token_lifetime_progress_and_video_move_to_the_channel(t
 
 async def test_a_deleted_progress_message_does_not_stop_the_job(tiny_settings, discord_server):
     async with running_bot(configure(tiny_settings, discord_server)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "deleted", "steps": 3})
         await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
         del discord_server.messages[discord_server.originals[interaction["token"]]]
-        await bot.engine.queue.set_paused(False)
+        await bot.engine._queue.set_paused(False)
         await until(discord_server.with_files, what="the video")
         await until(
             lambda: any("the video is below" in m["content"] for m in discord_server.messages.values()),
             what="final text in a new message",
         )
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     assert job.status is JobStatus.SUCCEEDED and job.delivery_status is DeliveryStatus.DELIVERED
 
 
@@ -171,7 +171,7 @@ async def test_413_reencodes_smaller_once_and_429_is_waited_out(tiny_settings, d
             ALICE, "video", {"prompt": "noise", "steps": 2, "frames": 33, "resolution": "128x128"}, size_limit=60_000
         )
         videos = await until(discord_server.with_files, what="the video")
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     assert job.result.bytes > 40_000  # fits the interaction's limit, not the channel's: Discord answers 413
     assert len(discord_server.calls_to("POST", f"webhooks/{APPLICATION_ID}/")) == 2
     assert sum(len(data) for data in videos[0]["file_bytes"].values()) <= 40_000
@@ -182,24 +182,24 @@ async def test_413_reencodes_smaller_once_and_429_is_waited_out(tiny_settings, d
 async def test_buttons_work_after_a_restart_and_only_for_the_owner(tiny_settings, discord_server):
     settings = configure(tiny_settings, discord_server)
     async with running_bot(settings) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "keep me", "steps": 2})
         await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
     message = discord_server.original(interaction)
     async with running_bot(settings) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         await discord_server.click(BOB, message, "wanbot:cancel:1")
         await until(lambda: len(discord_server.calls_to("POST", "/callback")) == 2, what="bob's answer")
-        assert (await bot.engine.queue.get(1)).status is JobStatus.QUEUED
+        assert (await bot.engine._queue.get(1)).status is JobStatus.QUEUED
         await discord_server.click(ALICE, message, "wanbot:cancel:1")
         await until(lambda: len(discord_server.calls_to("POST", "/callback")) == 3, what="alice's answer")
-        assert (await bot.engine.queue.get(1)).status is JobStatus.CANCELLED
-        await bot.engine.queue.set_paused(False)
+        assert (await bot.engine._queue.get(1)).status is JobStatus.CANCELLED
+        await bot.engine._queue.set_paused(False)
         await discord_server.slash(ALICE, "video", {"prompt": "reroll me", "steps": 2, "seed": 4})
         video = (await until(discord_server.with_files, what="video"))[0]
         await discord_server.click(ALICE, video, "wanbot:reroll:2")
         await until(lambda: len(discord_server.with_files()) == 2, what="rerolled video")
-        rerolled = (await bot.engine.queue.list_jobs())[0]
+        rerolled = (await bot.engine._queue.list_jobs())[0]
     answers = [
         call.body["data"]["content"]
         for call in discord_server.calls_to("POST", "/callback")
@@ -217,7 +217,7 @@ async def test_two_users_at_once_and_role_allowlist(tiny_settings, discord_serve
         mallory = await discord_server.slash(333, "video", {"prompt": "no role"}, roles=[1])
         await until(lambda: len(discord_server.with_files()) == 2, what="two videos")
         await until(lambda: discord_server.original(mallory)["content"], what="refusal")
-        prompts = {job.params.prompt for job in await bot.engine.queue.list_jobs()}
+        prompts = {job.params.prompt for job in await bot.engine._queue.list_jobs()}
     assert prompts == {"alice fox", "bob cat"}
     assert "not allowed" in discord_server.original(mallory)["content"]
     contents = [m["content"] for m in discord_server.with_files()]
@@ -237,13 +237,13 @@ async def test_the_client_starts_without_warnings_about_voice_libraries(monkeypa
 
 async def test_queue_cancel_status_and_help_answer_privately(tiny_settings, discord_server):
     async with running_bot(configure(tiny_settings, discord_server)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "wait"})
         await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
         for count, name in enumerate(("queue", "status", "help", "cancel"), start=2):
             await discord_server.slash(ALICE, name)
             await until(lambda count=count: len(discord_server.calls_to("POST", "/callback")) == count, what=name)
-        assert (await bot.engine.queue.get(1)).status is JobStatus.CANCELLED
+        assert (await bot.engine._queue.get(1)).status is JobStatus.CANCELLED
     answers = [call.body["data"] for call in discord_server.calls_to("POST", "/callback") if call.body["type"] == 4]
     assert all(answer["flags"] & 64 for answer in answers)  # ephemeral
     assert answers[0]["content"].startswith("#1 t2v · position 1")
@@ -266,7 +266,7 @@ async def test_the_token_never_reaches_the_logs(tiny_settings, discord_server, c
 
 async def test_make_a_video_from_a_posted_picture_through_the_apps_menu(tiny_settings, discord_server):
     async with running_bot(configure(tiny_settings, discord_server)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         attachments = [
             discord_server.attachment(b"packing list", "notes.txt", "text/plain"),
             discord_server.attachment(imagefactory.jpeg(160, 120), "start.jpg", "image/jpeg"),
@@ -284,7 +284,7 @@ async def test_make_a_video_from_a_posted_picture_through_the_apps_menu(tiny_set
             ALICE, "Make a video", discord_server.user_post(BOB, "just words", [])
         )
         await until(lambda: discord_server.original(no_picture)["content"], what="the refusal")
-        jobs = await bot.engine.queue.list_jobs()
+        jobs = await bot.engine._queue.list_jobs()
     job = jobs[0]
     assert len(jobs) == 1 and job.source.user_id == str(ALICE)
     assert job.mode.value == "ti2v" and job.params.prompt == "the tide comes in" and job.params.seed == 5
@@ -301,13 +301,13 @@ async def test_only_admins_pause_and_resume_the_queue(tiny_settings, discord_ser
     async with running_bot(settings) as bot:
         refused = await discord_server.slash(BOB, "pause")
         await until(lambda: discord_server.original(refused)["content"], what="bob's refusal")
-        assert not await bot.engine.queue.is_paused()
+        assert not await bot.engine._queue.is_paused()
         paused = await discord_server.slash(ALICE, "pause")
         await until(lambda: discord_server.original(paused)["content"], what="the pause")
-        assert await bot.engine.queue.is_paused()
+        assert await bot.engine._queue.is_paused()
         resumed = await discord_server.slash(ALICE, "resume")
         await until(lambda: discord_server.original(resumed)["content"], what="the resume")
-        assert not await bot.engine.queue.is_paused()
+        assert not await bot.engine._queue.is_paused()
     assert "Only admins can pause or resume" in discord_server.original(refused)["content"]
     assert discord_server.original(paused)["content"].startswith("Paused")
     assert discord_server.original(resumed)["content"].startswith("Resumed")
@@ -322,7 +322,7 @@ async def test_no_access_to_the_channel_gives_up_the_upload_at_once(tiny_setting
         interaction = await discord_server.slash(ALICE, "video", {"prompt": "a fox", "steps": 2})
         await until(lambda: "could not be sent" in discord_server.original(interaction)["content"], what="giving up")
         await asyncio.sleep(1.0)  # five retry periods: none may upload again
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     assert len(discord_server.calls_to("POST", f"webhooks/{APPLICATION_ID}/")) == 1
     assert job.delivery_status is DeliveryStatus.DELIVERY_FAILED and job.delivery_attempts == 5
     assert "Missing Access" in job.delivery_error and len(job.delivery_error) <= 300
@@ -343,7 +343,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
     async with running_bot(settings) as bot:
         await discord_server.slash(ALICE, "video", {"prompt": "a fox", "steps": 2})
         video = (await until(discord_server.with_files, what="alice's video"))[0]
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         waiting = await discord_server.slash(ALICE, "video", {"prompt": "a second fox"})
         await until(lambda: "is queued" in discord_server.original(waiting)["content"], what="a waiting job")
         answered = len(discord_server.calls_to("POST", "/callback"))
@@ -360,7 +360,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
             await discord_server.click(user, message, custom_id)
         await until(lambda: len(discord_server.calls_to("POST", "/callback")) == answered + 10, what="ten answers")
         await asyncio.sleep(0.5)  # room for a wrong extra message to arrive
-        jobs = await bot.engine.queue.list_jobs()
+        jobs = await bot.engine._queue.list_jobs()
     answers = [call.body for call in discord_server.calls_to("POST", "/callback")[answered:]]
     assert (
         len(discord_server.calls_to("POST", "/messages")) + len(discord_server.calls_to("POST", "webhooks/")) == posted
@@ -381,7 +381,7 @@ async def test_the_preset_field_picks_the_preset_and_the_video_names_it(tiny_set
         await discord_server.slash(ALICE, "video", {"prompt": "a slow fox", "preset": "quality", "steps": 2})
         await discord_server.slash(BOB, "video", {"prompt": "a quick fox preset=fast"})
         await until(lambda: len(discord_server.with_files()) == 2, what="two videos")
-        jobs = {job.params.prompt: job for job in await bot.engine.queue.list_jobs()}
+        jobs = {job.params.prompt: job for job in await bot.engine._queue.list_jobs()}
     assert [choice["value"] for choice in preset_option["choices"]] == ["fast", "quality"]
     assert jobs["a slow fox"].params.preset.value == "quality" and jobs["a slow fox"].params.steps == 2
     assert jobs["a quick fox"].params.preset.value == "fast"

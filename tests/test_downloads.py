@@ -268,27 +268,27 @@ async def test_a_missing_model_downloads_in_the_background_while_other_jobs_run(
     monkeypatch.delenv("WANBOT_CONFIG", raising=False)
     hub.faults = {WEIGHTS: ["pause"]}
     engine = await Engine.open(hub_settings(hub, tmp_path))
-    inbox = engine.queue.events.subscribe()
-    worker = asyncio.create_task(engine.worker.run())
+    inbox = engine._queue.events.subscribe()
+    worker = asyncio.create_task(engine._worker.run())
     try:
         request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", steps=2, frames=5, resolution="64x64")
         from_hub = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="a"))
         await asyncio.wait_for(hub.pause_reached.wait(), timeout=30)
         local = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="b"), model_override="tiny")
         for _ in range(600):
-            if (await engine.queue.get(local.result.job.id)).status.terminal:
+            if (await engine._queue.get(local.result.job.id)).status.terminal:
                 break
             await asyncio.sleep(0.1)
-        assert (await engine.queue.get(local.result.job.id)).status is JobStatus.SUCCEEDED
-        assert (await engine.queue.get(from_hub.result.job.id)).status is JobStatus.QUEUED
+        assert (await engine._queue.get(local.result.job.id)).status is JobStatus.SUCCEEDED
+        assert (await engine._queue.get(from_hub.result.job.id)).status is JobStatus.QUEUED
         hub.paused.set()
         for _ in range(600):
-            if (await engine.queue.get(from_hub.result.job.id)).status.terminal:
+            if (await engine._queue.get(from_hub.result.job.id)).status.terminal:
                 break
             await asyncio.sleep(0.1)
-        job = await engine.queue.get(from_hub.result.job.id)
+        job = await engine._queue.get(from_hub.result.job.id)
     finally:
-        await engine.worker.stop()
+        await engine._worker.stop()
         await worker
         await engine.close()
     assert job.status is JobStatus.SUCCEEDED, job.error_detail
@@ -303,20 +303,20 @@ async def test_cancelling_the_only_waiting_job_stops_its_download(
     monkeypatch.delenv("WANBOT_CONFIG", raising=False)
     hub.faults = {WEIGHTS: ["pause"]}
     engine = await Engine.open(hub_settings(hub, tmp_path))
-    worker = asyncio.create_task(engine.worker.run())
+    worker = asyncio.create_task(engine._worker.run())
     try:
         request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", steps=2)
         submission = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="a"))
         await asyncio.wait_for(hub.pause_reached.wait(), timeout=30)
-        await engine.queue.cancel(submission.result.job.id, engine.actor("cli", "a"))
+        await engine._queue.cancel(submission.result.job.id, engine.actor("cli", "a"))
         for _ in range(100):
-            if not engine.worker._fetcher.busy_models:
+            if not engine._worker._fetcher.busy_models:
                 break
             await asyncio.sleep(0.1)
-        assert not engine.worker._fetcher.busy_models
+        assert not engine._worker._fetcher.busy_models
     finally:
         hub.paused.set()
-        await engine.worker.stop()
+        await engine._worker.stop()
         await worker
         await engine.close()
     part = weights_part(hub, tmp_path / "data" / "models" / "hub")
@@ -406,17 +406,17 @@ async def test_a_hub_answering_html_fails_the_waiting_job_once_instead_of_retryi
     monkeypatch.delenv("WANBOT_CONFIG", raising=False)
     hub.api_faults = {"tree": "html"}
     engine = await Engine.open(hub_settings(hub, tmp_path))
-    worker = asyncio.create_task(engine.worker.run())
+    worker = asyncio.create_task(engine._worker.run())
     try:
         request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", steps=2)
         submission = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="a"))
         for _ in range(100):
-            if (await engine.queue.get(submission.result.job.id)).status.terminal:
+            if (await engine._queue.get(submission.result.job.id)).status.terminal:
                 break
             await asyncio.sleep(0.1)
-        job = await engine.queue.get(submission.result.job.id)
+        job = await engine._queue.get(submission.result.job.id)
     finally:
-        await engine.worker.stop()
+        await engine._worker.stop()
         await worker
         await engine.close()
     assert job.status is JobStatus.FAILED

@@ -20,7 +20,7 @@ from engine.pipeline.hooks import RunHooks
 from engine.pipeline.models import GenerationRequest
 from engine.pipeline.tiny import build_tiny_pipeline
 from engine.pipeline.video import probe
-from engine.queue.jobqueue import RUN_STAGES
+from engine.queue.reading import RUN_STAGES
 from engine.service import Engine, Upload
 from engine.storage.images import Mode
 from tests import imagefactory
@@ -42,13 +42,13 @@ def as_upload(data: bytes | None) -> Upload | None:
 
 
 async def run_all(engine: Engine) -> None:
-    await asyncio.wait_for(engine.worker.run(stop_after=0), timeout=90)
+    await asyncio.wait_for(engine._worker.run(stop_after=0), timeout=90)
 
 
 async def test_t2v_makes_a_decodable_mp4_with_the_model_defaults(engine: Engine):
     submission = await submit(engine, Mode.T2V, seed=7)
     await run_all(engine)
-    job = await engine.queue.get(submission.result.job.id)
+    job = await engine._queue.get(submission.result.job.id)
     assert job.status is JobStatus.SUCCEEDED, job.error_detail
     video = probe(job.result.path)
     assert (video.width, video.height, video.frames, video.fps) == (64, 64, 9, 16)
@@ -57,7 +57,7 @@ async def test_t2v_makes_a_decodable_mp4_with_the_model_defaults(engine: Engine)
     # Wan's default negative prompt is Chinese: written as UTF-8 in the comment, not as \uXXXX escapes.
     assert not metadata["negative_prompt"].isascii() and metadata["negative_prompt"] in video.comment
     assert set(job.result.timings) >= {"load_s", "denoise_s", "decode_s", "generate_s", "encode_s"}
-    assert engine.runner.loaded.pipeline.scheduler.config.flow_shift == 12.0  # corrected from the saved 3.0
+    assert engine._runner.loaded.pipeline.scheduler.config.flow_shift == 12.0  # corrected from the saved 3.0
 
 
 async def test_i2v_with_start_and_end_follows_the_image_shape(engine: Engine):
@@ -70,7 +70,7 @@ async def test_i2v_with_start_and_end_follows_the_image_shape(engine: Engine):
     assert any("Frames must be 4k+1" in note for note in submission.notes)
     assert any("not trained with end images" in note for note in submission.notes)
     await run_all(engine)
-    job = await engine.queue.get(submission.result.job.id)
+    job = await engine._queue.get(submission.result.job.id)
     assert job.status is JobStatus.SUCCEEDED, job.error_detail
     video = probe(job.result.path)
     assert (video.frames, video.fps) == (9, 16)
@@ -82,7 +82,7 @@ async def test_ti2v_runs_at_24_fps_on_multiples_of_32(engine: Engine):
     submission = await submit(engine, Mode.TI2V, start=imagefactory.png(128, 128), end=imagefactory.png(128, 128))
     assert any("does not use an end image" in note for note in submission.notes)
     await run_all(engine)
-    job = await engine.queue.get(submission.result.job.id)
+    job = await engine._queue.get(submission.result.job.id)
     assert job.status is JobStatus.SUCCEEDED, job.error_detail
     video = probe(job.result.path)
     assert (video.width % 32, video.height % 32, video.frames, video.fps) == (0, 0, 9, 24)
@@ -103,7 +103,7 @@ async def test_a_prompt_longer_than_the_text_encoder_reads_is_run_with_a_note_na
         "from “w2 w3 w4 w5 w6 w7 w8 w9 w7 the very end…” on. Shorten it to keep them."
     )
     await run_all(engine)
-    job = await engine.queue.get(submission.result.job.id)
+    job = await engine._queue.get(submission.result.job.id)
     assert job.status is JobStatus.SUCCEEDED, job.error_detail
     assert note in job.params.warnings
     metadata = json.loads(probe(job.result.path).comment)
@@ -129,12 +129,12 @@ async def test_bad_requests_are_refused_before_anything_is_stored(engine: Engine
         await submit(engine, Mode.T2V, resolution="huge")
     with pytest.raises(UserError, match=r"damaged or incomplete|not an image"):
         await submit(engine, Mode.I2V, start=imagefactory.png()[:300])
-    assert await engine.queue.counts() == {}
-    assert engine.store.stored_hashes() == set()
+    assert await engine._queue.counts() == {}
+    assert engine._store.stored_hashes() == set()
 
 
 async def test_progress_events_arrive_in_order(engine: Engine):
-    inbox = engine.queue.events.subscribe()
+    inbox = engine._queue.events.subscribe()
     # Flow shift 12 spends most steps in the high-noise range; 12 steps reach the low-noise expert too.
     await submit(engine, Mode.T2V, steps=12)
     await run_all(engine)
@@ -158,7 +158,7 @@ async def test_progress_events_arrive_in_order(engine: Engine):
 
 
 async def test_the_time_left_includes_decode_and_encode_once_a_video_of_the_model_has_timed_them(engine: Engine):
-    inbox = engine.queue.events.subscribe()
+    inbox = engine._queue.events.subscribe()
     for seed in (1, 2):
         await submit(engine, Mode.T2V, steps=3, seed=seed)
         await run_all(engine)
@@ -173,7 +173,7 @@ async def test_the_time_left_includes_decode_and_encode_once_a_video_of_the_mode
     assert denoising and all(shown.eta_steps_only for shown in denoising)
     assert [shown.eta_s for shown in first if shown.stage is not Stage.DENOISING] == [None, None]
     # The next one expects the decode and encode the first one took: never a time left of 0 before they are done.
-    timed = (await engine.queue.get(1)).result.timings  # the same size: no scaling
+    timed = (await engine._queue.get(1)).result.timings  # the same size: no scaling
     finish_s = timed["decode_s"] + timed["encode_s"]
     after_first_step = [shown for shown in second if shown.stage is Stage.DENOISING and shown.step > 0]
     assert after_first_step and all(not shown.eta_steps_only and shown.eta_s >= finish_s for shown in after_first_step)
@@ -189,14 +189,14 @@ async def wait_for_step(inbox, job_id: int, step: int) -> None:
 
 
 async def test_cancel_during_generation_stops_within_a_step(engine: Engine):
-    inbox = engine.queue.events.subscribe()
+    inbox = engine._queue.events.subscribe()
     submission = await submit(engine, Mode.T2V, steps=60)
     job_id = submission.result.job.id
-    worker = asyncio.create_task(engine.worker.run(stop_after=1))
+    worker = asyncio.create_task(engine._worker.run(stop_after=1))
     await asyncio.wait_for(wait_for_step(inbox, job_id, 2), timeout=60)
-    await engine.queue.cancel(job_id, engine.actor("cli", "u1"))
+    await engine._queue.cancel(job_id, engine.actor("cli", "u1"))
     await asyncio.wait_for(worker, timeout=60)
-    job = await engine.queue.get(job_id)
+    job = await engine._queue.get(job_id)
     assert job.status is JobStatus.CANCELLED
     assert job.progress.step < 60
     assert not (engine.settings.outputs_dir / f"job-{job_id}.mp4").exists()
@@ -206,7 +206,7 @@ async def test_generation_timeout_fails_the_job_with_a_clear_message(engine: Eng
     engine.settings.generation.timeout_s = 1e-6
     submission = await submit(engine, Mode.T2V)
     await run_all(engine)
-    job = await engine.queue.get(submission.result.job.id)
+    job = await engine._queue.get(submission.result.job.id)
     assert job.status is JobStatus.FAILED
     assert "took longer than the limit" in job.error_user
     assert "fewer steps" in job.error_user
@@ -215,21 +215,21 @@ async def test_generation_timeout_fails_the_job_with_a_clear_message(engine: Eng
 async def test_out_of_memory_fails_the_job_and_the_worker_lives_on(engine: Engine):
     first = await submit(engine, Mode.T2V)
     await run_all(engine)
-    assert (await engine.queue.get(first.result.job.id)).status is JobStatus.SUCCEEDED
+    assert (await engine._queue.get(first.result.job.id)).status is JobStatus.SUCCEEDED
 
     def exhaust_memory(module, inputs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    engine.runner.loaded.pipeline.transformer.register_forward_pre_hook(exhaust_memory)
+    engine._runner.loaded.pipeline.transformer.register_forward_pre_hook(exhaust_memory)
     failing = await submit(engine, Mode.T2V, user="u2")
     await run_all(engine)
-    failed = await engine.queue.get(failing.result.job.id)
+    failed = await engine._queue.get(failing.result.job.id)
     assert failed.status is JobStatus.FAILED
     assert "ran out of memory" in failed.error_user and "lower resolution" in failed.error_user
-    assert engine.runner.loaded is None  # the broken pipeline was dropped
+    assert engine._runner.loaded is None  # the broken pipeline was dropped
     after = await submit(engine, Mode.T2V, user="u3")
     await run_all(engine)
-    assert (await engine.queue.get(after.result.job.id)).status is JobStatus.SUCCEEDED
+    assert (await engine._queue.get(after.result.job.id)).status is JobStatus.SUCCEEDED
 
 
 async def test_a_job_left_running_by_a_crash_runs_again_after_restart(tiny_settings):
@@ -250,13 +250,13 @@ async def test_a_job_left_running_by_a_crash_runs_again_after_restart(tiny_setti
 
 @pytest.mark.parametrize(("requeue", "status"), [(True, JobStatus.QUEUED), (False, JobStatus.SUCCEEDED)])
 async def test_shutdown_requeues_or_waits_for_the_running_job(engine: Engine, requeue: bool, status: JobStatus):
-    inbox = engine.queue.events.subscribe()
+    inbox = engine._queue.events.subscribe()
     submission = await submit(engine, Mode.T2V, steps=30)
-    worker = asyncio.create_task(engine.worker.run())
+    worker = asyncio.create_task(engine._worker.run())
     await asyncio.wait_for(wait_for_step(inbox, submission.result.job.id, 1), timeout=60)
-    await engine.worker.stop(requeue_running=requeue)
+    await engine._worker.stop(requeue_running=requeue)
     await asyncio.wait_for(worker, timeout=60)
-    job = await engine.queue.get(submission.result.job.id)
+    job = await engine._queue.get(submission.result.job.id)
     assert job.status is status
     assert job.attempts == (0 if requeue else 1)
 
@@ -264,8 +264,8 @@ async def test_shutdown_requeues_or_waits_for_the_running_job(engine: Engine, re
 async def pipeline_frames(engine: Engine, job: Job) -> np.ndarray:
     """The frames the worker's runner makes for `job`, before the MP4 encode: x264 does not give the same bytes for
     the same frames every time (about one encode in eight differs in half its pixels, by up to 16 levels)."""
-    images = [engine.store.restore(info).pixels for info in job.images]
-    return (await asyncio.to_thread(engine.runner.run, job, images, RunHooks())).frames
+    images = [engine._store.restore(info).pixels for info in job.images]
+    return (await asyncio.to_thread(engine._runner.run, job, images, RunHooks())).frames
 
 
 async def test_same_seed_gives_the_same_frames(engine: Engine):
@@ -280,22 +280,22 @@ async def test_same_seed_gives_the_same_frames(engine: Engine):
 async def test_switching_models_keeps_one_pipeline_in_memory(engine: Engine):
     await submit(engine, Mode.T2V)
     await run_all(engine)
-    first_pipeline = weakref.ref(engine.runner.loaded.pipeline)
-    assert engine.runner.loaded_model == "tiny-t2v"
+    first_pipeline = weakref.ref(engine._runner.loaded.pipeline)
+    assert engine._runner.loaded_model == "tiny-t2v"
     await submit(engine, Mode.I2V, start=imagefactory.png())
     await run_all(engine)
-    assert engine.runner.loaded_model == "tiny-i2v"
+    assert engine._runner.loaded_model == "tiny-i2v"
     assert first_pipeline() is None
 
 
 async def test_a_warm_model_is_not_reloaded(engine: Engine):
     await submit(engine, Mode.T2V, user="a")
     await run_all(engine)
-    pipeline = engine.runner.loaded.pipeline
+    pipeline = engine._runner.loaded.pipeline
     again = await submit(engine, Mode.T2V, user="b")
     await run_all(engine)
-    assert engine.runner.loaded.pipeline is pipeline
-    assert (await engine.queue.get(again.result.job.id)).result.timings["load_s"] < 0.5
+    assert engine._runner.loaded.pipeline is pipeline
+    assert (await engine._queue.get(again.result.job.id)).result.timings["load_s"] < 0.5
 
 
 @pytest.mark.parametrize("mode", [Mode.T2V, Mode.I2V])
@@ -332,8 +332,8 @@ async def test_the_bot_clean_up_round_removes_delivered_videos_and_keeps_waiting
 
     delivered, waiting = [await submit(engine, Mode.T2V, user=user) for user in ("u1", "u2")]
     await run_all(engine)
-    await engine.queue.mark_delivered(delivered.result.job.id)
-    paths = [Path((await engine.queue.get(s.result.job.id)).result.path) for s in (delivered, waiting)]
+    await engine._queue.mark_delivered(delivered.result.job.id)
+    paths = [Path((await engine._queue.get(s.result.job.id)).result.path) for s in (delivered, waiting)]
     settings = engine.settings.model_copy(update={"outputs": OutputsConfig(retention_hours=0)})
     cleaner = asyncio.create_task(_clean_up_periodically(replace(engine, settings=settings), every_s=3600))
     for _ in range(100):
@@ -359,6 +359,6 @@ async def test_the_tiny_model_makes_any_size_a_request_may_ask_for(engine: Engin
     # Its positional table used to stop at 512 px a side: a larger size crashed the job instead of running.
     submission = await submit(engine, Mode.T2V, resolution="544x544", steps=1, frames=5)
     await run_all(engine)
-    job = await engine.queue.get(submission.result.job.id)
+    job = await engine._queue.get(submission.result.job.id)
     assert job.status is JobStatus.SUCCEEDED, job.error_detail
     assert (probe(job.result.path).width, probe(job.result.path).height) == (544, 544)

@@ -87,8 +87,8 @@ async def test_a_model_in_the_hugging_face_cache_is_used_with_no_request_to_the_
     try:
         request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", steps=2, frames=5, resolution="64x64")
         submission = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="a"))
-        await asyncio.wait_for(engine.worker.run(stop_after=0), timeout=90)
-        job = await engine.queue.get(submission.result.job.id)
+        await asyncio.wait_for(engine._worker.run(stop_after=0), timeout=90)
+        job = await engine._queue.get(submission.result.job.id)
     finally:
         await engine.close()
     assert job.status is JobStatus.SUCCEEDED, job.error_detail

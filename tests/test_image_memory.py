@@ -69,7 +69,7 @@ async def test_check_room_refuses_at_the_per_user_limit_and_queues_nothing(tiny_
         await engine.check_room(chat("alice", "m1"))  # the same message again: enqueue returns its job
         await submit_picture(engine, "boss", "m4")
         await engine.check_room(chat("boss", "m5"))  # admins are exempt
-        assert (await engine.queue.counts()).get("queued") == 2
+        assert (await engine._queue.counts()).get("queued") == 2
 
 
 async def test_check_room_refuses_at_the_global_and_daily_limits(tiny_settings: Settings):
@@ -136,7 +136,7 @@ async def test_decodes_run_at_most_max_concurrent_decodes_at_once_on_their_own_t
     monkeypatch.setattr("engine.service.validate_image_bytes", slow)
     async with opened(tiny_settings, images={"max_concurrent_decodes": 2}) as engine:
         await asyncio.gather(*(submit_picture(engine, f"user{index}", f"m{index}") for index in range(6)))
-        assert (await engine.queue.counts()).get("queued") == 6
+        assert (await engine._queue.counts()).get("queued") == 6
     assert most == 2
     assert len(threads) == 2 and all(name.startswith("wanbot-decode") for name in threads)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.chat.inbox import ChatInbox
 from engine.jobs import DeliveryStatus, JobStatus
 from engine.queue.jobqueue import JobQueue
 from engine.service import Engine
@@ -67,8 +68,8 @@ async def test_requests_killed_while_checking_are_finished_after_the_restart(tin
     bob_texts = [message["text"] for message in telegram.replies(BOB) if "text" in message]
     assert len(bob_texts) == 1 and "the video is below" in bob_texts[0]
     engine = await Engine.open(tiny_settings)
-    jobs = await engine.queue.list_jobs()
-    open_updates = await engine.queue.inbox_open("telegram")
+    jobs = await engine._queue.list_jobs()
+    open_updates = await ChatInbox(engine.database, "telegram").unfinished()
     await engine.close()
     assert sorted(job.params.prompt for job in jobs) == ["a text request too", "the picture survives a crash"]
     assert all(job.status is JobStatus.SUCCEEDED and job.delivery_status is DeliveryStatus.DELIVERED for job in jobs)
@@ -79,18 +80,19 @@ async def test_requests_killed_while_checking_are_finished_after_the_restart(tin
 async def test_the_inbox_takes_an_update_once_and_forgets_handled_ones_after_a_day(database_url: str):
     now = [1000.0]
     queue = await JobQueue.connect(database_url, clock=lambda: now[0])
+    inbox = ChatInbox(queue.database, "telegram", clock=lambda: now[0])
     try:
-        assert await queue.inbox_put("telegram", "7", '{"update_id": 7}', "1:50")
-        assert not await queue.inbox_put("telegram", "7", '{"update_id": 7}', "1:50")  # sent again: not taken twice
-        await queue.inbox_set_reply("telegram", "1:50", "51")
-        assert await queue.inbox_reply("telegram", "1:50") == "51"
-        assert await queue.inbox_open("telegram") == ['{"update_id": 7}']
-        await queue.inbox_done("telegram", "7")
-        assert await queue.inbox_open("telegram") == []
-        assert not await queue.inbox_put("telegram", "7", '{"update_id": 7}')  # handled, still remembered
+        assert await inbox.put("7", '{"update_id": 7}', "1:50")
+        assert not await inbox.put("7", '{"update_id": 7}', "1:50")  # sent again: not taken twice
+        await inbox.set_reply("1:50", "51")
+        assert await inbox.reply("1:50") == "51"
+        assert await inbox.unfinished() == ['{"update_id": 7}']
+        await inbox.done("7")
+        assert await inbox.unfinished() == []
+        assert not await inbox.put("7", '{"update_id": 7}')  # handled, still remembered
         now[0] += 86401
-        await queue.inbox_open("telegram")
-        assert await queue.inbox_put("telegram", "7", '{"update_id": 7}')
+        await inbox.unfinished()
+        assert await inbox.put("7", '{"update_id": 7}')
         await queue.enqueue(source(), Mode.T2V, "tiny", params())  # the jobs table is untouched by all this
     finally:
         await queue.close()
@@ -134,8 +136,8 @@ async def test_a_deferred_discord_request_killed_before_it_was_queued_is_finishe
     assert second.returncode == 0, log_path.read_text()[-3000:]
     assert len(discord_server.with_files()) == 1
     engine = await Engine.open(tiny_settings)
-    jobs = await engine.queue.list_jobs()
-    open_requests = await engine.queue.inbox_open("discord")
+    jobs = await engine._queue.list_jobs()
+    open_requests = await ChatInbox(engine.database, "discord").unfinished()
     await engine.close()
     assert [job.params.prompt for job in jobs] == ["waves"] and jobs[0].status is JobStatus.SUCCEEDED
     assert open_requests == []

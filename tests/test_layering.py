@@ -1,19 +1,26 @@
-"""The layering the chat core stands on: bot/ -> engine/service.py -> the rest of engine/, nothing the other way. A
-module of bot/ (the chat modules and the CLI) may take typed records (and the engine's wording helpers and settings
-loader) from elsewhere in engine/, never its machinery: what a remote worker will sit behind is the facade alone."""
+"""The architecture, checked on the import graph of engine/ and bot/ (every import, at any depth, TYPE_CHECKING too):
+bot/ -> engine/service.py (the facade) -> the rest of engine/, nothing the other way, no import circles, and each
+package importing only what its docstring allows. A module of bot/ may take typed records (and the engine's
+wording helpers and settings loader) from elsewhere in engine/, never its machinery: what a remote worker will sit
+behind is the facade alone."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
 
+from engine.service import Engine
+
 ROOT = Path(__file__).resolve().parent.parent
+FACADE = "engine.service"
 RECORD_MODULES = {
     "engine.config",
     "engine.errors",
@@ -24,67 +31,124 @@ RECORD_MODULES = {
 }
 # Besides records, the wording helpers of the engine's messages and the loading of the settings records.
 FUNCTIONS_ALLOWED = {"engine.errors", "engine.config"}
-BOT_MODULES = sorted(path for path in (ROOT / "bot").glob("*.py") if path.name != "__init__.py")
+# What a package (and every module in it) must never import directly: the packages' docstrings say why.
+FORBIDDEN = {
+    "engine": ["bot"],
+    "engine.queue": ["engine.pipeline", "engine.hub", "engine.service", "engine.worker", "engine.metrics"],
+    "engine.storage": ["engine.pipeline", "engine.hub", "engine.service", "engine.worker"],
+    "engine.pipeline": ["engine.queue", "engine.service", "engine.worker", "engine.metrics"],
+    "engine.hub": ["engine.service", "engine.worker"],
+    "bot.chat": ["bot.telegram", "bot.discord", "bot.roles", "bot.cli", "telegram", "discord"],
+    "bot.telegram": ["bot.discord", "bot.roles", "bot.cli", "discord"],
+    "bot.discord": ["bot.telegram", "bot.roles", "bot.cli", "telegram"],
+    "bot.roles": ["bot.cli"],
+}
+ENGINE_MACHINERY = {"_queue", "_store", "_runner", "_worker", "_files", "_prompt_lengths"}
 
 
-def engine_imports(path: Path) -> list[tuple[str, str]]:
-    """(module, name) for every `from engine.x import name` in the file, at any depth."""
-    tree = ast.parse(path.read_text())
-    return [
-        (node.module, alias.name)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("engine")
-        for alias in node.names
-    ]
+@dataclasses.dataclass(frozen=True)
+class Imported:
+    module: str  # the module imported (for `from x import y`, x.y when that is a module of ours, else x)
+    names: tuple[str, ...]  # what `from x import` takes; empty for `import x`
 
 
-@pytest.mark.parametrize("path", BOT_MODULES, ids=lambda path: path.name)
-def test_the_bot_reaches_the_engine_only_through_its_facade(path: Path):
-    for module_name, name in engine_imports(path):
-        if module_name == "engine.service":
+@cache
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted([*(ROOT / "engine").rglob("*.py"), *(ROOT / "bot").rglob("*.py")]):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        found[name] = path
+    return found
+
+
+@cache
+def imports_of(module: str) -> tuple[Imported, ...]:
+    found = []
+    for node in ast.walk(ast.parse(modules()[module].read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.append(
+                    Imported(submodule, ()) if submodule in modules() else Imported(node.module, (alias.name,))
+                )
+        elif isinstance(node, ast.Import):
+            found.extend(Imported(alias.name, ()) for alias in node.names)
+    return tuple(found)
+
+
+def within(module: str, package: str) -> bool:
+    return module == package or module.startswith(f"{package}.")
+
+
+def ours(module: str) -> list[str]:
+    return sorted({imported.module for imported in imports_of(module) if imported.module in modules()})
+
+
+BOT_MODULES = [name for name in modules() if within(name, "bot")]
+
+
+@pytest.mark.parametrize("module", BOT_MODULES)
+def test_the_bot_reaches_the_engine_only_through_its_facade(module: str):
+    for imported in imports_of(module):
+        if not within(imported.module, "engine") or imported.module == FACADE:
             continue
-        assert module_name in RECORD_MODULES, f"{path.name} imports {name} from {module_name}"
-        value = getattr(importlib.import_module(module_name), name)
-        machinery = inspect.isfunction(value) and module_name not in FUNCTIONS_ALLOWED
-        assert not machinery, f"{path.name} calls {module_name}.{name}: give the facade a method for it"
-    source = path.read_text()
-    for private in (
-        "engine.queue.jobqueue.",
-        "engine.worker.",
-        "_engine.queue",
-        "_engine.worker",
-        "engine.runner",
-        "engine.store",
-    ):
-        assert private not in source, f"{path.name} reaches past the facade: {private}"
+        assert imported.module in RECORD_MODULES, f"{module} imports {imported.module}: go through {FACADE}"
+        for name in imported.names:
+            value = getattr(importlib.import_module(imported.module), name)
+            machinery = inspect.isfunction(value) and imported.module not in FUNCTIONS_ALLOWED
+            assert not machinery, f"{module} calls {imported.module}.{name}: give the facade a method for it"
+    reached = [
+        node.attr
+        for node in ast.walk(ast.parse(modules()[module].read_text()))
+        if isinstance(node, ast.Attribute) and node.attr in ENGINE_MACHINERY and _names_an_engine(node.value)
+    ]
+    assert not reached, f"{module} reaches past the facade: {reached}"
 
 
-def test_the_engine_never_imports_the_bot():
-    for path in sorted((ROOT / "engine").glob("*.py")):
-        modules = [
-            node.module or "" for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)
-        ]
-        modules += [
-            alias.name
-            for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, ast.Import)
-            for alias in node.names
-        ]
-        assert not [module for module in modules if module == "bot" or module.startswith("bot.")], path.name
+def _names_an_engine(node: ast.expr) -> bool:
+    """`engine`, `self._engine`, `bot.engine`: what holds an Engine is named for it throughout bot/."""
+    name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+    return name.lstrip("_").endswith("engine")
+
+
+def test_the_facade_shows_no_machinery():
+    public = {field.name for field in dataclasses.fields(Engine) if not field.name.startswith("_")}
+    assert public == {"settings", "supervisor"}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_each_package_imports_only_what_it_may(package: str):
+    for module in (name for name in modules() if within(name, package)):
+        for imported in imports_of(module):
+            wrong = [rule for rule in FORBIDDEN[package] if within(imported.module, rule)]
+            assert not wrong, f"{module} imports {imported.module}, which {package} must not"
+
+
+def test_no_module_imports_itself_round_a_circle():
+    graph = {module: ours(module) for module in modules()}
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for imported in graph[module]:
+            if state.get(imported) == "open":
+                circle = [*path[path.index(imported) :], imported]
+                pytest.fail(f"import circle: {' -> '.join(circle)}")
+            if imported not in state:
+                visit(imported, [*path, imported])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
 
 
 def test_the_chat_side_and_the_cli_start_without_torch():
     """Only opening an engine loads the model side: the chat modules, the facade and the CLI's queue and model
     commands start without torch (a serving process needs none of it)."""
-    modules = [
-        "bot.cli",
-        "bot.chat.core",
-        "bot.chat.relay",
-        "bot.roles.runtime",
-        "bot.telegram.adapter",
-        "bot.discord.adapter",
-    ]
-    check = f"import sys; import {', '.join(modules)}; print(sorted({{'torch', 'diffusers'}} & set(sys.modules)))"
+    names = ["bot.cli", "bot.chat.core", "bot.chat.relay", "bot.roles.runtime", "bot.telegram.adapter"]
+    names.append("bot.discord.adapter")
+    check = f"import sys; import {', '.join(names)}; print(sorted({{'torch', 'diffusers'}} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

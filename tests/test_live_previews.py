@@ -29,7 +29,7 @@ def previewing(settings: Settings) -> Settings:
 
 def slow_down(engine: Engine) -> None:
     """Each transformer call of the warm tiny model takes 0.1 s more, as a real step would take longer."""
-    pipeline = engine.runner.loaded.pipeline
+    pipeline = engine._runner.loaded.pipeline
     for expert in (pipeline.transformer, pipeline.transformer_2):
         expert.register_forward_pre_hook(lambda module, inputs: time.sleep(0.1))
 

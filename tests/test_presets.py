@@ -59,8 +59,8 @@ async def make(engine: Engine, mode: Mode, start: bytes | None = None, **options
     request = GenerationRequest(mode=mode, prompt="w1 w2 a fox", **options)
     upload = Upload(start) if start is not None else None
     submission = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="u"), upload)
-    await asyncio.wait_for(engine.worker.run(stop_after=0), timeout=90)
-    job = await engine.queue.get(submission.result.job.id)
+    await asyncio.wait_for(engine._worker.run(stop_after=0), timeout=90)
+    job = await engine._queue.get(submission.result.job.id)
     assert job.status is JobStatus.SUCCEEDED, job.error_detail
     return job
 
@@ -157,7 +157,7 @@ async def test_a_model_from_disk_gets_the_configured_loras_from_the_hub_fused_in
     engine = await Engine.open(settings)
     try:
         job = await make(engine, Mode.T2V, preset="fast", resolution="64x64", frames=5, seed=4)
-        pipeline = engine.runner.loaded.pipeline
+        pipeline = engine._runner.loaded.pipeline
     finally:
         await engine.close()
     fetched = sorted(path for _, path, _ in lora_hub.requests if path.startswith("cdn:"))
@@ -185,8 +185,8 @@ async def test_a_lora_file_the_repo_lacks_fails_the_job_saying_which(
     try:
         request = GenerationRequest(mode=Mode.T2V, prompt="w1", preset="fast", resolution="64x64", frames=5)
         submission = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="u"))
-        await asyncio.wait_for(engine.worker.run(stop_after=0), timeout=90)
-        job = await engine.queue.get(submission.result.job.id)
+        await asyncio.wait_for(engine._worker.run(stop_after=0), timeout=90)
+        job = await engine._queue.get(submission.result.job.id)
     finally:
         await engine.close()
     assert job.status is JobStatus.FAILED
@@ -230,7 +230,7 @@ async def test_loras_in_the_hugging_face_cache_are_used_where_they_are(
     engine = await Engine.open(settings)
     try:
         job = await make(engine, Mode.T2V, preset="fast", resolution="64x64", frames=5)
-        used = engine.runner.loaded.loras.files.high
+        used = engine._runner.loaded.loras.files.high
     finally:
         await engine.close()
     assert job.result.run.transformer_calls == {"transformer": 2, "transformer_2": 2}
@@ -282,7 +282,7 @@ async def test_a_fast_ti2v_job_makes_three_dmd_passes_and_repeats_from_its_seed(
     run = first.result.run
     assert run.transformer_calls == {"transformer": 3} and run.scheduler == "dmd-3step"
     assert run.sigmas == [1.0, 0.757, 0.522, 0.0]
-    assert engine.runner.loaded.source == "tiny-ti2v-fast"  # FastWan's stand-in, not the quality weights
+    assert engine._runner.loaded.source == "tiny-ti2v-fast"  # FastWan's stand-in, not the quality weights
     torch.manual_seed(1)
     once = await pipeline_frames(engine, first)
     torch.manual_seed(2)  # the re-noising must not depend on the global generator
@@ -295,12 +295,12 @@ async def test_quality_after_fast_is_the_fresh_quality_video_without_a_reload(en
     quality = await queued(engine, Mode.T2V, preset="quality", steps=2, seed=9)
     fast = await queued(engine, Mode.T2V, preset="fast", seed=9)
     fresh = await pipeline_frames(engine, quality)
-    pipeline = engine.runner.loaded.pipeline
+    pipeline = engine._runner.loaded.pipeline
     await pipeline_frames(engine, fast)
-    assert engine.runner.loaded.loras.names  # fused in
+    assert engine._runner.loaded.loras.names  # fused in
     after_fast = await pipeline_frames(engine, quality)
-    assert engine.runner.loaded.pipeline is pipeline  # switched in place, never read from disk again
-    assert engine.runner.loaded.loras.names == []
+    assert engine._runner.loaded.pipeline is pipeline  # switched in place, never read from disk again
+    assert engine._runner.loaded.loras.names == []
     np.testing.assert_array_equal(after_fast, fresh)
 
 
@@ -388,7 +388,7 @@ def test_an_unknown_preset_says_what_to_write():
 async def test_with_compiled_blocks_the_first_job_of_each_size_says_it_warms_up(engine: Engine):
     await make(engine, Mode.T2V)  # the model is loaded (and would be compiled) once
     # Compiling needs a GPU build of torch: the choice is made as a GPU machine would make it, the model stays as it is.
-    engine.runner._speedups = dataclasses.replace(engine.runner.speedups, compile=Choice("on", "asked for"))
+    engine._runner._speedups = dataclasses.replace(engine._runner.speedups, compile=Choice("on", "asked for"))
     events = engine.subscribe()
     jobs = [await make(engine, Mode.T2V, resolution=size) for size in ("64x64", "64x64", "96x64")]
     firsts: dict[int, str] = {}  # each job's first denoising text

@@ -110,7 +110,7 @@ async def slow_engine(tiny_settings: Settings) -> AsyncIterator[Engine]:
     settings = tiny_settings.model_copy(update={"previews": PreviewsConfig(interval_s=1.0)})
     engine = await Engine.open(settings)
     await _run(engine, Mode.T2V, steps=2)  # loads the model
-    for expert in (engine.runner.loaded.pipeline.transformer, engine.runner.loaded.pipeline.transformer_2):
+    for expert in (engine._runner.loaded.pipeline.transformer, engine._runner.loaded.pipeline.transformer_2):
         expert.register_forward_pre_hook(lambda module, inputs: time.sleep(0.1))
     yield engine
     await engine.close()
@@ -127,12 +127,12 @@ class Watched:
 
 
 async def _run(engine: Engine, mode: Mode, **options: object) -> Watched:
-    inbox = engine.queue.events.subscribe()
+    inbox = engine._queue.events.subscribe()
     start = Upload(imagefactory.png(64, 64)) if mode is not Mode.T2V else None
     request = GenerationRequest(mode=mode, prompt="w1 w2 a fox", **options)
     submission = await engine.submit(request, source(user=f"u-{time.monotonic_ns()}"), start)
     watched = Watched(submission.result.job.id, [], set())
-    worker = asyncio.create_task(engine.worker.run(stop_after=1))
+    worker = asyncio.create_task(engine._worker.run(stop_after=1))
     try:
         async for event in inbox:
             if event.kind is EventKind.PREVIEW:
@@ -193,7 +193,7 @@ async def test_every_mode_and_sampler_shows_a_preview_from_the_first_step(engine
     # I2V: 36 input channels (the noisy latent first); TI2V-5B: 48-channel Wan 2.2 latents, one timestep per patch;
     # fast: Euler on LightX2V's schedule (A14B) or DMD (TI2V-5B) instead of UniPC.
     watched = await _run(engine, mode, preset=preset, **({"steps": 2} if preset == "quality" else {}))
-    assert (await engine.queue.get(watched.job_id)).status is JobStatus.SUCCEEDED
+    assert (await engine._queue.get(watched.job_id)).status is JobStatus.SUCCEEDED
     first, _, jpeg = watched.previews[0]
     assert first.seq == 1 and first.step == 1
     assert Image.open(io.BytesIO(jpeg)).size == (3 * FRAME_SIDE + 2 * FRAME_GAP, FRAME_SIDE)
@@ -203,7 +203,7 @@ async def test_previews_off_makes_none(tiny_settings: Settings):
     engine = await Engine.open(tiny_settings.model_copy(update={"previews": PreviewsConfig(enabled=False)}))
     try:
         watched = await _run(engine, Mode.T2V, steps=2)
-        assert (await engine.queue.get(watched.job_id)).status is JobStatus.SUCCEEDED
+        assert (await engine._queue.get(watched.job_id)).status is JobStatus.SUCCEEDED
         assert watched.previews == [] and not engine.settings.previews_dir.exists()
     finally:
         await engine.close()

@@ -89,7 +89,7 @@ async def test_per_user_and_global_limits(queue: JobQueue):
 
 async def test_daily_limit_counts_what_used_or_may_use_the_gpu_and_says_when_the_next_is_possible(queue: JobQueue):
     now = [100_000.0]
-    clocked = JobQueue(queue._db, queue.events, lambda: now[0])
+    clocked = JobQueue(queue.database, queue.events, lambda: now[0])
 
     async def ask(message: str, **options: object):
         limits = {"daily_limit": 3, "per_user_limit": 10}
@@ -138,7 +138,7 @@ async def test_a_user_served_recently_waits_behind_a_newcomer(queue: JobQueue):
 
 async def test_position_follows_the_claim_order_and_has_an_eta(queue: JobQueue):
     now = [1000.0]
-    clocked = JobQueue(queue._db, queue.events, lambda: now[0])
+    clocked = JobQueue(queue.database, queue.events, lambda: now[0])
     first = await clocked.enqueue(source("alice", "a0"), Mode.T2V, "tiny", params())
     second = await clocked.enqueue(source("alice", "a1"), Mode.T2V, "tiny", params())
     bob = await clocked.enqueue(source("bob", "b0"), Mode.T2V, "tiny", params())
@@ -165,7 +165,7 @@ async def test_position_follows_the_claim_order_and_has_an_eta(queue: JobQueue):
 
 async def test_a_wait_counts_runs_of_the_same_model_and_says_unknown_rather_than_zero(queue: JobQueue):
     now = [1000.0]
-    clocked = JobQueue(queue._db, queue.events, lambda: now[0])
+    clocked = JobQueue(queue.database, queue.events, lambda: now[0])
     tiny = await clocked.enqueue(source("alice", "a0"), Mode.T2V, "tiny", params())
     now[0] += 2
     await clocked.claim_next()

@@ -147,7 +147,7 @@ async def test_an_event_committed_behind_newer_ones_is_still_heard():
         try:
             await asyncio.sleep(0.5)
             held = (await worker.enqueue(source("held"), Mode.T2V, "tiny", params())).job
-            async with worker._db.transaction() as slow:  # a cancel whose transaction takes its time
+            async with worker.database.transaction() as slow:  # a cancel whose transaction takes its time
                 await slow.run("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", held.id)
                 await worker._share(slow, EventKind.CANCEL_REQUESTED, held.id)
                 for n in range(250):

@@ -31,7 +31,7 @@ def worker(name: str, host: str = "gpu-a", pid: int = 100, **fields: object) -> 
 async def clocked(queue: JobQueue):
     """The queue with a clock the test moves: [JobQueue, now]."""
     now = [1000.0]
-    yield JobQueue(queue._db, queue.events, lambda: now[0]), now
+    yield JobQueue(queue.database, queue.events, lambda: now[0]), now
 
 
 async def claimed_by(queue: JobQueue, name: str, prompt: str = "p", **fields: object):

@@ -10,7 +10,7 @@ from pathlib import Path
 from bot.chat import texts
 from engine.config import ChatConfig
 from engine.jobs import DeliveryStatus, Progress, Stage
-from engine.queue.jobqueue import WORKER_STOPPED
+from engine.queue.core import WORKER_STOPPED
 from engine.service import Engine
 from engine.storage.images import Mode
 from tests.factories import ADMIN, params, source
@@ -37,12 +37,12 @@ async def test_after_stopping_no_progress_or_cancel_button_is_shown_again(engine
     async with following(engine, platform, ChatConfig(edit_interval_s=0)):
         queued = await engine.queue.enqueue(source(), Mode.T2V, "tiny", params())
         job_id = queued.job.id
-        await engine.queue.claim_next()
-        await engine.queue.update_progress(job_id, STEP)
+        await engine._queue.claim_next()
+        await engine._queue.update_progress(job_id, STEP)
         await until(lambda: any("1/4" in text for text in platform.texts.get(job_id, [])), 5, "progress")
         await engine.cancel(job_id, ADMIN)
-        await engine.queue.update_progress(job_id, STEP.model_copy(update={"step": 2}))  # the step under way ends
-        await engine.queue.mark_cancelled(job_id)
+        await engine._queue.update_progress(job_id, STEP.model_copy(update={"step": 2}))  # the step under way ends
+        await engine._queue.mark_cancelled(job_id)
         await until(lambda: "was cancelled" in platform.texts[job_id][-1], 5, "the end")
     stopping = platform.texts[job_id].index(f"Job #{job_id} is stopping…")
     assert platform.texts[job_id][stopping + 1 :] == [f"Job #{job_id} was cancelled."]
@@ -53,13 +53,13 @@ async def test_a_job_started_again_after_a_restart_says_so(engine: Engine):
     platform = FakePlatform()
     async with following(engine, platform, ChatConfig(edit_interval_s=0)):
         first = (await engine.queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
-        await engine.queue.claim_next()
-        await engine.queue.requeue(first, WORKER_STOPPED)
-        await engine.queue.claim_next()
+        await engine._queue.claim_next()
+        await engine._queue.requeue(first, WORKER_STOPPED)
+        await engine._queue.claim_next()
         await until(lambda: texts.RESTARTED in platform.texts.get(first, [""])[-1], 5, "the restart note")
         second = (await engine.queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())).job.id
-        await engine.queue.mark_cancelled(first)
-        await engine.queue.claim_next()
+        await engine._queue.mark_cancelled(first)
+        await engine._queue.claim_next()
         await until(lambda: "starting" in platform.texts.get(second, [""])[-1], 5, "the second job's start")
     assert texts.RESTARTED not in platform.texts[second][-1]  # a first start says nothing of the kind
 
@@ -69,7 +69,7 @@ async def test_done_and_the_video_go_out_without_waiting_for_the_edit_pacing(eng
     video.write_bytes(b"video")
     platform = FakePlatform()
     async with following(engine, platform, ChatConfig(edit_interval_s=600)):  # a pace no test could wait out
-        job_id = await finished_job(engine.queue, video)
+        job_id = await finished_job(engine._queue, video)
         await until(lambda: platform.uploads == 1, 10, "the upload")
         await until(lambda: platform.texts[job_id][-1].endswith("the video is below."), 10, "the final text")
         delivered = await engine.job(job_id)
@@ -82,9 +82,9 @@ async def test_a_waiting_job_is_shown_its_wait_again_while_the_job_ahead_runs(en
     async with following(engine, platform, ChatConfig(edit_interval_s=0)):
         running = (await engine.queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
         waiting = (await engine.queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())).job.id
-        await engine.queue.claim_next()
+        await engine._queue.claim_next()
         for eta_s, wait in ((90, "1m 30s"), (60, "1m 00s")):
-            await engine.queue.update_progress(running, STEP.model_copy(update={"eta_s": eta_s}))
+            await engine._queue.update_progress(running, STEP.model_copy(update={"eta_s": eta_s}))
             said = f"position 1, about {wait} to wait."
             await until(lambda said=said: said in platform.texts.get(waiting, [""])[-1], 5, f"the wait of {wait}")
 
@@ -95,7 +95,7 @@ async def test_a_stale_copy_of_a_delivered_job_is_not_sent_again(engine: Engine,
     video.write_bytes(b"video")
     platform = FakePlatform()
     relay = relay_for(engine, platform, ChatConfig(edit_interval_s=0))
-    job_id = await finished_job(engine.queue, video)
+    job_id = await finished_job(engine._queue, video)
     stale = await engine.job(job_id)
     await relay.deliver(stale)
     await relay.deliver(stale)

@@ -45,7 +45,7 @@ def result(path: Path) -> ResultInfo:
 
 
 async def chunk_rows(queue: JobQueue, key: str) -> list[int]:
-    async with queue._db.reading() as tx:
+    async with queue.database.reading() as tx:
         rows = await tx.all("SELECT seq FROM stored_file_chunks WHERE name = ? ORDER BY seq", key)
     return [row["seq"] for row in rows]
 
@@ -114,7 +114,7 @@ async def test_a_damaged_chunk_is_refused_and_leaves_no_partial_file(
     video = tmp_path / "job-5-aa.mp4"
     video.write_bytes(os.urandom(2500))
     await files.publish("video", video)
-    async with pg_queue._db.transaction() as tx:
+    async with pg_queue.database.transaction() as tx:
         await tx.run(
             "UPDATE stored_file_chunks SET data = ? WHERE name = ? AND seq = 1", b"x" * 1000, "video/" + video.name
         )
@@ -137,7 +137,7 @@ async def test_a_missing_chunk_or_a_damaged_image_is_refused(
     image.parent.mkdir(parents=True)
     image.write_bytes(os.urandom(2100))
     await files.publish("image", image)
-    async with pg_queue._db.transaction() as tx:
+    async with pg_queue.database.transaction() as tx:
         await tx.run("DELETE FROM stored_file_chunks WHERE name = ? AND seq = 2", f"image/{sha}")
 
     target = tmp_path / "images" / sha[:2] / sha

@@ -96,15 +96,15 @@ async def test_a_job_whose_local_model_folder_vanished_fails_and_the_next_job_ru
         shutil.rmtree(folder)
         engine.settings.models.t2v = "tiny"
         fine = await _submit(engine, "w2 second")
-        worker = asyncio.create_task(engine.worker.run())
-        await until(lambda: engine.worker.state.jobs_done >= 1, 60, "the second job")
-        failed = await engine.queue.get(doomed)
+        worker = asyncio.create_task(engine._worker.run())
+        await until(lambda: engine._worker.state.jobs_done >= 1, 60, "the second job")
+        failed = await engine._queue.get(doomed)
         assert failed.status is JobStatus.FAILED
         assert failed.error_user.startswith(f"Video #{doomed} could not be made: its model is no longer on this")
         assert str(folder) not in failed.error_user
-        assert (await engine.queue.get(fine)).status is JobStatus.SUCCEEDED
+        assert (await engine._queue.get(fine)).status is JobStatus.SUCCEEDED
         assert not worker.done()
-        await engine.worker.stop()
+        await engine._worker.stop()
         await worker
     finally:
         await engine.close()
@@ -113,10 +113,10 @@ async def test_a_job_whose_local_model_folder_vanished_fails_and_the_next_job_ru
 async def _next_job_runs_then_stop(engine: Engine, worker: asyncio.Task[None]) -> None:
     """The worker, still alive after the fault, makes the next video; then it stops."""
     next_id = await _submit(engine, "w2 next")
-    done = engine.worker.state.jobs_done
-    await until(lambda: engine.worker.state.jobs_done > done, 60, "the next job")
-    assert (await engine.queue.get(next_id)).status is JobStatus.SUCCEEDED
-    await engine.worker.stop()
+    done = engine._worker.state.jobs_done
+    await until(lambda: engine._worker.state.jobs_done > done, 60, "the next job")
+    assert (await engine._queue.get(next_id)).status is JobStatus.SUCCEEDED
+    await engine._worker.stop()
     await worker
 
 
@@ -134,10 +134,10 @@ async def test_a_locked_database_at_the_end_of_a_job_delays_its_result_and_the_w
     tiny_settings: Settings, caplog: pytest.LogCaptureFixture
 ):
     engine = await Engine.open(tiny_settings)
-    await engine.queue.close()
-    engine.queue = await JobQueue.open(tiny_settings.db_path, engine.queue.events, busy_timeout_s=0.05)
-    engine.worker._queue = engine.queue
-    engine.worker._error_wait_s = 0.05
+    await engine._queue.close()
+    engine._queue = await JobQueue.open(tiny_settings.db_path, engine._queue.events, busy_timeout_s=0.05)
+    engine._worker._queue = engine._queue
+    engine._worker._error_wait_s = 0.05
     try:
         first = await _submit(engine, "w1 first")
         locked = threading.Event()
@@ -150,12 +150,12 @@ async def test_a_locked_database_at_the_end_of_a_job_delays_its_result_and_the_w
                 holder.start()
                 locked.wait(5)
 
-        engine.queue.events.publish = _tap(engine.queue.events.publish, lock_when_encoding)
-        worker = asyncio.create_task(engine.worker.run())
-        await until(lambda: engine.worker.state.jobs_done >= 1, 60, "the first job to end")
+        engine._queue.events.publish = _tap(engine._queue.events.publish, lock_when_encoding)
+        worker = asyncio.create_task(engine._worker.run())
+        await until(lambda: engine._worker.state.jobs_done >= 1, 60, "the first job to end")
         assert holder is not None
         holder.join()
-        assert (await engine.queue.get(first)).status is JobStatus.SUCCEEDED
+        assert (await engine._queue.get(first)).status is JobStatus.SUCCEEDED
         assert any("trying again" in record.message for record in caplog.records)
         assert not worker.done()
         await _next_job_runs_then_stop(engine, worker)
@@ -173,22 +173,22 @@ def _tap(publish, observe):
 
 async def test_a_result_that_cannot_be_written_in_time_is_recorded_as_a_failure(tiny_settings: Settings):
     engine = await Engine.open(tiny_settings)
-    engine.worker._error_wait_s = 0.01
-    engine.worker._write_retry_s = 0.1
-    real = engine.queue.mark_succeeded
+    engine._worker._error_wait_s = 0.01
+    engine._worker._write_retry_s = 0.1
+    real = engine._queue.mark_succeeded
 
     async def refused(*args, **kwargs):
         raise sqlite3.OperationalError("attempt to write a readonly database")
 
-    engine.queue.mark_succeeded = refused
+    engine._queue.mark_succeeded = refused
     try:
         job_id = await _submit(engine)
-        worker = asyncio.create_task(engine.worker.run())
-        await until(lambda: engine.worker.state.jobs_done >= 1, 60, "the job to end")
-        job = await engine.queue.get(job_id)
+        worker = asyncio.create_task(engine._worker.run())
+        await until(lambda: engine._worker.state.jobs_done >= 1, 60, "the job to end")
+        job = await engine._queue.get(job_id)
         assert job.status is JobStatus.FAILED
         assert job.error_user == f"Video #{job_id} could not be saved: the server's database refused the write."
-        engine.queue.mark_succeeded = real
+        engine._queue.mark_succeeded = real
         await _next_job_runs_then_stop(engine, worker)
     finally:
         await engine.close()
@@ -220,9 +220,9 @@ async def test_a_full_disk_during_the_encode_fails_the_job_plainly_and_the_next_
     outputs.symlink_to(full_disk, target_is_directory=True)
     try:
         job_id = await _submit(engine)
-        worker = asyncio.create_task(engine.worker.run())
-        await until(lambda: engine.worker.state.jobs_done >= 1, 60, "the job to end")
-        job = await engine.queue.get(job_id)
+        worker = asyncio.create_task(engine._worker.run())
+        await until(lambda: engine._worker.state.jobs_done >= 1, 60, "the job to end")
+        job = await engine._queue.get(job_id)
         assert job.status is JobStatus.FAILED
         assert job.error_user == f"Video #{job_id} could not be saved: the server's disk is full. It has been " + (
             "logged; retry it later."
@@ -273,7 +273,7 @@ async def finished_job(queue: JobQueue, video: Path) -> int:
 
 
 async def test_any_upload_error_is_a_failed_attempt_and_redelivery_goes_on(engine: Engine, tmp_path: Path):
-    queue = engine.queue
+    queue = engine._queue
     import aiohttp
 
     video = tmp_path / "job.mp4"
@@ -302,14 +302,14 @@ async def test_the_relay_reads_the_kind_of_each_upload_failure(engine: Engine, t
     platform = FakePlatform()
     config = ChatConfig(edit_interval_s=0, delivery_retry_s=0.01, max_delivery_attempts=5)
     relay = relay_for(engine, platform, config)
-    refused, lost, flooded = [await finished_job(engine.queue, video) for _ in range(3)]
+    refused, lost, flooded = [await finished_job(engine._queue, video) for _ in range(3)]
     platform.failures = [UploadRefused("Forbidden: bot was blocked by the user")]
-    await relay.deliver(await engine.queue.get(refused))
+    await relay.deliver(await engine._queue.get(refused))
     platform.failures = [AnswerLost()]
-    await relay.deliver(await engine.queue.get(lost))
+    await relay.deliver(await engine._queue.get(lost))
     platform.failures = [texts.RetryLater(30)]
-    await relay.deliver(await engine.queue.get(flooded))
-    refused_job, lost_job, flooded_job = [await engine.queue.get(job_id) for job_id in (refused, lost, flooded)]
+    await relay.deliver(await engine._queue.get(flooded))
+    refused_job, lost_job, flooded_job = [await engine._queue.get(job_id) for job_id in (refused, lost, flooded)]
     assert refused_job.delivery_status is DeliveryStatus.DELIVERY_FAILED and refused_job.delivery_attempts == 5
     assert "blocked" in platform.texts[refused][-1]
     assert lost_job.delivery_status is DeliveryStatus.DELIVERED and platform.uploads == 3
@@ -329,7 +329,7 @@ async def _job_when(queue: JobQueue, job_id: int, check, limit_s: float = 10):
 
 
 async def test_a_missing_video_file_gives_up_at_once_without_showing_a_path(engine: Engine, tmp_path: Path):
-    queue = engine.queue
+    queue = engine._queue
     platform = FakePlatform()
     config = ChatConfig(edit_interval_s=0, delivery_retry_s=0.05, max_delivery_attempts=5)
     relay = relay_for(engine, platform, config)
@@ -344,7 +344,7 @@ async def test_a_missing_video_file_gives_up_at_once_without_showing_a_path(engi
 
 
 async def test_jobs_that_ended_unseen_show_their_end_when_the_relay_starts(engine: Engine, tmp_path: Path):
-    queue = engine.queue
+    queue = engine._queue
     given_up = await queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())
     await queue.claim_next()
     await queue.claim_next()  # nothing else waits: the same job is not claimed twice

@@ -59,7 +59,7 @@ async def test_text_command_queues_shows_progress_and_delivers_the_video(tiny_se
         telegram.command(ALICE, "/video a red fox in the snow seed=7 steps=3 colour=red")
         videos = await until(lambda: telegram.sent("sendVideo", ALICE), what="the video")
         status = await until(lambda: status_of(telegram, ALICE, "the video is below"), what="final status")
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
         assert job.params.prompt == "a red fox in the snow" and job.params.seed == 7 and job.params.steps == 3
         assert job.delivery_status is DeliveryStatus.DELIVERED
         await until(lambda: bot.adapter._relay.tracked == 0, what="the relay to let go of the delivered job")
@@ -83,7 +83,7 @@ async def test_photo_with_caption_and_image_document_and_reply(tiny_settings, te
         original = telegram.photo(ALICE, imagefactory.jpeg(128, 128))
         telegram.command(ALICE, "/ti2v steps=2 the sky turns", reply_to_message=original)
         await until(lambda: len(telegram.sent("sendVideo")) == 3, what="three videos")
-        jobs = {job.id: job for job in await bot.engine.queue.list_jobs()}
+        jobs = {job.id: job for job in await bot.engine._queue.list_jobs()}
     modes = sorted((job.source.user_id, job.mode.value, job.params.width > job.params.height) for job in jobs.values())
     assert modes == [("111", "i2v", True), ("111", "ti2v", False), ("222", "ti2v", False)]
     portrait = next(job for job in jobs.values() if job.source.user_id == "222")
@@ -96,7 +96,7 @@ async def test_album_of_two_is_start_and_end(tiny_settings, telegram):
         telegram.photo(ALICE, imagefactory.jpeg(160, 120), media_group_id="album-1")
         telegram.photo(ALICE, imagefactory.jpeg(320, 240), caption="/i2v sunset steps=2", media_group_id="album-1")
         await until(lambda: telegram.sent("sendVideo", ALICE), what="the album's video")
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     assert [image.role for image in job.images] == ["start", "end"]
     assert job.images[0].width == 160 and job.images[1].width == 160  # end resized to the start
     assert any("not trained with end images" in warning for warning in job.params.warnings)
@@ -111,7 +111,7 @@ async def test_bad_input_gets_a_clear_reply_and_queues_nothing(tiny_settings, te
         telegram.command(BOB, "/video steps=many a cat")
         await until(lambda: sum("Checking" not in t for t in texts(telegram, ALICE)) >= 2, what="alice's errors")
         await until(lambda: sum("Checking" not in t for t in texts(telegram, BOB)) >= 2, what="bob's errors")
-        assert await bot.engine.queue.counts() == {}
+        assert await bot.engine._queue.counts() == {}
     alice, bob = " | ".join(texts(telegram, ALICE)), " | ".join(texts(telegram, BOB))
     assert "ti2v needs a start image" in alice and "Attach a photo" in alice
     assert "not an image type we accept" in alice or "not an image we can read" in alice
@@ -125,7 +125,7 @@ async def test_two_users_at_once_each_get_their_own_video(tiny_settings, telegra
         telegram.command(ALICE, "/video alice's fox steps=2")
         telegram.command(BOB, "/video bob's cat steps=2")
         await until(lambda: telegram.sent("sendVideo", ALICE) and telegram.sent("sendVideo", BOB), what="videos")
-        jobs = await bot.engine.queue.list_jobs()
+        jobs = await bot.engine._queue.list_jobs()
     assert {job.params.prompt for job in jobs} == {"alice's fox", "bob's cat"}
     assert "alice's fox" in telegram.sent("sendVideo", ALICE)[0].fields["caption"]
     assert "bob's cat" in telegram.sent("sendVideo", BOB)[0].fields["caption"]
@@ -133,19 +133,19 @@ async def test_two_users_at_once_each_get_their_own_video(tiny_settings, telegra
 
 async def test_cancel_button_only_for_the_owner_and_reroll_makes_a_new_seed(tiny_settings, telegram):
     async with running_bot(configure(tiny_settings, telegram)) as bot:
-        await bot.engine.queue.set_paused(True)  # keep the job queued while the buttons are pressed
+        await bot.engine._queue.set_paused(True)  # keep the job queued while the buttons are pressed
         telegram.command(ALICE, "/video a slow fox steps=2 seed=3")
         status = await until(lambda: status_of(telegram, ALICE, "is queued"), what="queued status")
-        job_id = (await bot.engine.queue.list_jobs())[0].id
+        job_id = (await bot.engine._queue.list_jobs())[0].id
         telegram.press(BOB, status, f"cancel:{job_id}")
         await until(lambda: telegram.sent("answerCallbackQuery"), what="bob's answer")
-        assert (await bot.engine.queue.get(job_id)).status is JobStatus.QUEUED
+        assert (await bot.engine._queue.get(job_id)).status is JobStatus.QUEUED
         telegram.press(ALICE, status, f"cancel:{job_id}")
         await until(lambda: len(telegram.sent("answerCallbackQuery")) == 2, what="alice's answer")
-        assert (await bot.engine.queue.get(job_id)).status is JobStatus.CANCELLED
+        assert (await bot.engine._queue.get(job_id)).status is JobStatus.CANCELLED
         await until(lambda: status_of(telegram, ALICE, "was cancelled"), what="cancelled status")
 
-        await bot.engine.queue.set_paused(False)
+        await bot.engine._queue.set_paused(False)
         telegram.command(ALICE, "/video another fox steps=2 seed=3")
         video = (await until(lambda: telegram.sent("sendVideo", ALICE), what="video"))[0]
         result_message = telegram.messages[(ALICE, max(m for (c, m) in telegram.messages if c == ALICE))]
@@ -157,7 +157,7 @@ async def test_cancel_button_only_for_the_owner_and_reroll_makes_a_new_seed(tiny
         too_old = {"chat": result_message["chat"], "message_id": result_message["message_id"], "date": 0}
         telegram.press(ALICE, too_old, reroll)
         await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 3, what="video rerolled from an old message")
-        jobs = await bot.engine.queue.list_jobs()
+        jobs = await bot.engine._queue.list_jobs()
     answers = [call.fields.get("text", "") for call in telegram.sent("answerCallbackQuery")]
     assert "only they or an admin can cancel" in answers[0]
     rerolled = jobs[1]
@@ -172,7 +172,7 @@ async def test_oversize_video_is_reencoded_to_fit_the_upload_limit(tiny_settings
     async with running_bot(settings) as bot:
         telegram.command(ALICE, "/video noise steps=2 frames=33 res=128x128")
         video = (await until(lambda: telegram.sent("sendVideo", ALICE), what="video"))[0]
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     assert job.result.bytes > 40_000  # random weights make noise, which compresses badly
     assert len(video.files["video"]) <= 40_000
 
@@ -194,7 +194,7 @@ async def test_a_failed_upload_is_retried_from_the_stored_file_with_doubling_wai
         telegram.command(ALICE, "/video retry me steps=2")
         await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 4, what="the fourth upload")
         await until(lambda: status_of(telegram, ALICE, "the video is below"), what="final status")
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 4
     assert job.attempts == 1  # generated once
     waits = [record.args[2] for record in caplog.records if "next in" in record.msg]
@@ -206,7 +206,7 @@ async def test_an_admin_redelivers_a_video_the_bot_gave_up_on(tiny_settings, tel
     async with running_bot(configure(tiny_settings, telegram, max_delivery_attempts=1)) as bot:
         telegram.command(ALICE, "/video deliver me later steps=2")
         gave_up = (await until(lambda: status_of(telegram, ALICE, "could not be sent"), what="giving up"))["text"]
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
         redeliver = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
@@ -220,7 +220,7 @@ async def test_an_admin_redelivers_a_video_the_bot_gave_up_on(tiny_settings, tel
         )
         output, _ = await asyncio.wait_for(redeliver.communicate(), timeout=60)
         await until(lambda: status_of(telegram, ALICE, "the video is below"), what="the redelivered video")
-        job = await bot.engine.queue.get(job.id)
+        job = await bot.engine._queue.get(job.id)
     assert redeliver.returncode == 0 and "sends" in output.decode(), output.decode()
     assert f"wanbot queue redeliver {job.id}" in gave_up
     assert len(telegram.sent("sendVideo", ALICE)) == 2 and job.attempts == 1  # sent again, not generated again
@@ -233,7 +233,7 @@ async def test_a_blocked_bot_gives_up_the_upload_at_once(tiny_settings, telegram
         telegram.command(ALICE, "/video nobody will see this steps=2")
         await until(lambda: status_of(telegram, ALICE, "could not be sent"), what="giving up")
         await asyncio.sleep(1.0)  # five retry periods: none may upload again
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     assert len(telegram.sent("sendVideo", ALICE)) == 1
     assert job.delivery_status is DeliveryStatus.DELIVERY_FAILED and job.delivery_attempts == 5
     assert "blocked by the user" in job.delivery_error
@@ -333,7 +333,7 @@ async def test_wanbot_run_killed_mid_job_delivers_exactly_one_video_after_restar
     assert len(telegram.sent("sendVideo", ALICE)) == 1
     assert len(telegram.sent("sendMessage", ALICE)) == 1  # the same status message across both processes
     engine = await Engine.open(tiny_settings)
-    job = (await engine.queue.list_jobs())[0]
+    job = (await engine._queue.list_jobs())[0]
     await engine.close()
     assert job.status is JobStatus.SUCCEEDED and job.attempts == 2 and job.params.seed == 9
     assert job.delivery_status is DeliveryStatus.DELIVERED
@@ -345,7 +345,7 @@ async def test_wanbot_run_killed_mid_job_delivers_exactly_one_video_after_restar
 async def test_allowlist_and_group_addressing(tiny_settings, telegram):
     settings = configure(tiny_settings, telegram, allowed_users=[ALICE])
     async with running_bot(settings) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         telegram.command(BOB, "/video let me in")
         await until(lambda: texts(telegram, BOB), what="bob's refusal")
         group = -100
@@ -358,14 +358,14 @@ async def test_allowlist_and_group_addressing(tiny_settings, telegram):
         )
         telegram.command(ALICE, "/video@wanbot_test_bot for us", chat_id=group, chat_type="supergroup")
         await until(lambda: status_of(telegram, group, "is queued"), what="the addressed group command")
-        jobs = await bot.engine.queue.list_jobs()
+        jobs = await bot.engine._queue.list_jobs()
     assert texts(telegram, BOB) == ["Sorry, you are not allowed to use this bot here."]
     assert [job.params.prompt for job in jobs] == ["for us"]
 
 
 async def test_queue_status_help_and_cancel_commands(tiny_settings, telegram):
     async with running_bot(configure(tiny_settings, telegram)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         telegram.command(ALICE, "/video first fox")
         telegram.command(ALICE, "/video second fox")
         await until(lambda: len([t for t in texts(telegram, ALICE) if "is queued" in t]) == 2, what="two jobs")
@@ -374,7 +374,7 @@ async def test_queue_status_help_and_cancel_commands(tiny_settings, telegram):
             await until(lambda count=count: len(telegram.sent("sendMessage", ALICE)) == count, what=text)
         telegram.command(BOB, "/cancel 1")
         await until(lambda: telegram.sent("sendMessage", BOB), what="bob's answer")
-        statuses = [job.status for job in await bot.engine.queue.list_jobs()]
+        statuses = [job.status for job in await bot.engine._queue.list_jobs()]
     answers = [call.fields["text"] for call in telegram.sent("sendMessage", ALICE)][2:]
     assert answers[0].startswith("#1 t2v · position 1") and "#2 t2v · position 2" in answers[0]
     assert "The queue is paused" in answers[1] and "Queued: 2, running: 0." in answers[1]
@@ -392,7 +392,7 @@ async def test_not_modified_and_413_answers_are_survived(tiny_settings, telegram
     async with running_bot(configure(tiny_settings, telegram)) as bot:
         telegram.command(ALICE, "/video resilient fox steps=3 seed=5 frames=17")  # a video a re-encode can shrink
         await until(lambda: status_of(telegram, ALICE, "the video is below"), what="delivery")
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     # The smaller file goes at once, within the same attempt, as on Discord (bot/chat/relay.py).
     assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 1
     assert len(telegram.sent("sendVideo", ALICE)) == 2
@@ -402,7 +402,7 @@ async def test_private_chats_need_no_command_and_groups_stay_quiet(tiny_settings
     settings = configure(tiny_settings, telegram)
     settings = settings.model_copy(update={"queue": settings.queue.model_copy(update={"per_user_limit": 5})})
     async with running_bot(settings) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         telegram.user_message(ALICE, text="a heron takes off steps=2")
         bare = telegram.photo(ALICE, imagefactory.jpeg(128, 96))
         await until(lambda: any("Got the picture" in t for t in texts(telegram, ALICE)), what="the picture hint")
@@ -431,7 +431,7 @@ async def test_private_chats_need_no_command_and_groups_stay_quiet(tiny_settings
         await until(lambda: any("I make videos from" in t for t in texts(telegram, ALICE)), what="the sticker's hint")
         telegram.command(ALICE, "/help")
         await until(lambda: any("/video is optional" in t for t in texts(telegram, ALICE)), what="the help")
-        jobs = {job.params.prompt: job for job in await bot.engine.queue.list_jobs()}  # updates run concurrently
+        jobs = {job.params.prompt: job for job in await bot.engine._queue.list_jobs()}  # updates run concurrently
     requests = {prompt: (job.mode.value, [image.role for image in job.images]) for prompt, job in jobs.items()}
     assert requests == {
         "a heron takes off": ("t2v", []),
@@ -486,13 +486,13 @@ async def test_in_a_busy_group_only_the_first_places_are_refreshed_when_the_queu
         return [message.get("edits", 0) for message in telegram.replies(group) if "is queued" in message["text"]]
 
     async with running_bot(configure(tiny_settings, telegram)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         telegram.command(ALICE, "/video first in line")
         await until(lambda: status_of(telegram, ALICE, "is queued"), what="alice's job")
         for count, member in enumerate(range(1001, 1007), start=1):
             telegram.command(member, f"/video member {member} waits", chat_id=group, chat_type="supergroup")
             await until(lambda count=count: len(places()) == count, what=f"place {count} in the group")
-        await bot.engine.queue.cancel(1, ADMIN)  # the queue moves: everyone behind alice has a new place
+        await bot.engine._queue.cancel(1, ADMIN)  # the queue moves: everyone behind alice has a new place
         await until(lambda: places()[:5] == [1] * 5, what="the first five places refreshed")
         await asyncio.sleep(0.5)
     # 11 messages in all (six answers, five new places), within the group's 20 a minute; the sixth waiting job keeps
@@ -507,10 +507,10 @@ async def test_only_admins_pause_and_resume_the_queue(tiny_settings, telegram):
     async with running_bot(settings) as bot:
         telegram.command(BOB, "/pause")
         await until(lambda: texts(telegram, BOB), what="bob's refusal")
-        assert not await bot.engine.queue.is_paused()
+        assert not await bot.engine._queue.is_paused()
         telegram.command(ALICE, "/pause")
         await until(lambda: any(t.startswith("Paused") for t in texts(telegram, ALICE)), what="the pause")
-        assert await bot.engine.queue.is_paused()
+        assert await bot.engine._queue.is_paused()
         telegram.command(BOB, "/video waits while paused steps=2")
         await until(lambda: status_of(telegram, BOB, "is queued"), what="bob's job queued while paused")
         telegram.command(ALICE, "/resume")
@@ -521,7 +521,7 @@ async def test_only_admins_pause_and_resume_the_queue(tiny_settings, telegram):
 
 async def test_waiting_jobs_see_their_place_move_up(tiny_settings, telegram):
     async with running_bot(configure(tiny_settings, telegram)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         telegram.command(ALICE, "/video a long one steps=400")
         # Updates are handled concurrently: Bob asks once Alice is in line, so he is second.
         await until(lambda: status_of(telegram, ALICE, "is queued"), what="alice's job queued")
@@ -529,10 +529,10 @@ async def test_waiting_jobs_see_their_place_move_up(tiny_settings, telegram):
         await until(lambda: status_of(telegram, BOB, "is queued"), what="bob's job queued")
         bob_status = status_of(telegram, BOB, "is queued")
         assert "position 2" in bob_status["text"]
-        await bot.engine.queue.set_paused(False)
+        await bot.engine._queue.set_paused(False)
         await until(lambda: status_of(telegram, ALICE, "generating"), what="the first job running")
         await until(lambda: "position 1" in bob_status["text"], what="bob's place moving up")
-        await bot.engine.queue.cancel((await bot.engine.queue.list_jobs(user_key=f"telegram:{ALICE}"))[0].id, ADMIN)
+        await bot.engine._queue.cancel((await bot.engine._queue.list_jobs(user_key=f"telegram:{ALICE}"))[0].id, ADMIN)
         await until(lambda: telegram.sent("sendVideo", BOB), what="bob's video")
     moves = [
         call.fields["text"].split("\n")[0]
@@ -560,7 +560,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
         telegram.press(carol, video_message, reroll)  # allowed, but not hers
         await until(lambda: len(telegram.sent("answerCallbackQuery")) == 3, what="three button answers")
         await asyncio.sleep(0.5)  # room for a wrong extra message to arrive
-        jobs = await bot.engine.queue.list_jobs()
+        jobs = await bot.engine._queue.list_jobs()
     assert texts(telegram, BOB) == [NOT_ALLOWED] * 5
     answers = [call.fields.get("text", "") for call in telegram.sent("answerCallbackQuery")]
     assert sorted(answers) == sorted([NOT_ALLOWED, NOT_ALLOWED, NOT_YOURS_TO_REROLL])  # handled concurrently
@@ -587,7 +587,7 @@ async def test_presets_are_named_in_the_answer_and_caption_and_bad_ones_refused(
         video = (await until(lambda: telegram.sent("sendVideo", ALICE), what="the fast video"))[0]
         telegram.command(BOB, "/video a fox preset=turbo")
         refusal = await until(lambda: texts(telegram, BOB), what="the refusal")
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     shown = [
         call.fields["text"]
         for call in telegram.calls

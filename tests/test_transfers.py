@@ -42,7 +42,7 @@ async def test_an_upload_telegram_answers_slowly_is_waited_for_and_sent_once(tin
         telegram.command(ALICE, "/video a patient fox steps=2 frames=9")
         await until(lambda: on_telegram.status_of(telegram, ALICE, "the video is below"), what="delivery")
         await asyncio.sleep(1.0)  # two retry periods (delivery_retry_s 0.5): nothing may be sent again
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     assert len(telegram.sent("sendVideo", ALICE)) == 1 and len(videos_in(telegram, ALICE)) == 1
     assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 1
 
@@ -59,7 +59,7 @@ async def test_an_upload_telegram_never_answers_counts_as_delivered_not_sent_aga
         await until(lambda: on_telegram.status_of(telegram, ALICE, "the video is below"), what="delivery")
         await until(lambda: videos_in(telegram, ALICE), what="the fake to post the video it took in")
         await asyncio.sleep(1.0)
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     assert len(telegram.sent("sendVideo", ALICE)) == 1 and len(videos_in(telegram, ALICE)) == 1
     assert job.delivery_status is DeliveryStatus.DELIVERED
     assert "counted as delivered" in caplog.text
@@ -70,7 +70,7 @@ async def test_a_413_sends_a_smaller_re_encoded_file_never_the_same_one_again(ti
     async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
         telegram.command(ALICE, "/video noise steps=2 frames=33 res=128x128")
         await until(lambda: on_telegram.status_of(telegram, ALICE, "the video is below"), what="delivery")
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     refused, sent = (call.files["video"] for call in telegram.sent("sendVideo", ALICE))
     assert len(refused) == job.result.bytes  # the first try sends the video as it was made
     assert len(sent) <= len(refused) * transfers.SMALLER_AFTER_413 and sent != refused
@@ -88,7 +88,7 @@ def test_an_upload_may_take_its_size_over_a_slow_link_up_to_the_upload_limit():
 
 
 async def request_with_a_picture(bot, server: FakeTelegram) -> None:
-    await bot.engine.queue.set_paused(True)  # only the queueing matters here
+    await bot.engine._queue.set_paused(True)  # only the queueing matters here
     server.photo(ALICE, imagefactory.jpeg(128, 96), caption="/i2v the waves roll in steps=2")
 
 
@@ -104,7 +104,7 @@ async def test_a_picture_download_that_fails_once_is_tried_again_and_queued(
     async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
         await request_with_a_picture(bot, telegram)
         await until(lambda: on_telegram.status_of(telegram, ALICE, "is queued"), what="the queued job")
-        jobs = await bot.engine.queue.list_jobs()
+        jobs = await bot.engine._queue.list_jobs()
     assert len(jobs) == 1 and jobs[0].images[0].width == 128
     assert len(telegram.sent("getFile")) == 2
     assert len(telegram.downloads) == (1 if fault == "getFile 500" else 2)
@@ -115,7 +115,7 @@ async def test_a_picture_that_cannot_be_downloaded_three_times_gets_the_apology(
     async with on_telegram.running_bot(on_telegram.configure(tiny_settings, telegram)) as bot:
         await request_with_a_picture(bot, telegram)
         status = await until(lambda: on_telegram.status_of(telegram, ALICE, "Sorry"), what="the apology")
-        assert await bot.engine.queue.counts() == {}
+        assert await bot.engine._queue.counts() == {}
     assert status["text"] == texts.apology()
     assert len(telegram.downloads) == transfers.DOWNLOAD_TRIES
     assert sum("download of the start picture failed" in record.getMessage() for record in caplog.records) == 2
@@ -124,14 +124,14 @@ async def test_a_picture_that_cannot_be_downloaded_three_times_gets_the_apology(
 async def test_a_document_of_undeclared_size_is_read_only_up_to_the_download_limit(tiny_settings, telegram):
     settings = on_telegram.configure(tiny_settings, telegram, download_limit_bytes=50_000)
     async with on_telegram.running_bot(settings) as bot:
-        await bot.engine.queue.set_paused(True)  # only the queueing matters here
+        await bot.engine._queue.set_paused(True)  # only the queueing matters here
         big = imagefactory.png(640, 480) + bytes(200_000)  # a picture with a long tail: 200 KB past the limit
         telegram.document(ALICE, big, "big.png", caption="/i2v too big to know", size=0)
         status = await until(lambda: on_telegram.status_of(telegram, ALICE, "larger than"), what="the refusal")
         fitting = imagefactory.png(160, 120)
         telegram.document(ALICE, fitting, "small.png", caption="/i2v small enough", size=0)
         await until(lambda: on_telegram.status_of(telegram, ALICE, "is queued"), what="the small one queued")
-        jobs = await bot.engine.queue.list_jobs()
+        jobs = await bot.engine._queue.list_jobs()
     assert status["text"].startswith("The start picture is larger than the 50 KB a bot may fetch.\nSend a smaller")
     assert [job.params.prompt for job in jobs] == ["small enough"]
 
@@ -143,11 +143,11 @@ async def test_a_document_of_undeclared_size_is_read_only_up_to_the_download_lim
 async def test_an_attachment_download_that_fails_once_is_tried_again_and_queued(tiny_settings, discord_server, fault):
     discord_server.cdn_faults.append(fault)
     async with on_discord.running_bot(on_discord.configure(tiny_settings, discord_server)) as bot:
-        await bot.engine.queue.set_paused(True)
+        await bot.engine._queue.set_paused(True)
         start = discord_server.attachment(imagefactory.png(160, 120), "start.png")
         interaction = await discord_server.slash(on_discord.ALICE, "video", {"prompt": "waves"}, {"start_image": start})
         await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="the queued job")
-        jobs = await bot.engine.queue.list_jobs()
+        jobs = await bot.engine._queue.list_jobs()
     assert len(jobs) == 1 and jobs[0].images[0].width == 160
     assert len(discord_server.downloads) == 2
 
@@ -158,7 +158,7 @@ async def test_an_attachment_that_cannot_be_downloaded_three_times_gets_the_apol
         start = discord_server.attachment(imagefactory.png(160, 120), "start.png")
         interaction = await discord_server.slash(on_discord.ALICE, "video", {"prompt": "waves"}, {"start_image": start})
         await until(lambda: "Sorry" in discord_server.original(interaction)["content"], what="the apology")
-        assert await bot.engine.queue.counts() == {}
+        assert await bot.engine._queue.counts() == {}
     assert discord_server.original(interaction)["content"] == texts.apology()
     assert len(discord_server.downloads) == transfers.DOWNLOAD_TRIES
 
@@ -173,7 +173,7 @@ async def test_a_channel_upload_whose_answer_is_lost_is_not_posted_twice(tiny_se
             lambda: any("the video is below" in m["content"] for m in discord_server.messages.values()),
             what="delivery",
         )
-        job = (await bot.engine.queue.list_jobs())[0]
+        job = (await bot.engine._queue.list_jobs())[0]
     uploads = [call for call in discord_server.calls_to("POST", f"channels/{CHANNEL_ID}/messages") if call.files]
     assert len(uploads) == 2 and uploads[0].body["nonce"] == uploads[1].body["nonce"]
     assert len(discord_server.with_files()) == 1

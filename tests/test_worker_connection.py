@@ -13,8 +13,9 @@ import pytest
 from engine.config import Settings
 from engine.jobs import EventKind, JobStatus
 from engine.queue import postgres as queue_postgres
+from engine.queue.core import DATABASE_DOWN
 from engine.queue.follower import EventFollower
-from engine.queue.jobqueue import DATABASE_DOWN, JobQueue
+from engine.queue.jobqueue import JobQueue
 from engine.service import Engine
 from engine.storage.images import Mode
 from tests.conftest import postgres_schema
@@ -56,7 +57,7 @@ async def test_a_worker_that_loses_its_database_goes_on(tiny_settings: Settings,
                 }
             )
             engine = await Engine.open(settings)
-            worker = asyncio.create_task(engine.worker.run())
+            worker = asyncio.create_task(engine._worker.run())
             try:
                 asked = await direct.enqueue(source("alice"), Mode.T2V, "tiny", params(steps=120, width=64))
                 job_id = asked.job.id
@@ -73,7 +74,7 @@ async def test_a_worker_that_loses_its_database_goes_on(tiny_settings: Settings,
 
                 await wait_for(lambda: _succeeded(direct, job_id), limit_s=120)
             finally:
-                await engine.worker.stop()
+                await engine._worker.stop()
                 await worker
                 await engine.close()
         job = await direct.get(job_id)

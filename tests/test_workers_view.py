@@ -161,9 +161,9 @@ async def test_status_shows_each_online_worker_and_what_it_does(engine):
     source = JobSource(platform="cli", chat_id="c", user_id="u")
     making = (await engine.submit(GenerationRequest(mode=Mode.T2V, prompt="a fox", steps=20), source)).result.job
     await engine.submit(GenerationRequest(mode=Mode.T2V, prompt="a hare"), source)
-    claimed = await engine.queue.claim_next()
+    claimed = await engine._queue.claim_next()
     assert claimed is not None and claimed.id == making.id
-    await engine.queue.update_progress(making.id, Progress(stage=Stage.DENOISING, step=5, total=20))
+    await engine._queue.update_progress(making.id, Progress(stage=Stage.DENOISING, step=5, total=20))
     url = engine.settings.database_url
     await heartbeat(
         url,

@@ -8,10 +8,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 from bot.chat import texts, transfers
 from bot.chat.arrivals import ArrivalOrder
+from bot.chat.texts import Buttons
 from engine.errors import UserError, quoted
 from engine.jobs import Actor, EnqueueResult, Job, JobSource, JobStatus, WorkerRecord
 from engine.service import Engine, Upload, size_text
@@ -22,7 +23,6 @@ NOT_ALLOWED = "Sorry, you are not allowed to use this bot here."
 NOT_YOURS_TO_REROLL = (
     "Only the person who asked for this video (or an admin) can reroll it. Ask for your own with /video."
 )
-Buttons = Literal["cancel", "none"]
 
 
 @dataclass(frozen=True)

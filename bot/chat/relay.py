@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 from bot.chat import texts, transfers
+from bot.chat.texts import Buttons
 from engine.config import ChatConfig
 from engine.errors import UserError
 from engine.jobs import DeliveryStatus, EventKind, Job, JobEvent, JobStatus, PreviewInfo, Progress
@@ -22,7 +22,6 @@ from engine.service import Engine, Subscription
 
 log = logging.getLogger(__name__)
 
-Buttons = Literal["cancel", "none"]
 # The waiting jobs (oldest first) whose place is shown again whenever the queue moves.
 POSITION_REFRESH_LIMIT = 100
 # While a job runs, the waits behind it are shown again at most once per this many edit intervals (30 s by default).

@@ -11,13 +11,16 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from engine.errors import UserError, counted, duration_text, quoted
 from engine.jobs import Job, JobStatus, Progress, QueuePosition, Stage, WorkerRecord, WorkerState
 from engine.pipeline.models import GenerationRequest
 from engine.pipeline.presets import PRESET_HELP
 from engine.storage.images import Mode
+
+# The buttons under a job's message: Cancel while it waits or runs, none once it has ended.
+Buttons = Literal["cancel", "none"]
 
 log = logging.getLogger(__name__)
 

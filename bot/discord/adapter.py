@@ -13,15 +13,14 @@ from typing import Any
 
 import aiohttp
 import discord
-import yarl
 from discord import app_commands
-from discord.gateway import DiscordWebSocket
-from discord.http import Route
 
 from bot.chat import texts, transfers
 from bot.chat.core import NOT_ALLOWED, AccessPolicy, Answer, Ask, ChatCore, Person, Place, ids
 from bot.chat.logredact import redact_everywhere, remove_redactor
-from bot.chat.relay import Buttons, JobRelay, TooLarge, UploadRefused
+from bot.chat.relay import JobRelay, TooLarge, UploadRefused
+from bot.chat.texts import Buttons
+from bot.discord import seams
 from bot.discord.inbox import InteractionInbox, PendingRequest
 from engine.config import DiscordConfig, GenerationConfig
 from engine.errors import UserError
@@ -165,10 +164,7 @@ class DiscordAdapter:
     def __init__(self, engine: Engine, config: DiscordConfig, clock: Any = time.time) -> None:
         if config.token is None:
             raise UserError("No Discord token is configured.", "Set discord.token or DISCORD_BOT_TOKEN.")
-        if config.api_base_url:
-            Route.BASE = config.api_base_url.rstrip("/")
-        if config.gateway_url:
-            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(config.gateway_url)
+        seams.point_at(config.api_base_url, config.gateway_url)
         self._engine = engine
         self._config = config
         self._clock = clock

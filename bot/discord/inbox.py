@@ -17,6 +17,8 @@ from typing import Any
 
 import discord
 
+from bot.chat.inbox import ChatInbox
+from bot.discord import seams
 from engine.pipeline.models import GenerationRequest
 from engine.service import Engine
 
@@ -39,18 +41,14 @@ class PendingRequest:
 class InteractionInbox:
     def __init__(self, client: discord.Client, engine: Engine) -> None:
         self._client = client
-        self._engine = engine
+        self._inbox = ChatInbox(engine.database, PLATFORM)
         self._payloads: OrderedDict[int, dict[str, Any]] = OrderedDict()
-        state = client._connection
-        parse = state.parsers["INTERACTION_CREATE"]
+        seams.watch_interactions(client, self._keep_payload)
 
-        def keep_payload(data: dict[str, Any]) -> None:
-            self._payloads[int(data["id"])] = data
-            while len(self._payloads) > RECENT_PAYLOADS:
-                self._payloads.popitem(last=False)
-            parse(data)
-
-        state.parsers["INTERACTION_CREATE"] = keep_payload
+    def _keep_payload(self, data: dict[str, Any]) -> None:
+        self._payloads[int(data["id"])] = data
+        while len(self._payloads) > RECENT_PAYLOADS:
+            self._payloads.popitem(last=False)
 
     async def remember(self, pending: PendingRequest) -> None:
         """Store the request before the interaction is deferred."""
@@ -67,16 +65,16 @@ class InteractionInbox:
             "notes": pending.notes,
             "received_at": pending.received_at,
         }
-        await self._engine.inbox_put(PLATFORM, str(interaction.id), json.dumps(stored))
+        await self._inbox.put(str(interaction.id), json.dumps(stored))
 
     async def done(self, interaction: discord.Interaction) -> None:
-        await self._engine.inbox_done(PLATFORM, str(interaction.id))
+        await self._inbox.done(str(interaction.id))
 
     async def unfinished(self) -> list[PendingRequest]:
         """The requests a stopped process had acknowledged but not finished, as real discord.py objects again."""
-        state = self._client._connection
+        state = seams.connection_state(self._client)
         pending = []
-        for payload in await self._engine.inbox_open(PLATFORM):
+        for payload in await self._inbox.unfinished():
             stored = json.loads(payload)
             pending.append(
                 PendingRequest(

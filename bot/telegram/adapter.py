@@ -41,8 +41,10 @@ from telegram.ext import (
 
 from bot.chat import texts, transfers
 from bot.chat.core import NOT_ALLOWED, AccessPolicy, Answer, Ask, ChatCore, Person, Place, ids
+from bot.chat.inbox import ChatInbox
 from bot.chat.logredact import redact_everywhere, remove_redactor
-from bot.chat.relay import AnswerLost, Buttons, JobRelay, TooLarge, UploadRefused
+from bot.chat.relay import AnswerLost, JobRelay, TooLarge, UploadRefused
+from bot.chat.texts import Buttons
 from bot.telegram.polling import DurablePolling, message_key, seconds
 from engine.config import TelegramConfig
 from engine.errors import UserError
@@ -156,6 +158,7 @@ class TelegramAdapter:
             .updater(None)  # DurablePolling fetches the updates: it stores each one before Telegram forgets it
             .build()
         )
+        self._inbox = ChatInbox(engine.database, PLATFORM)
         self._polling = DurablePolling(
             self.app.bot,
             engine,
@@ -163,6 +166,7 @@ class TelegramAdapter:
             poll_timeout_s,
             allowed_updates=["message", "callback_query"],
             arrivals=self._core.arrivals,
+            inbox=self._inbox,
         )
         self._add_handlers()
 
@@ -369,11 +373,11 @@ class TelegramAdapter:
     async def _status_message(self, message: Message) -> int:
         """The "Checking" message of this request: the one a stopped process sent already, or a new one."""
         key = message_key(message.chat_id, message.message_id)
-        sent = await self._engine.inbox_reply(PLATFORM, key)
+        sent = await self._inbox.reply(key)
         if sent is not None:
             return int(sent)
         status = await message.reply_text("Checking your request…")
-        await self._engine.inbox_set_reply(PLATFORM, key, str(status.message_id))
+        await self._inbox.set_reply(key, str(status.message_id))
         return status.message_id
 
     async def _on_queue(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

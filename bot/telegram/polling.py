@@ -21,6 +21,7 @@ from telegram import Bot, Update
 from telegram.error import NetworkError, RetryAfter
 
 from bot.chat.arrivals import ArrivalOrder
+from bot.chat.inbox import ChatInbox
 from engine.service import Engine
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,11 @@ class DurablePolling:
         timeout_s: float,
         allowed_updates: Sequence[str],
         arrivals: ArrivalOrder,
+        inbox: ChatInbox,
     ) -> None:
         """`arrivals` learns of each message as it is handed on, in the order Telegram sent them, and when it has
         been handled."""
         self._bot = bot
-        self._engine = engine
         self._supervisor = engine.supervisor
         self._process = process
         self._timeout_s = timeout_s
@@ -56,10 +57,11 @@ class DurablePolling:
         self._handling: set[asyncio.Task[None]] = set()
         self._deferred: set[int] = set()
         self._arrivals = arrivals
+        self._inbox = inbox
 
     async def start(self) -> None:
         await self._bot.delete_webhook()
-        for payload in await self._engine.inbox_open(PLATFORM):
+        for payload in await self._inbox.unfinished():
             update = Update.de_json(json.loads(payload), self._bot)
             log.info("handling again update=%s, which the last run had not finished", update.update_id)
             self._hand_on(update)
@@ -80,7 +82,7 @@ class DurablePolling:
 
     async def done(self, *update_ids: int) -> None:
         self._deferred.difference_update(update_ids)
-        await self._engine.inbox_done(PLATFORM, *(str(update_id) for update_id in update_ids))
+        await self._inbox.done(*(str(update_id) for update_id in update_ids))
 
     async def _poll(self) -> None:
         wait_s = 1.0
@@ -100,8 +102,8 @@ class DurablePolling:
                 continue
             wait_s = 1.0
             for update in updates:
-                stored = await self._engine.inbox_put(
-                    PLATFORM, str(update.update_id), json.dumps(update.to_dict()), _message_key_of(update)
+                stored = await self._inbox.put(
+                    str(update.update_id), json.dumps(update.to_dict()), _message_key_of(update)
                 )
                 if stored:  # else the last run stored it, and its start handled it again
                     self._hand_on(update)

@@ -9,7 +9,8 @@ import contextlib
 import logging
 import time
 
-from engine.queue.jobqueue import DATABASE_DOWN, JobQueue
+from engine.queue.core import DATABASE_DOWN
+from engine.queue.jobqueue import JobQueue
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ class SharedFiles(Protocol):
 
 def shared_files(queue: JobQueue) -> SharedFiles:
     """Where this queue's processes share files: the database when it is PostgreSQL, else the data dir."""
-    backend = queue._db
+    backend = queue.database
     return DatabaseFiles(backend) if isinstance(backend, PostgresBackend) else LocalFiles()
 
 

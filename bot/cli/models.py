@@ -1,0 +1,198 @@
+"""`wanbot models ...`: the tiny offline models, downloads of the real ones, what is on disk, and verification."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bot.cli.common import ConfigOption, JsonOption, console, errors, run_or_exit, settings_from, usage_error
+from bot.cli.generate import quiet_libraries
+from engine.config import Settings
+from engine.errors import UserError
+from engine.service import (
+    check_repo_id,
+    make_tiny_model,
+    model_downloader,
+    model_named,
+    size_text,
+    verify_snapshot,
+)
+from engine.storage.images import Mode
+
+
+def models_make_tiny(
+    target: Annotated[Path, typer.Argument(help="Folder to create.")],
+    kind: Annotated[Mode, typer.Option("--kind", help="Which pipeline shape: t2v, i2v or ti2v.")] = Mode.T2V,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the random weights.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace a model already in the folder.")] = False,
+) -> None:
+    """Build a randomly initialised tiny Wan pipeline and save it as a diffusers folder."""
+    if target.exists() and not target.is_dir():
+        raise usage_error(f"{target} is a file, not a folder. Name a new or empty folder.")
+    if target.is_dir() and any(target.iterdir()):
+        held = _folder_holds(target)
+        if not (target / "model_index.json").exists():
+            # --force replaces a model, never a folder of something else (`make-tiny . --force` must not empty it).
+            raise usage_error(f"{target} already holds {held}, not a model. Name a new or empty folder.")
+        if not force:
+            fix = "Name a new or empty folder, or add --force to replace it."
+            raise usage_error(f"{target} already holds {held}. {fix}")
+        shutil.rmtree(target)
+    quiet_libraries()
+    try:
+        # Checked here, before the pipeline is built: a path this user cannot write fails in a second, not after.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        make_tiny_model(target, kind, seed)
+    except OSError as exc:
+        raise usage_error(
+            f"The tiny model could not be written to {target} ({exc.strerror}). Choose a folder this user can write."
+        ) from None
+    size = sum(path.stat().st_size for path in target.rglob("*") if path.is_file())
+    console.print(f"tiny {kind.value} model in {target} ({size / 1024:.0f} KiB)", highlight=False)
+
+
+def _folder_holds(folder: Path) -> str:
+    """What a folder holds, in a few words: which Wan model, or how many entries."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        entries = sorted(path.name for path in folder.iterdir())
+        shown = ", ".join(entries[:3]) + (", …" if len(entries) > 3 else "")
+        return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ({shown})"
+    kind = "i2v" if index.get("_class_name") == "WanImageToVideoPipeline" else "t2v"
+    kind = "ti2v" if index.get("expand_timesteps") else kind
+    return f"a {kind} model ({index.get('_class_name')})"
+
+
+def _repo_for(name: str, settings: Settings) -> str:
+    """A mode names the model configured for it; anything else is taken as a repo id, checked by its form."""
+    if name in {mode.value for mode in Mode}:
+        return getattr(settings.models, name)
+    try:
+        check_repo_id(name)
+    except UserError as exc:
+        errors.print(str(exc), markup=False)
+        raise typer.Exit(2) from None
+    return name
+
+
+def models_download(
+    name: Annotated[str, typer.Argument(help="t2v, i2v, ti2v (the configured model) or a repo id.")],
+    revision: Annotated[str, typer.Option(metavar="REV", help="A branch, tag or commit of the repo.")] = "main",
+    config: ConfigOption = None,
+) -> None:
+    """Download a model (only the files the pipeline needs), resuming whatever an earlier run fetched."""
+
+    settings = settings_from(config)
+    repo_id = _repo_for(name, settings)
+    downloader = model_downloader(settings)
+
+    async def work() -> Path:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TextColumn("{task.fields[speed]}"),
+            TimeRemainingColumn(),
+        )
+        # A bar only where someone watches it: in a log or a pipe it would leave a line of its own before the result.
+        with Progress(*columns, console=errors, disable=not errors.is_terminal) as bar:
+            task = bar.add_task(repo_id, total=None, speed="")
+
+            def show(progress: Any) -> None:
+                bar.update(
+                    task,
+                    completed=progress.done_bytes,
+                    total=progress.total_bytes,
+                    speed=f"{size_text(int(progress.speed_bps))}/s",
+                )
+
+            return await downloader.download(repo_id, revision, on_progress=show)
+
+    folder = run_or_exit(work())
+    console.print(f"{repo_id} is complete in {folder}", highlight=False)
+
+
+def models_list(as_json: JsonOption = False, config: ConfigOption = None) -> None:
+    """The configured models: on disk or not, size on disk (at once), size still to download (asked briefly)."""
+
+    settings = settings_from(config)
+    downloader = model_downloader(settings)
+
+    def describe(mode: Mode) -> dict[str, Any]:
+        name = getattr(settings.models, mode.value)
+        model = model_named(name, mode)
+        row: dict[str, Any] = {
+            "mode": mode.value,
+            "model": model.name,
+            "on_disk": False,
+            "bytes_on_disk": 0,
+            "bytes_to_download": None,
+            "not_checked": None,
+        }
+        folder = (
+            settings.models_dir / model.name
+            if model.is_tiny
+            else Path(model.name)
+            if model.is_local
+            else downloader.local_snapshot(model.name)
+        )
+        if folder is not None and (folder / "model_index.json").exists():
+            row["on_disk"] = True
+            row["bytes_on_disk"] = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+            row["bytes_to_download"] = 0
+        elif model.is_tiny:
+            row["bytes_to_download"] = 0  # built locally on first use
+        return row
+
+    async def work() -> list[dict[str, Any]]:
+        rows = [describe(mode) for mode in Mode]  # from disk: no waiting on a network
+        # Then the Hub, once and briefly, for what is missing: without a network this answers in seconds.
+        to_check = list(dict.fromkeys(row["model"] for row in rows if row["bytes_to_download"] is None))
+        for size in await downloader.sizes_to_download(to_check):
+            for row in rows:
+                if row["model"] == size.repo_id:
+                    row["bytes_to_download"] = size.missing_bytes
+                    row["not_checked"] = size.not_checked or None
+        return rows
+
+    rows = run_or_exit(work())
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table("mode", "model", "on disk", "size on disk", "to download")
+    for row in rows:
+        to_get = (
+            f"not checked: {row['not_checked']}"
+            if row["bytes_to_download"] is None
+            else size_text(row["bytes_to_download"])
+        )
+        on_disk = "yes" if row["on_disk"] else "no"
+        table.add_row(row["mode"], row["model"], on_disk, size_text(row["bytes_on_disk"]), to_get)
+    console.print(table)
+
+
+def models_verify(
+    name: Annotated[str, typer.Argument(help="t2v, i2v, ti2v (the configured model) or a repo id.")],
+    config: ConfigOption = None,
+) -> None:
+    """Check a downloaded model's files against their sizes and sha256. Exit 0 intact, 2 not."""
+
+    settings = settings_from(config)
+    repo_id = _repo_for(name, settings)
+    folder = model_downloader(settings).local_snapshot(repo_id)
+    if folder is None:
+        errors.print(f"{repo_id} is not downloaded. Run: wanbot models download {name}")
+        raise typer.Exit(2)
+    problems = verify_snapshot(folder)
+    for problem in problems:
+        errors.print(f"{repo_id}: {problem}", markup=False)
+    if problems:
+        raise typer.Exit(2)
+    console.print(f"{repo_id} is intact ({folder})", highlight=False)

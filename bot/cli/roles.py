@@ -1,0 +1,69 @@
+"""`wanbot run`, `wanbot serve` and `wanbot worker`: the long-running processes (bot/roles)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bot.cli.common import ConfigOption, errors, run_or_exit, settings_from, usage_error
+from engine.config import Settings
+
+
+def run_command(config: ConfigOption = None) -> None:
+    """Run the worker and the chat adapters that have a token, until Ctrl+C or SIGTERM."""
+    _run_role(config, "run")
+
+
+def serve_command(config: ConfigOption = None) -> None:
+    """Run the chat adapters, delivery and clean-up without a worker (no GPU, no model): `wanbot worker` processes,
+    here or on other machines sharing database.url, make the videos."""
+    _run_role(config, "serve")
+
+
+def worker_command(
+    device: Annotated[
+        str | None, typer.Option("--device", help="The GPU to use, such as cuda:1 (default: generation.device).")
+    ] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            "--devices",
+            help="Start one worker process per GPU listed, such as cuda:0,cuda:1 (default: generation.devices).",
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run one GPU worker and nothing else (no chat token needed); with --devices, one worker process per GPU."""
+    settings = settings_from(config)
+    if device and devices:
+        raise usage_error("Give --device (one worker) or --devices (one process per GPU), not both.")
+    listed = [name.strip() for name in devices.split(",") if name.strip()] if devices else settings.generation.devices
+    if device is None and listed:
+        from bot.roles.worker_processes import run_worker_processes
+
+        failure = run_or_exit(run_worker_processes(listed, str(config) if config else None, _say))
+        _exit_on(failure)
+        return
+    if device is not None:
+        settings.generation = settings.generation.model_copy(update={"device": device})
+    _run_role(config, "worker", settings)
+
+
+def _say(line: str) -> None:
+    errors.print(line, markup=False)
+
+
+def _run_role(config: Path | None, role: str, settings: Settings | None = None) -> None:
+    from bot.roles.runtime import Role, serve
+
+    settings = settings or settings_from(config)
+    _exit_on(run_or_exit(serve(settings, _say, Role(role))))
+
+
+def _exit_on(failure: str | None) -> None:
+    if failure:
+        # systemd's Restart=on-failure starts it again; exit code 2 stays for what a restart cannot fix.
+        errors.print(f"wanbot stopped: {failure}. The log above has the details.", markup=False)
+        raise typer.Exit(1)

@@ -1,0 +1,276 @@
+"""Claiming and running jobs: the fair-order claim with its claim token, progress and previews, the end of a
+run (succeeded, failed, cancelled, or back to the queue), and cancelling."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+from engine.errors import InvalidTransition
+from engine.jobs import (
+    Actor,
+    EventKind,
+    Job,
+    JobStatus,
+    PreviewInfo,
+    Progress,
+    ResultInfo,
+)
+from engine.queue.backend import Row, Tx
+from engine.queue.core import (
+    CLAIMED_SQL,
+    QueueCore,
+    check_owner,
+    claim_lost,
+    row_to_job,
+)
+from engine.queue.order import WARM_SQL, next_sql
+
+# A claim tries each user's next job, up to CLAIM_CANDIDATES of them in the fair order. Only when all of those are
+# being claimed by other processes at that moment does it look this deep into each user's jobs, so that many
+# workers can claim at once even from a single user, never waiting for each other.
+CLAIM_DEPTH = 4
+
+CLAIM_CANDIDATES = 16
+
+
+class Claims(QueueCore):
+    async def claim_next(
+        self,
+        preferred_model: str | None = None,
+        max_model_skips: int = 3,
+        exclude_models: Iterable[str] = (),
+        worker_id: str | None = None,
+    ) -> Job | None:
+        """Atomically move the next queued job to running and return it, or None when nothing waits.
+
+        With `worker_id` the job is that worker's while it heartbeats, and gets a new `claim_token` that its writes
+        must carry (a worker silent past the lease loses the job to the queue, and its late writes are refused).
+
+        With `preferred_model` (the one loaded), a job for it may go first, but the job that was next counts each
+        time it is passed over this way, and one passed over `max_model_skips` times goes next, so nobody starves.
+        Jobs for `exclude_models` (being downloaded) wait where they are. Jobs another process is claiming at this
+        moment are passed by, never waited for.
+        """
+        excluded = sorted(set(exclude_models))
+        async with self._transaction() as db:
+            candidates = await _candidates(db, 1, excluded)
+            if not candidates:
+                return None
+            head, warm_id = candidates[0], None
+            order = [row["id"] for row in candidates]
+            if preferred_model and head["model"] != preferred_model and head["passed_over"] < max_model_skips:
+                # The candidates are the users' next jobs in the fair order, and every one of those comes before
+                # anyone's second: the first of them for the model is its first job in the fair order. Only when
+                # none is, the longer search of the users' later jobs.
+                warm = next((row for row in candidates if row["model"] == preferred_model), None)
+                if warm is None:
+                    warm = await db.one(WARM_SQL, preferred_model)
+                if warm is not None:
+                    warm_id = warm["id"]
+                    order.insert(0, warm_id)
+            row = await self._start_first_free(db, order, worker_id)
+            if row is None:  # every user's next job is being claimed by another process right now
+                deeper = await _candidates(db, CLAIM_DEPTH, excluded)
+                row = await self._start_first_free(db, [candidate["id"] for candidate in deeper], worker_id)
+            if row is None:
+                return None
+            job_id = row["id"]
+            if job_id == warm_id:
+                await db.run(
+                    f"""UPDATE jobs SET passed_over = passed_over + 1
+                        WHERE id = (SELECT id FROM jobs WHERE id = ? AND status = 'queued'{db.skip_locked})""",
+                    head["id"],
+                )
+            await self._log(db, job_id, EventKind.STARTED)
+            job = row_to_job(row)
+        self._publish(EventKind.STARTED, job)
+        return job
+
+    async def _start_first_free(self, db: Tx, job_ids: list[int], worker_id: str | None) -> Row | None:
+        """Start the first of these jobs still queued and not being claimed by another process; its row."""
+        token = secrets.token_hex(16) if worker_id is not None else None
+        for job_id in job_ids:
+            row = await db.one(
+                f"""UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, progress_json = NULL,
+                           worker_id = ?, claim_token = ?
+                    WHERE id = (SELECT id FROM jobs WHERE id = ? AND status = 'queued'{db.skip_locked})
+                      AND status = 'queued'
+                    RETURNING *""",
+                self._clock(),
+                worker_id,
+                token,
+                job_id,
+            )
+            if row is not None:
+                return row
+        return None
+
+    async def update_progress(
+        self, job_id: int, progress: Progress, persist: bool = True, token: str | None = None
+    ) -> None:
+        """Publish progress to subscribers; `persist` also stores it (callers throttle that). With the claim's
+        `token`, a job that is no longer this claim's raises ClaimLost."""
+        share = self._progress_worth_sharing(job_id, progress)
+        if persist or share:
+            async with self._transaction() as db:
+                if persist:
+                    changed = await db.run(
+                        f"UPDATE jobs SET progress_json = ? WHERE id = ? AND status = 'running'{CLAIMED_SQL}",
+                        progress.model_dump_json(),
+                        job_id,
+                        token,
+                        token,
+                    )
+                    if changed != 1 and token is not None:
+                        raise claim_lost(await self._get(db, job_id))
+                elif token is not None and not await db.one(
+                    "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND claim_token = ?", job_id, token
+                ):
+                    raise claim_lost(await self._get(db, job_id))  # nobody else hears a late worker's steps
+                if share:
+                    await self._share(db, EventKind.PROGRESS, job_id, progress.model_dump_json())
+                job = await self._get(db, job_id)
+        else:
+            job = await self.get(job_id)
+        self._publish(EventKind.PROGRESS, job, progress)
+
+    async def announce_preview(self, job_id: int, preview: PreviewInfo) -> None:
+        """A running job has a new live preview: subscribers here and in other processes show it."""
+        if self._sharing:
+            async with self._transaction() as db:
+                await self._share(db, EventKind.PREVIEW, job_id, preview.model_dump_json())
+        self._publish(EventKind.PREVIEW, await self.get(job_id), preview=preview)
+
+    async def mark_succeeded(self, job_id: int, result: ResultInfo, token: str | None = None) -> Job:
+        return await self._finish(
+            job_id,
+            JobStatus.SUCCEEDED,
+            EventKind.SUCCEEDED,
+            "result_json = ?, delivery_status = 'pending'",
+            (result.model_dump_json(),),
+            token=token,
+        )
+
+    async def mark_failed(self, job_id: int, user_message: str, detail: str = "", token: str | None = None) -> Job:
+        return await self._finish(
+            job_id,
+            JobStatus.FAILED,
+            EventKind.FAILED,
+            "error_user = ?, error_detail = ?",
+            (user_message, detail),
+            detail=user_message,
+            token=token,
+        )
+
+    async def mark_cancelled(self, job_id: int, token: str | None = None) -> Job:
+        return await self._finish(job_id, JobStatus.CANCELLED, EventKind.CANCELLED, "", (), token=token)
+
+    async def _finish(
+        self,
+        job_id: int,
+        status: JobStatus,
+        kind: EventKind,
+        extra_sql: str,
+        extra: tuple[Any, ...],
+        detail: str | None = None,
+        token: str | None = None,
+    ) -> Job:
+        """End a running job; with the claim's `token`, only if this claim still runs it (else ClaimLost)."""
+        assignments = "status = ?, finished_at = ?" + (f", {extra_sql}" if extra_sql else "")
+        async with self._transaction() as db:
+            changed = await db.run(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND status = 'running'{CLAIMED_SQL}",
+                status.value,
+                self._clock(),
+                *extra,
+                job_id,
+                token,
+                token,
+            )
+            job = await self._get(db, job_id)
+            if changed != 1 and token is not None:
+                raise claim_lost(job)
+            if changed != 1:
+                raise InvalidTransition(f"Job #{job_id} is {job.status}, not running; it cannot become {status}.")
+            await self._log(db, job_id, kind, detail)
+        self._publish(kind, job)
+        return job
+
+    async def requeue(self, job_id: int, reason: str, token: str | None = None) -> Job:
+        """Put a running job back at the head of its turn, not counting the interrupted attempt (with the claim's
+        `token`: only if this claim still runs it, else ClaimLost)."""
+        async with self._transaction() as db:
+            changed = await db.run(
+                f"""UPDATE jobs SET status = 'queued', started_at = NULL, progress_json = NULL, claim_token = NULL,
+                           attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END
+                    WHERE id = ? AND status = 'running'{CLAIMED_SQL}""",
+                job_id,
+                token,
+                token,
+            )
+            job = await self._get(db, job_id)
+            if changed != 1 and token is not None:
+                raise claim_lost(job)
+            await self._log(db, job_id, EventKind.REQUEUED, reason)
+        self._publish(EventKind.REQUEUED, job)
+        return job
+
+    async def fail_waiting(self, model: str, user_message: str, detail: str) -> list[Job]:
+        """Fail every queued job for `model` at once (its download failed for good)."""
+        async with self._transaction() as db:
+            rows = await db.all(
+                """UPDATE jobs SET status = 'failed', finished_at = ?, error_user = ?, error_detail = ?
+                   WHERE status = 'queued' AND model = ? RETURNING *""",
+                self._clock(),
+                user_message,
+                detail,
+                model,
+            )
+            failed = sorted((row_to_job(row) for row in rows), key=lambda job: job.id)
+            for job in failed:
+                await self._log(db, job.id, EventKind.FAILED, user_message)
+        for job in failed:
+            self._publish(EventKind.FAILED, job)
+        return failed
+
+    async def waiting_for(self, model: str) -> list[Job]:
+        rows = await self._read_all("SELECT * FROM jobs WHERE status = 'queued' AND model = ? ORDER BY id", model)
+        return [row_to_job(row) for row in rows]
+
+    async def cancel(self, job_id: int, actor: Actor) -> Job:
+        """Cancel a queued job at once; for a running one set the request the worker acts on."""
+        async with self._transaction() as db:
+            # Locked as read: a claim in another process either came first (the job runs) or waits for this.
+            job = await self._get(db, job_id, lock=True)
+            check_owner(job, actor, "cancel")
+            if job.status is JobStatus.QUEUED:
+                await db.run(
+                    "UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ? AND status = 'queued'",
+                    self._clock(),
+                    job_id,
+                )
+                kind = EventKind.CANCELLED
+            elif job.status is JobStatus.RUNNING:
+                await db.run("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", job_id)
+                kind = EventKind.CANCEL_REQUESTED
+            else:
+                raise InvalidTransition(f"Job #{job_id} has already {_finished_verb(job.status)}; nothing to cancel.")
+            await self._log(db, job_id, kind, f"by {actor.user_key}")
+            job = await self._get(db, job_id)
+        self._publish(kind, job)
+        return job
+
+    async def is_cancel_requested(self, job_id: int) -> bool:
+        row = await self._read_one("SELECT cancel_requested FROM jobs WHERE id = ?", job_id)
+        return bool(row and row["cancel_requested"])
+
+
+async def _candidates(db: Tx, depth: int, excluded: list[str]) -> list[Row]:
+    """The next jobs in the fair order, looking `depth` jobs deep into each user's; id, model and passed_over."""
+    return await db.all(next_sql(depth, len(excluded)), *(excluded * depth), CLAIM_CANDIDATES)
+
+
+def _finished_verb(status: JobStatus) -> str:
+    return {"succeeded": "finished", "failed": "failed", "cancelled": "been cancelled"}[status.value]

@@ -1,0 +1,40 @@
+"""What clean-up may remove: pictures no job needs any more, and videos delivered long enough ago."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from pathlib import Path
+
+from engine.queue.core import (
+    SQL_CHUNK,
+    QueueCore,
+)
+
+
+class Retention(QueueCore):
+    async def images_in_use(self, retention_s: float) -> set[str]:
+        """Hashes of images that active jobs, or jobs finished within the retention time, still refer to."""
+        rows = await self._read_all(
+            """SELECT DISTINCT i.sha256 FROM job_images i JOIN jobs j ON j.id = i.job_id
+               WHERE j.status IN ('queued', 'running') OR j.finished_at >= ?""",
+            self._clock() - retention_s,
+        )
+        return {row["sha256"] for row in rows}
+
+    async def delivered_before(self, job_ids: Collection[int], retention_s: float) -> dict[int, str]:
+        """Which of these jobs had their video delivered more than `retention_s` ago, with its file's name."""
+        ids = sorted(job_ids)
+        found: dict[int, str] = {}
+        for start in range(0, len(ids), SQL_CHUNK):
+            chunk = ids[start : start + SQL_CHUNK]
+            rows = await self._read_all(
+                f"""SELECT id, result_json FROM jobs WHERE id IN ({",".join("?" * len(chunk))})
+                    AND delivery_status = 'delivered' AND delivered_at < ?""",
+                *chunk,
+                self._clock() - retention_s,
+            )
+            found.update(
+                (row["id"], Path(json.loads(row["result_json"] or "{}").get("path") or "").name) for row in rows
+            )
+        return found
