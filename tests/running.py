@@ -25,18 +25,18 @@ class RunningBot:
 
     async def __aenter__(self) -> RunningBot:
         self.engine = await Engine.open(self.settings)
-        await self.engine.worker.start_up()
+        await self.engine._worker.start_up()
         self.adapter = self._make_adapter(self.engine)
         try:
             await self.adapter.start()
         except BaseException:
             await self.engine.close()  # its database thread would otherwise keep the test process alive
             raise
-        self.worker = asyncio.create_task(self.engine.worker.run())
+        self.worker = asyncio.create_task(self.engine._worker.run())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.engine.worker.stop(requeue_running=True)
+        await self.engine._worker.stop(requeue_running=True)
         await self.worker
         await self.adapter.stop()
         await self.engine.close()

@@ -163,7 +163,7 @@ async def test_discord_answers_a_huge_request_and_a_long_queue_in_one_readable_m
                 platform="discord", chat_id=str(CHANNEL_ID), user_id=str(DISCORD_ALICE), message_id=f"bulk-{number}"
             )
             params = factories.params(f"job {number}: a red fox running through deep snow at dusk")
-            await bot.engine.queue.enqueue(source, Mode.T2V, "tiny", params, is_admin=True)
+            await bot.engine._queue.enqueue(source, Mode.T2V, "tiny", params, is_admin=True)
         listed = await discord_server.slash(DISCORD_ALICE, "queue")
         await until(lambda: discord_server.original(listed)["content"], what="the /queue answer")
         listing = discord_server.original(listed)["content"]

@@ -235,16 +235,16 @@ async def test_out_of_memory_fails_the_job_and_the_worker_lives_on(engine: Engin
 async def test_a_job_left_running_by_a_crash_runs_again_after_restart(tiny_settings):
     crashed = await Engine.open(tiny_settings)
     submission = await submit(crashed, Mode.T2V)
-    claimed = await crashed.queue.claim_next()
+    claimed = await crashed._queue.claim_next()
     assert claimed.id == submission.result.job.id
-    await crashed.queue.close()  # the process died here: the job stays 'running'
+    await crashed._queue.close()  # the process died here: the job stays 'running'
 
     restarted = await Engine.open(tiny_settings)
-    await restarted.worker.start_up()
+    await restarted._worker.start_up()
     await run_all(restarted)
-    job = await restarted.queue.get(claimed.id)
+    job = await restarted._queue.get(claimed.id)
     assert job.status is JobStatus.SUCCEEDED and job.attempts == 2
-    assert [kind for kind, _ in await restarted.queue.events_of(job.id)].count("requeued") == 1
+    assert [kind for kind, _ in await restarted._queue.events_of(job.id)].count("requeued") == 1
     await restarted.close()
 
 

@@ -153,7 +153,7 @@ def _written(path: Path) -> tuple[float, bytes]:
 
 async def test_a_running_job_shows_previews_at_the_interval_and_they_go_when_it_ends(slow_engine: Engine):
     watched = await _run(slow_engine, Mode.T2V, steps=12)  # 24 transformer calls: about 2.5 s
-    job = await slow_engine.queue.get(watched.job_id)
+    job = await slow_engine._queue.get(watched.job_id)
     assert job.status is JobStatus.SUCCEEDED, job.error_detail
     previews = watched.previews
     assert len(previews) >= 2
@@ -179,7 +179,7 @@ async def test_a_preview_that_fails_is_logged_once_and_the_job_succeeds(
     slow_engine.settings.previews_dir.write_text("a file where the previews folder should be")
     caplog.set_level(logging.DEBUG, logger="engine.pipeline.previews")
     watched = await _run(slow_engine, Mode.T2V, steps=6)
-    assert (await slow_engine.queue.get(watched.job_id)).status is JobStatus.SUCCEEDED
+    assert (await slow_engine._queue.get(watched.job_id)).status is JobStatus.SUCCEEDED
     assert watched.previews == []
     failures = [record for record in caplog.records if record.getMessage().startswith("preview failed")]
     assert [record.levelno for record in failures].count(logging.WARNING) == 1

@@ -35,7 +35,7 @@ STEP = Progress(stage=Stage.DENOISING, step=1, total=4, eta_s=9)
 async def test_after_stopping_no_progress_or_cancel_button_is_shown_again(engine: Engine):
     platform = FakePlatform()
     async with following(engine, platform, ChatConfig(edit_interval_s=0)):
-        queued = await engine.queue.enqueue(source(), Mode.T2V, "tiny", params())
+        queued = await engine._queue.enqueue(source(), Mode.T2V, "tiny", params())
         job_id = queued.job.id
         await engine._queue.claim_next()
         await engine._queue.update_progress(job_id, STEP)
@@ -52,12 +52,12 @@ async def test_after_stopping_no_progress_or_cancel_button_is_shown_again(engine
 async def test_a_job_started_again_after_a_restart_says_so(engine: Engine):
     platform = FakePlatform()
     async with following(engine, platform, ChatConfig(edit_interval_s=0)):
-        first = (await engine.queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
+        first = (await engine._queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
         await engine._queue.claim_next()
         await engine._queue.requeue(first, WORKER_STOPPED)
         await engine._queue.claim_next()
         await until(lambda: texts.RESTARTED in platform.texts.get(first, [""])[-1], 5, "the restart note")
-        second = (await engine.queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())).job.id
+        second = (await engine._queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())).job.id
         await engine._queue.mark_cancelled(first)
         await engine._queue.claim_next()
         await until(lambda: "starting" in platform.texts.get(second, [""])[-1], 5, "the second job's start")
@@ -80,8 +80,8 @@ async def test_done_and_the_video_go_out_without_waiting_for_the_edit_pacing(eng
 async def test_a_waiting_job_is_shown_its_wait_again_while_the_job_ahead_runs(engine: Engine):
     platform = FakePlatform()
     async with following(engine, platform, ChatConfig(edit_interval_s=0)):
-        running = (await engine.queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
-        waiting = (await engine.queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())).job.id
+        running = (await engine._queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
+        waiting = (await engine._queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())).job.id
         await engine._queue.claim_next()
         for eta_s, wait in ((90, "1m 30s"), (60, "1m 00s")):
             await engine._queue.update_progress(running, STEP.model_copy(update={"eta_s": eta_s}))
