@@ -53,7 +53,7 @@ def tiny_params(steps: int) -> GenerationParams:
 def role_env(
     data_dir: Path, url: str, telegram: tuple[str, str] | None = None, threads: int | None = None
 ) -> dict[str, str]:
-    """The environment of a `wanbot serve` or `wanbot worker` process (as tests/test_scale_out.py starts them)."""
+    """The environment of a `wanbot serve` or `wanbot worker` process (as tests/roles/test_scale_out.py starts them)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("WANBOT_", "TELEGRAM_", "DISCORD_"))}
     env.update(
         WANBOT_DATA_DIR=str(data_dir),

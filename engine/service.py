@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Collection
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -30,6 +32,7 @@ from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
 from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
 from engine.storage.images import ImageInfo, ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
+from engine.storage.preview_files import preview_path
 from engine.storage.shared_files import SharedFiles, shared_files
 from engine.supervisor import Supervisor
 
@@ -39,6 +42,9 @@ if TYPE_CHECKING:
     from engine.worker import Worker
 
 T = TypeVar("T")
+# A delivery record that meets a locked or unreachable database is tried again after these waits, doubling.
+RECORD_FIRST_WAIT_S = 0.5
+RECORD_MAX_WAIT_S = 30.0
 log = logging.getLogger(__name__)
 # What the facade passes on as it is: the wording of sizes, and two checks of model repos the CLI names.
 __all__ = [
@@ -55,6 +61,7 @@ __all__ = [
     "model_downloader",
     "model_named",
     "open_job_store",
+    "quiet_libraries",
     "size_text",
     "verify_snapshot",
 ]
@@ -125,6 +132,7 @@ class Engine:
         from engine.worker import Worker
 
         device_facts(settings.generation)  # a GPU this machine lacks is said in one line, before anything uses it
+        quiet_libraries()  # no library progress bars between the log lines of a worker
         downloader = Downloader(settings.models_dir, settings.downloads)
         runner = PipelineRunner(settings.generation, locator or default_locator(settings, downloader))
         queue = await JobQueue.connect(settings.database_url, EventBus())
@@ -233,10 +241,28 @@ class Engine:
         return await self._queue.undelivered(platform, max_attempts)
 
     async def mark_delivered(self, job_id: int) -> Job:
-        return await self._queue.mark_delivered(job_id)
+        """Record an upload that went through; retried through a database outage (see `_record_delivery`)."""
+        return await self._record_delivery(f"job={job_id} as delivered", partial(self._queue.mark_delivered, job_id))
 
     async def mark_delivery_failed(self, job_id: int, error: str, attempts_at_least: int = 0) -> Job:
-        return await self._queue.mark_delivery_failed(job_id, error, attempts_at_least)
+        write = partial(self._queue.mark_delivery_failed, job_id, error, attempts_at_least)
+        return await self._record_delivery(f"job={job_id}'s failed upload", write)
+
+    async def _record_delivery(self, what: str, write: Callable[[], Awaitable[Job]]) -> Job:
+        """A delivery record, written through a locked, full or unreachable database with doubling waits for up to
+        queue.write_retry_s: the upload it records has happened and cannot be taken back. Past that the database's
+        error is raised, and the caller keeps what it knows (the relay never uploads a recorded-or-not video twice)."""
+        deadline = time.monotonic() + self.settings.queue.write_retry_s
+        wait_s = RECORD_FIRST_WAIT_S
+        while True:
+            try:
+                return await write()
+            except DATABASE_DOWN as exc:
+                if time.monotonic() + wait_s > deadline:
+                    raise
+                log.warning("recording %s failed (%s); trying again in %.1f s", what, exc, wait_s)
+                await asyncio.sleep(wait_s)
+                wait_s = min(wait_s * 2, RECORD_MAX_WAIT_S)
 
     async def mark_final_shown(self, job_id: int) -> None:
         await self._queue.mark_final_shown(job_id)
@@ -295,8 +321,6 @@ class Engine:
 
     async def preview_bytes(self, job_id: int) -> bytes | None:
         """The running job's latest preview JPEG; None once the job has ended (its preview is removed then)."""
-        from engine.pipeline.previews import preview_path
-
         path = preview_path(self.settings.previews_dir, job_id)
         try:
             return await asyncio.to_thread(path.read_bytes)
@@ -584,6 +608,13 @@ def model_named(name: str, mode: Mode) -> ModelRef:
 def model_downloader(settings: Settings) -> Downloader:
     """wanbot's downloader of model repos, as the worker uses it: plan, download, sizes, verify."""
     return Downloader(settings.models_dir, settings.downloads)
+
+
+def quiet_libraries() -> None:
+    """No progress bars or INFO lines of the model libraries (a command that loads models calls it first)."""
+    from engine.pipeline.libraries import quiet_libraries as quiet
+
+    quiet()
 
 
 def make_tiny_model(target: Path, kind: Mode, seed: int) -> None:

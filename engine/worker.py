@@ -29,13 +29,14 @@ from engine.hub.fetcher import ModelFetcher
 from engine.jobs import EventKind, Job, PreviewInfo, Progress, ResultInfo, Stage, WorkerRecord, WorkerState
 from engine.pipeline.generate import PipelineRunner, RunOutput, device_facts
 from engine.pipeline.hooks import JobCancelled, JobInterrupted, RunHooks
-from engine.pipeline.previews import LivePreviews, preview_path, remove_preview
+from engine.pipeline.previews import LivePreviews
 from engine.pipeline.video import encode_mp4
 from engine.queue.bus import Subscription
 from engine.queue.core import DATABASE_DOWN, WORKER_STOPPED
 from engine.queue.fleet import recover_orphans, this_machine
 from engine.queue.jobqueue import JobQueue
 from engine.storage.images import ImageStore
+from engine.storage.preview_files import preview_path, remove_preview
 from engine.storage.shared_files import shared_files
 
 log = logging.getLogger(__name__)
@@ -506,8 +507,11 @@ class _ProgressReporter:
         self._track(self._announce(preview))
 
     async def _announce(self, preview: PreviewInfo) -> None:
+        # A worker whose claim is gone shares no preview file: the job's new owner makes its own.
+        if self._token is not None and not await self._queue.holds_claim(self._job_id, self._token):
+            raise ClaimLost(f"Job #{self._job_id} is no longer this worker's; its preview is not shared.")
         await self._share_preview(self._job_id)
-        await self._queue.announce_preview(self._job_id, preview)
+        await self._queue.announce_preview(self._job_id, preview, self._token)
 
     def _track(self, work: Awaitable[None]) -> None:
         self._pending = [task for task in self._pending if not task.done()]

@@ -79,7 +79,8 @@ def tiny_settings(tmp_path: Path, tiny_models: Path, monkeypatch: pytest.MonkeyP
     data = tmp_path / "data"
     data.mkdir()
     (data / "models").symlink_to(tiny_models, target_is_directory=True)
-    # Previews turn a job's live message into a photo; the tests of previews turn them on (tests/test_live_previews.py).
+    # Previews turn a job's live message into a photo; the tests of previews turn them on
+    # (tests/chat/test_live_previews.py).
     return Settings(data_dir=data, models={"t2v": "tiny", "i2v": "tiny", "ti2v": "tiny"}, previews={"enabled": False})
 
 

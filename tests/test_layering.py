@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import importlib
 import inspect
+import os
 import subprocess
 import sys
 from functools import cache
@@ -150,5 +151,40 @@ def test_the_chat_side_and_the_cli_start_without_torch():
     names.append("bot.discord.adapter")
     check = f"import sys; import {', '.join(names)}; print(sorted({{'torch', 'diffusers'}} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+SERVE_READS_A_PREVIEW = """
+import asyncio, sys
+from pathlib import Path
+from engine.config import Settings
+from engine.service import Engine
+
+async def main():
+    settings = Settings(data_dir=Path(sys.argv[1]), previews={"enabled": True})
+    engine = await Engine.open(settings, with_worker=False)
+    try:
+        settings.previews_dir.mkdir(parents=True, exist_ok=True)
+        (settings.previews_dir / "job-7.jpg").write_bytes(b"jpeg")
+        assert await engine.preview_bytes(7) == b"jpeg"
+    finally:
+        await engine.close()
+    print(sorted({"torch", "diffusers"} & set(sys.modules)))
+
+asyncio.run(main())
+"""
+
+
+def test_a_serving_engine_reads_live_previews_without_torch(tmp_path: Path):
+    """`wanbot serve` shows previews that workers made: reading one must not load torch into it."""
+    done = subprocess.run(
+        [sys.executable, "-c", SERVE_READS_A_PREVIEW, str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={key: value for key, value in os.environ.items() if not key.startswith("WANBOT_")},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -13,7 +13,7 @@ from typing import Protocol
 from bot.chat import texts, transfers
 from bot.chat.arrivals import ArrivalOrder
 from bot.chat.texts import Buttons
-from engine.errors import UserError, quoted
+from engine.errors import UserError, counted, quoted
 from engine.jobs import Actor, EnqueueResult, Job, JobSource, JobStatus, WorkerRecord
 from engine.service import Engine, Upload, size_text
 
@@ -349,7 +349,7 @@ class ChatCore:
         if paused:
             return "Paused: the running job finishes, nothing new starts until /resume. Requests are still queued."
         waiting = (await self.engine.counts()).get("queued", 0)
-        return f"Resumed: {waiting} waiting video(s) will start in turn."
+        return f"Resumed: {counted(waiting, 'waiting video')} will start in turn."
 
 
 def _job_number(text: str) -> int:

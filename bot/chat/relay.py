@@ -97,6 +97,9 @@ class JobRelay:
         self._live = texts.LiveMessages(self._show_latest, config.edit_interval_s, interval_for=self._edit_interval)
         self._jobs: dict[int, Job] = {}
         self._delivering: set[int] = set()
+        # Videos this process uploaded whose delivery is not recorded yet (the database failed right after): the
+        # next round records them without uploading again.
+        self._sent_unrecorded: set[int] = set()
         self._retry_at: dict[int, float] = {}  # job id -> loop time of its next upload attempt
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: set[int] = set()  # running jobs someone cancelled: no more progress, no Cancel button
@@ -208,7 +211,13 @@ class JobRelay:
     def _spawn(self, coroutine: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        """A spawned task (a delivery, an end shown) never fails unseen: its error is logged with its traceback."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("%s relay task failed", self._platform, exc_info=error)
 
     async def _follow(self, events: Subscription) -> None:
         async for event in events:
@@ -338,9 +347,16 @@ class JobRelay:
             waiting = job.delivery_status in (DeliveryStatus.PENDING, DeliveryStatus.DELIVERY_FAILED)
             if not waiting or job.delivery_attempts >= self._max_attempts:
                 return
-            await self._live.settle(job.id)
-            await self._send(job)
-            delivered = await self._engine.mark_delivered(job.id)
+            if job.id not in self._sent_unrecorded:
+                await self._live.settle(job.id)
+                await self._send(job)
+                self._sent_unrecorded.add(job.id)
+            try:
+                delivered = await self._engine.mark_delivered(job.id)
+            except Exception:
+                log.exception("job=%s was sent but not recorded as delivered; the next round records it", job.id)
+                return
+            self._sent_unrecorded.discard(job.id)
             await self.show_last(delivered, texts.delivered_text(delivered))
         except DeliveryFailed as failure:
             # A permanent failure uses up the tries at once, so a restart does not upload into it again either.

@@ -122,15 +122,13 @@ def queued_text(
 ) -> str:
     """`was`: a better place this job was shown before, which a user who sees theirs grow is told the reason for."""
     head = f"Job #{job.id} ({job.mode.value})"
-    if duplicate:
-        head += " was already queued from this message"
     if position is None:
-        lines = [f"{head}: {job.status.value}."]
-    elif paused:
-        # No wait to show: nothing starts until an admin resumes the queue.
-        lines = [f"{head} is queued: position {position.position}. {QUEUE_PAUSED}"]
+        lines = [f"{head}{' came from this message before' if duplicate else ''}: {job.status.value}."]
     else:
-        lines = [f"{head} is queued: position {position.position}, {_wait_text(position.eta_s)}."]
+        head += " was already queued from this message" if duplicate else " is queued"
+        # Paused: no wait to show, nothing starts until an admin resumes the queue.
+        wait = f". {QUEUE_PAUSED}" if paused else f", {_wait_text(position.eta_s)}."
+        lines = [f"{head}: position {position.position}{wait}"]
     if position is not None and was is not None and was < position.position:
         lines.append(MOVED_BACK.format(was=was))
     lines.append(

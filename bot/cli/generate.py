@@ -27,6 +27,7 @@ from engine.service import (
     Upload,
     check_pictures,
     model_named,
+    quiet_libraries,
 )
 from engine.storage.images import Mode
 
@@ -314,19 +315,6 @@ class _Interrupted(Exception):
         name = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
         done = "was cancelled" if job.status is JobStatus.CANCELLED else "stops at its next step"
         self.message = f"Interrupted by {name}: job #{job.id} {done} and makes no video. Run the command again for it."
-
-
-def quiet_libraries() -> None:
-    """The libraries' own progress bars and INFO lines ("Loading weights", "Writing model shards") would run
-    between ours and repeat what the progress display says."""
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    for library in (diffusers_logging, transformers_logging):
-        library.disable_progress_bar()
-        library.set_verbosity_error()
-    disable_progress_bars()
 
 
 async def _generate(

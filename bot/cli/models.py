@@ -12,7 +12,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from bot.cli.common import ConfigOption, JsonOption, console, errors, run_or_exit, settings_from, usage_error
-from bot.cli.generate import quiet_libraries
 from engine.config import Settings
 from engine.errors import UserError
 from engine.service import (
@@ -20,6 +19,7 @@ from engine.service import (
     make_tiny_model,
     model_downloader,
     model_named,
+    quiet_libraries,
     size_text,
     verify_snapshot,
 )

@@ -1,5 +1,5 @@
 """The one place wanbot reaches into discord.py beyond its public API, each reach with its reason.
-tests/test_discord_seams.py fails loudly, naming the seam, when an upgrade of discord.py moves one of them.
+tests/discord/test_discord_seams.py fails loudly, naming the seam, when an upgrade of discord.py moves one of them.
 
 - The REST base and the gateway URL (`discord.api_base_url`, `discord.gateway_url`, used by tests and by operators
   behind a proxy) are class attributes in discord.py (`Route.BASE`, `DiscordWebSocket.DEFAULT_GATEWAY`): they apply to

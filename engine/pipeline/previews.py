@@ -206,19 +206,6 @@ def render(latents: torch.Tensor, max_bytes: int) -> tuple[bytes, Image.Image]:
     return fit_jpeg(strip(project(latents)), max_bytes)
 
 
-def preview_path(previews_dir: Path, job_id: int) -> Path:
-    """Where a job's latest preview is, replaced in place (engine.storage.cleanup.PREVIEW_NAME matches it)."""
-    return previews_dir / f"job-{job_id}.jpg"
-
-
-def remove_preview(previews_dir: Path, job_id: int) -> None:
-    """Delete a job's preview; a failure is logged and left to the clean-up's sweep."""
-    try:
-        preview_path(previews_dir, job_id).unlink(missing_ok=True)
-    except OSError as exc:
-        log.warning("could not remove the preview of job=%s: %s", job_id, exc)
-
-
 @dataclass(frozen=True)
 class Capture:
     """What the denoising thread hands over: x0 of the key latent frames, on the CPU."""

@@ -22,6 +22,7 @@ from engine.queue.core import (
     CLAIMED_SQL,
     QueueCore,
     check_owner,
+    claim_held,
     claim_lost,
     row_to_job,
 )
@@ -125,9 +126,7 @@ class Claims(QueueCore):
                     )
                     if changed != 1 and token is not None:
                         raise claim_lost(await self._get(db, job_id))
-                elif token is not None and not await db.one(
-                    "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND claim_token = ?", job_id, token
-                ):
+                elif token is not None and not await claim_held(db, job_id, token):
                     raise claim_lost(await self._get(db, job_id))  # nobody else hears a late worker's steps
                 if share:
                     await self._share(db, EventKind.PROGRESS, job_id, progress.model_dump_json())
@@ -136,12 +135,20 @@ class Claims(QueueCore):
             job = await self.get(job_id)
         self._publish(EventKind.PROGRESS, job, progress)
 
-    async def announce_preview(self, job_id: int, preview: PreviewInfo) -> None:
-        """A running job has a new live preview: subscribers here and in other processes show it."""
-        if self._sharing:
-            async with self._transaction() as db:
+    async def holds_claim(self, job_id: int, token: str) -> bool:
+        async with self._db.reading() as db:
+            return await claim_held(db, job_id, token)
+
+    async def announce_preview(self, job_id: int, preview: PreviewInfo, token: str | None = None) -> None:
+        """A running job has a new live preview: subscribers here and in other processes show it. With the claim's
+        `token`, a job that is no longer this claim's raises ClaimLost and nobody hears of the preview."""
+        async with self._transaction() as db:
+            if token is not None and not await claim_held(db, job_id, token):
+                raise claim_lost(await self._get(db, job_id))
+            if self._sharing:
                 await self._share(db, EventKind.PREVIEW, job_id, preview.model_dump_json())
-        self._publish(EventKind.PREVIEW, await self.get(job_id), preview=preview)
+            job = await self._get(db, job_id)
+        self._publish(EventKind.PREVIEW, job, preview=preview)
 
     async def mark_succeeded(self, job_id: int, result: ResultInfo, token: str | None = None) -> Job:
         return await self._finish(
@@ -200,7 +207,7 @@ class Claims(QueueCore):
 
     async def requeue(self, job_id: int, reason: str, token: str | None = None) -> Job:
         """Put a running job back at the head of its turn, not counting the interrupted attempt (with the claim's
-        `token`: only if this claim still runs it, else ClaimLost)."""
+        `token`: only if this claim still runs it, else ClaimLost). A job not running is left as it is, unannounced."""
         async with self._transaction() as db:
             changed = await db.run(
                 f"""UPDATE jobs SET status = 'queued', started_at = NULL, progress_json = NULL, claim_token = NULL,
@@ -213,6 +220,8 @@ class Claims(QueueCore):
             job = await self._get(db, job_id)
             if changed != 1 and token is not None:
                 raise claim_lost(job)
+            if changed != 1:
+                return job
             await self._log(db, job_id, EventKind.REQUEUED, reason)
         self._publish(EventKind.REQUEUED, job)
         return job

@@ -156,6 +156,12 @@ class QueueCore:
             return await db.all(sql, *args)
 
 
+async def claim_held(db: Tx, job_id: int, token: str) -> bool:
+    """Whether the claim `token` still runs the job (its worker was not silent past the lease)."""
+    held = "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND claim_token = ?"
+    return await db.one(held, job_id, token) is not None
+
+
 def claim_lost(job: Job) -> ClaimLost:
     return ClaimLost(
         f"Job #{job.id} is no longer this worker's ({job.status.value}): it was silent longer than the lease, and the "

@@ -18,6 +18,7 @@ from engine.queue.backend import Row
 from engine.queue.core import (
     DAY_S,
     QueueCore,
+    claim_held,
 )
 
 WORKER_RECORDS_KEEP_S = 7 * DAY_S  # a stopped or silent worker stays listed this long
@@ -112,10 +113,7 @@ class Leases(QueueCore):
             )
             if worker.current_job is None or token is None:
                 return True
-            row = await db.one(
-                "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND claim_token = ?", worker.current_job, token
-            )
-            return row is not None
+            return await claim_held(db, worker.current_job, token)
 
     async def workers(self) -> list[WorkerRecord]:
         """Every worker heard from in the last week, the most recently started first."""

@@ -60,8 +60,8 @@ EXTENSIONS = {
     ".gif": "GIF",
 }
 # The peak memory of decoding and normalising a picture, in bytes a pixel, is the sum of three parts, each known from
-# the header (tests/test_image_memory.py holds them against the real peaks; at 64 MP with Pillow 13 a WebP peaked at
-# 16, a 16-bit grey PNG at 10, a CMYK JPEG at 8):
+# the header (tests/storage/test_image_memory.py holds them against the real peaks; at 64 MP with Pillow 13 a WebP
+# peaked at 16, a 16-bit grey PNG at 10, a CMYK JPEG at 8):
 # - the decoded image as Pillow holds it: one band takes 1 byte (16-bit grey 2), several take 4, RGB too;
 STORED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 # - what the decoder holds besides: Pillow decodes every WebP with libwebp's animation decoder, which keeps two RGBA

@@ -18,8 +18,8 @@ from engine.jobs import JobSource, QueuePosition
 from engine.queue.jobqueue import JobQueue
 from engine.storage.images import Mode
 from tests import imagefactory
+from tests.cli.test_cli import wanbot
 from tests.factories import params
-from tests.test_cli import wanbot
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -18,7 +18,7 @@ from engine.storage.images import Mode
 from tests import imagefactory
 from tests.factories import params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(180)
 
 

@@ -17,12 +17,12 @@ from engine.queue.jobqueue import JobQueue
 from engine.service import Engine
 from engine.storage.images import Mode
 from tests import imagefactory
+from tests.discord.test_discord import ALICE as DISCORD_ALICE
+from tests.discord.test_discord import TOKEN as DISCORD_TOKEN
 from tests.factories import params, source
 from tests.fake_discord import GUILD_ID
 from tests.running import until
-from tests.test_discord import ALICE as DISCORD_ALICE
-from tests.test_discord import TOKEN as DISCORD_TOKEN
-from tests.test_telegram import ALICE, BOB, run_environment, status_of
+from tests.telegram.test_telegram import ALICE, BOB, run_environment, status_of
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -63,6 +63,7 @@ async def test_requests_killed_while_checking_are_finished_after_the_restart(tin
         second.send_signal(signal.SIGTERM)
         await asyncio.wait_for(second.wait(), timeout=30)
     assert second.returncode == 0, log_path.read_text()[-3000:]
+    assert "Loading pipeline components" not in log_path.read_text()  # no library progress bars in the log
     assert len(telegram.sent("sendVideo", ALICE)) == 1 and len(telegram.sent("sendVideo", BOB)) == 1
     assert len(telegram.sent("sendMessage", ALICE)) == 1  # one "Checking" message, edited by both processes
     bob_texts = [message["text"] for message in telegram.replies(BOB) if "text" in message]

@@ -8,7 +8,7 @@ import contextlib
 import pytest
 
 from engine.errors import ClaimLost
-from engine.jobs import EventKind, JobStatus, Progress, ResultInfo, Stage, WorkerRecord, WorkerState
+from engine.jobs import EventKind, JobStatus, PreviewInfo, Progress, ResultInfo, Stage, WorkerRecord, WorkerState
 from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
 from engine.storage.images import Mode
@@ -184,3 +184,28 @@ async def test_a_new_follower_does_not_replay_what_happened_before_it_started(qu
         with contextlib.suppress(asyncio.CancelledError):
             await follower
         await serving.close()
+
+
+async def test_a_stale_worker_shows_no_preview_and_a_requeue_of_a_job_not_running_announces_nothing(clocked):
+    queue, now = clocked
+    job = await claimed_by(queue, "w1")
+    now[0] += LEASE_S + 1
+    await queue.recover_interrupted(max_attempts=3, lease_s=LEASE_S)
+    await queue.heartbeat(worker("w2"))
+    again = await queue.claim_next(worker_id="w2")
+    heard = queue.events.subscribe()
+    preview = PreviewInfo(seq=1, step=1, path="job.jpg", width=64, height=64)
+
+    assert not await queue.holds_claim(job.id, job.claim_token)
+    with pytest.raises(ClaimLost):
+        await queue.announce_preview(job.id, preview, token=job.claim_token)
+    assert await queue.holds_claim(job.id, again.claim_token)
+    await queue.announce_preview(job.id, preview, token=again.claim_token)
+    await queue.mark_succeeded(job.id, result(), token=again.claim_token)
+    assert (await queue.requeue(job.id, "stopping")).status is JobStatus.SUCCEEDED  # not running: left as it is
+
+    kinds = [(await asyncio.wait_for(heard.get(), timeout=5)).kind for _ in range(2)]
+    assert kinds == [EventKind.PREVIEW, EventKind.SUCCEEDED]  # the new owner's preview and end, nothing else
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(heard.get(), timeout=0.1)
+    assert [kind for kind, _ in await queue.events_of(job.id)].count("requeued") == 1  # the lease's, not the stop's

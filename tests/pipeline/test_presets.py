@@ -39,7 +39,7 @@ from engine.service import Engine, Upload
 from engine.storage.images import Mode
 from tests import imagefactory
 from tests.fake_hub import FakeHub
-from tests.test_generate import pipeline_frames
+from tests.pipeline.test_generate import pipeline_frames
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -368,7 +368,7 @@ def test_generate_on_the_command_line_makes_a_fast_tiny_video(tmp_path: Path):
         capture_output=True,
         text=True,
         env={**environment, "WANBOT_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"},
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         timeout=110,
     )
     assert done.returncode == 0, done.stderr

@@ -11,11 +11,11 @@ import pytest
 from bot.chat import texts, transfers
 from engine.jobs import DeliveryStatus
 from tests import fake_faults, imagefactory
-from tests import test_discord as on_discord
-from tests import test_telegram as on_telegram
+from tests.discord import test_discord as on_discord
 from tests.fake_discord import CHANNEL_ID
 from tests.fake_telegram import FakeTelegram
 from tests.running import until
+from tests.telegram import test_telegram as on_telegram
 
 ALICE = on_telegram.ALICE
 pytestmark = pytest.mark.timeout(120)

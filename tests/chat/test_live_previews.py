@@ -11,11 +11,11 @@ import pytest
 
 from engine.config import PreviewsConfig, Settings
 from engine.service import Engine
-from tests import test_discord as on_discord
-from tests import test_telegram as on_telegram
+from tests.discord import test_discord as on_discord
 from tests.fake_discord import FakeDiscord
 from tests.fake_telegram import FakeTelegram
 from tests.running import until
+from tests.telegram import test_telegram as on_telegram
 
 ALICE, BOB = on_telegram.ALICE, on_telegram.BOB
 INTERVAL_S = 1.0

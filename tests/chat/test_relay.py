@@ -14,8 +14,8 @@ from engine.queue.core import WORKER_STOPPED
 from engine.service import Engine
 from engine.storage.images import Mode
 from tests.factories import ADMIN, params, source
+from tests.roles.test_supervision import FakePlatform, finished_job, relay_for
 from tests.running import until
-from tests.test_supervision import FakePlatform, finished_job, relay_for
 
 
 @asynccontextmanager

@@ -15,9 +15,9 @@ from engine.jobs import JobSource, Progress, Stage, WorkerRecord, WorkerState
 from engine.pipeline.models import GenerationRequest
 from engine.queue.jobqueue import JobQueue
 from engine.storage.images import Mode
+from tests.chat.test_core import ALICE, HERE, core_for
+from tests.cli.test_cli import wanbot
 from tests.factories import params
-from tests.test_cli import wanbot
-from tests.test_core import ALICE, HERE, core_for
 
 pytestmark = pytest.mark.timeout(180)
 MINUTE = 60.0

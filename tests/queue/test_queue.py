@@ -24,7 +24,7 @@ from engine.storage.images import ImageInfo, ImageStore, Mode, validate_image_by
 from tests import imagefactory
 from tests.factories import ADMIN, owner, params, source
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Every test that takes `queue` runs on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.both_backends
 

@@ -12,11 +12,11 @@ from bot.chat import texts
 from engine.jobs import WorkerRecord, WorkerState
 from engine.storage.images import Mode
 from tests import imagefactory
-from tests import test_discord as on_discord
-from tests import test_telegram as on_telegram
+from tests.discord import test_discord as on_discord
 from tests.factories import status_answer
 from tests.fake_discord import APPLICATION_ID, GUILD_ID, FakeDiscord
 from tests.running import until
+from tests.telegram import test_telegram as on_telegram
 
 ALICE = 111
 DISCORD_ALICE = on_discord.ALICE

@@ -366,3 +366,43 @@ async def test_jobs_that_ended_unseen_show_their_end_when_the_relay_starts(engin
         assert await queue.final_unshown("telegram", 5) == []
     finally:
         await relay.stop()
+
+
+@pytest.mark.parametrize(
+    "write_retry_s", [300.0, 0.2], ids=["recorded when the database is free", "recorded by a later round"]
+)
+async def test_a_database_locked_right_after_an_upload_never_sends_the_video_twice(
+    engine: Engine, tmp_path: Path, write_retry_s: float
+):
+    """The upload went through, then the delivery record met a locked database: the record waits for it (or, past
+    queue.write_retry_s, the next redelivery round records it), and the video is never uploaded again."""
+    await engine._queue.close()
+    engine._queue = await JobQueue.open(engine.settings.db_path, engine._queue.events, busy_timeout_s=0.05)
+    engine.settings.queue.write_retry_s = write_retry_s
+    video = tmp_path / "job.mp4"
+    video.write_bytes(b"video")
+    platform = FakePlatform()
+    upload = platform.send_video
+    locked, holders = threading.Event(), []
+
+    async def upload_then_lock(job, path: Path) -> None:
+        await upload(job, path)
+        holder = threading.Thread(target=_hold_write_lock, args=(engine.settings.db_path, 1.5, locked))
+        holder.start()
+        holders.append(holder)
+        await asyncio.to_thread(locked.wait, 5)
+
+    platform.send_video = upload_then_lock
+    config = ChatConfig(edit_interval_s=0, delivery_retry_s=0.05, max_delivery_attempts=5)
+    relay = relay_for(engine, platform, config)
+    job_id = await finished_job(engine._queue, video)
+    relay.start(engine._queue.events.subscribe())
+    try:
+        job = await _job_when(engine._queue, job_id, lambda job: job.delivery_status is DeliveryStatus.DELIVERED, 20)
+        for holder in holders:
+            await asyncio.to_thread(holder.join)
+        await asyncio.sleep(0.3)  # several redelivery rounds: none may upload again
+        assert platform.uploads == 1
+        assert job.delivery_attempts == 1
+    finally:
+        await relay.stop()

@@ -31,9 +31,9 @@ from engine.queue.jobqueue import JobQueue
 from engine.storage.images import Mode
 from tests.factories import params
 from tests.fake_hub import FakeHub
-from tests.test_downloads import REPO_ID
+from tests.hub.test_downloads import REPO_ID
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
 
 UNREACHABLE = "cannot be reached from here"

@@ -15,7 +15,7 @@ from engine.queue.jobqueue import JobQueue
 from engine.storage.images import Mode
 from tests.factories import params, source
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 USERS = 50
 JOBS_PER_USER = 10
 

@@ -13,6 +13,7 @@ import pytest
 from bot.chat.relay import JobRelay
 from bot.chat.texts import (
     OPTION_PATTERN,
+    QUEUE_PAUSED,
     LiveMessages,
     RetryLater,
     help_text,
@@ -22,7 +23,7 @@ from bot.chat.texts import (
 )
 from engine.config import ChatConfig, GenerationConfig, ModelsConfig
 from engine.errors import UserError
-from engine.jobs import Job, JobSource, Progress, QueuePosition, Stage, WorkerRecord, WorkerState
+from engine.jobs import Job, JobSource, JobStatus, Progress, QueuePosition, Stage, WorkerRecord, WorkerState
 from engine.pipeline.models import GenerationRequest, resolve_model, resolve_request
 from engine.storage.images import Mode
 from tests import factories
@@ -288,3 +289,18 @@ async def test_the_notes_on_a_request_stay_on_its_place_and_its_progress(engine)
     assert running.startswith("Job #1, fast preset: generating\n") and waiting.startswith(
         "Job #1 (t2v) is queued: position 1"
     )
+
+
+async def test_a_message_sent_again_is_told_its_job_in_one_plain_sentence(engine):
+    source = JobSource(platform="cli", chat_id="local", user_id="u1")
+    job = (await engine.submit(GenerationRequest(mode=Mode.T2V, prompt="a fox", steps=1), source)).result.job
+    first_lines = {
+        "waiting": queued_text(job, QueuePosition(position=2, eta_s=95), duplicate=True),
+        "paused": queued_text(job, QueuePosition(position=2, eta_s=95), duplicate=True, paused=True),
+        "ended": queued_text(job.model_copy(update={"status": JobStatus.SUCCEEDED}), None, duplicate=True),
+    }
+    assert {name: text.splitlines()[0] for name, text in first_lines.items()} == {
+        "waiting": "Job #1 (t2v) was already queued from this message: position 2, about 1m 35s to wait.",
+        "paused": f"Job #1 (t2v) was already queued from this message: position 2. {QUEUE_PAUSED}",
+        "ended": "Job #1 (t2v) came from this message before: succeeded.",
+    }

@@ -32,7 +32,7 @@ from engine.service import Engine, Upload
 from engine.storage.images import Mode, validate_image_bytes
 from tests import imagefactory as make
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
 
 

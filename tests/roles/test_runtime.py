@@ -17,8 +17,8 @@ from engine.queue.jobqueue import JobQueue
 from engine.storage.cleanup import remove_delivered_videos
 from engine.storage.images import Mode
 from engine.worker import output_name
+from tests.cli.test_cli import REPO, wanbot
 from tests.factories import params, result_for_child, source
-from tests.test_cli import REPO, wanbot
 
 pytestmark = pytest.mark.timeout(120)
 

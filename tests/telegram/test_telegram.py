@@ -516,7 +516,7 @@ async def test_only_admins_pause_and_resume_the_queue(tiny_settings, telegram):
         telegram.command(ALICE, "/resume")
         await until(lambda: telegram.sent("sendVideo", BOB), what="the video after the resume")
     assert "Only admins can pause or resume" in texts(telegram, BOB)[0]
-    assert any("Resumed: 1 waiting" in t for t in texts(telegram, ALICE))
+    assert "Resumed: 1 waiting video will start in turn." in texts(telegram, ALICE)
 
 
 async def test_waiting_jobs_see_their_place_move_up(tiny_settings, telegram):
@@ -569,7 +569,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
 
 
 async def test_queue_retry_of_a_chat_job_gets_a_message_of_its_own(tiny_settings, telegram):
-    from tests.test_cli import wanbot
+    from tests.cli.test_cli import wanbot
 
     async with running_bot(configure(tiny_settings, telegram)):
         telegram.command(ALICE, "/video a fox made twice steps=2")

@@ -19,7 +19,7 @@ from engine.jobs import EventKind, Job, JobEvent, JobStatus, Stage
 from engine.jobs import Progress as JobProgress
 from engine.queue.jobqueue import JobQueue
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(240)
 # An unusable path for root too, who may write anywhere a chmod would forbid.
 UNWRITABLE = Path("/proc/wanbot-test")

@@ -33,7 +33,7 @@ from tests.factories import params
 from tests.fake_hub import COMMIT, FakeHub
 
 REPO_ID = "wan-test/Tiny-T2V-Diffusers"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,0 +1,1 @@
+"""Tests of bot/cli: the `wanbot` commands."""

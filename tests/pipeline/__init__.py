@@ -1,0 +1,1 @@
+"""Tests of engine/pipeline: models, presets, the run, previews, the MP4."""

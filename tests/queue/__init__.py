@@ -1,0 +1,1 @@
+"""Tests of engine/queue: the job queue on SQLite and PostgreSQL, leases, shared events, worker processes."""

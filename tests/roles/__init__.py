@@ -1,0 +1,1 @@
+"""Tests of bot/roles and the supervisor: run, serve, worker processes, metrics."""

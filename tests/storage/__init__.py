@@ -1,0 +1,1 @@
+"""Tests of engine/storage: pictures, their memory, files shared through the database."""
