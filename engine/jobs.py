@@ -240,6 +240,18 @@ class WorkerRecord(BaseModel):
         return self.state is not WorkerState.STOPPED and now - self.heartbeat_at <= lease_s
 
 
+class ServingRecord(BaseModel):
+    """The one process that serves a database's chats (`wanbot serve`, or `wanbot run` with a chat token): it alone
+    acknowledges requests and uploads videos, so a second one refuses to start while this one is alive."""
+
+    id: str
+    host: str
+    machine: str = Field(description="The host and its process namespace, as WorkerRecord.machine.")
+    pid: int
+    started_at: float
+    heartbeat_at: float = 0.0
+
+
 class JobEvent(BaseModel):
     kind: EventKind
     job: Job

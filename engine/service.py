@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,13 +25,23 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from engine.config import Settings
 from engine.errors import UserError
 from engine.hub.downloads import Downloader, check_repo_id, size_text, verify_snapshot, warn_missing_models
-from engine.jobs import Actor, EnqueueResult, EventKind, Job, JobSource, JobStatus, QueuePosition, WorkerRecord
+from engine.jobs import (
+    Actor,
+    EnqueueResult,
+    EventKind,
+    Job,
+    JobSource,
+    JobStatus,
+    QueuePosition,
+    ServingRecord,
+    WorkerRecord,
+)
 from engine.pipeline.models import GenerationRequest, ModelRef, model_for_mode, resolve_model, resolve_request
 from engine.pipeline.video import fit_to_limit
 from engine.queue.backend import Backend as Database
 from engine.queue.bus import EventBus, Subscription
 from engine.queue.core import DATABASE_DOWN, WORKER_STOPPED
-from engine.queue.fleet import recover_orphans
+from engine.queue.fleet import pid_alive, recover_orphans, this_machine
 from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
 from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
@@ -111,6 +125,8 @@ class Engine:
     _follower: EventFollower = field(init=False, repr=False)
     # Pictures, videos and previews as every process of this queue sees them (on PostgreSQL, in the database).
     _files: SharedFiles = field(init=False, repr=False)
+    # This process's lease as the one that serves the database's chats, once taken (take_serving).
+    _serving: ServingRecord | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self._follower = EventFollower(self._queue)
@@ -145,6 +161,7 @@ class Engine:
         if self._worker is not None:
             await self._worker.stop()
             await self._worker.close()
+        await self._release_serving()
         await self._queue.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -287,6 +304,52 @@ class Engine:
     async def fit_video(self, video: Path, limit_bytes: int) -> Path:
         """The video itself when it fits `limit_bytes`, else a re-encoded copy that does (UserError if none can)."""
         return await asyncio.to_thread(fit_to_limit, video, limit_bytes)
+
+    # -- the one process that serves the chats of a database --
+
+    async def take_serving(self) -> str | None:
+        """Become the one process that acknowledges this database's chat requests and uploads its videos (two would
+        do both twice); None, or a sentence naming the live process that already does. One that stopped, or was
+        killed on this machine, is replaced at once; one on another machine once its lease (queue.lease_s) ran out."""
+        me = ServingRecord(
+            id=f"{socket.gethostname()}/serve/{os.getpid()}-{secrets.token_hex(2)}",
+            host=socket.gethostname(),
+            machine=this_machine(),
+            pid=os.getpid(),
+            started_at=time.time(),
+        )
+        other = await self._queue.take_serving(me, self.settings.queue.lease_s, pid_alive)
+        if other is None:
+            self._serving = me
+            return None
+        since = datetime.fromtimestamp(other.started_at).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+        holder = f"pid {other.pid} on {other.host}, since {since}"
+        return f"another wanbot process already serves the chats of this database: {holder}"
+
+    async def keep_serving(self) -> None:
+        """Renew the serving lease every queue.heartbeat_s. A process that lost it (it was silent past the lease and
+        another took over) stops, so that the two never both upload."""
+        assert self._serving is not None
+        while True:
+            await asyncio.sleep(self.settings.queue.heartbeat_s)
+            try:
+                other = await self._queue.renew_serving(self._serving)
+            except DATABASE_DOWN:
+                log.warning("could not renew the serving lease; trying again", exc_info=True)
+                continue
+            if other is not None:
+                self._serving = None
+                self.supervisor.fail(f"pid {other.pid} on {other.host} took over serving this database's chats")
+                return
+
+    async def _release_serving(self) -> None:
+        if self._serving is None:
+            return
+        try:
+            await self._queue.release_serving(self._serving)
+        except DATABASE_DOWN:
+            log.warning("could not release the serving lease; the next serve waits for it to run out", exc_info=True)
+        self._serving = None
 
     # -- the worker, in the process that runs it --
 

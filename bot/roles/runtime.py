@@ -58,6 +58,8 @@ async def serve(settings: Settings, say: Callable[[str], None], role: Role = Rol
             engine.share_events()
             supervisor.start("shared events", engine.follow_events)
             await engine.recover()
+            if role is not Role.WORKER and _has_chat(settings):
+                await _take_the_chats(engine)
             if role is not Role.WORKER:
                 await _start_adapters(engine, adapters)
             if makes_videos:
@@ -124,6 +126,23 @@ async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:
         task.cancel()
+
+
+def _has_chat(settings: Settings) -> bool:
+    return settings.telegram.token is not None or settings.discord.token is not None
+
+
+async def _take_the_chats(engine: Engine) -> None:
+    """One process serves a database's chats: a second would acknowledge every request and upload every video again."""
+    other = await engine.take_serving()
+    if other is not None:
+        lease_s = engine.settings.queue.lease_s
+        raise UserError(
+            f"Not started: {other}.",
+            f"Stop that one first (an upgrade: stop, then start). If it was killed on another machine, this one can "
+            f"start once its lease of {lease_s:.0f} s has run out.",
+        )
+    engine.supervisor.start("serving lease", engine.keep_serving)
 
 
 async def _start_adapters(engine: Engine, started: list[Any]) -> None:

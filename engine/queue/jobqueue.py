@@ -15,7 +15,7 @@ from engine.queue.claims import Claims
 from engine.queue.delivery import Delivery
 from engine.queue.enqueue import Enqueueing
 from engine.queue.flags import Flags
-from engine.queue.leases import Leases
+from engine.queue.leases import Leases, Serving
 from engine.queue.postgres import PostgresBackend
 from engine.queue.retention import Retention
 from engine.queue.shared import SharedEvents
@@ -23,7 +23,7 @@ from engine.queue.sqlite import SqliteBackend
 from engine.queue.url import SqliteUrl, parse_database_url
 
 
-class JobQueue(Enqueueing, Claims, Leases, SharedEvents, Delivery, Flags, Retention):
+class JobQueue(Enqueueing, Claims, Leases, Serving, SharedEvents, Delivery, Flags, Retention):
     """All reads and writes of jobs. Create with `await JobQueue.connect(url)` or `await JobQueue.open(path)`."""
 
     @classmethod

@@ -11,10 +11,11 @@ from engine.jobs import (
     EventKind,
     Job,
     JobStatus,
+    ServingRecord,
     WorkerRecord,
     WorkerState,
 )
-from engine.queue.backend import Row
+from engine.queue.backend import Row, Tx
 from engine.queue.core import (
     DAY_S,
     QueueCore,
@@ -122,6 +123,58 @@ class Leases(QueueCore):
             self._clock() - WORKER_RECORDS_KEEP_S,
         )
         return [_row_to_worker(row) for row in rows]
+
+
+# The queue flag that names the serving process (a ServingRecord as JSON); absent while none serves.
+SERVING_FLAG = "serving"
+
+
+class Serving(QueueCore):
+    """The serving process's lease: taken at start, renewed with each heartbeat, released at a clean stop."""
+
+    async def take_serving(
+        self, me: ServingRecord, lease_s: float, is_alive: Callable[[int], bool] = lambda pid: True
+    ) -> ServingRecord | None:
+        """Make `me` the serving process of this database; the live one that already is, if any (then nothing
+        changes). One gone (released, silent past `lease_s`, or an ended process of `me.machine`) is replaced."""
+        async with self._transaction() as db:
+            await db.serialize(SERVING_FLAG)
+            row = await db.one("SELECT value FROM queue_flags WHERE name = ?", SERVING_FLAG)
+            now = self._clock()
+            if row is not None:
+                other = ServingRecord.model_validate_json(row["value"])
+                alive = {**other.model_dump(), "state": WorkerState.IDLE.value}
+                if other.id != me.id and _why_gone(alive, now, lease_s, me.machine, is_alive) is None:
+                    return other
+            await _write_serving(db, me.model_copy(update={"heartbeat_at": now}))
+        return None
+
+    async def renew_serving(self, me: ServingRecord) -> ServingRecord | None:
+        """Renew `me`'s lease; None while it holds, else the process that took over (this one was silent too long)."""
+        async with self._transaction() as db:
+            await db.serialize(SERVING_FLAG)
+            row = await db.one("SELECT value FROM queue_flags WHERE name = ?", SERVING_FLAG)
+            holder = ServingRecord.model_validate_json(row["value"]) if row is not None else None
+            if holder is not None and holder.id != me.id:
+                return holder
+            await _write_serving(db, me.model_copy(update={"heartbeat_at": self._clock()}))
+        return None
+
+    async def release_serving(self, me: ServingRecord) -> None:
+        """A clean stop: the next serving process may start at once."""
+        async with self._transaction() as db:
+            await db.serialize(SERVING_FLAG)
+            row = await db.one("SELECT value FROM queue_flags WHERE name = ?", SERVING_FLAG)
+            if row is not None and ServingRecord.model_validate_json(row["value"]).id == me.id:
+                await db.run("DELETE FROM queue_flags WHERE name = ?", SERVING_FLAG)
+
+
+async def _write_serving(db: Tx, record: ServingRecord) -> None:
+    await db.run(
+        "INSERT INTO queue_flags (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        SERVING_FLAG,
+        record.model_dump_json(),
+    )
 
 
 def _why_gone(
