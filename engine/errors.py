@@ -19,6 +19,11 @@ class UserError(Exception):
         return f"{self.message} {self.hint}".strip()
 
 
+class Unavailable(UserError):
+    """A service wanbot needs (its database server, a chat platform) cannot be reached now: starting again later may
+    work (exit code 1, which systemd restarts), unlike a mistake in the settings (exit code 2, which it does not)."""
+
+
 def duration_text(seconds: float) -> str:
     """A wait or a run time as people say it: 42s, 3m 05s, 1h 20m."""
     seconds = max(round(seconds), 0)

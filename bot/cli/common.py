@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from engine.config import Settings, load_settings
-from engine.errors import ConfigError, JobNotFound, UserError
+from engine.errors import ConfigError, JobNotFound, Unavailable, UserError
 from engine.jobs import Actor
 
 # Plain help, as Click writes it: typer's rich panels show every flag (--help too) as taking a <bool>.
@@ -79,9 +79,10 @@ def run_or_exit(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coroutine)
     except UserError as exc:
-        # One line, message and hint: it is read in journald and cron mails, a line per record.
+        # One line, message and hint: it is read in journald and cron mails, a line per record. What is out of reach
+        # now exits 1 (systemd starts it again); a mistake in the settings 2 (it does not: RestartPreventExitStatus).
         errors.print(str(exc), markup=False)
-        raise typer.Exit(2) from None
+        raise typer.Exit(1 if isinstance(exc, Unavailable) else 2) from None
 
 
 def cut(text: str, limit: int = 40) -> str:

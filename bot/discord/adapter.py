@@ -23,7 +23,7 @@ from bot.chat.texts import Buttons
 from bot.discord import seams
 from bot.discord.inbox import InteractionInbox, PendingRequest
 from engine.config import DiscordConfig, GenerationConfig
-from engine.errors import UserError
+from engine.errors import Unavailable, UserError
 from engine.jobs import Job, JobStatus
 from engine.pipeline.models import MAX_PROMPT_CHARS, GenerationRequest
 from engine.pipeline.presets import PRESET_HELP, Preset
@@ -204,7 +204,9 @@ class DiscordAdapter:
             events.close()
             await self.stop()
             reason = f"{type(error).__name__}: {error}" if error else "stopped"
-            raise UserError(
+            # Out of reach is temporary; a rejected token or a missing intent is the settings.
+            unreachable = isinstance(error, OSError | TimeoutError | aiohttp.ClientError | discord.GatewayNotFound)
+            raise (Unavailable if unreachable else UserError)(
                 f"Discord did not connect ({reason.replace(self._config.token.get_secret_value(), '<token>')}).",
                 "Check discord.token, discord.api_base_url and the network.",
             ) from error

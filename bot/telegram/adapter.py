@@ -47,7 +47,7 @@ from bot.chat.relay import AnswerLost, JobRelay, TooLarge, UploadRefused
 from bot.chat.texts import Buttons
 from bot.telegram.polling import DurablePolling, message_key, seconds
 from engine.config import TelegramConfig
-from engine.errors import UserError
+from engine.errors import Unavailable, UserError
 from engine.jobs import Job
 from engine.service import Engine
 from engine.storage.images import Mode
@@ -181,7 +181,8 @@ class TelegramAdapter:
             events.close()
             await self.stop()
             reason = str(error).replace(self._token, "<token>")
-            raise UserError(
+            # Out of reach (or timed out) is temporary; a rejected token is the settings.
+            raise (Unavailable if isinstance(error, NetworkError) else UserError)(
                 f"Telegram did not connect ({type(error).__name__}: {reason}).",
                 "Check telegram.token, telegram.api_base_url and the network.",
             ) from None

@@ -13,6 +13,8 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
+from engine.errors import UserError
+
 Row = Mapping[str, Any]
 
 
@@ -62,3 +64,13 @@ class Backend(Protocol):
     async def backup(self, target: Path) -> None: ...
 
     def file_is_gone(self) -> bool: ...
+
+
+def check_schema(version: int, known: int, where: str) -> None:
+    """A database migrated by a newer wanbot than this one: this one would misread its tables, so it refuses."""
+    if version > known:
+        raise UserError(
+            f"The job database {where} was made by a newer wanbot (schema {version}; this wanbot knows up to "
+            f"{known}), so this one does not start.",
+            "Run the newer wanbot, or restore the backup taken before the upgrade (README: Upgrading).",
+        )

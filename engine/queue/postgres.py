@@ -17,8 +17,8 @@ from typing import Any
 
 import asyncpg
 
-from engine.errors import UserError
-from engine.queue.backend import Row
+from engine.errors import Unavailable, UserError
+from engine.queue.backend import Row, check_schema
 from engine.queue.url import PostgresUrl
 
 MIGRATIONS: list[str] = [
@@ -207,7 +207,9 @@ class PostgresBackend:
                 command_timeout=COMMAND_TIMEOUT_S,
             )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-            raise UserError(
+            # Out of reach is temporary (the server restarts, the network comes back); a refused login is the settings.
+            error = UserError if isinstance(exc, asyncpg.PostgresError) else Unavailable
+            raise error(
                 f"Cannot use the job database {url.shown()}: {exc or type(exc).__name__}.",
                 "Check database.url (WANBOT_DATABASE__URL): the server must be running and reachable, and the "
                 "user, password and database name right.",
@@ -250,6 +252,7 @@ class PostgresBackend:
             await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             version = await connection.fetchval("SELECT MAX(version) FROM schema_version") or 0
+            check_schema(version, len(MIGRATIONS), self.url.shown())
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 await connection.execute(script)
                 await connection.execute("INSERT INTO schema_version (version) VALUES ($1)", number)

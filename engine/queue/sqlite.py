@@ -17,7 +17,7 @@ from typing import Any
 import aiosqlite
 
 from engine.errors import UserError
-from engine.queue.backend import Row
+from engine.queue.backend import Row, check_schema
 
 MIGRATIONS: list[str] = [
     # 1: jobs and their states.
@@ -194,6 +194,9 @@ class SqliteBackend:
                 raise sqlite3.DatabaseError(check[0])
             backend = cls(db, path)
             await backend._migrate()
+        except UserError:
+            await db.close()
+            raise
         except sqlite3.DatabaseError as exc:
             await db.close()
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
@@ -227,6 +230,7 @@ class SqliteBackend:
     async def _migrate(self) -> None:
         async with self.transaction():
             version = (await (await self._db.execute("PRAGMA user_version")).fetchone())[0]
+            check_schema(version, len(MIGRATIONS), str(self.path))
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in split_sql(script):
                     await self._db.execute(statement)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,13 @@ def test_generate_names_the_model_option_it_refuses(tmp_path: Path):
     assert done.returncode == 2
     assert done.stderr.startswith("--model 'nosuch' is neither a folder on this machine nor a Hub repo id.")
     assert "models." not in done.stderr and done.stderr.strip().count("\n") == 0
+
+
+def test_a_database_server_out_of_reach_exits_1_so_that_systemd_starts_it_again(tmp_path: Path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    url = f"postgresql://wanbot@127.0.0.1:{closed_port}/wanbot"
+    down = wanbot("queue", "list", data=tmp_path, env={"WANBOT_DATABASE__URL": url})
+    assert down.returncode == 1, down.stderr
+    assert down.stderr.startswith("Cannot use the job database") and "Traceback" not in down.stderr

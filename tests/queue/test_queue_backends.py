@@ -17,6 +17,7 @@ from engine.jobs import EventKind
 from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
 from engine.queue.postgres import MIGRATIONS
+from engine.queue.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from engine.storage.images import Mode
 from tests.conftest import postgres_schema
 from tests.factories import params, source
@@ -163,3 +164,20 @@ async def test_an_event_committed_behind_newer_ones_is_still_heard():
                 await follower
             await serving.close()
             await worker.close()
+
+
+@pytest.mark.both_backends
+async def test_a_database_a_newer_wanbot_migrated_is_refused_in_one_sentence(database_url: str):
+    queue = await JobQueue.connect(database_url)
+    await queue.enqueue(source(), Mode.T2V, "tiny", params())
+    newer = len(SQLITE_MIGRATIONS if queue.path is not None else MIGRATIONS) + 1
+    async with queue.database.transaction() as db:  # as a newer wanbot's next migration would leave it
+        if queue.path is not None:
+            await db.run(f"PRAGMA user_version = {newer}")
+        else:
+            await db.run("INSERT INTO schema_version (version) VALUES (?)", newer)
+    await queue.close()
+    with pytest.raises(UserError) as refused:
+        await JobQueue.connect(database_url)
+    assert f"was made by a newer wanbot (schema {newer};" in str(refused.value)
+    assert "restore the backup taken before the upgrade" in str(refused.value)

@@ -297,8 +297,13 @@ async def test_wanbot_run_that_cannot_connect_says_why_and_exits(tiny_settings, 
         WANBOT_DISCORD__API_BASE_URL=f"http://127.0.0.1:{closed_port}/api/v10",
     )
     code, output = await wanbot_run_until_exit(discord_down)  # Telegram starts first, then Discord fails
-    assert code == 2 and "Discord did not connect" in output, output
+    assert code == 1 and "Discord did not connect" in output, output  # out of reach: systemd starts it again
     assert telegram.sent("deleteWebhook") and "Traceback" not in output  # Telegram had started polling
+    telegram_down = run_environment(
+        tiny_settings, telegram, WANBOT_TELEGRAM__API_BASE_URL=f"http://127.0.0.1:{closed_port}/bot"
+    )
+    code, output = await wanbot_run_until_exit(telegram_down)
+    assert code == 1 and "Telegram did not connect (NetworkError" in output, output
 
 
 async def test_wanbot_run_killed_mid_job_delivers_exactly_one_video_after_restart(tiny_settings, telegram, tmp_path):
