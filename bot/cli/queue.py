@@ -83,11 +83,13 @@ def queue_show(job_id: JobIdArgument, as_json: JsonOption = False, config: Confi
     """Everything about one job, with its event history."""
     settings = settings_from(config)
 
-    async def work() -> tuple[Job, list[tuple[str, str | None]], Any]:
+    async def work() -> tuple[Job, list[tuple[str, str | None]], Any, dict[str, str]]:
         async with open_job_store(settings) as store, terminal_hints():
-            return await store.job(job_id), await store.history(job_id), await store.position(job_id)
+            job, history, place = await store.job(job_id), await store.history(job_id), await store.position(job_id)
+            hosts = {record.id: record.host for record in await store.workers()} if job.worker_id else {}
+            return job, history, place, hosts
 
-    job, history, place = run_or_exit(work())
+    job, history, place, hosts = run_or_exit(work())
     data = job.model_dump(mode="json")
     # Output that gets pasted into bug reports: a Discord interaction token lets anyone post as the bot for 15 min.
     reply = data["source"]["reply"]
@@ -97,11 +99,13 @@ def queue_show(job_id: JobIdArgument, as_json: JsonOption = False, config: Confi
     if as_json:
         console.print_json(json.dumps(data))
         return
-    for key, value in _job_lines(job, history, place):
+    for key, value in _job_lines(job, history, place, hosts):
         console.print(f"{key:>9}: {value}", highlight=False, markup=False)
 
 
-def _job_lines(job: Job, history: list[tuple[str, str | None]], place: Any) -> list[tuple[str, str]]:
+def _job_lines(
+    job: Job, history: list[tuple[str, str | None]], place: Any, workers: dict[str, str]
+) -> list[tuple[str, str]]:
     """`queue show` as text: what was asked, what was made, when, and what went wrong; nothing unknown is printed."""
     params = job.params
     lines = [
@@ -124,8 +128,13 @@ def _job_lines(job: Job, history: list[tuple[str, str | None]], place: Any) -> l
         lines.append(("finished", time_text(job.finished_at) + took))
     if place is not None:
         lines.append(("position", _place_text(place, history)))
+    if job.worker_id is not None:
+        host = workers.get(job.worker_id)
+        lines.append(("worker", job.worker_id + (f" on {host}" if host else "")))
     if job.error_user:
         lines.append(("error", job.error_user))
+    if job.error_detail and job.error_detail != job.error_user:
+        lines.append(("cause", job.error_detail))
     if job.result is not None:
         lines.append(("video", job.result.path))
     if job.delivery_status is not None:

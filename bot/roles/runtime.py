@@ -40,7 +40,7 @@ async def serve(settings: Settings, say: Callable[[str], None], role: Role = Rol
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, partial(_stop_on_signal, signal.Signals(signum), stop))
     makes_videos = role is not Role.SERVE
     engine = await Engine.open(settings, with_worker=makes_videos)
     supervisor = engine.supervisor
@@ -84,6 +84,12 @@ async def serve(settings: Settings, say: Callable[[str], None], role: Role = Rol
             await adapter.stop()
         await engine.close()
     return supervisor.failure
+
+
+def _stop_on_signal(received: signal.Signals, stop: asyncio.Event) -> None:
+    # The operator's record of why the process ended, before the lines of what stopping does.
+    log.info("received %s: stopping; a running job goes back to the queue, first in line", received.name)
+    stop.set()
 
 
 def _started_line(settings: Settings, role: Role, adapters: list[Any]) -> str:

@@ -4,6 +4,7 @@ transaction a state change is, its history row (shared with other processes when
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from engine.jobs import (
 from engine.queue.backend import Backend, Row, Tx
 from engine.queue.bus import EventBus
 from engine.storage.images import ImageInfo, Mode
+
+log = logging.getLogger(__name__)
 
 DAY_S = 86400
 
@@ -123,7 +126,10 @@ class QueueCore:
     def _publish(
         self, kind: EventKind, job: Job, progress: Progress | None = None, preview: PreviewInfo | None = None
     ) -> None:
-        """Tell this process's subscribers (other processes heard of it from `_log` or `_share`)."""
+        """Tell this process's subscribers (other processes heard of it from `_log` or `_share`); a state change is
+        also one INFO line for the operator."""
+        if kind not in (EventKind.PROGRESS, EventKind.PREVIEW):
+            log.info("job=%s %s%s", job.id, kind.value, _state_details(job, kind))
         self.events.publish(JobEvent(kind=kind, job=job, progress=progress, preview=preview))
 
     def _progress_worth_sharing(self, job_id: int, progress: Progress) -> bool:
@@ -160,6 +166,20 @@ async def claim_held(db: Tx, job_id: int, token: str) -> bool:
     """Whether the claim `token` still runs the job (its worker was not silent past the lease)."""
     held = "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND claim_token = ?"
     return await db.one(held, job_id, token) is not None
+
+
+def _state_details(job: Job, kind: EventKind) -> str:
+    """Who and how long, as far as the state change knows: the worker, the wait, the run, the delivery."""
+    details = [f"user={job.source.user_key}", f"model={job.model}"] if kind is EventKind.ENQUEUED else []
+    if job.worker_id is not None and kind is not EventKind.ENQUEUED:
+        details.append(f"worker={job.worker_id}")
+    if kind is EventKind.STARTED and job.started_at is not None:
+        details.append(f"waited={job.started_at - job.created_at:.1f}s attempt={job.attempts}")
+    if job.status.terminal and job.finished_at is not None and kind in (EventKind.SUCCEEDED, EventKind.FAILED):
+        details.append(f"ran={job.finished_at - (job.started_at or job.finished_at):.1f}s")
+    if kind is EventKind.DELIVERED and job.delivered_at is not None and job.finished_at is not None:
+        details.append(f"after={job.delivered_at - job.finished_at:.1f}s attempts={job.delivery_attempts}")
+    return "".join(f" {detail}" for detail in details)
 
 
 def claim_lost(job: Job) -> ClaimLost:

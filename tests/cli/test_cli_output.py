@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from bot.cli import app
 from bot.cli.queue import _place_text
 from engine.config import load_settings
-from engine.jobs import JobSource, QueuePosition
+from engine.jobs import JobSource, QueuePosition, WorkerRecord
 from engine.queue.jobqueue import JobQueue
 from engine.storage.images import Mode
 from tests import imagefactory
@@ -127,9 +127,10 @@ def enqueue_jobs(data: Path) -> None:
         waiting = await queue.claim_next()
         assert waiting is not None
         await queue.requeue(waiting.id, "waiting for the model download")
-        failed = await queue.claim_next(exclude_models=[LONG_MODEL])
+        await queue.heartbeat(WorkerRecord(id="gpu-a/cuda:0/7-ab", host="gpu-a", pid=7, device="cuda:0", started_at=0))
+        failed = await queue.claim_next(exclude_models=[LONG_MODEL], worker_id="gpu-a/cuda:0/7-ab")
         assert failed is not None
-        await queue.mark_failed(failed.id, "The model ran out of memory.", "CUDA OOM")
+        await queue.mark_failed(failed.id, "The model ran out of memory.", "CUDA OOM", token=failed.claim_token)
         await queue.close()
 
     asyncio.run(work())
@@ -144,6 +145,7 @@ def test_queue_show_in_text_gives_seed_size_times_and_error_and_never_none(tmp_p
     assert re.search(r"asked: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", failed.stdout)
     assert "started: " in failed.stdout and "finished: " in failed.stdout
     assert "error: The model ran out of memory." in failed.stdout
+    assert "cause: CUDA OOM" in failed.stdout and "worker: gpu-a/cuda:0/7-ab on gpu-a" in failed.stdout
     waiting = wanbot("queue", "show", "1", data=tmp_path)
     assert "position: 1, waiting for its model to download" in waiting.stdout
     assert "eta" not in waiting.stdout

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -546,3 +548,22 @@ async def test_positions_always_match_the_claim_order(queue: JobQueue):
         await queue.mark_succeeded(job.id, result())
         claimed += 1
     assert claimed > 30
+
+
+async def test_each_state_change_is_one_info_line_with_its_job_worker_and_times(
+    queue: JobQueue, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="engine.queue.core")
+    created = await queue.enqueue(source("u7"), Mode.T2V, "tiny", params())
+    job = await queue.claim_next(worker_id="gpu-a/cuda:0/7-ab")
+    await queue.update_progress(job.id, Progress(stage=Stage.DENOISING, step=1, total=2), token=job.claim_token)
+    result = ResultInfo(path="x.mp4", bytes=1, width=64, height=64, frames=5, fps=16, duration_s=0.3, model="t", seed=1)
+    await queue.mark_succeeded(job.id, result, token=job.claim_token)
+    await queue.mark_delivered(job.id)
+    lines = [record.getMessage() for record in caplog.records if record.name == "engine.queue.core"]
+    number = created.job.id
+    assert [line.split()[1] for line in lines] == ["enqueued", "started", "succeeded", "delivered"]  # no progress
+    assert lines[0] == f"job={number} enqueued user=telegram:u7 model=tiny"
+    assert re.fullmatch(rf"job={number} started worker=gpu-a/cuda:0/7-ab waited=\d+\.\ds attempt=1", lines[1])
+    assert re.fullmatch(rf"job={number} succeeded worker=gpu-a/cuda:0/7-ab ran=\d+\.\ds", lines[2])
+    assert re.fullmatch(rf"job={number} delivered worker=gpu-a/cuda:0/7-ab after=\d+\.\ds attempts=1", lines[3])

@@ -95,6 +95,7 @@ def test_sigterm_still_stops_the_bot_cleanly(tmp_path: Path):
             process.kill()
     assert process.returncode == 0, output
     assert "Traceback" not in output
+    assert "received SIGTERM: stopping; a running job goes back to the queue" in output
 
 
 async def test_backup_copies_the_live_database_and_the_copy_opens(tmp_path: Path):
