@@ -242,6 +242,9 @@ class JobRelay:
             self.show(job, texts.cancel_text(job), at_once=True)
         elif event.kind in (EventKind.STARTED, EventKind.PROGRESS):
             await self._show_progress(event)
+        elif event.kind is EventKind.REQUEUED and job.status is JobStatus.QUEUED:
+            # Its worker stopped (or went silent): said at once, not left showing the last step until it restarts.
+            self.show(job, texts.requeued_text(job), "cancel", at_once=True)
         elif event.kind is EventKind.PREVIEW:
             await self._take_preview(event)
         elif event.kind is EventKind.SUCCEEDED:

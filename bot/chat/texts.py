@@ -149,7 +149,13 @@ STAGE_WORDS = {
 }
 
 
-RESTARTED = "Started again from the beginning: the bot restarted while this job ran."
+RESTARTED = "Started again from the beginning: the worker making it stopped while it ran."
+
+
+def requeued_text(job: Job) -> str:
+    """A running job whose worker stopped or went silent: it waits for a worker again, first in line."""
+    head = f"Job #{job.id} ({job.mode.value}) is waiting for a worker again: the one making it stopped."
+    return "\n".join([head, "It starts again from the beginning, first in line.", *job_notes(job)])
 
 
 def progress_text(job: Job, progress: Progress | None, restarted: bool = False) -> str:

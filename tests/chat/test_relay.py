@@ -101,3 +101,17 @@ async def test_a_stale_copy_of_a_delivered_job_is_not_sent_again(engine: Engine,
     await relay.deliver(stale)
     await relay.stop()
     assert platform.uploads == 1
+
+
+async def test_a_job_whose_worker_stopped_says_at_once_that_it_waits_for_a_worker_again(engine: Engine):
+    platform = FakePlatform()
+    async with following(engine, platform, ChatConfig(edit_interval_s=0)):
+        job_id = (await engine._queue.enqueue(source(), Mode.T2V, "tiny", params())).job.id
+        claimed = await engine._queue.claim_next(worker_id="gpu-a/cuda:0/7-ab")
+        await engine._queue.update_progress(job_id, STEP, token=claimed.claim_token)
+        await until(lambda: any("1/4" in text for text in platform.texts.get(job_id, [])), 5, "progress")
+        await engine._queue.requeue(job_id, WORKER_STOPPED, token=claimed.claim_token)
+        said = f"Job #{job_id} (t2v) is waiting for a worker again: the one making it stopped."
+        await until(lambda: platform.texts[job_id][-1].startswith(said), 5, "the wait for a worker")
+    assert "restarted" not in platform.texts[job_id][-1] and "joined" not in platform.texts[job_id][-1]
+    assert platform.buttons[job_id][-1] == "cancel"
