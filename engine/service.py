@@ -69,6 +69,7 @@ __all__ = [
     "Submission",
     "Subscription",
     "Upload",
+    "WeightsToFetch",
     "check_pictures",
     "check_repo_id",
     "make_tiny_model",
@@ -78,6 +79,7 @@ __all__ = [
     "quiet_libraries",
     "size_text",
     "verify_snapshot",
+    "weights_to_fetch",
 ]
 
 
@@ -666,6 +668,44 @@ def check_pictures(settings: Settings, mode: Mode, start: Upload | None, end: Up
 def model_named(name: str, mode: Mode) -> ModelRef:
     """The model `name` means for `mode` ('tiny', a model folder or a Hub repo id); a UserError if none."""
     return resolve_model(name, mode)
+
+
+@dataclass(frozen=True)
+class WeightsToFetch:
+    """One download of `wanbot models download`: a repo (the files its pipeline needs, or just `files`), and why."""
+
+    repo_id: str
+    files: tuple[str, ...] | None
+    what: str
+
+
+def weights_to_fetch(settings: Settings, name: str, quality_only: bool = False) -> list[WeightsToFetch]:
+    """What `wanbot models download NAME` fetches. A repo id: that repo. A mode (or `all`): the model configured for
+    it and, unless `quality_only`, the fast preset's distilled weights, the default preset's: A14B's LoRA pair
+    (models.fast_loras), TI2V-5B's distilled model (models.fast_ti2v). Tiny and local models need nothing."""
+    modes = list(Mode) if name == "all" else [Mode(name)] if name in {mode.value for mode in Mode} else None
+    if modes is None:
+        check_repo_id(name)
+        return [WeightsToFetch(name, None, name)]
+    wanted: list[WeightsToFetch] = []
+    for mode in modes:
+        model = resolve_model(getattr(settings.models, mode.value), mode)
+        if model.is_tiny or model.is_local:
+            continue
+        wanted.append(WeightsToFetch(model.name, None, f"the {mode.value} model"))
+        fast = model.spec.fast
+        if quality_only or fast is None:
+            continue
+        if fast.weights == "lora":
+            pair = getattr(settings.models.fast_loras, mode.value)
+            wanted.append(
+                WeightsToFetch(pair.repo, (pair.high, pair.low), f"the fast preset's LoRA pair for {mode.value}")
+            )
+            continue
+        distilled = resolve_model(settings.models.fast_ti2v, mode)
+        if not distilled.is_local:
+            wanted.append(WeightsToFetch(distilled.name, None, f"the fast preset's distilled model for {mode.value}"))
+    return list(dict.fromkeys(wanted))  # `all`: the i2v and t2v pairs may share a repo, never a file list
 
 
 def model_downloader(settings: Settings) -> Downloader:

@@ -14,7 +14,9 @@ from rich.table import Table
 from bot.cli.common import ConfigOption, JsonOption, console, errors, run_or_exit, settings_from, usage_error
 from engine.config import Settings
 from engine.errors import UserError
+from engine.pipeline.presets import Preset
 from engine.service import (
+    WeightsToFetch,
     check_repo_id,
     make_tiny_model,
     model_downloader,
@@ -22,6 +24,7 @@ from engine.service import (
     quiet_libraries,
     size_text,
     verify_snapshot,
+    weights_to_fetch,
 )
 from engine.storage.images import Mode
 
@@ -83,40 +86,62 @@ def _repo_for(name: str, settings: Settings) -> str:
 
 
 def models_download(
-    name: Annotated[str, typer.Argument(help="t2v, i2v, ti2v (the configured model) or a repo id.")],
-    revision: Annotated[str, typer.Option(metavar="REV", help="A branch, tag or commit of the repo.")] = "main",
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="t2v, i2v, ti2v or all (the configured models, with what the fast preset needs) or a repo id."
+        ),
+    ],
+    revision: Annotated[str, typer.Option(metavar="REV", help="A branch, tag or commit of a repo id.")] = "main",
+    preset: Annotated[
+        Preset,
+        typer.Option(
+            "--preset", help="fast (default): the fast preset's distilled weights too; quality: the models alone."
+        ),
+    ] = Preset.FAST,
     config: ConfigOption = None,
 ) -> None:
-    """Download a model (only the files the pipeline needs), resuming whatever an earlier run fetched."""
+    """Download a model (only the files the pipeline needs), resuming whatever an earlier run fetched; for a mode,
+    also what its default fast preset runs on, so a worker can make a default video without a network afterwards."""
 
     settings = settings_from(config)
-    repo_id = _repo_for(name, settings)
+    try:
+        wanted = weights_to_fetch(settings, name, quality_only=preset is Preset.QUALITY)
+    except UserError as exc:
+        errors.print(str(exc), markup=False)
+        raise typer.Exit(2) from None
+    if not wanted:
+        console.print(f"Nothing to download: the {name} model is tiny or a folder on this machine.", highlight=False)
     downloader = model_downloader(settings)
+    for item in wanted:
+        folder = run_or_exit(_download(downloader, item, revision if item.what == item.repo_id else "main"))
+        shown = item.repo_id if item.files is None else f"{item.repo_id} ({', '.join(item.files)})"
+        why = "" if item.what == item.repo_id else f", {item.what}"
+        console.print(f"{shown} is complete in {folder}{why}", highlight=False)
 
-    async def work() -> Path:
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.percentage:>5.1f}%"),
-            TextColumn("{task.fields[speed]}"),
-            TimeRemainingColumn(),
-        )
-        # A bar only where someone watches it: in a log or a pipe it would leave a line of its own before the result.
-        with Progress(*columns, console=errors, disable=not errors.is_terminal) as bar:
-            task = bar.add_task(repo_id, total=None, speed="")
 
-            def show(progress: Any) -> None:
-                bar.update(
-                    task,
-                    completed=progress.done_bytes,
-                    total=progress.total_bytes,
-                    speed=f"{size_text(int(progress.speed_bps))}/s",
-                )
+async def _download(downloader: Any, item: WeightsToFetch, revision: str) -> Path:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[speed]}"),
+        TimeRemainingColumn(),
+    )
+    # A bar only where someone watches it: in a log or a pipe it would leave a line of its own before the result.
+    with Progress(*columns, console=errors, disable=not errors.is_terminal) as bar:
+        task = bar.add_task(item.repo_id, total=None, speed="")
 
-            return await downloader.download(repo_id, revision, on_progress=show)
+        def show(progress: Any) -> None:
+            bar.update(
+                task,
+                completed=progress.done_bytes,
+                total=progress.total_bytes,
+                speed=f"{size_text(int(progress.speed_bps))}/s",
+            )
 
-    folder = run_or_exit(work())
-    console.print(f"{repo_id} is complete in {folder}", highlight=False)
+        files = list(item.files) if item.files is not None else None
+        return await downloader.download(item.repo_id, revision, on_progress=show, files=files)
 
 
 def models_list(as_json: JsonOption = False, config: ConfigOption = None) -> None:

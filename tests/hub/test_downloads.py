@@ -563,3 +563,48 @@ async def test_cli_download_on_a_disk_that_fills_is_one_line_and_the_next_run_re
     assert again.exit_code == 0, again.output
     assert f"bytes={had}-" in [rng for method, path, rng in hub.requests if path == f"cdn:{WEIGHTS}"]
     assert verify_snapshot(repo_in(data / "models" / "hub") / "snapshots" / COMMIT) == []
+
+
+async def test_models_download_of_a_mode_fetches_the_fast_presets_weights_too(
+    served_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """After `wanbot models download t2v` a worker has what a default (fast) video needs, with no network."""
+    monkeypatch.delenv("WANBOT_CONFIG", raising=False)
+    (served_folder / "lora").mkdir()
+    for name in ("high.safetensors", "low.safetensors"):
+        (served_folder / "lora" / name).write_bytes(os.urandom(2048))
+    server = FakeHub(REPO_ID, served_folder)
+    await server.start()
+    data = tmp_path / "data"
+    env = {
+        "WANBOT_DATA_DIR": str(data),
+        "WANBOT_LOG_LEVEL": "WARNING",
+        "WANBOT_DOWNLOADS__ENDPOINT": server.url,
+        "WANBOT_DOWNLOADS__RESERVE_BYTES": "0",
+        "WANBOT_MODELS__T2V": REPO_ID,
+        "WANBOT_MODELS__FAST_LORAS__T2V__REPO": REPO_ID,
+        "WANBOT_MODELS__FAST_LORAS__T2V__HIGH": "lora/high.safetensors",
+        "WANBOT_MODELS__FAST_LORAS__T2V__LOW": "lora/low.safetensors",
+    }
+    try:
+        fast = await asyncio.to_thread(CliRunner().invoke, app, ["models", "download", "t2v"], env=env)
+        quality_data = tmp_path / "quality"
+        quality = await asyncio.to_thread(
+            CliRunner().invoke,
+            app,
+            ["models", "download", "t2v", "--preset", "quality"],
+            env={**env, "WANBOT_DATA_DIR": str(quality_data)},
+        )
+    finally:
+        await server.stop()
+    assert fast.exit_code == 0, fast.output
+    lines = fast.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{REPO_ID} is complete in") and lines[0].endswith("the t2v model")
+    assert lines[1].startswith(f"{REPO_ID} (lora/high.safetensors, lora/low.safetensors) is complete in")
+    assert lines[1].endswith("the fast preset's LoRA pair for t2v")
+    downloader = Downloader(data / "models", config(server))
+    files = ["lora/high.safetensors", "lora/low.safetensors"]
+    assert downloader.local_files(REPO_ID, files) is not None and downloader.local_snapshot(REPO_ID) is not None
+    assert quality.exit_code == 0, quality.output
+    assert len(quality.stdout.splitlines()) == 1  # the model alone
+    assert Downloader(quality_data / "models", config(server)).local_files(REPO_ID, files) is None
