@@ -454,8 +454,12 @@ def output_name(job_id: int) -> str:
 
 def _failure_message(job_id: int, error: Exception) -> str:
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return f"Video #{job_id} could not be saved: the server's disk is full. It has been logged; retry it later."
-    return f"Sorry, something went wrong while making video #{job_id}. It has been logged; you can retry it."
+        return (
+            f"Video #{job_id} could not be saved: the server's disk is full. It has been logged; send the request "
+            "again once an admin has made room."
+        )
+    # No Retry button under a failed job: the way to try again is to ask again.
+    return f"Sorry, something went wrong while making video #{job_id}. It has been logged; send the request again."
 
 
 class _ProgressReporter:

@@ -75,8 +75,9 @@ class Leases(QueueCore):
                         """UPDATE jobs SET status = 'failed', finished_at = ?, error_user = ?, error_detail = ?,
                                   claim_token = NULL WHERE id = ?""",
                         now,
-                        f"The bot stopped while making this video {row['attempts']} times, so it was given "
-                        "up. Retry it if you like; if it keeps failing, try fewer frames or a lower resolution.",
+                        f"The bot stopped while making this video {row['attempts']} times, so it was given up. "
+                        "Send the request again if you like; if it keeps failing, try fewer frames or a lower "
+                        "resolution.",
                         f"interrupted after {row['attempts']} attempts ({why})",
                         row["id"],
                     )

@@ -225,7 +225,7 @@ async def test_a_full_disk_during_the_encode_fails_the_job_plainly_and_the_next_
         job = await engine._queue.get(job_id)
         assert job.status is JobStatus.FAILED
         assert job.error_user == f"Video #{job_id} could not be saved: the server's disk is full. It has been " + (
-            "logged; retry it later."
+            "logged; send the request again once an admin has made room."
         )
         assert sorted(os.listdir(full_disk)) == ["filler"]  # no half-written video left
         (full_disk / "filler").unlink()
