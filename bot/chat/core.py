@@ -4,9 +4,11 @@ returned text into a platform reply; a third platform needs only an adapter."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -145,6 +147,7 @@ class ChatCore:
         self._worth_retrying = worth_retrying
         self._how_to_ask = how_to_ask
         self.arrivals = ArrivalOrder()  # the adapter registers the messages it hands on, in the order they came
+        self._reroll_turns: dict[int, tuple[asyncio.Lock, int]] = {}  # job id -> its lock and the presses at it
 
     def allows(self, person: Person, place: Place) -> bool:
         return self.access.allows(person, place)
@@ -236,6 +239,22 @@ class ChatCore:
         if not active:
             raise UserError("You have no job to cancel.", "See /queue for your jobs.")
         return active[0].id
+
+    @contextlib.asynccontextmanager
+    async def reroll_turn(self, job_id: int) -> AsyncIterator[None]:
+        """One press of a job's Reroll at a time, from the refusal check to the new job queued: the next press finds
+        that job (reroll_refusal says so to the presser alone), so a burst of taps makes one job and one message."""
+        turn, presses = self._reroll_turns.get(job_id, (asyncio.Lock(), 0))
+        self._reroll_turns[job_id] = (turn, presses + 1)
+        try:
+            async with turn:
+                yield
+        finally:
+            turn, presses = self._reroll_turns[job_id]
+            if presses == 1:
+                del self._reroll_turns[job_id]
+            else:
+                self._reroll_turns[job_id] = (turn, presses - 1)
 
     async def reroll_refusal(self, person: Person, place: Place, job_id: int) -> str | None:
         """Why `person` may not reroll the job, or None. Asked before anything is posted, so that a refusal is

@@ -314,13 +314,14 @@ class DiscordAdapter:
         await answer_privately(interaction, text)
 
     async def on_reroll_button(self, interaction: discord.Interaction, job_id: int) -> None:
-        refusal = await self.core.reroll_refusal(_person(interaction), _place(interaction), job_id)
-        if refusal is not None:
-            await answer_privately(interaction, refusal)
-            return
-        await interaction.response.defer(thinking=True)
-        reply = self._reply_for(interaction)
-        answer = await self.core.reroll(_person(interaction), job_id, str(interaction.id), reply)
+        async with self.core.reroll_turn(job_id):
+            refusal = await self.core.reroll_refusal(_person(interaction), _place(interaction), job_id)
+            if refusal is not None:
+                await answer_privately(interaction, refusal)
+                return
+            await interaction.response.defer(thinking=True)
+            reply = self._reply_for(interaction)
+            answer = await self.core.reroll(_person(interaction), job_id, str(interaction.id), reply)
         if answer is not None:
             await _edit_answer(interaction, answer)
 

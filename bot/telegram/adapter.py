@@ -415,15 +415,16 @@ class TelegramAdapter:
         if action == "cancel":
             await query.answer(texts.fit_text(await self._core.cancel(person, place, job_id), BUTTON_ANSWER_LIMIT))
             return
-        refusal = await self._core.reroll_refusal(person, place, int(job_id))
-        if refusal is not None:
-            await query.answer(texts.fit_text(refusal, BUTTON_ANSWER_LIMIT), show_alert=True)
-            return
-        await query.answer("Making another one with a new seed…")
-        anchor = query.message
-        status = await anchor.reply_text(f"Rerolling job #{job_id}…")
-        reply = _reply_to(anchor, status.message_id)
-        answer = await self._core.reroll(person, int(job_id), f"reroll-{query.id}", reply)
+        async with self._core.reroll_turn(int(job_id)):
+            refusal = await self._core.reroll_refusal(person, place, int(job_id))
+            if refusal is not None:
+                await query.answer(texts.fit_text(refusal, BUTTON_ANSWER_LIMIT), show_alert=True)
+                return
+            await query.answer("Making another one with a new seed…")
+            anchor = query.message
+            status = await anchor.reply_text(f"Rerolling job #{job_id}…")
+            reply = _reply_to(anchor, status.message_id)
+            answer = await self._core.reroll(person, int(job_id), f"reroll-{query.id}", reply)
         if answer is not None:
             await self._answer(anchor, status.message_id, answer)
 

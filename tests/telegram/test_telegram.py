@@ -603,3 +603,21 @@ async def test_presets_are_named_in_the_answer_and_caption_and_bad_ones_refused(
     assert any("steps=30 was not used" in text for text in shown)
     assert "fast preset" in video.fields["caption"]
     assert "turbo" in refusal[0] and "preset=" in refusal[0]
+
+
+async def test_ten_quick_taps_of_reroll_make_one_job_and_one_message(tiny_settings, telegram):
+    async with running_bot(configure(tiny_settings, telegram)) as bot:
+        telegram.command(ALICE, "/video a fox on a bike steps=2")
+        video = (await until(lambda: telegram.sent("sendVideo", ALICE), what="the video"))[0]
+        result_message = telegram.messages[(ALICE, max(m for (c, m) in telegram.messages if c == ALICE))]
+        await bot.engine._queue.set_paused(True)  # the rerolled job waits, so every later tap finds it
+        reroll = json.loads(video.fields["reply_markup"])["inline_keyboard"][0][0]["callback_data"]
+        messages_before = len(telegram.sent("sendMessage", ALICE))
+        for _ in range(10):
+            telegram.press(ALICE, result_message, reroll)
+        await until(lambda: len(telegram.sent("answerCallbackQuery")) == 10, what="an answer to every tap")
+        jobs = await bot.engine._queue.list_jobs()
+    assert len(jobs) == 2 and jobs[0].retry_of == jobs[1].id
+    assert len(telegram.sent("sendMessage", ALICE)) == messages_before + 1  # one "Rerolling job #1…"
+    answers = [call.fields.get("text", "") for call in telegram.sent("answerCallbackQuery")]
+    assert sum("is already making this video again" in answer for answer in answers) == 9
