@@ -254,7 +254,7 @@ class TelegramAdapter:
         request = self._caption_request(message)
         if request is not None:
             await self._submit(message, request[1], request[0], _images_of(message))
-        elif _is_private(message):
+        elif _is_private(message) and self._answers(message):
             caption = (message.caption or "").split()
             if caption:
                 await self._reply(message, _unknown_command_text(caption[0]))
@@ -267,10 +267,17 @@ class TelegramAdapter:
 
     async def _on_unknown_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
-        await self._reply(message, _unknown_command_text(message.text.split()[0]))
+        if self._answers(message):
+            await self._reply(message, _unknown_command_text(message.text.split()[0]))
 
     async def _on_unusable(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        await update.effective_message.reply_text(UNUSABLE_HINT)
+        if self._answers(update.effective_message):
+            await update.effective_message.reply_text(UNUSABLE_HINT)
+
+    def _answers(self, message: Message) -> bool:
+        """Hints are for the people the bot serves; an outsider's stray picture, command or sticker gets silence
+        (a command the bot knows still gets the refusal, so they learn why nothing happens)."""
+        return message.from_user is not None and self._core.allows(_person(message.from_user), _place(message))
 
     async def _album_complete(self, key: tuple[int, str]) -> None:
         """Albums arrive as separate updates; once none has come for `album_wait_s`, treat them as one request."""
@@ -291,7 +298,7 @@ class TelegramAdapter:
             if item is not captioned:  # the request waits for the chat's earlier messages, not for its own pictures
                 self._core.arrivals.handled(str(item.chat_id), str(item.message_id))
         if captioned is None:
-            if messages and _is_private(messages[0]):
+            if messages and _is_private(messages[0]) and self._answers(messages[0]):
                 await self._send_picture_hint(messages[0], [ref for item in messages for ref in _images_of(item)][:2])
             return
         mode, text = self._caption_request(captioned)

@@ -560,6 +560,21 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
         for text in ("/queue", "/status", "/help", "/cancel 1", "/video let me in"):
             telegram.command(BOB, text)
         await until(lambda: len(texts(telegram, BOB)) == 5, what="bob's five answers")
+        # Stray things from an outsider get silence: a picture without a prompt, an unknown command, a sticker.
+        telegram.photo(BOB, imagefactory.jpeg())
+        telegram.command(BOB, "/nosuchthing")
+        telegram.user_message(
+            BOB,
+            sticker={
+                "file_id": "s",
+                "file_unique_id": "s",
+                "width": 1,
+                "height": 1,
+                "is_animated": False,
+                "is_video": False,
+                "type": "regular",
+            },
+        )
         telegram.press(BOB, video_message, reroll)
         telegram.press(BOB, video_message, "cancel:1")
         telegram.press(carol, video_message, reroll)  # allowed, but not hers
