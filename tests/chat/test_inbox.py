@@ -116,7 +116,8 @@ async def test_a_deferred_discord_request_killed_before_it_was_queued_is_finishe
     )
     log_path = tmp_path / "run.log"
     first = await _start_bot(env, log_path)
-    await until(lambda: discord_server.commands, limit_s=60, what="the commands synced")
+    # Started, not only synced: the commands are synced before the gateway connects, and the slash needs both.
+    await until(lambda: "wanbot running" in log_path.read_text(), limit_s=60, what="the bot connected")
     discord_server.cdn_gate = asyncio.Event()  # the picture's download hangs after the defer
     start = discord_server.attachment(imagefactory.png(160, 120), "start.png")
     options = {"prompt": "waves", "steps": 2}
