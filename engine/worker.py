@@ -250,11 +250,13 @@ class Worker:
     async def _pause(self, seconds: float) -> None:
         """Wait after an error; only `stop()` cuts it short (new jobs do not: the database is the problem)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+            async with asyncio.timeout(seconds):  # not wait_for, which can swallow a cancel (engine/queue/follower.py)
+                await self._stop.wait()
 
     async def _idle(self, timeout_s: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._wake.wait()
 
     async def _wake_on_events(self, inbox: Subscription) -> None:
         async for event in inbox:

@@ -71,7 +71,8 @@ async def _keep(device: str, config: str | None, env: dict[str, str], stop: asyn
             wait_s = FIRST_WAIT_S
         log.error("worker process for %s exited with %s; starting it again in %.0f s", device, code, wait_s)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=wait_s)
+            async with asyncio.timeout(wait_s):  # not wait_for, which can swallow a cancel (engine/queue/follower.py)
+                await stop.wait()
         wait_s = min(wait_s * 2, MAX_WAIT_S)
 
 

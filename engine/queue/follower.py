@@ -52,8 +52,11 @@ class EventFollower:
         forgot_at = time.monotonic()
         async with queue.listen(wake.set) as listening:
             while True:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel that comes as the
+                # event is set, and a follower that misses its cancel never stops (a stop hangs on it).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), timeout=queue.event_poll_s)
+                    async with asyncio.timeout(queue.event_poll_s):
+                        await wake.wait()
                 wake.clear()
                 if not listening():
                     raise ConnectionError("the database connection that listens for events of other processes closed")
