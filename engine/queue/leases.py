@@ -139,13 +139,10 @@ class Serving(QueueCore):
         """Make `me` the serving process of this database; the live one that already is, if any (then nothing
         changes). One gone (released, silent past `lease_s`, or an ended process of `me.machine`) is replaced."""
         async with self._transaction() as db:
-            await db.serialize(SERVING_FLAG)
-            row = await db.one("SELECT value FROM queue_flags WHERE name = ?", SERVING_FLAG)
-            now = self._clock()
-            if row is not None:
-                other = ServingRecord.model_validate_json(row["value"])
+            other, now = await _serving_holder(db), self._clock()
+            if other is not None and other.id != me.id:
                 alive = {**other.model_dump(), "state": WorkerState.IDLE.value}
-                if other.id != me.id and _why_gone(alive, now, lease_s, me.machine, is_alive) is None:
+                if _why_gone(alive, now, lease_s, me.machine, is_alive) is None:
                     return other
             await _write_serving(db, me.model_copy(update={"heartbeat_at": now}))
         return None
@@ -153,9 +150,7 @@ class Serving(QueueCore):
     async def renew_serving(self, me: ServingRecord) -> ServingRecord | None:
         """Renew `me`'s lease; None while it holds, else the process that took over (this one was silent too long)."""
         async with self._transaction() as db:
-            await db.serialize(SERVING_FLAG)
-            row = await db.one("SELECT value FROM queue_flags WHERE name = ?", SERVING_FLAG)
-            holder = ServingRecord.model_validate_json(row["value"]) if row is not None else None
+            holder = await _serving_holder(db)
             if holder is not None and holder.id != me.id:
                 return holder
             await _write_serving(db, me.model_copy(update={"heartbeat_at": self._clock()}))
@@ -164,10 +159,16 @@ class Serving(QueueCore):
     async def release_serving(self, me: ServingRecord) -> None:
         """A clean stop: the next serving process may start at once."""
         async with self._transaction() as db:
-            await db.serialize(SERVING_FLAG)
-            row = await db.one("SELECT value FROM queue_flags WHERE name = ?", SERVING_FLAG)
-            if row is not None and ServingRecord.model_validate_json(row["value"]).id == me.id:
+            holder = await _serving_holder(db)
+            if holder is not None and holder.id == me.id:
                 await db.run("DELETE FROM queue_flags WHERE name = ?", SERVING_FLAG)
+
+
+async def _serving_holder(db: Tx) -> ServingRecord | None:
+    """The serving process as stored, with the lease locked until the transaction ends (one change at a time)."""
+    await db.serialize(SERVING_FLAG)
+    row = await db.one("SELECT value FROM queue_flags WHERE name = ?", SERVING_FLAG)
+    return ServingRecord.model_validate_json(row["value"]) if row is not None else None
 
 
 async def _write_serving(db: Tx, record: ServingRecord) -> None:
