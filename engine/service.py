@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from engine.config import Settings
 from engine.errors import UserError
-from engine.hub.downloads import Downloader, check_repo_id, size_text, verify_snapshot, warn_missing_models
+from engine.hub.downloads import Downloader, size_text, warn_missing_models
 from engine.jobs import (
     Actor,
     EnqueueResult,
@@ -36,7 +36,7 @@ from engine.jobs import (
     ServingRecord,
     WorkerRecord,
 )
-from engine.pipeline.models import GenerationRequest, ModelRef, model_for_mode, resolve_model, resolve_request
+from engine.pipeline.models import GenerationRequest, model_for_mode, resolve_request
 from engine.pipeline.video import fit_to_limit
 from engine.queue.backend import Backend as Database
 from engine.queue.bus import EventBus, Subscription
@@ -45,7 +45,7 @@ from engine.queue.fleet import pid_alive, recover_orphans, this_machine
 from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
 from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
-from engine.storage.images import ImageInfo, ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
+from engine.storage.images import ImageStore, ValidatedImage, check_mode, validate_image_bytes
 from engine.storage.preview_files import preview_path
 from engine.storage.shared_files import SharedFiles, shared_files
 from engine.supervisor import Supervisor
@@ -60,26 +60,14 @@ T = TypeVar("T")
 RECORD_FIRST_WAIT_S = 0.5
 RECORD_MAX_WAIT_S = 30.0
 log = logging.getLogger(__name__)
-# What the facade passes on as it is: the wording of sizes, and two checks of model repos the CLI names.
+# What the facade passes on as it is: the wording of sizes.
 __all__ = [
     "Database",
     "Engine",
-    "JobStore",
-    "PictureCheck",
     "Submission",
     "Subscription",
     "Upload",
-    "WeightsToFetch",
-    "check_pictures",
-    "check_repo_id",
-    "make_tiny_model",
-    "model_downloader",
-    "model_named",
-    "open_job_store",
-    "quiet_libraries",
     "size_text",
-    "verify_snapshot",
-    "weights_to_fetch",
 ]
 
 
@@ -146,6 +134,7 @@ class Engine:
             queue = await JobQueue.connect(settings.database_url, EventBus())
             return cls(settings, queue, store, None, None, None)
         from engine.pipeline.generate import PipelineRunner, default_locator, device_facts, find_model_folder
+        from engine.pipeline.libraries import quiet_libraries
         from engine.pipeline.prompts import PromptLengths
         from engine.worker import Worker
 
@@ -574,154 +563,3 @@ class Engine:
 
 def _previews_flag(platform: str, chat_id: str) -> str:
     return f"previews:{platform}:{chat_id}"
-
-
-# -- the operator's commands: the job store, pictures and models, with no engine running ------------------------
-
-
-class JobStore:
-    """The job queue alone (no model, no worker, no torch), for the operator's commands that list and manage jobs."""
-
-    def __init__(self, queue: JobQueue) -> None:
-        self._queue = queue
-
-    @property
-    def path(self) -> Path | None:
-        """The database file (SQLite); None for a database on a server."""
-        return self._queue.path
-
-    async def job(self, job_id: int) -> Job:
-        return await self._queue.get(job_id)
-
-    async def jobs(self, statuses: Collection[JobStatus] = (), limit: int = 50) -> list[Job]:
-        """The latest jobs, newest first."""
-        return await self._queue.list_jobs(statuses, limit=limit)
-
-    async def history(self, job_id: int) -> list[tuple[str, str | None]]:
-        """The job's state changes, oldest first: (kind, detail)."""
-        return await self._queue.events_of(job_id)
-
-    async def position(self, job_id: int) -> QueuePosition | None:
-        return await self._queue.position(job_id)
-
-    async def cancel(self, job_id: int, actor: Actor) -> Job:
-        return await self._queue.cancel(job_id, actor)
-
-    async def retry(self, job_id: int, actor: Actor, source: JobSource | None = None) -> EnqueueResult:
-        """The finished job made again as a new job (`source`: where its messages go)."""
-        return await self._queue.retry(job_id, actor, source=source)
-
-    async def redeliver(self, job_id: int) -> Job:
-        return await self._queue.redeliver(job_id)
-
-    async def stats(self, period_s: float) -> list[dict[str, Any]]:
-        return await self._queue.stats(period_s)
-
-    async def set_paused(self, paused: bool) -> None:
-        await self._queue.set_paused(paused)
-
-    async def workers(self) -> list[WorkerRecord]:
-        return await self._queue.workers()
-
-    async def backup(self, target: Path) -> None:
-        await self._queue.backup(target)
-
-
-@asynccontextmanager
-async def open_job_store(settings: Settings) -> AsyncIterator[JobStore]:
-    """The job store of `settings`' database, closed at the end of the block."""
-    queue = await JobQueue.connect(settings.database_url)
-    try:
-        yield JobStore(queue)
-    finally:
-        await queue.close()
-
-
-@dataclass
-class PictureCheck:
-    """What the bot would say about pictures for a mode: what it warns of and changes, and what it read."""
-
-    warnings: list[str]
-    adjustments: list[str]
-    images: list[ImageInfo]
-
-
-def check_pictures(settings: Settings, mode: Mode, start: Upload | None, end: Upload | None) -> PictureCheck:
-    """Validate pictures as a request's are, and resolve them against the mode's model (an end image it ignores, a
-    crop); raise a UserError where the bot would refuse them."""
-    images = [
-        validate_image_bytes(upload.data, settings.images, role, upload.filename) if upload else None
-        for upload, role in ((start, "start"), (end, "end"))
-    ]
-    checked = check_mode(mode, images[0], images[1], settings.images)
-    infos = [image.info for image in checked.images]
-    warnings, adjustments = list(checked.warnings), []
-    if infos:
-        model = model_for_mode(mode, settings)
-        end_info = infos[1] if len(infos) > 1 else None
-        params = resolve_request(GenerationRequest(mode=mode), model, settings.generation, infos[0], end_info)
-        warnings.extend(params.warnings)
-        adjustments = params.adjustments
-    return PictureCheck(warnings, adjustments, infos)
-
-
-def model_named(name: str, mode: Mode) -> ModelRef:
-    """The model `name` means for `mode` ('tiny', a model folder or a Hub repo id); a UserError if none."""
-    return resolve_model(name, mode)
-
-
-@dataclass(frozen=True)
-class WeightsToFetch:
-    """One download of `wanbot models download`: a repo (the files its pipeline needs, or just `files`), and why."""
-
-    repo_id: str
-    files: tuple[str, ...] | None
-    what: str
-
-
-def weights_to_fetch(settings: Settings, name: str, quality_only: bool = False) -> list[WeightsToFetch]:
-    """What `wanbot models download NAME` fetches. A repo id: that repo. A mode (or `all`): the model configured for
-    it and, unless `quality_only`, the fast preset's distilled weights, the default preset's: A14B's LoRA pair
-    (models.fast_loras), TI2V-5B's distilled model (models.fast_ti2v). Tiny and local models need nothing."""
-    modes = list(Mode) if name == "all" else [Mode(name)] if name in {mode.value for mode in Mode} else None
-    if modes is None:
-        check_repo_id(name)
-        return [WeightsToFetch(name, None, name)]
-    wanted: list[WeightsToFetch] = []
-    for mode in modes:
-        model = resolve_model(getattr(settings.models, mode.value), mode)
-        if model.is_tiny or model.is_local:
-            continue
-        wanted.append(WeightsToFetch(model.name, None, f"the {mode.value} model"))
-        fast = model.spec.fast
-        if quality_only or fast is None:
-            continue
-        if fast.weights == "lora":
-            pair = getattr(settings.models.fast_loras, mode.value)
-            wanted.append(
-                WeightsToFetch(pair.repo, (pair.high, pair.low), f"the fast preset's LoRA pair for {mode.value}")
-            )
-            continue
-        distilled = resolve_model(settings.models.fast_ti2v, mode)
-        if not distilled.is_local:
-            wanted.append(WeightsToFetch(distilled.name, None, f"the fast preset's distilled model for {mode.value}"))
-    return list(dict.fromkeys(wanted))  # `all`: the i2v and t2v pairs may share a repo, never a file list
-
-
-def model_downloader(settings: Settings) -> Downloader:
-    """wanbot's downloader of model repos, as the worker uses it: plan, download, sizes, verify."""
-    return Downloader(settings.models_dir, settings.downloads)
-
-
-def quiet_libraries() -> None:
-    """No progress bars or INFO lines of the model libraries (a command that loads models calls it first)."""
-    from engine.pipeline.libraries import quiet_libraries as quiet
-
-    quiet()
-
-
-def make_tiny_model(target: Path, kind: Mode, seed: int) -> None:
-    """Build a randomly initialised tiny Wan pipeline of `kind` and save it as a diffusers folder at `target`."""
-    from engine.pipeline.tiny import make_tiny_model as build
-
-    build(target, kind, seed)

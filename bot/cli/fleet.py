@@ -15,10 +15,8 @@ from rich.text import Text
 from bot.cli.common import ConfigOption, JsonOption, console, cut, run_or_exit, settings_from, usage_error
 from engine.errors import JobNotFound, UserError, counted, duration_text
 from engine.jobs import Job, WorkerRecord, WorkerState
-from engine.service import (
-    open_job_store,
-    size_text,
-)
+from engine.operator import open_job_store
+from engine.service import size_text
 
 NO_WORKERS = (
     "No worker has started yet: queued videos wait until one does. Start one with `wanbot worker` (a GPU worker "

@@ -21,14 +21,10 @@ from bot.cli.common import CLI_ACTOR, ConfigOption, JsonOption, console, errors,
 from engine.config import ModelsConfig, Settings
 from engine.errors import UserError, counted
 from engine.jobs import EventKind, Job, JobSource, JobStatus
+from engine.operator import check_pictures, model_named, quiet_libraries
 from engine.pipeline.models import GenerationRequest
 from engine.pipeline.presets import PRESET_HELP, Preset
-from engine.service import (
-    Upload,
-    check_pictures,
-    model_named,
-    quiet_libraries,
-)
+from engine.service import Upload
 from engine.storage.images import Mode
 
 if TYPE_CHECKING:

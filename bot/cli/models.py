@@ -14,18 +14,18 @@ from rich.table import Table
 from bot.cli.common import ConfigOption, JsonOption, console, errors, run_or_exit, settings_from, usage_error
 from engine.config import Settings
 from engine.errors import UserError
-from engine.pipeline.presets import Preset
-from engine.service import (
+from engine.operator import (
     WeightsToFetch,
     check_repo_id,
     make_tiny_model,
     model_downloader,
     model_named,
     quiet_libraries,
-    size_text,
     verify_snapshot,
     weights_to_fetch,
 )
+from engine.pipeline.presets import Preset
+from engine.service import size_text
 from engine.storage.images import Mode
 
 

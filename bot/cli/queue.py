@@ -25,9 +25,7 @@ from bot.cli.common import (
 )
 from engine.errors import duration_text
 from engine.jobs import EventKind, Job, JobStatus
-from engine.service import (
-    open_job_store,
-)
+from engine.operator import open_job_store
 
 
 def _job_summary(job: Job) -> dict[str, Any]:
