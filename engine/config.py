@@ -128,7 +128,17 @@ class GenerationConfig(Section):
     max_steps: int = Field(60, ge=1)
     max_frames: int = Field(121, ge=5)
     max_pixels: int = Field(1280 * 720, ge=64 * 64, description="Largest width*height of a generated video.")
-    memory: Literal["auto", "gpu", "model_offload", "group_offload", "sequential_offload", "cpu"] = "auto"
+    memory: Literal["auto", "gpu", "model_offload", "group_offload", "sequential_offload", "cpu"] = Field(
+        "auto",
+        description="Where the model lives (`wanbot plan` shows each choice's memory and speed; auto: the fastest "
+        "that fits each job).",
+    )
+    vram_gib: float | None = Field(
+        None,
+        gt=0,
+        description="GPU memory wanbot plans with (default: what is free on the device), for a GPU shared with "
+        "other programs.",
+    )
     vae_tiling: Literal["auto", "on", "off"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     devices: list[str] = Field(

@@ -29,6 +29,7 @@ from engine.jobs import (
     Actor,
     EnqueueResult,
     EventKind,
+    GenerationParams,
     Job,
     JobSource,
     JobStatus,
@@ -36,7 +37,7 @@ from engine.jobs import (
     ServingRecord,
     WorkerRecord,
 )
-from engine.pipeline.models import GenerationRequest, model_for_mode, resolve_request
+from engine.pipeline.models import GenerationRequest, ModelRef, model_for_mode, resolve_request
 from engine.pipeline.video import fit_to_limit
 from engine.queue.backend import Backend as Database
 from engine.queue.bus import EventBus, Subscription
@@ -492,6 +493,7 @@ class Engine:
                 start=infos[0] if infos else None,
                 end=infos[1] if len(infos) > 1 else None,
             )
+            await self._check_plan(model, params)
             # A serving process has no tokenizer (no torch): the worker's model cuts a long prompt all the same.
             too_long = await self._prompt_lengths.warnings(model, params) if self._prompt_lengths else []
             warnings = [*(notes or []), *checked.warnings, *params.warnings, *too_long]
@@ -510,6 +512,13 @@ class Engine:
                 **self._limits(),
             )
         return Submission(result=result, notes=[*params.adjustments, *params.warnings])
+
+    async def _check_plan(self, model: ModelRef, params: GenerationParams) -> None:
+        """A job that no placement fits on this process's GPU is refused before it is queued, saying what would.
+        (A serving process has no GPU: the worker that claims it fails it with the same sentence.)"""
+        if self._runner is not None and self._prompt_lengths is not None:
+            folder = await asyncio.to_thread(self._prompt_lengths.folder, model)
+            await asyncio.to_thread(self._runner.check_fits, model, params, folder)
 
     async def reroll(self, job_id: int, actor: Actor, source: JobSource | None = None) -> EnqueueResult:
         """The same request again with a new seed, as a new job linked to the old one; while one such job waits or

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,12 @@ from engine.errors import UserError
 from engine.hub.downloads import Downloader
 from engine.jobs import GenerationParams, Job, Progress, RunInfo, Stage
 from engine.pipeline.hooks import JobCancelled, JobInterrupted, RunHooks
-from engine.pipeline.loras import LoraSlot
+from engine.pipeline.loras import LoraFiles, LoraSlot, SavedWeights
+from engine.pipeline.machine import model_footprint, plan_job, this_machine
 from engine.pipeline.models import ModelRef, ModelSpec, resolve_model
 from engine.pipeline.passes import PassCounter
+from engine.pipeline.placement import Placement, expert_order
+from engine.pipeline.planner import NoPlanFits, Plan, Where, margin
 from engine.pipeline.presets import Preset
 from engine.pipeline.samplers import scheduled, scheduler_name
 from engine.pipeline.speedups import Speedups, apply_speedups, choose_speedups
@@ -34,6 +38,8 @@ from engine.pipeline.weights import Locator
 
 log = logging.getLogger(__name__)
 
+# Placements wanbot makes itself and can change in place; diffusers' offload hooks mean a reload.
+OWN_PLACEMENTS = {"gpu", "model_offload"}
 PIPELINE_CLASSES = {"WanPipeline": WanPipeline, "WanImageToVideoPipeline": WanImageToVideoPipeline}
 
 
@@ -57,13 +63,18 @@ class LoadedPipeline:
     model: ModelRef
     pipeline: WanPipeline | WanImageToVideoPipeline
     device: torch.device
-    strategy: str
+    placement: Placement
+    folder: Path  # the weights' diffusers folder
     source: str = ""  # the weights loaded: the model's name, or its distilled model's for a fast TI2V
     loras: LoraSlot = field(init=False)
 
     def __post_init__(self) -> None:
-        self.loras = LoraSlot(self.pipeline)
+        self.loras = LoraSlot(self.pipeline, SavedWeights(self.folder), self.placement.editing)
         self.source = self.source or self.model.name
+
+    @property
+    def plan(self) -> Plan:
+        return self.placement.plan
 
 
 ModelLocator = Locator
@@ -108,6 +119,7 @@ class PipelineRunner:
         self._speedups = choose_speedups(config, _pick_device(config.device))
         # Video shapes the compiled blocks have run at: the first job of a new shape compiles them again (minutes).
         self._compiled_shapes: set[tuple[str, int, int, int]] = set()
+        self._budget: int | None = None  # GPU bytes the latest plan was made for, less its margin
 
     @property
     def speedups(self) -> Speedups:
@@ -118,74 +130,133 @@ class PipelineRunner:
         return self.loaded.model.name if self.loaded else None
 
     def run(self, job: Job, images: list[Image.Image], hooks: RunHooks) -> RunOutput:
+        """Make the job's frames; a job that runs out of GPU memory is tried once more on the next leaner plan."""
         timings: dict[str, float] = {}
         started = hooks.clock()
-        try:
-            loaded = self._ensure_loaded(resolve_model(job.model, job.mode), job.params.preset, hooks)
-            timings["load_s"] = hooks.clock() - started
-            frames, info = self._denoise_and_decode(loaded, job.params, images, hooks, timings)
-        except torch.OutOfMemoryError as exc:
-            self._free_after_oom()
-            raise OutOfMemory(
-                f"The GPU ran out of memory making {job.params.width}x{job.params.height}, {job.params.frames} frames.",
-                "Try a lower resolution (res=480p) or fewer frames.",
-            ) from exc
+        model = resolve_model(job.model, job.mode)
+        params = job.params
+        forced: Plan | None = None
+        while True:
+            try:
+                loaded = self._ensure_loaded(model, params, hooks, forced)
+                timings["load_s"] = hooks.clock() - started
+                frames, info = self._denoise_and_decode(loaded, params, images, hooks, timings)
+                break
+            except torch.OutOfMemoryError as exc:
+                failed = self.loaded.plan if self.loaded is not None else None
+                self._free_after_oom()
+                forced = self._leaner(model, params, failed) if forced is None else None
+                if failed is None or forced is None:
+                    raise OutOfMemory(
+                        f"The GPU ran out of memory making {params.width}x{params.height}, {params.frames} frames.",
+                        "Try a lower resolution (res=480p) or fewer frames.",
+                    ) from exc
+                log.warning("job %s ran out of GPU memory with plan %s; once more with %s", job.id, failed, forced)
+                detail = f"the GPU ran out of memory ({failed.memory}); trying once more with {forced.memory}"
+                hooks.on_progress(Progress(stage=Stage.LOADING, detail=detail))
         timings["generate_s"] = hooks.clock() - started - timings["load_s"]
         return RunOutput(frames=frames, timings=timings, info=info)
 
+    def plan(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> Plan:
+        """The plan a job of `params` gets on this machine (raises NoPlanFits, a UserError, when none fits)."""
+        device = _pick_device(self._config.device)
+        machine = this_machine(self._config, device, fp8=self._speedups.fp8.value == "on")
+        self._budget = None if machine.vram is None else machine.vram - margin(machine.vram)
+        return plan_job(model, params, machine, self._config, folder)
+
+    def check_fits(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> None:
+        """Raise NoPlanFits when no placement can make this job on this process's GPU (a CPU makes anything)."""
+        if _pick_device(self._config.device).type != "cuda" or (folder is None and model.is_tiny):
+            return
+        self.plan(model, params, folder)
+
+    def _leaner(self, model: ModelRef, params: GenerationParams, failed: Plan | None) -> Plan | None:
+        device = _pick_device(self._config.device)
+        if failed is None or device.type != "cuda":
+            return None
+        machine = this_machine(self._config, device, fp8=self._speedups.fp8.value == "on")
+        try:
+            return plan_job(model, params, machine, self._config, self._folder_of(model), leaner_than=failed)
+        except NoPlanFits:
+            return None
+
+    def _folder_of(self, model: ModelRef) -> Path | None:
+        return self.loaded.folder if self.loaded is not None and self.loaded.model == model else None
+
     # -- loading -----------------------------------------------------------------------------------------------
 
-    def _ensure_loaded(self, model: ModelRef, preset: Preset, hooks: RunHooks) -> LoadedPipeline:
-        """`model` loaded with the weights `preset` runs on. A LoRA pair is fused in or taken out in place; only a
-        distilled model of its own (TI2V) or fp8 weights (which a LoRA can neither enter nor leave) mean a reload."""
-        fast = model.spec.fast if preset is Preset.FAST else None
+    def _ensure_loaded(
+        self, model: ModelRef, params: GenerationParams, hooks: RunHooks, forced: Plan | None = None
+    ) -> LoadedPipeline:
+        """`model` loaded with the weights `params.preset` runs on, placed by the job's plan. A LoRA pair is fused in
+        or taken out in place and a plan of wanbot's own placements replaces another in place; only a distilled
+        model of its own (TI2V), fp8 weights (which a LoRA can neither enter nor leave) or diffusers' offload hooks
+        mean a reload."""
+        fast = model.spec.fast if params.preset is Preset.FAST else None
         source = self._locate.fast_model(model) if fast and fast.weights == "model" else model
         loras = self._locate.loras(model, hooks) if fast and fast.weights == "lora" else None
+        folder = self._locate(model, hooks) if source is model else self._locate.fast_model_folder(source, hooks)
+        plan = forced or self.plan(model, params, folder)
         loaded = self.loaded
-        same_weights = loaded is not None and (loaded.model.name, loaded.source) == (model.name, source.name)
-        if loaded is not None and same_weights and (loaded.loras.files == loras or not self._speedups.changes_weights):
+        if loaded is not None and self._keeps(loaded, model, source, loras, plan):
+            self._replace(loaded, plan)
             loaded.loras.switch(loras)
             return loaded
         self.unload()
-        folder = self._locate(model, hooks) if source is model else self._locate.fast_model_folder(source, hooks)
         hooks.on_progress(Progress(stage=Stage.LOADING, detail=source.name))
         device = _pick_device(self._config.device)
-        pipeline_class = PIPELINE_CLASSES[model.spec.pipeline]
-        dtype: Any = torch.float32 if device.type == "cpu" else {"default": torch.bfloat16, "vae": torch.float32}
-        pipeline = pipeline_class.from_pretrained(folder, dtype=dtype)
+        pipeline = _load(PIPELINE_CLASSES[model.spec.pipeline], folder, device, plan)
         correct_flow_shift(pipeline, model.spec)
         pipeline.set_progress_bar_config(disable=True)
-        strategy = self._place(pipeline, model.spec, device)
-        loaded = LoadedPipeline(model=model, pipeline=pipeline, device=device, strategy=strategy, source=source.name)
-        # Fused where the weights are placed (bf16 on a GPU), and before fp8 or compiling see them.
+        placement = Placement(pipeline, plan, device, self._budget, per_block=not self._compiles)
+        loaded = LoadedPipeline(model, pipeline, device, placement, folder, source=source.name)
+        # Fused where the weights compute (bf16 on a GPU), and before fp8 or compiling see them.
         loaded.loras.switch(loras)
-        apply_speedups(pipeline, self._speedups)
+        apply_speedups(pipeline, self._speedups, quantize=plan.fp8)
         self.loaded = loaded
         log.info(
-            "loaded model=%s weights=%s device=%s strategy=%s speed-ups: %s",
+            "loaded model=%s weights=%s device=%s speed-ups: %s\n%s",
             model.name,
             source.name,
             device,
-            strategy,
             self._speedups.describe(),
+            "\n".join(plan.lines(model_footprint(model, folder))),
         )
         return loaded
+
+    @property
+    def _compiles(self) -> bool:
+        return self._speedups.compile.value == "on"
+
+    def _keeps(
+        self, loaded: LoadedPipeline, model: ModelRef, source: ModelRef, loras: LoraFiles | None, plan: Plan
+    ) -> bool:
+        """Whether the loaded pipeline can serve: the same weights, a LoRA it can switch, a placement it can take."""
+        if (loaded.model.name, loaded.source) != (model.name, source.name):
+            return False
+        old = loaded.plan
+        if (old.fp8 or plan.fp8) and (loaded.loras.files != loras or old.placement != plan.placement):
+            return False
+        return old.placement == plan.placement or {old.memory, plan.memory} <= OWN_PLACEMENTS
+
+    def _replace(self, loaded: LoadedPipeline, plan: Plan) -> None:
+        if loaded.plan.placement == plan.placement:
+            loaded.placement.plan = plan  # the same parts in the same places; the tiling follows the job
+            return
+        loaded.placement.remove()
+        loaded.placement = Placement(loaded.pipeline, plan, loaded.device, self._budget, per_block=not self._compiles)
+        loaded.loras.editing = loaded.placement.editing
+        lines = plan.lines(model_footprint(loaded.model, loaded.folder))
+        log.info("plan changed for %s:\n%s", loaded.model.name, "\n".join(lines))
 
     def unload(self) -> None:
         if self.loaded is None:
             return
+        self.loaded.placement.remove()
         self.loaded = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    def _place(self, pipeline: Any, spec: ModelSpec, device: torch.device) -> str:
-        if device.type == "cpu":
-            return "cpu"
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        strategy = choose_strategy(self._config.memory, spec, free_bytes / 2**30, self._config.max_pixels)
-        place_pipeline(pipeline, strategy, device)
-        return strategy
 
     def _free_after_oom(self) -> None:
         # A pipeline half-way through an OOM may hold fragmented blocks; reloading costs less than a second failure.
@@ -205,11 +276,20 @@ class PipelineRunner:
     ) -> tuple[np.ndarray, RunInfo]:
         spec = loaded.model.spec
         pipeline = loaded.pipeline
-        set_vae_tiling(pipeline, self._config.vae_tiling, params.width, params.height)
+        plan = loaded.plan
+        if plan.vae_tiled:
+            pipeline.vae.enable_tiling()
+        else:
+            pipeline.vae.disable_tiling()
         shape = (loaded.model.name, params.width, params.height, params.frames)
         compiled = self._speedups.compile.value == "on"
         warming_up = compiled and shape not in self._compiled_shapes
-        tracker = StepTracker(spec, params.steps, hooks, WARMING_UP if warming_up else "")
+        placement = loaded.placement
+
+        def prefetch(pipeline: Any, step: int) -> None:
+            placement.on_step_end(step, expert_order(pipeline, spec.boundary_ratio), plan.activations)
+
+        tracker = StepTracker(spec, params.steps, hooks, WARMING_UP if warming_up else "", after_step=prefetch)
         arguments: dict[str, Any] = {
             "prompt": params.prompt,
             "negative_prompt": params.negative_prompt or None,
@@ -260,8 +340,17 @@ class PipelineRunner:
 class StepTracker:
     """Turns the pipeline's per-step callback into progress with an ETA, and into cancel and timeout checks."""
 
-    def __init__(self, spec: ModelSpec, steps: int, hooks: RunHooks, first_note: str = "") -> None:
-        """`first_note` is said until the first step ends (a first step that compiles takes minutes)."""
+    def __init__(
+        self,
+        spec: ModelSpec,
+        steps: int,
+        hooks: RunHooks,
+        first_note: str = "",
+        after_step: Callable[[Any, int], None] | None = None,
+    ) -> None:
+        """`first_note` is said until the first step ends (a first step that compiles takes minutes); `after_step`
+        runs after each step (the placement's prefetch)."""
+        self._after_step = after_step
         self._spec = spec
         self._steps = steps
         self._hooks = hooks
@@ -292,6 +381,8 @@ class StepTracker:
         return "part 1 of 2" if timestep >= boundary else "part 2 of 2"
 
     def on_step_end(self, pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self._after_step is not None:
+            self._after_step(pipeline, step)
         now = self._hooks.clock()
         expert = self._expert(float(timestep))
         self._durations.setdefault(expert, []).append(now - self._last)
@@ -342,28 +433,6 @@ def cover(image: Image.Image, width: int, height: int) -> Image.Image:
     return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
 
 
-def choose_strategy(configured: str, spec: ModelSpec, free_gib: float, max_pixels: int) -> str:
-    """For "auto": all on the GPU when the whole model fits, one component at a time when the largest one and the
-    activations of the largest frame allowed fit (an A14B expert alone is 28 GB), else blocks streamed from the CPU."""
-    if configured != "auto":
-        return configured
-    if free_gib >= spec.full_vram_gb:
-        return "gpu"
-    return "model_offload" if free_gib >= spec.offload_need_gb(max_pixels) else "group_offload"
-
-
-def place_pipeline(pipeline: Any, strategy: str, device: torch.device | str) -> None:
-    if strategy == "gpu":
-        pipeline.to(device)
-    elif strategy == "model_offload":
-        # Keeps one component (one expert of the A14B pair) on the GPU at a time.
-        pipeline.enable_model_cpu_offload(device=device)
-    elif strategy == "sequential_offload":
-        pipeline.enable_sequential_cpu_offload(device=device)
-    elif strategy == "group_offload":
-        pipeline.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1)
-
-
 def describe_device(config: GenerationConfig) -> str:
     """Where jobs will run, for the start-up line: a CPU-only torch on a GPU server means hours per real video."""
     device = _pick_device(config.device)
@@ -395,12 +464,16 @@ def _pick_device(configured: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def set_vae_tiling(pipeline: Any, setting: str, width: int, height: int) -> None:
-    """Tiled VAE decode above 480p ("auto"): a 720p A14B decode can run out of memory on an 80 GB card without it."""
-    if setting == "on" or (setting == "auto" and width * height > 832 * 480):
-        pipeline.vae.enable_tiling()
-    else:
-        pipeline.vae.disable_tiling()
+def _load(pipeline_class: Any, folder: Path, device: torch.device, plan: Plan) -> Any:
+    """The pipeline from `folder`: bf16 with an fp32 VAE on a GPU; straight onto it when every part stays there,
+    so host memory never holds the model."""
+    if device.type == "cpu":
+        return pipeline_class.from_pretrained(folder, dtype=torch.float32)
+    dtype = {"default": torch.bfloat16, "vae": torch.float32}
+    if plan.memory == "gpu" and plan.text_encoder is Where.GPU:
+        with torch.cuda.device(device):  # diffusers' device map names the current device
+            return pipeline_class.from_pretrained(folder, dtype=dtype, device_map="cuda")
+    return pipeline_class.from_pretrained(folder, dtype=dtype)
 
 
 def correct_flow_shift(pipeline: Any, spec: ModelSpec) -> None:

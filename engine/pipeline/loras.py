@@ -2,20 +2,26 @@
 experts, and taken out again exactly.
 
 Fusing changes the experts' weights in place, so a quality job after a fast one would run on distilled weights.
-Unfusing subtracts the delta again, which in bf16 does not give the original bits back; reloading from disk takes a
-minute for 57 GB. So the original of every tensor the LoRA changes is kept (on the CPU) while it is fused and copied
-back in place for a quality job: exact, seconds, and compiled blocks stay valid because the parameters stay the same
-objects. The cost is host memory for those tensors (the linear layers of both experts: about 55 GB for A14B in
-bf16).
+Unfusing subtracts the delta again, which in bf16 does not give the original bits back, and keeping a copy of every
+tensor the LoRA changes costs host memory the size of the model (about 55 GB for A14B). So the originals are read
+back from the model's own safetensors files, tensor by tensor through safetensors' memory map, and copied in place:
+exact, no lasting host memory, and compiled blocks stay valid because the parameters stay the same objects. Each
+expert is changed where its weights compute (`editing`: a swapped expert comes onto the GPU for it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.storage.files import atomic_target
@@ -102,56 +108,97 @@ def load_pair(pipeline: Any, high: Path, low: Path) -> None:
     pipeline.load_lora_weights(str(low), adapter_name=LOW_ADAPTER, load_into_transformer_2=True)
 
 
-class FusedLoras:
-    """A LoRA pair fused into both experts, with the original tensors it changed, to put them back exactly."""
+class SavedWeights:
+    """The weights of a diffusers folder's components as saved, read a tensor at a time."""
 
-    def __init__(self, pipeline: Any, high: Path, low: Path) -> None:
+    WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def read(self, component: str, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        files = self._files(component)
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[files(name)].append(name)
+        for file, wanted in by_file.items():
+            with safe_open(str(self.folder / component / file), framework="pt", device="cpu") as saved:
+                for name in wanted:
+                    yield name, saved.get_tensor(name)
+
+    def _files(self, component: str) -> Callable[[str], str]:
+        index = self.folder / component / f"{self.WEIGHTS}.index.json"
+        if index.exists():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            return weight_map.__getitem__
+        return lambda _name: self.WEIGHTS
+
+
+Editing = Callable[[str], AbstractContextManager[None]]
+
+
+def _in_place(_name: str) -> AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+class FusedLoras:
+    """A LoRA pair fused into both experts; `restore` reads the tensors it changed back from the saved model."""
+
+    def __init__(self, pipeline: Any, files: LoraFiles, saved: SavedWeights, editing: Editing = _in_place) -> None:
         self._pipeline = pipeline
-        self._originals: dict[str, dict[str, torch.Tensor]] = {}
+        self._saved = saved
+        self._editing = editing
+        self._changed: dict[str, list[str]] = {}
         try:
-            load_pair(pipeline, high, low)
-            self._originals = {name: _lora_targets(getattr(pipeline, name)) for name in EXPERTS}
-            pipeline.fuse_lora(components=list(EXPERTS), lora_scale=1.0)
+            for expert, path, adapter in zip(
+                EXPERTS, (files.high, files.low), (HIGH_ADAPTER, LOW_ADAPTER), strict=True
+            ):
+                with editing(expert):
+                    second = expert == "transformer_2"
+                    pipeline.load_lora_weights(str(path), adapter_name=adapter, load_into_transformer_2=second)
+                    self._changed[expert] = _lora_targets(getattr(pipeline, expert))
+                    pipeline.fuse_lora(components=[expert], adapter_names=[adapter], lora_scale=1.0)
+                    # Without the adapter the fused expert is a plain module again: nothing extra runs in a pass,
+                    # and fp8 or compiling sees ordinary linear layers.
+                    pipeline.unload_lora_weights()
         except BaseException:
             # A file that fails to load (or a fuse that fails) halfway must not leave an adapter or part of a fused
             # pair behind for the next quality job.
             pipeline.unload_lora_weights()
             self.restore()
             raise
-        # Without the adapters the fused experts are plain modules again: nothing extra runs in a pass, and fp8 or
-        # compiling sees ordinary linear layers.
-        pipeline.unload_lora_weights()
 
     def restore(self) -> None:
-        """Copy the original tensors back in place (the parameters stay the same objects)."""
-        with torch.no_grad():
-            for component, originals in self._originals.items():
-                module = getattr(self._pipeline, component)
-                for name, original in originals.items():
-                    module.get_parameter(name).copy_(original)
-        self._originals = {}
+        """Copy the saved tensors back in place (the parameters stay the same objects)."""
+        for expert, names in self._changed.items():
+            module = getattr(self._pipeline, expert)
+            with self._editing(expert), torch.no_grad():
+                for name, saved in self._saved.read(expert, names):
+                    parameter = module.get_parameter(name)
+                    parameter.copy_(saved.to(parameter.dtype))
+        self._changed = {}
 
 
-def _lora_targets(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """CPU copies of the weights and biases of every layer a LoRA adapter wraps, by their names once unwrapped."""
+def _lora_targets(transformer: torch.nn.Module) -> list[str]:
+    """The weights and biases of every layer a LoRA adapter wraps, by their names once unwrapped."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    originals: dict[str, torch.Tensor] = {}
+    names: list[str] = []
     for name, module in transformer.named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
         base = module.get_base_layer()
-        for kind, tensor in (("weight", base.weight), ("bias", base.bias)):
-            if tensor is not None:
-                originals[f"{name}.{kind}"] = tensor.detach().to("cpu", copy=True)
-    return originals
+        names.extend(f"{name}.{kind}" for kind in ("weight", "bias") if getattr(base, kind) is not None)
+    return names
 
 
 class LoraSlot:
     """The LoRA pair a loaded pipeline carries fused (or none), switched in place between jobs."""
 
-    def __init__(self, pipeline: Any) -> None:
+    def __init__(self, pipeline: Any, saved: SavedWeights, editing: Editing = _in_place) -> None:
         self._pipeline = pipeline
+        self._saved = saved
+        self.editing = editing
         self._fused: FusedLoras | None = None
         self.files: LoraFiles | None = None
 
@@ -167,5 +214,5 @@ class LoraSlot:
             self._fused.restore()
             self._fused, self.files = None, None
         if files is not None:
-            self._fused = FusedLoras(self._pipeline, files.high, files.low)
+            self._fused = FusedLoras(self._pipeline, files, self._saved, self.editing)
             self.files = files

@@ -58,15 +58,16 @@ def choose_speedups(config: GenerationConfig, device: torch.device) -> Speedups:
     return Speedups(_attention(config.attention, device), _fp8(config.fp8, device), _compile(config.compile))
 
 
-def apply_speedups(pipeline: Any, speedups: Speedups) -> None:
-    """Set the attention kernel, quantize to fp8 and compile the blocks of every transformer of `pipeline`."""
+def apply_speedups(pipeline: Any, speedups: Speedups, quantize: bool = True) -> None:
+    """Set the attention kernel, quantize to fp8 (where the plan keeps the transformers on the GPU: `quantize`) and
+    compile the blocks of every transformer of `pipeline`."""
     for name in ("transformer", "transformer_2"):
         module = getattr(pipeline, name, None)
         if module is None:
             continue
         if speedups.attention.value != "native":
             module.set_attention_backend(speedups.attention.value)
-        if speedups.fp8.value == "on":
+        if speedups.fp8.value == "on" and quantize:
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
 
             quantize_(module, Float8DynamicActivationFloat8WeightConfig())

@@ -15,9 +15,11 @@ from PIL import Image
 from engine.config import WAN_NEGATIVE_PROMPT, OutputsConfig
 from engine.errors import UserError
 from engine.jobs import EventKind, Job, JobSource, JobStatus, Progress, Stage
-from engine.pipeline.generate import cover, place_pipeline
+from engine.pipeline.generate import cover
 from engine.pipeline.hooks import RunHooks
 from engine.pipeline.models import GenerationRequest
+from engine.pipeline.placement import Placement
+from engine.pipeline.planner import Plan, Where
 from engine.pipeline.tiny import build_tiny_pipeline
 from engine.pipeline.video import probe
 from engine.queue.reading import RUN_STAGES
@@ -306,7 +308,8 @@ def test_group_offload_hooks_run_the_pipelines_and_change_no_pixel(mode: Mode):
         pipeline = build_tiny_pipeline(mode)
         pipeline.set_progress_bar_config(disable=True)
         if strategy:
-            place_pipeline(pipeline, strategy, torch.device("cpu"))
+            plan = Plan(strategy, Where.STREAMED, Where.STREAMED, False, 0, 0, None)
+            Placement(pipeline, plan, torch.device("cpu"))
         image = {"image": imagefactory.gradient(64, 64)} if mode is Mode.I2V else {}
         generator = torch.Generator().manual_seed(3)
         arguments = {"num_frames": 5, "height": 64, "width": 64, "num_inference_steps": 2, "output_type": "np"}

@@ -7,7 +7,6 @@ import pytest
 
 from engine.config import WAN_NEGATIVE_PROMPT, GenerationConfig
 from engine.errors import UserError
-from engine.pipeline.generate import choose_strategy
 from engine.pipeline.models import (
     I2V_A14B,
     MAX_ASPECT,
@@ -205,26 +204,6 @@ def test_model_names_resolve_to_specs(tiny_models):
         resolve_model("no-such-model", Mode.T2V)
     with pytest.raises(UserError, match="for another mode"):
         resolve_model("tiny-t2v", Mode.I2V)
-
-
-@pytest.mark.parametrize(
-    ("free_gib", "max_pixels", "a14b", "ti2v_5b"),
-    [
-        (140, 1280 * 720, "gpu", "gpu"),  # H200
-        (79, 1280 * 720, "model_offload", "gpu"),  # H100 80 GB: the two experts do not fit together
-        (47, 1280 * 720, "group_offload", "gpu"),  # 48 GB cards: 720p with model offload peaks near 60 GB
-        (47, 832 * 480, "model_offload", "gpu"),  # ... and 480p near 42 GB
-        (23.5, 1280 * 720, "group_offload", "model_offload"),  # RTX 4090: one A14B expert alone is 28 GB
-        (15, 1280 * 720, "group_offload", "group_offload"),
-    ],
-)
-def test_auto_memory_strategy_follows_free_vram_and_the_largest_frame(
-    free_gib: float, max_pixels: int, a14b: str, ti2v_5b: str
-):
-    assert choose_strategy("auto", T2V_A14B, free_gib, max_pixels) == a14b
-    assert choose_strategy("auto", I2V_A14B, free_gib, max_pixels) == a14b
-    assert choose_strategy("auto", TI2V_5B, free_gib, max_pixels) == ti2v_5b
-    assert choose_strategy("sequential_offload", TI2V_5B, free_gib, max_pixels) == "sequential_offload"
 
 
 async def test_a_tokenizer_that_does_not_load_never_refuses_a_request_and_is_tried_once(tmp_path):

@@ -27,7 +27,15 @@ from engine.errors import UserError
 from engine.hub.hfcache import cached_pipeline
 from engine.jobs import EventKind, Job, JobSource, JobStatus
 from engine.pipeline.generate import WARMING_UP, PipelineRunner
-from engine.pipeline.loras import FusedLoras, load_pair, random_lightx2v_lora, write_lora
+from engine.pipeline.loras import (
+    FusedLoras,
+    LoraFiles,
+    LoraPair,
+    SavedWeights,
+    load_pair,
+    random_lightx2v_lora,
+    write_lora,
+)
 from engine.pipeline.models import T2V_A14B, GenerationRequest, ModelRef, resolve_request
 from engine.pipeline.passes import PassCounter
 from engine.pipeline.presets import LIGHTX2V_EULER, Preset
@@ -97,9 +105,20 @@ def fast_run(pipeline: object) -> tuple[np.ndarray, PassCounter]:
 # -- the LoRAs ---------------------------------------------------------------------------------------------------
 
 
-def test_a_fused_lora_pair_changes_both_experts_like_the_adapters_and_comes_out_exactly(tmp_path: Path):
+def saved_tiny(folder: Path) -> tuple[object, SavedWeights]:
+    """The tiny t2v pipeline, saved to `folder` as a model is: what its fused LoRAs are restored from."""
     pipeline = build_tiny_pipeline(Mode.T2V)
+    pipeline.save_pretrained(folder)
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline, SavedWeights(folder)
+
+
+def pair_files(high: Path, low: Path) -> LoraFiles:
+    return LoraFiles(LoraPair("lightx2v/Wan2.2-Distill-Loras", HIGH, LOW), high, low)
+
+
+def test_a_fused_lora_pair_changes_both_experts_like_the_adapters_and_comes_out_exactly(tmp_path: Path):
+    pipeline, saved = saved_tiny(tmp_path / "model")
     high, low = lora_pair(tmp_path, pipeline)
     base, passes = fast_run(pipeline)
     # Two distilled steps per expert: 1000 and 937.5 on the high-noise one, the rest below the 875 boundary.
@@ -109,25 +128,26 @@ def test_a_fused_lora_pair_changes_both_experts_like_the_adapters_and_comes_out_
     load_pair(pipeline, high, low)
     with_adapters, _ = fast_run(pipeline)
     pipeline.unload_lora_weights()
-    fused = FusedLoras(pipeline, high, low)
+    fused = FusedLoras(pipeline, pair_files(high, low), saved)
     fused_frames, _ = fast_run(pipeline)
     assert np.abs(fused_frames - base).max() > 0.01  # the LoRAs change the video
     np.testing.assert_allclose(fused_frames, with_adapters, atol=1e-4)  # fused is the adapters' video
     assert not any("lora" in name for name, _ in pipeline.transformer_2.named_modules())  # adapters dropped
 
+    weight = pipeline.transformer.blocks[0].attn1.to_q.weight
     fused.restore()
+    assert pipeline.transformer.blocks[0].attn1.to_q.weight is weight  # the same parameter: compiled blocks hold
     restored, _ = fast_run(pipeline)
     np.testing.assert_array_equal(restored, base)  # bit for bit the model's own weights again
 
 
 def test_a_pair_that_fails_to_load_halfway_leaves_the_model_as_it_was(tmp_path: Path):
-    pipeline = build_tiny_pipeline(Mode.T2V)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline, saved = saved_tiny(tmp_path / "model")
     high, low = lora_pair(tmp_path, pipeline)
     base, _ = fast_run(pipeline)
     low.write_bytes(b"not a safetensors file")
     with pytest.raises(Exception):  # noqa: B017 - whatever safetensors raises; what matters is what is left
-        FusedLoras(pipeline, high, low)
+        FusedLoras(pipeline, pair_files(high, low), saved)
     assert not any("lora" in name for name, _ in pipeline.transformer.named_modules())
     np.testing.assert_array_equal(fast_run(pipeline)[0], base)
 

@@ -1,0 +1,93 @@
+"""The planner's inputs for one job on this machine: the GPU memory and host memory wanbot may use, and the job's
+size in what the planner counts (engine/pipeline/planner.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from engine.config import GenerationConfig
+from engine.jobs import GenerationParams
+from engine.pipeline.footprint import GIB, Footprint, footprint
+from engine.pipeline.models import ModelRef, ModelSpec
+from engine.pipeline.planner import JobSize, Machine, Plan, choose
+from engine.pipeline.presets import Preset
+
+
+def gpu_budget(device: torch.device, config: GenerationConfig) -> int:
+    """GPU bytes this process may fill: `generation.vram_gib`, or what is free plus what it holds already, within
+    any per-process fraction set on the device (how a smaller card is simulated on a larger one)."""
+    if config.vram_gib is not None:
+        return int(config.vram_gib * GIB)
+    free, total = torch.cuda.mem_get_info(device)
+    usable = free + torch.cuda.memory_reserved(device)
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    return int(min(usable, fraction * total))
+
+
+def host_available() -> int:
+    """Host bytes this process may hold: what the kernel calls available, plus what the process holds already."""
+    fields = _kib_fields(Path("/proc/meminfo"))
+    if "MemAvailable" not in fields:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    own = _kib_fields(Path("/proc/self/status")).get("VmRSS", 0)
+    return (fields["MemAvailable"] + own) * 1024
+
+
+def _kib_fields(path: Path) -> dict[str, int]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    fields: dict[str, int] = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[0].isdigit():
+            fields[name] = int(parts[0])
+    return fields
+
+
+def this_machine(config: GenerationConfig, device: torch.device, fp8: bool) -> Machine:
+    if device.type != "cuda" or config.memory == "cpu":
+        return Machine(vram=None, ram=host_available())
+    return Machine(
+        vram=gpu_budget(device, config),
+        ram=host_available(),
+        fp8=fp8,
+        card=torch.cuda.get_device_name(device),
+    )
+
+
+def job_size(spec: ModelSpec, params: GenerationParams) -> JobSize:
+    """The job's frame and the transformer passes it makes: one a step for the fast preset, two with guidance."""
+    if params.preset is Preset.FAST and spec.fast is not None:
+        passes = spec.fast.sampling.steps
+    else:
+        passes = params.steps * (2 if params.guidance > 1.0 else 1)
+    return JobSize(params.width, params.height, params.frames, passes)
+
+
+def model_footprint(model: ModelRef, folder: Path | None) -> Footprint:
+    return footprint(model.spec.family, folder)
+
+
+def plan_job(
+    model: ModelRef,
+    params: GenerationParams,
+    machine: Machine,
+    config: GenerationConfig,
+    folder: Path | None,
+    leaner_than: Plan | None = None,
+) -> Plan:
+    """The plan for `params` on `machine`; raises NoPlanFits with what would fit."""
+    return choose(
+        model_footprint(model, folder),
+        job_size(model.spec, params),
+        machine,
+        config.memory,
+        config.vae_tiling,
+        leaner_than=leaner_than,
+    )
