@@ -23,6 +23,8 @@ decode's allocations cannot hide another's; the peak is the growth of VmHWM (/pr
 after building the model, with the high-water mark reset to the resident set right before the decode (written 5 to
 /proc/self/clear_refs; where that fails, growth over the previous high-water mark). It counts resident pages, not
 tensors: allocator slack, thread buffers and libraries are in it, so take it as an upper-bound-ish host measure.
+The CPU seconds are those of a cold first decode (no warm-up: one would leave freed pages for the measured decode to
+reuse, hiding part of its peak).
 
 Default sizes: on CUDA the real ones (Wan 2.1 VAE 832x480x81 and 1280x720x81, Wan 2.2 VAE 1280x704x121); on a CPU
 small ones that run in minutes on two cores (256x256x5, 256x256x9, 384x384x5), enough to see how the peak grows with

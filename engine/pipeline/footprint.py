@@ -147,6 +147,11 @@ def footprint(family: str, folder: Path | None) -> Footprint:
     """The footprint of the model in `folder` (read from its configs), or of the real model of `family`."""
     if folder is not None and (folder / "model_index.json").exists():
         return _from_folder(family, str(folder))
+    return _real(family)
+
+
+@functools.lru_cache(maxsize=4)
+def _real(family: str) -> Footprint:
     real = {
         "wan2.2-t2v-a14b": (A14B_TRANSFORMER, 2, A14B_VAE),
         "wan2.2-i2v-a14b": (I2V_TRANSFORMER, 2, A14B_VAE),

@@ -29,7 +29,7 @@ from engine.pipeline.machine import model_footprint, plan_job, this_machine
 from engine.pipeline.models import ModelRef, ModelSpec, resolve_model
 from engine.pipeline.passes import PassCounter
 from engine.pipeline.placement import Placement, expert_order
-from engine.pipeline.planner import NoPlanFits, Plan, Where, margin
+from engine.pipeline.planner import Machine, NoPlanFits, Plan, Where, margin
 from engine.pipeline.presets import Preset
 from engine.pipeline.samplers import scheduled, scheduler_name
 from engine.pipeline.speedups import Speedups, apply_speedups, choose_speedups
@@ -144,8 +144,9 @@ class PipelineRunner:
                 break
             except torch.OutOfMemoryError as exc:
                 failed = self.loaded.plan if self.loaded is not None else None
+                folder = self.loaded.folder if self.loaded is not None else None
                 self._free_after_oom()
-                forced = self._leaner(model, params, failed) if forced is None else None
+                forced = self._leaner(model, params, failed, folder) if forced is None else None
                 if failed is None or forced is None:
                     raise OutOfMemory(
                         f"The GPU ran out of memory making {params.width}x{params.height}, {params.frames} frames.",
@@ -159,29 +160,29 @@ class PipelineRunner:
 
     def plan(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> Plan:
         """The plan a job of `params` gets on this machine (raises NoPlanFits, a UserError, when none fits)."""
-        device = _pick_device(self._config.device)
-        machine = this_machine(self._config, device, fp8=self._speedups.fp8.value == "on")
+        machine = self._machine()
         self._budget = None if machine.vram is None else machine.vram - margin(machine.vram)
         return plan_job(model, params, machine, self._config, folder)
 
     def check_fits(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> None:
         """Raise NoPlanFits when no placement can make this job on this process's GPU (a CPU makes anything)."""
-        if _pick_device(self._config.device).type != "cuda" or (folder is None and model.is_tiny):
-            return
-        self.plan(model, params, folder)
+        if self._machine().vram is not None and (folder is not None or not model.is_tiny):
+            self.plan(model, params, folder)
 
-    def _leaner(self, model: ModelRef, params: GenerationParams, failed: Plan | None) -> Plan | None:
+    def _machine(self) -> Machine:
         device = _pick_device(self._config.device)
-        if failed is None or device.type != "cuda":
+        return this_machine(self._config, device, fp8=self._speedups.fp8.value == "on")
+
+    def _leaner(
+        self, model: ModelRef, params: GenerationParams, failed: Plan | None, folder: Path | None
+    ) -> Plan | None:
+        machine = self._machine()
+        if failed is None or machine.vram is None:
             return None
-        machine = this_machine(self._config, device, fp8=self._speedups.fp8.value == "on")
         try:
-            return plan_job(model, params, machine, self._config, self._folder_of(model), leaner_than=failed)
+            return plan_job(model, params, machine, self._config, folder, leaner_than=failed)
         except NoPlanFits:
             return None
-
-    def _folder_of(self, model: ModelRef) -> Path | None:
-        return self.loaded.folder if self.loaded is not None and self.loaded.model == model else None
 
     # -- loading -----------------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ size in what the planner counts (engine/pipeline/planner.py)."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from engine.config import GenerationConfig
 from engine.jobs import GenerationParams
 from engine.pipeline.footprint import GIB, Footprint, footprint
 from engine.pipeline.models import ModelRef, ModelSpec
-from engine.pipeline.planner import JobSize, Machine, Plan, choose
+from engine.pipeline.planner import JobSize, Machine, NoPlanFits, Plan, candidates, choose
 from engine.pipeline.presets import Preset
 
 
@@ -82,12 +83,27 @@ def plan_job(
     folder: Path | None,
     leaner_than: Plan | None = None,
 ) -> Plan:
-    """The plan for `params` on `machine`; raises NoPlanFits with what would fit."""
-    return choose(
-        model_footprint(model, folder),
-        job_size(model.spec, params),
-        machine,
-        config.memory,
-        config.vae_tiling,
-        leaner_than=leaner_than,
-    )
+    """The plan for `params` on `machine`; raises NoPlanFits saying the largest size that would fit."""
+    model_size = model_footprint(model, folder)
+    try:
+        return choose(model_size, job_size(model.spec, params), machine, config.memory, config.vae_tiling, leaner_than)
+    except NoPlanFits as exc:
+        raise NoPlanFits(str(exc.message), _what_fits(model, params, machine, model_size)) from None
+
+
+def _what_fits(model: ModelRef, params: GenerationParams, machine: Machine, model_size: Footprint) -> str:
+    """The model's own sizes, then fewer frames, largest first: the first that fits, as options to ask with."""
+    pixels = params.width * params.height
+    sizes = sorted(model.spec.presets.items(), key=lambda item: -item[1][0] * item[1][1])
+    tries = [(name, size, params.frames) for name, size in sizes if size[0] * size[1] < pixels]
+    frames = params.frames
+    while frames > 17:
+        frames = (frames // 2) // 4 * 4 + 1  # the models take 4k+1 frames
+        tries += [(name, size, frames) for name, size in sizes if size[0] * size[1] <= pixels]
+    for name, (width, height), count in tries:
+        size = replace(job_size(model.spec, params), width=width, height=height, frames=count)
+        if any(plan.fits for plan in candidates(model_size, size, machine)):
+            asked = f"res={name}" if (width, height) != (params.width, params.height) else ""
+            more = f"frames={count}" if count != params.frames else ""
+            return f"Ask for {' '.join(part for part in (asked, more) if part)}: that fits this GPU."
+    return "No size of this model fits this GPU: use a smaller model (models.<mode>) or a GPU with more memory."

@@ -106,6 +106,7 @@ class Placement:
         self._parts: dict[str, Part] = {}
         self._handles: list[Any] = []
         self._per_block = per_block
+        self._coming: str | None = None  # the part whose first blocks are being prefetched
         self.copied_bytes = 0  # what swaps moved onto the device, for the tests and the log
         self.peak_loaded = 0  # most swapped bytes on the device at once
         if plan.memory == "group_offload":
@@ -167,10 +168,13 @@ class Placement:
                 chunk.masters.append(tensor.data)
 
     def bring(self, name: str) -> None:
-        """Put part `name` on the GPU, making the other swapped parts leave first."""
+        """Put part `name` on the GPU, making the other swapped parts leave first (but for the blocks prefetched
+        for the part that runs next)."""
         part = self._parts[name]
+        if self._coming == name:
+            self._coming = None
         for other in self._parts.values():
-            if other is not part:
+            if other is not part and other.name != self._coming:
                 self._evict(other)
         self._load(part, part.chunks)
         for chunk in part.chunks if not self._per_block else part.chunks[:1]:
@@ -181,6 +185,7 @@ class Placement:
         part = self._parts.get(name)
         if part is None:
             return 0
+        self._coming = name
         chosen: list[Chunk] = []
         for chunk in part.chunks:
             if chunk.loaded:
@@ -221,6 +226,7 @@ class Placement:
         self.evict_all()
 
     def evict_all(self) -> None:
+        self._coming = None
         for part in self._parts.values():
             self._evict(part)
 

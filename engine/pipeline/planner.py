@@ -27,9 +27,12 @@ PINNED_BYTES_PER_S = 20e9
 LEAF_BYTES_PER_S = 8e9  # sequential offload: one small copy per layer, no streams
 FP8_SPEEDUP = 1.3  # fp8 matmuls against bf16 on Hopper, as reported for Wan (to be measured)
 STREAM_OVERHEAD = 1.1  # group offload with streams: the first block of each pass is not hidden
+HOOK_S = 0.0005  # an offload hook's own time per block and pass
 TEXT_LAYERS = 24  # UMT5-XXL's blocks
 FP8_SHARE = 0.53  # torchao float8 weights: a byte per weight plus scales; norms and embeddings stay bf16
 TEXT_ACTIVATIONS = 0.5 * GIB  # UMT5-XXL over 512 tokens, prompt and negative prompt
+# cuBLAS workspaces and rope tables: the resident figures measured on the H200 hold about this above the weights.
+RUNTIME_BYTES = int(0.3 * GIB)
 HOST_BASE = 3 * GIB  # Python, torch, CUDA's host side, the chats and the queue
 TEXT_ENCODE_S = 0.05  # resident, warm (H200)
 ENCODE_S_PER_PIXEL_FRAME = 3.8 / (832 * 480 * 81)  # libx264 on the H200 machine's CPU
@@ -128,10 +131,10 @@ class Plan:
 
 
 class NoPlanFits(UserError):
-    """No placement fits the job on this machine."""
+    """No placement fits the job on this machine; the hint says what would."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "Ask for a lower resolution (res=480p) or fewer frames.")
+    def __init__(self, message: str, hint: str = "Ask for a lower resolution or fewer frames.") -> None:
+        super().__init__(message, hint)
 
 
 def margin(vram: int) -> int:
@@ -227,9 +230,9 @@ def _phases(
     work = measured.decode_bytes_per_pixel * size.width * size.height
     decoding = int(min(measured.tiled_decode_bytes, work) if tiled else work) + output
     return (
-        ("encode", int(encode + TEXT_ACTIVATIONS)),
-        ("denoise", denoise + activations),
-        ("decode", decode + decoding),
+        ("encode", int(RUNTIME_BYTES + encode + TEXT_ACTIVATIONS)),
+        ("denoise", RUNTIME_BYTES + denoise + activations),
+        ("decode", RUNTIME_BYTES + decode + decoding),
     )
 
 
@@ -286,18 +289,19 @@ def _gpu(footprint: Footprint, size: JobSize, machine: Machine, tiled: bool, tex
     return _plan(footprint, size, "gpu", where, tiled, phases, ram, seconds, why)
 
 
-def _model_offload(footprint: Footprint, size: JobSize, machine: Machine, tiled: bool) -> Plan | None:
-    if len(footprint.experts) < 2:
-        return None  # one transformer: the gpu plan with the text encoder swapped is the same thing
+def _model_offload(footprint: Footprint, size: JobSize, machine: Machine, tiled: bool) -> Plan:
     vae, text, largest = footprint.vae, footprint.text_encoder, footprint.largest_expert
     # Each part comes in when it runs and the others make room: the expert a job ends with is not the one the next
-    # begins with, so leaving nothing on the GPU between phases costs no extra copy.
+    # begins with, so leaving nothing on the GPU between phases costs no extra copy (for one transformer, one copy).
     phases = _phases(footprint, size, tiled, vae + text, vae + largest, vae)
     ram = HOST_BASE + text + sum(footprint.experts)
     # Per video each part comes in once; the first blocks compute while the rest copy, so about one copy each.
     swaps_s = (text + sum(footprint.experts)) / PINNED_BYTES_PER_S
     seconds = TEXT_ENCODE_S + swaps_s + _compute_s(footprint, size, machine) + _decode_s(footprint, size, tiled)
-    why = "one transformer on the GPU at a time, the other waiting in pinned host memory (a swap is one copy)"
+    if len(footprint.experts) > 1:
+        why = "one transformer on the GPU at a time, the other waiting in pinned host memory (a swap is one copy)"
+    else:
+        why = "each part on the GPU only while it runs, waiting in pinned host memory otherwise (one copy each)"
     return _plan(footprint, size, "model_offload", (Where.SWAPPED, Where.SWAPPED), tiled, phases, ram, seconds, why)
 
 
@@ -309,7 +313,8 @@ def _group_offload(footprint: Footprint, size: JobSize, machine: Machine, tiled:
     tokens = footprint.tokens(size.width, size.height, size.frames)
     flops_per_s = machine.peak_tflops * 1e12 * footprint.measured.mfu
     pass_s = max(footprint.pass_flops(tokens) / flops_per_s, footprint.largest_expert / PINNED_BYTES_PER_S)
-    text_s = footprint.text_encoder / PINNED_BYTES_PER_S
+    pass_s += HOOK_S * footprint.layers
+    text_s = TEXT_ENCODE_S + footprint.text_encoder / PINNED_BYTES_PER_S
     seconds = text_s + STREAM_OVERHEAD * size.passes * pass_s + _decode_s(footprint, size, tiled)
     why = "the model does not fit: its blocks stream from pinned host memory, copies overlapped with compute"
     return _plan(footprint, size, "group_offload", (Where.STREAMED, Where.STREAMED), tiled, phases, ram, seconds, why)
@@ -319,7 +324,7 @@ def _sequential(footprint: Footprint, size: JobSize, machine: Machine, tiled: bo
     layer = footprint.largest_expert // (footprint.layers * 8)  # about the largest linear layer of a block
     phases = _phases(footprint, size, tiled, footprint.vae + layer, footprint.vae + layer, footprint.vae)
     ram = HOST_BASE + footprint.text_encoder + sum(footprint.experts)
-    copy_s = footprint.largest_expert / LEAF_BYTES_PER_S
-    seconds = size.passes * copy_s + _compute_s(footprint, size, machine) + _decode_s(footprint, size, tiled)
+    copy_s = footprint.largest_expert / LEAF_BYTES_PER_S + HOOK_S * footprint.layers * 8
+    seconds = TEXT_ENCODE_S + size.passes * copy_s + _compute_s(footprint, size, machine) + _decode_s(footprint, size, tiled)
     why = "not even a block fits beside the activations: the model streams a layer at a time (slow)"
     return _plan(footprint, size, "sequential_offload", (Where.LAYERS, Where.LAYERS), tiled, phases, ram, seconds, why)

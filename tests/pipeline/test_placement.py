@@ -1,0 +1,202 @@
+"""wanbot's own placements, run on a CPU standing in for the GPU (engine/pipeline/placement.py's Copier makes plain
+copies where CUDA streams would run): swapped experts make the same frames with one expert loaded at a time, the
+next expert is prefetched into the room the budget leaves, LoRAs are fused into swapped experts' host copies and
+taken out exactly, and the runner re-plans, re-places and retries on a leaner plan."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import WanPipeline
+
+from engine.jobs import Progress
+from engine.pipeline import generate
+from engine.pipeline.footprint import GIB
+from engine.pipeline.hooks import RunHooks
+from engine.pipeline.loras import LoraFiles, LoraPair, LoraSlot, SavedWeights, random_lightx2v_lora, write_lora
+from engine.pipeline.placement import Placement, expert_order
+from engine.pipeline.planner import Machine, Plan, Where
+from engine.pipeline.presets import LIGHTX2V_EULER
+from engine.pipeline.samplers import scheduled
+from engine.pipeline.tiny import build_tiny_pipeline
+from engine.service import Engine
+from engine.storage.images import Mode
+from tests.pipeline.test_generate import run_all, submit
+
+CPU = torch.device("cpu")
+SWAP = Plan("model_offload", Where.SWAPPED, Where.SWAPPED, False, 0, 0, None)
+TEXT_SWAPPED = Plan("gpu", Where.SWAPPED, Where.GPU, False, 0, 0, None)
+
+
+def tiny() -> Any:
+    pipeline = build_tiny_pipeline(Mode.T2V)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def fast_frames(pipeline: Any, after_step: Any = None) -> np.ndarray:
+    """Four distilled steps, two on each expert, as the fast preset runs them."""
+
+    def on_step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if after_step is not None:
+            after_step(pipe, step)
+        return kwargs
+
+    with scheduled(pipeline, LIGHTX2V_EULER, seed=3):
+        output = pipeline(
+            prompt="w1 w2",
+            num_frames=5,
+            height=64,
+            width=64,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            guidance_scale_2=1.0,
+            generator=torch.Generator().manual_seed(3),
+            output_type="np",
+            callback_on_step_end=on_step_end,
+        )
+    return output.frames[0]
+
+
+def part_bytes(pipeline: Any, name: str) -> int:
+    module = getattr(pipeline, name)
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def test_swapped_experts_make_the_same_frames_with_one_part_on_the_device_at_a_time():
+    base = fast_frames(tiny())
+    pipeline = tiny()
+    placement = Placement(pipeline, SWAP, CPU)
+    frames = fast_frames(pipeline)
+    np.testing.assert_array_equal(frames, base)
+    sizes = {name: part_bytes(pipeline, name) for name in ("text_encoder", "transformer", "transformer_2")}
+    assert placement.peak_loaded == max(sizes.values())  # never two parts at once
+    assert placement.copied_bytes == sum(sizes.values())  # each part came in once
+    assert placement.loaded_bytes == 0  # the decode made them all leave
+    assert all(not placement.is_loaded(name) for name in sizes)
+
+
+def test_the_text_encoder_leaves_once_the_experts_run_where_only_it_is_swapped():
+    pipeline = tiny()
+    placement = Placement(pipeline, TEXT_SWAPPED, CPU)
+    fast_frames(pipeline)
+    assert placement.copied_bytes == part_bytes(pipeline, "text_encoder")
+    assert not placement.is_loaded("text_encoder")
+
+
+@pytest.mark.parametrize("share", [1.0, 0.9])
+def test_the_next_expert_is_prefetched_into_the_room_the_budget_leaves(share: float):
+    base = fast_frames(tiny())
+    pipeline = tiny()
+    fixed = part_bytes(pipeline, "vae")
+    high, low = part_bytes(pipeline, "transformer"), part_bytes(pipeline, "transformer_2")
+    room = int(low * share)
+    placement = Placement(pipeline, SWAP, CPU, budget=fixed + high + room)
+    seen: list[tuple[int, int]] = []  # after each step: the low-noise expert's bytes already on the device
+
+    def after_step(pipe: Any, step: int) -> None:
+        placement.on_step_end(step, expert_order(pipe, 0.875), activations=0)
+        seen.append((step, placement._parts["transformer_2"].loaded_bytes))
+
+    np.testing.assert_array_equal(fast_frames(pipeline, after_step), base)
+    # The steps run high, high, low, low: after step 0 the next step is the high expert's last, so the low one's
+    # first blocks start then, within the room.
+    assert 0 < seen[0][1] <= room
+    assert placement.peak_loaded <= high + room
+    if share == 1.0:
+        assert seen[0][1] == low and placement.peak_loaded == high + low
+
+
+def test_a_lora_fused_into_swapped_experts_goes_into_their_host_copies_and_comes_out_exactly(tmp_path: Path):
+    reference = tiny()
+    reference.save_pretrained(tmp_path / "model")
+    generator = torch.Generator().manual_seed(1)
+    high = write_lora(random_lightx2v_lora(reference.transformer, 4, generator), tmp_path / "high.safetensors")
+    low = write_lora(random_lightx2v_lora(reference.transformer_2, 4, generator), tmp_path / "low.safetensors")
+    files = LoraFiles(LoraPair("lightx2v/test", "high.safetensors", "low.safetensors"), high, low)
+    saved = SavedWeights(tmp_path / "model")
+    base = fast_frames(reference)
+    LoraSlot(reference, saved).switch(files)
+    fused_in_place = fast_frames(reference)
+
+    pipeline = WanPipeline.from_pretrained(tmp_path / "model")
+    pipeline.set_progress_bar_config(disable=True)
+    placement = Placement(pipeline, SWAP, CPU)
+    slot = LoraSlot(pipeline, saved, placement.editing)
+    slot.switch(files)
+    assert placement.loaded_bytes == part_bytes(pipeline, "transformer_2")  # the last one edited stays
+    np.testing.assert_array_equal(fast_frames(pipeline), fused_in_place)
+    slot.switch(None)
+    np.testing.assert_array_equal(fast_frames(pipeline), base)
+
+
+# -- the runner ---------------------------------------------------------------------------------------------------
+
+
+def a_gpu_machine(monkeypatch: pytest.MonkeyPatch, vram_gib: float = 40.0) -> None:
+    """Plans made as if for a GPU of `vram_gib`; the CPU runs them."""
+    machine = Machine(vram=int(vram_gib * GIB), ram=64 * GIB)
+    monkeypatch.setattr(generate, "this_machine", lambda config, device, fp8: machine)
+
+
+async def test_a_job_that_runs_out_of_gpu_memory_is_made_once_more_on_a_leaner_plan(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+):
+    a_gpu_machine(monkeypatch)
+    calls = []
+    real_call = WanPipeline.__call__
+
+    def out_of_memory_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(self)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(WanPipeline, "__call__", out_of_memory_once)
+    job = (await submit(engine, Mode.T2V, frames=5)).result.job
+    said: list[Progress] = []
+    output = await asyncio.to_thread(engine._runner.run, job, [], RunHooks(on_progress=said.append))
+    assert output.frames.shape == (5, 64, 64, 3)
+    assert len(calls) == 2 and calls[0] is not calls[1]  # reloaded for the new plan
+    retry = [progress.detail for progress in said if "ran out of memory" in progress.detail]
+    assert retry == ["the GPU ran out of memory (gpu); trying once more with model_offload"]
+    assert engine._runner.loaded.plan.memory == "model_offload"
+
+
+async def test_a_job_that_runs_out_of_memory_twice_fails_saying_what_to_lower(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+):
+    a_gpu_machine(monkeypatch)
+
+    def out_of_memory(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(WanPipeline, "__call__", out_of_memory)
+    job = (await submit(engine, Mode.T2V, frames=5)).result.job
+    with pytest.raises(generate.OutOfMemory, match="ran out of memory making 64x64, 5 frames"):
+        await asyncio.to_thread(engine._runner.run, job, [], RunHooks())
+    assert engine._runner.loaded is None
+
+
+async def test_a_plan_that_changes_with_the_jobs_size_places_the_pipeline_again_without_reloading(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+):
+    a_gpu_machine(monkeypatch)
+
+    def by_width(model: Any, params: Any, *_args: Any, **_kwargs: Any) -> Plan:
+        return TEXT_SWAPPED if params.width == 64 else SWAP
+
+    monkeypatch.setattr(generate, "plan_job", by_width)
+    await submit(engine, Mode.T2V, frames=5, user="a")
+    await run_all(engine)
+    pipeline = engine._runner.loaded.pipeline
+    first = engine._runner.loaded.placement
+    await submit(engine, Mode.T2V, frames=5, resolution="128x64", user="b")
+    await run_all(engine)
+    assert engine._runner.loaded.pipeline is pipeline  # not loaded again
+    assert engine._runner.loaded.placement is not first and engine._runner.loaded.plan.memory == "model_offload"
