@@ -25,6 +25,7 @@ from engine.storage.images import ImageInfo, Mode, check_mode, validate_image_by
 __all__ = [
     "JobStore",
     "PictureCheck",
+    "PlanReport",
     "WeightsToFetch",
     "check_pictures",
     "check_repo_id",
@@ -32,6 +33,7 @@ __all__ = [
     "model_downloader",
     "model_named",
     "open_job_store",
+    "plan_report",
     "quiet_libraries",
     "verify_snapshot",
     "weights_to_fetch",
@@ -184,3 +186,77 @@ def make_tiny_model(target: Path, kind: Mode, seed: int) -> None:
     from engine.pipeline.tiny import make_tiny_model as build
 
     build(target, kind, seed)
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """What `wanbot plan` shows: the plan a job would get on a machine, or why none fits, and every placement."""
+
+    model: str
+    job: str  # "832x480, 81 frames, fast (4 transformer passes)"
+    machine: str  # what the plan was made for
+    chosen: list[str]  # the chosen plan's lines; empty when none fits
+    refusal: str  # why no plan fits, and what would; "" when one does
+    placements: list[dict[str, Any]]  # every placement, fastest first
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def plan_report(
+    settings: Settings,
+    mode: Mode,
+    preset: str | None,
+    size: str | None,
+    frames: int | None,
+    vram_gib: float | None,
+    ram_gib: float | None,
+    fp8: bool = False,
+) -> PlanReport:
+    """The plan for a job of `mode` on this machine, or on a GPU of `vram_gib` (with fp8 where `fp8`) and a host of
+    `ram_gib` (either may be given alone; the other is this machine's)."""
+    from engine.pipeline.footprint import GIB
+    from engine.pipeline.generate import find_model_folder, pick_device
+    from engine.pipeline.machine import host_available, job_size, model_footprint, plan_job, this_machine
+    from engine.pipeline.planner import Machine, NoPlanFits, candidates
+    from engine.pipeline.speedups import choose_speedups
+
+    model = model_for_mode(mode, settings)
+    request = GenerationRequest(mode=mode, prompt="plan", preset=preset, resolution=size, frames=frames)
+    params = resolve_request(request, model, settings.generation, rng=None)
+    folder = find_model_folder(settings, model_downloader(settings), model)
+    device = pick_device(settings.generation.device)
+    works = choose_speedups(settings.generation, device).fp8.value == "on" if device.type == "cuda" else False
+    here = this_machine(settings.generation, device, works)
+    if vram_gib is None and here.vram is None and ram_gib is not None:
+        here = Machine(vram=None, ram=int(ram_gib * GIB))
+    elif vram_gib is not None or ram_gib is not None:
+        fp8 = fp8 or here.fp8
+        vram = int(vram_gib * GIB) if vram_gib is not None else here.vram
+        here = Machine(vram=vram, ram=int(ram_gib * GIB) if ram_gib else host_available(), fp8=fp8, card=here.card)
+    footprint = model_footprint(model, folder)
+    job = job_size(model.spec, params)
+    machine_text = (
+        f"{here.card or 'a GPU'} with {here.vram / GIB:.1f} GiB" if here.vram is not None else "no GPU (the CPU)"
+    )
+    machine_text += f", {here.ram / GIB:.0f} GiB host memory" + (", fp8 on" if here.fp8 else "")
+    try:
+        chosen = plan_job(model, params, here, settings.generation, folder).lines(footprint)
+        refusal = ""
+    except NoPlanFits as exc:
+        chosen, refusal = [], str(exc)
+    placements = [
+        {
+            "memory": plan.memory,
+            "text_encoder": plan.text_encoder.short,
+            "transformers": plan.experts.short,
+            "vae_tiled": plan.vae_tiled,
+            "peak_vram_gib": round(plan.vram / GIB, 1),
+            "host_ram_gib": round(plan.ram / GIB, 1),
+            "seconds": round(plan.seconds, 1) if plan.seconds is not None else None,
+            "fits": plan.fits,
+        }
+        for plan in candidates(footprint, job, here)
+    ]
+    job_text = f"{job.describe()}, {params.preset.value} ({job.passes} transformer passes)"
+    return PlanReport(model.name, job_text, machine_text, chosen, refusal, placements)

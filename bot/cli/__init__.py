@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from bot.cli import fleet, generate, models, queue, roles
+from bot.cli import fleet, generate, models, plan, queue, roles
 from bot.cli.common import app, errors, models_app, queue_app
 from engine.errors import ConfigError
 
@@ -33,6 +33,7 @@ models_app.command("make-tiny")(models.models_make_tiny)
 models_app.command("download")(models.models_download)
 models_app.command("list")(models.models_list)
 models_app.command("verify")(models.models_verify)
+app.command("plan")(plan.plan_command)
 app.command("run")(roles.run_command)
 app.command("serve")(roles.serve_command)
 app.command("worker")(roles.worker_command)

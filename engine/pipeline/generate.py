@@ -116,7 +116,7 @@ class PipelineRunner:
         self._locate = locator
         self.loaded: LoadedPipeline | None = None
         # Chosen once (the attention check runs a kernel), logged with each load, applied to each loaded model.
-        self._speedups = choose_speedups(config, _pick_device(config.device))
+        self._speedups = choose_speedups(config, pick_device(config.device))
         # Video shapes the compiled blocks have run at: the first job of a new shape compiles them again (minutes).
         self._compiled_shapes: set[tuple[str, int, int, int]] = set()
         self._budget: int | None = None  # GPU bytes the latest plan was made for, less its margin
@@ -170,7 +170,7 @@ class PipelineRunner:
             self.plan(model, params, folder)
 
     def _machine(self) -> Machine:
-        device = _pick_device(self._config.device)
+        device = pick_device(self._config.device)
         return this_machine(self._config, device, fp8=self._speedups.fp8.value == "on")
 
     def _leaner(
@@ -205,7 +205,7 @@ class PipelineRunner:
             return loaded
         self.unload()
         hooks.on_progress(Progress(stage=Stage.LOADING, detail=source.name))
-        device = _pick_device(self._config.device)
+        device = pick_device(self._config.device)
         pipeline = _load(PIPELINE_CLASSES[model.spec.pipeline], folder, device, plan)
         correct_flow_shift(pipeline, model.spec)
         pipeline.set_progress_bar_config(disable=True)
@@ -436,7 +436,7 @@ def cover(image: Image.Image, width: int, height: int) -> Image.Image:
 
 def describe_device(config: GenerationConfig) -> str:
     """Where jobs will run, for the start-up line: a CPU-only torch on a GPU server means hours per real video."""
-    device = _pick_device(config.device)
+    device = pick_device(config.device)
     if device.type == "cpu":
         return "the CPU (no CUDA GPU found: fine for the tiny models, hours per video for real ones)"
     free_bytes, total_bytes = torch.cuda.mem_get_info(device)
@@ -446,7 +446,7 @@ def describe_device(config: GenerationConfig) -> str:
 
 def device_facts(config: GenerationConfig) -> tuple[str, str | None, int | None]:
     """The device jobs run on, its GPU's name and its free memory in bytes (None on a CPU), for the fleet view."""
-    device = _pick_device(config.device)
+    device = pick_device(config.device)
     if device.type == "cpu":
         return "cpu", None, None
     try:
@@ -459,7 +459,7 @@ def device_facts(config: GenerationConfig) -> tuple[str, str | None, int | None]
         ) from None
 
 
-def _pick_device(configured: str) -> torch.device:
+def pick_device(configured: str) -> torch.device:
     if configured != "auto":
         return torch.device(configured)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

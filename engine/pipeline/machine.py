@@ -106,4 +106,4 @@ def _what_fits(model: ModelRef, params: GenerationParams, machine: Machine, mode
             asked = f"res={name}" if (width, height) != (params.width, params.height) else ""
             more = f"frames={count}" if count != params.frames else ""
             return f"Ask for {' '.join(part for part in (asked, more) if part)}: that fits this GPU."
-    return "No size of this model fits this GPU: use a smaller model (models.<mode>) or a GPU with more memory."
+    return "No size of this model fits this machine: use a smaller model (models.<mode>) or more GPU or host memory."

@@ -64,6 +64,21 @@ class Where(StrEnum):
     LAYERS = "streamed from host memory a layer at a time"
     CPU = "on the CPU"
 
+    @property
+    def short(self) -> str:
+        """For a table column."""
+        return SHORT_WHERE[self]
+
+
+SHORT_WHERE = {
+    Where.GPU: "GPU",
+    Where.GPU_FP8: "GPU, fp8",
+    Where.SWAPPED: "swapped in",
+    Where.STREAMED: "streamed",
+    Where.LAYERS: "by layer",
+    Where.CPU: "CPU",
+}
+
 
 @dataclass(frozen=True)
 class Machine:
@@ -125,7 +140,8 @@ class Plan:
             f"memory{seconds})",
             f"  text encoder ({footprint.text_encoder / GIB:.1f} GiB): {self.text_encoder}",
             f"  {experts} ({' + '.join(f'{size / GIB:.1f}' for size in footprint.experts)} GiB): {self.experts}",
-            f"  VAE ({footprint.vae / GIB:.1f} GiB): on the GPU, decoding {'tiled' if self.vae_tiled else 'whole'}",
+            f"  VAE ({footprint.vae / GIB:.1f} GiB): {'on the CPU' if self.memory == 'cpu' else 'on the GPU'}, "
+            f"decoding {'tiled' if self.vae_tiled else 'whole'}",
             f"  why: {self.why}",
         ]
 
@@ -325,6 +341,8 @@ def _sequential(footprint: Footprint, size: JobSize, machine: Machine, tiled: bo
     phases = _phases(footprint, size, tiled, footprint.vae + layer, footprint.vae + layer, footprint.vae)
     ram = HOST_BASE + footprint.text_encoder + sum(footprint.experts)
     copy_s = footprint.largest_expert / LEAF_BYTES_PER_S + HOOK_S * footprint.layers * 8
-    seconds = TEXT_ENCODE_S + size.passes * copy_s + _compute_s(footprint, size, machine) + _decode_s(footprint, size, tiled)
+    seconds = (
+        TEXT_ENCODE_S + size.passes * copy_s + _compute_s(footprint, size, machine) + _decode_s(footprint, size, tiled)
+    )
     why = "not even a block fits beside the activations: the model streams a layer at a time (slow)"
     return _plan(footprint, size, "sequential_offload", (Where.LAYERS, Where.LAYERS), tiled, phases, ram, seconds, why)
