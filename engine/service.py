@@ -46,7 +46,7 @@ from engine.queue.fleet import pid_alive, recover_orphans, this_machine
 from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
 from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
-from engine.storage.images import ImageStore, ValidatedImage, check_mode, validate_image_bytes
+from engine.storage.images import ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
 from engine.storage.preview_files import preview_path
 from engine.storage.shared_files import SharedFiles, shared_files
 from engine.supervisor import Supervisor
@@ -414,6 +414,21 @@ class Engine:
 
         assert self._runner is not None
         return f"{describe_device(self.settings.generation)}; speed-ups: {self._runner.speedups.describe()}"
+
+    async def say_plans(self, say: Callable[[str], None]) -> None:
+        """Say through `say` the plan each mode's model gets at its default size and preset on this GPU (nothing
+        without one); a job of another size gets its own plan, logged when it changes."""
+        if self._runner is None or self._prompt_lengths is None:
+            return
+        for mode in Mode:
+            model = model_for_mode(mode, self.settings)
+            request = GenerationRequest(mode=mode, prompt="plan")
+            params = resolve_request(request, model, self.settings.generation, rng=random.Random(0))
+            folder = await asyncio.to_thread(self._prompt_lengths.folder, model)
+            line = await asyncio.to_thread(self._runner.plan_line, model, params, folder)
+            if line is not None:
+                size = f"{params.width}x{params.height}, {params.frames} frames, {params.preset.value}"
+                say(f"plan for {mode.value} ({size}): {line}")
 
     async def say_missing_models(self, say: Callable[[str], None]) -> None:
         """Name each mode's model that is not on disk yet (its first job downloads it), through `say`."""

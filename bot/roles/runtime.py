@@ -74,6 +74,7 @@ async def serve(settings: Settings, say: Callable[[str], None], role: Role = Rol
             say(_started_line(settings, role, adapters))
             if makes_videos:
                 say(f"videos are made on {engine.device_text()}")
+                await engine.say_plans(say)
                 await engine.say_missing_models(say)
             await _first_of(stop.wait(), supervisor.wait_failed())
             await engine.stop_worker()

@@ -169,6 +169,16 @@ class PipelineRunner:
         if self._machine().vram is not None and (folder is not None or not model.is_tiny):
             self.plan(model, params, folder)
 
+    def plan_line(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> str | None:
+        """The plan a job of `params` gets, or why none fits, in one line; None without a GPU (all runs on the CPU)
+        or for a tiny model not built yet."""
+        if self._machine().vram is None or (folder is None and model.is_tiny):
+            return None
+        try:
+            return self.plan(model, params, folder).summary()
+        except NoPlanFits as exc:
+            return f"none fits: {exc}"
+
     def _machine(self) -> Machine:
         device = pick_device(self._config.device)
         return this_machine(self._config, device, fp8=self._speedups.fp8.value == "on")

@@ -70,16 +70,22 @@ class LoraFiles:
 
 
 def random_lightx2v_lora(
-    transformer: torch.nn.Module, rank: int, generator: torch.Generator, std: float = 0.05, dtype: Any = None
+    transformer: torch.nn.Module,
+    rank: int,
+    generator: torch.Generator,
+    std: float = 0.05,
+    dtype: Any = None,
+    blocks: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Random weights in LightX2V's layout for `transformer`'s shapes: per linear layer lora_down/lora_up with alpha
-    and a diff_b bias, zeroed norm diffs, and a full-rank head diff; a stand-in of the real rank and shapes."""
+    and a diff_b bias, zeroed norm diffs, and a full-rank head diff; a stand-in of the real rank and shapes. With
+    `blocks`, only the first that many blocks (a benchmark that scales a part up to the whole)."""
 
     def randn(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=generator) * std).to(dtype or torch.float32)
 
     state: dict[str, torch.Tensor] = {}
-    for index, block in enumerate(transformer.blocks):
+    for index, block in enumerate(transformer.blocks[:blocks]):
         prefix = f"diffusion_model.blocks.{index}"
         for theirs, ours in BLOCK_LINEARS.items():
             layer = block.get_submodule(ours)

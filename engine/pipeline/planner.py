@@ -132,6 +132,15 @@ class Plan:
         """What loading must set up; a plan that differs only in VAE tiling needs no re-placing."""
         return (self.memory, self.text_encoder, self.experts)
 
+    def summary(self) -> str:
+        """The plan in one line, for the start-up and the log."""
+        seconds = f", about {self.seconds:.0f} s a video" if self.seconds is not None else ""
+        return (
+            f"{self.memory}: text encoder {self.text_encoder.short}, transformers {self.experts.short}, VAE decoding "
+            f"{'tiled' if self.vae_tiled else 'whole'}; peak {self.vram / GIB:.1f} GiB GPU, {self.ram / GIB:.0f} GiB "
+            f"host{seconds}"
+        )
+
     def lines(self, footprint: Footprint) -> list[str]:
         experts = "transformers" if len(footprint.experts) > 1 else "transformer"
         seconds = f", about {self.seconds:.0f} s a video" if self.seconds is not None else ""

@@ -200,3 +200,19 @@ async def test_a_plan_that_changes_with_the_jobs_size_places_the_pipeline_again_
     await run_all(engine)
     assert engine._runner.loaded.pipeline is pipeline  # not loaded again
     assert engine._runner.loaded.placement is not first and engine._runner.loaded.plan.memory == "model_offload"
+
+
+async def test_a_worker_on_a_gpu_says_each_modes_plan_at_start(engine: Engine, monkeypatch: pytest.MonkeyPatch):
+    said: list[str] = []
+    await engine.say_plans(said.append)
+    assert said == []  # no GPU: everything runs on the CPU, and the device line said so
+    a_gpu_machine(monkeypatch)
+    for mode in Mode:  # built, as a first job would
+        engine._runner._locate(generate.resolve_model("tiny", mode), RunHooks())
+    await engine.say_plans(said.append)
+    assert [line.split(":")[0] for line in said] == [
+        "plan for t2v (64x64, 9 frames, fast)",
+        "plan for i2v (64x64, 9 frames, fast)",
+        "plan for ti2v (64x64, 9 frames, fast)",
+    ]
+    assert all("text encoder GPU, transformers GPU, VAE decoding whole; peak" in line for line in said), said

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import WanTransformer3DModel
 
 from bot.chat.texts import parse_message
 from engine.config import GenerationConfig, Settings
@@ -41,7 +43,7 @@ from engine.pipeline.passes import PassCounter
 from engine.pipeline.presets import LIGHTX2V_EULER, Preset
 from engine.pipeline.samplers import scheduled
 from engine.pipeline.speedups import Choice
-from engine.pipeline.tiny import build_tiny_pipeline
+from engine.pipeline.tiny import TEXT_DIM, build_tiny_pipeline
 from engine.pipeline.video import probe
 from engine.service import Engine, Upload
 from engine.storage.images import Mode
@@ -150,6 +152,44 @@ def test_a_pair_that_fails_to_load_halfway_leaves_the_model_as_it_was(tmp_path: 
         FusedLoras(pipeline, pair_files(high, low), saved)
     assert not any("lora" in name for name, _ in pipeline.transformer.named_modules())
     np.testing.assert_array_equal(fast_run(pipeline)[0], base)
+
+
+def resident_bytes() -> int:
+    gc.collect()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_switching_presets_keeps_no_copy_of_the_weights_in_host_memory(tmp_path: Path):
+    """A fused pair restored from the saved files: host memory grows by next to nothing per switch, where a copy
+    of the tensors the LoRAs change (the old way) would add all of them."""
+    pipeline = build_tiny_pipeline(Mode.T2V)
+    wide = {**pipeline.transformer.config, "num_attention_heads": 8, "attention_head_dim": 64, "ffn_dim": 2048}
+    wide.update(num_layers=2, text_dim=TEXT_DIM)
+    pipeline.transformer = WanTransformer3DModel(**{k: v for k, v in wide.items() if not k.startswith("_")})
+    pipeline.transformer_2 = WanTransformer3DModel(**{k: v for k, v in wide.items() if not k.startswith("_")})
+    pipeline.save_pretrained(tmp_path / "model")
+    high, low = lora_pair(tmp_path, pipeline)
+    files = pair_files(high, low)
+    saved = SavedWeights(tmp_path / "model")
+    changed = sum(
+        module.weight.numel() * 4
+        for expert in (pipeline.transformer, pipeline.transformer_2)
+        for module in expert.blocks.modules()
+        if isinstance(module, torch.nn.Linear)
+    )
+    assert changed > 50 * 2**20  # large enough for resident memory to show a copy
+    FusedLoras(pipeline, files, saved).restore()  # the first switch warms up peft and safetensors
+    before = resident_bytes()
+    for _ in range(2):
+        fused = FusedLoras(pipeline, files, saved)
+        while_fused = resident_bytes()
+        fused.restore()
+    after = resident_bytes()
+    assert while_fused - before < changed / 10, (while_fused - before, changed)
+    assert after - before < changed / 10, (after - before, changed)
 
 
 @pytest.fixture
