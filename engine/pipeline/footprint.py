@@ -87,15 +87,17 @@ class Measured:
 # GiB with one expert resident (quality, model offload); the untiled decode of 832x480x81 peaked 8.8 GiB above the
 # weights (0.36 GiB of it the fp32 video), in 3.26 s. TI2V-5B: 12.0 GiB resident, a pass at 27,280 tokens 5.2 GiB
 # above (its per-token timesteps make its activations larger per token than A14B's), the tiled 1280x704x121 decode
-# at most 5.9 GiB above (1.2 GiB of it the video), in 19.4 s. Figures not measured yet are marked.
+# at most 5.9 GiB above (1.2 GiB of it the video), in 19.4 s. bench/vae.py on a CPU (bench/results/vae-cpu-*.jsonl)
+# gave the rest: both VAEs take about 23 KB per frame pixel decoding whole (the Wan 2.2 VAE 4% more), whatever the
+# frame count; tiles take about half that at 384x384 and about twice the time; bf16 takes 0.5 to 0.7 of fp32's.
 A14B_480P = 832 * 480 * 81
 TI2V_720P = 1280 * 704 * 121
 A14B_MEASURED = Measured(
     denoise_bytes_per_token=3.7 * GIB / 32760,
     decode_bytes_per_pixel=8.45 * GIB / (832 * 480),
-    tiled_decode_bytes=3.0 * GIB,  # not measured: the Wan 2.1 VAE is lighter than Wan 2.2's (4.6 GiB below)
+    tiled_decode_bytes=1.6 * GIB,  # from the CPU: a 256-pixel tile's working set in fp32
     decode_s_per_pixel_frame=3.26 / A14B_480P,
-    tiled_decode_s_per_pixel_frame=2 * 3.26 / A14B_480P,  # not measured: tiles overlap, about twice the work
+    tiled_decode_s_per_pixel_frame=1.8 * 3.26 / A14B_480P,  # the CPU's ratio of tiled to whole
     mfu=0.57,
 )
 MEASURED = {
@@ -103,13 +105,14 @@ MEASURED = {
     "wan2.2-i2v-a14b": Measured(**{**A14B_MEASURED.__dict__, "mfu": 0.44}),
     "wan2.2-ti2v-5b": Measured(
         denoise_bytes_per_token=5.2 * GIB / 27280,
-        decode_bytes_per_pixel=2 * 8.45 * GIB / (832 * 480),  # not measured: the wider decoder, about twice
+        decode_bytes_per_pixel=1.04 * 8.45 * GIB / (832 * 480),  # the CPU's ratio of the two VAEs
         tiled_decode_bytes=4.6 * GIB,
-        decode_s_per_pixel_frame=19.4 / 2 / TI2V_720P,  # not measured: tiles overlap, about half the work
+        decode_s_per_pixel_frame=19.4 / 1.9 / TI2V_720P,  # the CPU's ratio of tiled to whole
         tiled_decode_s_per_pixel_frame=19.4 / TI2V_720P,
         mfu=0.46,
     ),
 }
+BF16_DECODE_SHARE = 0.7  # of the fp32 decode's working set (0.51 to 0.69 measured on the CPU)
 
 
 @dataclass(frozen=True)
