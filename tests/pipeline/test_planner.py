@@ -59,7 +59,7 @@ def plan(family: str, size: str, preset: str, card: int, host: int, fp8: bool = 
         (T2V, "480p", 32, 128, True, "group_offload"),
         (T2V, "480p", 24, 32, False, "none"),
         # TI2V-5B's whole decode needs 20 GiB: on 32 GB the parts take turns so that it need not tile.
-        (TI2V, "ti2v", 32, 32, True, "model_offload"),
+        (TI2V, "ti2v", 32, 32, False, "model_offload"),
         (TI2V, "ti2v", 24, 64, True, "gpu+tiled"),
     ],
 )
