@@ -140,6 +140,11 @@ class GenerationConfig(Section):
         "other programs.",
     )
     vae_tiling: Literal["auto", "on", "off"] = "auto"
+    vae_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="The VAE's weights and decode (auto: bf16 on a GPU, about half an 8-bit level from fp32 on "
+        "average and two thirds of its memory; fp32 on a CPU).",
+    )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     devices: list[str] = Field(
         default_factory=list,

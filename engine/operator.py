@@ -233,7 +233,9 @@ def plan_report(
     elif vram_gib is not None or ram_gib is not None:
         fp8 = fp8 or here.fp8
         vram = int(vram_gib * GIB) if vram_gib is not None else here.vram
-        here = Machine(vram=vram, ram=int(ram_gib * GIB) if ram_gib else host_available(), fp8=fp8, card=here.card)
+        ram = int(ram_gib * GIB) if ram_gib else host_available()
+        vae_bf16 = settings.generation.vae_precision != "fp32"
+        here = Machine(vram=vram, ram=ram, fp8=fp8, card=here.card, vae_bf16=vae_bf16)
     footprint = model_footprint(model, folder)
     job = job_size(model.spec, params)
     machine_text = (

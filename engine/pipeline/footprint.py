@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,7 @@ BF16_DECODE_SHARE = 0.7  # of the fp32 decode's working set (0.51 to 0.69 measur
 
 @dataclass(frozen=True)
 class Footprint:
-    """A model's components as loaded: bf16 text encoder and transformers, fp32 VAE (bytes)."""
+    """A model's components as loaded: bf16 text encoder and transformers, fp32 VAE (bytes), and its figures."""
 
     family: str
     text_encoder: int
@@ -127,6 +127,11 @@ class Footprint:
     width: int  # attention width (heads x head size)
     layers: int
     multiple: int  # pixels per token side (VAE scale x patch)
+    decode_share: float = 1.0  # of the fp32 decode's working set: BF16_DECODE_SHARE when the VAE runs in bf16
+
+    def in_bf16_vae(self) -> Footprint:
+        """The same model with its VAE in bf16: half the weights, a smaller decode."""
+        return replace(self, vae=self.vae // 2, decode_share=BF16_DECODE_SHARE)
 
     @property
     def largest_expert(self) -> int:

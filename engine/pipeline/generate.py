@@ -25,7 +25,7 @@ from engine.hub.downloads import Downloader
 from engine.jobs import GenerationParams, Job, Progress, RunInfo, Stage
 from engine.pipeline.hooks import JobCancelled, JobInterrupted, RunHooks
 from engine.pipeline.loras import LoraFiles, LoraSlot, SavedWeights
-from engine.pipeline.machine import model_footprint, plan_job, this_machine
+from engine.pipeline.machine import model_footprint, plan_job, this_machine, vae_in_bf16
 from engine.pipeline.models import ModelRef, ModelSpec, resolve_model
 from engine.pipeline.passes import PassCounter
 from engine.pipeline.placement import Placement, expert_order
@@ -216,7 +216,8 @@ class PipelineRunner:
         self.unload()
         hooks.on_progress(Progress(stage=Stage.LOADING, detail=source.name))
         device = pick_device(self._config.device)
-        pipeline = _load(PIPELINE_CLASSES[model.spec.pipeline], folder, device, plan)
+        vae_bf16 = vae_in_bf16(self._config, device)
+        pipeline = _load(PIPELINE_CLASSES[model.spec.pipeline], folder, device, plan, vae_bf16)
         correct_flow_shift(pipeline, model.spec)
         pipeline.set_progress_bar_config(disable=True)
         placement = Placement(pipeline, plan, device, self._budget, per_block=not self._compiles)
@@ -475,12 +476,12 @@ def pick_device(configured: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load(pipeline_class: Any, folder: Path, device: torch.device, plan: Plan) -> Any:
-    """The pipeline from `folder`: bf16 with an fp32 VAE on a GPU; straight onto it when every part stays there,
-    so host memory never holds the model."""
+def _load(pipeline_class: Any, folder: Path, device: torch.device, plan: Plan, vae_bf16: bool) -> Any:
+    """The pipeline from `folder`: bf16 on a GPU (the VAE too where `vae_bf16`); straight onto it when every part
+    stays there, so host memory never holds the model."""
     if device.type == "cpu":
         return pipeline_class.from_pretrained(folder, dtype=torch.float32)
-    dtype = {"default": torch.bfloat16, "vae": torch.float32}
+    dtype = {"default": torch.bfloat16, "vae": torch.bfloat16 if vae_bf16 else torch.float32}
     if plan.memory == "gpu" and plan.text_encoder is Where.GPU:
         with torch.cuda.device(device):  # diffusers' device map names the current device
             return pipeline_class.from_pretrained(folder, dtype=dtype, device_map="cuda")

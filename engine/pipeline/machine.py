@@ -59,7 +59,12 @@ def this_machine(config: GenerationConfig, device: torch.device, fp8: bool) -> M
         ram=host_available(),
         fp8=fp8,
         card=torch.cuda.get_device_name(device),
+        vae_bf16=vae_in_bf16(config, device),
     )
+
+
+def vae_in_bf16(config: GenerationConfig, device: torch.device) -> bool:
+    return device.type == "cuda" and config.vae_precision != "fp32"
 
 
 def job_size(spec: ModelSpec, params: GenerationParams) -> JobSize:

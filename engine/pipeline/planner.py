@@ -88,6 +88,7 @@ class Machine:
     ram: int
     fp8: bool = False  # generation.fp8 is on and works on this card
     card: str = ""
+    vae_bf16: bool = False  # generation.vae_precision: the VAE in bf16
 
     @property
     def peak_tflops(self) -> float:
@@ -122,6 +123,7 @@ class Plan:
     fits: bool = True
     phases: tuple[tuple[str, int], ...] = ()  # peak bytes while encoding, denoising, decoding
     activations: int = 0  # a pass's peak above the weights, bytes
+    vae_bf16: bool = False
 
     @property
     def fp8(self) -> bool:
@@ -149,7 +151,8 @@ class Plan:
             f"memory{seconds})",
             f"  text encoder ({footprint.text_encoder / GIB:.1f} GiB): {self.text_encoder}",
             f"  {experts} ({' + '.join(f'{size / GIB:.1f}' for size in footprint.experts)} GiB): {self.experts}",
-            f"  VAE ({footprint.vae / GIB:.1f} GiB): {'on the CPU' if self.memory == 'cpu' else 'on the GPU'}, "
+            f"  VAE ({footprint.vae / (2 if self.vae_bf16 else 1) / GIB:.1f} GiB"
+            f"{' in bf16' if self.vae_bf16 else ''}): {'on the CPU' if self.memory == 'cpu' else 'on the GPU'}, "
             f"decoding {'tiled' if self.vae_tiled else 'whole'}",
             f"  why: {self.why}",
         ]
@@ -168,6 +171,8 @@ def margin(vram: int) -> int:
 
 def candidates(footprint: Footprint, size: JobSize, machine: Machine) -> list[Plan]:
     """Every placement of the model for this job, costed, fastest first; `fits` says which this machine holds."""
+    if machine.vae_bf16:
+        footprint = footprint.in_bf16_vae()
     if machine.vram is None:
         total = footprint.text_encoder + sum(footprint.experts) + footprint.vae
         why = "no CUDA GPU, or generation.memory is cpu: all on the CPU"
@@ -185,7 +190,10 @@ def candidates(footprint: Footprint, size: JobSize, machine: Machine) -> list[Pl
         if plan is not None
     ]
     budget = machine.vram - margin(machine.vram)
-    costed = [replace(plan, fits=plan.vram <= budget and plan.ram <= machine.ram) for plan in plans]
+    costed = [
+        replace(plan, fits=plan.vram <= budget and plan.ram <= machine.ram, vae_bf16=machine.vae_bf16)
+        for plan in plans
+    ]
     return sorted(costed, key=lambda plan: plan.seconds or 0.0)
 
 
@@ -252,7 +260,7 @@ def _phases(
     measured = footprint.measured
     activations = _activations(footprint, size)
     output = size.pixel_frames * 3 * 4  # the decoded video in fp32
-    work = measured.decode_bytes_per_pixel * size.width * size.height
+    work = measured.decode_bytes_per_pixel * size.width * size.height * footprint.decode_share
     decoding = int(min(measured.tiled_decode_bytes, work) if tiled else work) + output
     return (
         ("encode", int(RUNTIME_BYTES + encode + TEXT_ACTIVATIONS)),

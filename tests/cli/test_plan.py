@@ -29,8 +29,8 @@ def plan(tmp_path: Path, *args: str) -> tuple[int, str, str]:
     return done.exit_code, done.stdout, done.stderr
 
 
-def test_plan_for_an_80_gib_card_keeps_both_experts_on_it_and_lists_every_placement(tmp_path: Path):
-    code, out, err = plan(tmp_path, "--vram", "78.5", "--ram", "128", "--json")
+def test_plan_for_a_72_gib_card_keeps_both_experts_on_it_and_lists_every_placement(tmp_path: Path):
+    code, out, err = plan(tmp_path, "--vram", "72", "--ram", "128", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["model"] == A14B and report["job"] == "832x480, 81 frames, fast (4 transformer passes)"
@@ -49,7 +49,7 @@ def test_plan_reads_as_a_table(tmp_path: Path):
     assert "t2v: Wan-AI/Wan2.2-T2V-A14B-Diffusers, 1280x720, 81 frames, fast" in out
     assert "on a GPU with 48.0 GiB, 64 GiB host memory, fp8 on" in out
     assert "transformers (26.6 + 26.6 GiB): on the GPU in fp8" in out
-    assert "VAE (0.5 GiB): on the GPU, decoding tiled" in out
+    assert "VAE (0.2 GiB in bf16): on the GPU, decoding whole" in out
     assert "every placement, fastest first:" in out and "GPU, fp8" in out
 
 

@@ -171,3 +171,17 @@ def test_a_folders_footprint_is_its_components_own_size(tmp_path: Path):
     assert model.text_encoder == size(pipeline.text_encoder, 2)
     assert model.vae == size(pipeline.vae, 4)
     assert model.tokens(64, 64, 9) == 3 * 4 * 4  # latent frames x (64 / 16) squared
+
+
+def test_a_bf16_vae_halves_its_weights_and_shrinks_the_whole_decode():
+    model, size = footprint(TI2V, None), job(TI2V, "ti2v", "fast")
+    fp32 = Machine(vram=int(CARDS[80] * GIB), ram=64 * GIB)
+    bf16 = Machine(vram=int(CARDS[80] * GIB), ram=64 * GIB, vae_bf16=True)
+
+    def decode_peak(machine: Machine) -> int:
+        plans = candidates(model, size, machine)
+        whole = next(p for p in plans if p.memory == "model_offload" and not p.vae_tiled)
+        return dict(whole.phases)["decode"]
+
+    saved = decode_peak(fp32) - decode_peak(bf16)
+    assert model.vae // 2 < saved < model.vae // 2 + 0.35 * model.measured.decode_bytes_per_pixel * 1280 * 704
