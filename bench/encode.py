@@ -29,7 +29,7 @@ start after the time budget (`--budget-s`) are skipped.
     .venv/bin/python bench/encode.py [--sizes 1280x704x121@24,832x480x81@16]
         [--presets medium,fast,faster,veryfast,superfast,ultrafast] [--threading pyav-default,frame]
         [--single medium,veryfast,ultrafast] [--auto veryfast] [--noise medium,veryfast,ultrafast]
-        [--repeat 2] [--budget-s 330] [--out figures.jsonl]
+        [--repeat 2] [--crf 18] [--budget-s 330] [--out figures.jsonl]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import numpy as np
 
 from engine.pipeline.video import probe, to_uint8
 
-CRF = 18
+CRF = 18  # encode_mp4's
 PRESETS = ("medium", "fast", "faster", "veryfast", "superfast", "ultrafast")
 # Name -> (thread_type, thread_count) set on the codec context; None leaves PyAV's value.
 THREADING: dict[str, tuple[str | None, int | None]] = {
@@ -166,7 +166,7 @@ def noise_frames(size: Size, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random((size.frames, size.height, size.width, 3), dtype=np.float32)
 
 
-def encode(pixels: np.ndarray, fps: int, preset: str, threading: str, target: Path) -> Clock:
+def encode(pixels: np.ndarray, fps: int, crf: int, preset: str, threading: str, target: Path) -> Clock:
     """encode_mp4's loop (without its to_uint8 and probe), with the codec context's threading set as named."""
     thread_type, thread_count = THREADING[threading]
     height, width = pixels.shape[1:3]
@@ -176,7 +176,7 @@ def encode(pixels: np.ndarray, fps: int, preset: str, threading: str, target: Pa
     ):
         stream = container.add_stream("libx264", rate=Fraction(fps, 1))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(CRF), "preset": preset}
+        stream.options = {"crf": str(crf), "preset": preset}
         if thread_type is not None:
             stream.codec_context.thread_type = thread_type
         if thread_count is not None:
@@ -316,6 +316,7 @@ def main() -> None:
     parser.add_argument("--noise", default="medium,veryfast,ultrafast", help="presets on random pixels")
     parser.add_argument("--budget-s", type=float, default=330.0, help="skip the settings that start after this")
     parser.add_argument("--repeat", type=int, default=2, help="encodes a setting; the fastest is reported")
+    parser.add_argument("--crf", type=int, default=CRF)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, help="append each figure here as a JSON line")
     args = parser.parse_args()
@@ -334,7 +335,7 @@ def main() -> None:
             "cores": os.cpu_count(),
             "av": av.__version__,
             "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
-            "crf": CRF,
+            "crf": args.crf,
         }
     )
     sources: dict[tuple[str, Size], tuple[np.ndarray, np.ndarray]] = {}
@@ -354,7 +355,8 @@ def main() -> None:
             target = Path(folder) / f"{setting.content}-{setting.size.name}-{setting.preset}-{setting.threading}.mp4"
             load = os.getloadavg()[0]
             runs = [
-                encode(pixels, setting.size.fps, setting.preset, setting.threading, target) for _ in range(args.repeat)
+                encode(pixels, setting.size.fps, args.crf, setting.preset, setting.threading, target)
+                for _ in range(args.repeat)
             ]
             clock = min(runs, key=lambda run: run.wall_s)
             psnr_rgb, psnr_y, decoded = quality(target, pixels, luma)
@@ -363,6 +365,7 @@ def main() -> None:
                 {
                     "what": "encode",
                     **describe(setting),
+                    "crf": args.crf,
                     "wall_s": clock.wall_s,
                     "cpu_s": clock.cpu_s,
                     "wall_runs_s": [run.wall_s for run in runs],

@@ -191,8 +191,7 @@ def candidates(footprint: Footprint, size: JobSize, machine: Machine) -> list[Pl
     ]
     budget = machine.vram - margin(machine.vram)
     costed = [
-        replace(plan, fits=plan.vram <= budget and plan.ram <= machine.ram, vae_bf16=machine.vae_bf16)
-        for plan in plans
+        replace(plan, fits=plan.vram <= budget and plan.ram <= machine.ram, vae_bf16=machine.vae_bf16) for plan in plans
     ]
     return sorted(costed, key=lambda plan: plan.seconds or 0.0)
 

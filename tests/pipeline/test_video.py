@@ -59,3 +59,11 @@ def test_an_impossible_limit_is_a_clear_error(noisy_video: Path):
         fit_to_limit(noisy_video, 2_000)
     assert "fewer frames" in caught.value.hint
     assert not list(noisy_video.parent.glob("*.fit-*"))
+
+
+def test_the_encoder_keeps_crf_18_on_veryfast_with_frame_threads(noisy_video: Path):
+    # x264 writes the settings it ran with into the stream: what bench/encode.py chose, not PyAV's sliced threads.
+    settings = noisy_video.read_bytes().split(b"options: ", 1)[1].split(b"\x00", 1)[0].decode()
+    assert "sliced_threads=0" in settings and "crf=18.0" in settings
+    assert "subme=2" in settings and "ref=1" in settings  # veryfast's motion search
+    assert probe(noisy_video).frames == 33
