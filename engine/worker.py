@@ -30,11 +30,12 @@ from engine.jobs import EventKind, Job, PreviewInfo, Progress, ResultInfo, Stage
 from engine.pipeline.generate import PipelineRunner, RunOutput, device_facts
 from engine.pipeline.hooks import JobCancelled, JobInterrupted, RunHooks
 from engine.pipeline.previews import LivePreviews
-from engine.pipeline.video import encode_mp4
+from engine.pipeline.video import encode_mp4, finish_mp4
 from engine.queue.bus import Subscription
 from engine.queue.core import DATABASE_DOWN, WORKER_STOPPED
 from engine.queue.fleet import recover_orphans, this_machine
 from engine.queue.jobqueue import JobQueue
+from engine.storage.files import hidden_beside
 from engine.storage.images import ImageStore
 from engine.storage.preview_files import preview_path, remove_preview
 from engine.storage.shared_files import shared_files
@@ -380,17 +381,22 @@ class Worker:
             previews=self._live_previews(job, reporter),
             finish=await self._queue.finish_times(job.model, job.params.width * job.params.height * job.params.frames),
         )
+        target = self._settings.outputs_dir / output_name(job.id)
+        # Encoded as the VAE decodes, under a hidden temporary name the clean-up removes if the process dies first.
+        hooks.encode_to = await asyncio.to_thread(hidden_beside, target)
         try:
             output: RunOutput = await loop.run_in_executor(
                 self._executor, self._runner.run, job, [image.pixels for image in images], hooks
             )
+        except BaseException:
+            hooks.encode_to.unlink(missing_ok=True)
+            raise
         finally:
             if hooks.previews is not None:
                 await hooks.previews.finish()
         encode_s = hooks.finish.encode_s if hooks.finish else None
         reporter.report(Progress(stage=Stage.ENCODING, step=job.params.steps, total=job.params.steps, eta_s=encode_s))
         started = self._clock()
-        target = self._settings.outputs_dir / output_name(job.id)
         metadata = {
             "job": job.id,
             "prompt": job.params.prompt,
@@ -409,7 +415,14 @@ class Worker:
             # preset, loras, scheduler, sigmas, transformer_calls and speedups: how the video was really made
             **(output.info.model_dump(mode="json") if output.info else {}),
         }
-        video = await loop.run_in_executor(self._executor, encode_mp4, output.frames, job.params.fps, target, metadata)
+        try:
+            if output.encoded:
+                video = await loop.run_in_executor(self._executor, finish_mp4, hooks.encode_to, target, metadata)
+            else:
+                frames = output.frames
+                video = await loop.run_in_executor(self._executor, encode_mp4, frames, job.params.fps, target, metadata)
+        finally:
+            hooks.encode_to.unlink(missing_ok=True)
         output.timings["encode_s"] = self._clock() - started
         await reporter.drain()
         result = ResultInfo(

@@ -23,6 +23,7 @@ from engine.config import GenerationConfig, Settings
 from engine.errors import UserError
 from engine.hub.downloads import Downloader
 from engine.jobs import GenerationParams, Job, Progress, RunInfo, Stage
+from engine.pipeline.encoding import EncodeWhileDecoding
 from engine.pipeline.hooks import JobCancelled, JobInterrupted, RunHooks
 from engine.pipeline.loras import LoraFiles, LoraSlot, SavedWeights
 from engine.pipeline.machine import model_footprint, plan_job, this_machine, vae_in_bf16
@@ -56,6 +57,7 @@ class RunOutput:
     frames: np.ndarray  # frames x height x width x 3, float in [0, 1]
     timings: dict[str, float] = field(default_factory=dict)
     info: RunInfo | None = None
+    encoded: bool = False  # the frames are in the hooks' `encode_to` already, encoded while they were decoded
 
 
 @dataclass
@@ -140,7 +142,7 @@ class PipelineRunner:
             try:
                 loaded = self._ensure_loaded(model, params, hooks, forced)
                 timings["load_s"] = hooks.clock() - started
-                frames, info = self._denoise_and_decode(loaded, params, images, hooks, timings)
+                frames, info, encoded = self._denoise_and_decode(loaded, params, images, hooks, timings)
                 break
             except torch.OutOfMemoryError as exc:
                 failed = self.loaded.plan if self.loaded is not None else None
@@ -156,7 +158,7 @@ class PipelineRunner:
                 detail = f"the GPU ran out of memory ({failed.memory}); trying once more with {forced.memory}"
                 hooks.on_progress(Progress(stage=Stage.LOADING, detail=detail))
         timings["generate_s"] = hooks.clock() - started - timings["load_s"]
-        return RunOutput(frames=frames, timings=timings, info=info)
+        return RunOutput(frames=frames, timings=timings, info=info, encoded=encoded)
 
     def plan(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> Plan:
         """The plan a job of `params` gets on this machine (raises NoPlanFits, a UserError, when none fits)."""
@@ -285,7 +287,7 @@ class PipelineRunner:
         images: list[Image.Image],
         hooks: RunHooks,
         timings: dict[str, float],
-    ) -> tuple[np.ndarray, RunInfo]:
+    ) -> tuple[np.ndarray, RunInfo, bool]:
         spec = loaded.model.spec
         pipeline = loaded.pipeline
         plan = loaded.plan
@@ -321,12 +323,18 @@ class PipelineRunner:
             if len(images) > 1 and spec.uses_end_image:
                 arguments["last_image"] = cover(images[1], params.width, params.height)
         sampling = spec.fast.sampling if params.preset is Preset.FAST and spec.fast else None
+        # A tiled decode makes tiles, not frames: its video is encoded afterwards.
+        part = None if plan.vae_tiled else hooks.encode_to
+        encoding: contextlib.AbstractContextManager[Any] = (
+            EncodeWhileDecoding(pipeline, params.fps, part) if part is not None else contextlib.nullcontext()
+        )
         tracker.start()
         try:
             with (
                 tracker.watching(pipeline),
                 scheduled(pipeline, sampling, params.seed) as scheduler,
                 PassCounter(pipeline) as passes,
+                encoding,
             ):
                 output = pipeline(**arguments)
                 sigmas = [round(sigma, 4) for sigma in scheduler.sigmas.tolist()]
@@ -346,7 +354,7 @@ class PipelineRunner:
             transformer_calls=passes.calls,
             speedups=self._speedups.metadata(),
         )
-        return output.frames[0], info
+        return output.frames[0], info, part is not None
 
 
 class StepTracker:

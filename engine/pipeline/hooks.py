@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.jobs import FinishTimes, Progress
@@ -34,3 +35,5 @@ class RunHooks:
     clock: Callable[[], float] = time.monotonic
     previews: LivePreviews | None = None  # watches the transformers while the pipeline denoises
     finish: FinishTimes | None = None  # the decode and encode expected after the last step; None: not known yet
+    # Where the run may write the MP4 while the VAE decodes (without metadata: the worker adds it); None: it may not.
+    encode_to: Path | None = None

@@ -42,34 +42,82 @@ def encode_mp4(
     crf: int = 18,
     bitrate: int | None = None,
 ) -> VideoInfo:
-    """Write RGB frames as an H.264 MP4 that plays everywhere (yuv420p, even sizes, moov atom first).
+    """Write RGB frames as an H.264 MP4 that plays everywhere (yuv420p, even sizes, moov atom first)."""
+    with atomic_target(target) as temp_path, Mp4Stream(temp_path, fps, metadata, crf, bitrate) as stream:
+        for index in range(frames.shape[0]):
+            # A frame at a time: converting the whole video at once allocates temporaries of its full size.
+            stream.add(frames[index : index + 1])
+    return probe(target)
+
+
+class Mp4Stream:
+    """An MP4 written as its frames come (in any number at a time, from any one thread).
 
     x264's `veryfast` at CRF 18 takes half the CPU of `medium` for a file no larger (bench/encode.py), and frame
     threads replace the sliced threads PyAV asks for, which use fewer cores. A byte limit keeps `medium`: there
     every bit counts."""
-    count, height, width = frames.shape[:3]
-    even_height, even_width = height - height % 2, width - width % 2
+
+    def __init__(
+        self, path: Path, fps: int, metadata: dict[str, Any] | None = None, crf: int = 18, bitrate: int | None = None
+    ) -> None:
+        self._container = av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"})
+        if metadata:
+            # UTF-8 as written: a prompt in Chinese (like Wan's default negative prompt) stays readable in players.
+            self._container.metadata["comment"] = json.dumps(metadata, sort_keys=True, ensure_ascii=False)
+        self._fps, self._crf, self._bitrate = fps, crf, bitrate
+        self._stream: Any = None
+        self.frames = 0
+
+    def add(self, frames: np.ndarray) -> None:
+        """Frames x height x width x 3, 8-bit or float in [0, 1]."""
+        if self._stream is None:
+            self._open(frames.shape[1], frames.shape[2])
+        width, height = self._stream.width, self._stream.height
+        for frame in frames:
+            pixels = np.ascontiguousarray(to_uint8(frame[:height, :width]))
+            self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+            self.frames += 1
+
+    def _open(self, height: int, width: int) -> None:
+        stream = self._container.add_stream("libx264", rate=Fraction(self._fps, 1))
+        stream.width, stream.height, stream.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
+        stream.codec_context.thread_type = "FRAME"
+        if self._bitrate:
+            stream.bit_rate = self._bitrate
+            stream.options = {"preset": "medium"}
+        else:
+            stream.options = {"crf": str(self._crf), "preset": "veryfast"}
+        self._stream = stream
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._container.mux(self._stream.encode(None))
+        self._container.close()
+
+    def __enter__(self) -> Mp4Stream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def finish_mp4(part: Path, target: Path, metadata: dict[str, Any]) -> VideoInfo:
+    """`part` (an MP4 written while its frames were decoded, before the run's facts were known) as `target`, with
+    `metadata` in its comment: the packets copied, not encoded again."""
     with (
+        av.open(str(part)) as source,
         atomic_target(target) as temp_path,
         av.open(str(temp_path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container,
     ):
-        if metadata:
-            # UTF-8 as written: a prompt in Chinese (like Wan's default negative prompt) stays readable in players.
-            container.metadata["comment"] = json.dumps(metadata, sort_keys=True, ensure_ascii=False)
-        stream = container.add_stream("libx264", rate=Fraction(fps, 1))
-        stream.width, stream.height, stream.pix_fmt = even_width, even_height, "yuv420p"
-        stream.codec_context.thread_type = "FRAME"
-        if bitrate:
-            stream.bit_rate = bitrate
-            stream.options = {"preset": "medium"}
-        else:
-            stream.options = {"crf": str(crf), "preset": "veryfast"}
-        for index in range(count):
-            # A frame at a time: converting the whole video at once allocates temporaries of its full size.
-            pixels = to_uint8(frames[index, :even_height, :even_width])
-            image = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
-            container.mux(stream.encode(image))
-        container.mux(stream.encode(None))
+        container.metadata["comment"] = json.dumps(metadata, sort_keys=True, ensure_ascii=False)
+        original = source.streams.video[0]
+        copy = container.add_stream_from_template(original)
+        for packet in source.demux(original):
+            if packet.dts is None:
+                continue  # the flushing packet
+            packet.stream = copy
+            container.mux(packet)
+    part.unlink(missing_ok=True)
     return probe(target)
 
 

@@ -14,10 +14,7 @@ from pathlib import Path
 def atomic_target(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target` (same suffix, hidden name); if the block succeeds, the file written
     there becomes `target`, else it is removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
-    os.close(handle)
-    temp_path = Path(temp_name)
+    temp_path = hidden_beside(target)
     try:
         yield temp_path
         with temp_path.open("rb") as written:
@@ -26,6 +23,15 @@ def atomic_target(target: Path) -> Iterator[Path]:
         fsync_folder(target.parent)
     finally:
         temp_path.unlink(missing_ok=True)
+
+
+def hidden_beside(target: Path) -> Path:
+    """A new empty file beside `target` with a hidden temporary name (same suffix): what a clean-up of stale
+    temporary files recognises."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
+    os.close(handle)
+    return Path(temp_name)
 
 
 def write_atomically(target: Path, payload: bytes) -> None:
