@@ -8,6 +8,7 @@ decoder per tile instead, so it is encoded afterwards, as before.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from pathlib import Path
@@ -20,11 +21,14 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
 from engine.pipeline.video import Mp4Stream
 
+log = logging.getLogger(__name__)
 _DONE = None
 
 
 class EncodeWhileDecoding:
-    """Within the block, the frames `pipeline`'s VAE decodes are encoded into `part` (an MP4 without metadata)."""
+    """Within the block, the frames `pipeline`'s VAE decodes are encoded into `part` (an MP4 without metadata).
+    `encoded` says afterwards whether all of them were: an encode that fails (a full disk) is logged and leaves the
+    video to be encoded from the frames after the run, where the worker reports it as for any encode."""
 
     def __init__(self, pipeline: Any, fps: int, part: Path) -> None:
         self._vae = pipeline.vae
@@ -34,7 +38,7 @@ class EncodeWhileDecoding:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._encode, name="wanbot-encode", daemon=True)
         self._hook: Any = None
-        self.frames = 0
+        self.encoded = False
 
     def __enter__(self) -> EncodeWhileDecoding:
         self._hook = self._vae.decoder.register_forward_hook(self._on_chunk)
@@ -48,7 +52,7 @@ class EncodeWhileDecoding:
         self._chunks.put(_DONE)
         self._thread.join()
         if self._error is not None and kind is None:
-            raise self._error
+            log.warning("encoding while decoding failed; encoding afterwards: %s", self._error)
 
     def _on_chunk(self, _module: Any, _args: Any, output: torch.Tensor) -> None:
         """Post-processed as the pipeline does (unpatchified, clamped, to [0, 1]), in 8 bits, off the device."""
@@ -59,12 +63,14 @@ class EncodeWhileDecoding:
         self._chunks.put(frames)
 
     def _encode(self) -> None:
+        ended = False
         try:
             with Mp4Stream(self._part, self._fps) as stream:
                 while (chunk := self._chunks.get()) is not _DONE:
                     stream.add(chunk)
-                self.frames = stream.frames
-        except BaseException as error:  # raised in the run's thread when the block ends
+                ended = True
+            self.encoded = True
+        except Exception as error:  # said in the run's thread when the block ends
             self._error = error
-            while self._chunks.get() is not _DONE:  # let the decode finish without blocking on a full queue
+            while not ended and self._chunks.get() is not _DONE:  # the rest of the decode, dropped
                 pass

@@ -325,16 +325,14 @@ class PipelineRunner:
         sampling = spec.fast.sampling if params.preset is Preset.FAST and spec.fast else None
         # A tiled decode makes tiles, not frames: its video is encoded afterwards.
         part = None if plan.vae_tiled else hooks.encode_to
-        encoding: contextlib.AbstractContextManager[Any] = (
-            EncodeWhileDecoding(pipeline, params.fps, part) if part is not None else contextlib.nullcontext()
-        )
+        encoder = EncodeWhileDecoding(pipeline, params.fps, part) if part is not None else None
         tracker.start()
         try:
             with (
                 tracker.watching(pipeline),
                 scheduled(pipeline, sampling, params.seed) as scheduler,
                 PassCounter(pipeline) as passes,
-                encoding,
+                encoder or contextlib.nullcontext(),
             ):
                 output = pipeline(**arguments)
                 sigmas = [round(sigma, 4) for sigma in scheduler.sigmas.tolist()]
@@ -354,7 +352,7 @@ class PipelineRunner:
             transformer_calls=passes.calls,
             speedups=self._speedups.metadata(),
         )
-        return output.frames[0], info, part is not None
+        return output.frames[0], info, encoder is not None and encoder.encoded
 
 
 class StepTracker:

@@ -90,3 +90,19 @@ async def test_a_cancelled_job_leaves_no_partial_video(engine: Engine):
     await engine._queue.cancel(job_id, engine.actor("cli", "u1"))
     await asyncio.wait_for(worker, timeout=60)
     assert list(engine.settings.outputs_dir.iterdir()) == []
+
+
+def test_an_encode_that_fails_during_the_decode_leaves_the_video_to_be_encoded_afterwards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    pipeline = build_tiny_pipeline(Mode.T2V)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def full(self: Mp4Stream, frames: np.ndarray) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(encoding.Mp4Stream, "add", full)
+    with EncodeWhileDecoding(pipeline, 16, tmp_path / "part.mp4") as encoder:
+        output = pipeline(prompt="w1", num_frames=9, height=64, width=64, num_inference_steps=2, output_type="np")
+    assert not encoder.encoded and output.frames[0].shape == (9, 64, 64, 3)
+    assert "encoding while decoding failed; encoding afterwards: [Errno 28] No space left on device" in caplog.text
