@@ -160,24 +160,27 @@ class PipelineRunner:
         timings["generate_s"] = hooks.clock() - started - timings["load_s"]
         return RunOutput(frames=frames, timings=timings, info=info, encoded=encoded)
 
-    def plan(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> Plan:
+    def _plan(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> Plan:
         """The plan a job of `params` gets on this machine (raises NoPlanFits, a UserError, when none fits)."""
         machine = self._machine()
         self._budget = None if machine.vram is None else machine.vram - margin(machine.vram)
         return plan_job(model, params, machine, self._config, folder)
 
     def check_fits(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> None:
-        """Raise NoPlanFits when no placement can make this job on this process's GPU (a CPU makes anything)."""
-        if self._machine().vram is not None and (folder is not None or not model.is_tiny):
-            self.plan(model, params, folder)
+        """Raise NoPlanFits when no placement can make this job on this process's GPU (a CPU makes anything).
+        Called from the chats' side while a job runs: it plans, and changes nothing."""
+        machine = self._machine()
+        if machine.vram is not None and (folder is not None or not model.is_tiny):
+            plan_job(model, params, machine, self._config, folder)
 
     def plan_line(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> str | None:
         """The plan a job of `params` gets, or why none fits, in one line; None without a GPU (all runs on the CPU)
         or for a tiny model not built yet."""
-        if self._machine().vram is None or (folder is None and model.is_tiny):
+        machine = self._machine()
+        if machine.vram is None or (folder is None and model.is_tiny):
             return None
         try:
-            return self.plan(model, params, folder).summary()
+            return plan_job(model, params, machine, self._config, folder).summary()
         except NoPlanFits as exc:
             return f"none fits: {exc}"
 
@@ -209,7 +212,7 @@ class PipelineRunner:
         source = self._locate.fast_model(model) if fast and fast.weights == "model" else model
         loras = self._locate.loras(model, hooks) if fast and fast.weights == "lora" else None
         folder = self._locate(model, hooks) if source is model else self._locate.fast_model_folder(source, hooks)
-        plan = forced or self.plan(model, params, folder)
+        plan = forced or self._plan(model, params, folder)
         loaded = self.loaded
         if loaded is not None and self._keeps(loaded, model, source, loras, plan):
             self._replace(loaded, plan)
