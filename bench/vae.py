@@ -53,20 +53,9 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.utils import logging as diffusers_logging
 
-# The same dict as bench/gpu.py's TI2V_VAE, copied so that this benchmark imports nothing from engine/.
-TI2V_VAE: dict[str, Any] = {
-    "base_dim": 160,
-    "decoder_base_dim": 256,
-    "z_dim": 48,
-    "is_residual": True,
-    "in_channels": 12,
-    "out_channels": 12,
-    "patch_size": 2,
-    "scale_factor_spatial": 16,
-    "latents_mean": [0.0] * 48,
-    "latents_std": [1.0] * 48,
-}
-VAES: dict[str, dict[str, Any]] = {"wan2.1": {}, "wan2.2": TI2V_VAE}
+from engine.pipeline.footprint import A14B_VAE, TI2V_VAE
+
+VAES: dict[str, dict[str, Any]] = {"wan2.1": A14B_VAE, "wan2.2": TI2V_VAE}
 FIGURES = ("untiled", "tiled", "bf16")
 CUDA_SIZES = {"wan2.1": "832x480x81,1280x720x81", "wan2.2": "1280x704x121"}
 CPU_SIZES = "256x256x5,256x256x9,384x384x5"

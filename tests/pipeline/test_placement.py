@@ -6,6 +6,7 @@ taken out exactly, and the runner re-plans, re-places and retries on a leaner pl
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,11 @@ from engine.pipeline.hooks import RunHooks
 from engine.pipeline.loras import LoraFiles, LoraPair, LoraSlot, SavedWeights, random_lightx2v_lora, write_lora
 from engine.pipeline.placement import Placement, expert_order
 from engine.pipeline.planner import Machine, Plan, Where
-from engine.pipeline.presets import LIGHTX2V_EULER
-from engine.pipeline.samplers import scheduled
 from engine.pipeline.tiny import build_tiny_pipeline
 from engine.service import Engine
 from engine.storage.images import Mode
 from tests.pipeline.test_generate import run_all, submit
+from tests.pipeline.test_presets import fast_run
 
 CPU = torch.device("cpu")
 SWAP = Plan("model_offload", Where.SWAPPED, Where.SWAPPED, False, 0, 0, None)
@@ -39,28 +39,8 @@ def tiny() -> Any:
     return pipeline
 
 
-def fast_frames(pipeline: Any, after_step: Any = None) -> np.ndarray:
-    """Four distilled steps, two on each expert, as the fast preset runs them."""
-
-    def on_step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if after_step is not None:
-            after_step(pipe, step)
-        return kwargs
-
-    with scheduled(pipeline, LIGHTX2V_EULER, seed=3):
-        output = pipeline(
-            prompt="w1 w2",
-            num_frames=5,
-            height=64,
-            width=64,
-            num_inference_steps=4,
-            guidance_scale=1.0,
-            guidance_scale_2=1.0,
-            generator=torch.Generator().manual_seed(3),
-            output_type="np",
-            callback_on_step_end=on_step_end,
-        )
-    return output.frames[0]
+def fast_frames(pipeline: Any, after_step: Callable[[Any, int], None] | None = None) -> np.ndarray:
+    return fast_run(pipeline, after_step)[0]
 
 
 def part_bytes(pipeline: Any, name: str) -> int:
