@@ -150,41 +150,38 @@ def models_list(as_json: JsonOption = False, config: ConfigOption = None) -> Non
     settings = settings_from(config)
     downloader = model_downloader(settings)
 
-    def describe(mode: Mode) -> dict[str, Any]:
-        name = getattr(settings.models, mode.value)
-        model = model_named(name, mode)
-        row: dict[str, Any] = {
-            "mode": mode.value,
-            "model": model.name,
-            "on_disk": False,
-            "bytes_on_disk": 0,
-            "bytes_to_download": None,
-            "not_checked": None,
-        }
-        folder = (
-            settings.models_dir / model.name
-            if model.is_tiny
-            else Path(model.name)
-            if model.is_local
-            else downloader.local_snapshot(model.name)
-        )
-        if folder is not None and (folder / "model_index.json").exists():
-            row["on_disk"] = True
-            row["bytes_on_disk"] = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-            row["bytes_to_download"] = 0
-        elif model.is_tiny:
-            row["bytes_to_download"] = 0  # built locally on first use
-        return row
+    def describe(mode: Mode) -> list[dict[str, Any]]:
+        """The mode's model and, for the fast preset (the default), its distilled weights."""
+        model = model_named(getattr(settings.models, mode.value), mode)
+        if model.is_tiny or model.is_local:
+            folder = settings.models_dir / model.name if model.is_tiny else Path(model.name)
+            built = (folder / "model_index.json").exists()
+            # A tiny model is built on first use, with its fast stand-ins: nothing to download.
+            return [_row(mode.value, model.name, folder if built else None, 0)]
+        rows = []
+        for item in weights_to_fetch(settings, mode.value):
+            files = list(item.files) if item.files is not None else None
+            folder = downloader.local_files(item.repo_id, files) if files else downloader.local_snapshot(item.repo_id)
+            label = mode.value if item.repo_id == model.name else f"{mode.value} fast"
+            name = item.repo_id if files is None else f"{item.repo_id}: {', '.join(files)}"
+            row = _row(label, name, folder, None, files)
+            row["repo_id"], row["files"] = item.repo_id, files
+            rows.append(row)
+        return rows
 
     async def work() -> list[dict[str, Any]]:
-        rows = [describe(mode) for mode in Mode]  # from disk: no waiting on a network
+        rows = [row for mode in Mode for row in describe(mode)]  # from disk: no waiting on a network
         # Then the Hub, once and briefly, for what is missing: without a network this answers in seconds.
-        to_check = list(dict.fromkeys(row["model"] for row in rows if row["bytes_to_download"] is None))
-        for size in await downloader.sizes_to_download(to_check):
-            for row in rows:
-                if row["model"] == size.repo_id:
+        missing = [row for row in rows if row["bytes_to_download"] is None]
+        to_check = list(dict.fromkeys(row["repo_id"] for row in missing))
+        wanted = {row["repo_id"]: row["files"] for row in missing if row["files"]}
+        for size in await downloader.sizes_to_download(to_check, files=wanted):
+            for row in missing:
+                if row["repo_id"] == size.repo_id:
                     row["bytes_to_download"] = size.missing_bytes
                     row["not_checked"] = size.not_checked or None
+        for row in rows:
+            row.pop("repo_id", None), row.pop("files", None)
         return rows
 
     rows = run_or_exit(work())
@@ -201,6 +198,23 @@ def models_list(as_json: JsonOption = False, config: ConfigOption = None) -> Non
         on_disk = "yes" if row["on_disk"] else "no"
         table.add_row(row["mode"], row["model"], on_disk, size_text(row["bytes_on_disk"]), to_get)
     console.print(table)
+
+
+def _row(
+    mode: str, model: str, folder: Path | None, to_download: int | None, files: list[str] | None = None
+) -> dict[str, Any]:
+    """One line of `models list`: `folder` holds the model (or just `files` of a repo), None when it is not here."""
+    on_disk = folder is not None and folder.is_dir()
+    paths = [folder / name for name in files] if folder and files else folder.rglob("*") if folder else []
+    size = sum(path.stat().st_size for path in paths if path.is_file()) if on_disk else 0
+    return {
+        "mode": mode,
+        "model": model,
+        "on_disk": on_disk,
+        "bytes_on_disk": size,
+        "bytes_to_download": 0 if on_disk else to_download,
+        "not_checked": None,
+    }
 
 
 def models_verify(

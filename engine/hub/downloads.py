@@ -282,8 +282,11 @@ class Downloader:
             "Check the network or HF_ENDPOINT (downloads.endpoint), or use a local model folder.",
         )
 
-    async def sizes_to_download(self, repo_ids: list[str], limit_s: float = CHECK_LIMIT_S) -> list[ToDownload]:
-        """Ask the Hub briefly what each repo still needs; one it could not check says why instead of a size."""
+    async def sizes_to_download(
+        self, repo_ids: list[str], limit_s: float = CHECK_LIMIT_S, files: dict[str, list[str]] | None = None
+    ) -> list[ToDownload]:
+        """Ask the Hub briefly what each repo still needs (of a repo in `files`, only those files); one it could
+        not check says why instead of a size."""
         if self._config.offline:
             return [ToDownload(repo_id, not_checked="downloads are off (offline mode)") for repo_id in repo_ids]
         try:
@@ -293,7 +296,8 @@ class Downloader:
 
         async def one(repo_id: str) -> ToDownload:
             try:
-                plan = await asyncio.wait_for(self.plan(repo_id), limit_s)
+                wanted = (files or {}).get(repo_id)
+                plan = await asyncio.wait_for(self.plan(repo_id, files=wanted), limit_s)
             except TimeoutError:
                 return ToDownload(repo_id, not_checked=f"the Hub did not answer within {limit_s:g} s")
             except UserError as error:

@@ -469,3 +469,28 @@ async def test_with_compiled_blocks_the_first_job_of_each_size_says_it_warms_up(
                 firsts.setdefault(event.job.id, event.progress.detail)
     events.close()
     assert [WARMING_UP in firsts[job.id] for job in jobs] == [True, False, True]
+
+
+def test_models_list_shows_the_fast_presets_weights_beside_each_model(tmp_path: Path):
+    """The default preset needs the LoRA pair too: `models list` says whether it is here, and its size."""
+    from typer.testing import CliRunner
+
+    from bot.cli import app
+
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    lora_pair(pair, build_tiny_pipeline(Mode.T2V))
+    hf_cache_snapshot(tmp_path / "hf", "lightx2v/Wan2.2-Distill-Loras", pair)
+    config = tmp_path / "wanbot.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[downloads]\noffline = true\n')
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf"), "COLUMNS": "200"}
+    listed = CliRunner().invoke(app, ["models", "list", "--json", "--config", str(config)], env=env)
+    rows = {row["mode"]: row for row in json.loads(listed.stdout)}
+    assert list(rows) == ["t2v", "t2v fast", "i2v", "i2v fast", "ti2v", "ti2v fast"]
+    fast = rows["t2v fast"]
+    assert fast["model"] == f"lightx2v/Wan2.2-Distill-Loras: {HIGH}, {LOW}"
+    assert (fast["on_disk"], fast["bytes_to_download"]) == (True, 0)
+    assert fast["bytes_on_disk"] == (pair / HIGH).stat().st_size + (pair / LOW).stat().st_size
+    assert rows["i2v fast"]["on_disk"] is False  # the i2v pair has other file names
+    assert rows["i2v fast"]["not_checked"] == "downloads are off (offline mode)"
+    assert rows["ti2v fast"]["model"] == "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers"
