@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -243,6 +244,17 @@ async def _unhealthy(queue: JobQueue, health: Callable[[], str | None]) -> str |
     except Exception as exc:
         return f"queue database failed: {exc}"
     return None
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise the UserError serve_metrics would, before anything starts: a port in use is a mistake in the settings
+    (exit 2, not restarted), not a failure of the running process."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is no conflict
+            probe.bind((host, port))
+    except OSError as exc:
+        raise _bind_error(host, port, exc) from exc
 
 
 def _bind_error(host: str, port: int, exc: OSError) -> UserError:

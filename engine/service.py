@@ -166,6 +166,14 @@ class Engine:
         """Publish the events of other processes here, until cancelled (a supervised task)."""
         await self._follower.follow()
 
+    def check_metrics_port(self) -> None:
+        """Raise a UserError (exit 2) when metrics.port cannot be listened on, before the process starts anything."""
+        from engine.metrics import check_port
+
+        config = self.settings.metrics
+        if config.port is not None:
+            check_port(config.host, config.port)
+
     async def serve_metrics(self) -> None:
         """/metrics and /healthz on metrics.port, until cancelled; healthy while no supervised task has failed."""
         from engine.metrics import Metrics, serve_metrics

@@ -43,7 +43,8 @@ def worker_command(
     if device is None and listed:
         from bot.roles.worker_processes import run_worker_processes
 
-        failure = run_or_exit(run_worker_processes(listed, str(config) if config else None, _say))
+        processes = run_worker_processes(listed, str(config) if config else None, _say, settings.metrics.port)
+        failure = run_or_exit(processes)
         _exit_on(failure)
         return
     if device is not None:

@@ -54,6 +54,7 @@ async def serve(settings: Settings, say: Callable[[str], None], role: Role = Rol
                     "Stop it first, give this one another device (wanbot worker --device cuda:N), or another "
                     "WANBOT_DATA_DIR.",
                 )
+            engine.check_metrics_port()
             # Always: a `wanbot worker` may share even a `wanbot run`'s SQLite file (a second GPU on one machine).
             engine.share_events()
             supervisor.start("shared events", engine.follow_events)

@@ -35,9 +35,12 @@ def worker_command(device: str, config: str | None) -> list[str]:
     return [*command, "--config", config] if config else command
 
 
-async def run_worker_processes(devices: list[str], config: str | None, say: Callable[[str], None]) -> str | None:
+async def run_worker_processes(
+    devices: list[str], config: str | None, say: Callable[[str], None], metrics_port: int | None = None
+) -> str | None:
     """Keep one `wanbot worker --device D` running per device until a signal (None), or until one cannot start
-    because of its configuration (what failed)."""
+    because of its configuration (what failed). With `metrics_port`, the Nth process serves metrics on that port + N:
+    one port cannot serve them all."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -45,7 +48,14 @@ async def run_worker_processes(devices: list[str], config: str | None, say: Call
     failures: list[str] = []
     say(f"wanbot starting {len(devices)} worker processes: {', '.join(devices)}; Ctrl+C stops them all")
     env = {**os.environ, **thread_limits(devices)}
-    keepers = [asyncio.create_task(_keep(device, config, env, stop, failures)) for device in devices]
+    envs = [env] * len(devices)
+    if metrics_port is not None:
+        envs = [{**env, "WANBOT_METRICS__PORT": str(metrics_port + index)} for index in range(len(devices))]
+        say(f"metrics of {devices[0]} on port {metrics_port}, of each next device on the next port")
+    keepers = [
+        asyncio.create_task(_keep(device, config, child_env, stop, failures))
+        for device, child_env in zip(devices, envs, strict=True)
+    ]
     await asyncio.gather(*keepers)
     return failures[0] if failures else None
 

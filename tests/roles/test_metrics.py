@@ -7,6 +7,7 @@ import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import cast
 
 import aiohttp
@@ -253,3 +254,13 @@ async def test_a_restart_listens_on_the_same_port_again(queue: JobQueue):
         assert (await server.get("/healthz"))[0] == 200
     async with running(Metrics(LEASE_S), queue, port) as server:
         assert (await server.get("/healthz"))[0] == 200
+
+
+def test_a_process_whose_metrics_port_is_taken_exits_2_before_starting_anything(tmp_path: Path):
+    from tests.cli.test_cli import wanbot
+
+    with listening() as port:
+        done = wanbot("worker", "--device", "cpu", data=tmp_path / "data", env={"WANBOT_METRICS__PORT": str(port)})
+    assert done.returncode == 2, done.stderr
+    assert f"Cannot serve metrics on 127.0.0.1:{port}: the port is already in use." in done.stderr
+    assert "wanbot stopped" not in done.stderr and "Traceback" not in done.stderr

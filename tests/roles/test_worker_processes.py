@@ -4,9 +4,12 @@ a device the machine does not have stops them with one clear line. Real processe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import sys
+import urllib.request
 
 from engine.config import Settings
 from engine.jobs import WorkerRecord, WorkerState
@@ -51,11 +54,16 @@ async def eventually(check, limit_s: float = 90):
 
 async def test_one_process_per_device_restarted_when_it_dies_and_stopped_together(tiny_settings, tmp_path):
     log = (tmp_path / "workers.log").open("w")
+    port = free_port_pair()
+    env = {**environment(tiny_settings), "WANBOT_METRICS__PORT": str(port)}
     parent = await asyncio.create_subprocess_exec(
-        *WANBOT, "worker", "--devices", "cpu,auto", env=environment(tiny_settings), stdout=log, stderr=log
+        *WANBOT, "worker", "--devices", "cpu,auto", env=env, stdout=log, stderr=log
     )
     try:
         first = await eventually(lambda: _both(tiny_settings))
+        # One metrics port cannot serve two processes: each has its own, the first on the port configured.
+        assert await eventually(lambda: asyncio.to_thread(answers, port))
+        assert await eventually(lambda: asyncio.to_thread(answers, port + 1))
         os.kill(first["cpu"], signal.SIGKILL)  # a crash of one worker (a CUDA error, say)
         second = await eventually(lambda: _both(tiny_settings, not_pid=first["cpu"]))
         assert second["auto"] == first["auto"]  # the other one never stopped
@@ -68,6 +76,26 @@ async def test_one_process_per_device_restarted_when_it_dies_and_stopped_togethe
         log.close()
     assert await online_pids(tiny_settings) == {}, (tmp_path / "workers.log").read_text()
     assert "starting 2 worker processes: cpu, auto" in (tmp_path / "workers.log").read_text()
+
+
+def free_port_pair() -> int:
+    """A port whose next one is free too."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            with socket.socket() as second, contextlib.suppress(OSError):
+                second.bind(("127.0.0.1", port + 1))
+                return port
+    raise AssertionError("no two free ports in a row")
+
+
+def answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            return b"wanbot_" in response.read()
+    except OSError:
+        return False
 
 
 async def _both(settings: Settings, not_pid: int | None = None) -> dict[str, int] | None:
