@@ -314,14 +314,15 @@ class ChatCore:
             return NOT_ALLOWED
         now, lease_s = time.time(), self.engine.settings.queue.lease_s
         online = [worker for worker in await self.engine.workers() if worker.online(now, lease_s)]
+        jobs = {worker.id: await self._job_of(worker) for worker in online}
         counts = await self.engine.counts()
-        lines = [texts.fleet_head(online)]
+        lines = [texts.fleet_head(online, jobs)]
         if await self.engine.is_paused():
             lines.append(texts.QUEUE_PAUSED)
         lines.append(f"Queued: {counts.get('queued', 0)}, running: {counts.get('running', 0)}.")
         names = texts.worker_names(online)
         for worker in online:
-            lines.append(texts.worker_line(names[worker.id], worker, await self._job_of(worker)))
+            lines.append(texts.worker_line(names[worker.id], worker, jobs[worker.id]))
         return "\n".join(lines)
 
     async def _job_of(self, worker: WorkerRecord) -> Job | None:

@@ -198,20 +198,30 @@ NO_WORKER_ONLINE = "Workers: none online. Videos wait in the queue until a worke
 WORKER_DOINGS = ("working", "downloading", "idle", "paused", "starting")
 
 
-def worker_doing(worker: WorkerRecord) -> str:
+def making(worker: WorkerRecord, job: Job | None) -> Job | None:
+    """The job `worker` is making: the one its record names while that job runs (a record written before the job
+    ended still names it for a heartbeat or so)."""
+    running = job is not None and job.status is JobStatus.RUNNING and job.id == worker.current_job
+    return job if running else None
+
+
+def worker_doing(worker: WorkerRecord, job: Job | None) -> str:
     """What an online worker is busy with, in one word of WORKER_DOINGS: a job counts first, then a download."""
-    if worker.current_job is not None or worker.state is WorkerState.WORKING:
+    if making(worker, job) is not None:
         return "working"
     if worker.downloading:
         return "downloading"
-    return worker.state.value if worker.state.value in WORKER_DOINGS else "idle"
+    if worker.state in (WorkerState.PAUSED, WorkerState.STARTING):
+        return worker.state.value
+    return "idle"
 
 
-def fleet_head(online: list[WorkerRecord]) -> str:
-    """/status's first line: how many workers are online and what they do, or that none is and videos wait."""
+def fleet_head(online: list[WorkerRecord], jobs: dict[str, Job | None]) -> str:
+    """/status's first line: how many workers are online and what they do, or that none is and videos wait;
+    `jobs`: each worker's job by worker id."""
     if not online:
         return NO_WORKER_ONLINE
-    doings = [worker_doing(worker) for worker in online]
+    doings = [worker_doing(worker, jobs.get(worker.id)) for worker in online]
     parts = ", ".join(f"{doings.count(doing)} {doing}" for doing in WORKER_DOINGS if doing in doings)
     return f"Workers: {len(online)} online ({parts})."
 
@@ -236,12 +246,11 @@ def worker_line(name: str, worker: WorkerRecord, job: Job | None) -> str:
     downloads, else whether it is idle and with which model."""
     model = f"{worker.loaded_model} loaded" if worker.loaded_model else "no model loaded"
     downloads = ", ".join(sorted(worker.downloading))
-    if job is not None and job.status is JobStatus.RUNNING:
+    job = making(worker, job)
+    if job is not None:
         doing = "making " + " · ".join(progress_lines(job, job.progress))
         if downloads:
             doing += f" · also downloading {downloads}"
-    elif worker.current_job is not None:
-        doing = f"working on job #{worker.current_job}"
     elif downloads:
         doing = f"downloading {downloads}"
     elif worker.state is WorkerState.STARTING:

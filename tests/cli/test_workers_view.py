@@ -17,7 +17,7 @@ from engine.queue.jobqueue import JobQueue
 from engine.storage.images import Mode
 from tests.chat.test_core import ALICE, HERE, core_for
 from tests.cli.test_cli import wanbot
-from tests.factories import params
+from tests.factories import params, result_for_child
 
 pytestmark = pytest.mark.timeout(180)
 MINUTE = 60.0
@@ -58,6 +58,7 @@ async def seed_fleet(data: Path) -> int:
         source = JobSource(platform="telegram", chat_id="c1", user_id="u1")
         prompt = "a [red] fox running far over the snowy hills at dawn"
         job = (await queue.enqueue(source, Mode.T2V, "tiny-t2v", params(prompt))).job
+        await queue.claim_next()  # running: the worker below makes it
     finally:
         await queue.close()
     working = record(
@@ -77,11 +78,11 @@ async def seed_fleet(data: Path) -> int:
 
 
 def rows_of(table: str) -> dict[str, list[str]]:
-    """The table's rows by worker id, each its cells (rich draws each row on one line at COLUMNS=200)."""
+    """The table's rows by worker name, each its cells (rich draws each row on one line at COLUMNS=200)."""
     rows = {}
     for line in table.splitlines():
         cells = [cell.strip() for cell in line.strip("│ ").split("│")]
-        if len(cells) == 9 and cells[0].endswith("-1234"):
+        if len(cells) == 7 and cells[0].startswith("gpu-"):
             rows[cells[0]] = cells
     return rows
 
@@ -91,16 +92,51 @@ async def test_workers_lists_each_worker_with_its_state_job_model_and_memory(tmp
     done = wanbot("workers", data=tmp_path)
     assert done.returncode == 0, done.stderr
     rows = rows_of(done.stdout)
-    # Online ones first, then offline, then stopped; each part the most recently started first.
-    assert list(rows) == ["gpu-b-1234", "gpu-a-1234", "gpu-d-1234", "gpu-c-1234"]
-    working = rows["gpu-a-1234"]
-    assert working[1:6] == ["gpu-a", "cuda:0", "NVIDIA H200", "working", "tiny-t2v"]
-    assert working[6] == f"#{job_id} a [red] fox running far over …"  # the prompt cut short, brackets as written
-    assert working[7] == "120 GB" and working[8] == "2h 00m"
-    assert rows["gpu-b-1234"][4] == "idle, downloading Wan-AI/Wan2.2-T2V-A14B-Diffusers"
-    assert rows["gpu-c-1234"][4] == "stopped" and rows["gpu-c-1234"][8] == "-"
-    assert rows["gpu-d-1234"][4] == "offline (last heard 3 min ago)"
+    # Online ones first (named as /status names them), then offline, then stopped; each part the most recently
+    # started first.
+    assert list(rows) == ["gpu-b/cuda:0", "gpu-a/cuda:0", "gpu-d/cuda:1 (pid 1234)", "gpu-c/cuda:0 (pid 1234)"]
+    working = rows["gpu-a/cuda:0"]
+    assert working[1:4] == ["H200", "working", "tiny-t2v"]
+    assert working[4] == f"#{job_id} a [red] fox running far…"  # the prompt cut short, brackets as written
+    assert working[5] == "120 GB" and working[6] == "2h 00m"
+    assert rows["gpu-b/cuda:0"][2] == "downloading Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    assert rows["gpu-c/cuda:0 (pid 1234)"][2] == "stopped" and rows["gpu-c/cuda:0 (pid 1234)"][6] == "-"
+    assert rows["gpu-d/cuda:1 (pid 1234)"][2] == "offline (last heard 3 min ago)"
     assert "None is online" not in done.stdout
+
+
+async def test_workers_and_status_agree_on_names_counts_and_a_finished_job(tmp_path: Path, engine):
+    """A worker's record still names a job for a heartbeat after the job ended: neither view shows it working."""
+    source = JobSource(platform="cli", chat_id="c", user_id="u")
+    done_job = (await engine.submit(GenerationRequest(mode=Mode.T2V, prompt="a fox"), source)).result.job
+    await engine._queue.claim_next()
+    await engine._queue.mark_succeeded(done_job.id, result_for_child())
+    stale = record("gpu-a", state=WorkerState.WORKING, current_job=done_job.id, loaded_model="tiny-t2v")
+    await heartbeat(engine.settings.database_url, stale, record("gpu-b"))
+    status = (await core_for(engine).status_text(ALICE, HERE)).splitlines()
+    assert status[0] == "Workers: 2 online (2 idle)."
+    assert "Worker gpu-a/cuda:0: idle, tiny-t2v loaded." in status
+    listed = wanbot(
+        "workers", data=engine.settings.data_dir, env={"WANBOT_DATABASE__URL": engine.settings.database_url}
+    )
+    rows = rows_of(listed.stdout)
+    assert sorted(rows) == ["gpu-a/cuda:0", "gpu-b/cuda:0"]  # the names /status uses
+    assert rows["gpu-a/cuda:0"][2:5] == ["idle", "tiny-t2v", "-"]
+
+
+async def test_workers_leaves_out_those_stopped_over_an_hour_ago_unless_all_and_fits_100_columns(tmp_path: Path):
+    url = Settings(data_dir=tmp_path).database_url
+    long_model = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    await heartbeat(url, record("gpu-a", gpu_name="NVIDIA H100 80GB HBM3", loaded_model=long_model))
+    await heartbeat(url, record("gpu-old", state=WorkerState.STOPPED), ago_s=2 * 3600)
+    done = wanbot("workers", data=tmp_path, env={"COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    assert "gpu-old" not in done.stdout
+    assert "1 worker stopped more than an hour ago not shown (--all shows them)." in done.stdout
+    assert max(len(line) for line in done.stdout.splitlines()) <= 100
+    assert "H100 80GB HBM3" in done.stdout.replace("│", " ") or "H100" in done.stdout
+    everything = wanbot("workers", "--all", data=tmp_path)
+    assert "gpu-old/cuda:0 (pid 1234)" in everything.stdout and "not shown" not in everything.stdout
 
 
 async def test_workers_as_json_has_every_field_and_whether_each_is_online(tmp_path: Path):
@@ -128,7 +164,7 @@ async def test_workers_says_when_none_is_online(tmp_path: Path):
     await heartbeat(url, record("gpu-b"), ago_s=2 * 3600)
     done = wanbot("workers", data=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert rows_of(done.stdout)["gpu-b-1234"][4] == "offline (last heard 2h 00m ago)"
+    assert rows_of(done.stdout)["gpu-b/cuda:0 (pid 1234)"][2] == "offline (last heard 2h 00m ago)"
     assert "None is online: queued videos wait until a worker starts (`wanbot worker` or `wanbot run`)." in done.stdout
 
 
