@@ -242,8 +242,11 @@ class PostgresBackend:
 
     async def backup(self, target: Path) -> None:
         raise UserError(
-            f"wanbot backup copies a SQLite file; this queue is in PostgreSQL ({self.url.shown()}).",
-            f"Use PostgreSQL's own tools: pg_dump --format=custom --file={target} <the database URL>.",
+            f"wanbot backup copies a SQLite file; this queue is in PostgreSQL ({self.url.shown()}), and {target} "
+            "was not written.",
+            "Use PostgreSQL's own tools: pg_dump --format=custom --file=wanbot.dump '<database.url>' (the pictures, "
+            "videos and previews of a scale-out are inside it too). To restore: stop wanbot, createdb a new "
+            "database, pg_restore --dbname='<its URL>' wanbot.dump, point database.url at it, start wanbot.",
         )
 
     async def _migrate(self) -> None:

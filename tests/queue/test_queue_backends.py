@@ -94,7 +94,9 @@ async def test_sqlite_only_features_say_what_to_do_on_postgres(database_url: str
     try:
         with pytest.raises(UserError, match="this queue is in PostgreSQL") as caught:
             await queue.backup(tmp_path / "copy.db")
-        assert "pg_dump" in caught.value.hint
+        assert "pg_dump --format=custom --file=wanbot.dump" in caught.value.hint
+        assert "videos and previews of a scale-out are inside it too" in caught.value.hint
+        assert "pg_restore --dbname=" in caught.value.hint and not (tmp_path / "copy.db").exists()
         assert queue.path is None and not queue.file_is_gone()  # nothing for the file watch to watch
     finally:
         await queue.close()
