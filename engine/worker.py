@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import av
+
 from engine.config import Settings
 from engine.errors import ClaimLost, UserError
 from engine.hub.downloads import Downloader
@@ -416,9 +418,13 @@ class Worker:
             **(output.info.model_dump(mode="json") if output.info else {}),
         }
         try:
+            video = None
             if output.encoded:
-                video = await loop.run_in_executor(self._executor, finish_mp4, hooks.encode_to, target, metadata)
-            else:
+                try:
+                    video = await loop.run_in_executor(self._executor, finish_mp4, hooks.encode_to, target, metadata)
+                except (OSError, av.error.FFmpegError):
+                    log.warning("job=%s: the video encoded while decoding could not be finished", job.id, exc_info=True)
+            if video is None:  # encoded from the frames: a tiled decode, or the streamed one failed
                 frames = output.frames
                 video = await loop.run_in_executor(self._executor, encode_mp4, frames, job.params.fps, target, metadata)
         finally:

@@ -58,7 +58,8 @@ class EncodeWhileDecoding:
         """Post-processed as the pipeline does (unpatchified, clamped, to [0, 1]), in 8 bits, off the device."""
         patch = self._vae.config.get("patch_size")
         video = unpatchify(output, patch_size=patch) if patch is not None else output
-        video = (video.clamp(-1.0, 1.0).float() / 2 + 0.5).clamp(0.0, 1.0)
+        # In the VAE's dtype, as the pipeline's post-processing computes it, then to floats as it hands them out.
+        video = (video.clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0).float()
         frames = (video[0].permute(1, 2, 3, 0) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
         self._chunks.put(frames)
 

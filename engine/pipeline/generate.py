@@ -122,6 +122,7 @@ class PipelineRunner:
         # Video shapes the compiled blocks have run at: the first job of a new shape compiles them again (minutes).
         self._compiled_shapes: set[tuple[str, int, int, int]] = set()
         self._budget: int | None = None  # GPU bytes the latest plan was made for, less its margin
+        self._trying: tuple[Plan | None, Path | None] = (None, None)  # the plan being loaded or run, and its folder
 
     @property
     def speedups(self) -> Speedups:
@@ -145,8 +146,7 @@ class PipelineRunner:
                 frames, info, encoded = self._denoise_and_decode(loaded, params, images, hooks, timings)
                 break
             except torch.OutOfMemoryError as exc:
-                failed = self.loaded.plan if self.loaded is not None else None
-                folder = self.loaded.folder if self.loaded is not None else None
+                failed, folder = self._trying
                 self._free_after_oom()
                 forced = self._leaner(model, params, failed, folder) if forced is None else None
                 if failed is None or forced is None:
@@ -213,6 +213,7 @@ class PipelineRunner:
         loras = self._locate.loras(model, hooks) if fast and fast.weights == "lora" else None
         folder = self._locate(model, hooks) if source is model else self._locate.fast_model_folder(source, hooks)
         plan = forced or self._plan(model, params, folder)
+        self._trying = (plan, folder)  # what an out-of-memory error, in loading or running, ran out with
         loaded = self.loaded
         if loaded is not None and self._keeps(loaded, model, source, loras, plan):
             self._replace(loaded, plan)
@@ -220,7 +221,7 @@ class PipelineRunner:
             return loaded
         self.unload()
         hooks.on_progress(Progress(stage=Stage.LOADING, detail=source.name))
-        device = pick_device(self._config.device)
+        device = torch.device("cpu") if plan.memory == "cpu" else pick_device(self._config.device)
         vae_bf16 = vae_in_bf16(self._config, device)
         pipeline = _load(PIPELINE_CLASSES[model.spec.pipeline], folder, device, plan, vae_bf16)
         correct_flow_shift(pipeline, model.spec)
@@ -294,6 +295,7 @@ class PipelineRunner:
         spec = loaded.model.spec
         pipeline = loaded.pipeline
         plan = loaded.plan
+        loaded.placement.evict_all()  # nothing a cancelled job's prefetch left behind
         if plan.vae_tiled:
             pipeline.vae.enable_tiling()
         else:

@@ -220,5 +220,6 @@ class LoraSlot:
             self._fused.restore()
             self._fused, self.files = None, None
         if files is not None:
-            self._fused = FusedLoras(self._pipeline, files, self._saved, self.editing)
+            # Through the slot: a pipeline placed again since (another plan) edits through its new placement.
+            self._fused = FusedLoras(self._pipeline, files, self._saved, lambda name: self.editing(name))
             self.files = files

@@ -22,9 +22,10 @@ def gpu_budget(device: torch.device, config: GenerationConfig) -> int:
     any per-process fraction set on the device (how a smaller card is simulated on a larger one)."""
     if config.vram_gib is not None:
         return int(config.vram_gib * GIB)
-    free, total = torch.cuda.mem_get_info(device)
-    usable = free + torch.cuda.memory_reserved(device)
-    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" names no index
+    free, total = torch.cuda.mem_get_info(index)
+    usable = free + torch.cuda.memory_reserved(index)
+    fraction = torch.cuda.get_per_process_memory_fraction(index)
     return int(min(usable, fraction * total))
 
 
@@ -99,7 +100,11 @@ def plan_job(
 def _what_fits(model: ModelRef, params: GenerationParams, machine: Machine, model_size: Footprint) -> str:
     """The model's own sizes, then fewer frames, largest first: the first that fits, as options to ask with."""
     pixels = params.width * params.height
-    sizes = sorted(model.spec.presets.items(), key=lambda item: -item[1][0] * item[1][1])
+    portrait = params.height > params.width
+    turned = {
+        name: (height, width) if portrait else (width, height) for name, (width, height) in model.spec.presets.items()
+    }
+    sizes = sorted(turned.items(), key=lambda item: -item[1][0] * item[1][1])
     tries = [(name, size, params.frames) for name, size in sizes if size[0] * size[1] < pixels]
     frames = params.frames
     while frames > 17:
@@ -108,7 +113,7 @@ def _what_fits(model: ModelRef, params: GenerationParams, machine: Machine, mode
     for name, (width, height), count in tries:
         size = replace(job_size(model.spec, params), width=width, height=height, frames=count)
         if any(plan.fits for plan in candidates(model_size, size, machine)):
-            asked = f"res={name}" if (width, height) != (params.width, params.height) else ""
+            asked = f"res={name}" if width * height != pixels else ""
             more = f"frames={count}" if count != params.frames else ""
             return f"Ask for {' '.join(part for part in (asked, more) if part)}: that fits this GPU."
     return "No size of this model fits this machine: use a smaller model (models.<mode>) or more GPU or host memory."

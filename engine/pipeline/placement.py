@@ -136,6 +136,13 @@ class Placement:
                 module.to(self._device)
         if self._parts and getattr(pipeline, "vae", None) is not None:
             self._handles.append(pipeline.vae.decoder.register_forward_pre_hook(self._before_decode))
+        if "text_encoder" in self._parts:
+            # Where the experts stay, nothing else swapped comes in to push the text encoder out: they do it.
+            for name in EXPERTS:
+                resident = getattr(pipeline, name, None)
+                if resident is not None and name not in self._parts:
+                    hook = resident.register_forward_pre_hook(lambda _m, _a: self._evict(self._parts["text_encoder"]))
+                    self._handles.append(hook)
 
     def _swapped_names(self, pipeline: Any) -> set[str]:
         names: set[str] = set()
@@ -249,6 +256,8 @@ class Placement:
             yield
             return
         self.bring(name)
+        for chunk in part.chunks:  # no block's hook runs while weights change: every copy must have landed
+            self._ready(chunk)
         try:
             yield
         finally:
@@ -273,7 +282,14 @@ class Placement:
             return
         resident = sum(part.bytes for part in self._parts.values() if self.is_loaded(part.name))
         room = self._budget - resident - activations - self._fixed_bytes()
-        started = self.prefetch(coming, room) if room > 0 else 0
+        try:
+            started = self.prefetch(coming, room) if room > 0 else 0
+        except torch.OutOfMemoryError:
+            # The activations took more than their estimate: prefetching is a gain, never worth the job.
+            log.warning("no room to prefetch %s; it comes in when it runs", coming)
+            self._evict(self._parts[coming])
+            self._coming = None
+            return
         if started:
             log.debug("prefetching %.1f GiB of %s", started / 2**30, coming)
 

@@ -28,7 +28,6 @@ LEAF_BYTES_PER_S = 8e9  # sequential offload: one small copy per layer, no strea
 FP8_SPEEDUP = 1.3  # fp8 matmuls against bf16 on Hopper, as reported for Wan (to be measured)
 STREAM_OVERHEAD = 1.25  # group offload with streams: the first block of each pass is not hidden (to be measured)
 HOOK_S = 0.0005  # an offload hook's own time per block and pass
-TEXT_LAYERS = 24  # UMT5-XXL's blocks
 FP8_SHARE = 0.53  # torchao float8 weights: a byte per weight plus scales; norms and embeddings stay bf16
 TEXT_ACTIVATIONS = 0.5 * GIB  # UMT5-XXL over 512 tokens, prompt and negative prompt
 # cuBLAS workspaces and rope tables: the resident figures measured on the H200 hold about this above the weights.
@@ -342,7 +341,7 @@ def _model_offload(footprint: Footprint, size: JobSize, machine: Machine, tiled:
 
 def _group_offload(footprint: Footprint, size: JobSize, machine: Machine, tiled: bool) -> Plan:
     window = 3 * footprint.largest_expert // footprint.layers  # the running block, the next one, one in flight
-    text_window = 3 * footprint.text_encoder // TEXT_LAYERS
+    text_window = footprint.text_encoder  # diffusers streams UMT5 as one group: it has no list of blocks to split
     phases = _phases(footprint, size, tiled, footprint.vae + text_window, footprint.vae + window, footprint.vae)
     ram = HOST_BASE + footprint.text_encoder + sum(footprint.experts)
     tokens = footprint.tokens(size.width, size.height, size.frames)

@@ -90,9 +90,11 @@ class Mp4Stream:
         self._stream = stream
 
     def close(self) -> None:
-        if self._stream is not None:
-            self._container.mux(self._stream.encode(None))
-        self._container.close()
+        try:
+            if self._stream is not None:
+                self._container.mux(self._stream.encode(None))
+        finally:
+            self._container.close()
 
     def __enter__(self) -> Mp4Stream:
         return self

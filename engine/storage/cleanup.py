@@ -22,7 +22,7 @@ from engine.storage.shared_files import SharedFiles
 VIDEO_NAME = re.compile(r"(job-(\d+)(?:-[0-9a-f]+)?)(?:\.fit-\d+)?\.mp4")
 # What engine.video writes before renaming into place, and engine.shared_files while it fetches a video; one that old
 # was left by a crash mid-encode or mid-fetch.
-TEMP_VIDEO_NAME = re.compile(r"\.job-\d+\..+\.mp4|\.job-\d+.*\.mp4\..+\.part")
+TEMP_VIDEO_NAME = re.compile(r"\.job-\d+(?:-[0-9a-f]+)?\..+\.mp4|\.job-\d+.*\.mp4\..+\.part")
 # A running job's live preview (engine.storage.preview_files.preview_path), groups as above, and its temporary name
 # while written.
 PREVIEW_NAME = re.compile(r"(job-(\d+))\.jpg")

@@ -106,3 +106,21 @@ def test_an_encode_that_fails_during_the_decode_leaves_the_video_to_be_encoded_a
         output = pipeline(prompt="w1", num_frames=9, height=64, width=64, num_inference_steps=2, output_type="np")
     assert not encoder.encoded and output.frames[0].shape == (9, 64, 64, 3)
     assert "encoding while decoding failed; encoding afterwards: [Errno 28] No space left on device" in caplog.text
+
+
+async def test_a_streamed_video_that_cannot_be_finished_is_encoded_from_the_frames(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+):
+    from engine import worker
+
+    def broken(part: Path, target: Path, metadata: dict[str, Any]) -> Any:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(worker, "finish_mp4", broken)
+    submission = await submit(engine, Mode.T2V, frames=9, seed=6)
+    await run_all(engine)
+    job = await engine._queue.get(submission.result.job.id)
+    assert job.status is JobStatus.SUCCEEDED
+    info = probe(job.result.path)
+    assert info.frames == 9 and json.loads(info.comment)["seed"] == 6
+    assert [path.name for path in engine.settings.outputs_dir.iterdir() if path.name.startswith(".")] == []

@@ -15,8 +15,10 @@ from engine.jobs import ResultInfo
 from engine.queue.jobqueue import JobQueue
 from engine.storage import shared_files as shared_files_module
 from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
+from engine.storage.files import hidden_beside
 from engine.storage.images import ImageStore, Mode, validate_image_bytes
 from engine.storage.shared_files import DatabaseFiles, LocalFiles, SharedFiles, shared_files
+from engine.worker import output_name
 from tests import imagefactory
 from tests.conftest import postgres_schema
 from tests.factories import params, source
@@ -289,11 +291,13 @@ async def test_a_fetch_a_crash_left_behind_is_swept_with_the_videos(queue: JobQu
     outputs.mkdir()
     stale = outputs / ".job-3-3fa9c2d1.mp4.x8a7.part"
     fresh = outputs / ".job-4-3fa9c2d1.mp4.y9b8.part"
-    for path in (stale, fresh):
+    encoding = hidden_beside(outputs / output_name(5))  # a video encoded while decoding when the worker died
+    for path in (stale, fresh, encoding):
         path.write_bytes(b"half")
     old = time.time() - 7200
     os.utime(stale, (old, old))
-    assert await remove_delivered_videos(queue, outputs, retention_s=-1, files=shared_files(queue)) == 1
+    os.utime(encoding, (old, old))
+    assert await remove_delivered_videos(queue, outputs, retention_s=-1, files=shared_files(queue)) == 2
     assert os.listdir(outputs) == [fresh.name]
 
 
