@@ -275,6 +275,7 @@ class PipelineRunner:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+            torch.accelerator.empty_host_cache()  # the pinned buffers of swapped parts, cached until told
 
     def _free_after_oom(self) -> None:
         # A pipeline half-way through an OOM may hold fragmented blocks; reloading costs less than a second failure.
