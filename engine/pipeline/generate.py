@@ -33,7 +33,7 @@ from engine.pipeline.placement import Placement, expert_order
 from engine.pipeline.planner import Machine, NoPlanFits, Plan, Where, margin
 from engine.pipeline.presets import Preset
 from engine.pipeline.samplers import scheduled, scheduler_name
-from engine.pipeline.speedups import Speedups, apply_speedups, choose_speedups
+from engine.pipeline.speedups import Speedups, apply_speedups, choose_speedups, quantize_fp8
 from engine.pipeline.tiny import make_tiny_model
 from engine.pipeline.weights import Locator
 
@@ -226,11 +226,12 @@ class PipelineRunner:
         pipeline = _load(PIPELINE_CLASSES[model.spec.pipeline], folder, device, plan, vae_bf16)
         correct_flow_shift(pipeline, model.spec)
         pipeline.set_progress_bar_config(disable=True)
-        placement = Placement(pipeline, plan, device, self._budget, per_block=not self._compiles)
+        placement = self._placement(pipeline, plan, device)
         loaded = LoadedPipeline(model, pipeline, device, placement, folder, source=source.name)
         # Fused where the weights compute (bf16 on a GPU), and before fp8 or compiling see them.
         loaded.loras.switch(loras)
-        apply_speedups(pipeline, self._speedups, quantize=plan.fp8)
+        placement.settle()  # an fp8 plan's experts quantized, one after the other
+        apply_speedups(pipeline, self._speedups, quantize=False)
         self.loaded = loaded
         log.info(
             "loaded model=%s weights=%s device=%s speed-ups: %s\n%s",
@@ -241,6 +242,10 @@ class PipelineRunner:
             "\n".join(plan.lines(model_footprint(model, folder))),
         )
         return loaded
+
+    def _placement(self, pipeline: Any, plan: Plan, device: torch.device) -> Placement:
+        quantize = quantize_fp8 if plan.fp8 else None
+        return Placement(pipeline, plan, device, self._budget, per_block=not self._compiles, quantize=quantize)
 
     @property
     def _compiles(self) -> bool:
@@ -262,7 +267,7 @@ class PipelineRunner:
             loaded.placement.plan = plan  # the same parts in the same places; the tiling follows the job
             return
         loaded.placement.remove()
-        loaded.placement = Placement(loaded.pipeline, plan, loaded.device, self._budget, per_block=not self._compiles)
+        loaded.placement = self._placement(loaded.pipeline, plan, loaded.device)
         loaded.loras.editing = loaded.placement.editing
         lines = plan.lines(model_footprint(loaded.model, loaded.folder))
         log.info("plan changed for %s:\n%s", loaded.model.name, "\n".join(lines))
@@ -494,7 +499,7 @@ def _load(pipeline_class: Any, folder: Path, device: torch.device, plan: Plan, v
     if device.type == "cpu":
         return pipeline_class.from_pretrained(folder, dtype=torch.float32)
     dtype = {"default": torch.bfloat16, "vae": torch.bfloat16 if vae_bf16 else torch.float32}
-    if plan.memory == "gpu" and plan.text_encoder is Where.GPU:
+    if plan.memory == "gpu" and plan.text_encoder is Where.GPU and not plan.fp8:
         with torch.cuda.device(device):  # diffusers' device map names the current device
             return pipeline_class.from_pretrained(folder, dtype=dtype, device_map="cuda")
     return pipeline_class.from_pretrained(folder, dtype=dtype)

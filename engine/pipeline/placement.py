@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,10 +119,19 @@ class Placement:
     """Where each part of one loaded pipeline is, and the hooks that move swapped parts in and out."""
 
     def __init__(
-        self, pipeline: Any, plan: Plan, device: torch.device, budget: int | None = None, per_block: bool = True
+        self,
+        pipeline: Any,
+        plan: Plan,
+        device: torch.device,
+        budget: int | None = None,
+        per_block: bool = True,
+        quantize: Callable[[torch.nn.Module], None] | None = None,
     ) -> None:
         """`budget`: GPU bytes the plan may fill; prefetching stays within it. `per_block`: each block waits for its
-        own copy; compiled blocks cannot run a hook, so without it a part waits for all its blocks at once."""
+        own copy; compiled blocks cannot run a hook, so without it a part waits for all its blocks at once.
+        `quantize`: how an fp8 plan's experts become fp8, once on the GPU (after a LoRA is fused into them)."""
+        self._quantize = quantize
+        self._unquantized: set[str] = set()
         self.plan = plan
         self._pipeline = pipeline
         self._device = device
@@ -157,6 +166,8 @@ class Placement:
             if name in swapped:
                 module.to("cpu")
                 self._parts[name] = self._swappable(name, module)
+            elif name in EXPERTS and self.plan.fp8:
+                self._unquantized.add(name)  # placed by `editing` or `settle`, one at a time, quantized there
             else:
                 module.to(self._device)
         if self._parts and getattr(pipeline, "vae", None) is not None:
@@ -273,6 +284,11 @@ class Placement:
     def editing(self, name: str) -> Iterator[None]:
         """Change part `name`'s weights in place (fuse a LoRA, put originals back) where they compute: a swapped
         part comes onto the GPU for it, and its pinned masters take the result afterwards."""
+        if name in self._unquantized:
+            getattr(self._pipeline, name).to(self._device)  # in bf16 while it changes, then quantized
+            yield
+            self._settle_one(name)
+            return
         part = self._parts.get(name)
         if part is None:
             yield
@@ -284,6 +300,20 @@ class Placement:
             yield
         finally:
             self._commit(part)
+
+    def settle(self) -> None:
+        """Put the experts an fp8 plan keeps on the GPU there, quantized one after the other: both in bf16 at once
+        would need the memory the plan saves."""
+        for name in EXPERTS:
+            if name in self._unquantized:
+                self._settle_one(name)
+
+    def _settle_one(self, name: str) -> None:
+        module = getattr(self._pipeline, name)
+        module.to(self._device)
+        if self._quantize is not None:
+            self._quantize(module)
+        self._unquantized.discard(name)
 
     def _commit(self, part: Part) -> None:
         with torch.no_grad():

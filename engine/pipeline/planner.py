@@ -313,6 +313,12 @@ def _gpu(footprint: Footprint, size: JobSize, machine: Machine, tiled: bool, tex
     else:
         phases = _phases(footprint, size, tiled, text + weights, weights, weights)
         text_s, ram = TEXT_ENCODE_S + text / PINNED_BYTES_PER_S, HOST_BASE + text
+    if fp8:
+        # Each expert comes onto the GPU in bf16 (a LoRA is fused into it there) before it is quantized.
+        largest = footprint.largest_expert
+        rest = int((sum(footprint.experts) - largest) * FP8_SHARE)
+        loading = (text if text_stays else 0) + footprint.vae + largest + rest + RUNTIME_BYTES
+        phases = (*phases, ("load", loading))
     seconds = text_s + _compute_s(footprint, size, machine, fp8) + _decode_s(footprint, size, tiled)
     why = "the whole model fits on the GPU"
     if not text_stays:

@@ -68,11 +68,16 @@ def apply_speedups(pipeline: Any, speedups: Speedups, quantize: bool = True) -> 
         if speedups.attention.value != "native":
             module.set_attention_backend(speedups.attention.value)
         if speedups.fp8.value == "on" and quantize:
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
-
-            quantize_(module, Float8DynamicActivationFloat8WeightConfig())
+            quantize_fp8(module)
         if speedups.compile.value == "on":
             module.compile_repeated_blocks(fullgraph=True)
+
+
+def quantize_fp8(module: torch.nn.Module) -> None:
+    """The module's linear layers in fp8 weights and activations (torchao, on the module's device)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+
+    quantize_(module, Float8DynamicActivationFloat8WeightConfig())
 
 
 def _attention(setting: str, device: torch.device) -> Choice:

@@ -240,3 +240,23 @@ def test_host_copies_are_packed_into_a_few_power_of_two_buffers_with_their_value
     assert len(storages) < len(tensors)
     assert all(size & (size - 1) == 0 for size in storages.values())  # what the allocator gives exactly
     assert sum(storages.values()) < 2 * sum(value.numel() * 4 for value in before)
+
+
+def test_an_fp8_plan_quantizes_each_expert_on_the_device_after_its_lora_is_fused(tmp_path: Path):
+    reference = tiny()
+    reference.save_pretrained(tmp_path / "model")
+    generator = torch.Generator().manual_seed(1)
+    high = write_lora(random_lightx2v_lora(reference.transformer, 4, generator), tmp_path / "high.safetensors")
+    low = write_lora(random_lightx2v_lora(reference.transformer_2, 4, generator), tmp_path / "low.safetensors")
+    files = LoraFiles(LoraPair("lightx2v/test", "high.safetensors", "low.safetensors"), high, low)
+    base = reference.transformer.blocks[0].attn1.to_q.weight.clone()
+    quantized: list[torch.Tensor] = []
+    fp8 = Plan("gpu", Where.SWAPPED, Where.GPU_FP8, False, 0, 0, None)
+    placement = Placement(
+        reference, fp8, CPU, quantize=lambda expert: quantized.append(expert.blocks[0].attn1.to_q.weight.clone())
+    )
+    assert quantized == []  # not before the LoRA is in
+    LoraSlot(reference, SavedWeights(tmp_path / "model"), placement.editing).switch(files)
+    placement.settle()
+    assert len(quantized) == 2  # once each, one after the other
+    assert not torch.equal(quantized[0], base)  # with the LoRA fused

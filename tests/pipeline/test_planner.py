@@ -112,7 +112,8 @@ def test_a_job_the_card_cannot_hold_is_refused_with_the_memory_it_needs():
         choose(footprint(T2V, None), job(T2V, "720p", "fast"), machine)
     assert "1280x720, 81 frames" in refusal.value.message
     assert "GPU memory" in refusal.value.message and "8.0 GiB" in refusal.value.message
-    assert choose(footprint(T2V, None), job(T2V, "480p", "fast"), machine).memory == "group_offload"
+    # diffusers streams the text encoder as one group (it has no list of blocks): only layer by layer fits.
+    assert choose(footprint(T2V, None), job(T2V, "480p", "fast"), machine).memory == "sequential_offload"
 
 
 def test_a_leaner_plan_after_running_out_of_memory_needs_less_gpu_memory():
