@@ -219,6 +219,7 @@ class PipelineRunner:
             self._replace(loaded, plan)
             loaded.loras.switch(loras)
             return loaded
+        del loaded  # the old pipeline's memory is given back in unload, once nothing here holds it
         self.unload()
         hooks.on_progress(Progress(stage=Stage.LOADING, detail=source.name))
         device = torch.device("cpu") if plan.memory == "cpu" else pick_device(self._config.device)
