@@ -16,7 +16,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -191,13 +191,19 @@ class Metrics:
 
 
 async def serve_metrics(
-    metrics: Metrics, queue: JobQueue, host: str, port: int, health: Callable[[], str | None]
+    metrics: Metrics,
+    queue: JobQueue,
+    host: str,
+    port: int,
+    health: Callable[[], str | None],
+    degraded: Callable[[], Awaitable[str | None]] | None = None,
 ) -> None:
     """Serve GET /metrics and GET /healthz on host:port until cancelled.
 
     /healthz answers 200 "ok" when `health()` returns None (the process's own view: adapters connected, worker
-    alive...) and the queue's database answers within DATABASE_TIMEOUT_S, else 503 with the reason. A port that cannot
-    be bound is a UserError naming metrics.port (or metrics.host)."""
+    alive...) and the queue's database answers within DATABASE_TIMEOUT_S, else 503 with the reason; 200 "degraded:
+    <why>" when the process is well but `degraded()` names what the service lacks (a serve with no worker online).
+    A port that cannot be bound is a UserError naming metrics.port (or metrics.host)."""
 
     async def metrics_page(request: web.Request) -> web.Response:
         await metrics.refresh(queue)
@@ -205,9 +211,10 @@ async def serve_metrics(
 
     async def health_page(request: web.Request) -> web.Response:
         reason = await _unhealthy(queue, health)
-        if reason is None:
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text=f"{reason}\n")
+        if reason is not None:
+            return web.Response(status=503, text=f"{reason}\n")
+        lacking = await degraded() if degraded is not None else None
+        return web.Response(text=f"degraded: {lacking}\n" if lacking else "ok\n")
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_page)

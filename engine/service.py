@@ -184,7 +184,9 @@ class Engine:
         tasks = [
             asyncio.ensure_future(metrics.follow(self._queue)),
             asyncio.ensure_future(
-                serve_metrics(metrics, self._queue, config.host, config.port, lambda: self.supervisor.failure)
+                serve_metrics(
+                    metrics, self._queue, config.host, config.port, lambda: self.supervisor.failure, self._degraded
+                )
             ),
         ]
         try:
@@ -229,6 +231,20 @@ class Engine:
 
     async def is_paused(self) -> bool:
         return await self._queue.is_paused()
+
+    async def no_worker_online(self) -> bool:
+        """No worker process, on any machine, was heard from within the lease, and no job runs: waiting jobs wait
+        for one to start, however long."""
+        now, lease_s = time.time(), self.settings.queue.lease_s
+        if any(worker.online(now, lease_s) for worker in await self._queue.workers()):
+            return False
+        return (await self._queue.counts()).get("running", 0) == 0
+
+    async def _degraded(self) -> str | None:
+        """What a process that only serves chats lacks to make videos, for /healthz; None when nothing."""
+        if self._worker is None and await self.no_worker_online():
+            return "no worker is online: queued videos wait until one starts"
+        return None
 
     async def set_paused(self, paused: bool) -> None:
         await self._queue.set_paused(paused)

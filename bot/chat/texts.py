@@ -47,6 +47,7 @@ BAR_WIDTH = 12
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 EXTRA_PICTURES_NOTE = "Only the first two pictures are used: the first as start, the second as end."
 QUEUE_PAUSED = "The queue is paused: nothing new starts until an admin resumes it."
+NO_WORKER_WAIT = "No worker is online: it starts once one is."
 MOVED_BACK = "It was position {was}: the queue takes one job per person in turn, and people who joined are due first."
 
 
@@ -118,16 +119,28 @@ def job_notes(job: Job) -> list[str]:
 
 
 def queued_text(
-    job: Job, position: QueuePosition | None, duplicate: bool = False, paused: bool = False, was: int | None = None
+    job: Job,
+    position: QueuePosition | None,
+    duplicate: bool = False,
+    paused: bool = False,
+    was: int | None = None,
+    no_worker: bool = False,
 ) -> str:
-    """`was`: a better place this job was shown before, which a user who sees theirs grow is told the reason for."""
+    """`was`: a better place this job was shown before, which a user who sees theirs grow is told the reason for;
+    `no_worker`: no worker is online, so no wait can be told."""
     head = f"Job #{job.id} ({job.mode.value})"
     if position is None:
         lines = [f"{head}{' came from this message before' if duplicate else ''}: {job.status.value}."]
     else:
         head += " was already queued from this message" if duplicate else " is queued"
         # Paused: no wait to show, nothing starts until an admin resumes the queue.
-        wait = f". {QUEUE_PAUSED}" if paused else f", {_wait_text(position.eta_s)}."
+        wait = (
+            f". {QUEUE_PAUSED}"
+            if paused
+            else f". {NO_WORKER_WAIT}"
+            if no_worker
+            else f", {_wait_text(position.eta_s)}."
+        )
         lines = [f"{head}: position {position.position}{wait}"]
     if position is not None and was is not None and was < position.position:
         lines.append(MOVED_BACK.format(was=was))

@@ -3,6 +3,7 @@ after a restart, and "done" with the video at once instead of after the edit pac
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -115,3 +116,52 @@ async def test_a_job_whose_worker_stopped_says_at_once_that_it_waits_for_a_worke
         await until(lambda: platform.texts[job_id][-1].startswith(said), 5, "the wait for a worker")
     assert "restarted" not in platform.texts[job_id][-1] and "joined" not in platform.texts[job_id][-1]
     assert platform.buttons[job_id][-1] == "cancel"
+
+
+async def test_with_no_worker_online_a_waiting_job_says_so_until_one_is(engine: Engine, monkeypatch):
+    from bot.chat import relay
+    from engine.jobs import WorkerRecord, WorkerState
+
+    platform = FakePlatform()
+    async with following(engine, platform, ChatConfig(edit_interval_s=0)):
+        job_id = (await engine._queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
+        said = f"Job #{job_id} (t2v) is queued: position 1. {texts.NO_WORKER_WAIT}"
+        await until(lambda: platform.texts.get(job_id, [""])[-1].startswith(said), 5, "no worker online")
+        monkeypatch.setattr(relay, "WORKERS_READ_S", 0.0)
+        await engine._queue.heartbeat(
+            WorkerRecord(
+                id="gpu-a/cuda:0/1-ab", host="gpu-a", pid=1, device="cuda:0", state=WorkerState.IDLE, started_at=0
+            )
+        )
+        await engine._queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())  # places are shown again
+        said = f"Job #{job_id} (t2v) is queued: position 1, about to start."
+        await until(lambda: platform.texts[job_id][-1].startswith(said), 5, "the wait once a worker is online")
+
+
+async def test_healthz_of_a_serve_with_no_worker_online_says_degraded(tiny_settings, tmp_path: Path):
+    import aiohttp
+
+    from tests.roles.test_metrics import free_port
+
+    port = free_port()
+    settings = tiny_settings.model_copy(update={"metrics": tiny_settings.metrics.model_copy(update={"port": port})})
+    engine = await Engine.open(settings, with_worker=False)
+    served = asyncio.create_task(engine.serve_metrics())
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def health() -> tuple[int, str] | None:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                        return response.status, await response.text()
+                except aiohttp.ClientConnectionError:
+                    return None
+
+            for _ in range(100):
+                if answer := await health():
+                    break
+                await asyncio.sleep(0.05)
+            assert answer == (200, "degraded: no worker is online: queued videos wait until one starts\n")
+    finally:
+        served.cancel()
+        await engine.close()
