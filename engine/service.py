@@ -118,6 +118,7 @@ class Engine:
     _files: SharedFiles = field(init=False, repr=False)
     # This process's lease as the one that serves the database's chats, once taken (take_serving).
     _serving: ServingRecord | None = field(init=False, repr=False, default=None)
+    _place_listeners: list[Callable[[], None]] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self._follower = EventFollower(self._queue)
@@ -247,7 +248,16 @@ class Engine:
         return None
 
     async def set_paused(self, paused: bool) -> None:
+        """Pause or resume the queue; every waiting place this process shows is shown again at once."""
         await self._queue.set_paused(paused)
+        for listener in list(self._place_listeners):
+            listener()
+
+    def on_places_changed(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` when every waiting job's place text changes at once (a pause, a resume from this
+        process); returns what stops it."""
+        self._place_listeners.append(listener)
+        return lambda: self._place_listeners.remove(listener)
 
     async def cancel(self, job_id: int, actor: Actor) -> Job:
         return await self._queue.cancel(job_id, actor)

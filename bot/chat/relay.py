@@ -115,6 +115,7 @@ class JobRelay:
         self._best_places: dict[int, int] = {}  # waiting job -> the best place its message showed
         # Set once what the last run left unshown (ended jobs, waiting jobs' places) has been shown.
         self.caught_up = asyncio.Event()
+        self._stop_listening: Callable[[], None] | None = None
 
     def start(self, events: Subscription) -> None:
         """Follow `events` (subscribed before the platform connects, so nothing is missed), retry deliveries, and
@@ -122,9 +123,13 @@ class JobRelay:
         self._supervisor.start(f"{self._platform} relay", partial(self._follow, events))
         self._supervisor.start(f"{self._platform} redelivery", self._redeliver_periodically)
         self._spawn(self._show_missed_ends())
+        self._stop_listening = self._engine.on_places_changed(lambda: self._spawn(self._show_positions(refresh=True)))
 
     async def stop(self) -> None:
         # An upload cut short here stays 'pending' and goes out again after the restart.
+        if self._stop_listening is not None:
+            self._stop_listening()
+            self._stop_listening = None
         await self._supervisor.cancel(f"{self._platform} relay", f"{self._platform} redelivery")
         for task in list(self._tasks):
             task.cancel()

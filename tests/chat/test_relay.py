@@ -165,3 +165,19 @@ async def test_healthz_of_a_serve_with_no_worker_online_says_degraded(tiny_setti
     finally:
         served.cancel()
         await engine.close()
+
+
+async def test_a_pause_and_a_resume_show_every_waiting_place_again_at_once(engine: Engine):
+    from engine.jobs import WorkerRecord, WorkerState
+
+    platform = FakePlatform()
+    await engine._queue.heartbeat(
+        WorkerRecord(id="gpu-a/cuda:0/1-ab", host="gpu-a", pid=1, device="cuda:0", state=WorkerState.IDLE, started_at=0)
+    )
+    async with following(engine, platform, ChatConfig(edit_interval_s=0)):
+        jobs = [(await engine._queue.enqueue(source(user, "1"), Mode.T2V, "tiny", params())).job.id for user in "ab"]
+        await until(lambda: all("is queued" in platform.texts.get(job, [""])[-1] for job in jobs), 5, "the places")
+        await engine.set_paused(True)
+        await until(lambda: all(texts.QUEUE_PAUSED in platform.texts[job][-1] for job in jobs), 5, "paused")
+        await engine.set_paused(False)
+        await until(lambda: all(texts.QUEUE_PAUSED not in platform.texts[job][-1] for job in jobs), 5, "resumed")
