@@ -92,6 +92,7 @@ class JobStore:
 async def open_job_store(settings: Settings) -> AsyncIterator[JobStore]:
     """The job store of `settings`' database, closed at the end of the block."""
     queue = await JobQueue.connect(settings.database_url)
+    queue.lease_s = settings.queue.lease_s
     try:
         yield JobStore(queue)
     finally:

@@ -121,6 +121,7 @@ class Engine:
     _place_listeners: list[Callable[[], None]] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
+        self._queue.lease_s = self.settings.queue.lease_s
         self._follower = EventFollower(self._queue)
         self._files = shared_files(self._queue)
         slots = self.settings.images.max_concurrent_decodes

@@ -73,6 +73,9 @@ class QueueCore:
         self.origin = secrets.token_hex(8)
         self._sharing = False
         self._progress_shared_at: dict[int, tuple[float, Stage]] = {}
+        # How long a worker counts as online after its last heartbeat (queue.lease_s): the wait shown to a waiting
+        # job counts the workers that will take the jobs ahead.
+        self.lease_s = 60.0
 
     @property
     def database(self) -> Backend:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from typing import Any
 
@@ -74,37 +75,46 @@ class Reading(QueueCore):
             return await self._position(db, job_id)
 
     async def _position(self, db: Tx, job_id: int) -> QueuePosition | None:
-        """The wait: what the running job has left, then a usual run of this job's model for each job ahead (their
-        models may differ, but a model's own videos say more than an average over tiny and real ones); None when
-        either is not known."""
+        """The wait: each online worker takes the next job as it becomes free (an idle one at once, a busy one when
+        its job ends), each job ahead a usual run of this job's model (their models may differ, but a model's own
+        videos say more than an average over tiny and real ones); None when that cannot be told."""
         row = await db.one(POSITION_SQL, job_id)
         if row is None:
             return None
         position = row["position"]
-        running_left = await self._running_left(db)
-        if position == 1 or running_left is None:
-            return QueuePosition(position=position, eta_s=running_left)
-        typical = await self._typical_run_s(db, row["model"])
-        eta_s = running_left + typical * (position - 1) if typical is not None else None
-        return QueuePosition(position=position, eta_s=eta_s)
-
-    async def _running_left(self, db: Tx) -> float | None:
-        """Seconds until the running job ends (0 when none runs): its own estimate once it denoises (steps, decode
-        and encode), else its model's usual run time less the time it has run; None when neither is known (no video
-        of its model yet, or it has overrun the usual time: no number is better than "0s")."""
-        running = await db.one(
-            "SELECT model, started_at, progress_json FROM jobs WHERE status = 'running' ORDER BY started_at LIMIT 1"
+        lefts = await self._running_lefts(db)
+        online = await db.one(
+            "SELECT COUNT(*) AS n FROM workers WHERE state <> 'stopped' AND heartbeat_at >= ?",
+            self._clock() - self.lease_s,
         )
-        if running is None:
-            return 0.0
-        progress = Progress.model_validate_json(running["progress_json"]) if running["progress_json"] else None
-        if progress is not None and (own := _eta_to_the_end(progress)) is not None:
-            return own
-        typical = await self._typical_run_s(db, running["model"])
-        if typical is None:
-            return None
-        left = typical - (self._clock() - running["started_at"])
-        return left if left > 0 else None
+        idle = max(int(online["n"]) - len(lefts), 0) if online else 0
+        # When each worker is free next: now for an idle one, at its job's end for a busy one (unknown: left out).
+        free_at = [0.0] * idle + [left for left in lefts if left is not None]
+        if not lefts and not idle:
+            free_at = [0.0]  # no worker heard from: the first to start takes the first job
+        heapq.heapify(free_at)
+        typical = None if position == 1 else await self._typical_run_s(db, row["model"])
+        for _ahead in range(position - 1):
+            if not free_at or typical is None:
+                return QueuePosition(position=position, eta_s=None)
+            heapq.heappush(free_at, heapq.heappop(free_at) + typical)
+        return QueuePosition(position=position, eta_s=free_at[0] if free_at else None)
+
+    async def _running_lefts(self, db: Tx) -> list[float | None]:
+        """Seconds until each running job ends: its own estimate once it denoises (steps, decode and encode), else
+        its model's usual run time less the time it has run; None where neither is known (no video of its model
+        yet, or it has overrun the usual time: no number is better than "0s")."""
+        rows = await db.all("SELECT model, started_at, progress_json FROM jobs WHERE status = 'running'")
+        lefts: list[float | None] = []
+        for running in rows:
+            progress = Progress.model_validate_json(running["progress_json"]) if running["progress_json"] else None
+            if progress is not None and (own := _eta_to_the_end(progress)) is not None:
+                lefts.append(own)
+                continue
+            typical = await self._typical_run_s(db, running["model"])
+            left = typical - (self._clock() - running["started_at"]) if typical is not None else None
+            lefts.append(left if left is not None and left > 0 else None)
+        return lefts
 
     async def _typical_run_s(self, db: Tx, model: str) -> float | None:
         row = await db.one(

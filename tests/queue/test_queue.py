@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from engine.errors import InvalidTransition, NotAllowed, QueueFull
-from engine.jobs import DeliveryStatus, EventKind, JobStatus, Progress, ResultInfo, Stage
+from engine.jobs import DeliveryStatus, EventKind, JobStatus, Progress, ResultInfo, Stage, WorkerRecord, WorkerState
 from engine.queue.jobqueue import JobQueue
 from engine.queue.sqlite import MIGRATIONS, split_sql
 from engine.storage.cleanup import remove_delivered_videos, remove_unused_images
@@ -192,6 +192,32 @@ async def test_a_wait_counts_runs_of_the_same_model_and_says_unknown_rather_than
     assert (await clocked.position(behind.job.id)).eta_s == pytest.approx(200.0)  # a big video takes 300 s
     now[0] += 250
     assert (await clocked.position(behind.job.id)).eta_s is None  # overrunning: not "0s"
+
+
+async def test_a_wait_counts_every_online_worker_idle_ones_at_once(queue: JobQueue):
+    now = [1000.0]
+    clocked = JobQueue(queue.database, queue.events, lambda: now[0])
+    done = await clocked.enqueue(source("zed", "z0"), Mode.T2V, "tiny", params())
+    await clocked.claim_next()
+    now[0] += 100
+    await clocked.mark_succeeded(done.job.id, result())  # a video takes 100 s
+    running = await clocked.enqueue(source("ann", "a0"), Mode.T2V, "tiny", params())
+    await clocked.claim_next()
+    await clocked.update_progress(running.job.id, Progress(stage=Stage.DENOISING, step=2, total=4, eta_s=60.0))
+    first, second = [
+        (await clocked.enqueue(source(user, f"{user}0"), Mode.T2V, "tiny", params())).job.id for user in ("bob", "cy")
+    ]
+    # One worker (the busy one): each job waits for the one before it.
+    assert (await clocked.position(first)).eta_s == pytest.approx(60.0)
+    assert (await clocked.position(second)).eta_s == pytest.approx(160.0)
+    for name in ("gpu-a", "gpu-b"):  # two online, one of them idle
+        await clocked.heartbeat(
+            WorkerRecord(id=f"{name}-1", host=name, pid=1, device="cuda:0", state=WorkerState.IDLE, started_at=0)
+        )
+    assert (await clocked.position(first)).eta_s == 0.0  # the idle worker takes it now
+    assert (await clocked.position(second)).eta_s == pytest.approx(60.0)  # the busy one, when its job ends
+    now[0] += 120  # both heard from too long ago: one slot again, the running job's
+    assert (await clocked.position(second)).eta_s == pytest.approx(160.0)
 
 
 async def test_decode_and_encode_times_are_scaled_from_the_models_latest_videos(queue: JobQueue):
