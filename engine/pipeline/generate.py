@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,6 +381,7 @@ class StepTracker:
         """`first_note` is said until the first step ends (a first step that compiles takes minutes); `after_step`
         runs after each step (the placement's prefetch)."""
         self._after_step = after_step
+        self._passes_started = False
         self._spec = spec
         self._steps = steps
         self._hooks = hooks
@@ -398,10 +399,25 @@ class StepTracker:
         detail = ", ".join(part for part in (self._first_note, self._expert(1000)) if part)
         self._hooks.on_progress(Progress(stage=Stage.DENOISING, step=0, total=self._steps, detail=detail))
 
-    def watching(self, pipeline: Any) -> contextlib.AbstractContextManager[None]:
-        """Live previews, when the run makes them, from the pipeline's transformers while the block runs."""
+    @contextlib.contextmanager
+    def watching(self, pipeline: Any) -> Iterator[None]:
+        """While the block runs: live previews, when the run makes them, from the pipeline's transformers; and the
+        first step timed from the first transformer pass, not from the call (the prompt's encoding, an image's VAE
+        encode and the first swap before it made the first step's time left many times too long)."""
         previews = self._hooks.previews
-        return previews.attached(pipeline) if previews is not None else contextlib.nullcontext()
+        with contextlib.ExitStack() as stack:
+            if previews is not None:
+                stack.enter_context(previews.attached(pipeline))
+            for name in ("transformer", "transformer_2"):
+                expert = getattr(pipeline, name, None)
+                if expert is not None:
+                    stack.callback(expert.register_forward_pre_hook(self._first_pass).remove)
+            yield
+
+    def _first_pass(self, _module: Any, _args: Any) -> None:
+        if not self._durations and not self._passes_started:
+            self._passes_started = True
+            self._last = self._hooks.clock()
 
     def _expert(self, timestep: float) -> str:
         if not self._spec.two_experts:

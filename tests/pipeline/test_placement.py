@@ -260,3 +260,24 @@ def test_an_fp8_plan_quantizes_each_expert_on_the_device_after_its_lora_is_fused
     placement.settle()
     assert len(quantized) == 2  # once each, one after the other
     assert not torch.equal(quantized[0], base)  # with the LoRA fused
+
+
+def test_the_first_steps_time_left_leaves_out_what_came_before_the_first_pass():
+    """Encoding the prompt (and an image, a swap) before the first pass must not count as a step: the time left
+    after step 1 was up to 25 times too long."""
+    from engine.pipeline.generate import StepTracker
+    from engine.pipeline.models import TINY_SPECS
+
+    now = [0.0]
+    said: list[Progress] = []
+    pipeline = tiny()
+    # The text encoder takes 100 s, each transformer pass 1 s.
+    pipeline.text_encoder.register_forward_hook(lambda *_: now.__setitem__(0, now[0] + 100))
+    for expert in (pipeline.transformer, pipeline.transformer_2):
+        expert.register_forward_hook(lambda *_: now.__setitem__(0, now[0] + 1))
+    tracker = StepTracker(TINY_SPECS[Mode.T2V], 4, RunHooks(on_progress=said.append, clock=lambda: now[0]))
+    tracker.start()
+    with tracker.watching(pipeline):
+        fast_run(pipeline, lambda pipe, step: tracker.on_step_end(pipe, step, pipe.scheduler.timesteps[step], {}))
+    after_first = next(progress for progress in said if progress.step == 1)
+    assert after_first.eta_s == pytest.approx(3.0)  # three steps of 1 s, not three of 101
