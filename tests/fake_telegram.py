@@ -66,7 +66,8 @@ class FakeTelegram:
         app.router.add_route("*", "/bot{token}/{method}", self._api)
         app.router.add_get("/file/bot{token}/{path:.+}", self._file)
         # A call held by a gate (one of a killed process) would hold the shutdown for aiohttp's default 60 s.
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        # No access log: its lines carry the bot token in the path, and are the fake server's, not wanbot's.
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

@@ -59,7 +59,8 @@ async def test_a_worker_that_loses_its_database_goes_on(tiny_settings: Settings,
             engine = await Engine.open(settings)
             worker = asyncio.create_task(engine._worker.run())
             try:
-                asked = await direct.enqueue(source("alice"), Mode.T2V, "tiny", params(steps=120, width=64))
+                # Long enough to be seen running before it ends, on a fast machine too.
+                asked = await direct.enqueue(source("alice"), Mode.T2V, "tiny", params(steps=400, width=64))
                 job_id = asked.job.id
                 await wait_for(lambda: running_job_with_progress(direct, job_id, 2))
 
