@@ -143,6 +143,22 @@ MIGRATIONS: list[str] = [
 MIGRATION_LOCK = 0x77616E626F74  # "wanbot"
 POOL_SIZE = 8
 COMMAND_TIMEOUT_S = 20.0  # well under queue.lease_s: a worker cut off says so long before its job is given away
+# What one of wanbot's sessions may hold on the server. A worker whose link stalls inside a transaction keeps its
+# job's row locked, and lease recovery passes locked rows by (SKIP LOCKED): the server ends such a session, so the
+# lock goes and the next recovery round puts the job back; a statement waiting on a lock fails instead of waiting on
+# and is tried again like any failed write; keepalives find a dead peer in about 25 s instead of TCP's hours.
+IDLE_IN_TRANSACTION_S = 15.0
+LOCK_TIMEOUT_S = 10.0
+KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"}
+
+
+def session_settings() -> dict[str, str]:
+    """The server-side limits of every wanbot session (milliseconds where PostgreSQL counts them so)."""
+    return {
+        "idle_in_transaction_session_timeout": str(int(IDLE_IN_TRANSACTION_S * 1000)),
+        "lock_timeout": str(int(LOCK_TIMEOUT_S * 1000)),
+        **KEEPALIVES,
+    }
 CLOSE_TIMEOUT_S = 10.0
 
 
@@ -205,6 +221,7 @@ class PostgresBackend:
                 # A network that drops packets silently would leave a query waiting for TCP's own timeout (many
                 # minutes): it fails here instead, and the caller backs off and tries again like any lost connection.
                 command_timeout=COMMAND_TIMEOUT_S,
+                server_settings=session_settings(),
             )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             # Out of reach is temporary (the server restarts, the network comes back); a refused login is the settings.
@@ -251,6 +268,8 @@ class PostgresBackend:
 
     async def _migrate(self) -> None:
         async with self._pool.acquire() as connection, connection.transaction():
+            # A long migration under another process is waited for, however long (not the sessions' lock limit).
+            await connection.execute("SET LOCAL lock_timeout = 0")
             # Held until this transaction ends: a second process starting now waits here, then finds nothing to do.
             await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")

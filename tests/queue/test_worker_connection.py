@@ -137,3 +137,32 @@ async def test_a_database_that_drops_packets_fails_a_query_instead_of_hanging(mo
             with pytest.raises(DATABASE_DOWN):
                 await asyncio.wait_for(queue.counts(), timeout=30)
             await asyncio.wait_for(queue.close(), timeout=30)
+
+
+async def test_a_session_stalled_inside_a_transaction_cannot_pin_a_job(monkeypatch):
+    """A worker's link stalls while it holds its job's row lock: recovery passes locked rows by, so the server ends
+    that session after the idle limit, and the next recovery round puts the job back."""
+    import asyncpg
+
+    monkeypatch.setattr(queue_postgres, "IDLE_IN_TRANSACTION_S", 1.0)
+    async with postgres_schema() as url:
+        queue = await JobQueue.connect(url)
+        try:
+            job_id = (await queue.enqueue(source("alice"), Mode.T2V, "tiny", params())).job.id
+            await queue.claim_next(worker_id="gpu-a/cuda:0/7-ab")  # no heartbeat: the lease is long gone
+            # The worker's session, as wanbot opens it, holding the job's row in a transaction when its link stalls.
+            stalled = await asyncpg.connect(queue.database.url.dsn, server_settings=queue_postgres.session_settings())
+            await stalled.execute("BEGIN")
+            await stalled.execute("SELECT id FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+            assert await queue.recover_interrupted(3, lease_s=0.1) == []  # the row is locked: passed by
+            for _ in range(100):
+                if recovered := await queue.recover_interrupted(3, lease_s=0.1):
+                    break
+                await asyncio.sleep(0.1)
+            assert [job.id for job in recovered] == [job_id]
+            assert (await queue.get(job_id)).status is JobStatus.QUEUED
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+                await stalled.fetchval("SELECT 1")  # the server ended the stalled session
+            stalled.terminate()
+        finally:
+            await queue.close()
