@@ -107,7 +107,7 @@ class Engine:
     _worker: Worker | None = field(repr=False)
     _prompt_lengths: PromptLengths | None = field(repr=False)
     # The process's long-lived tasks (worker, relays, clean-up, chat connections) run under it.
-    supervisor: Supervisor = field(default_factory=Supervisor)
+    supervisor: Supervisor = field(default_factory=lambda: Supervisor(outage_errors=DATABASE_DOWN))
     # Decoding is where a picture costs memory (up to images.max_decode_bytes): a few at a time, on threads of their
     # own, so a burst of large pictures neither fills memory nor takes the threads of asyncio's default pool.
     _decodes: asyncio.Semaphore = field(init=False, repr=False)

@@ -29,14 +29,30 @@ class RestartPolicy:
     healthy_after_s: float = 300.0
 
 
+# A task that failed for an outage and then ran this long again: the outage is over.
+OUTAGE_OVER_AFTER_S = 10.0
+
+
 class Supervisor:
-    def __init__(self, policy: RestartPolicy | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        policy: RestartPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        outage_errors: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        """`outage_errors`: what a task raises while the database is out of reach. Such a failure is waited out,
+        however long (with the same doubling wait), never counted towards giving up: one line when the outage
+        begins, one when it ends."""
         self._policy = policy or RestartPolicy()
         self._clock = clock
+        self._outage_errors = outage_errors
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
         self._failed = asyncio.Event()
         self.failure: str | None = None
+        self.outage: str | None = None  # why the database is out of reach, while it is
+        self._outage_since = 0.0
+        self._out: dict[str, int] = {}  # tasks failing for the outage -> their attempt
 
     @property
     def failed(self) -> bool:
@@ -96,13 +112,23 @@ class Supervisor:
     async def _keep(self, name: str, factory: TaskFactory, restart: bool) -> None:
         failures = 0
         wait_s = self._policy.first_wait_s
+        attempt = 0
         while not self._stopping:
             started = self._clock()
+            attempt += 1
+            if name in self._out:
+                self._out[name] = attempt
+                asyncio.get_running_loop().call_later(OUTAGE_OVER_AFTER_S, self._maybe_over, name, attempt)
             try:
                 await factory()
                 return
             except asyncio.CancelledError:
                 raise
+            except self._outage_errors as exc:
+                self._outage_began(name, exc)
+                log.debug("task %s waits out the outage; again in %.0f s", name, wait_s, exc_info=True)
+                await asyncio.sleep(wait_s)
+                wait_s = min(wait_s * 2, self._policy.max_wait_s)
             except Exception as exc:
                 if self._clock() - started >= self._policy.healthy_after_s:
                     failures, wait_s = 0, self._policy.first_wait_s
@@ -114,3 +140,19 @@ class Supervisor:
                 log.error("task %s failed; restarting it in %.0f s", name, wait_s, exc_info=True)
                 await asyncio.sleep(wait_s)
                 wait_s = min(wait_s * 2, self._policy.max_wait_s)
+
+    def _outage_began(self, name: str, error: BaseException) -> None:
+        self._out.setdefault(name, 0)
+        if self.outage is None:
+            self.outage = f"the database is out of reach: {type(error).__name__}: {error}"[:300]
+            self._outage_since = self._clock()
+            log.error("%s; every task waits and tries again until it is back", self.outage)
+
+    def _maybe_over(self, name: str, attempt: int) -> None:
+        """`name`'s attempt `attempt` has run OUTAGE_OVER_AFTER_S without an outage: it is through it."""
+        if self._out.get(name) != attempt:
+            return
+        del self._out[name]
+        if not self._out and self.outage is not None:
+            log.warning("the database is reachable again, after %.0f s", self._clock() - self._outage_since)
+            self.outage = None

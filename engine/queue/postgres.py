@@ -159,6 +159,8 @@ def session_settings() -> dict[str, str]:
         "lock_timeout": str(int(LOCK_TIMEOUT_S * 1000)),
         **KEEPALIVES,
     }
+
+
 CLOSE_TIMEOUT_S = 10.0
 
 
@@ -224,8 +226,10 @@ class PostgresBackend:
                 server_settings=session_settings(),
             )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-            # Out of reach is temporary (the server restarts, the network comes back); a refused login is the settings.
-            error = UserError if isinstance(exc, asyncpg.PostgresError) else Unavailable
+            # Out of reach is temporary (the server restarts or starts up, the network comes back): exit 1, and
+            # systemd tries again; a refused login or a database that does not exist is the settings: exit 2.
+            down = (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError)
+            error = UserError if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, down) else Unavailable
             raise error(
                 f"Cannot use the job database {url.shown()}: {exc or type(exc).__name__}.",
                 "Check database.url (WANBOT_DATABASE__URL): the server must be running and reachable, and the "

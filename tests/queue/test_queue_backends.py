@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from engine.config import Settings, load_settings
-from engine.errors import ConfigError, UserError
+from engine.errors import ConfigError, Unavailable, UserError
 from engine.jobs import EventKind
 from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
@@ -73,6 +73,28 @@ async def test_an_unreachable_server_is_a_user_error_that_names_it_without_the_p
     assert "Cannot use the job database postgresql://bot@127.0.0.1:1/wanbot" in str(caught.value)
     assert "database.url" in caught.value.hint
     assert "s3cret" not in str(caught.value) + caught.value.hint
+
+
+@pytest.mark.parametrize(
+    ("refusal", "temporary"),
+    [
+        (asyncpg.exceptions.CannotConnectNowError("the database system is starting up"), True),
+        (asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command"), True),
+        (asyncpg.exceptions.InvalidPasswordError("password authentication failed"), False),
+    ],
+)
+async def test_a_server_that_is_starting_up_is_out_of_reach_and_a_refused_login_a_mistake(
+    refusal: Exception, temporary: bool, monkeypatch: pytest.MonkeyPatch
+):
+    """Exit 1 (systemd tries again) while the server restarts; exit 2 (a restart cannot help) for the settings."""
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise refusal
+
+    monkeypatch.setattr(asyncpg, "create_pool", refused)
+    with pytest.raises(UserError) as caught:
+        await JobQueue.connect("postgresql://bot@127.0.0.1:5432/wanbot")
+    assert isinstance(caught.value, Unavailable) is temporary
 
 
 @ONLY_POSTGRES

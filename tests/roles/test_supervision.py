@@ -4,6 +4,7 @@ delivering after any upload error."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import sqlite3
@@ -66,6 +67,35 @@ async def test_a_task_that_keeps_failing_or_must_not_restart_fails_the_superviso
     once.watch("chat connection", connection)
     await asyncio.wait_for(once.wait_failed(), 5)
     assert once.failure == "chat connection failed: RuntimeError: chat connection ended"
+
+
+async def test_a_database_outage_of_any_length_is_waited_out_said_once_when_it_begins_and_ends(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    from engine import supervisor as supervision
+
+    monkeypatch.setattr(supervision, "OUTAGE_OVER_AFTER_S", 0.2)
+    supervisor = Supervisor(QUICK, outage_errors=(ConnectionRefusedError,))
+    runs: list[int] = []
+
+    async def needs_the_database() -> None:
+        runs.append(1)
+        if len(runs) <= 3 * QUICK.max_failures:  # far more failures in a row than any other error is allowed
+            raise ConnectionRefusedError(111, "Connection refused")
+        await asyncio.Event().wait()
+
+    supervisor.start("relay", needs_the_database)
+    await until(lambda: len(runs) > 3 * QUICK.max_failures, 10, "the database back")
+    assert not supervisor.failed and supervisor.outage is not None
+    await until(lambda: supervisor.outage is None, 5, "the outage over")
+    said = [record.message for record in caplog.records if record.levelno >= logging.WARNING]
+    assert said == [
+        "the database is out of reach: ConnectionRefusedError: [Errno 111] Connection refused; every task waits and "
+        "tries again until it is back",
+        said[-1],
+    ]
+    assert said[-1].startswith("the database is reachable again, after ")
+    await supervisor.stop()
 
 
 async def test_a_task_cancelled_on_purpose_does_not_fail_the_supervisor():
