@@ -33,6 +33,9 @@ CLAIMER = textwrap.dedent(
         while (job := await queue.claim_next()) is not None:
             print(job.id, flush=True)
             await queue.mark_succeeded(job.id, result_for_child())
+            # A real job takes a while: without a pause one process, back first from its write, can take every
+            # job of a SQLite file before the other gets the lock once (seen on a loaded machine).
+            await asyncio.sleep(0.002)
         await queue.close()
 
     asyncio.run(main())
