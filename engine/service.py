@@ -135,6 +135,7 @@ class Engine:
         store = ImageStore(settings.images_dir, settings.images.background)
         if not with_worker:
             queue = await JobQueue.connect(settings.database_url, EventBus())
+            await queue.measure_clock_skew()
             return cls(settings, queue, store, None, None, None)
         from engine.pipeline.generate import PipelineRunner, default_locator, device_facts, find_model_folder
         from engine.pipeline.libraries import quiet_libraries
@@ -146,6 +147,7 @@ class Engine:
         downloader = Downloader(settings.models_dir, settings.downloads)
         runner = PipelineRunner(settings.generation, locator or default_locator(settings, downloader))
         queue = await JobQueue.connect(settings.database_url, EventBus())
+        await queue.measure_clock_skew()
         worker = Worker(queue, runner, store, settings, downloader, write_retry_s=settings.queue.write_retry_s)
         prompt_lengths = PromptLengths(lambda model: find_model_folder(settings, downloader, model))
         return cls(settings, queue, store, runner, worker, prompt_lengths)
@@ -234,10 +236,14 @@ class Engine:
     async def is_paused(self) -> bool:
         return await self._queue.is_paused()
 
+    def lease_now(self) -> float:
+        """Now on the clock the workers' leases are kept on (the database server's), for telling who is online."""
+        return self._queue.lease_now()
+
     async def no_worker_online(self) -> bool:
         """No worker process, on any machine, was heard from within the lease, and no job runs: waiting jobs wait
         for one to start, however long."""
-        now, lease_s = time.time(), self.settings.queue.lease_s
+        now, lease_s = self.lease_now(), self.settings.queue.lease_s
         if any(worker.online(now, lease_s) for worker in await self._queue.workers()):
             return False
         return (await self._queue.counts()).get("running", 0) == 0

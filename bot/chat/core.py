@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -313,7 +312,7 @@ class ChatCore:
         size. Every worker process counts, on whichever machine, `wanbot run`'s own worker too."""
         if not self.allows(person, place):
             return NOT_ALLOWED
-        now, lease_s = time.time(), self.engine.settings.queue.lease_s
+        now, lease_s = self.engine.lease_now(), self.engine.settings.queue.lease_s
         online = [worker for worker in await self.engine.workers() if worker.online(now, lease_s)]
         jobs = {worker.id: await self._job_of(worker) for worker in online}
         counts = await self.engine.counts()

@@ -50,6 +50,7 @@ DATABASE_DOWN: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
 )
 
+CLOCK_SKEW_SAID_S = 2.0  # a clock further than this from the database server's is said, and corrected for
 WORKER_STOPPED = "the worker stopped"  # why a running job went back to the queue when its process stopped
 
 EVENTS_CHANNEL = "wanbot_events"  # PostgreSQL's NOTIFY channel: "there are new rows in queue_events"
@@ -76,6 +77,36 @@ class QueueCore:
         # How long a worker counts as online after its last heartbeat (queue.lease_s): the wait shown to a waiting
         # job counts the workers that will take the jobs ahead.
         self.lease_s = 60.0
+        # The database server's clock less this machine's (measure_clock_skew): leases are kept on the server's.
+        self.clock_skew_s = 0.0
+
+    def lease_now(self) -> float:
+        """Now on the clock every process measures leases with: the database server's (this machine's, on SQLite,
+        whose processes all share it)."""
+        return self._clock() + self.clock_skew_s
+
+    async def measure_clock_skew(self) -> float:
+        """Compare this machine's clock with the database server's; a difference over CLOCK_SKEW_SAID_S is logged
+        once with its size and used from then on, so that a worker whose clock is behind is not taken for gone."""
+        if self._db.path is not None:
+            return 0.0  # SQLite: one machine, one clock
+        before = self._clock()
+        async with self._db.reading() as db:
+            row = await db.one("SELECT EXTRACT(EPOCH FROM clock_timestamp()) AS now")
+        after = self._clock()
+        skew = float(row["now"]) - (before + after) / 2 if row is not None else 0.0
+        if abs(skew) > CLOCK_SKEW_SAID_S:
+            ahead = "behind" if skew > 0 else "ahead of"
+            log.warning(
+                "this machine's clock is %.1f s %s the database server's: leases are measured on the server's "
+                "clock (run NTP on both)",
+                abs(skew),
+                ahead,
+            )
+            self.clock_skew_s = skew
+        else:
+            self.clock_skew_s = 0.0
+        return self.clock_skew_s
 
     @property
     def database(self) -> Backend:

@@ -37,7 +37,7 @@ class Leases(QueueCore):
         they were on counts). Gone: stopped, not heard from for `lease_s`, unknown (a claim made without a worker, by
         an older wanbot), or on `machine` (this one: WorkerRecord.machine) with a process that `is_alive` says has ended
         (a crash seen at once, without waiting out the lease). Any live process may call it, as often as it likes."""
-        now = self._clock()
+        now = self.lease_now()
         # Looked for without locks first: every live process asks every few seconds, and mostly nothing is gone.
         async with self._db.reading() as db:
             running = await db.all("SELECT id, worker_id FROM jobs WHERE status = 'running' ORDER BY id")
@@ -111,7 +111,7 @@ class Leases(QueueCore):
                 worker.current_job,
                 worker.state.value,
                 worker.started_at,
-                self._clock(),
+                self.lease_now(),
             )
             if worker.current_job is None or token is None:
                 return True
@@ -139,7 +139,7 @@ class Serving(QueueCore):
         """Make `me` the serving process of this database; the live one that already is, if any (then nothing
         changes). One gone (released, silent past `lease_s`, or an ended process of `me.machine`) is replaced."""
         async with self._transaction() as db:
-            other, now = await _serving_holder(db), self._clock()
+            other, now = await _serving_holder(db), self.lease_now()
             if other is not None and other.id != me.id:
                 alive = {**other.model_dump(), "state": WorkerState.IDLE.value}
                 if _why_gone(alive, now, lease_s, me.machine, is_alive) is None:
@@ -153,7 +153,7 @@ class Serving(QueueCore):
             holder = await _serving_holder(db)
             if holder is not None and holder.id != me.id:
                 return holder
-            await _write_serving(db, me.model_copy(update={"heartbeat_at": self._clock()}))
+            await _write_serving(db, me.model_copy(update={"heartbeat_at": self.lease_now()}))
         return None
 
     async def release_serving(self, me: ServingRecord) -> None:

@@ -85,7 +85,7 @@ class Reading(QueueCore):
         lefts = await self._running_lefts(db)
         online = await db.one(
             "SELECT COUNT(*) AS n FROM workers WHERE state <> 'stopped' AND heartbeat_at >= ?",
-            self._clock() - self.lease_s,
+            self.lease_now() - self.lease_s,
         )
         idle = max(int(online["n"]) - len(lefts), 0) if online else 0
         # When each worker is free next: now for an idle one, at its job's end for a busy one (unknown: left out).

@@ -205,3 +205,32 @@ async def test_a_database_a_newer_wanbot_migrated_is_refused_in_one_sentence(dat
         await JobQueue.connect(database_url)
     assert f"was made by a newer wanbot (schema {newer};" in str(refused.value)
     assert "restore the backup taken before the upgrade" in str(refused.value)
+
+
+@ONLY_POSTGRES
+async def test_a_worker_whose_clock_is_behind_keeps_its_lease_on_the_database_clock(
+    database_url: str, caplog: pytest.LogCaptureFixture
+):
+    """Its heartbeats are written on the server's clock: two minutes behind, it is not taken for gone (it was,
+    and failed every job it touched), and the difference is said once with its size."""
+    import time
+
+    from engine.jobs import JobStatus, WorkerRecord, WorkerState
+
+    behind = await JobQueue.connect(database_url, clock=lambda: time.time() - 120)
+    others = await JobQueue.connect(database_url)
+    try:
+        assert await behind.measure_clock_skew() == pytest.approx(120, abs=2)
+        assert "this machine's clock is 120." in caplog.text and "behind the database server's" in caplog.text
+        assert await others.measure_clock_skew() == 0.0  # within the tolerance: nothing said, nothing changed
+        job_id = (await others.enqueue(source("alice"), Mode.T2V, "tiny", params())).job.id
+        claimed = await behind.claim_next(worker_id="late/cuda:0/1-ab")
+        record = WorkerRecord(
+            id="late/cuda:0/1-ab", host="late", pid=1, device="cuda:0", state=WorkerState.WORKING, started_at=0
+        )
+        await behind.heartbeat(record.model_copy(update={"current_job": job_id}), token=claimed.claim_token)
+        assert await others.recover_interrupted(3, lease_s=60) == []
+        assert (await others.get(job_id)).status is JobStatus.RUNNING
+    finally:
+        await behind.close()
+        await others.close()

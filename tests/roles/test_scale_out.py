@@ -37,6 +37,7 @@ def role_env(data_dir: Path, url: str, telegram: FakeTelegram | None = None) -> 
         WANBOT_PREVIEWS__ENABLED="false",
         WANBOT_QUEUE__HEARTBEAT_S="0.5",
         WANBOT_QUEUE__LEASE_S="5",
+        WANBOT_GENERATION__MAX_STEPS="2000",  # a long job stays long: a cancel must land within its steps
         WANBOT_DOWNLOADS__ENDPOINT="http://127.0.0.1:9",  # never a real Hub: a closed port answers at once
     )
     if telegram is not None:
