@@ -34,6 +34,7 @@ from engine.pipeline.hooks import JobCancelled, JobInterrupted, RunHooks
 from engine.pipeline.previews import LivePreviews
 from engine.pipeline.video import encode_mp4, finish_mp4
 from engine.queue.bus import Subscription
+from engine.queue.claims import UNFETCHABLE_KEEP_S
 from engine.queue.core import DATABASE_DOWN, WORKER_STOPPED
 from engine.queue.fleet import recover_orphans, this_machine
 from engine.queue.jobqueue import JobQueue
@@ -94,12 +95,16 @@ class Worker:
         self._claim_token: str | None = None
         self._announced = False  # this worker has a record in the fleet (it said it is here)
         self._files = shared_files(queue)
-        self._fetcher = ModelFetcher(queue, downloader, self._wake.set)
         self.state = LoopState()
         self._host = socket.gethostname()
         self._started_at = time.time()
         # Never the id of an earlier process: a container started again may have the same host name and pid.
         self.id = f"{self._host}/{settings.generation.device}/{os.getpid()}-{secrets.token_hex(2)}"
+        # Models this worker failed to download, and until when it leaves their jobs to the others.
+        self._unfetchable: dict[str, float] = {}
+        self._fetcher = ModelFetcher(
+            queue, downloader, self._wake.set, worker_id=self.id, on_unfetchable=self._leave_to_others
+        )
         self._machine = this_machine()
 
     @property
@@ -205,7 +210,7 @@ class Worker:
         job = None
         if not self.state.paused:
             job = await self._queue.claim_next(
-                self._runner.loaded_model, self._settings.queue.max_model_skips, self._fetcher.busy_models, self.id
+                self._runner.loaded_model, self._settings.queue.max_model_skips, self._not_claimed(), self.id
             )
         if job is None:
             done = stop_after is not None and self.state.jobs_done >= stop_after
@@ -235,6 +240,15 @@ class Worker:
         await self._process(job)
         self.state.jobs_done += 1
         return True
+
+    def _leave_to_others(self, model: str) -> None:
+        self._unfetchable[model] = time.monotonic() + UNFETCHABLE_KEEP_S
+
+    def _not_claimed(self) -> set[str]:
+        """Models whose jobs wait where they are: being downloaded here, or that this worker could not get lately."""
+        now = time.monotonic()
+        self._unfetchable = {model: until for model, until in self._unfetchable.items() if until > now}
+        return self._fetcher.busy_models | set(self._unfetchable)
 
     async def stop(self, requeue_running: bool = True) -> None:
         """Stop claiming; with `requeue_running` the running job stops at its next step and goes back to the queue."""

@@ -1,8 +1,9 @@
 """Background model downloads for the worker: a job whose model is missing waits in the queue while its model
 downloads, and jobs for models already here keep running meanwhile.
 
-A download that fails ends with the waiting jobs failed, never with them left queued: the worker would claim them,
-find the model missing and start the download again at once, in a loop as fast as the failure.
+A download that fails here leaves the waiting jobs to the other online workers (this one claims them no more for a
+while); when none is left that has not failed to get the model too, they fail, never left queued: a worker would
+claim them, find the model missing and start the download again at once, in a loop as fast as the failure.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ class ModelFetcher:
         backoff_s: float = 30.0,
         max_backoff_s: float = 300.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        worker_id: str | None = None,
+        on_unfetchable: Callable[[str], None] = lambda model: None,
     ) -> None:
+        """With `worker_id`, a download that fails here fails the waiting jobs only when no other online worker is
+        left to try (`on_unfetchable` tells the worker to leave the model's jobs to the others); without, at once."""
+        self._worker_id = worker_id
+        self._on_unfetchable = on_unfetchable
         self._queue = queue
         self._downloader = downloader
         self._on_ready = on_ready
@@ -82,16 +89,14 @@ class ModelFetcher:
                 # The chat user cannot fix a network, a token or a disk: they are told the video cannot be made,
                 # the operator reads why and what to do in the log.
                 log.error("download failed model=%s: %s", model_name, error)
-                await self._queue.fail_waiting(
-                    model_name, download_failed_text(model_name), f"download failed: {error}"
-                )
+                await self._give_up(model_name, download_failed_text(model_name), f"download failed: {error}")
                 return
             except Exception as error:
                 # A bug, a broken disk, an answer nobody expected: logged once with its traceback, tried again after
                 # a longer wait each time (it may pass), and after a few tries the waiting jobs are told.
                 log.exception("download failed model=%s try=%s/%s", model_name, attempt, self._tries)
                 if attempt == self._tries:
-                    await self._queue.fail_waiting(
+                    await self._give_up(
                         model_name,
                         f"Sorry, downloading the model {model_name} failed {attempt} times with an unexpected "
                         "error. Try again later; the bot's log has the details.",
@@ -99,6 +104,20 @@ class ModelFetcher:
                     )
                     return
                 await self._sleep(min(self._backoff_s * 2 ** (attempt - 1), self._max_backoff_s))
+
+    async def _give_up(self, model_name: str, user_message: str, detail: str) -> None:
+        """This worker cannot get the model: its waiting jobs fail, unless another online worker may still get it."""
+        if self._worker_id is None:
+            await self._queue.fail_waiting(model_name, user_message, detail)
+            return
+        failed = await self._queue.fail_waiting_unless_another_can(model_name, self._worker_id, user_message, detail)
+        if failed is not None:
+            return
+        log.warning("model=%s could not be downloaded here; its waiting jobs are left to the other workers", model_name)
+        self._on_unfetchable(model_name)
+        waiting = Progress(stage=Stage.QUEUED, detail="one worker could not get the model; another will try")
+        for job in await self._queue.waiting_for(model_name):
+            await self._queue.update_progress(job.id, waiting, persist=False)
 
     async def _publish_while_running(
         self, model_name: str, latest: list[DownloadProgress], every_s: float = 0.5

@@ -3,6 +3,7 @@ run (succeeded, failed, cancelled, or back to the queue), and cancelling."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +32,8 @@ from engine.queue.order import WARM_SQL, next_sql
 # A claim tries each user's next job, up to CLAIM_CANDIDATES of them in the fair order. Only when all of those are
 # being claimed by other processes at that moment does it look this deep into each user's jobs, so that many
 # workers can claim at once even from a single user, never waiting for each other.
+# A worker that could not get a model is not counted on for it again for this long (a full disk, a lost network).
+UNFETCHABLE_KEEP_S = 1800.0
 CLAIM_DEPTH = 4
 
 CLAIM_CANDIDATES = 16
@@ -229,17 +232,50 @@ class Claims(QueueCore):
     async def fail_waiting(self, model: str, user_message: str, detail: str) -> list[Job]:
         """Fail every queued job for `model` at once (its download failed for good)."""
         async with self._transaction() as db:
-            rows = await db.all(
-                """UPDATE jobs SET status = 'failed', finished_at = ?, error_user = ?, error_detail = ?
-                   WHERE status = 'queued' AND model = ? RETURNING *""",
-                self._clock(),
-                user_message,
-                detail,
-                model,
+            failed = await self._fail_queued(db, model, user_message, detail)
+        for job in failed:
+            self._publish(EventKind.FAILED, job)
+        return failed
+
+    async def _fail_queued(self, db: Tx, model: str, user_message: str, detail: str) -> list[Job]:
+        rows = await db.all(
+            """UPDATE jobs SET status = 'failed', finished_at = ?, error_user = ?, error_detail = ?
+               WHERE status = 'queued' AND model = ? RETURNING *""",
+            self._clock(),
+            user_message,
+            detail,
+            model,
+        )
+        failed = sorted((row_to_job(row) for row in rows), key=lambda job: job.id)
+        for job in failed:
+            await self._log(db, job.id, EventKind.FAILED, user_message)
+        return failed
+
+    async def fail_waiting_unless_another_can(
+        self, model: str, worker_id: str, user_message: str, detail: str
+    ) -> list[Job] | None:
+        """Worker `worker_id` could not get `model`: note that (in a queue flag, for UNFETCHABLE_KEEP_S), and fail the
+        queued jobs for it only when no other online worker is left that has not failed to get it too; None when
+        one is, and the jobs wait for it. One transaction: two workers failing at once cannot each leave the jobs
+        to the other."""
+        name = f"unfetchable:{model}"
+        now = self.lease_now()
+        async with self._transaction() as db:
+            await db.run("INSERT INTO queue_flags (name, value) VALUES (?, '{}') ON CONFLICT (name) DO NOTHING", name)
+            row = await db.one(f"SELECT value FROM queue_flags WHERE name = ?{db.for_update}", name)
+            failed_at = {
+                worker: at
+                for worker, at in json.loads(row["value"] if row else "{}").items()
+                if now - at < UNFETCHABLE_KEEP_S
+            }
+            failed_at[worker_id] = now
+            await db.run("UPDATE queue_flags SET value = ? WHERE name = ?", json.dumps(failed_at), name)
+            online = await db.all(
+                "SELECT id FROM workers WHERE state <> 'stopped' AND heartbeat_at >= ?", now - self.lease_s
             )
-            failed = sorted((row_to_job(row) for row in rows), key=lambda job: job.id)
-            for job in failed:
-                await self._log(db, job.id, EventKind.FAILED, user_message)
+            if any(worker["id"] not in failed_at for worker in online):
+                return None
+            failed = await self._fail_queued(db, model, user_message, detail)
         for job in failed:
             self._publish(EventKind.FAILED, job)
         return failed

@@ -608,3 +608,43 @@ async def test_models_download_of_a_mode_fetches_the_fast_presets_weights_too(
     assert quality.exit_code == 0, quality.output
     assert len(quality.stdout.splitlines()) == 1  # the model alone
     assert Downloader(quality_data / "models", config(server)).local_files(REPO_ID, files) is None
+
+
+class RefusingDownloader:
+    """This worker's disk is full: every download of it is refused with a sentence."""
+
+    async def download(self, repo_id: str, revision: str = "main", on_progress: ProgressCallback | None = None) -> Path:
+        raise UserError("Not enough disk space to download the model.", "Free some space.")
+
+
+async def test_a_download_one_worker_cannot_make_leaves_the_jobs_to_another_until_none_is_left(tmp_path: Path):
+    from engine.jobs import WorkerRecord, WorkerState
+
+    queue = await JobQueue.open(tmp_path / "queue.sqlite3")
+    for name in ("gpu-a", "gpu-b"):
+        await queue.heartbeat(
+            WorkerRecord(
+                id=f"{name}/cuda:0/1-ab", host=name, pid=1, device="cuda:0", state=WorkerState.IDLE, started_at=0
+            )
+        )
+    waiting = await queue.enqueue(JobSource(platform="cli", chat_id="c", user_id="a"), Mode.T2V, REPO_ID, params())
+    told = queue.events.subscribe()
+    left: list[str] = []
+    for worker in ("gpu-a/cuda:0/1-ab", "gpu-b/cuda:0/1-ab"):
+        ready = asyncio.Event()
+        fetcher = ModelFetcher(queue, RefusingDownloader(), ready.set, worker_id=worker, on_unfetchable=left.append)
+        fetcher.start(REPO_ID)
+        await asyncio.wait_for(ready.wait(), timeout=10)
+        job = await queue.get(waiting.job.id)
+        if worker.startswith("gpu-a"):
+            # Another worker may still get it: the job waits for that one, and the user is told.
+            assert job.status is JobStatus.QUEUED and left == [REPO_ID]
+            said = []
+            while not told._inbox.empty():
+                event = told._inbox.get_nowait()
+                said += [event.progress.detail] if event.progress is not None else []
+            assert "one worker could not get the model; another will try" in said
+    await queue.close()
+    assert job.status is JobStatus.FAILED  # no online worker is left that has not failed to get it
+    assert job.error_user.startswith(f"Sorry, the model {REPO_ID} could not be downloaded")
+    assert "Not enough disk space" in job.error_detail and left == [REPO_ID]
