@@ -19,7 +19,6 @@ from engine.pipeline.tiny import build_tiny_pipeline
 from engine.pipeline.video import Mp4Stream, probe, to_uint8
 from engine.service import Engine
 from engine.storage.images import Mode
-from tests import imagefactory
 from tests.pipeline.test_generate import run_all, submit
 
 
@@ -39,7 +38,6 @@ def test_each_decoded_chunk_is_encoded_as_it_is_made_and_matches_the_pipelines_f
 
     monkeypatch.setattr(encoding.Mp4Stream, "add", add)
     pipeline.vae.decoder.register_forward_hook(lambda *_: decoder_calls.append(len(chunks)))
-    image = {"image": imagefactory.gradient(64, 64)} if "image" in pipeline.__call__.__code__.co_varnames else {}
     with EncodeWhileDecoding(pipeline, 16, tmp_path / "part.mp4"):
         output = pipeline(
             prompt="w1 w2",
@@ -49,7 +47,6 @@ def test_each_decoded_chunk_is_encoded_as_it_is_made_and_matches_the_pipelines_f
             num_inference_steps=2,
             generator=torch.Generator().manual_seed(0),
             output_type="np",
-            **image,
         )
     assert [len(chunk) for chunk in chunks] == [1, 4, 4]  # a latent frame at a time: 1, then 4 video frames each
     assert decoder_calls[-1] < 3  # the first chunks were being encoded before the decode ended

@@ -93,13 +93,18 @@ def test_the_next_expert_is_prefetched_into_the_room_the_budget_leaves(share: fl
         assert seen[0][1] == low and placement.peak_loaded == high + low
 
 
-def test_a_lora_fused_into_swapped_experts_goes_into_their_host_copies_and_comes_out_exactly(tmp_path: Path):
+def saved_with_loras(folder: Path) -> tuple[Any, LoraFiles]:
+    """The tiny t2v pipeline saved to `folder`/model (what fused LoRAs are restored from), and a random pair."""
     reference = tiny()
-    reference.save_pretrained(tmp_path / "model")
+    reference.save_pretrained(folder / "model")
     generator = torch.Generator().manual_seed(1)
-    high = write_lora(random_lightx2v_lora(reference.transformer, 4, generator), tmp_path / "high.safetensors")
-    low = write_lora(random_lightx2v_lora(reference.transformer_2, 4, generator), tmp_path / "low.safetensors")
-    files = LoraFiles(LoraPair("lightx2v/test", "high.safetensors", "low.safetensors"), high, low)
+    high = write_lora(random_lightx2v_lora(reference.transformer, 4, generator), folder / "high.safetensors")
+    low = write_lora(random_lightx2v_lora(reference.transformer_2, 4, generator), folder / "low.safetensors")
+    return reference, LoraFiles(LoraPair("lightx2v/test", "high.safetensors", "low.safetensors"), high, low)
+
+
+def test_a_lora_fused_into_swapped_experts_goes_into_their_host_copies_and_comes_out_exactly(tmp_path: Path):
+    reference, files = saved_with_loras(tmp_path)
     saved = SavedWeights(tmp_path / "model")
     base = fast_frames(reference)
     LoraSlot(reference, saved).switch(files)
@@ -243,12 +248,7 @@ def test_host_copies_are_packed_into_a_few_power_of_two_buffers_with_their_value
 
 
 def test_an_fp8_plan_quantizes_each_expert_on_the_device_after_its_lora_is_fused(tmp_path: Path):
-    reference = tiny()
-    reference.save_pretrained(tmp_path / "model")
-    generator = torch.Generator().manual_seed(1)
-    high = write_lora(random_lightx2v_lora(reference.transformer, 4, generator), tmp_path / "high.safetensors")
-    low = write_lora(random_lightx2v_lora(reference.transformer_2, 4, generator), tmp_path / "low.safetensors")
-    files = LoraFiles(LoraPair("lightx2v/test", "high.safetensors", "low.safetensors"), high, low)
+    reference, files = saved_with_loras(tmp_path)
     base = reference.transformer.blocks[0].attn1.to_q.weight.clone()
     quantized: list[torch.Tensor] = []
     fp8 = Plan("gpu", Where.SWAPPED, Where.GPU_FP8, False, 0, 0, None)
