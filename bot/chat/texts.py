@@ -75,8 +75,9 @@ def parse_message(text: str, command_mode: Mode | None, has_image: bool) -> Pars
 
     prompt = " ".join(OPTION_PATTERN.sub(take, text).split())
     if unknown:
-        names = ", ".join(dict.fromkeys(unknown))  # each name once, in the order written
-        notes.append(f"Ignored unknown option(s): {names}. Known: {', '.join(sorted(set(OPTION_KEYS)))}.")
+        named = list(dict.fromkeys(unknown))  # each name once, in the order written
+        what = "an unknown option" if len(named) == 1 else "unknown options"
+        notes.append(f"Ignored {what}: {', '.join(named)}. Known: {', '.join(sorted(set(OPTION_KEYS)))}.")
     for key in INTEGER_OPTIONS & values.keys():
         values[key] = _number(key, values[key], int)
     if "guidance" in values:

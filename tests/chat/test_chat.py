@@ -181,7 +181,9 @@ async def test_options_anywhere_and_unknown_ones_named():
     assert parsed.request.prompt == "a fox in the snow note: keep it"
     assert parsed.request.seed == 7 and parsed.request.negative_prompt == "blurry"
     assert parsed.request.mode is Mode.I2V
-    assert "Ignored unknown option(s): colour" in parsed.notes[0]
+    assert "Ignored an unknown option: colour" in parsed.notes[0]
+    two = parse_message("a fox colour=red mood=calm colour=blue", None, has_image=False)
+    assert two.notes[0].startswith("Ignored unknown options: colour, mood. Known: ")  # each once, never "option(s)"
 
 
 async def test_settle_waits_for_a_flood_limited_edit():
@@ -279,13 +281,13 @@ async def test_waits_and_times_left_never_say_0s_and_say_when_they_are_not_known
 async def test_the_notes_on_a_request_stay_on_its_place_and_its_progress(engine):
     source = JobSource(platform="cli", chat_id="local", user_id="u1")
     request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", frames=10)
-    submission = await engine.submit(request, source, notes=["Ignored unknown option(s): colour."])
+    submission = await engine.submit(request, source, notes=["Ignored an unknown option: colour."])
     job = submission.result.job
     running = progress_text(job, Progress(stage=Stage.DENOISING, step=1, total=4))
     waiting = queued_text(job, submission.result.position)
     for text in (running, waiting):
         assert "• Frames must be 4k+1 between 5 and 121: using 9 instead of 10." in text
-        assert "• Ignored unknown option(s): colour." in text
+        assert "• Ignored an unknown option: colour." in text
     assert running.startswith("Job #1, fast preset: generating\n") and waiting.startswith(
         "Job #1 (t2v) is queued: position 1"
     )

@@ -60,7 +60,7 @@ async def test_discord_video_reads_options_in_its_prompt_and_its_fields_win(tiny
         answer = await until(lambda: "is queued" in discord_server.original(interaction)["content"], what="queued")
         [job] = await bot.engine._queue.list_jobs()
     assert answer and job.params.prompt == "a fox" and job.params.seed == 42 and job.params.steps == 3
-    assert "Ignored unknown option(s): colour" in discord_server.original(interaction)["content"]
+    assert "Ignored an unknown option: colour" in discord_server.original(interaction)["content"]
 
 
 async def test_discord_video_option_ranges_are_the_limits_in_force(tiny_settings, discord_server):

@@ -95,7 +95,7 @@ async def test_telegram_answers_a_huge_request_and_a_huge_note_list_in_one_reada
     async with RunningBot(settings, lambda engine: TelegramAdapter(engine, settings.telegram, poll_timeout_s=1)) as bot:
         await bot.engine._queue.set_paused(True)
         telegram.command(ALICE, f"/video a fox in the snow {unknown_options(300)}")  # 3,000 characters
-        options = await until(lambda: _text_with(telegram, "Ignored unknown option(s)"), what="the options answer")
+        options = await until(lambda: _text_with(telegram, "Ignored unknown options"), what="the options answer")
 
         # A job whose notes alone are 16,000 characters, answered in the status message its request got.
         status = await bot.adapter.app.bot.send_message(ALICE, "Checking your request…")

@@ -70,7 +70,7 @@ async def test_text_command_queues_shows_progress_and_delivers_the_video(tiny_se
     # A text request needs no "Checking" message: its first answer (its place, or its start when the idle worker took
     # it first) is one message, edited from then on.
     [answer] = [call.fields["text"] for call in telegram.sent("sendMessage", ALICE)]
-    assert answer.startswith("Job #1") and "Ignored unknown option(s): colour" in answer
+    assert answer.startswith("Job #1") and "Ignored an unknown option: colour" in answer
     # The place is never drawn over the progress of a job that started at once.
     assert not any("is queued" in call.fields["text"] for call in telegram.sent("editMessageText", ALICE))
     assert telegram.sent("setMyCommands")
