@@ -13,7 +13,7 @@ from engine.config import GenerationConfig
 from engine.jobs import GenerationParams
 from engine.pipeline.footprint import GIB, Footprint, footprint
 from engine.pipeline.models import ModelRef, ModelSpec
-from engine.pipeline.planner import JobSize, Machine, NoPlanFits, Plan, candidates, choose
+from engine.pipeline.planner import JobSize, Machine, NoPlanFits, Plan, candidates, choose, tiling_allows
 from engine.pipeline.presets import Preset
 
 
@@ -94,10 +94,13 @@ def plan_job(
     try:
         return choose(model_size, job_size(model.spec, params), machine, config.memory, config.vae_tiling, leaner_than)
     except NoPlanFits as exc:
-        raise NoPlanFits(str(exc.message), _what_fits(model, params, machine, model_size)) from None
+        hint = _what_fits(model, params, machine, model_size, config.vae_tiling)
+        raise NoPlanFits(str(exc.message), hint) from None
 
 
-def _what_fits(model: ModelRef, params: GenerationParams, machine: Machine, model_size: Footprint) -> str:
+def _what_fits(
+    model: ModelRef, params: GenerationParams, machine: Machine, model_size: Footprint, vae_tiling: str
+) -> str:
     """The model's own sizes, then fewer frames, largest first: the first that fits, as options to ask with."""
     pixels = params.width * params.height
     portrait = params.height > params.width
@@ -112,7 +115,7 @@ def _what_fits(model: ModelRef, params: GenerationParams, machine: Machine, mode
         tries += [(name, size, frames) for name, size in sizes if size[0] * size[1] <= pixels]
     for name, (width, height), count in tries:
         size = replace(job_size(model.spec, params), width=width, height=height, frames=count)
-        if any(plan.fits for plan in candidates(model_size, size, machine)):
+        if any(plan.fits and tiling_allows(plan, vae_tiling) for plan in candidates(model_size, size, machine)):
             asked = f"res={name}" if width * height != pixels else ""
             more = f"frames={count}" if count != params.frames else ""
             return f"Ask for {' '.join(part for part in (asked, more) if part)}: that fits this GPU."

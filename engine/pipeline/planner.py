@@ -209,7 +209,7 @@ def choose(
 
     `leaner_than`: a plan that ran out of memory; the answer needs less GPU memory than it did. Raises NoPlanFits.
     """
-    plans = [plan for plan in candidates(footprint, size, machine) if _tiling_allows(plan, vae_tiling)]
+    plans = [plan for plan in candidates(footprint, size, machine) if tiling_allows(plan, vae_tiling)]
     if leaner_than is not None:
         plans = [plan for plan in plans if plan.vram < leaner_than.vram]
     if memory not in ("auto", "cpu") and machine.vram is not None:
@@ -229,7 +229,8 @@ def choose(
     return chosen
 
 
-def _tiling_allows(plan: Plan, vae_tiling: str) -> bool:
+def tiling_allows(plan: Plan, vae_tiling: str) -> bool:
+    """Whether generation.vae_tiling ("auto", "on", "off") lets `plan` decode as it does."""
     return vae_tiling == "auto" or plan.vae_tiled == (vae_tiling == "on")
 
 
