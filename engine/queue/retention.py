@@ -38,3 +38,20 @@ class Retention(QueueCore):
                 (row["id"], Path(json.loads(row["result_json"] or "{}").get("path") or "").name) for row in rows
             )
         return found
+
+    async def ended_jobs(self, job_ids: Collection[int]) -> dict[int, tuple[float, str]]:
+        """Of these jobs, those that ended (succeeded, failed, cancelled): when each was asked for, and the name of
+        its video ("" without one)."""
+        ids = sorted(job_ids)
+        found: dict[int, tuple[float, str]] = {}
+        for start in range(0, len(ids), SQL_CHUNK):
+            chunk = ids[start : start + SQL_CHUNK]
+            rows = await self._read_all(
+                f"""SELECT id, created_at, result_json FROM jobs WHERE id IN ({",".join("?" * len(chunk))})
+                    AND status IN ('succeeded', 'failed', 'cancelled')""",
+                *chunk,
+            )
+            for row in rows:
+                video = Path(json.loads(row["result_json"] or "{}").get("path") or "").name
+                found[row["id"]] = (row["created_at"], video)
+        return found

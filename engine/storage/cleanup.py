@@ -74,6 +74,20 @@ async def remove_delivered_videos(
     for job_id, video_name in delivered.items():
         doomed.extend(path for path in videos.get(job_id, []) if _video_of(path.name) == Path(video_name).stem)
         doomed_shared.update(name for name in shared.get(job_id, []) if _video_of(name) == Path(video_name).stem)
+    # A worker killed between storing its video and recording the job's end left that video behind: of a job that has
+    # ended, a video made after it was asked for that is not its own (nor a copy of it) is nobody's.
+    stored_at = await files.stored_at("video") if files is not None else {}
+    now = time.time()
+    for job_id, (asked_at, video_name) in (await queue.ended_jobs(videos.keys() | shared.keys())).items():
+        own = Path(video_name).stem
+
+        def orphan(name: str, made_at: float, asked_at: float = asked_at, own: str = own) -> bool:
+            return _video_of(name) != own and asked_at <= made_at <= now - temp_grace_s
+
+        doomed.extend(path for path in videos.get(job_id, []) if orphan(path.name, _made_at(path)))
+        doomed_shared.update(
+            name for name in shared.get(job_id, []) if name in stored_at and orphan(name, stored_at[name])
+        )
     return await _remove(doomed, files, "video", doomed_shared)
 
 
@@ -131,6 +145,14 @@ def _scan(
         elif temp_name.fullmatch(path.name) and _older_than(path, temp_grace_s):
             stale_temps.append(path)
     return files, stale_temps
+
+
+def _made_at(path: Path) -> float:
+    """When the file was written; infinitely late for one gone meanwhile (it is not removed again)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("inf")
 
 
 def _video_of(name: str) -> str:

@@ -59,6 +59,10 @@ class SharedFiles(Protocol):
         """The names of the shared files of `kind` stored at least `older_than_s` ago."""
         ...
 
+    async def stored_at(self, kind: str) -> dict[str, float]:
+        """When each shared file of `kind` was stored (none where the data dir is the shared copy)."""
+        ...
+
 
 def shared_files(queue: JobQueue) -> SharedFiles:
     """Where this queue's processes share files: the database when it is PostgreSQL, else the data dir."""
@@ -88,6 +92,10 @@ class LocalFiles:
     async def names(self, kind: str, older_than_s: float = 0.0) -> set[str]:
         _check(kind, "")
         return set()
+
+    async def stored_at(self, kind: str) -> dict[str, float]:
+        _check(kind, "")
+        return {}
 
 
 class DatabaseFiles:
@@ -184,6 +192,12 @@ class DatabaseFiles:
                 time.time() - older_than_s,
             )
         return {row["name"].removeprefix(prefix) for row in rows}
+
+    async def stored_at(self, kind: str) -> dict[str, float]:
+        prefix = _key(kind, "")
+        async with self._db.reading() as tx:
+            rows = await tx.all("SELECT name, stored_at FROM stored_files WHERE name LIKE ?", f"{prefix}%")
+        return {row["name"].removeprefix(prefix): float(row["stored_at"]) for row in rows}
 
 
 async def _lock_for_reading(tx: Tx, key: str) -> Row | None:

@@ -320,3 +320,25 @@ async def test_redeliver_finds_a_video_that_only_the_database_holds(
     await files.remove("video", [made.name])
     with pytest.raises(UserError, match="no longer on disk"):
         await pg_queue.redeliver(job.id)
+
+
+async def test_the_video_of_a_worker_killed_before_it_recorded_the_end_is_swept_once_the_job_ended(
+    files: SharedFiles, pg_queue: JobQueue, tmp_path: Path
+):
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    job_id = (await pg_queue.enqueue(source("a"), Mode.T2V, "tiny", params())).job.id
+    await pg_queue.claim_next()
+    left = worker / f"job-{job_id}-0000dead.mp4"  # stored, and then the worker was killed
+    left.write_bytes(b"a video nobody recorded")
+    await files.publish("video", left)
+    await pg_queue.recover_interrupted(3, lease_s=-1)  # its lease ran out: the job runs again, elsewhere
+    await pg_queue.claim_next()
+    made = worker / f"job-{job_id}-0000beef.mp4"
+    made.write_bytes(b"the video")
+    await files.publish("video", made)
+    assert await remove_delivered_videos(pg_queue, worker, 3600, temp_grace_s=0, files=files) == 0  # still running
+    await pg_queue.mark_succeeded(job_id, result(made))
+    assert await remove_delivered_videos(pg_queue, worker, 3600, temp_grace_s=0, files=files) == 1
+    assert os.listdir(worker) == [made.name]
+    assert await files.names("video") == {made.name}
