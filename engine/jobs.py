@@ -262,6 +262,9 @@ class JobEvent(BaseModel):
 class QueuePosition(BaseModel):
     position: int = Field(description="1 means next to start.")
     eta_s: float | None
+    no_worker: bool = Field(
+        False, description="No worker is online and none runs a job: nothing starts until one does."
+    )
 
 
 class EnqueueResult(BaseModel):

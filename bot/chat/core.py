@@ -218,8 +218,7 @@ class ChatCore:
         if result.created:
             return None
         paused = await self.engine.is_paused()
-        no_worker = not paused and await self.engine.no_worker_online()
-        text = texts.queued_text(result.job, result.position, duplicate=True, paused=paused, no_worker=no_worker)
+        text = texts.queued_text(result.job, result.position, duplicate=True, paused=paused)
         return Answer(text, "cancel", result.job.id)
 
     # -- acting on a job ---------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ POSITION_REFRESH_LIMIT = 100
 # While a job runs, the waits behind it are shown again at most once per this many edit intervals (30 s by default).
 WAIT_REFRESH_EDITS = 10
 REASON_LIMIT = 300
-WORKERS_READ_S = 5.0  # how stale "no worker is online" may be in the places shown
 # A text, its buttons, and a new preview picture (a JPEG) or None for "keep the picture the message has, if any".
 ShowText = Callable[[Job, str, Buttons, bytes | None], Awaitable[None]]
 SendVideo = Callable[[Job, Path], Awaitable[None]]
@@ -110,7 +109,6 @@ class JobRelay:
         self._previews_shown: dict[int, tuple[int, float]] = {}  # job id -> seq and loop time of the shown preview
         self._preview_interval_s = engine.settings.previews.interval_s
         self._waits_shown_at = float("-inf")  # loop time the waiting jobs' places were last refreshed by progress
-        self._no_worker, self._workers_read_at = False, float("-inf")  # no worker online, and when that was read
         self._new_jobs = False  # jobs were queued since the places were last shown
         self._best_places: dict[int, int] = {}  # waiting job -> the best place its message showed
         # Set once what the last run left unshown (ended jobs, waiting jobs' places) has been shown.
@@ -321,14 +319,6 @@ class JobRelay:
             log.warning("could not read the history of job=%s", job.id, exc_info=True)
             return False
 
-    async def _no_worker_online(self) -> bool:
-        """Whether waiting jobs wait for a worker to start at all; read again at most every WORKERS_READ_S, so a
-        new job's place is not held up by it."""
-        now = asyncio.get_running_loop().time()
-        if now - self._workers_read_at >= WORKERS_READ_S:
-            self._no_worker, self._workers_read_at = await self._engine.no_worker_online(), now
-        return self._no_worker
-
     async def _show_positions(self, jobs: list[Job] | None = None, refresh: bool = False) -> None:
         """Show waiting jobs their place: `jobs` (a new job: its answer), or else, as a `refresh`, the oldest waiting
         jobs of this platform."""
@@ -339,7 +329,6 @@ class JobRelay:
                 )
             shown_in: Counter[str] = Counter()
             paused = await self._engine.is_paused()
-            no_worker = not paused and await self._no_worker_online()
             for job in jobs:
                 if self._refresh_per_chat is not None and shown_in[job.source.chat_id] >= self._refresh_per_chat:
                     continue
@@ -348,7 +337,7 @@ class JobRelay:
                     shown_in[job.source.chat_id] += 1
                     was = self._best_places.setdefault(job.id, position.position)
                     self._best_places[job.id] = min(was, position.position)
-                    text = texts.queued_text(job, position, paused=paused, was=was, no_worker=no_worker)
+                    text = texts.queued_text(job, position, paused=paused, was=was)
                     self.show(job, text, "cancel", refresh=refresh)
         except Exception:
             # Places are a courtesy: a failed read must not stop the progress and results that follow.

@@ -125,10 +125,8 @@ def queued_text(
     duplicate: bool = False,
     paused: bool = False,
     was: int | None = None,
-    no_worker: bool = False,
 ) -> str:
-    """`was`: a better place this job was shown before, which a user who sees theirs grow is told the reason for;
-    `no_worker`: no worker is online, so no wait can be told."""
+    """`was`: a better place this job was shown before, which a user who sees theirs grow is told the reason for."""
     head = f"Job #{job.id} ({job.mode.value})"
     if position is None:
         lines = [f"{head}{' came from this message before' if duplicate else ''}: {job.status.value}."]
@@ -139,7 +137,7 @@ def queued_text(
             f". {QUEUE_PAUSED}"
             if paused
             else f". {NO_WORKER_WAIT}"
-            if no_worker
+            if position.no_worker
             else f", {_wait_text(position.eta_s)}."
         )
         lines = [f"{head}: position {position.position}{wait}"]

@@ -87,18 +87,20 @@ class Reading(QueueCore):
             "SELECT COUNT(*) AS n FROM workers WHERE state <> 'stopped' AND heartbeat_at >= ?",
             self.lease_now() - self.lease_s,
         )
-        idle = max(int(online["n"]) - len(lefts), 0) if online else 0
+        workers = int(online["n"]) if online else 0
+        no_worker = not workers and not lefts  # nothing starts until a worker does
+        idle = max(workers - len(lefts), 0)
         # When each worker is free next: now for an idle one, at its job's end for a busy one (unknown: left out).
         free_at = [0.0] * idle + [left for left in lefts if left is not None]
-        if not lefts and not idle:
+        if no_worker:
             free_at = [0.0]  # no worker heard from: the first to start takes the first job
         heapq.heapify(free_at)
         typical = None if position == 1 else await self._typical_run_s(db, row["model"])
         for _ahead in range(position - 1):
             if not free_at or typical is None:
-                return QueuePosition(position=position, eta_s=None)
+                return QueuePosition(position=position, eta_s=None, no_worker=no_worker)
             heapq.heappush(free_at, heapq.heappop(free_at) + typical)
-        return QueuePosition(position=position, eta_s=free_at[0] if free_at else None)
+        return QueuePosition(position=position, eta_s=free_at[0] if free_at else None, no_worker=no_worker)
 
     async def _running_lefts(self, db: Tx) -> list[float | None]:
         """Seconds until each running job ends: its own estimate once it denoises (steps, decode and encode), else

@@ -118,8 +118,7 @@ async def test_a_job_whose_worker_stopped_says_at_once_that_it_waits_for_a_worke
     assert platform.buttons[job_id][-1] == "cancel"
 
 
-async def test_with_no_worker_online_a_waiting_job_says_so_until_one_is(engine: Engine, monkeypatch):
-    from bot.chat import relay
+async def test_with_no_worker_online_a_waiting_job_says_so_until_one_is(engine: Engine):
     from engine.jobs import WorkerRecord, WorkerState
 
     platform = FakePlatform()
@@ -127,7 +126,6 @@ async def test_with_no_worker_online_a_waiting_job_says_so_until_one_is(engine: 
         job_id = (await engine._queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
         said = f"Job #{job_id} (t2v) is queued: position 1. {texts.NO_WORKER_WAIT}"
         await until(lambda: platform.texts.get(job_id, [""])[-1].startswith(said), 5, "no worker online")
-        monkeypatch.setattr(relay, "WORKERS_READ_S", 0.0)
         await engine._queue.heartbeat(
             WorkerRecord(
                 id="gpu-a/cuda:0/1-ab", host="gpu-a", pid=1, device="cuda:0", state=WorkerState.IDLE, started_at=0
