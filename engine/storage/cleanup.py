@@ -76,17 +76,21 @@ async def remove_delivered_videos(
         doomed_shared.update(name for name in shared.get(job_id, []) if _video_of(name) == Path(video_name).stem)
     # A worker killed between storing its video and recording the job's end left that video behind: of a job that has
     # ended, a video made after it was asked for that is not its own (nor a copy of it) is nobody's.
-    stored_at = await files.stored_at("video") if files is not None else {}
-    now = time.time()
-    for job_id, (asked_at, video_name) in (await queue.ended_jobs(videos.keys() | shared.keys())).items():
+    ended = await queue.ended_jobs(videos.keys() | shared.keys())
+    made_at = await asyncio.to_thread(lambda: {path: _made_at(path) for job in ended for path in videos.get(job, [])})
+    made_at_shared = await files.stored_at("video") if files is not None else {}
+    latest = time.time() - temp_grace_s
+    for job_id, (asked_at, video_name) in ended.items():
         own = Path(video_name).stem
-
-        def orphan(name: str, made_at: float, asked_at: float = asked_at, own: str = own) -> bool:
-            return _video_of(name) != own and asked_at <= made_at <= now - temp_grace_s
-
-        doomed.extend(path for path in videos.get(job_id, []) if orphan(path.name, _made_at(path)))
+        doomed.extend(
+            path
+            for path in videos.get(job_id, [])
+            if _video_of(path.name) != own and asked_at <= made_at[path] <= latest
+        )
         doomed_shared.update(
-            name for name in shared.get(job_id, []) if name in stored_at and orphan(name, stored_at[name])
+            name
+            for name in shared.get(job_id, [])
+            if _video_of(name) != own and asked_at <= made_at_shared.get(name, float("inf")) <= latest
         )
     return await _remove(doomed, files, "video", doomed_shared)
 
