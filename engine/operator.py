@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import Settings
-from engine.hub.downloads import Downloader, check_repo_id, verify_snapshot
+from engine.hub.downloads import Downloader, check_repo_id
+from engine.hub.hfcache import verify_snapshot
 from engine.jobs import Actor, EnqueueResult, Job, JobSource, JobStatus, QueuePosition, WorkerRecord
 from engine.pipeline.models import GenerationRequest, ModelRef, model_for_mode, resolve_model, resolve_request
 from engine.queue.jobqueue import JobQueue

@@ -41,21 +41,20 @@ from engine.errors import UserError, quoted
 from engine.hub.hfcache import (
     GIT_OID,
     SHA256,
-    blob_problems,
     file_sha256,
     files_snapshot,
     git_blob_id,
     hub_cache,
-    pipeline_problems,
+    link_or_copy,
+    link_snapshot_file,
     pipeline_snapshot,
     repo_folder,
     select_files,
 )
 from engine.pipeline.models import resolve_model
-from engine.storage.files import fsync_folder
+from engine.storage.files import fsync_folder, write_atomically
 from engine.storage.images import Mode
 
-MANIFEST = ".wanbot-manifest.json"  # how downloads in the old layout recorded their files
 PART_SUFFIX = ".incomplete"
 MOVE_HINT = (
     "Free some space, or set downloads.cache_dir (or move data_dir, WANBOT_DATA_DIR, where it lies by default) to a "
@@ -384,12 +383,12 @@ class Downloader:
                     continue
                 if not await asyncio.to_thread(self._reuse_blob, plan, item):
                     await self._fetch_file(client, plan, item, meter)
-                _link_snapshot_file(plan.blob(item), plan.folder / item.path)
+                link_snapshot_file(plan.blob(item), plan.folder / item.path)
         if plan.whole_pipeline:
             self._clean_partials(plan)
         if plan.revision != plan.commit:
             # Last: huggingface_hub and wanbot read a branch's snapshot through this, and it is complete now.
-            _write_atomically(plan.repo_folder / "refs" / plan.revision, plan.commit)
+            write_atomically(plan.repo_folder / "refs" / plan.revision, plan.commit.encode())
 
     def _reuse_blob(self, plan: DownloadPlan, item: PlannedFile) -> bool:
         """Put content already on this machine in place of a download: a hard link, or a copy across disks."""
@@ -397,7 +396,7 @@ class Downloader:
         if found is None:
             return False
         if found != plan.blob(item):
-            _link_or_copy(found, plan.blob(item))
+            link_or_copy(found, plan.blob(item))
         return True
 
     async def _fetch_file(
@@ -649,62 +648,9 @@ def _write_all(handle: io.FileIO, data: bytes) -> None:
         view = view[written:]
 
 
-def verify_snapshot(folder: Path) -> list[str]:
-    """Check a snapshot's files (a long read: every byte is hashed); return the problems found (none: it is intact).
-    In the Hugging Face layout each file is checked against the hash its blob is named by, whoever downloaded it;
-    a download in the old layout against its manifest."""
-    if folder.parent.name == "snapshots":
-        return pipeline_problems(folder) + blob_problems(folder)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.exists():
-        return [f"{folder} has no download manifest; download it again with `wanbot models download`."]
-    problems = []
-    for entry in json.loads(manifest_path.read_text())["files"]:
-        path = folder / entry["path"]
-        if not path.exists():
-            problems.append(f"{entry['path']} is missing")
-        elif path.stat().st_size != entry["size"]:
-            problems.append(f"{entry['path']} is {path.stat().st_size} bytes, expected {entry['size']}")
-        elif entry["sha256"] and file_sha256(path) != entry["sha256"]:
-            problems.append(f"{entry['path']} does not match its sha256")
-    return problems
-
-
 def _complete(path: Path, item: PlannedFile) -> bool:
     """The file is in the snapshot with its size (a link whose blob is missing does not exist)."""
     return path.is_file() and path.stat().st_size == item.size
-
-
-def _link_snapshot_file(blob: Path, pointer: Path) -> None:
-    """snapshots/<commit>/<path> as a relative link to its blob, as huggingface_hub makes it, so the cache folder
-    can move as a whole. A link is made in one step: no reader sees half of one."""
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    pointer.unlink(missing_ok=True)  # a link whose blob went missing, or one from a copy with another content
-    try:
-        os.symlink(os.path.relpath(blob, pointer.parent), pointer)
-    except FileExistsError:
-        if pointer.resolve() != blob.resolve():  # huggingface_hub made the same link meanwhile: that is fine
-            raise
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """`source`'s content at `target`: a hard link where both are on one disk, else a copy; under a temporary name
-    first, so `target` is whole or absent."""
-    temporary = target.with_name(f"{target.name}.{os.getpid()}.linking")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(source, temporary)
-    except OSError:
-        shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 class _Meter:

@@ -1,6 +1,7 @@
 """The Hugging Face cache layout: where huggingface_hub keeps models, how to tell a complete snapshot from a partial
-one, and how to check its files. wanbot reads the standard cache (as `huggingface-cli download` or any diffusers
-script fills it) and writes its own downloads in the same layout (engine/hub/downloads.py).
+one, how to check its files (and those of wanbot's old layout), and how a file is put in place. wanbot reads the
+standard cache (as `huggingface-cli download` or any diffusers script fills it) and writes its own downloads in the
+same layout (engine/hub/downloads.py, which fetches them).
 
 Layout: `<cache>/models--owner--name/refs/<revision>` holding a commit, `snapshots/<commit>/<path>` a relative link
 to `blobs/<etag>`, the etag being the sha256 of an LFS file or the git blob id of a small one. A snapshot may be
@@ -14,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ SKIPPED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".mp4", ".webp", ".g
 SHA256 = re.compile(r"[0-9a-f]{64}")
 GIT_OID = re.compile(r"[0-9a-f]{40}")
 HASH_CHUNK = 1024 * 1024
+MANIFEST = ".wanbot-manifest.json"  # how downloads in the old layout recorded their files
 
 
 def hub_cache(environ: Mapping[str, str] = os.environ) -> Path:
@@ -175,3 +178,49 @@ def select_files(model_index: dict[str, Any], paths: list[str]) -> list[str]:
 def _variant_of(name: str) -> str:
     parts = name.split(".")
     return f".{parts[-2]}" if len(parts) >= 3 and parts[-2] in ("fp16", "bf16", "fp32") else ""
+
+
+def verify_snapshot(folder: Path) -> list[str]:
+    """Check a snapshot's files (a long read: every byte is hashed); return the problems found (none: it is intact).
+    In the Hugging Face layout each file is checked against the hash its blob is named by, whoever downloaded it;
+    a download in the old layout against its manifest."""
+    if folder.parent.name == "snapshots":
+        return pipeline_problems(folder) + blob_problems(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        return [f"{folder} has no download manifest; download it again with `wanbot models download`."]
+    problems = []
+    for entry in json.loads(manifest_path.read_text())["files"]:
+        path = folder / entry["path"]
+        if not path.exists():
+            problems.append(f"{entry['path']} is missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{entry['path']} is {path.stat().st_size} bytes, expected {entry['size']}")
+        elif entry["sha256"] and file_sha256(path) != entry["sha256"]:
+            problems.append(f"{entry['path']} does not match its sha256")
+    return problems
+
+
+def link_snapshot_file(blob: Path, pointer: Path) -> None:
+    """snapshots/<commit>/<path> as a relative link to its blob, as huggingface_hub makes it, so the cache folder
+    can move as a whole. A link is made in one step: no reader sees half of one."""
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.unlink(missing_ok=True)  # a link whose blob went missing, or one from a copy with another content
+    try:
+        os.symlink(os.path.relpath(blob, pointer.parent), pointer)
+    except FileExistsError:
+        if pointer.resolve() != blob.resolve():  # huggingface_hub made the same link meanwhile: that is fine
+            raise
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`source`'s content at `target`: a hard link where both are on one disk, else a copy; under a temporary name
+    first, so `target` is whole or absent."""
+    temporary = target.with_name(f"{target.name}.{os.getpid()}.linking")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)

@@ -22,8 +22,9 @@ from bot.cli import app
 from engine.config import DownloadsConfig, Settings
 from engine.errors import UserError
 from engine.hub import downloads
-from engine.hub.downloads import Downloader, ProgressCallback, select_files, size_text, verify_snapshot
+from engine.hub.downloads import Downloader, ProgressCallback, select_files, size_text
 from engine.hub.fetcher import ModelFetcher
+from engine.hub.hfcache import verify_snapshot
 from engine.jobs import EventKind, JobSource, JobStatus, Stage
 from engine.pipeline.models import GenerationRequest
 from engine.queue.jobqueue import JobQueue

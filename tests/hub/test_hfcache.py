@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from bot.cli import app
 from engine.config import DownloadsConfig, Settings
 from engine.errors import UserError
-from engine.hub.downloads import MANIFEST, Downloader, select_files, verify_snapshot
-from engine.hub.hfcache import hub_cache, repo_folder
+from engine.hub.downloads import Downloader, select_files
+from engine.hub.hfcache import MANIFEST, hub_cache, repo_folder, verify_snapshot
 from engine.jobs import JobSource, JobStatus
 from engine.pipeline.models import GenerationRequest
 from engine.service import Engine
