@@ -276,17 +276,11 @@ async def test_a_missing_model_downloads_in_the_background_while_other_jobs_run(
         from_hub = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="a"))
         await asyncio.wait_for(hub.pause_reached.wait(), timeout=30)
         local = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="b"), model_override="tiny")
-        for _ in range(600):
-            if (await engine._queue.get(local.result.job.id)).status.terminal:
-                break
-            await asyncio.sleep(0.1)
+        await ended(engine, local.result.job.id, limit_s=60)
         assert (await engine._queue.get(local.result.job.id)).status is JobStatus.SUCCEEDED
         assert (await engine._queue.get(from_hub.result.job.id)).status is JobStatus.QUEUED
         hub.paused.set()
-        for _ in range(600):
-            if (await engine._queue.get(from_hub.result.job.id)).status.terminal:
-                break
-            await asyncio.sleep(0.1)
+        await ended(engine, from_hub.result.job.id, limit_s=60)
         job = await engine._queue.get(from_hub.result.job.id)
     finally:
         await engine._worker.stop()
@@ -411,10 +405,7 @@ async def test_a_hub_answering_html_fails_the_waiting_job_once_instead_of_retryi
     try:
         request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", steps=2)
         submission = await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="a"))
-        for _ in range(100):
-            if (await engine._queue.get(submission.result.job.id)).status.terminal:
-                break
-            await asyncio.sleep(0.1)
+        await ended(engine, submission.result.job.id, limit_s=10)
         job = await engine._queue.get(submission.result.job.id)
     finally:
         await engine._worker.stop()
@@ -429,6 +420,14 @@ async def test_a_hub_answering_html_fails_the_waiting_job_once_instead_of_retryi
     assert "not JSON (text/html)" in job.error_detail and hub.url in job.error_detail
     assert "HF_ENDPOINT" not in job.error_user and "HF_ENDPOINT" in job.error_detail
     assert len([path for method, path, rng in hub.requests if "/tree/" in path]) == 1
+
+
+async def ended(engine: Engine, job_id: int, limit_s: float) -> None:
+    """Wait until the job has ended (or `limit_s` has passed: the assertions after say what it became)."""
+    for _ in range(int(limit_s * 10)):
+        if (await engine._queue.get(job_id)).status.terminal:
+            return
+        await asyncio.sleep(0.1)
 
 
 class BrokenDownloader:
