@@ -218,7 +218,7 @@ def plan_report(
     """The plan for a job of `mode` on this machine, or on a GPU of `vram_gib` (with fp8 where `fp8`) and a host of
     `ram_gib` (either may be given alone; the other is this machine's)."""
     from engine.pipeline.footprint import GIB
-    from engine.pipeline.generate import find_model_folder, pick_device
+    from engine.pipeline.generate import default_locator, pick_device
     from engine.pipeline.machine import host_available, job_size, model_footprint, plan_job, this_machine
     from engine.pipeline.planner import Machine, NoPlanFits, candidates
     from engine.pipeline.speedups import choose_speedups
@@ -226,7 +226,7 @@ def plan_report(
     model = model_for_mode(mode, settings)
     request = GenerationRequest(mode=mode, prompt="plan", preset=preset, resolution=size, frames=frames)
     params = resolve_request(request, model, settings.generation, rng=None)
-    folder = find_model_folder(settings, model_downloader(settings), model)
+    folder = default_locator(settings, model_downloader(settings)).on_disk(model)
     device = pick_device(settings.generation.device)
     works = choose_speedups(settings.generation, device).fp8.value == "on" if device.type == "cuda" else False
     here = this_machine(settings.generation, device, works)

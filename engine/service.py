@@ -137,7 +137,7 @@ class Engine:
             queue = await JobQueue.connect(settings.database_url, EventBus())
             await queue.measure_clock_skew()
             return cls(settings, queue, store, None, None, None)
-        from engine.pipeline.generate import PipelineRunner, default_locator, device_facts, find_model_folder
+        from engine.pipeline.generate import PipelineRunner, default_locator, device_facts
         from engine.pipeline.libraries import quiet_libraries
         from engine.pipeline.prompts import PromptLengths
         from engine.worker import Worker
@@ -145,11 +145,12 @@ class Engine:
         device_facts(settings.generation)  # a GPU this machine lacks is said in one line, before anything uses it
         quiet_libraries()  # no library progress bars between the log lines of a worker
         downloader = Downloader(settings.models_dir, settings.downloads)
-        runner = PipelineRunner(settings.generation, locator or default_locator(settings, downloader))
+        locator = locator or default_locator(settings, downloader)
+        runner = PipelineRunner(settings.generation, locator)
         queue = await JobQueue.connect(settings.database_url, EventBus())
         await queue.measure_clock_skew()
         worker = Worker(queue, runner, store, settings, downloader, write_retry_s=settings.queue.write_retry_s)
-        prompt_lengths = PromptLengths(lambda model: find_model_folder(settings, downloader, model))
+        prompt_lengths = PromptLengths(locator.on_disk)
         return cls(settings, queue, store, runner, worker, prompt_lengths)
 
     async def close(self) -> None:
@@ -459,14 +460,13 @@ class Engine:
     async def say_plans(self, say: Callable[[str], None]) -> None:
         """Say through `say` the plan each mode's model gets at its default size and preset on this GPU (nothing
         without one); a job of another size gets its own plan, logged when it changes."""
-        if self._runner is None or self._prompt_lengths is None:
+        if self._runner is None:
             return
         for mode in Mode:
             model = model_for_mode(mode, self.settings)
             request = GenerationRequest(mode=mode, prompt="plan")
             params = resolve_request(request, model, self.settings.generation, rng=random.Random(0))
-            folder = await asyncio.to_thread(self._prompt_lengths.folder, model)
-            line = await asyncio.to_thread(self._runner.plan_line, model, params, folder)
+            line = await asyncio.to_thread(self._runner.plan_line, model, params)
             if line is not None:
                 size = f"{params.width}x{params.height}, {params.frames} frames, {params.preset.value}"
                 say(f"plan for {mode.value} ({size}): {line}")
@@ -572,9 +572,8 @@ class Engine:
     async def _check_plan(self, model: ModelRef, params: GenerationParams) -> None:
         """A job that no placement fits on this process's GPU is refused before it is queued, saying what would.
         (A serving process has no GPU: the worker that claims it fails it with the same sentence.)"""
-        if self._runner is not None and self._prompt_lengths is not None:
-            folder = await asyncio.to_thread(self._prompt_lengths.folder, model)
-            await asyncio.to_thread(self._runner.check_fits, model, params, folder)
+        if self._runner is not None:
+            await asyncio.to_thread(self._runner.check_fits, model, params)
 
     async def reroll(self, job_id: int, actor: Actor, source: JobSource | None = None) -> EnqueueResult:
         """The same request again with a new seed, as a new job linked to the old one; while one such job waits or

@@ -89,22 +89,13 @@ def default_locator(settings: Settings, downloader: Downloader) -> ModelLocator:
     def locate(model: ModelRef, hooks: RunHooks) -> Path:
         if model.is_tiny:
             return make_tiny_model(settings.models_dir / model.name, model.mode)
-        folder = find_model_folder(settings, downloader, model)
+        folder = locator.on_disk(model)
         if folder is None:
             raise UserError(f"The model {model.name} is not downloaded.", f"Run: wanbot models download {model.name}")
         return folder
 
-    return Locator(settings, downloader, locate)
-
-
-def find_model_folder(settings: Settings, downloader: Downloader, model: ModelRef) -> Path | None:
-    """The model's diffusers folder if it is on disk already; nothing is built or downloaded."""
-    if model.is_tiny:
-        folder = settings.models_dir / model.name
-        return folder if (folder / "model_index.json").exists() else None
-    if model.is_local:
-        return Path(model.name)
-    return downloader.local_snapshot(model.name)
+    locator = Locator(settings, downloader, locate)
+    return locator
 
 
 WARMING_UP = "warming up: the first video of this size compiles the model, once"
@@ -166,17 +157,19 @@ class PipelineRunner:
         self._budget = None if machine.vram is None else machine.vram - margin(machine.vram)
         return plan_job(model, params, machine, self._config, folder)
 
-    def check_fits(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> None:
+    def check_fits(self, model: ModelRef, params: GenerationParams) -> None:
         """Raise NoPlanFits when no placement can make this job on this process's GPU (a CPU makes anything).
         Called from the chats' side while a job runs: it plans, and changes nothing."""
         machine = self._machine()
+        folder = self._locate.on_disk(model) if machine.vram is not None else None
         if machine.vram is not None and (folder is not None or not model.is_tiny):
             plan_job(model, params, machine, self._config, folder)
 
-    def plan_line(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> str | None:
+    def plan_line(self, model: ModelRef, params: GenerationParams) -> str | None:
         """The plan a job of `params` gets, or why none fits, in one line; None without a GPU (all runs on the CPU)
         or for a tiny model not built yet."""
         machine = self._machine()
+        folder = self._locate.on_disk(model) if machine.vram is not None else None
         if machine.vram is None or (folder is None and model.is_tiny):
             return None
         try:

@@ -28,10 +28,6 @@ class PromptLengths:
         self._find_folder = find_folder
         self._tokenizers: dict[str, PreTrainedTokenizerBase | None] = {}
 
-    def folder(self, model: ModelRef) -> Path | None:
-        """The model's folder if it is on disk."""
-        return self._find_folder(model)
-
     async def warnings(self, model: ModelRef, params: GenerationParams) -> list[str]:
         try:
             tokenizer = await self._tokenizer(model)

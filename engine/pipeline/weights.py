@@ -35,6 +35,15 @@ class Locator:
     def __call__(self, model: ModelRef, hooks: RunHooks) -> Path:
         return self._base(model, hooks)
 
+    def on_disk(self, model: ModelRef) -> Path | None:
+        """The model's diffusers folder if it is on disk already; nothing is built or downloaded."""
+        if model.is_tiny:
+            folder = self._settings.models_dir / model.name
+            return folder if (folder / "model_index.json").exists() else None
+        if model.is_local:
+            return Path(model.name)
+        return self._downloader.local_snapshot(model.name)
+
     def fast_model(self, model: ModelRef) -> ModelRef:
         """The distilled model that runs `model`'s fast preset (TI2V-5B: FastWan, models.fast_ti2v)."""
         if model.is_tiny:
