@@ -408,7 +408,7 @@ class StepTracker:
             yield
 
     def _first_pass(self, _module: Any, _args: Any) -> None:
-        if not self._durations and not self._passes_started:
+        if not self._passes_started:
             self._passes_started = True
             self._last = self._hooks.clock()
 
