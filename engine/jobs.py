@@ -188,6 +188,7 @@ class Job(BaseModel):
     delivered_at: float | None
     worker_id: str | None = Field(None, description="The worker that claimed it last.")
     claim_token: str | None = Field(None, description="Proves a write comes from the claim that runs the job.")
+    upload_starts: int = Field(0, description="Uploads of its video started (by any process), ended or not.")
 
     def image(self, role: str) -> ImageInfo | None:
         return next((info for info in self.images if info.role == role), None)

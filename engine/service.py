@@ -118,6 +118,10 @@ class Engine:
     _files: SharedFiles = field(init=False, repr=False)
     # This process's lease as the one that serves the database's chats, once taken (take_serving).
     _serving: ServingRecord | None = field(init=False, repr=False, default=None)
+    # Names this process where the database records what it holds: the serving lease, the uploads it makes.
+    _process_id: str = field(
+        init=False, repr=False, default_factory=lambda: f"{socket.gethostname()}/{os.getpid()}-{secrets.token_hex(2)}"
+    )
     _place_listeners: list[Callable[[], None]] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -159,6 +163,7 @@ class Engine:
             await self._worker.stop()
             await self._worker.close()
         await self._release_serving()
+        await self._release_deliveries()
         await self._queue.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -291,6 +296,18 @@ class Engine:
     async def undelivered(self, platform: str, max_attempts: int) -> list[Job]:
         return await self._queue.undelivered(platform, max_attempts)
 
+    async def claim_delivery(self, job_id: int, max_attempts: int, claim_s: float) -> Job | None:
+        """Upload `job_id`'s video from this process and no other: the job, with this upload counted in
+        `upload_starts`; None when it is no longer waiting, or another process began uploading it less than
+        `claim_s` ago."""
+        return await self._queue.claim_delivery(job_id, self._process_id, max_attempts, claim_s)
+
+    async def _release_deliveries(self) -> None:
+        try:
+            await self._queue.release_deliveries(self._process_id)
+        except DATABASE_DOWN:
+            log.warning("could not release this process's uploads; the next one waits for them to run out")
+
     async def mark_delivered(self, job_id: int) -> Job:
         """Record an upload that went through; retried through a database outage (see `_record_delivery`)."""
         return await self._record_delivery(f"job={job_id} as delivered", partial(self._queue.mark_delivered, job_id))
@@ -346,7 +363,7 @@ class Engine:
         do both twice); None, or a sentence naming the live process that already does. One that stopped, or was
         killed on this machine, is replaced at once; one on another machine once its lease (queue.lease_s) ran out."""
         me = ServingRecord(
-            id=f"{socket.gethostname()}/serve/{os.getpid()}-{secrets.token_hex(2)}",
+            id=self._process_id,
             host=socket.gethostname(),
             machine=this_machine(),
             pid=os.getpid(),

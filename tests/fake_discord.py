@@ -2,8 +2,9 @@
 app, speaking the shapes discord.py parses. It records what the bot did and can answer with Discord's errors: 404
 Unknown Message, 401 for an expired interaction token, 413, 429 with the `Via` header that discord.py needs before it
 retries, and, as Discord does by itself, 400 for content over 2000 characters. Like Discord it answers a channel
-message whose `nonce` it has seen (with `enforce_nonce`) with the message already made. It can also lose an upload's
-answer after doing the work (`lost_uploads`) and fail CDN downloads the ways a file server does (`cdn_faults`)."""
+message whose `nonce` it has seen (with `enforce_nonce`) with the message already made, and lists a channel's latest
+messages. It can also lose an upload's answer after doing the work (`lost_uploads`), drop an upload unread
+(`dropped_uploads`) and fail CDN downloads the ways a file server does (`cdn_faults`)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ class FakeDiscord:
         self.cdn: dict[str, bytes] = {}
         self.faults: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self.lost_uploads = 0  # how many of the next uploads are carried out, then answered by a dropped connection
+        self.dropped_uploads = 0  # how many of the next uploads are dropped unread, before anything is posted
         self.cdn_faults: list[str] = []  # how the next CDN downloads go wrong: see fake_faults.FILE_FAULTS
         self.downloads: list[str] = []  # the names of CDN requests, in order
         self.cdn_gate: asyncio.Event | None = None
@@ -146,6 +148,9 @@ class FakeDiscord:
         return socket
 
     async def _rest_or_lost(self, request: web.Request) -> web.Response:
+        if self.dropped_uploads and request.content_type == "multipart/form-data":
+            self.dropped_uploads -= 1
+            return drop_connection(request)
         response = await self._rest(request)
         if self.lost_uploads and request.content_type == "multipart/form-data":  # only files go as multipart
             self.lost_uploads -= 1
@@ -202,6 +207,8 @@ class FakeDiscord:
             return self._callback(parts[1], parts[2], body)
         if parts[0] == "webhooks":
             return self._webhook(request.method, parts, body, files)
+        if parts[0] == "channels" and route == "GET channels/messages":
+            return self._history(int(parts[1]), int(request.query.get("limit", "50")))
         if parts[0] == "channels":
             return self._channel(request.method, parts, body, files)
         return _error(404, 0, "404: Not Found")
@@ -269,6 +276,11 @@ class FakeDiscord:
         if method == "PATCH" and len(parts) == 4:
             return self._edit(int(parts[3]), body, files)
         return _error(404, 0, "404: Not Found")
+
+    def _history(self, channel_id: int, limit: int) -> web.Response:
+        """A channel's latest messages, newest first."""
+        latest = sorted((m for m in self.messages.values() if m["channel_id"] == str(channel_id)), key=_newest_first)
+        return _json([_public(message) for message in latest[:limit]])
 
     def _post(self, channel_id: int, body: dict[str, Any], files: dict[str, bytes]) -> web.Response:
         if any(len(data) > self.upload_limit for data in files.values()):
@@ -601,6 +613,10 @@ def _route_name(path: str) -> str:
     if parts[0] == "channels":
         return "channels/message" if len(parts) == 4 else "channels/messages"
     return path
+
+
+def _newest_first(message: dict[str, Any]) -> int:
+    return -message["id_int"]
 
 
 def _public(message: dict[str, Any]) -> dict[str, Any]:

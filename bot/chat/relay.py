@@ -27,6 +27,11 @@ POSITION_REFRESH_LIMIT = 100
 # While a job runs, the waits behind it are shown again at most once per this many edit intervals (30 s by default).
 WAIT_REFRESH_EDITS = 10
 REASON_LIMIT = 300
+# Each delivery attempt sends the video at most twice: as fitted, then smaller after the platform's 413.
+UPLOADS_PER_ATTEMPT = 2
+# A stopping relay lets an upload under way finish this long: cut short after the platform has the whole file, it
+# would most likely be posted, and posted again after the restart.
+STOP_WAITS_FOR_UPLOADS_S = 60.0
 # A text, its buttons, and a new preview picture (a JPEG) or None for "keep the picture the message has, if any".
 ShowText = Callable[[Job, str, Buttons, bytes | None], Awaitable[None]]
 SendVideo = Callable[[Job, Path], Awaitable[None]]
@@ -97,6 +102,9 @@ class JobRelay:
         self._live = texts.LiveMessages(self._show_latest, config.edit_interval_s, interval_for=self._edit_interval)
         self._jobs: dict[int, Job] = {}
         self._delivering: set[int] = set()
+        self._no_uploads = asyncio.Event()  # set while nothing is being delivered
+        self._no_uploads.set()
+        self._closing = False  # stopping: no new delivery starts
         # Videos this process uploaded whose delivery is not recorded yet (the database failed right after): the
         # next round records them without uploading again.
         self._sent_unrecorded: set[int] = set()
@@ -124,7 +132,17 @@ class JobRelay:
         self._stop_listening = self._engine.on_places_changed(lambda: self._spawn(self._show_positions(refresh=True)))
 
     async def stop(self) -> None:
-        # An upload cut short here stays 'pending' and goes out again after the restart.
+        self._closing = True
+        if self._delivering:
+            log.info(
+                "waiting up to %.0f s for the upload of job=%s to finish before stopping",
+                STOP_WAITS_FOR_UPLOADS_S,
+                ",".join(map(str, sorted(self._delivering))),
+            )
+            # One still going after that stays 'pending' and goes out again after the restart.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STOP_WAITS_FOR_UPLOADS_S):
+                    await self._no_uploads.wait()
         if self._stop_listening is not None:
             self._stop_listening()
             self._stop_listening = None
@@ -344,17 +362,20 @@ class JobRelay:
             log.warning("could not refresh queue positions", exc_info=True)
 
     async def deliver(self, job: Job) -> None:
-        if job.id in self._delivering or job.result is None:
+        if self._closing or job.id in self._delivering or job.result is None:
             return
         self._delivering.add(job.id)
+        self._no_uploads.clear()
         self._retry_at.pop(job.id, None)  # this is the attempt it waited for; a failure below sets the next one
         try:
             # The caller's copy may be minutes old (the redelivery round uploads one video after another): a video
-            # another attempt delivered (or gave up on) meanwhile must not go out again.
-            job = await self._engine.job(job.id)
-            waiting = job.delivery_status in (DeliveryStatus.PENDING, DeliveryStatus.DELIVERY_FAILED)
-            if not waiting or job.delivery_attempts >= self._max_attempts:
+            # delivered or given up on meanwhile, or one another process is uploading, must not go out again.
+            limit = self._upload_limit(job)
+            claim_s = UPLOADS_PER_ATTEMPT * transfers.upload_timeout_s(limit, limit)
+            claimed = await self._engine.claim_delivery(job.id, self._max_attempts, claim_s)
+            if claimed is None:
                 return
+            job = claimed
             if job.id not in self._sent_unrecorded:
                 await self._live.settle(job.id)
                 await self._send(job)
@@ -388,6 +409,8 @@ class JobRelay:
                 )
         finally:
             self._delivering.discard(job.id)
+            if not self._delivering:
+                self._no_uploads.set()
 
     async def _send(self, job: Job) -> None:
         """Send the video, re-encoded to fit the upload limit, and once more well under a size the platform refused;
@@ -401,7 +424,7 @@ class JobRelay:
         if "upload_limit" in job.source.reply:
             # A 413 left a lower limit in the job (so a restart keeps it): the refused file is never sent again.
             limit = min(limit, int(job.source.reply["upload_limit"]))
-        for _ in range(2):
+        for _ in range(UPLOADS_PER_ATTEMPT):
             try:
                 video = await self._engine.fit_video(made, limit)
                 await self._send_video(job, video)

@@ -38,6 +38,8 @@ CONTENT_LIMIT = 2000  # characters in a message; every text the bot sends is fit
 MODAL_TIMEOUT_S = 900
 MAX_DESCRIPTION = 100  # characters in a slash command option's description
 UNKNOWN_CHANNEL = 10003  # Discord's JSON error code
+# A re-sent video is looked for among this many of its channel's latest messages (one request's worth).
+RECENT_MESSAGES_SEARCHED = 100
 DISCORD_HELP = (
     "/video with a prompt: text to video (t2v); attach start_image for image to video (i2v), and end_image for the "
     "last frame.\n"
@@ -383,8 +385,10 @@ class DiscordAdapter:
     async def _send_video(self, job: Job, video: Path) -> None:
         # discord.py gives each request aiohttp's 5 minutes (not a few seconds): more than transfers.upload_timeout_s
         # asks for the largest upload Discord allows a bot (100 MiB), so a slow answer is not taken for a failure.
+        if job.upload_starts > 1 and await self._posted_before(job):
+            return
         content = f"<@{job.source.user_id}> {texts.result_caption(job, limit=CONTENT_LIMIT - 30)}"
-        file = discord.File(io.BytesIO(await asyncio.to_thread(video.read_bytes)), filename=f"wanbot-{job.id}.mp4")
+        file = discord.File(io.BytesIO(await asyncio.to_thread(video.read_bytes)), filename=_video_name(job))
         view = _view(RerollButton(job.id))
         mentions = _owner_only(job)
         try:
@@ -405,6 +409,21 @@ class DiscordAdapter:
             if isinstance(error, discord.Forbidden) or error.code == UNKNOWN_CHANNEL:
                 raise UploadRefused(f"{type(error).__name__}: {error}") from error
             raise
+
+    async def _posted_before(self, job: Job) -> bool:
+        """Whether an earlier upload of `job`'s video, whose answer was lost, reached its channel after all: an
+        interaction's follow-up has no nonce, so the bot's recent messages there are searched for its file name."""
+        channel = self.client.get_partial_messageable(int(job.source.chat_id))
+        me = self.client.user.id if self.client.user is not None else None
+        try:
+            async for message in channel.history(limit=RECENT_MESSAGES_SEARCHED):
+                if message.author.id == me and any(file.filename == _video_name(job) for file in message.attachments):
+                    log.info("job=%s's video is in its channel already (%s); not sent again", job.id, message.id)
+                    return True
+        except discord.HTTPException as error:
+            # Without Read Message History it cannot be told: the video is sent again (at most two then).
+            log.warning("cannot look for job=%s's earlier upload: %s %s", job.id, error.status, error.text)
+        return False
 
 
 # -- commands: each reaches the adapter through the interaction's client, as the persistent buttons do --------------
@@ -595,6 +614,11 @@ async def _edit_answer(interaction: discord.Interaction, answer: Answer) -> None
 def _preview_files(picture: bytes | None) -> list[discord.File]:
     """The preview as a new file to attach (none without a picture): a discord.File is read once."""
     return [discord.File(io.BytesIO(picture), filename="preview.jpg")] if picture is not None else []
+
+
+def _video_name(job: Job) -> str:
+    """The video's file name, which also marks it as this job's among the bot's messages."""
+    return f"wanbot-{job.id}.mp4"
 
 
 def _owner_only(job: Job) -> discord.AllowedMentions:

@@ -259,4 +259,5 @@ def row_to_job(row: Row) -> Job:
         delivered_at=row["delivered_at"],
         worker_id=row["worker_id"],
         claim_token=row["claim_token"],
+        upload_starts=row["upload_starts"],
     )

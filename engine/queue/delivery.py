@@ -21,6 +21,31 @@ from engine.queue.core import (
 
 
 class Delivery(QueueCore):
+    async def claim_delivery(self, job_id: int, holder: str, max_attempts: int, claim_s: float) -> Job | None:
+        """Make `holder` (a process) the one that uploads `job_id`'s video now, counting the upload it starts; the
+        job as it stands, or None when the video is no longer waiting or another process claimed it less than
+        `claim_s` ago (its upload may still be going: two serves in a race never both send)."""
+        now = self.lease_now()
+        async with self._transaction() as db:
+            changed = await db.run(
+                """UPDATE jobs SET delivery_holder = ?, delivery_claimed_at = ?, upload_starts = upload_starts + 1
+                   WHERE id = ? AND status = 'succeeded' AND delivery_status IN ('pending', 'delivery_failed')
+                   AND delivery_attempts < ?
+                   AND (delivery_holder IS NULL OR delivery_holder = ? OR delivery_claimed_at < ?)""",
+                holder,
+                now,
+                job_id,
+                max_attempts,
+                holder,
+                now - claim_s,
+            )
+            return await self._get(db, job_id) if changed == 1 else None
+
+    async def release_deliveries(self, holder: str) -> None:
+        """`holder` uploads nothing any more (it stopped, or it was found gone): others may send its videos."""
+        async with self._transaction() as db:
+            await db.run("UPDATE jobs SET delivery_holder = NULL WHERE delivery_holder = ?", holder)
+
     async def mark_delivered(self, job_id: int) -> Job:
         return await self._set_delivery(job_id, DeliveryStatus.DELIVERED, None, EventKind.DELIVERED)
 
@@ -39,7 +64,7 @@ class Delivery(QueueCore):
                 """UPDATE jobs SET delivery_status = ?, delivery_error = ?,
                           delivery_attempts = CASE WHEN delivery_attempts + 1 > ? THEN delivery_attempts + 1
                                                    ELSE ? END,
-                          delivered_at = COALESCE(?, delivered_at)
+                          delivered_at = COALESCE(?, delivered_at), delivery_holder = NULL
                    WHERE id = ? AND status = 'succeeded' AND delivery_status != 'delivered'""",
                 status.value,
                 error,

@@ -144,6 +144,8 @@ class Serving(QueueCore):
                 alive = {**other.model_dump(), "state": WorkerState.IDLE.value}
                 if _why_gone(alive, now, lease_s, me.machine, is_alive) is None:
                     return other
+                # Gone: the uploads it had begun are for its successor to look for and finish.
+                await db.run("UPDATE jobs SET delivery_holder = NULL WHERE delivery_holder = ?", other.id)
             await _write_serving(db, me.model_copy(update={"heartbeat_at": now}))
         return None
 

@@ -138,6 +138,12 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (name, seq)
     );
     """,
+    # 3: as SQLite's 7 (the uploading process, and the uploads started).
+    """
+    ALTER TABLE jobs ADD COLUMN delivery_holder TEXT;
+    ALTER TABLE jobs ADD COLUMN delivery_claimed_at DOUBLE PRECISION;
+    ALTER TABLE jobs ADD COLUMN upload_starts INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 # Any constant will do, as long as nothing else in the database takes the same advisory lock for another purpose.
 MIGRATION_LOCK = 0x77616E626F74  # "wanbot"

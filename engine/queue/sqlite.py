@@ -137,6 +137,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX queue_events_at ON queue_events (at);
     """,
+    # 7: the process uploading a finished video (one at a time, even two serves in a race) and how many uploads were
+    # started, so that an upload whose answer was lost is looked for before it is sent again.
+    """
+    ALTER TABLE jobs ADD COLUMN delivery_holder TEXT;
+    ALTER TABLE jobs ADD COLUMN delivery_claimed_at REAL;
+    ALTER TABLE jobs ADD COLUMN upload_starts INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 

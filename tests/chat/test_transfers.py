@@ -163,21 +163,54 @@ async def test_an_attachment_that_cannot_be_downloaded_three_times_gets_the_apol
     assert len(discord_server.downloads) == transfers.DOWNLOAD_TRIES
 
 
-async def test_a_channel_upload_whose_answer_is_lost_is_not_posted_twice(tiny_settings, discord_server):
-    # After the interaction token the video goes to the channel; Discord recognises the retry by its nonce.
-    settings = on_discord.configure(tiny_settings, discord_server, interaction_lifetime_s=0.8)
+@pytest.mark.parametrize("where", ["interaction", "channel"])
+async def test_an_upload_whose_answer_is_lost_is_found_and_not_posted_twice(tiny_settings, discord_server, where):
+    # An interaction's follow-up carries no nonce: before sending again, the bot looks for its earlier copy.
+    lifetime = {"interaction": 900, "channel": 0.8}[where]
+    settings = on_discord.configure(tiny_settings, discord_server, interaction_lifetime_s=lifetime)
     discord_server.lost_uploads = 1
     async with on_discord.running_bot(settings) as bot:
-        await on_discord.queued_until_the_tokens_expire(bot, discord_server, on_discord.ALICE)
-        await until(
-            lambda: any("the video is below" in m["content"] for m in discord_server.messages.values()),
-            what="delivery",
-        )
-        job = (await bot.engine._queue.list_jobs())[0]
-    uploads = [call for call in discord_server.calls_to("POST", f"channels/{CHANNEL_ID}/messages") if call.files]
-    assert len(uploads) == 2 and uploads[0].body["nonce"] == uploads[1].body["nonce"]
-    assert len(discord_server.with_files()) == 1
-    assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 2
+        if where == "channel":
+            await on_discord.queued_until_the_tokens_expire(bot, discord_server, on_discord.ALICE)
+        else:
+            await discord_server.slash(on_discord.ALICE, "video", {"prompt": "waves"})
+        await until(lambda: discord_server.calls_to("GET", f"channels/{CHANNEL_ID}/messages"), what="the search")
+        job = await _delivered(bot, discord_server)
+    uploads = [call for call in discord_server.calls if call.files and call.method == "POST"]
+    assert len(uploads) == 1 and len(discord_server.with_files()) == 1
+    assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 2 and job.upload_starts == 2
+
+
+async def test_a_video_not_found_in_its_channel_is_sent_again(tiny_settings, discord_server):
+    # The upload went nowhere (its connection dropped before Discord made the message): the search finds nothing.
+    settings = on_discord.configure(tiny_settings, discord_server)
+    discord_server.dropped_uploads = 1
+    async with on_discord.running_bot(settings) as bot:
+        await discord_server.slash(on_discord.ALICE, "video", {"prompt": "waves"})
+        job = await _delivered(bot, discord_server)
+    assert len(discord_server.calls_to("GET", f"channels/{CHANNEL_ID}/messages")) == 1
+    assert len(discord_server.with_files()) == 1 and job.upload_starts == 2
+
+
+async def test_without_read_message_history_the_video_is_sent_again(tiny_settings, discord_server, caplog):
+    settings = on_discord.configure(tiny_settings, discord_server)
+    discord_server.lost_uploads = 1
+    discord_server.faults["GET channels/messages"] = [(403, {"message": "Missing Access", "code": 50001})]
+    async with on_discord.running_bot(settings) as bot:
+        await discord_server.slash(on_discord.ALICE, "video", {"prompt": "waves"})
+        job = await _delivered(bot, discord_server)
+    assert len(discord_server.with_files()) == 2  # the promise: at most two
+    assert job.upload_starts == 2
+    assert any("cannot look for job=1's earlier upload: 403" in record.getMessage() for record in caplog.records)
+
+
+async def _delivered(bot, discord_server):
+    """The job, once the chat says its video was delivered (which follows the delivery record)."""
+    await until(
+        lambda: any("the video is below" in m["content"] for m in discord_server.messages.values()),
+        what="delivery",
+    )
+    return (await bot.engine._queue.list_jobs())[0]
 
 
 async def test_discord_py_allows_an_upload_the_time_its_size_needs(tiny_settings, discord_server):

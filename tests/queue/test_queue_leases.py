@@ -8,7 +8,17 @@ import contextlib
 import pytest
 
 from engine.errors import ClaimLost
-from engine.jobs import EventKind, JobStatus, PreviewInfo, Progress, ResultInfo, Stage, WorkerRecord, WorkerState
+from engine.jobs import (
+    EventKind,
+    JobStatus,
+    PreviewInfo,
+    Progress,
+    ResultInfo,
+    ServingRecord,
+    Stage,
+    WorkerRecord,
+    WorkerState,
+)
 from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
 from engine.storage.images import Mode
@@ -209,3 +219,64 @@ async def test_a_stale_worker_shows_no_preview_and_a_requeue_of_a_job_not_runnin
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(heard.get(), timeout=0.1)
     assert [kind for kind, _ in await queue.events_of(job.id)].count("requeued") == 1  # the lease's, not the stop's
+
+
+# -- deliveries: one process uploads a video at a time --------------------------------------------------------------
+
+
+async def finished(queue: JobQueue) -> int:
+    job = await claimed_by(queue, "w1")
+    await queue.mark_succeeded(job.id, result(), job.claim_token)
+    return job.id
+
+
+async def test_two_processes_claiming_one_delivery_at_once_make_one_upload(database_url: str):
+    first, second = await JobQueue.connect(database_url), await JobQueue.connect(database_url)
+    try:
+        job_id = await finished(first)
+        claims = await asyncio.gather(
+            first.claim_delivery(job_id, "serve-a", max_attempts=5, claim_s=300),
+            second.claim_delivery(job_id, "serve-b", max_attempts=5, claim_s=300),
+        )
+        (winner,) = [claim for claim in claims if claim is not None]
+        assert winner.upload_starts == 1
+        # The loser tries again later: still claimed; once delivered, nothing is waiting.
+        loser = "serve-b" if claims[0] is not None else "serve-a"
+        assert await second.claim_delivery(job_id, loser, max_attempts=5, claim_s=300) is None
+        await first.mark_delivered(job_id)
+        assert await second.claim_delivery(job_id, loser, max_attempts=5, claim_s=300) is None
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_delivery_claim_is_the_holders_until_it_runs_out_or_the_holder_is_replaced(clocked):
+    queue, now = clocked
+    job_id = await finished(queue)
+    assert (await queue.claim_delivery(job_id, "serve-a", max_attempts=5, claim_s=300)).upload_starts == 1
+    failed = await queue.mark_delivery_failed(job_id, "the upload to Discord did not go through")
+    # A failure ends the claim: the next try may come from any process, and counts its upload.
+    assert (await queue.claim_delivery(job_id, "serve-b", max_attempts=5, claim_s=300)).upload_starts == 2
+    assert failed.delivery_attempts == 1
+    # serve-b dies mid-upload: its claim holds for claim_s, and its own later rounds may go on with it.
+    now[0] += 299
+    assert await queue.claim_delivery(job_id, "serve-a", max_attempts=5, claim_s=300) is None
+    assert (await queue.claim_delivery(job_id, "serve-b", max_attempts=5, claim_s=300)).upload_starts == 3
+    now[0] += 301
+    assert (await queue.claim_delivery(job_id, "serve-a", max_attempts=5, claim_s=300)).upload_starts == 4
+
+    # A serving process replacing one that is gone takes over its uploads at once.
+    gone = ServingRecord(id="serve-a", host="h", machine="h/1", pid=41, started_at=0.0)
+    assert await queue.take_serving(gone, LEASE_S) is None
+    now[0] += LEASE_S + 1
+    successor = ServingRecord(id="serve-c", host="h", machine="h/1", pid=42, started_at=now[0])
+    assert await queue.take_serving(successor, LEASE_S) is None
+    assert (await queue.claim_delivery(job_id, "serve-c", max_attempts=5, claim_s=300)).upload_starts == 5
+
+
+async def test_a_stopping_process_hands_its_uploads_on(clocked):
+    queue, _ = clocked
+    job_id = await finished(queue)
+    await queue.claim_delivery(job_id, "serve-a", max_attempts=5, claim_s=300)
+    await queue.release_deliveries("serve-a")
+    assert await queue.claim_delivery(job_id, "serve-b", max_attempts=5, claim_s=300) is not None
