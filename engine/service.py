@@ -42,9 +42,10 @@ from engine.pipeline.video import fit_to_limit
 from engine.queue.backend import Backend as Database
 from engine.queue.bus import EventBus, Subscription
 from engine.queue.core import DATABASE_DOWN, WORKER_STOPPED
-from engine.queue.fleet import pid_alive, recover_orphans, this_machine
+from engine.queue.fleet import recover_orphans
 from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
+from engine.queue.processes import pid_alive, this_machine
 from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
 from engine.storage.images import ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
 from engine.storage.preview_files import preview_path

@@ -36,8 +36,9 @@ from engine.pipeline.video import encode_mp4, finish_mp4
 from engine.queue.bus import Subscription
 from engine.queue.claims import UNFETCHABLE_KEEP_S
 from engine.queue.core import DATABASE_DOWN, WORKER_STOPPED
-from engine.queue.fleet import recover_orphans, this_machine
+from engine.queue.fleet import recover_orphans
 from engine.queue.jobqueue import JobQueue
+from engine.queue.processes import this_machine
 from engine.storage.files import hidden_beside
 from engine.storage.images import ImageStore
 from engine.storage.preview_files import preview_path, remove_preview

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from engine.errors import UserError
+from engine.queue.processes import HEARD_RECENTLY_S, Heard
 
 Row = Mapping[str, Any]
 
@@ -73,4 +74,19 @@ def check_schema(version: int, known: int, where: str) -> None:
             f"The job database {where} was made by a newer wanbot (schema {version}; this wanbot knows up to "
             f"{known}), so this one does not start.",
             "Run the newer wanbot, or restore the backup taken before the upgrade (README: Upgrading).",
+        )
+
+
+def check_upgrade_alone(version: int, known: int, where: str, running: list[Heard]) -> None:
+    """A migration under processes of the older wanbot would change the tables they read and write: it waits
+    until they have stopped."""
+    if version < known and running:
+        names = "; ".join(f"{process.what} (pid {process.pid} on {process.host})" for process in running[:4])
+        more = f" and {len(running) - 4} more" if len(running) > 4 else ""
+        raise UserError(
+            f"Not started: this wanbot would upgrade the job database {where} (schema {version} to {known}), but "
+            f"other wanbot processes still use it: {names}{more}.",
+            "Stop every wanbot process on this database first, back it up, then start the new wanbot (README: "
+            f"Upgrading). A process killed without stopping counts as gone {HEARD_RECENTLY_S:.0f} s after it was "
+            "last heard from.",
         )

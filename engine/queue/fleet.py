@@ -3,38 +3,14 @@ workers and by the serving process alike; imports no torch."""
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import socket
 
 from engine.config import Settings
 from engine.jobs import Job
 from engine.queue.jobqueue import JobQueue
+from engine.queue.processes import pid_alive, this_machine
 
 log = logging.getLogger(__name__)
-
-
-@functools.cache
-def this_machine() -> str:
-    """Where a process id means this process: the host, and its PID namespace (containers on one host, even with
-    the host's name, each have their own)."""
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        namespace = ""
-    return f"{socket.gethostname()}|{namespace}"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this machine still runs (one of another user counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 async def recover_orphans(queue: JobQueue, settings: Settings) -> list[Job]:

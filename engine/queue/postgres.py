@@ -18,7 +18,8 @@ from typing import Any
 import asyncpg
 
 from engine.errors import Unavailable, UserError
-from engine.queue.backend import Row, check_schema
+from engine.queue.backend import Row, check_schema, check_upgrade_alone
+from engine.queue.processes import still_running
 from engine.queue.url import PostgresUrl
 
 MIGRATIONS: list[str] = [
@@ -145,6 +146,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN upload_starts INTEGER NOT NULL DEFAULT 0;
     """,
 ]
+WORKERS_TABLE = 2  # the first schema with the workers' heartbeats
 # Any constant will do, as long as nothing else in the database takes the same advisory lock for another purpose.
 MIGRATION_LOCK = 0x77616E626F74  # "wanbot"
 POOL_SIZE = 8
@@ -285,6 +287,11 @@ class PostgresBackend:
             await connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             version = await connection.fetchval("SELECT MAX(version) FROM schema_version") or 0
             check_schema(version, len(MIGRATIONS), self.url.shown())
+            if WORKERS_TABLE <= version < len(MIGRATIONS):
+                workers = await connection.fetch("SELECT * FROM workers WHERE state != 'stopped'")
+                flag = await connection.fetchval("SELECT value FROM queue_flags WHERE name = 'serving'")
+                now = await connection.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
+                check_upgrade_alone(version, len(MIGRATIONS), self.url.shown(), still_running(workers, flag, now))
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 await connection.execute(script)
                 await connection.execute("INSERT INTO schema_version (version) VALUES ($1)", number)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any
 import aiosqlite
 
 from engine.errors import UserError
-from engine.queue.backend import Row, check_schema
+from engine.queue.backend import Row, check_schema, check_upgrade_alone
+from engine.queue.processes import still_running
 
 MIGRATIONS: list[str] = [
     # 1: jobs and their states.
@@ -147,6 +149,9 @@ MIGRATIONS: list[str] = [
 ]
 
 
+WORKERS_TABLE = 6  # the first schema with the workers' heartbeats
+
+
 class SqliteTx:
     for_update = ""
     skip_locked = ""
@@ -238,6 +243,11 @@ class SqliteBackend:
         async with self.transaction():
             version = (await (await self._db.execute("PRAGMA user_version")).fetchone())[0]
             check_schema(version, len(MIGRATIONS), str(self.path))
+            if WORKERS_TABLE <= version < len(MIGRATIONS):
+                workers = await self._db.execute_fetchall("SELECT * FROM workers WHERE state != 'stopped'")
+                flag = await (await self._db.execute("SELECT value FROM queue_flags WHERE name = 'serving'")).fetchone()
+                running = still_running(workers, flag[0] if flag else None, time.time())
+                check_upgrade_alone(version, len(MIGRATIONS), str(self.path), running)
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in split_sql(script):
                     await self._db.execute(statement)

@@ -234,3 +234,42 @@ async def test_a_worker_whose_clock_is_behind_keeps_its_lease_on_the_database_cl
     finally:
         await behind.close()
         await others.close()
+
+
+@pytest.mark.both_backends
+async def test_an_upgrade_waits_until_the_older_wanbot_processes_have_stopped(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A newer wanbot (one migration more) opening a database that a live older worker and serve still use refuses
+    in one sentence naming them; once they stopped (or a killed one's last heartbeat is old enough), it migrates."""
+    from engine.jobs import ServingRecord, WorkerRecord, WorkerState
+    from engine.queue import postgres, sqlite
+
+    older = await JobQueue.connect(database_url)
+    now = older.lease_now()
+    gpu = WorkerRecord(id="gpu-a/cuda:0/7-ab", host="gpu-a", machine="gpu-a|ns", pid=7, device="cuda:0", started_at=0)
+    await older.heartbeat(gpu)
+    serve = ServingRecord(id="chat-host/9-cd", host="chat-host", machine="chat-host|ns", pid=9, started_at=now)
+    assert await older.take_serving(serve, lease_s=60) is None
+    backend = sqlite if older.path is not None else postgres
+    newer = [*backend.MIGRATIONS, "CREATE TABLE upgrade_probe (x INTEGER)"]
+    monkeypatch.setattr(backend, "MIGRATIONS", newer)
+
+    with pytest.raises(UserError) as refused:
+        await JobQueue.connect(database_url)
+    known = len(newer)
+    said = str(refused.value)
+    where = older.path if older.path is not None else older.database.url.shown()
+    assert f"Not started: this wanbot would upgrade the job database {where} (schema {known - 1} to {known})" in said
+    assert "worker gpu-a/cuda:0/7-ab (pid 7 on gpu-a); serve (pid 9 on chat-host)." in said
+    assert "Stop every wanbot process on this database first, back it up" in said
+
+    await older.heartbeat(gpu.model_copy(update={"state": WorkerState.STOPPED}))
+    await older.release_serving(serve)
+    await older.close()
+    upgraded = await JobQueue.connect(database_url)
+    try:
+        async with upgraded.database.reading() as db:
+            assert await db.all("SELECT x FROM upgrade_probe") == []
+    finally:
+        await upgraded.close()

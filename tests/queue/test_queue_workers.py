@@ -116,7 +116,7 @@ NEAR_WORKER = textwrap.dedent(
     """
     import asyncio, socket, sys, time
     sys.path.insert(0, {repo!r})
-    from engine.queue.fleet import pid_alive, this_machine
+    from engine.queue.processes import pid_alive, this_machine
     from engine.jobs import WorkerRecord
     from engine.queue.jobqueue import JobQueue
     from tests.factories import result_for_child
