@@ -2,8 +2,8 @@
 
 Checks run on the raw bytes before anything is stored: size, format (by content, and against the file name),
 declared pixel count (so a decompression bomb is refused before decoding), the memory the decode will take (estimated
-from the header; a JPEG over the budget is decoded smaller, anything else refused), then a full decode. The image is
-then normalised to 8-bit sRGB RGB, upright, with transparency composited on a background.
+from the header; a JPEG over its share of the budget is decoded smaller, anything else over the budget refused), then
+a full decode. The image is then normalised to 8-bit sRGB RGB, upright, with transparency composited on a background.
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Our own pixel limit is checked first and is configurable; Pillow's global guard must not pre-empt it with a
 # different number or a mere warning.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow holds an image in blocks, of 16 MiB by default. glibc serves blocks that small from its heaps (a decode
+# thread's arena among them) and keeps them there when they are freed: after a few bursts of 64 MP pictures a serving
+# process held 600 MiB more than before them. As one block, a picture of over 32 MiB (glibc's highest mmap threshold)
+# is mapped for itself and unmapped when it is freed, whichever thread frees it; 1 GiB holds any picture max_pixels
+# lets in (64 MP at 4 bytes a pixel is 256 MB), and Pillow allocates only what an image needs.
+Image.core.set_block_size(2**30)
 
 # Phones save HEIC (iPhone) and AVIF; sent as files, Telegram keeps them as they are.
 pillow_heif.register_heif_opener()
@@ -235,22 +241,28 @@ def _decode_bytes(image: Image.Image, fmt: str) -> int:
 
 
 def _fit_decode_budget(opened: Image.Image, fmt: str, config: ImagesConfig, label: str) -> tuple[int, int] | None:
-    """Keep the decode within images.max_decode_bytes, before decoding: a JPEG over it is decoded at 1/2, 1/4 or 1/8
-    of its size (libjpeg scales as it decodes) when that fits, anything else is refused. Returns the size asked of
-    `draft`, which a restore asks again, or None for a full decode."""
+    """Keep the decode within images.max_decode_bytes, before decoding; anything over it is refused, but a JPEG, which
+    libjpeg decodes at 1/2, 1/4 or 1/8 of its size, is read smaller instead. Returns the size asked of `draft`, which
+    a restore asks again, or None for a full decode.
+
+    A JPEG is held to its share of the budget (max_concurrent_decodes run at once), so that a burst of large ones
+    stays within the budget together: at 64 MP a CMYK or rotated JPEG takes 8 bytes a pixel, two at once 1 GB. The
+    other formats cannot be read smaller, so each one keeps the whole budget (a 50 MP HEIC photo needs 500 MB)."""
     full = _decode_bytes(opened, fmt)
-    if full <= config.max_decode_bytes:
-        return None
-    width, height = opened.size
-    for scale in (2, 4, 8) if fmt == "JPEG" else ():
-        reduced = (-(-width // scale), -(-height // scale))
-        if min(reduced) < config.min_side:
-            break
-        if full * reduced[0] * reduced[1] / (width * height) <= config.max_decode_bytes:
-            request = (width // scale, height // scale)
+    if fmt == "JPEG":
+        share = config.max_decode_bytes // config.max_concurrent_decodes
+        scale = _jpeg_scale(opened.size, full, share, config.min_side) or _jpeg_scale(
+            opened.size, full, config.max_decode_bytes, config.min_side
+        )
+        if scale == 1:
+            return None
+        if scale is not None:
+            request = (opened.width // scale, opened.height // scale)
             if opened.draft(None, request) is not None:
                 return request
-            break
+    elif full <= config.max_decode_bytes:
+        return None
+    width, height = opened.size
     fit = math.sqrt(config.max_decode_bytes / full)
     depth = " with 16 bits a channel" if opened.mode.startswith("I;16") else ""
     # Of what we accept, a JPEG takes the least memory to read (8 bytes a pixel at most) and can be read smaller.
@@ -260,6 +272,19 @@ def _fit_decode_budget(opened: Image.Image, fmt: str, config: ImagesConfig, labe
         f"to read; the limit is {config.max_decode_bytes / 1e6:.0f} MB.",
         f"Scale it down to {int(width * fit)}x{int(height * fit)} or less{as_jpeg} and send it again.",
     )
+
+
+def _jpeg_scale(size: tuple[int, int], full: int, limit: int, min_side: int) -> int | None:
+    """The first of full size, 1/2, 1/4 and 1/8 whose decode of a JPEG (`full` bytes at full size) is within `limit`
+    and keeps min_side; None if none is."""
+    width, height = size
+    for scale in (1, 2, 4, 8):
+        reduced = (-(-width // scale), -(-height // scale))
+        if min(reduced) < min_side:
+            return None
+        if full * reduced[0] * reduced[1] / (width * height) <= limit:
+            return scale
+    return None
 
 
 def _check_extension(filename: str | None, fmt: str, label: str) -> None:

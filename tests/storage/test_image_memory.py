@@ -241,10 +241,74 @@ def test_the_hostile_set_from_one_user_stays_under_800_mib(tiny_settings: Settin
         (tmp_path / name).write_bytes(data)
     result = run_child(HOSTILE_CHILD, str(tiny_settings.data_dir), *(str(tmp_path / name) for name in files))
     # The WebPs would take 1024 MB each to read (libwebp's canvases), the 16-bit grey PNG 640 MB: over the 512 MB
-    # budget. The 16-bit RGB PNG (read as 8-bit RGB) and the CMYK JPEG take 512 MB: within it.
+    # budget. The 16-bit RGB PNG (read as 8-bit RGB) takes 512 MB: within it; the CMYK JPEG is read at half its size.
     assert result["peak_mib"] < 800, result
     assert result["outcomes"]["a"] == ["memory"] * 5 + ["queued", "limit"]
     assert result["outcomes"]["b"] == ["queued"] + ["limit"] * 6
+
+
+SERVE_CHILD = r"""
+import asyncio, json, sys
+from pathlib import Path
+
+from engine.config import Settings
+from engine.jobs import JobSource
+from engine.pipeline.models import GenerationRequest
+from engine.service import Engine, Upload
+from engine.storage.images import Mode
+from tests import imagefactory
+
+
+def status_kib(field):
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1])
+
+
+async def main(data_dir, paths):
+    engine = await Engine.open(Settings(data_dir=Path(data_dir), models={"i2v": "tiny"}), with_worker=False)
+    request = GenerationRequest(mode=Mode.I2V, prompt="a fox")
+    await engine.submit(request, JobSource(platform="cli", chat_id="c", user_id="warm"), Upload(imagefactory.png()))
+    uploads = [Upload(Path(path).read_bytes(), Path(path).name) for path in paths]
+    idle = status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    notes = set()
+    for burst in range(2):  # glibc kept the first burst's memory for the second, and the second's for good
+        sources = [JobSource(platform="cli", chat_id="c", user_id=f"{burst}-{user}") for user in range(len(uploads))]
+        for submission in await asyncio.gather(*map(engine.submit, [request] * len(uploads), sources, uploads)):
+            notes.update(submission.notes)
+    peak, after = status_kib("VmHWM"), status_kib("VmRSS")
+    await engine.close()
+    print(json.dumps({"rise_mib": (peak - idle) / 1024, "kept_mib": (after - idle) / 1024, "notes": sorted(notes)}))
+
+
+asyncio.run(main(sys.argv[1], sys.argv[2:]))
+"""
+
+
+def serve_bursts(tmp_path: Path, picture: bytes, name: str, count: int) -> dict:
+    """Two bursts of `count` users each sending `picture` at once to an engine opened as `wanbot serve` opens it."""
+    (tmp_path / name).write_bytes(picture)
+    return run_child(SERVE_CHILD, str(tmp_path / "data"), *[str(tmp_path / name)] * count)
+
+
+def test_serve_reads_a_burst_of_64_mp_cmyk_jpegs_in_its_share_of_the_budget(tmp_path: Path):
+    """The report: four 64 MP CMYK JPEGs from four users at once took `wanbot serve` to 1,123 MiB, two decodes of
+    488 MiB at a time (the CMYK image, then its RGB copy), and it kept about 600 MiB afterwards. Each JPEG now gets
+    half the 512 MB budget, so it is read at half its size."""
+    cmyk = encode(Image.new("CMYK", (8000, 8000), (0, 255, 255, 0)), "JPEG")
+    result = serve_bursts(tmp_path, cmyk, "cmyk.jpg", 4)
+    # The issue's target is serve below 400 MiB; it idles at about 100 MiB (BENCHMARKS.md, bench/scale.py).
+    assert result["rise_mib"] < 300, result
+    assert result["kept_mib"] < 32, result
+    assert "The start image is 8000x8000; it was read at 4000x4000 to save memory." in result["notes"]
+
+
+def test_serve_gives_back_the_memory_of_pictures_read_at_full_size(tmp_path: Path):
+    """A 24 MP PNG cannot be read smaller: three at once, twice, left serve holding 183 MiB of freed 16 MiB blocks."""
+    png = encode(Image.new("RGB", (6000, 4000), (90, 120, 200)), "PNG", compress_level=1)
+    result = serve_bursts(tmp_path, png, "large.png", 3)
+    assert result["kept_mib"] < 32, result
+    assert not [note for note in result["notes"] if "to save memory" in note]
 
 
 ESTIMATE_CHILD = r"""

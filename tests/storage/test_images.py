@@ -335,8 +335,9 @@ def test_the_decode_budget_is_checked_from_the_header_before_decoding():
 )
 def test_the_decode_estimate_counts_the_format_and_mode(data: bytes, bytes_per_pixel: int):
     estimate = 400 * 300 * bytes_per_pixel
-    assert validate_image_bytes(data, ImagesConfig(max_decode_bytes=estimate)).info.decoded_bytes == estimate
-    over = ImagesConfig(max_decode_bytes=estimate - 1)
+    alone = ImagesConfig(max_decode_bytes=estimate, max_concurrent_decodes=1)  # a JPEG's share is the whole budget
+    assert validate_image_bytes(data, alone).info.decoded_bytes == estimate
+    over = alone.model_copy(update={"max_decode_bytes": estimate - 1})
     if data.startswith(b"\xff\xd8"):  # a JPEG is read at half the size instead
         assert validate_image_bytes(data, over).pixels.size == (200, 150)
     else:
@@ -345,7 +346,7 @@ def test_the_decode_estimate_counts_the_format_and_mode(data: bytes, bytes_per_p
 
 
 def test_a_jpeg_over_the_decode_budget_is_read_smaller_and_restores_the_same(tmp_path):
-    config = ImagesConfig(max_decode_bytes=1600 * 1200 * 8 // 4)  # half the width and height fit
+    config = ImagesConfig(max_decode_bytes=1600 * 1200 * 8 // 4, max_concurrent_decodes=1)  # half the sides fit
     image = validate_image_bytes(make.jpeg(1600, 1200), config)
     assert image.pixels.size == (800, 600)
     assert image.info.reduced_to == (800, 600)
@@ -356,8 +357,21 @@ def test_a_jpeg_over_the_decode_budget_is_read_smaller_and_restores_the_same(tmp
     assert store.restore(store.put(image)).pixels.tobytes() == image.pixels.tobytes()
 
 
+def test_a_jpeg_is_held_to_its_share_of_the_budget_and_other_formats_to_the_whole():
+    # Two decodes at once: a JPEG that takes the whole budget is read at half its size, so two stay within it
+    # together; a PNG cannot be read smaller and is read whole.
+    config = ImagesConfig(max_decode_bytes=1600 * 1200 * 8, max_concurrent_decodes=2)
+    jpeg = validate_image_bytes(make.jpeg(1600, 1200), config)
+    assert jpeg.info.reduced_to == (800, 600)
+    assert jpeg.info.decoded_bytes <= config.max_decode_bytes // 2
+    assert validate_image_bytes(make.png(1600, 1200), config).info.reduced_to is None
+    # One that half its size would take below the minimum side (64) takes the whole budget, as before.
+    narrow = validate_image_bytes(make.jpeg(1600, 100), ImagesConfig(max_decode_bytes=1600 * 100 * 8))
+    assert narrow.info.reduced_to is None
+
+
 def test_a_rotated_jpeg_read_at_an_eighth_restores_the_same(tmp_path):
-    config = ImagesConfig(max_decode_bytes=640 * 1280 * 8 // 60)  # a quarter is not enough, an eighth is
+    config = ImagesConfig(max_decode_bytes=640 * 1280 * 8 // 60, max_concurrent_decodes=1)  # a quarter is too big
     image = validate_image_bytes(make.jpeg_with_orientation(1280, 640, 6), config)
     assert image.pixels.size == (80, 160)
     store = ImageStore(tmp_path / "images")
