@@ -93,9 +93,10 @@ async def stand_in_worker(queue: JobQueue, every_s: float) -> None:
         if job is None:
             continue
         for step in range(1, 4):
-            await queue.update_progress(job.id, Progress(stage=Stage.DENOISING, step=step, total=3), persist=False)
+            progress = Progress(stage=Stage.DENOISING, step=step, total=3)
+            await queue.update_progress(job.id, progress, persist=False, token=job.claim_token)
             await asyncio.sleep(every_s / 8)
-        await queue.mark_failed(job.id, "the bench's stand-in worker makes no videos")
+        await queue.mark_failed(job.id, "the bench's stand-in worker makes no videos", token=job.claim_token)
 
 
 async def send_load(server: LoadTelegram, requests: int, users: int, seconds: float) -> None:

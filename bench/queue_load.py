@@ -58,7 +58,7 @@ async def measure_claims(queue: JobQueue, claims: int) -> list[float]:
         job = await queue.claim_next(MODELS[0])
         samples.append(time.perf_counter() - began)
         assert job is not None
-        await queue.mark_cancelled(job.id)
+        await queue.mark_cancelled(job.id, token=job.claim_token)
     return samples
 
 

@@ -539,7 +539,7 @@ class _ProgressReporter:
             self._last_persist = now
             self._preview_stored = True
         self._last_stage = progress.stage
-        self._track(self._queue.update_progress(self._job_id, progress, persist, self._token))
+        self._track(self._queue.update_progress(self._job_id, progress, persist, token=self._token))
 
     def show_preview(self, preview: PreviewInfo) -> None:
         self._preview = preview
@@ -548,10 +548,10 @@ class _ProgressReporter:
 
     async def _announce(self, preview: PreviewInfo) -> None:
         # A worker whose claim is gone shares no preview file: the job's new owner makes its own.
-        if self._token is not None and not await self._queue.holds_claim(self._job_id, self._token):
+        if not await self._queue.holds_claim(self._job_id, self._token):
             raise ClaimLost(f"Job #{self._job_id} is no longer this worker's; its preview is not shared.")
         await self._share_preview(self._job_id)
-        await self._queue.announce_preview(self._job_id, preview, self._token)
+        await self._queue.announce_preview(self._job_id, preview, token=self._token)
 
     def _track(self, work: Awaitable[None]) -> None:
         self._pending = [task for task in self._pending if not task.done()]

@@ -51,3 +51,8 @@ def status_answer(engine: object) -> object:
     from bot.chat.core import Person, Place
 
     return chat_core(engine).status_text(Person("u1"), Place("c1"))
+
+
+async def token_of(queue: object, job_id: int) -> str | None:
+    """The claim token of a job a test claimed without keeping it (every write of a running job needs it)."""
+    return (await queue.get(job_id)).claim_token

@@ -368,15 +368,16 @@ class JobRelay:
         self._no_uploads.clear()
         self._retry_at.pop(job.id, None)  # this is the attempt it waited for; a failure below sets the next one
         try:
-            # The caller's copy may be minutes old (the redelivery round uploads one video after another): a video
-            # delivered or given up on meanwhile, or one another process is uploading, must not go out again.
-            limit = self._upload_limit(job)
-            claim_s = UPLOADS_PER_ATTEMPT * transfers.upload_timeout_s(limit, limit)
-            claimed = await self._engine.claim_delivery(job.id, self._max_attempts, claim_s)
-            if claimed is None:
-                return
-            job = claimed
             if job.id not in self._sent_unrecorded:
+                # The caller's copy may be minutes old (the redelivery round uploads one video after another): a
+                # video delivered or given up on meanwhile, or one another process is uploading, must not go out
+                # again. (One sent but unrecorded is still this process's claim.)
+                limit = self._upload_limit(job)
+                claim_s = UPLOADS_PER_ATTEMPT * transfers.upload_timeout_s(limit, limit)
+                claimed = await self._engine.claim_delivery(job.id, self._max_attempts, claim_s)
+                if claimed is None:
+                    return
+                job = claimed
                 await self._live.settle(job.id)
                 await self._send(job)
                 self._sent_unrecorded.add(job.id)

@@ -117,7 +117,7 @@ class ModelFetcher:
         self._on_unfetchable(model_name)
         waiting = Progress(stage=Stage.QUEUED, detail="one worker could not get the model; another will try")
         for job in await self._queue.waiting_for(model_name):
-            await self._queue.update_progress(job.id, waiting, persist=False)
+            await self._queue.show_waiting_progress(job.id, waiting)
 
     async def _publish_while_running(
         self, model_name: str, latest: list[DownloadProgress], every_s: float = 0.5
@@ -135,7 +135,7 @@ class ModelFetcher:
                 latest.clear()
             if shown is not None:
                 for job in waiting:
-                    await self._queue.update_progress(job.id, shown, persist=False)
+                    await self._queue.show_waiting_progress(job.id, shown)
                 shown = None
             await asyncio.sleep(every_s)
 

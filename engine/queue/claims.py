@@ -49,8 +49,9 @@ class Claims(QueueCore):
     ) -> Job | None:
         """Atomically move the next queued job to running and return it, or None when nothing waits.
 
-        With `worker_id` the job is that worker's while it heartbeats, and gets a new `claim_token` that its writes
-        must carry (a worker silent past the lease loses the job to the queue, and its late writes are refused).
+        Each claim gets a new `claim_token` that every write to the job must carry. With `worker_id` the job is that
+        worker's while it heartbeats (a worker silent past the lease loses the job to the queue, and its late writes
+        are refused).
 
         With `preferred_model` (the one loaded), a job for it may go first, but the job that was next counts each
         time it is passed over this way, and one passed over `max_model_skips` times goes next, so nobody starves.
@@ -94,7 +95,7 @@ class Claims(QueueCore):
 
     async def _start_first_free(self, db: Tx, job_ids: list[int], worker_id: str | None) -> Row | None:
         """Start the first of these jobs still queued and not being claimed by another process; its row."""
-        token = secrets.token_hex(16) if worker_id is not None else None
+        token = secrets.token_hex(16)
         for job_id in job_ids:
             row = await db.one(
                 f"""UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, progress_json = NULL,
@@ -111,11 +112,9 @@ class Claims(QueueCore):
                 return row
         return None
 
-    async def update_progress(
-        self, job_id: int, progress: Progress, persist: bool = True, token: str | None = None
-    ) -> None:
-        """Publish progress to subscribers; `persist` also stores it (callers throttle that). With the claim's
-        `token`, a job that is no longer this claim's raises ClaimLost."""
+    async def update_progress(self, job_id: int, progress: Progress, persist: bool = True, *, token: str) -> None:
+        """Publish a running job's progress to subscribers; `persist` also stores it (callers throttle that). A job
+        that is no longer the claim `token`'s raises ClaimLost: nobody hears a late worker's steps."""
         share = self._progress_worth_sharing(job_id, progress)
         if persist or share:
             async with self._transaction() as db:
@@ -125,14 +124,24 @@ class Claims(QueueCore):
                         progress.model_dump_json(),
                         job_id,
                         token,
-                        token,
                     )
-                    if changed != 1 and token is not None:
+                    if changed != 1:
                         raise claim_lost(await self._get(db, job_id))
-                elif token is not None and not await claim_held(db, job_id, token):
-                    raise claim_lost(await self._get(db, job_id))  # nobody else hears a late worker's steps
+                elif not await claim_held(db, job_id, token):
+                    raise claim_lost(await self._get(db, job_id))
                 if share:
                     await self._share(db, EventKind.PROGRESS, job_id, progress.model_dump_json())
+                job = await self._get(db, job_id)
+        else:
+            job = await self.get(job_id)
+        self._publish(EventKind.PROGRESS, job, progress)
+
+    async def show_waiting_progress(self, job_id: int, progress: Progress) -> None:
+        """What a waiting job waits for (its model's download), shown to subscribers here and elsewhere; not stored,
+        since no claim runs the job yet."""
+        if self._progress_worth_sharing(job_id, progress):
+            async with self._transaction() as db:
+                await self._share(db, EventKind.PROGRESS, job_id, progress.model_dump_json())
                 job = await self._get(db, job_id)
         else:
             job = await self.get(job_id)
@@ -142,18 +151,18 @@ class Claims(QueueCore):
         async with self._db.reading() as db:
             return await claim_held(db, job_id, token)
 
-    async def announce_preview(self, job_id: int, preview: PreviewInfo, token: str | None = None) -> None:
-        """A running job has a new live preview: subscribers here and in other processes show it. With the claim's
-        `token`, a job that is no longer this claim's raises ClaimLost and nobody hears of the preview."""
+    async def announce_preview(self, job_id: int, preview: PreviewInfo, *, token: str) -> None:
+        """A running job has a new live preview: subscribers here and in other processes show it. A job that is no
+        longer the claim `token`'s raises ClaimLost, and nobody hears of the preview."""
         async with self._transaction() as db:
-            if token is not None and not await claim_held(db, job_id, token):
+            if not await claim_held(db, job_id, token):
                 raise claim_lost(await self._get(db, job_id))
             if self._sharing:
                 await self._share(db, EventKind.PREVIEW, job_id, preview.model_dump_json())
             job = await self._get(db, job_id)
         self._publish(EventKind.PREVIEW, job, preview=preview)
 
-    async def mark_succeeded(self, job_id: int, result: ResultInfo, token: str | None = None) -> Job:
+    async def mark_succeeded(self, job_id: int, result: ResultInfo, *, token: str) -> Job:
         return await self._finish(
             job_id,
             JobStatus.SUCCEEDED,
@@ -163,7 +172,7 @@ class Claims(QueueCore):
             token=token,
         )
 
-    async def mark_failed(self, job_id: int, user_message: str, detail: str = "", token: str | None = None) -> Job:
+    async def mark_failed(self, job_id: int, user_message: str, detail: str = "", *, token: str) -> Job:
         return await self._finish(
             job_id,
             JobStatus.FAILED,
@@ -174,7 +183,7 @@ class Claims(QueueCore):
             token=token,
         )
 
-    async def mark_cancelled(self, job_id: int, token: str | None = None) -> Job:
+    async def mark_cancelled(self, job_id: int, *, token: str) -> Job:
         return await self._finish(job_id, JobStatus.CANCELLED, EventKind.CANCELLED, "", (), token=token)
 
     async def _finish(
@@ -185,9 +194,10 @@ class Claims(QueueCore):
         extra_sql: str,
         extra: tuple[Any, ...],
         detail: str | None = None,
-        token: str | None = None,
+        *,
+        token: str,
     ) -> Job:
-        """End a running job; with the claim's `token`, only if this claim still runs it (else ClaimLost)."""
+        """End a running job, only while the claim `token` still runs it (else ClaimLost)."""
         assignments = "status = ?, finished_at = ?" + (f", {extra_sql}" if extra_sql else "")
         async with self._transaction() as db:
             changed = await db.run(
@@ -197,20 +207,17 @@ class Claims(QueueCore):
                 *extra,
                 job_id,
                 token,
-                token,
             )
             job = await self._get(db, job_id)
-            if changed != 1 and token is not None:
-                raise claim_lost(job)
             if changed != 1:
-                raise InvalidTransition(f"Job #{job_id} is {job.status}, not running; it cannot become {status}.")
+                raise claim_lost(job)
             await self._log(db, job_id, kind, detail)
         self._publish(kind, job)
         return job
 
-    async def requeue(self, job_id: int, reason: str, token: str | None = None) -> Job:
-        """Put a running job back at the head of its turn, not counting the interrupted attempt (with the claim's
-        `token`: only if this claim still runs it, else ClaimLost). A job not running is left as it is, unannounced."""
+    async def requeue(self, job_id: int, reason: str, *, token: str) -> Job:
+        """Put a running job back at the head of its turn, not counting the interrupted attempt, while the claim
+        `token` still runs it (else ClaimLost). A job not running is left as it is, unannounced."""
         async with self._transaction() as db:
             changed = await db.run(
                 f"""UPDATE jobs SET status = 'queued', started_at = NULL, progress_json = NULL, claim_token = NULL,
@@ -218,10 +225,9 @@ class Claims(QueueCore):
                     WHERE id = ? AND status = 'running'{CLAIMED_SQL}""",
                 job_id,
                 token,
-                token,
             )
             job = await self._get(db, job_id)
-            if changed != 1 and token is not None:
+            if changed != 1 and job.status is JobStatus.RUNNING:
                 raise claim_lost(job)
             if changed != 1:
                 return job

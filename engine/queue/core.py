@@ -59,8 +59,8 @@ EVENTS_CHANNEL = "wanbot_events"  # PostgreSQL's NOTIFY channel: "there are new 
 # paced far slower, and a row a step would be a write a step.
 SHARED_PROGRESS_EVERY_S = 0.25
 
-# Appended to a job's WHERE: the claim token matches, unless the caller gave none (it does not hold a claim).
-CLAIMED_SQL = " AND (CAST(? AS TEXT) IS NULL OR claim_token = ?)"
+# Appended to a job's WHERE: only the claim that runs the job (its token) writes to it.
+CLAIMED_SQL = " AND claim_token = ?"
 
 
 class QueueCore:

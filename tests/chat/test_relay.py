@@ -14,7 +14,7 @@ from engine.jobs import DeliveryStatus, Progress, Stage
 from engine.queue.core import WORKER_STOPPED
 from engine.service import Engine
 from engine.storage.images import Mode
-from tests.factories import ADMIN, params, source
+from tests.factories import ADMIN, params, source, token_of
 from tests.roles.test_supervision import FakePlatform, finished_job, relay_for
 from tests.running import until
 
@@ -39,11 +39,13 @@ async def test_after_stopping_no_progress_or_cancel_button_is_shown_again(engine
         queued = await engine._queue.enqueue(source(), Mode.T2V, "tiny", params())
         job_id = queued.job.id
         await engine._queue.claim_next()
-        await engine._queue.update_progress(job_id, STEP)
+        await engine._queue.update_progress(job_id, STEP, token=await token_of(engine._queue, job_id))
         await until(lambda: any("1/4" in text for text in platform.texts.get(job_id, [])), 5, "progress")
         await engine.cancel(job_id, ADMIN)
-        await engine._queue.update_progress(job_id, STEP.model_copy(update={"step": 2}))  # the step under way ends
-        await engine._queue.mark_cancelled(job_id)
+        await engine._queue.update_progress(
+            job_id, STEP.model_copy(update={"step": 2}), token=await token_of(engine._queue, job_id)
+        )  # the step under way ends
+        await engine._queue.mark_cancelled(job_id, token=await token_of(engine._queue, job_id))
         await until(lambda: "was cancelled" in platform.texts[job_id][-1], 5, "the end")
     stopping = platform.texts[job_id].index(f"Job #{job_id} is stopping…")
     assert platform.texts[job_id][stopping + 1 :] == [f"Job #{job_id} was cancelled."]
@@ -55,11 +57,11 @@ async def test_a_job_started_again_after_a_restart_says_so(engine: Engine):
     async with following(engine, platform, ChatConfig(edit_interval_s=0)):
         first = (await engine._queue.enqueue(source("a", "1"), Mode.T2V, "tiny", params())).job.id
         await engine._queue.claim_next()
-        await engine._queue.requeue(first, WORKER_STOPPED)
+        await engine._queue.requeue(first, WORKER_STOPPED, token=await token_of(engine._queue, first))
         await engine._queue.claim_next()
         await until(lambda: texts.RESTARTED in platform.texts.get(first, [""])[-1], 5, "the restart note")
         second = (await engine._queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())).job.id
-        await engine._queue.mark_cancelled(first)
+        await engine._queue.mark_cancelled(first, token=await token_of(engine._queue, first))
         await engine._queue.claim_next()
         await until(lambda: "starting" in platform.texts.get(second, [""])[-1], 5, "the second job's start")
     assert texts.RESTARTED not in platform.texts[second][-1]  # a first start says nothing of the kind
@@ -85,7 +87,9 @@ async def test_a_waiting_job_is_shown_its_wait_again_while_the_job_ahead_runs(en
         waiting = (await engine._queue.enqueue(source("b", "2"), Mode.T2V, "tiny", params())).job.id
         await engine._queue.claim_next()
         for eta_s, wait in ((90, "1m 30s"), (60, "1m 00s")):
-            await engine._queue.update_progress(running, STEP.model_copy(update={"eta_s": eta_s}))
+            await engine._queue.update_progress(
+                running, STEP.model_copy(update={"eta_s": eta_s}), token=await token_of(engine._queue, running)
+            )
             said = f"position 1, about {wait} to wait."
             await until(lambda said=said: said in platform.texts.get(waiting, [""])[-1], 5, f"the wait of {wait}")
 

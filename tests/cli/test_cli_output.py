@@ -126,7 +126,7 @@ def enqueue_jobs(data: Path) -> None:
         await queue.enqueue(source, Mode.T2V, "tiny-t2v", params("a hare", seed=77, width=96, height=64))
         waiting = await queue.claim_next()
         assert waiting is not None
-        await queue.requeue(waiting.id, "waiting for the model download")
+        await queue.requeue(waiting.id, "waiting for the model download", token=waiting.claim_token)
         await queue.heartbeat(WorkerRecord(id="gpu-a/cuda:0/7-ab", host="gpu-a", pid=7, device="cuda:0", started_at=0))
         failed = await queue.claim_next(exclude_models=[LONG_MODEL], worker_id="gpu-a/cuda:0/7-ab")
         assert failed is not None

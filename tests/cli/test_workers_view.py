@@ -109,8 +109,8 @@ async def test_workers_and_status_agree_on_names_counts_and_a_finished_job(tmp_p
     """A worker's record still names a job for a heartbeat after the job ended: neither view shows it working."""
     source = JobSource(platform="cli", chat_id="c", user_id="u")
     done_job = (await engine.submit(GenerationRequest(mode=Mode.T2V, prompt="a fox"), source)).result.job
-    await engine._queue.claim_next()
-    await engine._queue.mark_succeeded(done_job.id, result_for_child())
+    claimed = await engine._queue.claim_next()
+    await engine._queue.mark_succeeded(done_job.id, result_for_child(), token=claimed.claim_token)
     stale = record("gpu-a", state=WorkerState.WORKING, current_job=done_job.id, loaded_model="tiny-t2v")
     await heartbeat(engine.settings.database_url, stale, record("gpu-b"))
     status = (await core_for(engine).status_text(ALICE, HERE)).splitlines()
@@ -199,7 +199,9 @@ async def test_status_shows_each_online_worker_and_what_it_does(engine):
     await engine.submit(GenerationRequest(mode=Mode.T2V, prompt="a hare"), source)
     claimed = await engine._queue.claim_next()
     assert claimed is not None and claimed.id == making.id
-    await engine._queue.update_progress(making.id, Progress(stage=Stage.DENOISING, step=5, total=20))
+    await engine._queue.update_progress(
+        making.id, Progress(stage=Stage.DENOISING, step=5, total=20), token=claimed.claim_token
+    )
     url = engine.settings.database_url
     await heartbeat(
         url,

@@ -213,7 +213,8 @@ async def test_the_sweep_removes_previews_of_jobs_not_running_and_old_temporary_
     running = (await queue.enqueue(source("a"), Mode.T2V, "tiny", params())).job.id
     await queue.claim_next()
     ended = (await queue.enqueue(source("b"), Mode.T2V, "tiny", params())).job.id
-    await queue.mark_failed((await queue.claim_next()).id, "no")
+    claimed = await queue.claim_next()
+    await queue.mark_failed(claimed.id, "no", token=claimed.claim_token)
     folder = tmp_path / "previews"
     folder.mkdir()
     for name in (f"job-{running}.jpg", f"job-{ended}.jpg", "job-999.jpg", ".job-3.x1y2.jpg", ".job-4.new.jpg"):

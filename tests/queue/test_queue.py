@@ -24,7 +24,7 @@ from engine.queue.sqlite import MIGRATIONS, split_sql
 from engine.storage.cleanup import remove_delivered_videos, remove_unused_images
 from engine.storage.images import ImageInfo, ImageStore, Mode, validate_image_bytes
 from tests import imagefactory
-from tests.factories import ADMIN, owner, params, source
+from tests.factories import ADMIN, owner, params, source, token_of
 
 REPO = Path(__file__).resolve().parents[2]
 # Every test that takes `queue` runs on SQLite and on PostgreSQL.
@@ -99,7 +99,7 @@ async def test_daily_limit_counts_what_used_or_may_use_the_gpu_and_says_when_the
 
     done = await ask("m0")
     await clocked.claim_next()
-    await clocked.mark_succeeded(done.job.id, result())
+    await clocked.mark_succeeded(done.job.id, result(), token=await token_of(clocked, done.job.id))
     now[0] += 3600
     never_started = await ask("m1")
     await clocked.cancel(never_started.job.id, owner("alice"))  # a job cancelled while waiting is not counted
@@ -123,7 +123,7 @@ async def test_claim_is_round_robin_between_users_then_priority_then_age(queue: 
     order = []
     while (job := await queue.claim_next()) is not None:
         order.append(job.params.prompt)
-        await queue.mark_succeeded(job.id, result())
+        await queue.mark_succeeded(job.id, result(), token=job.claim_token)
     # Everyone's first job before anyone's second; carol's urgent job is her first turn.
     assert order[:3] == ["carol urgent", "alice 0", "bob 0"]
     assert order[3:] == ["carol 0", "alice 1", "alice 2"]
@@ -133,7 +133,7 @@ async def test_a_user_served_recently_waits_behind_a_newcomer(queue: JobQueue):
     for index in range(3):
         await queue.enqueue(source("alice", f"a{index}"), Mode.T2V, "tiny", params(f"alice {index}"))
     first = await queue.claim_next()
-    await queue.mark_succeeded(first.id, result())
+    await queue.mark_succeeded(first.id, result(), token=first.claim_token)
     await queue.enqueue(source("bob", "b0"), Mode.T2V, "tiny", params("bob 0"))
     assert (await queue.claim_next()).params.prompt == "bob 0"
 
@@ -149,7 +149,7 @@ async def test_position_follows_the_claim_order_and_has_an_eta(queue: JobQueue):
     assert places[1].eta_s is None  # no finished job yet to estimate from
     assert (await clocked.claim_next()).id == first.job.id
     now[0] += 30
-    await clocked.mark_succeeded(first.job.id, result())
+    await clocked.mark_succeeded(first.job.id, result(), token=await token_of(clocked, first.job.id))
     assert (await clocked.claim_next()).id == bob.job.id
     now[0] += 10
     waiting = await clocked.position(second.job.id)
@@ -157,7 +157,11 @@ async def test_position_follows_the_claim_order_and_has_an_eta(queue: JobQueue):
     assert waiting.eta_s == pytest.approx(20.0)  # a typical job takes 30 s and bob's has run for 10
     assert await clocked.position(bob.job.id) is None
     # Once bob's job reports its own estimate (from its step times), that is the wait of the job behind it.
-    await clocked.update_progress(bob.job.id, Progress(stage=Stage.DENOISING, step=2, total=40, eta_s=95.0))
+    await clocked.update_progress(
+        bob.job.id,
+        Progress(stage=Stage.DENOISING, step=2, total=40, eta_s=95.0),
+        token=await token_of(clocked, bob.job.id),
+    )
     assert (await clocked.position(second.job.id)).eta_s == pytest.approx(95.0)
     carol = await clocked.enqueue(source("carol", "c0"), Mode.T2V, "tiny", params())  # not served yet: goes first
     assert (await clocked.position(carol.job.id)).eta_s == pytest.approx(95.0)
@@ -171,7 +175,9 @@ async def test_a_wait_counts_runs_of_the_same_model_and_says_unknown_rather_than
     tiny = await clocked.enqueue(source("alice", "a0"), Mode.T2V, "tiny", params())
     now[0] += 2
     await clocked.claim_next()
-    await clocked.mark_succeeded(tiny.job.id, result())  # a tiny video takes 2 s
+    await clocked.mark_succeeded(
+        tiny.job.id, result(), token=await token_of(clocked, tiny.job.id)
+    )  # a tiny video takes 2 s
     big = await clocked.enqueue(source("alice", "a1"), Mode.T2V, "big", params())
     waiting = await clocked.enqueue(source("alice", "a2"), Mode.T2V, "big", params())
     assert (await clocked.claim_next()).id == big.job.id
@@ -182,10 +188,10 @@ async def test_a_wait_counts_runs_of_the_same_model_and_says_unknown_rather_than
         Progress(stage=Stage.DOWNLOADING, eta_s=5.0),
         Progress(stage=Stage.DENOISING, step=1, total=60, eta_s=4.0, eta_steps_only=True),
     ):
-        await clocked.update_progress(big.job.id, partial)
+        await clocked.update_progress(big.job.id, partial, token=await token_of(clocked, big.job.id))
         assert (await clocked.position(waiting.job.id)).eta_s is None
     now[0] += 300
-    await clocked.mark_succeeded(big.job.id, result())
+    await clocked.mark_succeeded(big.job.id, result(), token=await token_of(clocked, big.job.id))
     assert (await clocked.claim_next()).id == waiting.job.id
     behind = await clocked.enqueue(source("alice", "a3"), Mode.T2V, "big", params())
     now[0] += 100
@@ -200,10 +206,16 @@ async def test_a_wait_counts_every_online_worker_idle_ones_at_once(queue: JobQue
     done = await clocked.enqueue(source("zed", "z0"), Mode.T2V, "tiny", params())
     await clocked.claim_next()
     now[0] += 100
-    await clocked.mark_succeeded(done.job.id, result())  # a video takes 100 s
+    await clocked.mark_succeeded(
+        done.job.id, result(), token=await token_of(clocked, done.job.id)
+    )  # a video takes 100 s
     running = await clocked.enqueue(source("ann", "a0"), Mode.T2V, "tiny", params())
     await clocked.claim_next()
-    await clocked.update_progress(running.job.id, Progress(stage=Stage.DENOISING, step=2, total=4, eta_s=60.0))
+    await clocked.update_progress(
+        running.job.id,
+        Progress(stage=Stage.DENOISING, step=2, total=4, eta_s=60.0),
+        token=await token_of(clocked, running.job.id),
+    )
     first, second = [
         (await clocked.enqueue(source(user, f"{user}0"), Mode.T2V, "tiny", params())).job.id for user in ("bob", "cy")
     ]
@@ -226,7 +238,7 @@ async def test_decode_and_encode_times_are_scaled_from_the_models_latest_videos(
         await queue.enqueue(source("alice", f"m{decode_s}"), Mode.T2V, "tiny", params())
         job = await queue.claim_next()
         timed = result().model_copy(update={"timings": {"decode_s": decode_s, "encode_s": encode_s}})
-        await queue.mark_succeeded(job.id, timed)  # each 64x64, 5 frames
+        await queue.mark_succeeded(job.id, timed, token=job.claim_token)  # each 64x64, 5 frames
     twice_the_pixels = await queue.finish_times("tiny", 2 * 64 * 64 * 5)
     assert (twice_the_pixels.decode_s, twice_the_pixels.encode_s) == (pytest.approx(6.0), pytest.approx(4.0))
     assert await queue.finish_times("other", 64 * 64 * 5) is None
@@ -235,9 +247,9 @@ async def test_decode_and_encode_times_are_scaled_from_the_models_latest_videos(
 async def test_terminal_states_never_change(queue: JobQueue):
     added = await queue.enqueue(source(), Mode.T2V, "tiny", params())
     job = await queue.claim_next()
-    await queue.mark_succeeded(job.id, result())
+    await queue.mark_succeeded(job.id, result(), token=job.claim_token)
     with pytest.raises(InvalidTransition):
-        await queue.mark_failed(job.id, "late failure")
+        await queue.mark_failed(job.id, "late failure", token=job.claim_token)
     with pytest.raises(InvalidTransition, match="already finished"):
         await queue.cancel(job.id, owner())
     with pytest.raises((sqlite3.IntegrityError, asyncpg.RaiseError), match="terminal job status cannot change"):
@@ -258,7 +270,9 @@ async def test_cancel_queued_is_immediate_and_running_sets_a_request(queue: JobQ
     requested = await queue.cancel(running.job.id, owner("bob"))
     assert requested.status is JobStatus.RUNNING and requested.cancel_requested
     assert await queue.is_cancel_requested(running.job.id)
-    assert (await queue.mark_cancelled(running.job.id)).status is JobStatus.CANCELLED
+    assert (
+        await queue.mark_cancelled(running.job.id, token=await token_of(queue, running.job.id))
+    ).status is JobStatus.CANCELLED
 
 
 async def test_only_owner_or_admin_may_cancel(queue: JobQueue):
@@ -279,7 +293,7 @@ async def test_cancel_racing_the_claim_never_runs_a_cancelled_job(queue: JobQueu
         final = await queue.get(added.job.id)
         if claimed is not None and not isinstance(claimed, BaseException):
             assert final.status is JobStatus.RUNNING and final.cancel_requested
-            await queue.mark_cancelled(final.id)
+            await queue.mark_cancelled(final.id, token=final.claim_token)
         else:
             assert final.status is JobStatus.CANCELLED
         assert not isinstance(cancelled, BaseException)
@@ -288,7 +302,7 @@ async def test_cancel_racing_the_claim_never_runs_a_cancelled_job(queue: JobQueu
 async def test_retry_creates_a_new_linked_job(queue: JobQueue):
     added = await queue.enqueue(source("alice", "a1"), Mode.T2V, "tiny", params())
     job = await queue.claim_next()
-    await queue.mark_failed(job.id, "It broke.", "trace")
+    await queue.mark_failed(job.id, "It broke.", "trace", token=job.claim_token)
     with pytest.raises(NotAllowed):
         await queue.retry(added.job.id, owner("bob"))
     again = await queue.retry(added.job.id, owner("alice"))
@@ -315,7 +329,7 @@ async def test_crash_recovery_requeues_then_fails_after_max_attempts(queue: JobQ
 async def test_requeue_on_shutdown_does_not_count_the_attempt(queue: JobQueue):
     await queue.enqueue(source("alice", "a1"), Mode.T2V, "tiny", params())
     job = await queue.claim_next()
-    requeued = await queue.requeue(job.id, "shutting down")
+    requeued = await queue.requeue(job.id, "shutting down", token=job.claim_token)
     assert requeued.status is JobStatus.QUEUED and requeued.attempts == 0
 
 
@@ -326,7 +340,7 @@ async def test_preferred_model_goes_first_but_only_a_bounded_number_of_times(que
     order = []
     while (job := await queue.claim_next(preferred_model="model-a", max_model_skips=2)) is not None:
         order.append(job.params.prompt)
-        await queue.mark_succeeded(job.id, result())
+        await queue.mark_succeeded(job.id, result(), token=job.claim_token)
     assert order[:3] == ["a0", "a1", "needs b"]
 
 
@@ -334,8 +348,10 @@ async def test_progress_and_events_reach_subscribers(queue: JobQueue):
     inbox = queue.events.subscribe()
     added = await queue.enqueue(source(), Mode.T2V, "tiny", params())
     job = await queue.claim_next()
-    await queue.update_progress(job.id, Progress(stage=Stage.DENOISING, step=1, total=2, eta_s=3.0))
-    await queue.mark_succeeded(job.id, result())
+    await queue.update_progress(
+        job.id, Progress(stage=Stage.DENOISING, step=1, total=2, eta_s=3.0), token=job.claim_token
+    )
+    await queue.mark_succeeded(job.id, result(), token=job.claim_token)
     kinds = [(await inbox.get()).kind for _ in range(4)]
     assert kinds == [EventKind.ENQUEUED, EventKind.STARTED, EventKind.PROGRESS, EventKind.SUCCEEDED]
     assert (await queue.get(added.job.id)).progress.step == 1
@@ -345,7 +361,7 @@ async def test_progress_and_events_reach_subscribers(queue: JobQueue):
 async def test_delivery_is_tracked_apart_from_generation(queue: JobQueue):
     await queue.enqueue(source(platform="discord"), Mode.T2V, "tiny", params())
     job = await queue.claim_next()
-    done = await queue.mark_succeeded(job.id, result())
+    done = await queue.mark_succeeded(job.id, result(), token=job.claim_token)
     assert done.delivery_status is DeliveryStatus.PENDING
     assert [pending.id for pending in await queue.undelivered("discord")] == [job.id]
     assert await queue.undelivered("telegram") == []
@@ -366,7 +382,7 @@ async def test_redeliver_sends_a_stored_video_again_and_nothing_else(queue: JobQ
     job = await queue.claim_next()
     with pytest.raises(InvalidTransition, match="no undelivered video"):
         await queue.redeliver(job.id)  # still running
-    await queue.mark_succeeded(job.id, result(str(video)))
+    await queue.mark_succeeded(job.id, result(str(video)), token=job.claim_token)
     for attempt in range(3):
         await queue.mark_delivery_failed(job.id, f"413 too large ({attempt})")
     assert await queue.undelivered("discord", max_attempts=3) == []  # the bot gave up
@@ -379,7 +395,7 @@ async def test_redeliver_sends_a_stored_video_again_and_nothing_else(queue: JobQ
         await queue.redeliver(job.id)  # no second copy by accident
     await queue.enqueue(source(platform="discord", message="m2"), Mode.T2V, "tiny", params())
     gone = await queue.claim_next()
-    await queue.mark_succeeded(gone.id, result(str(tmp_path / "deleted.mp4")))
+    await queue.mark_succeeded(gone.id, result(str(tmp_path / "deleted.mp4")), token=gone.claim_token)
     await queue.mark_delivery_failed(gone.id, "timeout")
     with pytest.raises(InvalidTransition, match="no longer on disk"):
         await queue.redeliver(gone.id)
@@ -404,7 +420,7 @@ async def test_unused_images_are_removed_after_retention(queue: JobQueue, tmp_pa
     await queue.enqueue(source("b", "2"), Mode.I2V, "tiny", params(), [gone])
     job = await queue.claim_next()
     finished = job.id if job.images[0].sha256 == gone.sha256 else (await queue.claim_next()).id
-    await queue.mark_failed(finished, "x")
+    await queue.mark_failed(finished, "x", token=await token_of(queue, finished))
     assert await remove_unused_images(queue, store, retention_s=3600, grace_s=0) == 1
     assert not store.path_for(orphan.sha256).exists()
     assert await remove_unused_images(queue, store, retention_s=-1, grace_s=0) == 1
@@ -417,7 +433,7 @@ async def test_delivered_videos_are_removed_after_retention_and_undelivered_ones
     delivered, given_up, waiting = [await queue.enqueue(source(u, u), Mode.T2V, "tiny", params()) for u in "abc"]
     for _ in range(3):
         job = await queue.claim_next()
-        await queue.mark_succeeded(job.id, result(str(outputs / f"job-{job.id}.mp4")))
+        await queue.mark_succeeded(job.id, result(str(outputs / f"job-{job.id}.mp4")), token=job.claim_token)
     await queue.mark_delivered(delivered.job.id)
     await queue.mark_delivery_failed(given_up.job.id, "chat not found", attempts_at_least=5)
     files = {
@@ -514,7 +530,7 @@ CHILD = textwrap.dedent(
             print("enqueued", added.job.id, flush=True)
             job = await queue.claim_next()
             if job is not None:
-                await queue.mark_succeeded(job.id, result_for_child())
+                await queue.mark_succeeded(job.id, result_for_child(), token=job.claim_token)
                 print("succeeded", job.id, flush=True)
             index += 1
 
@@ -564,14 +580,14 @@ async def test_positions_always_match_the_claim_order(queue: JobQueue):
         )
         if rng.random() < 0.2:  # some users get served in between, so their last turn moves on
             job = await queue.claim_next()
-            await queue.mark_succeeded(job.id, result())
+            await queue.mark_succeeded(job.id, result(), token=job.claim_token)
     claimed = 0
     while waiting := await queue.list_jobs([JobStatus.QUEUED], limit=1000):
         places = {job.id: (await queue.position(job.id)).position for job in waiting}
         assert sorted(places.values()) == list(range(1, len(waiting) + 1))
         job = await queue.claim_next()
         assert places[job.id] == 1
-        await queue.mark_succeeded(job.id, result())
+        await queue.mark_succeeded(job.id, result(), token=job.claim_token)
         claimed += 1
     assert claimed > 30
 

@@ -212,7 +212,9 @@ async def test_a_stale_worker_shows_no_preview_and_a_requeue_of_a_job_not_runnin
     assert await queue.holds_claim(job.id, again.claim_token)
     await queue.announce_preview(job.id, preview, token=again.claim_token)
     await queue.mark_succeeded(job.id, result(), token=again.claim_token)
-    assert (await queue.requeue(job.id, "stopping")).status is JobStatus.SUCCEEDED  # not running: left as it is
+    assert (
+        await queue.requeue(job.id, "stopping", token=job.claim_token)
+    ).status is JobStatus.SUCCEEDED  # not running: left as it is
 
     kinds = [(await asyncio.wait_for(heard.get(), timeout=5)).kind for _ in range(2)]
     assert kinds == [EventKind.PREVIEW, EventKind.SUCCEEDED]  # the new owner's preview and end, nothing else
@@ -226,7 +228,7 @@ async def test_a_stale_worker_shows_no_preview_and_a_requeue_of_a_job_not_runnin
 
 async def finished(queue: JobQueue) -> int:
     job = await claimed_by(queue, "w1")
-    await queue.mark_succeeded(job.id, result(), job.claim_token)
+    await queue.mark_succeeded(job.id, result(), token=job.claim_token)
     return job.id
 
 
@@ -280,3 +282,25 @@ async def test_a_stopping_process_hands_its_uploads_on(clocked):
     await queue.claim_delivery(job_id, "serve-a", max_attempts=5, claim_s=300)
     await queue.release_deliveries("serve-a")
     assert await queue.claim_delivery(job_id, "serve-b", max_attempts=5, claim_s=300) is not None
+
+
+async def test_every_write_to_a_running_job_needs_its_claim(queue: JobQueue):
+    """No write without the claim's token: a writer that never held the claim (or names none) changes nothing and
+    publishes nothing."""
+    job = await claimed_by(queue, "w1")
+    heard = queue.events.subscribe()
+    progress = Progress(stage=Stage.DENOISING, step=1, total=4)
+    preview = PreviewInfo(seq=1, step=1, path="p.jpg", width=64, height=64)
+    for stranger in (None, "not-the-token"):
+        for write in (
+            queue.update_progress(job.id, progress, token=stranger),
+            queue.announce_preview(job.id, preview, token=stranger),
+            queue.mark_succeeded(job.id, result(), token=stranger),
+            queue.mark_failed(job.id, "no", token=stranger),
+            queue.mark_cancelled(job.id, token=stranger),
+            queue.requeue(job.id, "stopping", token=stranger),
+        ):
+            with pytest.raises(ClaimLost):
+                await write
+    assert heard.caught_up()  # nothing was published
+    assert (await queue.get(job.id)).status is JobStatus.RUNNING

@@ -32,7 +32,7 @@ CLAIMER = textwrap.dedent(
         sys.stdin.readline()  # all workers start claiming together
         while (job := await queue.claim_next()) is not None:
             print(job.id, flush=True)
-            await queue.mark_succeeded(job.id, result_for_child())
+            await queue.mark_succeeded(job.id, result_for_child(), token=job.claim_token)
             # A real job takes a while: without a pause one process, back first from its write, can take every
             # job of a SQLite file before the other gets the lock once (seen on a loaded machine).
             await asyncio.sleep(0.002)

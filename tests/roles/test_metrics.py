@@ -117,8 +117,8 @@ async def test_metrics_show_jobs_workers_times_and_failed_deliveries(queue: JobQ
         ]
         await queue.cancel(added[4].job.id, owner("u4"))
         first, second, third = [await queue.claim_next(worker_id="w1") for _ in range(3)]
-        await queue.mark_succeeded(first.id, result())
-        await queue.mark_failed(second.id, "It broke.", "detail")
+        await queue.mark_succeeded(first.id, result(), token=first.claim_token)
+        await queue.mark_failed(second.id, "It broke.", "detail", token=second.claim_token)
         await queue.mark_delivery_failed(first.id, "upload refused")
         await queue.heartbeat(worker("w1", WorkerState.WORKING, current_job=third.id, free_memory_bytes=2**30))
         await queue.heartbeat(worker("w2", WorkerState.IDLE))

@@ -112,5 +112,5 @@ async def _a_finished_video(queue: JobQueue, outputs: Path) -> int:
     made = ResultInfo(
         path=str(video), bytes=4096, width=64, height=64, frames=5, fps=16, duration_s=0.3, model="tiny", seed=1
     )
-    await queue.mark_succeeded(job.id, made, claimed.claim_token)
+    await queue.mark_succeeded(job.id, made, token=claimed.claim_token)
     return job.id

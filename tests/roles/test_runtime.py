@@ -129,7 +129,9 @@ async def test_video_names_are_unique_and_clean_up_keeps_another_queues_video_wi
         theirs = outputs / output_name(job.id)  # made by a queue that was started over; its job 1 was another video
         for video in (ours, theirs, ours.with_name(f"{ours.stem}.fit-10485760.mp4")):
             video.write_bytes(b"video")
-        await queue.mark_succeeded(job.id, result_for_child().model_copy(update={"path": str(ours)}))
+        await queue.mark_succeeded(
+            job.id, result_for_child().model_copy(update={"path": str(ours)}), token=job.claim_token
+        )
         await queue.mark_delivered(job.id)
         assert await remove_delivered_videos(queue, outputs, retention_s=-1) == 2
         assert sorted(os.listdir(outputs)) == [theirs.name]

@@ -298,7 +298,7 @@ async def finished_job(queue: JobQueue, video: Path) -> int:
     result = ResultInfo(
         path=str(video), bytes=5, width=64, height=64, frames=5, fps=16, duration_s=0.3, model="tiny", seed=1
     )
-    await queue.mark_succeeded(job.id, result)
+    await queue.mark_succeeded(job.id, result, token=job.claim_token)
     return created.job.id
 
 

@@ -21,7 +21,7 @@ from engine.storage.shared_files import DatabaseFiles, LocalFiles, SharedFiles, 
 from engine.worker import output_name
 from tests import imagefactory
 from tests.conftest import postgres_schema
-from tests.factories import params, source
+from tests.factories import params, source, token_of
 
 
 @pytest.fixture
@@ -215,7 +215,7 @@ async def test_clean_up_removes_the_shared_copies_of_unused_images(
     await pg_queue.enqueue(source("b", "2"), Mode.I2V, "tiny", params(), [gone])
     job = await pg_queue.claim_next()
     finished = job.id if job.images[0].sha256 == gone.sha256 else (await pg_queue.claim_next()).id
-    await pg_queue.mark_failed(finished, "x")
+    await pg_queue.mark_failed(finished, "x", token=await token_of(pg_queue, finished))
 
     # Within the grace an image may be about to be enqueued: it stays.
     assert await remove_unused_images(pg_queue, store, retention_s=-1, grace_s=3600, files=files) == 0
@@ -244,7 +244,7 @@ async def test_clean_up_removes_the_shared_copies_of_delivered_videos(
         videos[job.id] = worker / f"job-{job.id}-{job.id:08x}.mp4"
         videos[job.id].write_bytes(b"video")
         await files.publish("video", videos[job.id])
-        await pg_queue.mark_succeeded(job.id, result(videos[job.id]))
+        await pg_queue.mark_succeeded(job.id, result(videos[job.id]), token=job.claim_token)
     fetched, never_here, waiting = jobs
     await files.ensure_local("video", outputs / videos[fetched].name)  # the serving process delivered it from here
     await pg_queue.mark_delivered(fetched)
@@ -268,7 +268,8 @@ async def test_clean_up_removes_the_shared_previews_of_jobs_that_ended(
     running = (await pg_queue.enqueue(source("a"), Mode.T2V, "tiny", params())).job.id
     await pg_queue.claim_next()
     ended = (await pg_queue.enqueue(source("b"), Mode.T2V, "tiny", params())).job.id
-    await pg_queue.mark_failed((await pg_queue.claim_next()).id, "no")
+    claimed = await pg_queue.claim_next()
+    await pg_queue.mark_failed(claimed.id, "no", token=claimed.claim_token)
     worker = tmp_path / "worker"
     worker.mkdir()
     for job_id in (running, ended, 999):
@@ -309,9 +310,9 @@ async def test_redeliver_finds_a_video_that_only_the_database_holds(
     made.parent.mkdir()
     made.write_bytes(b"an mp4")
     job = (await pg_queue.enqueue(source("alice"), Mode.T2V, "tiny", params())).job
-    await pg_queue.claim_next()
+    claimed = await pg_queue.claim_next()
     await files.publish("video", made)
-    await pg_queue.mark_succeeded(job.id, result(made))
+    await pg_queue.mark_succeeded(job.id, result(made), token=claimed.claim_token)
     await pg_queue.mark_delivery_failed(job.id, "too large", attempts_at_least=5)
     made.unlink()  # not on this machine
     assert (await pg_queue.redeliver(job.id)).delivery_status.value == "pending"
@@ -338,7 +339,7 @@ async def test_the_video_of_a_worker_killed_before_it_recorded_the_end_is_swept_
     made.write_bytes(b"the video")
     await files.publish("video", made)
     assert await remove_delivered_videos(pg_queue, worker, 3600, temp_grace_s=0, files=files) == 0  # still running
-    await pg_queue.mark_succeeded(job_id, result(made))
+    await pg_queue.mark_succeeded(job_id, result(made), token=await token_of(pg_queue, job_id))
     assert await remove_delivered_videos(pg_queue, worker, 3600, temp_grace_s=0, files=files) == 1
     assert os.listdir(worker) == [made.name]
     assert await files.names("video") == {made.name}
