@@ -19,6 +19,16 @@ class UserError(Exception):
         return f"{self.message} {self.hint}".strip()
 
 
+class ModelUnusable(UserError):
+    """The model a job names cannot be used on this machine (not downloaded, its folder gone or not a model): the
+    operator's to fix. Its message and hint go to the log and `queue show`; the job's owner gets
+    `model_unusable_text`, which has no advice meant for the operator."""
+
+
+def model_unusable_text(job_id: int, mode: str) -> str:
+    return f"Sorry, video #{job_id} could not be made: this bot's {mode} model is not ready. The admin has been told."
+
+
 class Unavailable(UserError):
     """A service wanbot needs (its database server, a chat platform) cannot be reached now: starting again later may
     work (exit code 1, which systemd restarts), unlike a mistake in the settings (exit code 2, which it does not)."""

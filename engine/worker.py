@@ -25,7 +25,7 @@ from pathlib import Path
 import av
 
 from engine.config import Settings
-from engine.errors import ClaimLost, UserError
+from engine.errors import ClaimLost, ModelUnusable, UserError, model_unusable_text
 from engine.hub.downloads import Downloader
 from engine.hub.fetcher import ModelFetcher
 from engine.jobs import EventKind, Job, PreviewInfo, Progress, ResultInfo, Stage, WorkerRecord, WorkerState
@@ -222,15 +222,9 @@ class Worker:
         try:
             missing = self._fetcher.missing(job.model, job.mode)
         except UserError as exc:
-            # The job's local model folder went away while it waited: its owner is told (without the server's
-            # paths), the loop goes on.
-            log.error("model of job=%s is gone: %s", job.id, exc)
-            message = (
-                f"Video #{job.id} could not be made: its model is no longer on this server. "
-                f"An admin can check models.{job.mode.value} in the configuration."
-            )
-            failed = partial(self._queue.mark_failed, job.id, message, str(exc), token=job.claim_token)
-            await self._finish(job.id, "fail", failed)
+            # The job's model cannot be found or read here (its folder went away while it waited, or serve names a
+            # model this worker's machine lacks): the loop goes on.
+            await self._fail_unusable_model(job, job.claim_token, exc)
             return True
         if missing:
             # Back to the queue until its model is here; jobs for other models go on meanwhile.
@@ -317,6 +311,9 @@ class Worker:
         except JobCancelled:
             await reporter.drain()
             await self._finish(job.id, "cancel", partial(self._queue.mark_cancelled, job.id, token=token))
+        except ModelUnusable as exc:
+            await reporter.drain()
+            await self._fail_unusable_model(job, token, exc)
         except UserError as exc:
             await reporter.drain()
             detail = f"{type(exc).__name__}: {exc}"
@@ -334,6 +331,14 @@ class Worker:
             if not flags.lost.is_set():  # else the preview is the new owner's
                 await asyncio.to_thread(remove_preview, self._settings.previews_dir, job.id)
                 await self._forget_shared_preview(job.id)
+
+    async def _fail_unusable_model(self, job: Job, token: str | None, error: UserError) -> None:
+        """The operator reads what is wrong with the model and what to do in the log (and `queue show`); the job's
+        owner a plain sentence."""
+        log.error("job=%s cannot use its model %s on this machine: %s", job.id, job.model, error)
+        message = model_unusable_text(job.id, job.mode.value)
+        fail = partial(self._queue.mark_failed, job.id, message, f"{type(error).__name__}: {error}", token=token)
+        await self._finish(job.id, "fail", fail)
 
     async def _finish(self, job_id: int, what: str, write: Callable[[], Awaitable[object]]) -> None:
         """A job's last database write, retried while the database is locked, read-only or its disk full.

@@ -119,6 +119,7 @@ class JobRelay:
         self._waits_shown_at = float("-inf")  # loop time the waiting jobs' places were last refreshed by progress
         self._new_jobs = False  # jobs were queued since the places were last shown
         self._best_places: dict[int, int] = {}  # waiting job -> the best place its message showed
+        self._noted: set[int] = set()  # jobs whose message has shown the notes on their request
         # Set once what the last run left unshown (ended jobs, waiting jobs' places) has been shown.
         self.caught_up = asyncio.Event()
         self._stop_listening: Callable[[], None] | None = None
@@ -170,7 +171,7 @@ class JobRelay:
         await self._live.settle(job.id)
         self._live.forget(job.id)
         self._jobs.pop(job.id, None)
-        for kept in (self._stopping, self._restarted):
+        for kept in (self._stopping, self._restarted, self._noted):
             kept.discard(job.id)
         for latest in (self._previews, self._previews_shown, self._best_places, self._progress):
             latest.pop(job.id, None)
@@ -216,7 +217,10 @@ class JobRelay:
         picture = None
         if self._preview_due(job_id, look.preview):
             picture = await self._engine.preview_bytes(job_id)  # None: the job has just ended
-        await self._show(self._jobs[job_id], text, look.buttons, picture)
+        job = self._jobs[job_id]
+        noted = job_id in self._noted
+        await self._show(job, text if noted else texts.with_notes(job, text), look.buttons, picture)
+        self._noted.add(job_id)
         if picture is not None and look.preview is not None:
             self._previews_shown[job_id] = (look.preview.seq, asyncio.get_running_loop().time())
 

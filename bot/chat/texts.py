@@ -113,10 +113,10 @@ def progress_bar(fraction: float) -> str:
     return "█" * filled + "░" * (BAR_WIDTH - filled)
 
 
-def job_notes(job: Job) -> list[str]:
-    """Every change made to the request and every warning about it, stored with the job, so each text about a
-    waiting or running job can repeat them."""
-    return [f"• {note}" for note in (*job.params.adjustments, *job.params.warnings)]
+def with_notes(job: Job, text: str) -> str:
+    """`text` followed by every change made to the request and every warning about it (stored with the job): the
+    first text shown for a job carries them, the edits after it do not repeat them."""
+    return "\n".join([text, *(f"• {note}" for note in (*job.params.adjustments, *job.params.warnings))])
 
 
 def queued_text(
@@ -147,7 +147,7 @@ def queued_text(
         f"{job.params.width}x{job.params.height}, {job.params.frames} frames at {job.params.fps} fps, "
         f"{counted(job.params.steps, 'step')}, seed {job.params.seed}, {job.params.preset.value} preset."
     )
-    return "\n".join([*lines, *job_notes(job)])
+    return "\n".join(lines)
 
 
 STAGE_WORDS = {
@@ -167,12 +167,12 @@ RESTARTED = "Started again from the beginning: the worker making it stopped whil
 def requeued_text(job: Job) -> str:
     """A running job whose worker stopped or went silent: it waits for a worker again, first in line."""
     head = f"Job #{job.id} ({job.mode.value}) is waiting for a worker again: the one making it stopped."
-    return "\n".join([head, "It starts again from the beginning, first in line.", *job_notes(job)])
+    return f"{head}\nIt starts again from the beginning, first in line."
 
 
 def progress_text(job: Job, progress: Progress | None, restarted: bool = False) -> str:
     lines = progress_lines(job, progress)
-    return "\n".join([*lines[:1], *([RESTARTED] if restarted else []), *lines[1:], *job_notes(job)])
+    return "\n".join([*lines[:1], *([RESTARTED] if restarted else []), *lines[1:]])
 
 
 def progress_lines(job: Job, progress: Progress | None) -> list[str]:

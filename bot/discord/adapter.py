@@ -38,6 +38,7 @@ CONTENT_LIMIT = 2000  # characters in a message; every text the bot sends is fit
 MODAL_TIMEOUT_S = 900
 MAX_DESCRIPTION = 100  # characters in a slash command option's description
 UNKNOWN_CHANNEL = 10003  # Discord's JSON error code
+INVALID_WEBHOOK_TOKEN = 50027  # Discord's code for an interaction token it no longer takes
 # A re-sent video is looked for among this many of its channel's latest messages (one request's worth).
 RECENT_MESSAGES_SEARCHED = 100
 DISCORD_HELP = (
@@ -336,6 +337,14 @@ class DiscordAdapter:
         reply = job.source.reply
         return discord.Webhook.partial(int(reply["application_id"]), reply["interaction_token"], client=self.client)
 
+    async def _token_rejected(self, job: Job, error: discord.HTTPException) -> Job | None:
+        """`job` moved to channel messages when Discord refuses its interaction token before its 15 minutes are up
+        (revoked, or a clock ahead of ours), so no later message spends a request on it; None for other errors."""
+        if error.status != 401 and error.code != INVALID_WEBHOOK_TOKEN:
+            return None
+        log.warning("Discord refused job=%s's interaction token early; its messages go to the channel", job.id)
+        return await self._engine.update_reply(job.id, token_expires_at="0")
+
     async def _show(self, job: Job, text: str, buttons: Buttons, picture: bytes | None) -> None:
         """The job's live message: the interaction's answer while its token lives, then a channel message; a new
         preview replaces the picture attached to it."""
@@ -356,7 +365,11 @@ class DiscordAdapter:
             job = await self._engine.update_reply(job.id, progress_deleted="1", channel_message_id="")
             await self._show_in_channel(job, text, view, picture)
         except discord.HTTPException as error:
-            log.warning("cannot show progress job=%s: %s %s", job.id, error.status, error.text)
+            moved = await self._token_rejected(job, error) if alive else None
+            if moved is None:
+                log.warning("cannot show progress job=%s: %s %s", job.id, error.status, error.text)
+                return
+            await self._show_in_channel(moved, text, view, picture)
 
     async def _show_in_channel(self, job: Job, text: str, view: discord.ui.View, picture: bytes | None) -> None:
         """The job's live message as a channel message that mentions its owner. Each request gets files of its own:
@@ -388,20 +401,24 @@ class DiscordAdapter:
         if job.upload_starts > 1 and await self._posted_before(job):
             return
         content = f"<@{job.source.user_id}> {texts.result_caption(job, limit=CONTENT_LIMIT - 30)}"
-        file = discord.File(io.BytesIO(await asyncio.to_thread(video.read_bytes)), filename=_video_name(job))
+        data = await asyncio.to_thread(video.read_bytes)
         view = _view(RerollButton(job.id))
         mentions = _owner_only(job)
         try:
             if self._interaction_alive(job):
-                await self._webhook(job).send(
-                    content=content, file=file, view=view, wait=True, allowed_mentions=mentions
-                )
-            else:
-                channel = self.client.get_partial_messageable(int(job.source.chat_id))
-                # The same nonce on every try of this job: Discord answers a repeat of an upload whose answer was lost
-                # with the message it already made. (An interaction's follow-up has no such check.)
-                nonce = f"wanbot-{job.id}"
-                await channel.send(content, file=file, view=view, allowed_mentions=mentions, nonce=nonce)
+                try:
+                    await self._webhook(job).send(
+                        content=content, file=_video_file(job, data), view=view, wait=True, allowed_mentions=mentions
+                    )
+                    return
+                except discord.HTTPException as error:
+                    if await self._token_rejected(job, error) is None:
+                        raise
+            channel = self.client.get_partial_messageable(int(job.source.chat_id))
+            # The same nonce on every try of this job: Discord answers a repeat of an upload whose answer was lost
+            # with the message it already made. (An interaction's follow-up has no such check.)
+            nonce = f"wanbot-{job.id}"
+            await channel.send(content, file=_video_file(job, data), view=view, allowed_mentions=mentions, nonce=nonce)
         except discord.HTTPException as error:
             if error.status == 413:
                 raise TooLarge from error
@@ -629,3 +646,7 @@ def _is_picture(attachment: discord.Attachment) -> bool:
     """Any image type counts (the validator names the ones it cannot take), so nothing else is downloaded."""
     content_type = (attachment.content_type or "").split(";")[0]
     return content_type.startswith("image/") if content_type else Path(attachment.filename).suffix.lower() in EXTENSIONS
+
+
+def _video_file(job: Job, data: bytes) -> discord.File:
+    return discord.File(io.BytesIO(data), filename=_video_name(job))

@@ -20,7 +20,7 @@ from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipel
 from PIL import Image, ImageOps
 
 from engine.config import GenerationConfig, Settings
-from engine.errors import UserError
+from engine.errors import ModelUnusable, UserError
 from engine.hub.downloads import Downloader
 from engine.jobs import GenerationParams, Job, Progress, RunInfo, Stage
 from engine.pipeline.encoding import EncodeWhileDecoding
@@ -91,7 +91,9 @@ def default_locator(settings: Settings, downloader: Downloader) -> ModelLocator:
             return make_tiny_model(settings.models_dir / model.name, model.mode)
         folder = locator.on_disk(model)
         if folder is None:
-            raise UserError(f"The model {model.name} is not downloaded.", f"Run: wanbot models download {model.name}")
+            raise ModelUnusable(
+                f"The model {model.name} is not downloaded.", f"Run: wanbot models download {model.name}"
+            )
         return folder
 
     locator = Locator(settings, downloader, locate)

@@ -20,6 +20,7 @@ from bot.chat.texts import (
     parse_message,
     progress_text,
     queued_text,
+    with_notes,
 )
 from engine.config import ChatConfig, GenerationConfig, ModelsConfig
 from engine.errors import UserError
@@ -278,16 +279,20 @@ async def test_waits_and_times_left_never_say_0s_and_say_when_they_are_not_known
         assert progress_text(job, progress).splitlines()[1].endswith(f" · {said}")
 
 
-async def test_the_notes_on_a_request_stay_on_its_place_and_its_progress(engine):
+async def test_the_notes_on_a_request_go_with_its_first_text_only(engine):
     source = JobSource(platform="cli", chat_id="local", user_id="u1")
     request = GenerationRequest(mode=Mode.T2V, prompt="w1 a fox", frames=10)
     submission = await engine.submit(request, source, notes=["Ignored an unknown option: colour."])
     job = submission.result.job
     running = progress_text(job, Progress(stage=Stage.DENOISING, step=1, total=4))
     waiting = queued_text(job, submission.result.position)
+    notes = [
+        "• Frames must be 4k+1 between 5 and 121: using 9 instead of 10.",
+        "• Ignored an unknown option: colour.",
+    ]
     for text in (running, waiting):
-        assert "• Frames must be 4k+1 between 5 and 121: using 9 instead of 10." in text
-        assert "• Ignored an unknown option: colour." in text
+        assert with_notes(job, text) == "\n".join([text, *notes])
+        assert "•" not in text  # the edits after the first text do not repeat them
     assert running.startswith("Job #1, fast preset: generating\n") and waiting.startswith(
         "Job #1 (t2v) is queued: position 1"
     )

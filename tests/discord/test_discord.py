@@ -145,6 +145,27 @@ async def test_after_the_token_lifetime_progress_and_video_move_to_the_channel(t
     assert any("the video is below" in m["content"] for m in channel_messages)
 
 
+async def test_a_token_refused_early_moves_progress_and_video_to_the_channel_at_once(tiny_settings, discord_server):
+    # The adapter counts on 15 minutes; Discord refuses the token after one second (revoked, or clocks apart).
+    async with running_bot(configure(tiny_settings, discord_server)) as bot:
+        (interaction,) = await queued_until_the_tokens_expire(bot, discord_server, ALICE)
+        await until(discord_server.with_files, what="the video")
+        await until(
+            lambda: any("the video is below" in m["content"] for m in discord_server.messages.values()),
+            what="the final text",
+        )
+        job = (await bot.engine._queue.list_jobs())[0]
+    refused = [
+        call
+        for call in discord_server.calls
+        if call.path.startswith("webhooks/") and call.at > discord_server.interactions[interaction["token"]] + 1.0
+    ]
+    assert len(refused) == 1  # the first refusal moves the job: no upload to a dead token, no retries there
+    assert job.delivery_status is DeliveryStatus.DELIVERED and job.delivery_attempts == 1
+    [upload] = [call for call in discord_server.calls_to("POST", f"channels/{CHANNEL_ID}/messages") if call.files]
+    assert upload.body["content"].startswith(f"<@{ALICE}>") and len(discord_server.with_files()) == 1
+
+
 async def test_a_deleted_progress_message_does_not_stop_the_job(tiny_settings, discord_server):
     async with running_bot(configure(tiny_settings, discord_server)) as bot:
         await bot.engine._queue.set_paused(True)

@@ -18,6 +18,7 @@ import pytest
 from bot.chat import texts
 from bot.chat.relay import AnswerLost, JobRelay, UploadRefused
 from engine.config import ChatConfig, Settings
+from engine.errors import model_unusable_text
 from engine.jobs import DeliveryStatus, JobStatus, ResultInfo
 from engine.pipeline.models import GenerationRequest
 from engine.queue.jobqueue import JobQueue
@@ -116,7 +117,7 @@ async def _submit(engine: Engine, prompt: str = "w1 a fox") -> int:
     return submission.result.job.id
 
 
-async def test_a_job_whose_local_model_folder_vanished_fails_and_the_next_job_runs(tiny_settings: Settings):
+async def test_a_job_whose_local_model_folder_vanished_fails_and_the_next_job_runs(tiny_settings: Settings, caplog):
     folder = tiny_settings.data_dir / "local-model"
     shutil.copytree(tiny_settings.models_dir / "tiny-t2v", folder)
     settings = tiny_settings.model_copy(update={"models": tiny_settings.models.model_copy(update={"t2v": str(folder)})})
@@ -130,8 +131,13 @@ async def test_a_job_whose_local_model_folder_vanished_fails_and_the_next_job_ru
         await until(lambda: engine._worker.state.jobs_done >= 1, 60, "the second job")
         failed = await engine._queue.get(doomed)
         assert failed.status is JobStatus.FAILED
-        assert failed.error_user.startswith(f"Video #{doomed} could not be made: its model is no longer on this")
-        assert str(folder) not in failed.error_user
+        # The owner gets a plain sentence; what is wrong and where is the operator's, in the log and `queue show`.
+        assert failed.error_user == model_unusable_text(doomed, "t2v")
+        assert str(folder) in failed.error_detail
+        [logged] = [
+            r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and str(folder) in r.getMessage()
+        ]
+        assert f"job={doomed} cannot use its model" in logged
         assert (await engine._queue.get(fine)).status is JobStatus.SUCCEEDED
         assert not worker.done()
         await engine._worker.stop()
