@@ -360,6 +360,8 @@ class ChatCore:
 
     async def pause(self, person: Person, place: Place, paused: bool) -> str:
         """An admin's /pause or /resume: the running job always finishes; only new starts wait."""
+        if not self.allows(person, place):
+            return NOT_ALLOWED
         if not self.access.is_admin(person):
             return texts.user_error_text(
                 UserError("Only admins can pause or resume the queue.", "Ask an admin; /status shows the workers.")

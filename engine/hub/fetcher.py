@@ -142,8 +142,8 @@ class ModelFetcher:
 
 def download_failed_text(model_name: str) -> str:
     return (
-        f"Sorry, the model {model_name} could not be downloaded, so this video cannot be made. The admin has been "
-        "told in the bot's log; try again later."
+        # What stops it (a disk, a token, a repo id, offline mode) is the admin's to fix: waiting alone does not help.
+        f"Sorry, the model {model_name} could not be downloaded, so this video cannot be made. The admin has been told."
     )
 
 

@@ -52,9 +52,11 @@ async def test_an_outsider_is_refused_every_flow_and_an_admin_passes_every_allow
         await core.cancel(BOB, HERE, str(job.id)),
         await core.cancel(BOB, HERE),
         await core.reroll_refusal(BOB, HERE, job.id),
+        await core.pause(BOB, HERE, paused=False),
+        await core.previews(BOB, HERE, "off"),
     ]
     assert refused == [NOT_ALLOWED] * len(refused)
-    assert "Only admins" in await core.pause(BOB, HERE, paused=False)
+    assert "Only admins" in await core.pause(ALICE, HERE, paused=False)  # allowed here, but no admin
     assert (await engine.job(job.id)).status is JobStatus.QUEUED and await engine.counts() == {"queued": 1}
     assert "(how to ask here)" in core.help_text(ADMIN, HERE)
     assert await core.cancel(ADMIN, HERE, f"#{job.id}") == f"Job #{job.id} is cancelled."

@@ -369,8 +369,10 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
         await until(lambda: "is queued" in discord_server.original(waiting)["content"], what="a waiting job")
         answered = len(discord_server.calls_to("POST", "/callback"))
         posted = len(discord_server.calls_to("POST", "/messages")) + len(discord_server.calls_to("POST", "webhooks/"))
-        for name in ("queue", "status", "help", "cancel", "pause", "video"):
-            await discord_server.slash(BOB, name, {"prompt": "let me in"} if name == "video" else None)
+        asked = {"video": {"prompt": "let me in"}, "previews": {"state": "off"}}
+        for name in ("queue", "status", "help", "cancel", "pause", "resume", "previews", "video"):
+            await discord_server.slash(BOB, name, asked.get(name))
+        await discord_server.slash(carol, "pause")  # allowed here, but no admin
         picture = discord_server.attachment(imagefactory.png(), "p.png")
         await discord_server.message_command(BOB, "Make a video", discord_server.user_post(BOB, "", [picture]))
         for user, message, custom_id in (
@@ -379,7 +381,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
             (carol, video, "wanbot:reroll:1"),
         ):
             await discord_server.click(user, message, custom_id)
-        await until(lambda: len(discord_server.calls_to("POST", "/callback")) == answered + 10, what="ten answers")
+        await until(lambda: len(discord_server.calls_to("POST", "/callback")) == answered + 13, what="13 answers")
         await asyncio.sleep(0.5)  # room for a wrong extra message to arrive
         jobs = await bot.engine._queue.list_jobs()
     answers = [call.body for call in discord_server.calls_to("POST", "/callback")[answered:]]
@@ -390,7 +392,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
     contents = [answer["data"]["content"] for answer in answers]
     only_admins = "Only admins can pause or resume the queue.\nAsk an admin; /status shows the workers."
     # Each handler answers as soon as it can: the order of the answers is not the order of the clicks.
-    assert sorted(contents) == sorted([NOT_ALLOWED] * 8 + [only_admins, NOT_YOURS_TO_REROLL])
+    assert sorted(contents) == sorted([NOT_ALLOWED] * 11 + [only_admins, NOT_YOURS_TO_REROLL])
     assert [job.status for job in jobs] == [JobStatus.QUEUED, JobStatus.SUCCEEDED]
 
 

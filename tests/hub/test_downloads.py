@@ -414,8 +414,7 @@ async def test_a_hub_answering_html_fails_the_waiting_job_once_instead_of_retryi
     assert job.status is JobStatus.FAILED
     # The chat user is told it failed; why, and the hint about HF_ENDPOINT, are for the operator.
     assert job.error_user == (
-        f"Sorry, the model {REPO_ID} could not be downloaded, so this video cannot be made. The admin has been told "
-        "in the bot's log; try again later."
+        f"Sorry, the model {REPO_ID} could not be downloaded, so this video cannot be made. The admin has been told."
     )
     assert "not JSON (text/html)" in job.error_detail and hub.url in job.error_detail
     assert "HF_ENDPOINT" not in job.error_user and "HF_ENDPOINT" in job.error_detail

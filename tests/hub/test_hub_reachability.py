@@ -140,8 +140,7 @@ async def test_an_unreachable_hub_fails_the_waiting_jobs_at_once_and_the_log_say
     assert job.status is JobStatus.FAILED and waits == []  # told at once, no backoff rounds
     # The chat user cannot set HF_ENDPOINT: they read that it failed and that the admin knows.
     assert job.error_user == (
-        f"Sorry, the model {REPO_ID} could not be downloaded, so this video cannot be made. The admin has been told "
-        "in the bot's log; try again later."
+        f"Sorry, the model {REPO_ID} could not be downloaded, so this video cannot be made. The admin has been told."
     )
     assert UNREACHABLE in job.error_detail and WHAT_TO_DO in job.error_detail
     [record] = [record for record in caplog.records if record.name == "engine.hub.fetcher"]

@@ -559,9 +559,19 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
         video_message = next(message for message in telegram.replies(group) if "video" in message)
         reroll = json.loads(video.fields["reply_markup"])["inline_keyboard"][0][0]["callback_data"]
         in_group_before = len(telegram.replies(group))
-        for text in ("/queue", "/status", "/help", "/cancel 1", "/video let me in"):
+        outsider_commands = (
+            "/queue",
+            "/status",
+            "/help",
+            "/cancel 1",
+            "/pause",
+            "/resume",
+            "/previews off",
+            "/video x",
+        )
+        for text in outsider_commands:
             telegram.command(BOB, text)
-        await until(lambda: len(texts(telegram, BOB)) == 5, what="bob's five answers")
+        await until(lambda: len(texts(telegram, BOB)) == len(outsider_commands), what="bob's answers")
         # Stray things from an outsider get silence: a picture without a prompt, an unknown command, a sticker.
         telegram.photo(BOB, imagefactory.jpeg())
         telegram.command(BOB, "/nosuchthing")
@@ -583,7 +593,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
         await until(lambda: len(telegram.sent("answerCallbackQuery")) == 3, what="three button answers")
         await asyncio.sleep(0.5)  # room for a wrong extra message to arrive
         jobs = await bot.engine._queue.list_jobs()
-    assert texts(telegram, BOB) == [NOT_ALLOWED] * 5
+    assert texts(telegram, BOB) == [NOT_ALLOWED] * len(outsider_commands)
     answers = [call.fields.get("text", "") for call in telegram.sent("answerCallbackQuery")]
     assert sorted(answers) == sorted([NOT_ALLOWED, NOT_ALLOWED, NOT_YOURS_TO_REROLL])  # handled concurrently
     assert len(telegram.replies(group)) == in_group_before  # nothing posted into the group for anybody
