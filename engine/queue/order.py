@@ -1,7 +1,7 @@
 """The fair order of the job queue as SQL: which jobs are next, and where a job stands.
 
-Written once for SQLite and PostgreSQL (engine/queue/backend.py says how it is adapted). Needs the partial index
-`jobs_queued_per_user`.
+Written once for SQLite and PostgreSQL (engine/queue/backend.py says how it is adapted). Needs the partial indexes
+`jobs_queued_per_user` and `jobs_queued_per_user_model`.
 """
 
 # Fair order of queued jobs: every user's first waiting job before anyone's second (round-robin), users served
@@ -69,8 +69,8 @@ WARM_SQL = (
     + f"""
 , firsts AS MATERIALIZED (
     SELECT u.user_key, u.last_served, (
-        SELECT c.id FROM jobs c INDEXED BY jobs_queued_per_user WHERE c.status = 'queued' AND c.user_key = u.user_key
-            AND c.model = ?
+        SELECT c.id FROM jobs c INDEXED BY jobs_queued_per_user_model
+        WHERE c.status = 'queued' AND c.user_key = u.user_key AND c.model = ?
         ORDER BY c.priority DESC, c.id LIMIT 1) AS id
     FROM users u
 ), ranked AS (

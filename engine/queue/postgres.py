@@ -145,6 +145,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN delivery_claimed_at DOUBLE PRECISION;
     ALTER TABLE jobs ADD COLUMN upload_starts INTEGER NOT NULL DEFAULT 0;
     """,
+    # 4: as SQLite's 8 (a user's first waiting job for a model in one seek).
+    """
+    CREATE INDEX jobs_queued_per_user_model ON jobs (user_key, model, priority DESC, id) WHERE status = 'queued';
+    """,
 ]
 WORKERS_TABLE = 2  # the first schema with the workers' heartbeats
 # Any constant will do, as long as nothing else in the database takes the same advisory lock for another purpose.

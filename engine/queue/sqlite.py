@@ -146,6 +146,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN delivery_claimed_at REAL;
     ALTER TABLE jobs ADD COLUMN upload_starts INTEGER NOT NULL DEFAULT 0;
     """,
+    # 8: a user's first waiting job for a model in one seek (the warm worker's choice, engine/queue/order.py), where
+    # jobs_queued_per_user reads every waiting job of a user who has none for it.
+    """
+    CREATE INDEX jobs_queued_per_user_model ON jobs (user_key, model, priority DESC, id) WHERE status = 'queued';
+    """,
 ]
 
 
