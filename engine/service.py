@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 # A delivery record that meets a locked or unreachable database is tried again after these waits, doubling.
 RECORD_FIRST_WAIT_S = 0.5
+# How soon a pause or resume made by another process shows in this one's waiting places (one read of a flag).
+PAUSE_POLL_S = 2.0
 RECORD_MAX_WAIT_S = 30.0
 log = logging.getLogger(__name__)
 # What the facade passes on as it is: the wording of sizes.
@@ -124,6 +126,7 @@ class Engine:
         init=False, repr=False, default_factory=lambda: f"{socket.gethostname()}/{os.getpid()}-{secrets.token_hex(2)}"
     )
     _place_listeners: list[Callable[[], None]] = field(init=False, repr=False, default_factory=list)
+    _paused_seen: bool | None = field(init=False, repr=False, default=None)  # as the places last showed it
 
     def __post_init__(self) -> None:
         self._queue.lease_s = self.settings.queue.lease_s
@@ -174,8 +177,24 @@ class Engine:
         self._queue.share_events()
 
     async def follow_events(self) -> None:
-        """Publish the events of other processes here, until cancelled (a supervised task)."""
-        await self._follower.follow()
+        """Publish the events of other processes here, and re-show every waiting place when another process pauses
+        or resumes the queue (`wanbot queue pause`, a second chat's admin), until cancelled (a supervised task)."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._follower.follow())
+            tasks.create_task(self._watch_pause())
+
+    async def _watch_pause(self) -> None:
+        """A pause is a flag, not a job event: read it every PAUSE_POLL_S. An outage is the follower's to say."""
+        while True:
+            try:
+                paused = await self._queue.is_paused()
+            except DATABASE_DOWN:
+                paused = self._paused_seen
+            if self._paused_seen is None:
+                self._paused_seen = paused
+            elif paused is not None and paused != self._paused_seen:
+                self._places_changed(paused)
+            await asyncio.sleep(PAUSE_POLL_S)
 
     def check_metrics_port(self) -> None:
         """Raise a UserError (exit 2) when metrics.port cannot be listened on, before the process starts anything."""
@@ -264,6 +283,10 @@ class Engine:
     async def set_paused(self, paused: bool) -> None:
         """Pause or resume the queue; every waiting place this process shows is shown again at once."""
         await self._queue.set_paused(paused)
+        self._places_changed(paused)
+
+    def _places_changed(self, paused: bool) -> None:
+        self._paused_seen = paused
         for listener in list(self._place_listeners):
             listener()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from bot.chat import texts
 from engine.config import ChatConfig
 from engine.jobs import DeliveryStatus, Progress, Stage
+from engine.operator import open_job_store
 from engine.queue.core import WORKER_STOPPED
 from engine.service import Engine
 from engine.storage.images import Mode
@@ -183,3 +184,23 @@ async def test_a_pause_and_a_resume_show_every_waiting_place_again_at_once(engin
         await until(lambda: all(texts.QUEUE_PAUSED in platform.texts[job][-1] for job in jobs), 5, "paused")
         await engine.set_paused(False)
         await until(lambda: all(texts.QUEUE_PAUSED not in platform.texts[job][-1] for job in jobs), 5, "resumed")
+
+
+async def test_a_pause_and_a_resume_from_another_process_show_every_waiting_place_again(engine: Engine):
+    platform = FakePlatform()
+    watching = asyncio.create_task(engine.follow_events())
+    try:
+        async with following(engine, platform, ChatConfig(edit_interval_s=0)):
+            job = (await engine._queue.enqueue(source(), Mode.T2V, "tiny", params())).job.id
+            await until(lambda: "is queued" in platform.texts.get(job, [""])[-1], 5, "the place")
+            for paused in (True, False):
+                # What `wanbot queue pause` and `resume` open: a connection of their own to the same database.
+                async with open_job_store(engine.settings) as store:
+                    await store.set_paused(paused)
+                await until(
+                    lambda paused=paused: (texts.QUEUE_PAUSED in platform.texts[job][-1]) == paused,
+                    10,
+                    "paused" if paused else "resumed",
+                )
+    finally:
+        watching.cancel()
