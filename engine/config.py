@@ -8,13 +8,14 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from huggingface_hub import constants as hf_constants
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -103,6 +104,43 @@ class FastLorasConfig(Section):
     )
 
 
+LORA_MODES = ("t2v", "i2v", "ti2v")
+LORA_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+
+
+class StyleLoraConfig(Section):
+    """A style or character LoRA users may pick per request (`lora=NAME[:WEIGHT]`), from the Hub or a folder."""
+
+    repo: str = Field(description="A Hub repo id, a local folder, or 'tiny' (a random stand-in made here, for tests).")
+    file: str | None = Field(None, description="One file for every expert (A14B: both; TI2V-5B has one).")
+    high: str | None = Field(None, description="A14B pairs: the file for the high-noise expert (`transformer`).")
+    low: str | None = Field(None, description="A14B pairs: the file for the low-noise expert (`transformer_2`).")
+    weight: float = Field(0.8, ge=0, le=2, description="The weight a request without `:WEIGHT` gets.")
+    modes: list[Literal["t2v", "i2v", "ti2v"]] = Field(
+        default_factory=lambda: list(LORA_MODES), description="The modes it may be used in."
+    )
+    trigger: str = Field("", description="Words the LoRA was trained on; put before a prompt that lacks them.")
+    description: str = Field("", description="What /loras says of it (one short line).")
+
+    @field_validator("high", "low", "file")
+    @classmethod
+    def _safetensors(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith(".safetensors"):
+            raise ValueError("must name a .safetensors file")
+        return value
+
+    @model_validator(mode="after")
+    def _one_file_or_a_pair(self) -> StyleLoraConfig:
+        if (self.file is None) == (self.high is None and self.low is None) or (self.high is None) != (self.low is None):
+            raise ValueError("give either file, or both high and low")
+        return self
+
+    @property
+    def files(self) -> list[str]:
+        """One file, or the high-noise then the low-noise one."""
+        return [self.file] if self.file else [str(self.high), str(self.low)]
+
+
 class ModelsConfig(Section):
     t2v: str = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
     i2v: str = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
@@ -162,6 +200,10 @@ class GenerationConfig(Section):
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the repeated blocks (auto: off; the first job per size warms up)."
+    )
+    max_loras: int = Field(2, ge=0, description="LoRAs (of [loras]) one request may name.")
+    lora_cache: int = Field(
+        4, ge=0, description="LoRAs a worker keeps loaded (inactive) after their job, for the next job that names them."
     )
 
 
@@ -271,6 +313,49 @@ class DiscordConfig(ChatConfig):
     allowed_users: list[int] = Field(default_factory=list)
 
 
+class PromptsConfig(Section):
+    """The prompt enhancer (engine/enhance/): a short prompt rewritten into the detailed one Wan was trained on."""
+
+    enhancer: Literal["off", "local", "openai"] = Field(
+        "off",
+        description="'off', 'local' (a small instruct model in this process) or 'openai' (an OpenAI-compatible "
+        "endpoint at enhancer_url).",
+    )
+    enhancer_language: Literal["keep", "english"] = Field(
+        "keep", description="Write the rewrite in the prompt's own language ('keep') or in English ('english')."
+    )
+    enhancer_timeout_s: float = Field(
+        20.0, gt=0, description="Longest wait for one answer of the endpoint, or for the local model's rewrite."
+    )
+    enhancer_max_new_tokens: int = Field(200, ge=1, description="Most tokens a rewrite may have.")
+    enhancer_url: str = Field(
+        "",
+        validate_default=True,
+        description="The endpoint's base URL, such as http://127.0.0.1:8000/v1; /chat/completions is added.",
+    )
+    enhancer_model: str = Field("", description="The model the endpoint is asked for; empty: the server's default.")
+    enhancer_key_env: str = Field(
+        "WANBOT_ENHANCER_KEY", description="The environment variable holding the endpoint's API key; unset: none sent."
+    )
+    enhancer_retries: int = Field(
+        2, ge=0, description="Retries after a connection error, a timeout, 429 or 5xx, with exponential backoff."
+    )
+    enhancer_repo: str = Field(
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        description="The local model: a Hub repo id, a folder, or 'tiny' (a random stand-in for tests).",
+    )
+    enhancer_device: str = Field(
+        "cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="Where the local model runs: 'cpu', 'cuda' or 'auto'."
+    )
+
+    @field_validator("enhancer_url")
+    @classmethod
+    def _url_for_openai(cls, value: str, info: Any) -> str:  # pydantic.ValidationInfo
+        if info.data.get("enhancer") == "openai" and not value.startswith(("http://", "https://")):
+            raise ValueError("must be the endpoint's http:// or https:// base URL when prompts.enhancer is 'openai'")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="WANBOT_",
@@ -284,6 +369,9 @@ class Settings(BaseSettings):
     outputs: OutputsConfig = OutputsConfig()
     queue: QueueConfig = QueueConfig()
     models: ModelsConfig = ModelsConfig()
+    loras: dict[str, StyleLoraConfig] = Field(
+        default_factory=dict, description="[loras.NAME]: the style and character LoRAs users may pick."
+    )
     generation: GenerationConfig = GenerationConfig()
     access: AccessConfig = AccessConfig()
     downloads: DownloadsConfig = DownloadsConfig()
@@ -292,6 +380,15 @@ class Settings(BaseSettings):
     previews: PreviewsConfig = PreviewsConfig()
     database: DatabaseConfig = DatabaseConfig()
     metrics: MetricsConfig = MetricsConfig()
+    prompts: PromptsConfig = PromptsConfig()
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_names(cls, value: dict[str, StyleLoraConfig]) -> dict[str, StyleLoraConfig]:
+        for name in value:
+            if not re.match(LORA_NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is no LoRA name: up to 32 lowercase letters, digits, '-' and '_'")
+        return value
 
     @field_validator("log_level")
     @classmethod
@@ -382,13 +479,14 @@ def load_settings(config_path: Path | None = None) -> Settings:
                 os.environ.pop(CONFIG_ENV, None)
             else:
                 os.environ[CONFIG_ENV] = previous
-    for warning in unknown_environment_variables(os.environ):
+    for warning in unknown_environment_variables(os.environ, secrets={settings.prompts.enhancer_key_env}):
         log.warning("%s", warning)
     return settings
 
 
-def unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
-    """A warning for each WANBOT_* variable that names no setting.
+def unknown_environment_variables(environ: Mapping[str, str], secrets: Collection[str] = ()) -> list[str]:
+    """A warning for each WANBOT_* variable that names no setting (`secrets`: the variables settings name to read a
+    key from, such as prompts.enhancer_key_env).
 
     A misspelt key inside a section (WANBOT_QUEUE__PER_USER_LIMT) is refused like one in the TOML file, but
     pydantic-settings reads only the variables of fields it knows, so one with an unknown first part
@@ -397,7 +495,7 @@ def unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
     found = []
     for name in sorted(environ):
         upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV:
+        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV or name in secrets:
             continue
         first, _, rest = upper.removeprefix(ENV_PREFIX).partition("__")
         if first in sections:

@@ -74,6 +74,19 @@ class Actor(BaseModel):
         return f"{self.platform}:{self.user_id}"
 
 
+class LoraUse(BaseModel):
+    """A LoRA of [loras] as one job uses it: where its files are (as serve resolved them) and its weight."""
+
+    name: str
+    weight: float
+    repo: str
+    files: list[str] = Field(description="One file for every expert, or the high-noise then the low-noise one.")
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.weight:g}"
+
+
 class GenerationParams(BaseModel):
     """Every generation setting with its resolved value; stored as versioned JSON with the job."""
 
@@ -92,6 +105,7 @@ class GenerationParams(BaseModel):
     fps: int
     # Jobs stored before presets existed ran the official settings.
     preset: Preset = Preset.QUALITY
+    loras: list[LoraUse] = Field(default_factory=list, description="Style LoRAs, applied in this order.")
     adjustments: list[str] = Field(default_factory=list, description="What was changed from the request, why.")
     warnings: list[str] = Field(default_factory=list)
 
@@ -143,6 +157,9 @@ class RunInfo(BaseModel):
 
     preset: Preset
     loras: list[str] = Field(default_factory=list, description="'repo/file' of every LoRA fused in.")
+    styles: list[str] = Field(
+        default_factory=list, description="'name:weight (repo/file, ...)' of every style LoRA active, in order."
+    )
     scheduler: str
     sigmas: list[float]
     transformer_calls: dict[str, int] = Field(description="Forward passes per transformer, counted by a hook.")

@@ -17,7 +17,16 @@ from engine.config import Settings
 from engine.hub.downloads import Downloader, check_repo_id
 from engine.hub.hfcache import verify_snapshot
 from engine.jobs import Actor, EnqueueResult, Job, JobSource, JobStatus, QueuePosition, WorkerRecord
-from engine.pipeline.models import GenerationRequest, ModelRef, model_for_mode, resolve_model, resolve_request
+from engine.pipeline.models import (
+    TINY,
+    TINY_STYLE_FOLDER,
+    GenerationRequest,
+    ModelRef,
+    model_for_mode,
+    resolve_loras,
+    resolve_model,
+    resolve_request,
+)
 from engine.queue.jobqueue import JobQueue
 from engine.service import Upload
 from engine.storage.images import ImageInfo, Mode, check_mode, validate_image_bytes
@@ -102,16 +111,22 @@ async def open_job_store(settings: Settings) -> AsyncIterator[JobStore]:
 
 @dataclass
 class PictureCheck:
-    """What the bot would say about pictures for a mode: what it warns of and changes, and what it read."""
+    """What the bot would say about pictures for a mode: what it warns of and changes, and what it read; and the
+    LoRAs a request named, as a job would use them ('name:weight')."""
 
     warnings: list[str]
     adjustments: list[str]
     images: list[ImageInfo]
+    loras: list[str]
 
 
-def check_pictures(settings: Settings, mode: Mode, start: Upload | None, end: Upload | None) -> PictureCheck:
+def check_pictures(
+    settings: Settings, mode: Mode, start: Upload | None, end: Upload | None, loras: Collection[str] = ()
+) -> PictureCheck:
     """Validate pictures as a request's are, and resolve them against the mode's model (an end image it ignores, a
-    crop); raise a UserError where the bot would refuse them."""
+    crop), and the LoRAs named against [loras]; raise a UserError where the bot would refuse them."""
+    model = model_for_mode(mode, settings)
+    uses = resolve_loras(list(loras), settings.loras, mode, model.spec, settings.generation.max_loras)
     images = [
         validate_image_bytes(upload.data, settings.images, role, upload.filename) if upload else None
         for upload, role in ((start, "start"), (end, "end"))
@@ -120,12 +135,24 @@ def check_pictures(settings: Settings, mode: Mode, start: Upload | None, end: Up
     infos = [image.info for image in checked.images]
     warnings, adjustments = list(checked.warnings), []
     if infos:
-        model = model_for_mode(mode, settings)
         end_info = infos[1] if len(infos) > 1 else None
         params = resolve_request(GenerationRequest(mode=mode), model, settings.generation, infos[0], end_info)
         warnings.extend(params.warnings)
         adjustments = params.adjustments
-    return PictureCheck(warnings, adjustments, infos)
+    return PictureCheck(warnings, adjustments, infos, [use.label for use in uses])
+
+
+def lora_on_disk(settings: Settings, name: str) -> Path | None:
+    """The folder holding every file of the LoRA `name` of [loras], or None while any is missing (a tiny one is
+    built at its first job)."""
+    lora = settings.loras[name]
+    if lora.repo == TINY:
+        folder = settings.models_dir / TINY_STYLE_FOLDER
+    elif Path(lora.repo).expanduser().is_dir():
+        folder = Path(lora.repo).expanduser()
+    else:
+        return model_downloader(settings).local_files(lora.repo, lora.files)
+    return folder if all((folder / file).is_file() for file in lora.files) else None
 
 
 def model_named(name: str, mode: Mode) -> ModelRef:

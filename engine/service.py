@@ -589,6 +589,7 @@ class Engine:
                 self.settings.generation,
                 start=infos[0] if infos else None,
                 end=infos[1] if len(infos) > 1 else None,
+                loras_offered=self.settings.loras,
             )
             await self._check_plan(model, params)
             # A serving process has no tokenizer (no torch): the worker's model cuts a long prompt all the same.

@@ -68,6 +68,7 @@ class FakeDiscord:
         self.cdn_gate: asyncio.Event | None = None
         self._nonces: dict[tuple[int, str], int] = {}  # (channel, nonce) -> the message posted with it
         self.commands: dict[str, list[dict[str, Any]]] = {}
+        self.suggestions: dict[str, list[dict[str, Any]]] = {}  # autocomplete interaction id -> the choices
         self.modals: dict[str, dict[str, Any]] = {}  # interaction id -> the modal the bot answered it with
         self._ids = itertools.count(600000000000000001)
         self._sequence = itertools.count(1)
@@ -238,6 +239,9 @@ class FakeDiscord:
         if kind == 9:
             self.modals[interaction_id] = body["data"]
             return _json({"interaction": {"id": interaction_id, "type": 2}, "resource": {"type": 9}})
+        if kind == 8:
+            self.suggestions[interaction_id] = body["data"]["choices"]
+            return _json({"interaction": {"id": interaction_id, "type": 4}, "resource": {"type": 8}})
         message = self._message(CHANNEL_ID, body.get("data", {}) if kind == 4 else {"content": ""}, {})
         self.originals[token] = message["id_int"]
         resource: dict[str, Any] = {"type": kind}
@@ -449,6 +453,24 @@ class FakeDiscord:
         payload = self._interaction(2, user_id, data, roles, size_limit)
         await self.dispatch("INTERACTION_CREATE", payload)
         return payload
+
+    async def autocomplete(
+        self, user_id: int, name: str, options: dict[str, str], focused: str
+    ) -> list[dict[str, Any]]:
+        """A user typing in option `focused` of command `name`: the choices the bot suggests."""
+        option_list = [
+            {"name": key, "type": 3, "value": value, **({"focused": True} if key == focused else {})}
+            for key, value in options.items()
+        ]
+        data = {"id": self._command_id(name), "name": name, "type": 1, "options": option_list}
+        payload = self._interaction(4, user_id, data, None, 10 * 1024 * 1024)
+        await self.dispatch("INTERACTION_CREATE", payload)
+        deadline = time.monotonic() + 5
+        while payload["id"] not in self.suggestions:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no suggestions for {name} {focused}")
+            await asyncio.sleep(0.01)
+        return self.suggestions[payload["id"]]
 
     def user_post(self, user_id: int, content: str, attachments: list[dict[str, Any]]) -> dict[str, Any]:
         """A message a user posted in the channel (not through the bot), as Discord would resolve it."""

@@ -336,7 +336,13 @@ class ChatCore:
     def help_text(self, person: Person, place: Place) -> str:
         if not self.allows(person, place):
             return NOT_ALLOWED
-        return texts.help_text(self._how_to_ask)
+        return texts.help_text(self._how_to_ask, loras=bool(self.engine.settings.loras))
+
+    def loras_text(self, person: Person, place: Place) -> str:
+        """/loras: the styles and characters a request may name."""
+        if not self.allows(person, place):
+            return NOT_ALLOWED
+        return texts.loras_text(self.engine.settings.loras, self.engine.settings.generation.max_loras)
 
     async def previews(self, person: Person, place: Place, wanted: str | None) -> str:
         """/previews on|off: whether running jobs in this chat show the video taking shape (admins change it)."""

@@ -9,10 +9,11 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from engine.config import StyleLoraConfig
 from engine.errors import UserError, counted, duration_text, quoted
 from engine.jobs import Job, JobStatus, Progress, QueuePosition, Stage, WorkerRecord, WorkerState
 from engine.pipeline.models import GenerationRequest
@@ -37,6 +38,7 @@ OPTION_KEYS = {
     "neg": "negative_prompt",
     "negative": "negative_prompt",
     "preset": "preset",
+    "lora": "loras",
 }
 # A valid example of each number option, for the hint when one is not a number (frames are 4k+1).
 NUMBER_EXAMPLES = {"seed": "42", "steps": "30", "frames": "49", "guidance": "4.5"}
@@ -70,7 +72,10 @@ def parse_message(text: str, command_mode: Mode | None, has_image: bool) -> Pars
                 return match.group(0)
             unknown.append(key)
             return " "
-        values[OPTION_KEYS[key]] = raw.strip("\"'")
+        if OPTION_KEYS[key] == "loras":  # lora=a lora=b:0.5 names both
+            values.setdefault("loras", []).append(raw.strip("\"'"))
+        else:
+            values[OPTION_KEYS[key]] = raw.strip("\"'")
         return " "
 
     prompt = " ".join(OPTION_PATTERN.sub(take, text).split())
@@ -294,6 +299,7 @@ def result_caption(job: Job, limit: int = 1024) -> str:
     details = (
         f"\nseed {params.seed} · {job.model} · {params.preset.value} preset · {params.width}x{params.height} · "
         f"{params.frames} frames · {counted(params.steps, 'step')} · {took}"
+        + "".join(f" · lora {use.label}" for use in params.loras)
     )
     return fit_text(cut_text(params.prompt, limit - text_size(details)) + details, limit)
 
@@ -307,8 +313,9 @@ def user_error_text(error: UserError) -> str:
     return f"{error.message}\n{error.hint}".strip()
 
 
-def help_text(how_to_ask: str) -> str:
-    """The help both platforms share around `how_to_ask`: each adapter's own lines on how to ask for a video there."""
+def help_text(how_to_ask: str, loras: bool = False) -> str:
+    """The help both platforms share around `how_to_ask`: each adapter's own lines on how to ask for a video there;
+    `loras`: whether the bot offers any."""
     return (
         "Make a short video from text or a picture.\n"
         f"{how_to_ask}\n"
@@ -316,8 +323,21 @@ def help_text(how_to_ask: str) -> str:
         "Options, anywhere in the prompt: mode=ti2v seed=42 steps=30 frames=49 size=832x480 guidance=4 "
         'neg="blurry, text" (neg= replaces Wan\'s default negative prompt)\n'
         f"preset=fast or preset=quality ({PRESET_HELP})\n"
-        "/queue: your jobs · /cancel [id]: cancel · /status: the workers · admins: /pause, /resume"
+        + ("lora=NAME or lora=NAME:0.6: a style or character (/loras lists them)\n" if loras else "")
+        + "/queue: your jobs · /cancel [id]: cancel · /status: the workers · admins: /pause, /resume"
     )
+
+
+def loras_text(offered: Mapping[str, StyleLoraConfig], most: int) -> str:
+    """/loras: one line for each LoRA of [loras], with its modes, default weight and trigger words."""
+    if not offered or most == 0:
+        return "This bot offers no LoRAs."
+    lines = [f"Add lora=NAME or lora=NAME:WEIGHT (0 to 2) to a request, at most {counted(most, 'LoRA')}:"]
+    for name, lora in offered.items():
+        about = f": {lora.description}" if lora.description else ""
+        trigger = f" · adds “{lora.trigger}”" if lora.trigger else ""
+        lines.append(f"• {name}{about} ({', '.join(lora.modes)}, weight {lora.weight:g}{trigger})")
+    return "\n".join(lines)
 
 
 # -- fitting a text to a platform's limit -------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The `wanbot` command: validate images, manage the queue, generate from the terminal, run the demo and the bot.
 
 One module per command group: generate.py (validate, generate, demo), queue.py (`wanbot queue ...`), fleet.py
-(workers, backup), models.py (`wanbot models ...`) and roles.py (run, serve, worker); common.py holds the Typer apps,
-the shared options and the way every command turns a mistake into one line and exit code 2. The commands are
-registered here, in the order `--help` lists them.
+(workers, backup), models.py (`wanbot models ...`), loras.py (`wanbot loras ...`) and roles.py (run, serve,
+worker); common.py holds the Typer apps, the shared options and the way every command turns a mistake into one line
+and exit code 2. The commands are registered here, in the order `--help` lists them.
 
 May import: bot.chat, bot.roles, engine.service and the engine's records; never engine machinery.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from bot.cli import fleet, generate, models, plan, queue, roles
-from bot.cli.common import app, errors, models_app, queue_app
+from bot.cli import fleet, generate, loras, models, plan, queue, roles
+from bot.cli.common import app, errors, loras_app, models_app, queue_app
 from engine.errors import ConfigError
 
 app.command()(generate.validate)
@@ -33,6 +33,8 @@ models_app.command("make-tiny")(models.models_make_tiny)
 models_app.command("download")(models.models_download)
 models_app.command("list")(models.models_list)
 models_app.command("verify")(models.models_verify)
+loras_app.command("list")(loras.loras_list)
+loras_app.command("download")(loras.loras_download)
 app.command("plan")(plan.plan_command)
 app.command("run")(roles.run_command)
 app.command("serve")(roles.serve_command)

@@ -30,8 +30,10 @@ HELP: dict[str, Any] = {
 app = typer.Typer(help="wanbot: chat messages to Wan 2.2 videos.", add_completion=False, **HELP)
 queue_app = typer.Typer(help="Look at and manage the job queue.", **HELP)
 models_app = typer.Typer(help="Models: download, list, verify, and the tiny offline one.", **HELP)
+loras_app = typer.Typer(help="The style and character LoRAs of [loras]: list them, download one.", **HELP)
 app.add_typer(queue_app, name="queue")
 app.add_typer(models_app, name="models")
+app.add_typer(loras_app, name="loras")
 
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
@@ -48,6 +50,14 @@ ConfigOption = Annotated[
 
 # metavar="": a flag takes no value, and typer would show it as <bool> next to the name.
 JsonOption = Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of text (default: text).")]
+
+
+LoraOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lora", metavar="NAME[:W]", help="A LoRA of [loras], weight 0 to 2 (repeat for more; default: none)."
+    ),
+]
 
 
 JobIdArgument = Annotated[int, typer.Argument(metavar="JOB", help="The job's number, as `wanbot queue list` shows it.")]

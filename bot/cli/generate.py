@@ -17,8 +17,18 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from bot.cli.common import CLI_ACTOR, ConfigOption, JsonOption, console, errors, run_or_exit, settings_from, usage_error
-from engine.config import ModelsConfig, Settings
+from bot.cli.common import (
+    CLI_ACTOR,
+    ConfigOption,
+    JsonOption,
+    LoraOption,
+    console,
+    errors,
+    run_or_exit,
+    settings_from,
+    usage_error,
+)
+from engine.config import ModelsConfig, Settings, StyleLoraConfig
 from engine.errors import UserError, counted
 from engine.jobs import EventKind, Job, JobSource, JobStatus
 from engine.operator import check_pictures, model_named, quiet_libraries
@@ -37,10 +47,12 @@ def validate(
         Path | None, typer.Option(metavar="FILE", help="Start image (default: none; i2v and ti2v need one).")
     ] = None,
     end: Annotated[Path | None, typer.Option(metavar="FILE", help="End image (default: none).")] = None,
+    lora: LoraOption = None,
     as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """Check images for a mode, as the bot would, and say what the video will change. Exit 0 if valid, 2 if not."""
+    """Check images and LoRAs for a mode, as the bot would, and say what the video will change. Exit 0 if valid, 2 if
+    not."""
     settings = settings_from(config)
     report: dict[str, Any] = {
         "valid": False,
@@ -49,15 +61,17 @@ def validate(
         "warnings": [],
         "adjustments": [],
         "images": [],
+        "loras": [],
     }
     try:
         # What generate and the chats would say, once the pictures meet the model too: an end image it ignores, a crop.
-        checked = check_pictures(settings, mode, _read_picture(start, "start"), _read_picture(end, "end"))
+        checked = check_pictures(settings, mode, _read_picture(start, "start"), _read_picture(end, "end"), lora or ())
         report.update(
             valid=True,
             warnings=checked.warnings,
             adjustments=checked.adjustments,
             images=[info.model_dump() for info in checked.images],
+            loras=checked.loras,
         )
     except UserError as exc:
         report["valid"] = False
@@ -87,6 +101,8 @@ def _print_validation(report: dict[str, Any]) -> None:
         console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
     for message in report["adjustments"]:
         console.print(f"note: {message}", highlight=False, markup=False)
+    if report["loras"]:
+        console.print(f"LoRAs: {', '.join(report['loras'])}", highlight=False, markup=False)
     for image in report["images"]:
         console.print(
             f"  {image['role']}: {image['format']} {image['width']}x{image['height']} {image['mode']}, "
@@ -260,6 +276,7 @@ def generate(
     negative: Annotated[
         str, typer.Option(metavar="TEXT", help="What to avoid (default: generation.negative_prompt).")
     ] = "",
+    lora: LoraOption = None,
     out: Annotated[
         Path | None, typer.Option(metavar="FILE", help="Copy the MP4 here too (default: only under the data folder).")
     ] = None,
@@ -281,6 +298,7 @@ def generate(
         resolution=size,
         frames=frames,
         preset=preset,
+        loras=lora or [],
     )
     if out is not None and out.is_dir():
         raise usage_error(f"--out {out} is a folder, not a file. Name the file to write, such as {out / 'video.mp4'}.")
@@ -356,6 +374,7 @@ def _settings_text(job: Job) -> str:
     return (
         f"{params.width}x{params.height}, {params.frames} frames at {params.fps} fps, {counted(params.steps, 'step')}, "
         f"seed {params.seed}, model {job.model}, {params.preset.value} preset"
+        + "".join(f", lora {use.label}" for use in params.loras)
     )
 
 
@@ -365,14 +384,19 @@ def _timings(job: Job) -> str:
     return ", ".join(parts)
 
 
+DEMO_LORA = "demo-style"  # a tiny random stand-in, as the tiny models are
+DEMO_JOBS = 5
+
+
 def demo(config: ConfigOption = None) -> None:
-    """Run a t2v, an i2v (start + end image) and a ti2v job at quality, and a fast t2v one, on the tiny models
-    through queue and worker."""
+    """Run a t2v, an i2v (start + end image) and a ti2v job at quality, a fast t2v one and the same with a style
+    LoRA, on the tiny models through queue and worker."""
     settings = settings_from(config)
-    # Four jobs from one user: the per-user queue limit (3 by default) must let them all wait at once.
-    queue = settings.queue.model_copy(update={"per_user_limit": max(settings.queue.per_user_limit, 4)})
+    # Five jobs from one user: the per-user queue limit (3 by default) must let them all wait at once.
+    queue = settings.queue.model_copy(update={"per_user_limit": max(settings.queue.per_user_limit, DEMO_JOBS)})
     models = ModelsConfig(t2v="tiny", i2v="tiny", ti2v="tiny")
-    settings = settings.model_copy(update={"models": models, "queue": queue})
+    loras = {**settings.loras, DEMO_LORA: StyleLoraConfig(repo="tiny", file=f"{DEMO_LORA}.safetensors")}
+    settings = settings.model_copy(update={"models": models, "queue": queue, "loras": loras})
     started = time.monotonic()
     jobs = run_or_exit(_demo(settings))
     failed = [job for job in jobs if job.status is not JobStatus.SUCCEEDED]
@@ -380,6 +404,7 @@ def demo(config: ConfigOption = None) -> None:
         if job.result is not None:
             console.print(
                 f"{job.mode.value:5} {job.params.preset.value:7} job #{job.id}: {job.result.path}  "
+                f"{''.join(f'lora {use.label}, ' for use in job.params.loras)}"
                 f"{job.result.width}x{job.result.height}, {job.result.frames} frames @ {job.result.fps} fps, "
                 f"{sum(job.result.run.transformer_calls.values()) if job.result.run else '?'} transformer passes  "
                 f"({_timings(job)})",
@@ -415,6 +440,8 @@ async def _demo(settings: Settings) -> list[Job]:
             ),
             # The same fox with the distilled 4-step LoRAs: 4 transformer passes instead of 2 x 4.
             (GenerationRequest(mode=Mode.T2V, prompt=fox, preset=Preset.FAST), None, None),
+            # And with a style LoRA beside them, as `lora=demo-style` asks in a chat.
+            (GenerationRequest(mode=Mode.T2V, prompt=fox, preset=Preset.FAST, loras=[DEMO_LORA]), None, None),
         ]
         ids = set()
         for request, start, end in requests:

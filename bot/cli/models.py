@@ -114,13 +114,14 @@ def models_download(
         console.print(f"Nothing to download: the {name} model is tiny or a folder on this machine.", highlight=False)
     downloader = model_downloader(settings)
     for item in wanted:
-        folder = run_or_exit(_download(downloader, item, revision if item.what == item.repo_id else "main"))
+        folder = run_or_exit(download_with_bar(downloader, item, revision if item.what == item.repo_id else "main"))
         shown = item.repo_id if item.files is None else f"{item.repo_id} ({', '.join(item.files)})"
         why = "" if item.what == item.repo_id else f", {item.what}"
         console.print(f"{shown} is complete in {folder}{why}", highlight=False)
 
 
-async def _download(downloader: Any, item: WeightsToFetch, revision: str) -> Path:
+async def download_with_bar(downloader: Any, item: WeightsToFetch, revision: str) -> Path:
+    """Download `item`, with a progress bar on a terminal; the folder it is complete in."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

@@ -37,6 +37,7 @@ CONNECTION_TASK = "discord connection"
 CONTENT_LIMIT = 2000  # characters in a message; every text the bot sends is fitted to it (texts.fit_text)
 MODAL_TIMEOUT_S = 900
 MAX_DESCRIPTION = 100  # characters in a slash command option's description
+MAX_CHOICES = 25  # autocomplete suggestions Discord shows
 UNKNOWN_CHANNEL = 10003  # Discord's JSON error code
 INVALID_WEBHOOK_TOKEN = 50027  # Discord's code for an interaction token it no longer takes
 # A re-sent video is looked for among this many of its channel's latest messages (one request's worth).
@@ -312,6 +313,18 @@ class DiscordAdapter:
 
     # -- buttons -----------------------------------------------------------------------------------------------
 
+    def lora_choices(self, interaction: discord.Interaction, typed: str) -> list[app_commands.Choice[str]]:
+        """What the lora option suggests while a user types: the names of [loras] that contain the word being typed
+        (after the last comma), at most Discord's 25; nothing for an outsider."""
+        if not self.core.allows(_person(interaction), _place(interaction)):
+            return []
+        *before, last = typed.split(",")
+        head = ", ".join(part.strip() for part in before if part.strip())
+        word = last.strip().split(":")[0].lower()
+        names = [name for name in self._engine.settings.loras if word in name][:MAX_CHOICES]
+        choices = [f"{head}, {name}" if head else name for name in names]
+        return [app_commands.Choice(name=choice, value=choice) for choice in choices]
+
     async def on_cancel_button(self, interaction: discord.Interaction, job_id: int) -> None:
         text = await self.core.cancel(_person(interaction), _place(interaction), str(job_id))
         await answer_privately(interaction, text)
@@ -463,6 +476,7 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
         resolution="WIDTHxHEIGHT such as 832x480, or the model's preset: 480p or 720p (A14B), 720p (TI2V-5B)",
         guidance="How closely to follow the prompt",
         preset=PRESET_HELP[:MAX_DESCRIPTION],
+        lora="A style or character: NAME or NAME:0.6, several joined by commas (/loras lists them)",
     )
     @app_commands.choices(
         mode=[app_commands.Choice(name=mode.value, value=mode.value) for mode in Mode],
@@ -485,6 +499,7 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
         resolution: str | None = None,
         guidance: app_commands.Range[float, 0.0, 20.0] | None = None,
         preset: str | None = None,
+        lora: str | None = None,
     ) -> None:
         # Options written in the prompt count, as in the "Make a video" form; a field the user filled in wins.
         try:
@@ -501,12 +516,23 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
             "resolution": resolution,
             "guidance": guidance,
             "preset": Preset(preset) if preset else None,
+            "loras": [lora] if lora else None,
         }
         given = {name: value for name, value in fields.items() if value not in (None, "")}
         request = parsed.request.model_copy(update=given)
         await _adapter(interaction).accept(interaction, request, start_image, end_image, parsed.notes)
 
+    @video.autocomplete("lora")
+    async def lora_choices(interaction: discord.Interaction, typed: str) -> list[app_commands.Choice[str]]:
+        return _adapter(interaction).lora_choices(interaction, typed)
+
     return video
+
+
+@app_commands.command(name="loras", description="The styles and characters a video may use (lora option).")
+async def loras_command(interaction: discord.Interaction) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, core.loras_text(_person(interaction), _place(interaction)))
 
 
 @app_commands.command(name="queue", description="Your jobs and their places in the queue.")
@@ -582,6 +608,7 @@ COMMANDS = (
     pause_command,
     resume_command,
     previews_command,
+    loras_command,
     help_command,
     make_video_command,
 )

@@ -199,6 +199,7 @@ class TelegramAdapter:
                 BotCommand("queue", "Your jobs and their places in the queue"),
                 BotCommand("cancel", "Cancel a job: /cancel or /cancel 12"),
                 BotCommand("status", "What the worker is doing"),
+                BotCommand("loras", "The styles and characters to add with lora=NAME"),
                 BotCommand("previews", "Admins: /previews on or off, the video taking shape while it is made"),
                 BotCommand("help", "How to use this bot"),
             ]
@@ -224,6 +225,7 @@ class TelegramAdapter:
         self.app.add_handler(CommandHandler("status", self._on_status))
         self.app.add_handler(CommandHandler(["pause", "resume"], self._on_pause))
         self.app.add_handler(CommandHandler("previews", self._on_previews))
+        self.app.add_handler(CommandHandler("loras", self._on_loras))
         self.app.add_handler(CommandHandler(["help", "start"], self._on_help))
         self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=r"^(cancel|reroll):\d+$"))
         private = filters.ChatType.PRIVATE
@@ -409,6 +411,10 @@ class TelegramAdapter:
     async def _on_previews(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message, wanted = update.effective_message, context.args[0] if context.args else None
         await self._reply(message, await self._core.previews(_person(update.effective_user), _place(message), wanted))
+
+    async def _on_loras(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        await self._reply(message, self._core.loras_text(_person(update.effective_user), _place(message)))
 
     async def _on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message

@@ -34,6 +34,7 @@ from engine.pipeline.planner import Machine, NoPlanFits, Plan, Where, margin
 from engine.pipeline.presets import Preset
 from engine.pipeline.samplers import scheduled, scheduler_name
 from engine.pipeline.speedups import Speedups, apply_speedups, choose_speedups, quantize_fp8
+from engine.pipeline.styles import StyleAdapters, StyleFiles
 from engine.pipeline.tiny import make_tiny_model
 from engine.pipeline.weights import Locator
 
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # Placements wanbot makes itself and can change in place; diffusers' offload hooks mean a reload.
 OWN_PLACEMENTS = {"gpu", "model_offload"}
+# Placements whose hooks diffusers puts on the layers at load: an adapter added later would sit outside them.
+DIFFUSERS_OFFLOADS = {"group_offload", "sequential_offload"}
 PIPELINE_CLASSES = {"WanPipeline": WanPipeline, "WanImageToVideoPipeline": WanImageToVideoPipeline}
 
 
@@ -68,11 +71,22 @@ class LoadedPipeline:
     placement: Placement
     folder: Path  # the weights' diffusers folder
     source: str = ""  # the weights loaded: the model's name, or its distilled model's for a fast TI2V
+    lora_cache: int = 0  # style adapters kept loaded after their job (generation.lora_cache)
     loras: LoraSlot = field(init=False)
+    styles: StyleAdapters = field(init=False)
 
     def __post_init__(self) -> None:
         self.loras = LoraSlot(self.pipeline, SavedWeights(self.folder), self.placement.editing)
+        self.styles = StyleAdapters(self.pipeline, self.device, self.lora_cache)
         self.source = self.source or self.model.name
+
+    def switch_loras(self, pair: LoraFiles | None, styles: list[StyleFiles]) -> None:
+        """The fast preset's pair fused in or taken out, then the job's style adapters active at their weights.
+        The pair is fused into plain layers only: the style adapters leave first when it changes."""
+        if pair != self.loras.files:
+            self.styles.drop_all()
+        self.loras.switch(pair)
+        self.styles.apply(styles)
 
     @property
     def plan(self) -> Plan:
@@ -155,14 +169,14 @@ class PipelineRunner:
 
     def _plan(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> Plan:
         """The plan a job of `params` gets on this machine (raises NoPlanFits, a UserError, when none fits)."""
-        machine = self._machine()
+        machine = self._machine(params)
         self._budget = None if machine.vram is None else machine.vram - margin(machine.vram)
         return plan_job(model, params, machine, self._config, folder)
 
     def check_fits(self, model: ModelRef, params: GenerationParams) -> None:
         """Raise NoPlanFits when no placement can make this job on this process's GPU (a CPU makes anything).
         Called from the chats' side while a job runs: it plans, and changes nothing."""
-        machine = self._machine()
+        machine = self._machine(params)
         folder = self._locate.on_disk(model) if machine.vram is not None else None
         if machine.vram is not None and (folder is not None or not model.is_tiny):
             plan_job(model, params, machine, self._config, folder)
@@ -170,7 +184,7 @@ class PipelineRunner:
     def plan_line(self, model: ModelRef, params: GenerationParams) -> str | None:
         """The plan a job of `params` gets, or why none fits, in one line; None without a GPU (all runs on the CPU)
         or for a tiny model not built yet."""
-        machine = self._machine()
+        machine = self._machine(params)
         folder = self._locate.on_disk(model) if machine.vram is not None else None
         if machine.vram is None or (folder is None and model.is_tiny):
             return None
@@ -179,14 +193,17 @@ class PipelineRunner:
         except NoPlanFits as exc:
             return f"none fits: {exc}"
 
-    def _machine(self) -> Machine:
+    def _machine(self, params: GenerationParams) -> Machine:
         device = pick_device(self._config.device)
-        return this_machine(self._config, device, fp8=self._speedups.fp8.value == "on")
+        # A style LoRA is a peft adapter beside the expert's layers, which fp8 weights cannot carry: such a job is
+        # planned in bf16 (the fast preset's fused pair is no adapter and keeps fp8).
+        fp8 = self._speedups.fp8.value == "on" and not params.loras
+        return this_machine(self._config, device, fp8=fp8)
 
     def _leaner(
         self, model: ModelRef, params: GenerationParams, failed: Plan | None, folder: Path | None
     ) -> Plan | None:
-        machine = self._machine()
+        machine = self._machine(params)
         if failed is None or machine.vram is None:
             return None
         try:
@@ -210,9 +227,15 @@ class PipelineRunner:
         plan = forced or self._plan(model, params, folder)
         self._trying = (plan, folder)  # what an out-of-memory error, in loading or running, ran out with
         loaded = self.loaded
+        styles = [self._locate.style(use, hooks) for use in params.loras]
+        if styles and plan.memory in DIFFUSERS_OFFLOADS:
+            raise UserError(
+                f"This server's GPU needs {plan.memory.replace('_', ' ')} for this video, which cannot carry LoRAs.",
+                "Ask again without lora=, or for a smaller video (res=480p, fewer frames).",
+            )
         if loaded is not None and self._keeps(loaded, model, source, loras, plan):
             self._replace(loaded, plan)
-            loaded.loras.switch(loras)
+            loaded.switch_loras(loras, styles)
             return loaded
         del loaded  # the old pipeline's memory is given back in unload, once nothing here holds it
         self.unload()
@@ -223,7 +246,9 @@ class PipelineRunner:
         correct_flow_shift(pipeline, model.spec)
         pipeline.set_progress_bar_config(disable=True)
         placement = self._placement(pipeline, plan, device)
-        loaded = LoadedPipeline(model, pipeline, device, placement, folder, source=source.name)
+        loaded = LoadedPipeline(
+            model, pipeline, device, placement, folder, source=source.name, lora_cache=self._config.lora_cache
+        )
         # Fused where the weights compute (bf16 on a GPU), and before fp8 or compiling see them.
         loaded.loras.switch(loras)
         placement.settle()  # an fp8 plan's experts quantized, one after the other
@@ -237,6 +262,8 @@ class PipelineRunner:
             self._speedups.describe(),
             "\n".join(plan.lines(model_footprint(model, folder))),
         )
+        # Kept loaded from here: a style LoRA that fails to load fails its job alone.
+        loaded.styles.apply(styles)
         return loaded
 
     def _placement(self, pipeline: Any, plan: Plan, device: torch.device) -> Placement:
@@ -254,7 +281,9 @@ class PipelineRunner:
         if (loaded.model.name, loaded.source) != (model.name, source.name):
             return False
         old = loaded.plan
-        if (old.fp8 or plan.fp8) and (loaded.loras.files != loras or old.placement != plan.placement):
+        if old.fp8 != plan.fp8:
+            return False  # weights quantized (or not) at load: a job with style LoRAs runs in bf16
+        if plan.fp8 and (loaded.loras.files != loras or old.placement != plan.placement):
             return False
         return old.placement == plan.placement or {old.memory, plan.memory} <= OWN_PLACEMENTS
 
@@ -354,6 +383,7 @@ class PipelineRunner:
         info = RunInfo(
             preset=params.preset,
             loras=loaded.loras.names,
+            styles=[f"{use.label} ({', '.join(f'{use.repo}/{name}' for name in use.files)})" for use in params.loras],
             scheduler=scheduler_name(scheduler, sampling),
             sigmas=sigmas,
             transformer_calls=passes.calls,

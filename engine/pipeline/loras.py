@@ -102,6 +102,22 @@ def random_lightx2v_lora(
     return state
 
 
+def random_style_lora(
+    transformer: torch.nn.Module, rank: int, generator: torch.Generator, std: float = 0.5
+) -> dict[str, torch.Tensor]:
+    """Random weights for `transformer`'s shapes in the layout style LoRAs trained for Wan 2.2 are shared in
+    (ComfyUI's and musubi-tuner's: lora_A/lora_B on each block's linear layers, nothing else): a stand-in that
+    loads through the same converter a real one does."""
+    state: dict[str, torch.Tensor] = {}
+    for index, block in enumerate(transformer.blocks):
+        for theirs, ours in BLOCK_LINEARS.items():
+            layer = block.get_submodule(ours)
+            prefix = f"diffusion_model.blocks.{index}.{theirs}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=generator) * std
+            state[f"{prefix}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=generator) * std
+    return state
+
+
 def write_lora(state: dict[str, torch.Tensor], target: Path) -> Path:
     with atomic_target(target) as temp_path:
         save_file({key: value.contiguous() for key, value in state.items()}, str(temp_path))

@@ -10,19 +10,22 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from engine.config import GenerationConfig, Settings
-from engine.errors import UserError, quoted
-from engine.jobs import GenerationParams
+from engine.config import GenerationConfig, Settings, StyleLoraConfig
+from engine.errors import UserError, counted, quoted
+from engine.jobs import GenerationParams, LoraUse
 from engine.pipeline.presets import FASTWAN_DMD, LIGHTX2V_EULER, Preset, Sampling, choose_preset
 from engine.storage.images import ImageInfo, Mode
 
 TINY = "tiny"
+# Where the stand-ins of [loras] entries with repo = "tiny" are built, under the models folder.
+TINY_STYLE_FOLDER = "tiny-style-loras"
 # A sanity bound, not the model's: the text encoder's 512 tokens are counted with its own tokenizer
 # (engine/pipeline/prompts.py).
 MAX_PROMPT_CHARS = 4000
@@ -246,6 +249,9 @@ class GenerationRequest(BaseModel):
     resolution: str | None = Field(None, description="A preset name like '480p' or 'WxH'.")
     frames: int | None = None
     preset: Preset | None = Field(None, description="fast or quality; None: generation.default_preset.")
+    loras: list[str] = Field(
+        default_factory=list, description="LoRAs of [loras] as NAME or NAME:WEIGHT (commas may join several)."
+    )
 
     @field_validator("preset", mode="before")
     @classmethod
@@ -287,8 +293,10 @@ def resolve_request(
     start: ImageInfo | None = None,
     end: ImageInfo | None = None,
     rng: random.Random | None = None,
+    loras_offered: Mapping[str, StyleLoraConfig] | None = None,
 ) -> GenerationParams:
-    """Fill defaults, snap sizes and frames to what the model accepts, and say what was adjusted."""
+    """Fill defaults, snap sizes and frames to what the model accepts, and say what was adjusted. `loras_offered`:
+    the [loras] a request may name (none without it)."""
     spec = model.spec
     adjustments: list[str] = []
     warnings: list[str] = []
@@ -300,6 +308,8 @@ def resolve_request(
             f"The prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.",
             "The model reads 512 tokens, about 2000 characters of English; shorten the prompt.",
         )
+    loras = resolve_loras(request.loras, loras_offered or {}, request.mode, spec, limits.max_loras)
+    prompt = _with_triggers(prompt, loras, loras_offered or {}, adjustments)
     width, height = _resolve_size(request.resolution, spec, limits, start, adjustments)
     frames = _resolve_frames(request.frames, spec, limits, adjustments)
     fast_steps = spec.fast.sampling.steps if spec.fast else None
@@ -329,9 +339,74 @@ def resolve_request(
         frames=frames,
         fps=spec.fps,
         preset=choice.preset,
+        loras=loras,
         adjustments=adjustments,
         warnings=warnings,
     )
+
+
+def resolve_loras(
+    asked: list[str], offered: Mapping[str, StyleLoraConfig], mode: Mode, spec: ModelSpec, most: int
+) -> list[LoraUse]:
+    """The LoRAs a request names (NAME or NAME:WEIGHT, several joined by commas), checked against what [loras]
+    offers for its mode and model, each once, at most `most`."""
+    named = [part.strip() for item in asked for part in item.split(",") if part.strip()]
+    if not named:
+        return []
+    if not offered or most == 0:
+        raise UserError("This bot offers no LoRAs.", "Ask again without lora=.")
+    uses: dict[str, LoraUse] = {}
+    for item in named:
+        name, _, weight_text = item.partition(":")
+        name = name.strip().lower()
+        config = offered.get(name)
+        if config is None:
+            raise UserError(
+                f"There is no LoRA called {quoted(name)} here.", f"/loras lists them: {', '.join(offered)}."
+            )
+        if mode.value not in config.modes:
+            raise UserError(f"The LoRA {name} is not for {mode.value}.", f"It is for {', '.join(config.modes)}.")
+        if config.file is None and not spec.two_experts:
+            raise UserError(
+                f"The LoRA {name} is made for the two experts of an A14B model; this bot's {mode.value} model has one.",
+                "Ask again without it, or in a mode it is for.",
+            )
+        uses[name] = LoraUse(
+            name=name, weight=_lora_weight(name, weight_text, config), repo=config.repo, files=config.files
+        )
+    if len(uses) > most:
+        raise UserError(
+            f"A request may use at most {counted(most, 'LoRA')}; this one names {len(uses)}.",
+            "Name fewer in lora=.",
+        )
+    return list(uses.values())
+
+
+def _lora_weight(name: str, text: str, config: StyleLoraConfig) -> float:
+    if not text.strip():
+        return config.weight
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = math.nan
+    if not 0 <= weight <= 2:
+        raise UserError(
+            f"The weight of the LoRA {name} must be a number from 0 to 2, not {quoted(text)}.",
+            f"For example lora={name}:{config.weight:g}.",
+        )
+    return weight
+
+
+def _with_triggers(
+    prompt: str, loras: list[LoraUse], offered: Mapping[str, StyleLoraConfig], adjustments: list[str]
+) -> str:
+    """The prompt with the trigger words of each LoRA it lacks, put first: without them many LoRAs do little."""
+    for use in reversed(loras):
+        trigger = offered[use.name].trigger.strip()
+        if trigger and trigger.lower() not in prompt.lower():
+            prompt = f"{trigger}, {prompt}" if prompt else trigger
+            adjustments.append(f"The LoRA {use.name}'s trigger words were put before the prompt: {trigger}.")
+    return prompt
 
 
 def _steps_and_guidance(

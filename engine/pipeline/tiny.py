@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from diffusers import (
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from engine.pipeline.loras import random_lightx2v_lora, write_lora
+from engine.pipeline.loras import random_lightx2v_lora, random_style_lora, write_lora
 from engine.storage.images import Mode
 
 # The fast preset's stand-ins: a random LoRA pair in LightX2V's layout for each A14B kind, and a second TI2V
@@ -149,6 +150,17 @@ def make_tiny_loras(target: Path, kind: Mode, seed: int = 0) -> Path:
             write_lora(random_lightx2v_lora(shapes, TINY_LORA_RANK, generator), staging / name)
 
     return _build_aside(target, TINY_LORA_FILES, build)
+
+
+def make_tiny_style_lora(folder: Path, name: str) -> Path:
+    """A random style LoRA for every tiny model (their blocks share one shape) at `folder / name`, atomically; the
+    file name seeds it, so two names are two different LoRAs."""
+    target = folder / name
+    if not target.exists():
+        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_lora(random_style_lora(_transformer(16, 16), TINY_LORA_RANK, generator), target)
+    return target
 
 
 def _build_aside(target: Path, files: tuple[str, ...], build: Callable[[Path], None]) -> Path:

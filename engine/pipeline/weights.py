@@ -16,10 +16,18 @@ from pathlib import Path
 from engine.config import Settings
 from engine.hub.downloads import Downloader
 from engine.hub.fetcher import download_progress
+from engine.jobs import LoraUse
 from engine.pipeline.hooks import RunHooks
 from engine.pipeline.loras import LoraFiles, LoraPair
-from engine.pipeline.models import ModelRef, resolve_model
-from engine.pipeline.tiny import TINY_FAST_SEED, TINY_LORA_FILES, make_tiny_loras, make_tiny_model
+from engine.pipeline.models import TINY, TINY_STYLE_FOLDER, ModelRef, resolve_model
+from engine.pipeline.styles import StyleFiles
+from engine.pipeline.tiny import (
+    TINY_FAST_SEED,
+    TINY_LORA_FILES,
+    make_tiny_loras,
+    make_tiny_model,
+    make_tiny_style_lora,
+)
 
 TINY_LORA_REPO = "wanbot/tiny-loras"  # a name for the metadata; the files are built here, never downloaded
 
@@ -70,6 +78,19 @@ class Locator:
             found = self._downloader.local_files(pair.repo, files)
             folder = found or self._download(pair.repo, files, hooks)
         return LoraFiles(pair, folder / pair.high, folder / pair.low)
+
+    def style(self, use: LoraUse, hooks: RunHooks) -> StyleFiles:
+        """A job's style LoRA on disk: built here for `tiny`, used where it is for a folder, else found in a Hugging
+        Face cache or downloaded (only its files), with the download's progress shown on the job."""
+        if use.repo == TINY:
+            folder = self._settings.models_dir / TINY_STYLE_FOLDER
+            return StyleFiles(use, tuple(make_tiny_style_lora(folder, name) for name in use.files))
+        local = Path(use.repo).expanduser()
+        if local.is_dir():
+            folder = local
+        else:
+            folder = self._downloader.local_files(use.repo, use.files) or self._download(use.repo, use.files, hooks)
+        return StyleFiles(use, tuple(folder / name for name in use.files))
 
     def _download(self, repo_id: str, files: list[str] | None, hooks: RunHooks) -> Path:
         # On the worker's own thread, which has no event loop: the download gets one of its own.

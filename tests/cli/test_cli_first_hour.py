@@ -263,8 +263,10 @@ def test_what_the_user_gets_wrong_is_one_line_and_exit_2(tmp_path: Path, case, a
 
 
 def test_an_unknown_environment_variable_is_warned_about(tmp_path: Path):
-    done = wanbot("queue", "list", data=tmp_path, env={"WANBOT_QEUE__PER_USER_LIMIT": "1", "WANBOT_FOO__BAR": "x"})
+    env = {"WANBOT_QEUE__PER_USER_LIMIT": "1", "WANBOT_FOO__BAR": "x", "WANBOT_ENHANCER_KEY": "sk-secret"}
+    done = wanbot("queue", "list", data=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
+    assert "WANBOT_ENHANCER_KEY" not in done.stderr  # prompts.enhancer_key_env names it: a key, not a setting
     assert (
         "WANBOT_QEUE__PER_USER_LIMIT is not a wanbot setting and is ignored; did you mean WANBOT_QUEUE__PER_USER_LIMIT?"
         in done.stderr

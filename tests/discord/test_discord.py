@@ -45,7 +45,9 @@ async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(t
     async with running_bot(configure(tiny_settings, discord_server)) as bot:
         synced = discord_server.commands[f"applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"]
         names = {command["name"] for command in synced}
-        assert names == {"video", "queue", "cancel", "status", "help", "pause", "resume", "previews", "Make a video"}
+        assert names == {
+            *("video", "queue", "cancel", "status", "help", "pause", "resume", "previews", "loras", "Make a video")
+        }
         hidden = {command["name"] for command in synced if command["default_member_permissions"] is not None}
         assert hidden == {"pause", "resume"}
         [video_command] = [command for command in synced if command["name"] == "video"]
@@ -370,7 +372,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
         answered = len(discord_server.calls_to("POST", "/callback"))
         posted = len(discord_server.calls_to("POST", "/messages")) + len(discord_server.calls_to("POST", "webhooks/"))
         asked = {"video": {"prompt": "let me in"}, "previews": {"state": "off"}}
-        for name in ("queue", "status", "help", "cancel", "pause", "resume", "previews", "video"):
+        for name in ("queue", "status", "help", "cancel", "pause", "resume", "previews", "loras", "video"):
             await discord_server.slash(BOB, name, asked.get(name))
         await discord_server.slash(carol, "pause")  # allowed here, but no admin
         picture = discord_server.attachment(imagefactory.png(), "p.png")
@@ -381,7 +383,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
             (carol, video, "wanbot:reroll:1"),
         ):
             await discord_server.click(user, message, custom_id)
-        await until(lambda: len(discord_server.calls_to("POST", "/callback")) == answered + 13, what="13 answers")
+        await until(lambda: len(discord_server.calls_to("POST", "/callback")) == answered + 14, what="14 answers")
         await asyncio.sleep(0.5)  # room for a wrong extra message to arrive
         jobs = await bot.engine._queue.list_jobs()
     answers = [call.body for call in discord_server.calls_to("POST", "/callback")[answered:]]
@@ -392,7 +394,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
     contents = [answer["data"]["content"] for answer in answers]
     only_admins = "Only admins can pause or resume the queue.\nAsk an admin; /status shows the workers."
     # Each handler answers as soon as it can: the order of the answers is not the order of the clicks.
-    assert sorted(contents) == sorted([NOT_ALLOWED] * 11 + [only_admins, NOT_YOURS_TO_REROLL])
+    assert sorted(contents) == sorted([NOT_ALLOWED] * 12 + [only_admins, NOT_YOURS_TO_REROLL])
     assert [job.status for job in jobs] == [JobStatus.QUEUED, JobStatus.SUCCEEDED]
 
 

@@ -567,6 +567,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
             "/pause",
             "/resume",
             "/previews off",
+            "/loras",
             "/video x",
         )
         for text in outsider_commands:

@@ -1,0 +1,68 @@
+"""`wanbot loras list|download`, and `--lora` on `generate` and `validate`, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_cli import wanbot
+
+pytestmark = pytest.mark.timeout(180)
+CONFIG = """
+[models]
+t2v = "tiny"
+i2v = "tiny"
+ti2v = "tiny"
+
+[loras.grain]
+repo = "tiny"
+file = "grain.safetensors"
+description = "film grain"
+
+[loras.glow]
+repo = "tiny"
+file = "glow.safetensors"
+trigger = "glowing"
+modes = ["t2v"]
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "wanbot.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+def test_a_generated_video_uses_the_loras_named_and_loras_list_then_finds_them_on_disk(tmp_path: Path, config: Path):
+    data = tmp_path / "data"
+    before = json.loads(wanbot("loras", "list", "--json", "--config", str(config), data=data).stdout)
+    asked = ("--mode", "t2v", "--prompt", "w1 a fox", "--frames", "5", "--resolution", "64x64", "--seed", "3")
+    made = wanbot("generate", *asked, "--lora", "grain:0.5", "--lora", "glow", "--config", str(config), data=data)
+    after = wanbot("loras", "list", "--config", str(config), data=data)
+    assert made.returncode == 0, made.stderr
+    assert "lora grain:0.5, lora glow:0.8" in made.stderr + made.stdout
+    assert [(row["name"], row["on_disk"]) for row in before] == [("grain", False), ("glow", False)]
+    assert after.stdout.splitlines()[0].startswith("grain: tiny (grain.safetensors), weight 0.8, t2v/i2v/ti2v; /")
+
+
+def test_validate_and_download_say_what_the_chats_would_with_exit_2(tmp_path: Path, config: Path):
+    data = tmp_path / "data"
+    fine = wanbot("validate", "--mode", "t2v", "--lora", "grain:0.3", "--json", "--config", str(config), data=data)
+    wrong_mode = wanbot("validate", "--mode", "ti2v", "--lora", "glow", "--config", str(config), data=data)
+    unknown = wanbot("loras", "download", "sepia", "--config", str(config), data=data)
+    tiny = wanbot("loras", "download", "grain", "--config", str(config), data=data)
+    assert fine.returncode == 0 and json.loads(fine.stdout)["loras"] == ["grain:0.3"]
+    assert wrong_mode.returncode == 2
+    assert "The LoRA glow is not for ti2v. It is for t2v." in wrong_mode.stdout
+    assert unknown.returncode == 2 and "There is no LoRA called sepia in [loras] (configured: grain, glow)." in (
+        unknown.stderr
+    )
+    assert tiny.returncode == 0 and "Nothing to download" in tiny.stdout
+
+
+def test_loras_list_without_any_says_how_to_add_one(tmp_path: Path):
+    done = wanbot("loras", "list", data=tmp_path)
+    assert done.returncode == 0 and "add a [loras.NAME] section" in done.stdout
