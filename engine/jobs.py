@@ -94,6 +94,7 @@ class GenerationParams(BaseModel):
 
     v: int = PARAMS_VERSION
     prompt: str
+    original_prompt: str | None = Field(None, description="The user's own words, when `prompt` is the enhancer's.")
     negative_prompt: str = ""
     seed: int
     steps: int

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from engine.config import Settings
+from engine.enhance.enhancer import Enhancer
 from engine.errors import UserError
 from engine.hub.downloads import Downloader, size_text, warn_missing_models
 from engine.jobs import (
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 # A delivery record that meets a locked or unreachable database is tried again after these waits, doubling.
 RECORD_FIRST_WAIT_S = 0.5
+# How a job's notes begin the enhancer's rewrite of its prompt (the user's own words are kept beside it).
+ENHANCED_NOTE = "Prompt enhanced"
 # How soon a pause or resume made by another process shows in this one's waiting places (one read of a flag).
 PAUSE_POLL_S = 2.0
 RECORD_MAX_WAIT_S = 30.0
@@ -127,6 +130,8 @@ class Engine:
     )
     _place_listeners: list[Callable[[], None]] = field(init=False, repr=False, default_factory=list)
     _paused_seen: bool | None = field(init=False, repr=False, default=None)  # as the places last showed it
+    # The prompt enhancer (prompts.enhancer), or None when it is off.
+    _enhancer: Enhancer | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self._queue.lease_s = self.settings.queue.lease_s
@@ -135,12 +140,21 @@ class Engine:
         slots = self.settings.images.max_concurrent_decodes
         self._decodes = asyncio.Semaphore(slots)
         self._decode_pool = ThreadPoolExecutor(slots, thread_name_prefix="wanbot-decode")
+        if self.settings.prompts.enhancer != "off":
+            self._enhancer = Enhancer(
+                self.settings.prompts, Downloader(self.settings.models_dir, self.settings.downloads)
+            )
 
     @classmethod
     async def open(cls, settings: Settings, locator: ModelLocator | None = None, with_worker: bool = True) -> Engine:
         """The engine of a process; `with_worker=False` for one that only serves chats (no model, no torch)."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = ImageStore(settings.images_dir, settings.images.background)
+        if not with_worker and settings.prompts.enhancer == "local":
+            raise UserError(
+                "prompts.enhancer is local, which runs a model in this process, and a serving process runs none.",
+                'Use prompts.enhancer = "openai" with an endpoint (vLLM, llama.cpp\'s server, Ollama), or wanbot run.',
+            )
         if not with_worker:
             queue = await JobQueue.connect(settings.database_url, EventBus())
             await queue.measure_clock_skew()
@@ -161,8 +175,20 @@ class Engine:
         prompt_lengths = PromptLengths(locator.on_disk)
         return cls(settings, queue, store, runner, worker, prompt_lengths)
 
+    @property
+    def enhancer_line(self) -> str | None:
+        """What the prompt enhancer is, for the start-up lines; None when it is off."""
+        return self._enhancer.describe() if self._enhancer is not None else None
+
+    async def load_enhancer(self) -> None:
+        """A local enhancer's model downloaded and loaded before the first request needs it (never raises)."""
+        if self._enhancer is not None:
+            await self._enhancer.load()
+
     async def close(self) -> None:
         await self.supervisor.stop()
+        if self._enhancer is not None:
+            await self._enhancer.close()
         if self._worker is not None:
             await self._worker.stop()
             await self._worker.close()
@@ -287,6 +313,9 @@ class Engine:
 
     def _places_changed(self, paused: bool) -> None:
         self._paused_seen = paused
+        self._reshow_places()
+
+    def _reshow_places(self) -> None:
         for listener in list(self._place_listeners):
             listener()
 
@@ -591,6 +620,7 @@ class Engine:
                 end=infos[1] if len(infos) > 1 else None,
                 loras_offered=self.settings.loras,
             )
+            params = await self._enhanced(request, params, source, has_image=bool(infos))
             await self._check_plan(model, params)
             # A serving process has no tokenizer (no torch): the worker's model cuts a long prompt all the same.
             too_long = await self._prompt_lengths.warnings(model, params) if self._prompt_lengths else []
@@ -610,6 +640,57 @@ class Engine:
                 **self._limits(),
             )
         return Submission(result=result, notes=[*params.adjustments, *params.warnings])
+
+    async def _enhanced(
+        self, request: GenerationRequest, params: GenerationParams, source: JobSource, has_image: bool
+    ) -> GenerationParams:
+        """`params` with the enhancer's rewrite of the prompt (the user's words kept beside it), where one is on and
+        neither the request (enhance=no) nor its chat (/enhance off) turned it off; the user's words, with a note,
+        where it failed."""
+        if self._enhancer is None or not await self._wants_enhancing(request, source):
+            return params
+        enhanced = await self._enhancer.enhance(params.prompt, request.mode.value, has_image)
+        if not enhanced.enhanced:
+            return params.model_copy(update={"warnings": [*params.warnings, *filter(None, [enhanced.note])]})
+        adjustments = [*params.adjustments, f"{ENHANCED_NOTE}: {enhanced.prompt}"]
+        return params.model_copy(
+            update={"prompt": enhanced.prompt, "original_prompt": enhanced.original, "adjustments": adjustments}
+        )
+
+    async def _wants_enhancing(self, request: GenerationRequest, source: JobSource) -> bool:
+        if request.enhance is not None:
+            return request.enhance
+        return await self.enhance_on(source.platform, source.chat_id)
+
+    async def set_enhance(self, platform: str, chat_id: str, on: bool) -> None:
+        await self._queue.set_flag(_enhance_flag(platform, chat_id), "on" if on else "off")
+
+    async def enhance_on(self, platform: str, chat_id: str) -> bool:
+        """Whether a chat's requests are enhanced unless they say enhance=no: wherever an enhancer is configured,
+        unless the chat's admins turned it off."""
+        if self._enhancer is None:
+            return False
+        return await self._queue.flag(_enhance_flag(platform, chat_id)) != "off"
+
+    async def use_own_words(self, job_id: int, actor: Actor) -> Job:
+        """Make a waiting job from its owner's own words instead of the enhancer's rewrite; a UserError when it is
+        not theirs, was not rewritten, or has started."""
+        job = await self._queue.get(job_id)
+        if not actor.is_admin and job.source.user_key != actor.user_key:
+            raise UserError(f"Job #{job_id} is not yours.", "Only the person who asked can choose its words.")
+        original = job.params.original_prompt
+        if original is None:
+            raise UserError(f"Job #{job_id} already uses your own words.")
+        adjustments = [note for note in job.params.adjustments if not note.startswith(ENHANCED_NOTE)]
+        params = job.params.model_copy(update={"prompt": original, "original_prompt": None, "adjustments": adjustments})
+        changed = await self._queue.replace_waiting_params(job_id, params)
+        if changed is None:
+            raise UserError(
+                f"Job #{job_id} has started already, with the enhanced prompt.",
+                "Ask again with enhance=no for your own words.",
+            )
+        self._reshow_places()  # its message loses the button
+        return changed
 
     async def _check_plan(self, model: ModelRef, params: GenerationParams) -> None:
         """A job that no placement fits on this process's GPU is refused before it is queued, saying what would.
@@ -669,3 +750,7 @@ class Engine:
 
 def _previews_flag(platform: str, chat_id: str) -> str:
     return f"previews:{platform}:{chat_id}"
+
+
+def _enhance_flag(platform: str, chat_id: str) -> str:
+    return f"enhance:{platform}:{chat_id}"

@@ -422,6 +422,7 @@ class Worker:
         metadata = {
             "job": job.id,
             "prompt": job.params.prompt,
+            "original_prompt": job.params.original_prompt,
             "negative_prompt": job.params.negative_prompt,
             "seed": job.params.seed,
             "model": job.model,

@@ -433,7 +433,7 @@ class FakeDiscord:
         roles: list[int] | None = None,
         size_limit: int = 10 * 1024 * 1024,
     ) -> dict[str, Any]:
-        types = {str: 3, int: 4, float: 10}
+        types = {str: 3, int: 4, bool: 5, float: 10}
         option_list = [
             {"name": key, "type": types[type(value)], "value": value} for key, value in (options or {}).items()
         ]

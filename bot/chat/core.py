@@ -336,7 +336,47 @@ class ChatCore:
     def help_text(self, person: Person, place: Place) -> str:
         if not self.allows(person, place):
             return NOT_ALLOWED
-        return texts.help_text(self._how_to_ask, loras=bool(self.engine.settings.loras))
+        settings = self.engine.settings
+        return texts.help_text(self._how_to_ask, bool(settings.loras), self.engine.enhancer_line is not None)
+
+    async def use_own_words(self, person: Person, place: Place, job_id: int) -> str:
+        """ "Use my words" under a waiting job whose prompt the enhancer rewrote (its owner, or an admin)."""
+        if not self.allows(person, place):
+            return NOT_ALLOWED
+        try:
+            job = await self.engine.use_own_words(job_id, self.actor(person))
+        except UserError as error:
+            return texts.user_error_text(error)
+        return f"Job #{job.id} will be made from your own words: {texts.cut_text(job.params.prompt, 200)}"
+
+    async def enhance(self, person: Person, place: Place, wanted: str | None) -> str:
+        """/enhance on|off: whether this chat's requests are rewritten by the prompt enhancer (admins change it)."""
+        if not self.allows(person, place):
+            return NOT_ALLOWED
+        if self.engine.enhancer_line is None:
+            return "This bot has no prompt enhancer: your prompts are used as you write them."
+        if wanted is None:
+            on = await self.engine.enhance_on(self.platform, place.chat_id)
+            return (
+                f"The prompt enhancer is {'on' if on else 'off'} here (enhance=yes or enhance=no in a request). "
+                "Admins: /enhance on or /enhance off."
+            )
+        if wanted.lower() not in ("on", "off"):
+            refusal = UserError(f"{quoted(wanted)} is neither on nor off.", "Use /enhance on or /enhance off.")
+            return texts.user_error_text(refusal)
+        if not self.access.is_admin(person):
+            return texts.user_error_text(
+                UserError(
+                    "Only admins can turn the prompt enhancer on or off.", "Ask an admin; /enhance says how it is."
+                )
+            )
+        on = wanted.lower() == "on"
+        await self.engine.set_enhance(self.platform, place.chat_id, on)
+        if on:
+            return (
+                "Prompt enhancer on: short prompts here are rewritten in detail (enhance=no in a request keeps yours)."
+            )
+        return "Prompt enhancer off for this chat (enhance=yes in a request still asks for it)."
 
     def loras_text(self, person: Person, place: Place) -> str:
         """/loras: the styles and characters a request may name."""

@@ -271,7 +271,7 @@ class JobRelay:
             await self._show_progress(event)
         elif event.kind is EventKind.REQUEUED and job.status is JobStatus.QUEUED:
             # Its worker stopped (or went silent): said at once, not left showing the last step until it restarts.
-            self.show(job, texts.requeued_text(job), "cancel", at_once=True)
+            self.show(job, texts.requeued_text(job), waiting_buttons(job), at_once=True)
         elif event.kind is EventKind.PREVIEW:
             await self._take_preview(event)
         elif event.kind is EventKind.SUCCEEDED:
@@ -360,7 +360,7 @@ class JobRelay:
                     was = self._best_places.setdefault(job.id, position.position)
                     self._best_places[job.id] = min(was, position.position)
                     text = texts.queued_text(job, position, paused=paused, was=was)
-                    self.show(job, text, "cancel", refresh=refresh)
+                    self.show(job, text, waiting_buttons(job), refresh=refresh)
         except Exception:
             # Places are a courtesy: a failed read must not stop the progress and results that follow.
             log.warning("could not refresh queue positions", exc_info=True)
@@ -464,3 +464,8 @@ class JobRelay:
                 if loop.time() >= self._retry_at.get(job.id, 0.0):
                     await self.deliver(job)
             await asyncio.sleep(self._retry_s)
+
+
+def waiting_buttons(job: Job) -> Buttons:
+    """A waiting job's buttons: "Use my words" beside Cancel while its prompt is the enhancer's rewrite."""
+    return "own_words" if job.params.original_prompt is not None else "cancel"

@@ -20,8 +20,9 @@ from engine.pipeline.models import GenerationRequest
 from engine.pipeline.presets import PRESET_HELP
 from engine.storage.images import Mode
 
-# The buttons under a job's message: Cancel while it waits or runs, none once it has ended.
-Buttons = Literal["cancel", "none"]
+# The buttons under a job's message: Cancel while it waits or runs (and "Use my words" beside it while a job whose
+# prompt the enhancer rewrote waits), none once it has ended.
+Buttons = Literal["cancel", "own_words", "none"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ OPTION_KEYS = {
     "negative": "negative_prompt",
     "preset": "preset",
     "lora": "loras",
+    "enhance": "enhance",
 }
 # A valid example of each number option, for the hint when one is not a number (frames are 4k+1).
 NUMBER_EXAMPLES = {"seed": "42", "steps": "30", "frames": "49", "guidance": "4.5"}
@@ -301,7 +303,9 @@ def result_caption(job: Job, limit: int = 1024) -> str:
         f"{params.frames} frames · {counted(params.steps, 'step')} · {took}"
         + "".join(f" · lora {use.label}" for use in params.loras)
     )
-    return fit_text(cut_text(params.prompt, limit - text_size(details)) + details, limit)
+    # The user's own words first: a long rewrite is what gets cut.
+    prompt = params.prompt if params.original_prompt is None else f"{params.original_prompt}\nEnhanced: {params.prompt}"
+    return fit_text(cut_text(prompt, limit - text_size(details)) + details, limit)
 
 
 def apology(job_id: int | None = None) -> str:
@@ -313,9 +317,9 @@ def user_error_text(error: UserError) -> str:
     return f"{error.message}\n{error.hint}".strip()
 
 
-def help_text(how_to_ask: str, loras: bool = False) -> str:
+def help_text(how_to_ask: str, loras: bool = False, enhancer: bool = False) -> str:
     """The help both platforms share around `how_to_ask`: each adapter's own lines on how to ask for a video there;
-    `loras`: whether the bot offers any."""
+    `loras`: whether the bot offers any; `enhancer`: whether it has a prompt enhancer."""
     return (
         "Make a short video from text or a picture.\n"
         f"{how_to_ask}\n"
@@ -324,6 +328,7 @@ def help_text(how_to_ask: str, loras: bool = False) -> str:
         'neg="blurry, text" (neg= replaces Wan\'s default negative prompt)\n'
         f"preset=fast or preset=quality ({PRESET_HELP})\n"
         + ("lora=NAME or lora=NAME:0.6: a style or character (/loras lists them)\n" if loras else "")
+        + ("enhance=no: your prompt as you wrote it, not rewritten in detail first\n" if enhancer else "")
         + "/queue: your jobs · /cancel [id]: cancel · /status: the workers · admins: /pause, /resume"
     )
 

@@ -277,6 +277,12 @@ def generate(
         str, typer.Option(metavar="TEXT", help="What to avoid (default: generation.negative_prompt).")
     ] = "",
     lora: LoraOption = None,
+    enhance: Annotated[
+        bool | None,
+        typer.Option(
+            "--enhance/--no-enhance", help="Rewrite the prompt with prompts.enhancer first (default: when one is on)."
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(metavar="FILE", help="Copy the MP4 here too (default: only under the data folder).")
     ] = None,
@@ -299,6 +305,7 @@ def generate(
         frames=frames,
         preset=preset,
         loras=lora or [],
+        enhance=enhance,
     )
     if out is not None and out.is_dir():
         raise usage_error(f"--out {out} is a folder, not a file. Name the file to write, such as {out / 'video.mp4'}.")

@@ -63,7 +63,7 @@ class WanbotClient(discord.Client):
         self.tree = app_commands.CommandTree(self)
 
     async def setup_hook(self) -> None:
-        self.add_dynamic_items(CancelButton, RerollButton)
+        self.add_dynamic_items(CancelButton, RerollButton, OwnWordsButton)
         await self.adapter.sync_commands()
 
 
@@ -101,6 +101,27 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await _adapter(interaction).on_reroll_button(interaction, self.job_id)
+
+
+class OwnWordsButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:own:(?P<job_id>\d+)"):
+    """Under a waiting job whose prompt the enhancer rewrote: make it from its owner's own words instead."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Use my words", style=discord.ButtonStyle.secondary, custom_id=f"wanbot:own:{job_id}"
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any) -> Any:
+        return cls(int(match["job_id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        adapter = _adapter(interaction)
+        said = await adapter.core.use_own_words(_person(interaction), _place(interaction), self.job_id)
+        await answer_privately(interaction, said)
 
 
 class PictureVideoModal(discord.ui.Modal, title="Make a video from this picture"):
@@ -144,6 +165,14 @@ def _view(*items: discord.ui.Item[Any]) -> discord.ui.View:
     for item in items:
         view.add_item(item)
     return view
+
+
+def _buttons_view(job_id: int, buttons: Buttons) -> discord.ui.View:
+    """A waiting or running job's buttons (an empty view takes them off a message)."""
+    if buttons == "none":
+        return discord.ui.View(timeout=None)
+    own = [OwnWordsButton(job_id)] if buttons == "own_words" else []
+    return _view(CancelButton(job_id), *own)
 
 
 @dataclass(frozen=True)
@@ -365,7 +394,7 @@ class DiscordAdapter:
         if not alive and job.status is JobStatus.QUEUED and not job.source.reply.get("channel_message_id"):
             # A new place in the queue is not worth a new message that mentions the user: the job's start makes one.
             return
-        view = _view(CancelButton(job.id)) if buttons == "cancel" else discord.ui.View(timeout=None)
+        view = _buttons_view(job.id, buttons)
         try:
             if alive:
                 content = texts.fit_text(text, CONTENT_LIMIT)
@@ -477,6 +506,7 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
         guidance="How closely to follow the prompt",
         preset=PRESET_HELP[:MAX_DESCRIPTION],
         lora="A style or character: NAME or NAME:0.6, several joined by commas (/loras lists them)",
+        enhance="Rewrite the prompt in detail first (default: the chat's /enhance setting)",
     )
     @app_commands.choices(
         mode=[app_commands.Choice(name=mode.value, value=mode.value) for mode in Mode],
@@ -500,6 +530,7 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
         guidance: app_commands.Range[float, 0.0, 20.0] | None = None,
         preset: str | None = None,
         lora: str | None = None,
+        enhance: bool | None = None,
     ) -> None:
         # Options written in the prompt count, as in the "Make a video" form; a field the user filled in wins.
         try:
@@ -517,6 +548,7 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
             "guidance": guidance,
             "preset": Preset(preset) if preset else None,
             "loras": [lora] if lora else None,
+            "enhance": enhance,
         }
         given = {name: value for name, value in fields.items() if value not in (None, "")}
         request = parsed.request.model_copy(update=given)
@@ -527,6 +559,14 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
         return _adapter(interaction).lora_choices(interaction, typed)
 
     return video
+
+
+@app_commands.command(name="enhance", description="Whether short prompts here are rewritten in detail first.")
+@app_commands.describe(state="on or off (admins); leave it out to see how it is now")
+@app_commands.choices(state=[app_commands.Choice(name=state, value=state) for state in ("on", "off")])
+async def enhance_command(interaction: discord.Interaction, state: str | None = None) -> None:
+    core = _adapter(interaction).core
+    await answer_privately(interaction, await core.enhance(_person(interaction), _place(interaction), state))
 
 
 @app_commands.command(name="loras", description="The styles and characters a video may use (lora option).")
@@ -608,6 +648,7 @@ COMMANDS = (
     pause_command,
     resume_command,
     previews_command,
+    enhance_command,
     loras_command,
     help_command,
     make_video_command,
@@ -650,8 +691,7 @@ async def answer_privately(interaction: discord.Interaction, text: str) -> None:
 
 async def _edit_answer(interaction: discord.Interaction, answer: Answer) -> None:
     """The deferred answer to a request: an error, or the place of a request already queued."""
-    with_cancel = answer.buttons == "cancel" and answer.job_id is not None
-    view = _view(CancelButton(answer.job_id)) if with_cancel else discord.utils.MISSING
+    view = _buttons_view(answer.job_id, answer.buttons) if answer.job_id is not None else discord.utils.MISSING
     await interaction.edit_original_response(content=texts.fit_text(answer.text, CONTENT_LIMIT), view=view)
 
 

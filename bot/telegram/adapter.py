@@ -200,6 +200,7 @@ class TelegramAdapter:
                 BotCommand("cancel", "Cancel a job: /cancel or /cancel 12"),
                 BotCommand("status", "What the worker is doing"),
                 BotCommand("loras", "The styles and characters to add with lora=NAME"),
+                BotCommand("enhance", "Admins: /enhance on or off, short prompts rewritten in detail"),
                 BotCommand("previews", "Admins: /previews on or off, the video taking shape while it is made"),
                 BotCommand("help", "How to use this bot"),
             ]
@@ -226,8 +227,9 @@ class TelegramAdapter:
         self.app.add_handler(CommandHandler(["pause", "resume"], self._on_pause))
         self.app.add_handler(CommandHandler("previews", self._on_previews))
         self.app.add_handler(CommandHandler("loras", self._on_loras))
+        self.app.add_handler(CommandHandler("enhance", self._on_enhance))
         self.app.add_handler(CommandHandler(["help", "start"], self._on_help))
-        self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=r"^(cancel|reroll):\d+$"))
+        self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=r"^(cancel|reroll|own):\d+$"))
         private = filters.ChatType.PRIVATE
         self.app.add_handler(MessageHandler(private & filters.TEXT & ~filters.COMMAND, self._on_private_text))
         self.app.add_handler(MessageHandler(private & filters.COMMAND, self._on_unknown_command))
@@ -412,6 +414,10 @@ class TelegramAdapter:
         message, wanted = update.effective_message, context.args[0] if context.args else None
         await self._reply(message, await self._core.previews(_person(update.effective_user), _place(message), wanted))
 
+    async def _on_enhance(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message, wanted = update.effective_message, context.args[0] if context.args else None
+        await self._reply(message, await self._core.enhance(_person(update.effective_user), _place(message), wanted))
+
     async def _on_loras(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
         await self._reply(message, self._core.loras_text(_person(update.effective_user), _place(message)))
@@ -421,12 +427,17 @@ class TelegramAdapter:
         await self._reply(message, self._core.help_text(_person(update.effective_user), _place(message)))
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Cancel and Reroll: refusals and confirmations go to the presser alone, as the button's answer."""
+        """Cancel, Reroll and Use my words: refusals and confirmations go to the presser alone, as the button's
+        answer."""
         query = update.callback_query
         action, job_id = query.data.split(":")
         person, place = _person(query.from_user), _place(query.message)
         if action == "cancel":
             await query.answer(texts.fit_text(await self._core.cancel(person, place, job_id), BUTTON_ANSWER_LIMIT))
+            return
+        if action == "own":
+            said = await self._core.use_own_words(person, place, int(job_id))
+            await query.answer(texts.fit_text(said, BUTTON_ANSWER_LIMIT), show_alert=True)
             return
         async with self._core.reroll_turn(int(job_id)):
             refusal = await self._core.reroll_refusal(person, place, int(job_id))
@@ -454,7 +465,7 @@ class TelegramAdapter:
     async def _show(self, job: Job, text: str, buttons: Buttons, picture: bytes | None) -> None:
         """A job's live message: a text message until its first preview, a photo with the text as its caption from
         then on (a text message cannot become a photo: the photo replaces it)."""
-        markup = _cancel_button(job.id) if buttons == "cancel" else None
+        markup = _waiting_buttons(job.id, buttons)
         # The relay's copy of the job may predate the message its first text (or picture) made.
         reply = (await self._engine.job(job.id)).source.reply
         key = _status_key(job.source.chat_id, reply)
@@ -505,7 +516,7 @@ class TelegramAdapter:
     async def _answer(self, request: Message, status_id: int | None, answer: Answer) -> None:
         """A request's answer: in its "Checking" message when it has one, else as a reply."""
         text = answer.text
-        markup = _cancel_button(answer.job_id) if answer.buttons == "cancel" and answer.job_id is not None else None
+        markup = _waiting_buttons(answer.job_id, answer.buttons) if answer.job_id is not None else None
         if status_id is None:
             await self._reply(request, text, markup)
         else:
@@ -641,8 +652,13 @@ def _thread(thread_id: str | None) -> int | None:
     return int(thread_id) if thread_id else None
 
 
-def _cancel_button(job_id: int) -> InlineKeyboardMarkup:
-    return InlineKeyboardMarkup([[InlineKeyboardButton("Cancel", callback_data=f"cancel:{job_id}")]])
+def _waiting_buttons(job_id: int, buttons: Buttons) -> InlineKeyboardMarkup | None:
+    if buttons == "none":
+        return None
+    row = [InlineKeyboardButton("Cancel", callback_data=f"cancel:{job_id}")]
+    if buttons == "own_words":
+        row.append(InlineKeyboardButton("Use my words", callback_data=f"own:{job_id}"))
+    return InlineKeyboardMarkup([row])
 
 
 def _reroll_button(job_id: int) -> InlineKeyboardMarkup:

@@ -35,6 +35,7 @@ MAX_ASPECT = 2.4
 MAX_SIDE = 1_000_000
 # What to suggest for a numeric option that is not a finite number.
 NUMBER_EXAMPLES = {"seed": "42", "steps": "30", "frames": "49", "guidance": "4"}
+YES, NO = {"yes", "on", "true", "1"}, {"no", "off", "false", "0"}
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,19 @@ class GenerationRequest(BaseModel):
     loras: list[str] = Field(
         default_factory=list, description="LoRAs of [loras] as NAME or NAME:WEIGHT (commas may join several)."
     )
+    enhance: bool | None = Field(
+        None, description="Rewrite the prompt with the enhancer (prompts.enhancer); None: the chat's choice."
+    )
+
+    @field_validator("enhance", mode="before")
+    @classmethod
+    def _yes_or_no(cls, value: Any) -> Any:
+        if value is None or isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in YES or text in NO:
+            return text in YES
+        raise UserError(f"enhance must be yes or no, not {quoted(str(value))}.", "Use enhance=yes or enhance=no.")
 
     @field_validator("preset", mode="before")
     @classmethod

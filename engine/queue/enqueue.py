@@ -169,3 +169,12 @@ class Enqueueing(Reading):
             source = job.source.model_copy(update={"reply": {**job.source.reply, **reply}})
             await db.run("UPDATE jobs SET source_json = ? WHERE id = ?", source.model_dump_json(), job_id)
             return await self._get(db, job_id)
+
+    async def replace_waiting_params(self, job_id: int, params: GenerationParams) -> Job | None:
+        """Store new settings for a job that still waits (the user chose their own words over the enhancer's); None,
+        changing nothing, once it has been claimed."""
+        async with self._transaction() as db:
+            changed = await db.run(
+                "UPDATE jobs SET params_json = ? WHERE id = ? AND status = 'queued'", params.model_dump_json(), job_id
+            )
+            return await self._get(db, job_id) if changed else None
