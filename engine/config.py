@@ -201,6 +201,10 @@ class GenerationConfig(Section):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the repeated blocks (auto: off; the first job per size warms up)."
     )
+    max_seconds: float = Field(20.0, gt=0, description="Longest video an Extend may make, chained extends included.")
+    extend_mode: Literal["i2v", "ti2v"] = Field(
+        "i2v", description="The model an Extend continues a video with (its fps must be the video's)."
+    )
     max_loras: int = Field(2, ge=0, description="LoRAs (of [loras]) one request may name.")
     lora_cache: int = Field(
         4, ge=0, description="LoRAs a worker keeps loaded (inactive) after their job, for the next job that names them."

@@ -107,6 +107,11 @@ class GenerationParams(BaseModel):
     # Jobs stored before presets existed ran the official settings.
     preset: Preset = Preset.QUALITY
     loras: list[LoraUse] = Field(default_factory=list, description="Style LoRAs, applied in this order.")
+    extends: int | None = Field(None, description="The job whose video this one continues from its last frame.")
+    loop: bool = Field(False, description="The video returns to its first frame (its end image is its start).")
+    loop_model: str | None = Field(
+        None, description="A t2v loop's second pass: the i2v model that makes it from the first pass's first frame."
+    )
     adjustments: list[str] = Field(default_factory=list, description="What was changed from the request, why.")
     warnings: list[str] = Field(default_factory=list)
 
@@ -179,6 +184,8 @@ class ResultInfo(BaseModel):
     seed: int
     timings: dict[str, float] = Field(default_factory=dict)
     run: RunInfo | None = None  # None for videos made before it was recorded
+    # The video's last frame as decoded (not from the MP4), stored like a picture: an Extend starts from it.
+    last_frame: ImageInfo | None = None
 
 
 class Job(BaseModel):

@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from engine.config import Settings
+from engine.config import Settings, StyleLoraConfig
 from engine.enhance.enhancer import Enhancer
 from engine.errors import UserError
 from engine.hub.downloads import Downloader, size_text, warn_missing_models
@@ -48,7 +48,7 @@ from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
 from engine.queue.processes import pid_alive, this_machine
 from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
-from engine.storage.images import ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
+from engine.storage.images import ImageInfo, ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
 from engine.storage.preview_files import preview_path
 from engine.storage.shared_files import SharedFiles, shared_files
 from engine.supervisor import Supervisor
@@ -609,7 +609,7 @@ class Engine:
         async with self._turn(source.user_key):
             await self._check_room(source)
             start_image = await self._validate(start, "start")
-            end_image = await self._validate(end, "end")
+            end_image = await self._validate(loop_end(request, start, end), "end")
             checked = check_mode(request.mode, start_image, end_image, self.settings.images)
             infos = [image.info for image in checked.images]
             params = resolve_request(
@@ -620,6 +620,7 @@ class Engine:
                 end=infos[1] if len(infos) > 1 else None,
                 loras_offered=self.settings.loras,
             )
+            params = self._looped(request, params)
             params = await self._enhanced(request, params, source, has_image=bool(infos))
             await self._check_plan(model, params)
             # A serving process has no tokenizer (no torch): the worker's model cuts a long prompt all the same.
@@ -640,6 +641,27 @@ class Engine:
                 **self._limits(),
             )
         return Submission(result=result, notes=[*params.adjustments, *params.warnings])
+
+    def _looped(self, request: GenerationRequest, params: GenerationParams) -> GenerationParams:
+        """A loop's settings: an i2v loop ends on its start picture (loop_end); a t2v loop is made in two passes, the
+        second by the i2v model from the first pass's first frame back to it."""
+        if not request.loop:
+            return params
+        if request.mode is Mode.I2V:
+            return params.model_copy(update={"loop": True})
+        second = model_for_mode(Mode.I2V, self.settings)
+        if not second.spec.uses_end_image:
+            raise UserError(
+                f"A t2v loop needs an i2v model that aims at an end frame, and this bot's ({second.name}) does not.",
+                "Ask without loop=yes.",
+            )
+        note = (
+            "Loop: made in two passes, a short t2v video for its first frame, then the i2v model from that frame "
+            "back to it."
+        )
+        return params.model_copy(
+            update={"loop": True, "loop_model": second.name, "adjustments": [*params.adjustments, note]}
+        )
 
     async def _enhanced(
         self, request: GenerationRequest, params: GenerationParams, source: JobSource, has_image: bool
@@ -712,6 +734,84 @@ class Engine:
                 await self._decode(self._store.restore, image)
             return await self._queue.retry(job_id, actor, params=params, source=source, **self._limits())
 
+    async def extend(
+        self, job_id: int, actor: Actor, source: JobSource | None = None, prompt: str | None = None
+    ) -> EnqueueResult:
+        """The job's video continued from its last frame (generation.extend_mode's model, the same size, fps and
+        preset; `prompt` or the job's own), as a new job of its owner whose video is the two joined; while one such
+        job waits or runs, that one."""
+        old = await self._queue.get(job_id)
+        async with self._turn(old.source.user_key):
+            waiting = await self.active_extend(old)
+            if waiting is not None:
+                return EnqueueResult(job=waiting, created=False, position=await self._queue.position(waiting.id))
+            model, last_frame = await self._extend_start(old)
+            mode = Mode(self.settings.generation.extend_mode)
+            kept = [use for use in old.params.loras if mode.value in self.settings.loras.get(use.name, _NO_LORA).modes]
+            params = old.params.model_copy(
+                update={
+                    "prompt": prompt or old.params.prompt,
+                    "original_prompt": None if prompt else old.params.original_prompt,
+                    "seed": random.SystemRandom().randrange(2**32),
+                    "extends": old.id,
+                    "loop": False,
+                    "loop_model": None,
+                    "loras": kept,
+                    "adjustments": [f"Continues job #{old.id}'s video from its last frame."],
+                    "warnings": [],
+                }
+            )
+            return await self._queue.enqueue(
+                source or old.source.model_copy(update={"message_id": None}),
+                mode,
+                model.name,
+                params,
+                [last_frame],
+                priority=old.priority,
+                is_admin=actor.is_admin,
+                **self._limits(),
+            )
+
+    async def check_extend(self, old: Job) -> None:
+        """Raise the UserError an Extend of `old` would meet (no video, cleaned up, too long, another fps, the
+        owner's limits), before anything is posted about it."""
+        async with self._turn(old.source.user_key):
+            await self._extend_start(old)
+
+    async def _extend_start(self, old: Job) -> tuple[ModelRef, ImageInfo]:
+        """The model an Extend of `old` runs and the frame it starts from, or the UserError it meets."""
+        await self._check_room(old.source.model_copy(update={"message_id": None}))
+        result = old.result
+        if old.status is not JobStatus.SUCCEEDED or result is None or result.last_frame is None:
+            raise UserError(f"Job #{old.id} has no video that can be extended.", "Extend one of the bot's videos.")
+        try:
+            await self._files.ensure_local("image", self._store.path_for(result.last_frame.sha256))
+            await self._files.ensure_local("video", Path(result.path))
+        except UserError:
+            raise UserError(
+                f"Job #{old.id}'s video is no longer kept, so it cannot be extended.",
+                "Ask for a new video; videos are kept for a while after they are sent, then cleaned up.",
+            ) from None
+        model = model_for_mode(Mode(self.settings.generation.extend_mode), self.settings)
+        if model.spec.fps != result.fps:
+            raise UserError(
+                f"Job #{old.id}'s video runs at {result.fps} fps, and this bot extends videos at {model.spec.fps}.",
+                "Ask for a new video instead.",
+            )
+        seconds = (result.frames + old.params.frames - 1) / result.fps
+        most = self.settings.generation.max_seconds
+        if seconds > most:
+            raise UserError(
+                f"Extended, job #{old.id}'s video would be {seconds:.1f} s long; this bot makes at most {most:g} s.",
+                "Ask for a new video instead.",
+            )
+        return model, result.last_frame
+
+    async def active_extend(self, old: Job) -> Job | None:
+        """The waiting or running job that continues `old`'s video, if any."""
+        active = await self._queue.list_jobs((JobStatus.QUEUED, JobStatus.RUNNING), user_key=old.source.user_key)
+        return next((job for job in active if job.params.extends == old.id), None)
+
     async def check_reroll(self, old: Job) -> None:
         """Raise the UserError a reroll of the job would meet (the owner's limits, its pictures cleaned up), before
         anything is posted about it."""
@@ -746,6 +846,23 @@ class Engine:
         The pool's size is the hard bound: a cancelled wait gives its slot back while its decode still runs."""
         async with self._decodes:
             return await asyncio.get_running_loop().run_in_executor(self._decode_pool, decode, *args)
+
+
+_NO_LORA = StyleLoraConfig(repo="", file="none.safetensors", modes=[])  # a LoRA no longer offered: used in no mode
+
+
+def loop_end(request: GenerationRequest, start: Upload | None, end: Upload | None) -> Upload | None:
+    """The end picture of a request: for an i2v loop, its start picture again (it returns to where it began)."""
+    if not request.loop:
+        return end
+    if request.mode is Mode.TI2V:
+        raise UserError("TI2V-5B cannot aim at an end frame, so it makes no loops.", "Use mode=i2v or mode=t2v.")
+    if request.mode is Mode.I2V and end is not None:
+        raise UserError(
+            "A loop ends on its start picture, so it takes no end picture.",
+            "Send one picture with loop=yes, or two without it.",
+        )
+    return start if request.mode is Mode.I2V else end
 
 
 def _previews_flag(platform: str, chat_id: str) -> str:

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import av
+import numpy as np
 
 from engine.config import Settings
 from engine.errors import ClaimLost, ModelUnusable, UserError, model_unusable_text
@@ -32,7 +33,7 @@ from engine.jobs import EventKind, Job, PreviewInfo, Progress, ResultInfo, Stage
 from engine.pipeline.generate import PipelineRunner, RunOutput, device_facts
 from engine.pipeline.hooks import JobCancelled, JobInterrupted, RunHooks
 from engine.pipeline.previews import LivePreviews
-from engine.pipeline.video import encode_mp4, finish_mp4
+from engine.pipeline.video import encode_mp4, finish_mp4, read_frames, to_uint8
 from engine.queue.bus import Subscription
 from engine.queue.claims import UNFETCHABLE_KEEP_S
 from engine.queue.core import DATABASE_DOWN, WORKER_STOPPED
@@ -40,7 +41,7 @@ from engine.queue.fleet import recover_orphans
 from engine.queue.jobqueue import JobQueue
 from engine.queue.processes import this_machine
 from engine.storage.files import hidden_beside
-from engine.storage.images import ImageStore
+from engine.storage.images import ImageInfo, ImageStore, frame_picture
 from engine.storage.preview_files import preview_path, remove_preview
 from engine.storage.shared_files import shared_files
 
@@ -405,13 +406,15 @@ class Worker:
         )
         target = self._settings.outputs_dir / output_name(job.id)
         # Encoded as the VAE decodes, under a hidden temporary name the clean-up removes if the process dies first.
-        hooks.encode_to = await asyncio.to_thread(hidden_beside, target)
+        # (Not an Extend: its video is the one it continues, then the new frames.)
+        encode_to = await asyncio.to_thread(hidden_beside, target)
+        hooks.encode_to = encode_to if job.params.extends is None else None
         try:
             output: RunOutput = await loop.run_in_executor(
                 self._executor, self._runner.run, job, [image.pixels for image in images], hooks
             )
         except BaseException:
-            hooks.encode_to.unlink(missing_ok=True)
+            encode_to.unlink(missing_ok=True)
             raise
         finally:
             if hooks.previews is not None:
@@ -423,6 +426,8 @@ class Worker:
             "job": job.id,
             "prompt": job.params.prompt,
             "original_prompt": job.params.original_prompt,
+            "loop": job.params.loop,
+            "extends": job.params.extends,
             "negative_prompt": job.params.negative_prompt,
             "seed": job.params.seed,
             "model": job.model,
@@ -445,11 +450,12 @@ class Worker:
                     video = await loop.run_in_executor(self._executor, finish_mp4, hooks.encode_to, target, metadata)
                 except (OSError, av.error.FFmpegError):
                     log.warning("job=%s: the video encoded while decoding could not be finished", job.id, exc_info=True)
-            if video is None:  # encoded from the frames: a tiled decode, or the streamed one failed
-                frames = output.frames
+            if video is None:  # encoded from the frames: a tiled decode, the streamed one failed, or an Extend
+                frames = await self._joined(job, output.frames)
                 video = await loop.run_in_executor(self._executor, encode_mp4, frames, job.params.fps, target, metadata)
         finally:
-            hooks.encode_to.unlink(missing_ok=True)
+            encode_to.unlink(missing_ok=True)
+        last_frame = await self._keep_last_frame(output.frames)
         output.timings["encode_s"] = self._clock() - started
         await reporter.drain()
         result = ResultInfo(
@@ -464,6 +470,7 @@ class Worker:
             seed=job.params.seed,
             timings=output.timings,
             run=output.info,
+            last_frame=last_frame,
         )
 
         async def record() -> None:
@@ -478,6 +485,27 @@ class Worker:
                 raise
 
         await self._finish(job.id, "succeed", record)
+
+    async def _joined(self, job: Job, frames: np.ndarray) -> np.ndarray:
+        """An Extend's video: the frames of the video it continues, then its own but the first (that video's last,
+        the picture it started from)."""
+        if job.params.extends is None:
+            return frames
+        earlier = await self._queue.get(job.params.extends)
+        if earlier.result is None:
+            raise UserError(f"Job #{earlier.id} has no video to continue.", "Ask again for a new video.")
+        path = Path(earlier.result.path)
+        await self._files.ensure_local("video", path)
+        before = await asyncio.to_thread(read_frames, path)
+        return np.concatenate([before, to_uint8(frames)[1:]])
+
+    async def _keep_last_frame(self, frames: np.ndarray) -> ImageInfo:
+        """The video's last frame, as decoded, stored like a picture (and shared with the other processes): the
+        start of an Extend of this video."""
+        picture = await asyncio.to_thread(frame_picture, to_uint8(frames[-1:])[0], self._settings.images)
+        info = await asyncio.to_thread(self._store.put, picture)
+        await self._files.publish("image", self._store.path_for(info.sha256))
+        return info
 
     async def _share_preview(self, job_id: int) -> None:
         await self._files.publish("preview", preview_path(self._settings.previews_dir, job_id))

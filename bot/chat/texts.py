@@ -41,6 +41,7 @@ OPTION_KEYS = {
     "preset": "preset",
     "lora": "loras",
     "enhance": "enhance",
+    "loop": "loop",
 }
 # A valid example of each number option, for the hint when one is not a number (frames are 4k+1).
 NUMBER_EXAMPLES = {"seed": "42", "steps": "30", "frames": "49", "guidance": "4.5"}
@@ -302,6 +303,7 @@ def result_caption(job: Job, limit: int = 1024) -> str:
         f"\nseed {params.seed} · {job.model} · {params.preset.value} preset · {params.width}x{params.height} · "
         f"{params.frames} frames · {counted(params.steps, 'step')} · {took}"
         + "".join(f" · lora {use.label}" for use in params.loras)
+        + (" · loop" if params.loop else "")
     )
     # The user's own words first: a long rewrite is what gets cut.
     prompt = params.prompt if params.original_prompt is None else f"{params.original_prompt}\nEnhanced: {params.prompt}"
@@ -329,6 +331,7 @@ def help_text(how_to_ask: str, loras: bool = False, enhancer: bool = False) -> s
         f"preset=fast or preset=quality ({PRESET_HELP})\n"
         + ("lora=NAME or lora=NAME:0.6: a style or character (/loras lists them)\n" if loras else "")
         + ("enhance=no: your prompt as you wrote it, not rewritten in detail first\n" if enhancer else "")
+        + "loop=yes: a video that returns to its first frame (t2v, or i2v from one picture)\n"
         + "/queue: your jobs · /cancel [id]: cancel · /status: the workers · admins: /pause, /resume"
     )
 

@@ -283,6 +283,9 @@ def generate(
             "--enhance/--no-enhance", help="Rewrite the prompt with prompts.enhancer first (default: when one is on)."
         ),
     ] = None,
+    loop: Annotated[
+        bool, typer.Option("--loop", help="A video that returns to its first frame: t2v, or i2v from --start alone.")
+    ] = False,
     out: Annotated[
         Path | None, typer.Option(metavar="FILE", help="Copy the MP4 here too (default: only under the data folder).")
     ] = None,
@@ -306,6 +309,7 @@ def generate(
         preset=preset,
         loras=lora or [],
         enhance=enhance,
+        loop=loop,
     )
     if out is not None and out.is_dir():
         raise usage_error(f"--out {out} is a folder, not a file. Name the file to write, such as {out / 'video.mp4'}.")
@@ -382,6 +386,7 @@ def _settings_text(job: Job) -> str:
         f"{params.width}x{params.height}, {params.frames} frames at {params.fps} fps, {counted(params.steps, 'step')}, "
         f"seed {params.seed}, model {job.model}, {params.preset.value} preset"
         + "".join(f", lora {use.label}" for use in params.loras)
+        + (", loop" if params.loop else "")
     )
 
 

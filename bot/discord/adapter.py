@@ -507,6 +507,7 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
         preset=PRESET_HELP[:MAX_DESCRIPTION],
         lora="A style or character: NAME or NAME:0.6, several joined by commas (/loras lists them)",
         enhance="Rewrite the prompt in detail first (default: the chat's /enhance setting)",
+        loop="A video that returns to its first frame (t2v, or i2v from one picture)",
     )
     @app_commands.choices(
         mode=[app_commands.Choice(name=mode.value, value=mode.value) for mode in Mode],
@@ -531,6 +532,7 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
         preset: str | None = None,
         lora: str | None = None,
         enhance: bool | None = None,
+        loop: bool | None = None,
     ) -> None:
         # Options written in the prompt count, as in the "Make a video" form; a field the user filled in wins.
         try:
@@ -549,6 +551,7 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
             "preset": Preset(preset) if preset else None,
             "loras": [lora] if lora else None,
             "enhance": enhance,
+            "loop": loop,
         }
         given = {name: value for name, value in fields.items() if value not in (None, "")}
         request = parsed.request.model_copy(update=given)

@@ -37,6 +37,7 @@ from engine.pipeline.speedups import Speedups, apply_speedups, choose_speedups, 
 from engine.pipeline.styles import StyleAdapters, StyleFiles
 from engine.pipeline.tiny import make_tiny_model
 from engine.pipeline.weights import Locator
+from engine.storage.images import Mode
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,10 @@ def default_locator(settings: Settings, downloader: Downloader) -> ModelLocator:
 
 
 WARMING_UP = "warming up: the first video of this size compiles the model, once"
+# A t2v loop's first pass makes the fewest frames Wan makes: only its first frame is used.
+LOOP_FIRST_FRAMES = 5
+LOOP_FIRST_PASS = "pass 1 of 2: the first frame"
+LOOP_SECOND_PASS = "pass 2 of 2: the loop back to it"
 
 
 class PipelineRunner:
@@ -140,18 +145,44 @@ class PipelineRunner:
         return self.loaded.model.name if self.loaded else None
 
     def run(self, job: Job, images: list[Image.Image], hooks: RunHooks) -> RunOutput:
-        """Make the job's frames; a job that runs out of GPU memory is tried once more on the next leaner plan."""
+        """Make the job's frames; a job that runs out of GPU memory is tried once more on the next leaner plan.
+
+        A t2v loop is two passes: a short t2v video for its first frame, then the i2v model from that frame back to
+        it (params.loop_model)."""
         timings: dict[str, float] = {}
         started = hooks.clock()
         model = resolve_model(job.model, job.mode)
         params = job.params
+        if params.loop_model is not None and job.mode is Mode.T2V:
+            first = params.model_copy(update={"frames": LOOP_FIRST_FRAMES})
+            frames, _, _ = self._pass(model, first, images, hooks, timings, LOOP_FIRST_PASS, encode=False)
+            start = Image.fromarray((frames[0] * 255).round().astype(np.uint8))
+            model, images = resolve_model(params.loop_model, Mode.I2V), [start, start]
+            timings = {"first_pass_s": hooks.clock() - started}
+        frames, info, encoded = self._pass(
+            model, params, images, hooks, timings, LOOP_SECOND_PASS if "first_pass_s" in timings else ""
+        )
+        timings["generate_s"] = hooks.clock() - started - timings["load_s"]
+        return RunOutput(frames=frames, timings=timings, info=info, encoded=encoded)
+
+    def _pass(
+        self,
+        model: ModelRef,
+        params: GenerationParams,
+        images: list[Image.Image],
+        hooks: RunHooks,
+        timings: dict[str, float],
+        label: str = "",
+        encode: bool = True,
+    ) -> tuple[np.ndarray, RunInfo, bool]:
+        """One run of a pipeline; out of GPU memory, once more on the next leaner plan."""
+        started = hooks.clock()
         forced: Plan | None = None
         while True:
             try:
                 loaded = self._ensure_loaded(model, params, hooks, forced)
-                timings["load_s"] = hooks.clock() - started
-                frames, info, encoded = self._denoise_and_decode(loaded, params, images, hooks, timings)
-                break
+                timings["load_s"] = timings.get("load_s", 0.0) + hooks.clock() - started
+                return self._denoise_and_decode(loaded, params, images, hooks, timings, label, encode)
             except torch.OutOfMemoryError as exc:
                 failed, folder = self._trying
                 self._free_after_oom()
@@ -161,11 +192,9 @@ class PipelineRunner:
                         f"The GPU ran out of memory making {params.width}x{params.height}, {params.frames} frames.",
                         "Try a lower resolution (res=480p) or fewer frames.",
                     ) from exc
-                log.warning("job %s ran out of GPU memory with plan %s; once more with %s", job.id, failed, forced)
+                log.warning("%s ran out of GPU memory with plan %s; once more with %s", model.name, failed, forced)
                 detail = f"the GPU ran out of memory ({failed.memory}); trying once more with {forced.memory}"
                 hooks.on_progress(Progress(stage=Stage.LOADING, detail=detail))
-        timings["generate_s"] = hooks.clock() - started - timings["load_s"]
-        return RunOutput(frames=frames, timings=timings, info=info, encoded=encoded)
 
     def _plan(self, model: ModelRef, params: GenerationParams, folder: Path | None) -> Plan:
         """The plan a job of `params` gets on this machine (raises NoPlanFits, a UserError, when none fits)."""
@@ -322,6 +351,8 @@ class PipelineRunner:
         images: list[Image.Image],
         hooks: RunHooks,
         timings: dict[str, float],
+        label: str = "",
+        encode: bool = True,
     ) -> tuple[np.ndarray, RunInfo, bool]:
         spec = loaded.model.spec
         pipeline = loaded.pipeline
@@ -339,7 +370,8 @@ class PipelineRunner:
         def prefetch(pipeline: Any, step: int) -> None:
             placement.on_step_end(step, expert_order(pipeline, spec.boundary_ratio), plan.activations)
 
-        tracker = StepTracker(spec, params.steps, hooks, WARMING_UP if warming_up else "", after_step=prefetch)
+        first_note = WARMING_UP if warming_up else ""
+        tracker = StepTracker(spec, params.steps, hooks, first_note, after_step=prefetch, label=label)
         arguments: dict[str, Any] = {
             "prompt": params.prompt,
             "negative_prompt": params.negative_prompt or None,
@@ -360,7 +392,7 @@ class PipelineRunner:
                 arguments["last_image"] = cover(images[1], params.width, params.height)
         sampling = spec.fast.sampling if params.preset is Preset.FAST and spec.fast else None
         # A tiled decode makes tiles, not frames: its video is encoded afterwards.
-        part = None if plan.vae_tiled else hooks.encode_to
+        part = None if plan.vae_tiled or not encode else hooks.encode_to
         encoder = EncodeWhileDecoding(pipeline, params.fps, part) if part is not None else None
         tracker.start()
         try:
@@ -402,10 +434,12 @@ class StepTracker:
         hooks: RunHooks,
         first_note: str = "",
         after_step: Callable[[Any, int], None] | None = None,
+        label: str = "",
     ) -> None:
         """`first_note` is said until the first step ends (a first step that compiles takes minutes); `after_step`
-        runs after each step (the placement's prefetch)."""
+        runs after each step (the placement's prefetch); `label` goes with every step (a loop's pass)."""
         self._after_step = after_step
+        self._label = label
         self._passes_started = False
         self._spec = spec
         self._steps = steps
@@ -421,7 +455,7 @@ class StepTracker:
     def start(self) -> None:
         self._started = self._last = self._hooks.clock()
         self._deadline = self._started + self._hooks.timeout_s
-        detail = ", ".join(part for part in (self._first_note, self._expert(1000)) if part)
+        detail = ", ".join(part for part in (self._label, self._first_note, self._expert(1000)) if part)
         self._hooks.on_progress(Progress(stage=Stage.DENOISING, step=0, total=self._steps, detail=detail))
 
     @contextlib.contextmanager
@@ -479,7 +513,7 @@ class StepTracker:
                     total=self._steps,
                     eta_s=eta_s,
                     eta_steps_only=finish is None,
-                    detail=expert,
+                    detail=", ".join(part for part in (self._label, expert) if part),
                 )
             )
         else:

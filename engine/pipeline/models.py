@@ -256,16 +256,18 @@ class GenerationRequest(BaseModel):
     enhance: bool | None = Field(
         None, description="Rewrite the prompt with the enhancer (prompts.enhancer); None: the chat's choice."
     )
+    loop: bool = Field(False, description="A video that returns to its first frame (i2v and t2v).")
 
-    @field_validator("enhance", mode="before")
+    @field_validator("enhance", "loop", mode="before")
     @classmethod
-    def _yes_or_no(cls, value: Any) -> Any:
+    def _yes_or_no(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None or isinstance(value, bool):
             return value
         text = str(value).strip().lower()
         if text in YES or text in NO:
             return text in YES
-        raise UserError(f"enhance must be yes or no, not {quoted(str(value))}.", "Use enhance=yes or enhance=no.")
+        name = str(info.field_name)
+        raise UserError(f"{name} must be yes or no, not {quoted(str(value))}.", f"Use {name}=yes or {name}=no.")
 
     @field_validator("preset", mode="before")
     @classmethod

@@ -14,13 +14,19 @@ from engine.queue.core import (
 
 class Retention(QueueCore):
     async def images_in_use(self, retention_s: float) -> set[str]:
-        """Hashes of images that active jobs, or jobs finished within the retention time, still refer to."""
+        """Hashes of images that active jobs, or jobs finished within the retention time, still refer to: their
+        pictures, and the last frames of their videos (an Extend starts from one)."""
+        since = self._clock() - retention_s
         rows = await self._read_all(
             """SELECT DISTINCT i.sha256 FROM job_images i JOIN jobs j ON j.id = i.job_id
                WHERE j.status IN ('queued', 'running') OR j.finished_at >= ?""",
-            self._clock() - retention_s,
+            since,
         )
-        return {row["sha256"] for row in rows}
+        videos = await self._read_all(
+            "SELECT result_json FROM jobs WHERE status = 'succeeded' AND finished_at >= ?", since
+        )
+        last_frames = {(json.loads(row["result_json"] or "{}").get("last_frame") or {}).get("sha256") for row in videos}
+        return {row["sha256"] for row in rows} | (last_frames - {None})
 
     async def delivered_before(self, job_ids: Collection[int], retention_s: float) -> dict[int, str]:
         """Which of these jobs had their video delivered more than `retention_s` ago, with its file's name."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pillow_heif
 from PIL import Image, ImageCms, ImageFile, ImageOps
@@ -467,3 +467,11 @@ class ImageStore:
 
     def delete(self, sha256: str) -> None:
         self.path_for(sha256).unlink(missing_ok=True)
+
+
+def frame_picture(pixels: Any, config: ImagesConfig) -> ValidatedImage:
+    """A video frame (8-bit RGB, height x width x 3) as a picture stored like an upload (a lossless PNG), for a
+    video that starts from it."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert("RGB").save(buffer, format="PNG")
+    return validate_image_bytes(buffer.getvalue(), config, "start", "last-frame.png")

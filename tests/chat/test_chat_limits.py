@@ -57,7 +57,7 @@ def test_long_lists_of_names_and_notes_are_summarised_and_the_rest_stays():
     fitted = fit_text(text, 2000)
     lines = fitted.splitlines()
     assert text_size(fitted) <= 2000 and lines[:2] == text.splitlines()[:2]
-    assert "unk_aaa, unk_aab" in lines[2] and "unk_aaj … and 290 more. Known: cfg, frames" in lines[2]
+    assert "unk_aaa, unk_aab" in lines[2] and "unk_aaj … and 290 more. Known: cfg, enhance, frames" in lines[2]
     kept = len(lines) - 4  # the two head lines, the options note and the summary
     assert lines[-1] == f"… and {300 - kept} more notes" and kept > 10
     assert lines[3:-1] == [f"• {note}" for note in many_notes(kept)]

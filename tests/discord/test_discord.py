@@ -46,7 +46,8 @@ async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(t
         synced = discord_server.commands[f"applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"]
         names = {command["name"] for command in synced}
         assert names == {
-            *("video", "queue", "cancel", "status", "help", "pause", "resume", "previews", "loras", "Make a video")
+            *("video", "queue", "cancel", "status", "help", "pause", "resume", "previews", "loras", "enhance"),
+            "Make a video",
         }
         hidden = {command["name"] for command in synced if command["default_member_permissions"] is not None}
         assert hidden == {"pause", "resume"}
