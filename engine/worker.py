@@ -455,7 +455,7 @@ class Worker:
                 video = await loop.run_in_executor(self._executor, encode_mp4, frames, job.params.fps, target, metadata)
         finally:
             encode_to.unlink(missing_ok=True)
-        last_frame = await self._keep_last_frame(output.frames)
+        last_frame = await self._keep_last_frame(job, output.frames)
         output.timings["encode_s"] = self._clock() - started
         await reporter.drain()
         result = ResultInfo(
@@ -499,12 +499,17 @@ class Worker:
         before = await asyncio.to_thread(read_frames, path)
         return np.concatenate([before, to_uint8(frames)[1:]])
 
-    async def _keep_last_frame(self, frames: np.ndarray) -> ImageInfo:
+    async def _keep_last_frame(self, job: Job, frames: np.ndarray) -> ImageInfo | None:
         """The video's last frame, as decoded, stored like a picture (and shared with the other processes): the
-        start of an Extend of this video."""
-        picture = await asyncio.to_thread(frame_picture, to_uint8(frames[-1:])[0], self._settings.images)
-        info = await asyncio.to_thread(self._store.put, picture)
-        await self._files.publish("image", self._store.path_for(info.sha256))
+        start of an Extend of this video. None when it cannot be kept: the video is delivered all the same, and an
+        Extend of it is refused with a sentence."""
+        try:
+            picture = await asyncio.to_thread(frame_picture, to_uint8(frames[-1:])[0], self._settings.images)
+            info = await asyncio.to_thread(self._store.put, picture)
+            await self._files.publish("image", self._store.path_for(info.sha256))
+        except (UserError, *DATABASE_DOWN):
+            log.warning("job=%s: its last frame could not be kept; it cannot be extended", job.id, exc_info=True)
+            return None
         return info
 
     async def _share_preview(self, job_id: int) -> None:

@@ -474,4 +474,5 @@ def frame_picture(pixels: Any, config: ImagesConfig) -> ValidatedImage:
     video that starts from it."""
     buffer = io.BytesIO()
     Image.fromarray(pixels).convert("RGB").save(buffer, format="PNG")
-    return validate_image_bytes(buffer.getvalue(), config, "start", "last-frame.png")
+    # Any frame a video has is a frame a video may start from: the tiny models make sides under images.min_side.
+    return validate_image_bytes(buffer.getvalue(), config.model_copy(update={"min_side": 1}), "start", "last-frame.png")

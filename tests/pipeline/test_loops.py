@@ -64,6 +64,7 @@ async def test_an_i2v_loop_ends_on_its_start_picture(engine: Engine, i2v_calls):
     assert done.status is JobStatus.SUCCEEDED, done.error_detail
     assert [image.role for image in done.images] == ["start", "end"]
     assert done.images[0].sha256 == done.images[1].sha256
+    assert done.result.last_frame is not None  # kept for an Extend, though its sides are under images.min_side
     assert np.array_equal(np.asarray(i2v_calls[0]["image"]), np.asarray(i2v_calls[0]["last_image"]))
     assert (
         done.params.warnings.count("i2v was not trained with end images: the end frame is a best effort and may drift.")
