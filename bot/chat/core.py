@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from bot.chat import texts, transfers
@@ -21,6 +22,9 @@ from engine.service import Engine, Upload, size_text
 log = logging.getLogger(__name__)
 
 NOT_ALLOWED = "Sorry, you are not allowed to use this bot here."
+NOT_YOURS_TO_EXTEND = "Only the person who asked for this video (or an admin) can extend it."
+REROLLING = "Job #{job} is already making this video again with a new seed: /queue shows its place."
+EXTENDING = "Job #{job} is already extending this video: /queue shows its place."
 NOT_YOURS_TO_REROLL = (
     "Only the person who asked for this video (or an admin) can reroll it. Ask for your own with /video."
 )
@@ -259,6 +263,23 @@ class ChatCore:
         """Why `person` may not reroll the job, or None. Asked before anything is posted, so that a refusal is
         answered to the presser alone. Only the owner (and admins) reroll: the new job is the owner's, on every
         platform, and counts against the owner's limits."""
+        engine = self.engine
+        return await self._again_refusal(
+            person, place, job_id, NOT_YOURS_TO_REROLL, engine.active_reroll, REROLLING, engine.check_reroll
+        )
+
+    async def _again_refusal(
+        self,
+        person: Person,
+        place: Place,
+        job_id: int,
+        not_yours: str,
+        active: Callable[[Job], Awaitable[Job | None]],
+        already: str,
+        check: Callable[[Job], Awaitable[None]],
+    ) -> str | None:
+        """Why `person` may not make a new job from this one (a reroll, an extend), or None: its owner or an admin,
+        none such waiting or running (`already` names it), and `check` passing."""
         if not self.allows(person, place):
             return NOT_ALLOWED
         try:
@@ -266,12 +287,12 @@ class ChatCore:
         except UserError as error:
             return texts.user_error_text(error)
         if job.source.user_id != person.user_id and not self.access.is_admin(person):
-            return NOT_YOURS_TO_REROLL
-        waiting = await self.engine.active_reroll(job)
+            return not_yours
+        waiting = await active(job)
         if waiting is not None:
-            return f"Job #{waiting.id} is already making this video again with a new seed: /queue shows its place."
+            return already.format(job=waiting.id)
         try:
-            await self.engine.check_reroll(job)
+            await check(job)
         except UserError as error:
             return texts.user_error_text(error)
         return None
@@ -279,13 +300,37 @@ class ChatCore:
     async def reroll(self, person: Person, job_id: int, message_id: str, reply: dict[str, str]) -> Answer | None:
         """The job again with a new seed, as a new job of its owner answered through `reply`. None: queued, the relay
         shows its place. Call reroll_refusal first."""
+        return await self._again(person, job_id, message_id, reply, self.engine.reroll)
+
+    async def _again(
+        self,
+        person: Person,
+        job_id: int,
+        message_id: str,
+        reply: dict[str, str],
+        make: Callable[[int, Actor, JobSource], Awaitable[EnqueueResult]],
+    ) -> Answer | None:
         try:
             old = await self.engine.job(job_id)
             source = old.source.model_copy(update={"message_id": message_id, "reply": reply})
-            result = await self.engine.reroll(job_id, self.actor(person), source)
+            result = await make(job_id, self.actor(person), source)
         except UserError as error:
             return Answer(texts.user_error_text(error))
         return await self._duplicate_answer(result)
+
+    async def extend_refusal(self, person: Person, place: Place, job_id: int) -> str | None:
+        """Why `person` may not extend the job's video, or None; asked before anything is posted, as for Reroll."""
+        engine = self.engine
+        return await self._again_refusal(
+            person, place, job_id, NOT_YOURS_TO_EXTEND, engine.active_extend, EXTENDING, engine.check_extend
+        )
+
+    async def extend(
+        self, person: Person, job_id: int, message_id: str, reply: dict[str, str], prompt: str | None = None
+    ) -> Answer | None:
+        """The job's video continued from its last frame (with `prompt`, or the job's own), as a new job of its owner
+        answered through `reply`. None: queued, the relay shows its place. Call extend_refusal first."""
+        return await self._again(person, job_id, message_id, reply, partial(self.engine.extend, prompt=prompt or None))
 
     # -- what users ask about ----------------------------------------------------------------------------------
 

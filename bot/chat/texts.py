@@ -299,11 +299,13 @@ def result_caption(job: Job, limit: int = 1024) -> str:
     """The prompt, cut to leave room for the settings below it; 1024 is Telegram's caption limit."""
     params = job.params
     took = duration_text((job.finished_at or 0) - (job.started_at or 0))
+    frames = job.result.frames if job.result is not None else params.frames  # an Extend's: both videos
     details = (
-        f"\nseed {params.seed} · {job.model} · {params.preset.value} preset · {params.width}x{params.height} · "
-        f"{params.frames} frames · {counted(params.steps, 'step')} · {took}"
+        f"\njob #{job.id} · seed {params.seed} · {job.model} · {params.preset.value} preset · "
+        f"{params.width}x{params.height} · {frames} frames · {counted(params.steps, 'step')} · {took}"
         + "".join(f" · lora {use.label}" for use in params.loras)
         + (" · loop" if params.loop else "")
+        + (f" · extends #{params.extends}" if params.extends is not None else "")
     )
     # The user's own words first: a long rewrite is what gets cut.
     prompt = params.prompt if params.original_prompt is None else f"{params.original_prompt}\nEnhanced: {params.prompt}"
@@ -329,9 +331,9 @@ def help_text(how_to_ask: str, loras: bool = False, enhancer: bool = False) -> s
         "Options, anywhere in the prompt: mode=ti2v seed=42 steps=30 frames=49 size=832x480 guidance=4 "
         'neg="blurry, text" (neg= replaces Wan\'s default negative prompt)\n'
         f"preset=fast or preset=quality ({PRESET_HELP})\n"
-        + ("lora=NAME or lora=NAME:0.6: a style or character (/loras lists them)\n" if loras else "")
-        + ("enhance=no: your prompt as you wrote it, not rewritten in detail first\n" if enhancer else "")
-        + "loop=yes: a video that returns to its first frame (t2v, or i2v from one picture)\n"
+        + ("lora=NAME or lora=NAME:0.6 (a style or character; /loras lists them)\n" if loras else "")
+        + ("enhance=no (your prompt as you wrote it, not rewritten in detail first)\n" if enhancer else "")
+        + "loop=yes (a video that returns to its first frame: t2v, or i2v from one picture)\n"
         + "/queue: your jobs · /cancel [id]: cancel · /status: the workers · admins: /pause, /resume"
     )
 

@@ -63,7 +63,7 @@ class WanbotClient(discord.Client):
         self.tree = app_commands.CommandTree(self)
 
     async def setup_hook(self) -> None:
-        self.add_dynamic_items(CancelButton, RerollButton, OwnWordsButton)
+        self.add_dynamic_items(CancelButton, RerollButton, ExtendButton, OwnWordsButton)
         await self.adapter.sync_commands()
 
 
@@ -101,6 +101,23 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await _adapter(interaction).on_reroll_button(interaction, self.job_id)
+
+
+class ExtendButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:extend:(?P<job_id>\d+)"):
+    """Under a delivered video: continue it from its last frame."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(label="Extend", style=discord.ButtonStyle.secondary, custom_id=f"wanbot:extend:{job_id}")
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any) -> Any:
+        return cls(int(match["job_id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _adapter(interaction).again(interaction, self.job_id, "extend")
 
 
 class OwnWordsButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:own:(?P<job_id>\d+)"):
@@ -359,14 +376,28 @@ class DiscordAdapter:
         await answer_privately(interaction, text)
 
     async def on_reroll_button(self, interaction: discord.Interaction, job_id: int) -> None:
-        async with self.core.reroll_turn(job_id):
-            refusal = await self.core.reroll_refusal(_person(interaction), _place(interaction), job_id)
+        await self.again(interaction, job_id, "reroll")
+
+    async def again(
+        self, interaction: discord.Interaction, job_id: int, action: str, prompt: str | None = None
+    ) -> None:
+        """Reroll or Extend (a button, or /extend): a refusal to the presser alone, else a new job whose place
+        answers the interaction."""
+        person, place, core = _person(interaction), _place(interaction), self.core
+        async with core.reroll_turn(job_id):
+            if action == "extend":
+                refusal = await core.extend_refusal(person, place, job_id)
+            else:
+                refusal = await core.reroll_refusal(person, place, job_id)
             if refusal is not None:
                 await answer_privately(interaction, refusal)
                 return
             await interaction.response.defer(thinking=True)
             reply = self._reply_for(interaction)
-            answer = await self.core.reroll(_person(interaction), job_id, str(interaction.id), reply)
+            if action == "extend":
+                answer = await core.extend(person, job_id, str(interaction.id), reply, prompt)
+            else:
+                answer = await core.reroll(person, job_id, str(interaction.id), reply)
         if answer is not None:
             await _edit_answer(interaction, answer)
 
@@ -444,7 +475,7 @@ class DiscordAdapter:
             return
         content = f"<@{job.source.user_id}> {texts.result_caption(job, limit=CONTENT_LIMIT - 30)}"
         data = await asyncio.to_thread(video.read_bytes)
-        view = _view(RerollButton(job.id))
+        view = _view(RerollButton(job.id), ExtendButton(job.id))
         mentions = _owner_only(job)
         try:
             if self._interaction_alive(job):
@@ -572,6 +603,14 @@ async def enhance_command(interaction: discord.Interaction, state: str | None = 
     await answer_privately(interaction, await core.enhance(_person(interaction), _place(interaction), state))
 
 
+@app_commands.command(name="extend", description="Continue one of the bot's videos from its last frame.")
+@app_commands.describe(job="The video's job number (its caption says it)", prompt="What happens next (default: same)")
+async def extend_command(
+    interaction: discord.Interaction, job: int, prompt: app_commands.Range[str, None, MAX_PROMPT_CHARS] = ""
+) -> None:
+    await _adapter(interaction).again(interaction, job, "extend", prompt or None)
+
+
 @app_commands.command(name="loras", description="The styles and characters a video may use (lora option).")
 async def loras_command(interaction: discord.Interaction) -> None:
     core = _adapter(interaction).core
@@ -652,6 +691,7 @@ COMMANDS = (
     resume_command,
     previews_command,
     enhance_command,
+    extend_command,
     loras_command,
     help_command,
     make_video_command,

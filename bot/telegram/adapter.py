@@ -76,6 +76,12 @@ PICTURE_HINT = (
 )
 HINTS_KEPT = 1000  # picture hints whose pictures a reply can still use; older ones (and all after a restart) cannot
 BUTTON_ANSWER_LIMIT = 200  # characters in a button's answer
+# What a press of Reroll or Extend answers at once, and the status message its new job's place replaces.
+AGAIN = {
+    "reroll": ("Making another one with a new seed…", "Rerolling job #{job}…"),
+    "extend": ("Continuing the video from its last frame…", "Extending job #{job}…"),
+}
+EXTEND_HOW = "Reply /extend to one of my videos to continue it (/extend new prompt changes what happens next)."
 REPLY_TO_VIDEO_NOTE = (
     "My video is not used as a picture, so this is text to video from your prompt. "
     "To animate a picture, reply to the picture itself."
@@ -199,6 +205,7 @@ class TelegramAdapter:
                 BotCommand("queue", "Your jobs and their places in the queue"),
                 BotCommand("cancel", "Cancel a job: /cancel or /cancel 12"),
                 BotCommand("status", "What the worker is doing"),
+                BotCommand("extend", "Reply to one of my videos: continue it (/extend or /extend new prompt)"),
                 BotCommand("loras", "The styles and characters to add with lora=NAME"),
                 BotCommand("enhance", "Admins: /enhance on or off, short prompts rewritten in detail"),
                 BotCommand("previews", "Admins: /previews on or off, the video taking shape while it is made"),
@@ -228,8 +235,9 @@ class TelegramAdapter:
         self.app.add_handler(CommandHandler("previews", self._on_previews))
         self.app.add_handler(CommandHandler("loras", self._on_loras))
         self.app.add_handler(CommandHandler("enhance", self._on_enhance))
+        self.app.add_handler(CommandHandler("extend", self._on_extend))
         self.app.add_handler(CommandHandler(["help", "start"], self._on_help))
-        self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=r"^(cancel|reroll|own):\d+$"))
+        self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=r"^(cancel|reroll|extend|own):\d+$"))
         private = filters.ChatType.PRIVATE
         self.app.add_handler(MessageHandler(private & filters.TEXT & ~filters.COMMAND, self._on_private_text))
         self.app.add_handler(MessageHandler(private & filters.COMMAND, self._on_unknown_command))
@@ -427,8 +435,8 @@ class TelegramAdapter:
         await self._reply(message, self._core.help_text(_person(update.effective_user), _place(message)))
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Cancel, Reroll and Use my words: refusals and confirmations go to the presser alone, as the button's
-        answer."""
+        """Cancel, Reroll, Extend and Use my words: refusals and confirmations go to the presser alone, as the
+        button's answer."""
         query = update.callback_query
         action, job_id = query.data.split(":")
         person, place = _person(query.from_user), _place(query.message)
@@ -440,17 +448,49 @@ class TelegramAdapter:
             await query.answer(texts.fit_text(said, BUTTON_ANSWER_LIMIT), show_alert=True)
             return
         async with self._core.reroll_turn(int(job_id)):
-            refusal = await self._core.reroll_refusal(person, place, int(job_id))
+            refusal = await self._again_refusal(action, person, place, int(job_id))
             if refusal is not None:
                 await query.answer(texts.fit_text(refusal, BUTTON_ANSWER_LIMIT), show_alert=True)
                 return
-            await query.answer("Making another one with a new seed…")
-            anchor = query.message
-            status = await anchor.reply_text(f"Rerolling job #{job_id}…")
-            reply = _reply_to(anchor, status.message_id)
-            answer = await self._core.reroll(person, int(job_id), f"reroll-{query.id}", reply)
+            await query.answer(AGAIN[action][0])
+            answer, status = await self._start_again(query.message, action, person, int(job_id), f"{action}-{query.id}")
         if answer is not None:
-            await self._answer(anchor, status.message_id, answer)
+            await self._answer(query.message, status.message_id, answer)
+
+    async def _on_extend(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/extend [prompt] as a reply to one of the bot's videos: the same as its Extend button, with a new prompt
+        if one is given."""
+        message = update.effective_message
+        person, place = _person(update.effective_user), _place(message)
+        job_id = _video_job(message.reply_to_message)
+        if job_id is None:
+            await self._reply(message, EXTEND_HOW if self._core.allows(person, place) else NOT_ALLOWED)
+            return
+        prompt = message.text.partition(" ")[2].strip() or None
+        async with self._core.reroll_turn(job_id):
+            refusal = await self._core.extend_refusal(person, place, job_id)
+            if refusal is not None:
+                await self._reply(message, refusal)
+                return
+            key = f"extend-{message.chat_id}-{message.message_id}"
+            answer, status = await self._start_again(message, "extend", person, job_id, key, prompt)
+        if answer is not None:
+            await self._answer(message, status.message_id, answer)
+
+    async def _again_refusal(self, action: str, person: Person, place: Place, job_id: int) -> str | None:
+        if action == "extend":
+            return await self._core.extend_refusal(person, place, job_id)
+        return await self._core.reroll_refusal(person, place, job_id)
+
+    async def _start_again(
+        self, anchor: Message, action: str, person: Person, job_id: int, key: str, prompt: str | None = None
+    ) -> tuple[Answer | None, Message]:
+        """A reroll or an extend of `job_id`, answered in a status message replying to `anchor`."""
+        status = await anchor.reply_text(AGAIN[action][1].format(job=job_id))
+        reply = _reply_to(anchor, status.message_id)
+        if action == "extend":
+            return await self._core.extend(person, job_id, key, reply, prompt), status
+        return await self._core.reroll(person, job_id, key, reply), status
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("telegram handler failed: %s", type(context.error).__name__, exc_info=context.error)
@@ -549,7 +589,7 @@ class TelegramAdapter:
                     height=job.result.height,
                     duration=max(1, round(job.result.duration_s)),
                     supports_streaming=True,
-                    reply_markup=_reroll_button(job.id),
+                    reply_markup=_video_buttons(job.id),
                     reply_to_message_id=int(request_id) if request_id and request_id.isdigit() else None,
                     allow_sending_without_reply=True,
                     # Keeps the video in the request's forum topic even if the request was deleted meanwhile.
@@ -661,5 +701,23 @@ def _waiting_buttons(job_id: int, buttons: Buttons) -> InlineKeyboardMarkup | No
     return InlineKeyboardMarkup([row])
 
 
-def _reroll_button(job_id: int) -> InlineKeyboardMarkup:
-    return InlineKeyboardMarkup([[InlineKeyboardButton("Reroll (new seed)", callback_data=f"reroll:{job_id}")]])
+def _video_buttons(job_id: int) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup(
+        [
+            [
+                InlineKeyboardButton("Reroll (new seed)", callback_data=f"reroll:{job_id}"),
+                InlineKeyboardButton("Extend", callback_data=f"extend:{job_id}"),
+            ]
+        ]
+    )
+
+
+def _video_job(message: Message | None) -> int | None:
+    """The job whose video `message` is: its buttons name it (a message without them is no video of the bot's)."""
+    markup = message.reply_markup if message is not None else None
+    for row in markup.inline_keyboard if markup is not None else ():
+        for button in row:
+            action, _, job_id = str(button.callback_data or "").partition(":")
+            if action in ("reroll", "extend") and job_id.isdigit():
+                return int(job_id)
+    return None

@@ -78,7 +78,7 @@ async def test_telegram_a_prompt_is_rewritten_shown_once_and_its_owner_may_keep_
         ]
     )
     assert mine.params.prompt == "a red fox in snow" and mine.params.original_prompt is None
-    assert video.fields["caption"].startswith("a red fox in snow\nseed ")
+    assert video.fields["caption"].startswith(f"a red fox in snow\njob #{job.id} · seed ")
 
 
 async def test_telegram_the_caption_keeps_both_prompts_and_enhance_no_keeps_the_words(tiny_settings, telegram, openai):
@@ -89,7 +89,7 @@ async def test_telegram_the_caption_keeps_both_prompts_and_enhance_no_keeps_the_
         telegram.command(ALICE, "/video a plain fox enhance=no")
         await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 2, what="the second video")
         jobs = sorted(await bot.engine._queue.list_jobs(), key=lambda job: job.id)
-    assert enhanced.fields["caption"].startswith(f"a fox\nEnhanced: {REWRITE}\nseed ")
+    assert enhanced.fields["caption"].startswith(f"a fox\nEnhanced: {REWRITE}\njob #{jobs[0].id} · seed ")
     assert len(openai.requests) == 1  # enhance=no asked nothing
     assert jobs[1].params.prompt == "a plain fox" and jobs[1].params.original_prompt is None
 

@@ -47,6 +47,7 @@ async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(t
         names = {command["name"] for command in synced}
         assert names == {
             *("video", "queue", "cancel", "status", "help", "pause", "resume", "previews", "loras", "enhance"),
+            "extend",
             "Make a video",
         }
         hidden = {command["name"] for command in synced if command["default_member_permissions"] is not None}
@@ -372,8 +373,9 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
         await until(lambda: "is queued" in discord_server.original(waiting)["content"], what="a waiting job")
         answered = len(discord_server.calls_to("POST", "/callback"))
         posted = len(discord_server.calls_to("POST", "/messages")) + len(discord_server.calls_to("POST", "webhooks/"))
-        asked = {"video": {"prompt": "let me in"}, "previews": {"state": "off"}}
-        for name in ("queue", "status", "help", "cancel", "pause", "resume", "previews", "loras", "video"):
+        asked = {"video": {"prompt": "let me in"}, "previews": {"state": "off"}, "extend": {"job": 1}}
+        outsider_commands = ("queue", "status", "help", "cancel", "pause", "resume", "previews", "loras", "extend")
+        for name in (*outsider_commands, "enhance", "video"):
             await discord_server.slash(BOB, name, asked.get(name))
         await discord_server.slash(carol, "pause")  # allowed here, but no admin
         picture = discord_server.attachment(imagefactory.png(), "p.png")
@@ -384,7 +386,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
             (carol, video, "wanbot:reroll:1"),
         ):
             await discord_server.click(user, message, custom_id)
-        await until(lambda: len(discord_server.calls_to("POST", "/callback")) == answered + 14, what="14 answers")
+        await until(lambda: len(discord_server.calls_to("POST", "/callback")) == answered + 16, what="16 answers")
         await asyncio.sleep(0.5)  # room for a wrong extra message to arrive
         jobs = await bot.engine._queue.list_jobs()
     answers = [call.body for call in discord_server.calls_to("POST", "/callback")[answered:]]
@@ -395,7 +397,7 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
     contents = [answer["data"]["content"] for answer in answers]
     only_admins = "Only admins can pause or resume the queue.\nAsk an admin; /status shows the workers."
     # Each handler answers as soon as it can: the order of the answers is not the order of the clicks.
-    assert sorted(contents) == sorted([NOT_ALLOWED] * 12 + [only_admins, NOT_YOURS_TO_REROLL])
+    assert sorted(contents) == sorted([NOT_ALLOWED] * 14 + [only_admins, NOT_YOURS_TO_REROLL])
     assert [job.status for job in jobs] == [JobStatus.QUEUED, JobStatus.SUCCEEDED]
 
 

@@ -568,6 +568,8 @@ async def test_outsiders_are_refused_every_command_and_button_and_only_the_owner
             "/resume",
             "/previews off",
             "/loras",
+            "/enhance",
+            "/extend",
             "/video x",
         )
         for text in outsider_commands:
