@@ -203,6 +203,8 @@ class Worker:
             wake_task.cancel()
             heartbeat.cancel()
             inbox.close()
+            # The stop asked for is done: a later run (a command that waits for jobs twice) claims again.
+            self._stop.clear()
 
     async def _step(self, stop_after: int | None) -> bool:
         """Claim and process one job, or wait a poll interval; False once `stop_after` jobs are done."""

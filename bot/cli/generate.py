@@ -286,6 +286,13 @@ def generate(
     loop: Annotated[
         bool, typer.Option("--loop", help="A video that returns to its first frame: t2v, or i2v from --start alone.")
     ] = False,
+    extend: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="VIDEO",
+            help="Continue one of the bot's videos from its last frame (with --prompt, or its own), as one video.",
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(metavar="FILE", help="Copy the MP4 here too (default: only under the data folder).")
     ] = None,
@@ -314,7 +321,7 @@ def generate(
     if out is not None and out.is_dir():
         raise usage_error(f"--out {out} is a folder, not a file. Name the file to write, such as {out / 'video.mp4'}.")
     try:
-        job = run_or_exit(_generate(settings, request, _upload(start), _upload(end), model))
+        job = run_or_exit(_generate(settings, request, _upload(start), _upload(end), model, extend))
     except _Interrupted as stopped:
         errors.print(stopped.message, markup=False)
         raise typer.Exit(128 + stopped.signum) from None
@@ -342,11 +349,28 @@ class _Interrupted(Exception):
         self.message = f"Interrupted by {name}: job #{job.id} {done} and makes no video. Run the command again for it."
 
 
+async def _job_of_video(engine: Engine, video: Path) -> Job:
+    """The finished job whose video `video` is (a path, or its name under the outputs folder): every video's name is
+    its own (job-<id>-<random>.mp4)."""
+    for job in await engine.jobs([JobStatus.SUCCEEDED], limit=10_000):
+        if job.result is not None and Path(job.result.path).name == video.name:
+            return job
+    raise UserError(
+        f"{video} is not a video this bot made (or it was cleaned up).",
+        "--extend continues one of its videos: `wanbot queue list` shows them, `wanbot queue show ID` their paths.",
+    )
+
+
 async def _generate(
-    settings: Settings, request: GenerationRequest, start: Upload | None, end: Upload | None, model: str | None
+    settings: Settings,
+    request: GenerationRequest,
+    start: Upload | None,
+    end: Upload | None,
+    model: str | None,
+    extend: Path | None = None,
 ) -> Job:
     # torch and diffusers load only for the commands that generate: `queue list` stays quick.
-    from engine.service import Engine
+    from engine.service import Engine, Submission
 
     quiet_libraries()
     # pause_on_start is for `wanbot run` after a restart; here it would pause the queue under this command's own job.
@@ -367,7 +391,11 @@ async def _generate(
         if await engine.is_paused():
             raise UserError(f"Nothing was queued: {QUEUE_PAUSED}.", "Resume it, then run this command again.")
         source = JobSource(platform="cli", chat_id="terminal", user_id="admin")
-        submission = await engine.submit(request, source, start, end, model_override=model)
+        if extend is not None:
+            earlier = await _job_of_video(engine, extend)
+            submission = Submission(await engine.extend(earlier.id, CLI_ACTOR, source, request.prompt or None))
+        else:
+            submission = await engine.submit(request, source, start, end, model_override=model)
         job = submission.result.job
         for note in submission.notes:
             errors.print(f"note: {note}", markup=False)
@@ -387,6 +415,7 @@ def _settings_text(job: Job) -> str:
         f"seed {params.seed}, model {job.model}, {params.preset.value} preset"
         + "".join(f", lora {use.label}" for use in params.loras)
         + (", loop" if params.loop else "")
+        + (f", extends #{params.extends}" if params.extends is not None else "")
     )
 
 
@@ -397,12 +426,12 @@ def _timings(job: Job) -> str:
 
 
 DEMO_LORA = "demo-style"  # a tiny random stand-in, as the tiny models are
-DEMO_JOBS = 5
+DEMO_JOBS = 6
 
 
 def demo(config: ConfigOption = None) -> None:
     """Run a t2v, an i2v (start + end image) and a ti2v job at quality, a fast t2v one and the same with a style
-    LoRA, on the tiny models through queue and worker."""
+    LoRA, then an extend of the first, on the tiny models through queue and worker."""
     settings = settings_from(config)
     # Five jobs from one user: the per-user queue limit (3 by default) must let them all wait at once.
     queue = settings.queue.model_copy(update={"per_user_limit": max(settings.queue.per_user_limit, DEMO_JOBS)})
@@ -417,6 +446,7 @@ def demo(config: ConfigOption = None) -> None:
             console.print(
                 f"{job.mode.value:5} {job.params.preset.value:7} job #{job.id}: {job.result.path}  "
                 f"{''.join(f'lora {use.label}, ' for use in job.params.loras)}"
+                f"{f'extends #{job.params.extends}, ' if job.params.extends else ''}"
                 f"{job.result.width}x{job.result.height}, {job.result.frames} frames @ {job.result.fps} fps, "
                 f"{sum(job.result.run.transformer_calls.values()) if job.result.run else '?'} transformer passes  "
                 f"({_timings(job)})",
@@ -455,12 +485,16 @@ async def _demo(settings: Settings) -> list[Job]:
             # And with a style LoRA beside them, as `lora=demo-style` asks in a chat.
             (GenerationRequest(mode=Mode.T2V, prompt=fox, preset=Preset.FAST, loras=[DEMO_LORA]), None, None),
         ]
-        ids = set()
+        ids = []
         for request, start, end in requests:
             submission = await engine.submit(request, source, start, end, priority=1)
-            ids.add(submission.result.job.id)
+            ids.append(submission.result.job.id)
             console.print(f"queued {request.mode.value} as job #{submission.result.job.id}", highlight=False)
-        return await _wait_for_jobs(engine, ids, show_progress=sys.stderr.isatty())
+        jobs = await _wait_for_jobs(engine, set(ids), show_progress=sys.stderr.isatty())
+        # The fox continued from its last frame, as the Extend button under a video asks: one joined video.
+        extended = await engine.extend(ids[0], CLI_ACTOR, prompt="w1 w2 w3 the fox leaps over a fallen tree")
+        console.print(f"queued an extend of job #{ids[0]} as job #{extended.job.id}", highlight=False)
+        return jobs + await _wait_for_jobs(engine, {extended.job.id}, show_progress=sys.stderr.isatty())
     finally:
         await engine.close()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.pipeline.video import probe
 from tests.cli.test_cli import wanbot
 
 pytestmark = pytest.mark.timeout(180)
@@ -66,3 +67,19 @@ def test_validate_and_download_say_what_the_chats_would_with_exit_2(tmp_path: Pa
 def test_loras_list_without_any_says_how_to_add_one(tmp_path: Path):
     done = wanbot("loras", "list", data=tmp_path)
     assert done.returncode == 0 and "add a [loras.NAME] section" in done.stdout
+
+
+def test_generate_extend_continues_one_of_the_bots_videos_and_loop_makes_a_loop(tmp_path: Path, config: Path):
+    data = tmp_path / "data"
+    asked = ("--prompt", "w1 a fox", "--frames", "5", "--resolution", "64x64", "--config", str(config))
+    first = wanbot("generate", "--mode", "t2v", *asked, "--out", str(tmp_path / "fox.mp4"), data=data)
+    assert first.returncode == 0, first.stderr
+    [video] = (data / "outputs").glob("job-1-*.mp4")
+    extended = wanbot("generate", "--mode", "i2v", "--extend", str(video), *asked, data=data)
+    stranger = wanbot("generate", "--mode", "i2v", "--extend", str(tmp_path / "fox.mp4"), *asked, data=data)
+    looped = wanbot("generate", "--mode", "t2v", "--loop", *asked, data=data)
+    assert extended.returncode == 0, extended.stderr
+    assert "extends #1" in extended.stderr
+    assert probe(extended.stdout.split()[0]).frames == 5 + 5 - 1  # the fox's frames, then the new ones but one
+    assert stranger.returncode == 2 and "is not a video this bot made" in stranger.stderr
+    assert looped.returncode == 0 and ", loop" in looped.stderr
