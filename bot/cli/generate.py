@@ -290,7 +290,8 @@ def generate(
         Path | None,
         typer.Option(
             metavar="VIDEO",
-            help="Continue one of the bot's videos from its last frame (with --prompt, or its own), as one video.",
+            help="Continue one of the bot's videos from its last frame (with --prompt, or its own), as one video "
+            "(default: none).",
         ),
     ] = None,
     out: Annotated[
