@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from enum import StrEnum
 from typing import Any
 
@@ -85,6 +86,11 @@ class LoraUse(BaseModel):
     @property
     def label(self) -> str:
         return f"{self.name}:{self.weight:g}"
+
+    @property
+    def key(self) -> str:
+        """The same files, the same key, whatever the weight or the name [loras] gives them: what a worker holds."""
+        return hashlib.sha256("\n".join([self.repo, *self.files]).encode()).hexdigest()[:12]
 
 
 class GenerationParams(BaseModel):

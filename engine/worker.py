@@ -214,7 +214,11 @@ class Worker:
         job = None
         if not self.state.paused:
             job = await self._queue.claim_next(
-                self._runner.loaded_model, self._settings.queue.max_model_skips, self._not_claimed(), self.id
+                self._runner.loaded_model,
+                self._settings.queue.max_model_skips,
+                self._not_claimed(),
+                self.id,
+                held_loras=self._runner.held_loras,
             )
         if job is None:
             done = stop_after is not None and self.state.jobs_done >= stop_after

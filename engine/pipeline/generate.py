@@ -144,6 +144,11 @@ class PipelineRunner:
     def loaded_model(self) -> str | None:
         return self.loaded.model.name if self.loaded else None
 
+    @property
+    def held_loras(self) -> set[str]:
+        """The style LoRAs the loaded pipeline holds (LoraUse.key): the queue prefers jobs that need no other."""
+        return self.loaded.styles.held if self.loaded else set()
+
     def run(self, job: Job, images: list[Image.Image], hooks: RunHooks) -> RunOutput:
         """Make the job's frames; a job that runs out of GPU memory is tried once more on the next leaner plan.
 

@@ -11,7 +11,6 @@ the GPU, a few hundred MB at most); fp8 plans and diffusers' offload hooks are n
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from collections import OrderedDict
@@ -26,6 +25,7 @@ from engine.jobs import LoraUse
 from engine.pipeline.loras import EXPERTS
 
 log = logging.getLogger(__name__)
+ADAPTER_PREFIX = "style_"
 # peft warns whenever a model gets a second adapter; holding several (the cache, a job with two) is the point here.
 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
 
@@ -40,8 +40,7 @@ class StyleFiles:
     @property
     def adapter(self) -> str:
         """The adapter's name in peft: the same files make the same adapter, whatever the weight or [loras] name."""
-        digest = hashlib.sha256("\n".join([self.use.repo, *self.use.files]).encode()).hexdigest()
-        return f"style_{digest[:12]}"
+        return f"{ADAPTER_PREFIX}{self.use.key}"
 
 
 class StyleAdapters:
@@ -56,6 +55,11 @@ class StyleAdapters:
     @property
     def loaded(self) -> list[str]:
         return list(self._loaded)
+
+    @property
+    def held(self) -> set[str]:
+        """The keys (LoraUse.key) of the LoRAs loaded: a job needing only these starts without loading one."""
+        return {name.removeprefix(ADAPTER_PREFIX) for name in self._loaded}
 
     def apply(self, styles: list[StyleFiles]) -> None:
         """Make `styles` the active adapters at their weights (none: every adapter inactive). A file that cannot be

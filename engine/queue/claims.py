@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from engine.errors import InvalidTransition
 from engine.jobs import (
     Actor,
     EventKind,
+    GenerationParams,
     Job,
     JobStatus,
     PreviewInfo,
@@ -46,6 +47,7 @@ class Claims(QueueCore):
         max_model_skips: int = 3,
         exclude_models: Iterable[str] = (),
         worker_id: str | None = None,
+        held_loras: Collection[str] = (),
     ) -> Job | None:
         """Atomically move the next queued job to running and return it, or None when nothing waits.
 
@@ -57,6 +59,10 @@ class Claims(QueueCore):
         time it is passed over this way, and one passed over `max_model_skips` times goes next, so nobody starves.
         Jobs for `exclude_models` (being downloaded) wait where they are. Jobs another process is claiming at this
         moment are passed by, never waited for.
+
+        `held_loras` (the style LoRAs the worker holds loaded, by LoraUse.key) extend the warm preference: when the
+        next job is for the loaded model but needs a LoRA the worker lacks, the first of the users' next jobs that
+        needs only LoRAs it holds may go first, passing the next job over as above.
         """
         excluded = sorted(set(exclude_models))
         async with self._transaction() as db:
@@ -74,6 +80,10 @@ class Claims(QueueCore):
                     warm = await db.one(WARM_SQL, preferred_model)
                 if warm is not None:
                     warm_id = warm["id"]
+                    order.insert(0, warm_id)
+            elif held_loras and head["model"] == preferred_model and head["passed_over"] < max_model_skips:
+                warm_id = await _first_holding(db, candidates, preferred_model, set(held_loras))
+                if warm_id is not None:
                     order.insert(0, warm_id)
             row = await self._start_first_free(db, order, worker_id)
             if row is None:  # every user's next job is being claimed by another process right now
@@ -316,6 +326,20 @@ class Claims(QueueCore):
     async def is_cancel_requested(self, job_id: int) -> bool:
         row = await self._read_one("SELECT cancel_requested FROM jobs WHERE id = ?", job_id)
         return bool(row and row["cancel_requested"])
+
+
+async def _first_holding(db: Tx, candidates: list[Row], model: str, held: set[str]) -> int | None:
+    """The first candidate for `model` whose LoRAs the worker holds, all of them (and at least one), when the first
+    candidate needs one it lacks; None otherwise."""
+    ids = [row["id"] for row in candidates if row["model"] == model]
+    rows = await db.all(f"SELECT id, params_json FROM jobs WHERE id IN ({', '.join('?' * len(ids))})", *ids)
+    needs = {
+        row["id"]: {use.key for use in GenerationParams.from_stored(json.loads(row["params_json"])).loras}
+        for row in rows
+    }
+    if needs.get(candidates[0]["id"], set()) <= held:
+        return None
+    return next((job_id for job_id in ids if needs.get(job_id) and needs[job_id] <= held), None)
 
 
 async def _candidates(db: Tx, depth: int, excluded: list[str]) -> list[Row]:

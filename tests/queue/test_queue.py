@@ -18,7 +18,17 @@ import asyncpg
 import pytest
 
 from engine.errors import InvalidTransition, NotAllowed, QueueFull
-from engine.jobs import DeliveryStatus, EventKind, JobStatus, Progress, ResultInfo, Stage, WorkerRecord, WorkerState
+from engine.jobs import (
+    DeliveryStatus,
+    EventKind,
+    JobStatus,
+    LoraUse,
+    Progress,
+    ResultInfo,
+    Stage,
+    WorkerRecord,
+    WorkerState,
+)
 from engine.queue.jobqueue import JobQueue
 from engine.queue.sqlite import MIGRATIONS, split_sql
 from engine.storage.cleanup import remove_delivered_videos, remove_unused_images
@@ -342,6 +352,28 @@ async def test_preferred_model_goes_first_but_only_a_bounded_number_of_times(que
         order.append(job.params.prompt)
         await queue.mark_succeeded(job.id, result(), token=job.claim_token)
     assert order[:3] == ["a0", "a1", "needs b"]
+
+
+async def test_a_worker_holding_a_jobs_loras_takes_it_before_one_needing_others_but_only_a_bounded_number_of_times(
+    queue: JobQueue,
+):
+    grain = LoraUse(name="grain", weight=0.8, repo="tiny", files=["grain.safetensors"])
+    glow = LoraUse(name="glow", weight=0.5, repo="tiny", files=["glow.safetensors"])
+    await queue.enqueue(source("alice", "a1"), Mode.T2V, "model-a", params("needs glow", loras=[glow]))
+    for index in range(3):
+        await queue.enqueue(
+            source(f"u{index}", f"m{index}"), Mode.T2V, "model-a", params(f"grain {index}", loras=[grain])
+        )
+    await queue.enqueue(source("zed", "z1"), Mode.T2V, "model-a", params("plain"))
+    first = await queue.claim_next(preferred_model="model-a")  # holds nothing: the fair order
+    await queue.requeue(first.id, "back", token=first.claim_token)
+    order = []
+    while job := await queue.claim_next(preferred_model="model-a", max_model_skips=2, held_loras={grain.key}):
+        order.append(job.params.prompt)
+        await queue.mark_succeeded(job.id, result(), token=job.claim_token)
+    assert first.params.prompt == "needs glow"
+    assert order[:3] == ["grain 0", "grain 1", "needs glow"]  # passed over twice, then its turn
+    assert set(order[3:]) == {"grain 2", "plain"}
 
 
 async def test_progress_and_events_reach_subscribers(queue: JobQueue):
