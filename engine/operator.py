@@ -28,7 +28,7 @@ from engine.pipeline.models import (
     resolve_request,
 )
 from engine.queue.jobqueue import JobQueue
-from engine.service import Upload
+from engine.service import Upload, loop_end, loop_model
 from engine.storage.images import ImageInfo, Mode, check_mode, validate_image_bytes
 
 # Passed on as they are: two checks of model repos the CLI names.
@@ -121,11 +121,20 @@ class PictureCheck:
 
 
 def check_pictures(
-    settings: Settings, mode: Mode, start: Upload | None, end: Upload | None, loras: Collection[str] = ()
+    settings: Settings,
+    mode: Mode,
+    start: Upload | None,
+    end: Upload | None,
+    loras: Collection[str] = (),
+    loop: bool = False,
 ) -> PictureCheck:
     """Validate pictures as a request's are, and resolve them against the mode's model (an end image it ignores, a
-    crop), and the LoRAs named against [loras]; raise a UserError where the bot would refuse them."""
+    crop), the LoRAs named against [loras], and a loop's rules; raise a UserError where the bot would refuse them."""
     model = model_for_mode(mode, settings)
+    if loop:
+        end = loop_end(GenerationRequest(mode=mode, loop=True), start, end)
+        if mode is Mode.T2V:
+            loop_model(settings)
     uses = resolve_loras(list(loras), settings.loras, mode, model.spec, settings.generation.max_loras)
     images = [
         validate_image_bytes(upload.data, settings.images, role, upload.filename) if upload else None

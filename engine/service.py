@@ -649,12 +649,7 @@ class Engine:
             return params
         if request.mode is Mode.I2V:
             return params.model_copy(update={"loop": True})
-        second = model_for_mode(Mode.I2V, self.settings)
-        if not second.spec.uses_end_image:
-            raise UserError(
-                f"A t2v loop needs an i2v model that aims at an end frame, and this bot's ({second.name}) does not.",
-                "Ask without loop=yes.",
-            )
+        second = loop_model(self.settings)
         note = (
             "Loop: made in two passes, a short t2v video for its first frame, then the i2v model from that frame "
             "back to it."
@@ -849,6 +844,17 @@ class Engine:
 
 
 _NO_LORA = StyleLoraConfig(repo="", file="none.safetensors", modes=[])  # a LoRA no longer offered: used in no mode
+
+
+def loop_model(settings: Settings) -> ModelRef:
+    """The model of a t2v loop's second pass: the i2v one, which must aim at an end frame."""
+    second = model_for_mode(Mode.I2V, settings)
+    if not second.spec.uses_end_image:
+        raise UserError(
+            f"A t2v loop needs an i2v model that aims at an end frame, and this bot's ({second.name}) does not.",
+            "Ask without loop=yes.",
+        )
+    return second
 
 
 def loop_end(request: GenerationRequest, start: Upload | None, end: Upload | None) -> Upload | None:

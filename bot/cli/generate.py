@@ -48,11 +48,12 @@ def validate(
     ] = None,
     end: Annotated[Path | None, typer.Option(metavar="FILE", help="End image (default: none).")] = None,
     lora: LoraOption = None,
+    loop: Annotated[bool, typer.Option("--loop", help="Check it as a loop, as loop=yes (default: no loop).")] = False,
     as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """Check images and LoRAs for a mode, as the bot would, and say what the video will change. Exit 0 if valid, 2 if
-    not."""
+    """Check images, LoRAs and a loop for a mode, as the bot would, and say what the video will change. Exit 0 if
+    valid, 2 if not."""
     settings = settings_from(config)
     report: dict[str, Any] = {
         "valid": False,
@@ -65,7 +66,8 @@ def validate(
     }
     try:
         # What generate and the chats would say, once the pictures meet the model too: an end image it ignores, a crop.
-        checked = check_pictures(settings, mode, _read_picture(start, "start"), _read_picture(end, "end"), lora or ())
+        pictures = _read_picture(start, "start"), _read_picture(end, "end")
+        checked = check_pictures(settings, mode, *pictures, lora or (), loop)
         report.update(
             valid=True,
             warnings=checked.warnings,

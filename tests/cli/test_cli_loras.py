@@ -55,6 +55,7 @@ def test_validate_and_download_say_what_the_chats_would_with_exit_2(tmp_path: Pa
     wrong_mode = wanbot("validate", "--mode", "ti2v", "--lora", "glow", "--config", str(config), data=data)
     unknown = wanbot("loras", "download", "sepia", "--config", str(config), data=data)
     tiny = wanbot("loras", "download", "grain", "--config", str(config), data=data)
+    no_loop = wanbot("validate", "--mode", "ti2v", "--loop", "--config", str(config), data=data)
     assert fine.returncode == 0 and json.loads(fine.stdout)["loras"] == ["grain:0.3"]
     assert wrong_mode.returncode == 2
     assert "The LoRA glow is not for ti2v. It is for t2v." in wrong_mode.stdout
@@ -62,6 +63,7 @@ def test_validate_and_download_say_what_the_chats_would_with_exit_2(tmp_path: Pa
         unknown.stderr
     )
     assert tiny.returncode == 0 and "Nothing to download" in tiny.stdout
+    assert no_loop.returncode == 2 and "TI2V-5B cannot aim at an end frame, so it makes no loops." in no_loop.stdout
 
 
 def test_loras_list_without_any_says_how_to_add_one(tmp_path: Path):
