@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from engine.config import Settings, StyleLoraConfig
-from engine.enhance.enhancer import Enhancer
+from engine.enhance.enhancer import Enhanced, Enhancer
+from engine.enhance.failures import NOT_IN_TIME
 from engine.errors import UserError
 from engine.hub.downloads import Downloader, size_text, warn_missing_models
 from engine.jobs import (
@@ -38,7 +39,7 @@ from engine.jobs import (
     ServingRecord,
     WorkerRecord,
 )
-from engine.pipeline.models import GenerationRequest, ModelRef, model_for_mode, resolve_request
+from engine.pipeline.models import GenerationRequest, ModelRef, model_for_mode, resolve_request, with_triggers
 from engine.pipeline.video import fit_to_limit
 from engine.queue.backend import Backend as Database
 from engine.queue.bus import EventBus, Subscription
@@ -63,6 +64,7 @@ T = TypeVar("T")
 RECORD_FIRST_WAIT_S = 0.5
 # How a job's notes begin the enhancer's rewrite of its prompt (the user's own words are kept beside it).
 ENHANCED_NOTE = "Prompt enhanced"
+ENHANCER_SLACK_S = 5.0  # beyond the enhancer's own tries and timeouts: its backoff waits
 # How soon a pause or resume made by another process shows in this one's waiting places (one read of a flag).
 PAUSE_POLL_S = 2.0
 RECORD_MAX_WAIT_S = 30.0
@@ -401,7 +403,7 @@ class Engine:
             return made
         try:
             return await self._files.ensure_local("video", self.settings.outputs_dir / made.name)
-        except UserError as exc:
+        except (UserError, OSError) as exc:
             log.error("video of job=%s cannot be had: %s", job.id, exc)
             return None
 
@@ -514,7 +516,9 @@ class Engine:
         settings = self.settings
         image_retention_s = settings.images.retention_hours * 3600
         video_retention_s = settings.outputs.retention_hours * 3600
-        images = await remove_unused_images(self._queue, self._store, image_retention_s, files=self._files)
+        images = await remove_unused_images(
+            self._queue, self._store, image_retention_s, files=self._files, last_frames_s=video_retention_s
+        )
         videos = await remove_delivered_videos(self._queue, settings.outputs_dir, video_retention_s, files=self._files)
         await remove_stale_previews(self._queue, settings.previews_dir, files=self._files)
         return images, videos
@@ -650,6 +654,12 @@ class Engine:
         if request.mode is Mode.I2V:
             return params.model_copy(update={"loop": True})
         second = loop_model(self.settings)
+        for use in params.loras:
+            if "i2v" not in self.settings.loras[use.name].modes:
+                raise UserError(
+                    f"A t2v loop's second pass is i2v, and the LoRA {use.name} is not for i2v.",
+                    "Ask without it, or without loop=yes.",
+                )
         note = (
             "Loop: made in two passes, a short t2v video for its first frame, then the i2v model from that frame "
             "back to it."
@@ -666,12 +676,21 @@ class Engine:
         where it failed."""
         if self._enhancer is None or not await self._wants_enhancing(request, source):
             return params
-        enhanced = await self._enhancer.enhance(params.prompt, request.mode.value, has_image)
+        config = self.settings.prompts
+        try:
+            # Its own tries each have their timeout; this bounds them all, so one request never holds its user long.
+            async with asyncio.timeout(config.enhancer_timeout_s * (config.enhancer_retries + 1) + ENHANCER_SLACK_S):
+                enhanced = await self._enhancer.enhance(params.prompt, request.mode.value, has_image)
+        except TimeoutError:
+            log.warning("prompt enhancer took longer than all its tries may; the user's words were used")
+            enhanced = Enhanced(params.prompt, params.prompt, enhanced=False, note=NOT_IN_TIME)
         if not enhanced.enhanced:
             return params.model_copy(update={"warnings": [*params.warnings, *filter(None, [enhanced.note])]})
-        adjustments = [*params.adjustments, f"{ENHANCED_NOTE}: {enhanced.prompt}"]
+        # A LoRA's trigger words must survive the rewrite, short ones too: put back any it left out.
+        prompt = with_triggers(enhanced.prompt, params.loras, self.settings.loras, [])
+        adjustments = [*params.adjustments, f"{ENHANCED_NOTE}: {prompt}"]
         return params.model_copy(
-            update={"prompt": enhanced.prompt, "original_prompt": enhanced.original, "adjustments": adjustments}
+            update={"prompt": prompt, "original_prompt": enhanced.original, "adjustments": adjustments}
         )
 
     async def _wants_enhancing(self, request: GenerationRequest, source: JobSource) -> bool:
@@ -745,7 +764,7 @@ class Engine:
             kept = [use for use in old.params.loras if mode.value in self.settings.loras.get(use.name, _NO_LORA).modes]
             params = old.params.model_copy(
                 update={
-                    "prompt": prompt or old.params.prompt,
+                    "prompt": with_triggers(prompt, kept, self.settings.loras, []) if prompt else old.params.prompt,
                     "original_prompt": None if prompt else old.params.original_prompt,
                     "seed": random.SystemRandom().randrange(2**32),
                     "extends": old.id,
@@ -779,14 +798,16 @@ class Engine:
         result = old.result
         if old.status is not JobStatus.SUCCEEDED or result is None or result.last_frame is None:
             raise UserError(f"Job #{old.id} has no video that can be extended.", "Extend one of the bot's videos.")
+        gone = UserError(
+            f"Job #{old.id}'s video is no longer kept, so it cannot be extended.",
+            "Ask for a new video; videos are kept for a while after they are sent, then cleaned up.",
+        )
         try:
             await self._files.ensure_local("image", self._store.path_for(result.last_frame.sha256))
-            await self._files.ensure_local("video", Path(result.path))
-        except UserError:
-            raise UserError(
-                f"Job #{old.id}'s video is no longer kept, so it cannot be extended.",
-                "Ask for a new video; videos are kept for a while after they are sent, then cleaned up.",
-            ) from None
+        except (UserError, OSError):
+            raise gone from None
+        if await self.video_file(old) is None:
+            raise gone
         model = model_for_mode(Mode(self.settings.generation.extend_mode), self.settings)
         if model.spec.fps != result.fps:
             raise UserError(

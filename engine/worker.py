@@ -41,7 +41,7 @@ from engine.queue.fleet import recover_orphans
 from engine.queue.jobqueue import JobQueue
 from engine.queue.processes import this_machine
 from engine.storage.files import hidden_beside
-from engine.storage.images import ImageInfo, ImageStore, frame_picture
+from engine.storage.images import ImageInfo, ImageStore, Mode, frame_picture
 from engine.storage.preview_files import preview_path, remove_preview
 from engine.storage.shared_files import shared_files
 
@@ -231,7 +231,12 @@ class Worker:
         except UserError as exc:
             # The job's model cannot be found or read here (its folder went away while it waited, or serve names a
             # model this worker's machine lacks): the loop goes on.
-            await self._fail_unusable_model(job, job.claim_token, exc)
+            await self._fail_unusable_model(job, job.claim_token, exc, job.mode)
+            return True
+        try:
+            self._check_loop_model(job)
+        except UserError as exc:
+            await self._fail_unusable_model(job, job.claim_token, exc, Mode.I2V)
             return True
         if missing:
             # Back to the queue until its model is here; jobs for other models go on meanwhile.
@@ -320,7 +325,7 @@ class Worker:
             await self._finish(job.id, "cancel", partial(self._queue.mark_cancelled, job.id, token=token))
         except ModelUnusable as exc:
             await reporter.drain()
-            await self._fail_unusable_model(job, token, exc)
+            await self._fail_unusable_model(job, token, exc, job.mode)
         except UserError as exc:
             await reporter.drain()
             detail = f"{type(exc).__name__}: {exc}"
@@ -339,11 +344,21 @@ class Worker:
                 await asyncio.to_thread(remove_preview, self._settings.previews_dir, job.id)
                 await self._forget_shared_preview(job.id)
 
-    async def _fail_unusable_model(self, job: Job, token: str | None, error: UserError) -> None:
+    def _check_loop_model(self, job: Job) -> None:
+        """A t2v loop's second pass needs the i2v model here before its first pass runs. (It is not fetched for the
+        loop: a download serves the jobs queued for its model, and this job is a t2v one.)"""
+        second = job.params.loop_model
+        if second is not None and self._fetcher.missing(second, Mode.I2V):
+            raise ModelUnusable(
+                f"The i2v model {second}, which a t2v loop's second pass runs, is not on this machine.",
+                "Run: wanbot models download i2v",
+            )
+
+    async def _fail_unusable_model(self, job: Job, token: str | None, error: UserError, mode: Mode) -> None:
         """The operator reads what is wrong with the model and what to do in the log (and `queue show`); the job's
         owner a plain sentence."""
         log.error("job=%s cannot use its model %s on this machine: %s", job.id, job.model, error)
-        message = model_unusable_text(job.id, job.mode.value)
+        message = model_unusable_text(job.id, mode.value)
         fail = partial(self._queue.mark_failed, job.id, message, f"{type(error).__name__}: {error}", token=token)
         await self._finish(job.id, "fail", fail)
 
@@ -400,6 +415,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         for info in job.images:  # from the database when the job was asked for on another machine
             await self._files.ensure_local("image", self._store.path_for(info.sha256))
+        earlier = await self._earlier_video(job)
         images = [await asyncio.to_thread(self._store.restore, info) for info in job.images]
         hooks = RunHooks(
             on_progress=lambda progress: loop.call_soon_threadsafe(reporter.report, progress),
@@ -457,7 +473,7 @@ class Worker:
                 except (OSError, av.error.FFmpegError):
                     log.warning("job=%s: the video encoded while decoding could not be finished", job.id, exc_info=True)
             if video is None:  # encoded from the frames: a tiled decode, the streamed one failed, or an Extend
-                frames = await self._joined(job, output.frames)
+                frames = await self._joined(earlier, output.frames)
                 video = await loop.run_in_executor(self._executor, encode_mp4, frames, job.params.fps, target, metadata)
         finally:
             encode_to.unlink(missing_ok=True)
@@ -492,17 +508,31 @@ class Worker:
 
         await self._finish(job.id, "succeed", record)
 
-    async def _joined(self, job: Job, frames: np.ndarray) -> np.ndarray:
+    async def _earlier_video(self, job: Job) -> Path | None:
+        """The video an Extend continues, on this machine (fetched where another made it), before anything is made:
+        a video cleaned up meanwhile fails the job with a sentence, not after the generation."""
+        if job.params.extends is None:
+            return None
+        earlier = await self._queue.get(job.params.extends)
+        gone = UserError(
+            f"Job #{earlier.id}'s video was cleaned up before this extend could run.", "Ask for a new video."
+        )
+        if earlier.result is None:
+            raise gone
+        made = Path(earlier.result.path)
+        if await asyncio.to_thread(made.is_file):
+            return made
+        try:
+            return await self._files.ensure_local("video", self._settings.outputs_dir / made.name)
+        except (UserError, OSError):
+            raise gone from None
+
+    async def _joined(self, earlier: Path | None, frames: np.ndarray) -> np.ndarray:
         """An Extend's video: the frames of the video it continues, then its own but the first (that video's last,
         the picture it started from)."""
-        if job.params.extends is None:
+        if earlier is None:
             return frames
-        earlier = await self._queue.get(job.params.extends)
-        if earlier.result is None:
-            raise UserError(f"Job #{earlier.id} has no video to continue.", "Ask again for a new video.")
-        path = Path(earlier.result.path)
-        await self._files.ensure_local("video", path)
-        before = await asyncio.to_thread(read_frames, path)
+        before = await asyncio.to_thread(read_frames, earlier)
         return np.concatenate([before, to_uint8(frames)[1:]])
 
     async def _keep_last_frame(self, job: Job, frames: np.ndarray) -> ImageInfo | None:

@@ -59,7 +59,8 @@ async def serve(settings: Settings, say: Callable[[str], None], role: Role = Rol
             engine.share_events()
             supervisor.start("shared events", engine.follow_events)
             await engine.recover()
-            await engine.load_enhancer()  # a local model is ready before the first request waits on it
+            if role is not Role.WORKER:  # a worker queues nothing: the enhancer runs where requests arrive
+                await engine.load_enhancer()  # a local model is ready before the first request waits on it
             if role is not Role.WORKER and _has_chat(settings):
                 await _take_the_chats(engine)
             if role is not Role.WORKER:
@@ -74,7 +75,7 @@ async def serve(settings: Settings, say: Callable[[str], None], role: Role = Rol
                 # A port that is taken is the operator's to fix: said once, not retried.
                 supervisor.start("metrics", engine.serve_metrics, restart=False)
             say(_started_line(settings, role, adapters))
-            if engine.enhancer_line is not None:
+            if engine.enhancer_line is not None and role is not Role.WORKER:
                 say(engine.enhancer_line)
             if makes_videos:
                 say(f"videos are made on {engine.device_text()}")

@@ -213,7 +213,9 @@ class PipelineRunner:
         machine = self._machine(params)
         folder = self._locate.on_disk(model) if machine.vram is not None else None
         if machine.vram is not None and (folder is not None or not model.is_tiny):
-            plan_job(model, params, machine, self._config, folder)
+            plan = plan_job(model, params, machine, self._config, folder)
+            if params.loras:
+                _check_carries_loras(plan)
 
     def plan_line(self, model: ModelRef, params: GenerationParams) -> str | None:
         """The plan a job of `params` gets, or why none fits, in one line; None without a GPU (all runs on the CPU)
@@ -261,12 +263,9 @@ class PipelineRunner:
         plan = forced or self._plan(model, params, folder)
         self._trying = (plan, folder)  # what an out-of-memory error, in loading or running, ran out with
         loaded = self.loaded
+        if params.loras:
+            _check_carries_loras(plan)
         styles = [self._locate.style(use, hooks) for use in params.loras]
-        if styles and plan.memory in DIFFUSERS_OFFLOADS:
-            raise UserError(
-                f"This server's GPU needs {plan.memory.replace('_', ' ')} for this video, which cannot carry LoRAs.",
-                "Ask again without lora=, or for a smaller video (res=480p, fewer frames).",
-            )
         if loaded is not None and self._keeps(loaded, model, source, loras, plan):
             self._replace(loaded, plan)
             loaded.switch_loras(loras, styles)
@@ -535,6 +534,15 @@ class StepTracker:
         latest = next(reversed(self._durations))
         expert_mean = sum(self._durations[latest]) / len(self._durations[latest])
         return (self._steps - done) * (expert_mean if len(self._durations[latest]) > 1 else mean)
+
+
+def _check_carries_loras(plan: Plan) -> None:
+    """Refuse a job with style LoRAs whose plan is one of diffusers' offloads, which cannot carry adapters."""
+    if plan.memory in DIFFUSERS_OFFLOADS:
+        raise UserError(
+            f"This server's GPU needs {plan.memory.replace('_', ' ')} for this video, which cannot carry LoRAs.",
+            "Ask again without lora=, or for a smaller video (res=480p, fewer frames).",
+        )
 
 
 def cover(image: Image.Image, width: int, height: int) -> Image.Image:

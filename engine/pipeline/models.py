@@ -325,7 +325,7 @@ def resolve_request(
             "The model reads 512 tokens, about 2000 characters of English; shorten the prompt.",
         )
     loras = resolve_loras(request.loras, loras_offered or {}, request.mode, spec, limits.max_loras)
-    prompt = _with_triggers(prompt, loras, loras_offered or {}, adjustments)
+    prompt = with_triggers(prompt, loras, loras_offered or {}, adjustments)
     width, height = _resolve_size(request.resolution, spec, limits, start, adjustments)
     frames = _resolve_frames(request.frames, spec, limits, adjustments)
     fast_steps = spec.fast.sampling.steps if spec.fast else None
@@ -413,7 +413,7 @@ def _lora_weight(name: str, text: str, config: StyleLoraConfig) -> float:
     return weight
 
 
-def _with_triggers(
+def with_triggers(
     prompt: str, loras: list[LoraUse], offered: Mapping[str, StyleLoraConfig], adjustments: list[str]
 ) -> str:
     """The prompt with the trigger words of each LoRA it lacks, put first: without them many LoRAs do little."""

@@ -13,9 +13,10 @@ from engine.queue.core import (
 
 
 class Retention(QueueCore):
-    async def images_in_use(self, retention_s: float) -> set[str]:
+    async def images_in_use(self, retention_s: float, last_frames_s: float | None = None) -> set[str]:
         """Hashes of images that active jobs, or jobs finished within the retention time, still refer to: their
-        pictures, and the last frames of their videos (an Extend starts from one)."""
+        pictures, and the last frames of their videos (an Extend starts from one), kept `last_frames_s` (the
+        videos' retention; default `retention_s`)."""
         since = self._clock() - retention_s
         rows = await self._read_all(
             """SELECT DISTINCT i.sha256 FROM job_images i JOIN jobs j ON j.id = i.job_id
@@ -23,7 +24,8 @@ class Retention(QueueCore):
             since,
         )
         videos = await self._read_all(
-            "SELECT result_json FROM jobs WHERE status = 'succeeded' AND finished_at >= ?", since
+            "SELECT result_json FROM jobs WHERE status = 'succeeded' AND finished_at >= ?",
+            self._clock() - (retention_s if last_frames_s is None else last_frames_s),
         )
         last_frames = {(json.loads(row["result_json"] or "{}").get("last_frame") or {}).get("sha256") for row in videos}
         return {row["sha256"] for row in rows} | (last_frames - {None})

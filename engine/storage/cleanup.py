@@ -30,13 +30,19 @@ TEMP_PREVIEW_NAME = re.compile(r"\.job-\d+\..+\.jpg|\.job-\d+\.jpg\..+\.part")
 
 
 async def remove_unused_images(
-    queue: JobQueue, store: ImageStore, retention_s: float, grace_s: float = 600, files: SharedFiles | None = None
+    queue: JobQueue,
+    store: ImageStore,
+    retention_s: float,
+    grace_s: float = 600,
+    files: SharedFiles | None = None,
+    last_frames_s: float | None = None,
 ) -> int:
     """Delete images no active or recently finished job refers to, here and in `files`; return how many went.
 
-    Files younger than `grace_s` stay: an adapter stores an image a moment before it enqueues the job.
+    Files younger than `grace_s` stay: an adapter stores an image a moment before it enqueues the job. A video's
+    last frame (an Extend starts from it) stays as long as videos do (`last_frames_s`, else `retention_s`).
     """
-    in_use = await queue.images_in_use(retention_s)
+    in_use = await queue.images_in_use(retention_s, last_frames_s)
     removed: set[str] = set()
     for sha256 in store.stored_hashes() - in_use:
         if _older_than(store.path_for(sha256), grace_s):

@@ -44,6 +44,9 @@ async def test_telegram_extend_button_and_reply_make_one_joined_video_each(tiny_
         second = next(message for message in reversed(telegram.replies(ALICE)) if "video" in message)
         telegram.command(ALICE, "/extend the fox jumps", reply_to_message=quoted(second))
         await until(lambda: len(telegram.sent("sendVideo", ALICE)) == 3, what="the chained video")
+        group = -100
+        telegram.command(ALICE, "/extend", chat_id=group, chat_type="supergroup", reply_to_message=quoted(second))
+        await until(lambda: telegram.replies(group), what="the refusal in the group")
         telegram.command(ALICE, "/extend")  # a reply to nothing
         await until(lambda: any("Reply /extend" in text for text in on_telegram.texts(telegram, ALICE)), what="how")
         jobs = sorted(await bot.engine._queue.list_jobs(), key=lambda job: job.id)
@@ -51,6 +54,8 @@ async def test_telegram_extend_button_and_reply_make_one_joined_video_each(tiny_
     assert answers == sorted([NOT_ALLOWED, NOT_YOURS_TO_EXTEND, "Continuing the video from its last frame…"])
     assert [job.params.extends for job in jobs] == [None, 1, 2]
     assert [probe(job.result.path).frames for job in jobs] == [9, 17, 25]
+    [refused] = [message.get("text", "") for message in telegram.replies(group)]
+    assert refused == "Job #2's video was made in another chat: extend it there, where it will be sent."
     assert jobs[2].params.prompt == "the fox jumps" and jobs[1].params.prompt == "a fox"
     captions = [call.fields["caption"] for call in telegram.sent("sendVideo", ALICE)]
     assert " · 17 frames · " in captions[1] and captions[1].endswith(" · extends #1")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from diffusers import WanImageToVideoPipeline
+from diffusers import WanImageToVideoPipeline, WanPipeline
 
 from engine.errors import UserError
 from engine.jobs import JobSource, JobStatus, Progress, Stage
@@ -27,21 +27,33 @@ async def submit(engine: Engine, start: bytes | None = None, end: bytes | None =
     return (await engine.submit(request, SOURCE, *pictures)).result.job
 
 
-@pytest.fixture
-def i2v_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """The arguments of every call of an i2v pipeline."""
+def recorded(monkeypatch: pytest.MonkeyPatch, pipeline_class: type) -> list[dict[str, Any]]:
+    """The arguments (and, as "frames", the output) of every call of a pipeline class."""
     calls: list[dict[str, Any]] = []
-    original = WanImageToVideoPipeline.__call__
+    original = pipeline_class.__call__
 
     def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs)
-        return original(self, *args, **kwargs)
+        output = original(self, *args, **kwargs)
+        calls.append({**kwargs, "frames": output.frames[0]})
+        return output
 
-    monkeypatch.setattr(WanImageToVideoPipeline, "__call__", recording)
+    monkeypatch.setattr(pipeline_class, "__call__", recording)
     return calls
 
 
-async def test_a_t2v_loop_is_a_short_t2v_pass_then_i2v_from_its_first_frame_back_to_it(engine: Engine, i2v_calls):
+@pytest.fixture
+def i2v_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    return recorded(monkeypatch, WanImageToVideoPipeline)
+
+
+@pytest.fixture
+def t2v_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    return recorded(monkeypatch, WanPipeline)
+
+
+async def test_a_t2v_loop_is_a_short_t2v_pass_then_i2v_from_its_first_frame_back_to_it(
+    engine: Engine, i2v_calls, t2v_calls
+):
     job = await submit(engine, mode="t2v")
     said: list[Progress] = []
     output = await asyncio.to_thread(engine._runner.run, job, [], RunHooks(on_progress=said.append))
@@ -54,7 +66,10 @@ async def test_a_t2v_loop_is_a_short_t2v_pass_then_i2v_from_its_first_frame_back
     assert steps[0].startswith(LOOP_FIRST_PASS) and steps[-1].startswith(LOOP_SECOND_PASS)
     assert engine._runner.loaded_model == "tiny-i2v"
     assert set(output.timings) >= {"first_pass_s", "load_s", "generate_s"}
-    assert LOOP_FIRST_FRAMES == 5  # the fewest frames Wan makes: only the first is used
+    [first_pass] = t2v_calls
+    assert first_pass["num_frames"] == LOOP_FIRST_FRAMES == 5  # the fewest frames Wan makes: only the first is used
+    first_frame = np.round(first_pass["frames"][0] * 255)
+    assert np.abs(np.asarray(call["image"], dtype=float) - first_frame).mean() < 2  # the loop starts there
 
 
 async def test_an_i2v_loop_ends_on_its_start_picture(engine: Engine, i2v_calls):
@@ -90,3 +105,23 @@ def test_loop_is_yes_or_no():
     assert GenerationRequest(mode="t2v", loop="yes").loop is True
     with pytest.raises(UserError, match="loop must be yes or no, not 'maybe'"):
         GenerationRequest(mode="t2v", loop="maybe")
+
+
+async def test_a_t2v_loop_whose_i2v_model_is_not_here_fails_before_its_first_pass_saying_which(
+    tiny_settings, monkeypatch: pytest.MonkeyPatch, t2v_calls
+):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tiny_settings.data_dir / "empty-hf-cache"))
+    models = tiny_settings.models.model_copy(update={"i2v": "Wan-AI/Wan2.2-I2V-A14B-Diffusers"})
+    engine = await Engine.open(tiny_settings.model_copy(update={"models": models}))
+    try:
+        job = await submit(engine, mode="t2v")
+        await asyncio.wait_for(engine._worker.run(stop_after=0), timeout=90)
+        failed = await engine._queue.get(job.id)
+    finally:
+        await engine.close()
+    assert failed.status is JobStatus.FAILED and t2v_calls == []
+    assert (
+        failed.error_user
+        == f"Sorry, video #{job.id} could not be made: this bot's i2v model is not ready. The admin has been told."
+    )
+    assert "wanbot models download i2v" in failed.error_detail

@@ -149,7 +149,8 @@ async def test_a_lora_that_fails_to_load_fails_its_job_alone_and_leaves_the_pipe
         "in the log."
     )
     assert np.array_equal(again, baseline)
-    assert loaded.styles.loaded == [] and not loaded.pipeline.get_list_adapters().get("transformer")
+    adapters = loaded.pipeline.get_list_adapters()
+    assert loaded.styles.loaded == [] and not adapters.get("transformer") and not adapters.get("transformer_2")
 
 
 async def test_the_videos_metadata_names_each_lora_and_its_weight(styled):
