@@ -49,7 +49,15 @@ from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
 from engine.queue.processes import pid_alive, this_machine
 from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
-from engine.storage.images import ImageInfo, ImageStore, Mode, ValidatedImage, check_mode, validate_image_bytes
+from engine.storage.images import (
+    ImageInfo,
+    ImageStore,
+    Mode,
+    ValidatedImage,
+    check_mode,
+    give_back_memory,
+    validate_image_bytes,
+)
 from engine.storage.preview_files import preview_path
 from engine.storage.shared_files import SharedFiles, shared_files
 from engine.supervisor import Supervisor
@@ -796,8 +804,13 @@ class Engine:
         """The model an Extend of `old` runs and the frame it starts from, or the UserError it meets."""
         await self._check_room(old.source.model_copy(update={"message_id": None}))
         result = old.result
-        if old.status is not JobStatus.SUCCEEDED or result is None or result.last_frame is None:
+        if old.status is not JobStatus.SUCCEEDED or result is None:
             raise UserError(f"Job #{old.id} has no video that can be extended.", "Extend one of the bot's videos.")
+        if result.last_frame is None:
+            raise UserError(
+                f"Job #{old.id}'s video was made before videos kept their last frame, so it cannot be extended.",
+                "Ask for a new video; every video made since can be extended.",
+            )
         gone = UserError(
             f"Job #{old.id}'s video is no longer kept, so it cannot be extended.",
             "Ask for a new video; videos are kept for a while after they are sent, then cleaned up.",
@@ -861,7 +874,14 @@ class Engine:
         """Run a decode off the event loop (a 40 MP image takes a while), at most max_concurrent_decodes at once.
         The pool's size is the hard bound: a cancelled wait gives its slot back while its decode still runs."""
         async with self._decodes:
-            return await asyncio.get_running_loop().run_in_executor(self._decode_pool, decode, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._decode_pool, _decoded, decode, *args)
+
+
+def _decoded(decode: Callable[..., T], *args: object) -> T:
+    try:
+        return decode(*args)
+    finally:
+        give_back_memory()  # a serving process returns near its idle size after a burst of large pictures
 
 
 _NO_LORA = StyleLoraConfig(repo="", file="none.safetensors", modes=[])  # a LoRA no longer offered: used in no mode

@@ -8,6 +8,9 @@ a full decode. The image is then normalised to 8-bit sRGB RGB, upright, with tra
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 import io
 import math
@@ -36,6 +39,18 @@ Image.MAX_IMAGE_PIXELS = None
 # is mapped for itself and unmapped when it is freed, whichever thread frees it; 1 GiB holds any picture max_pixels
 # lets in (64 MP at 4 bytes a pixel is 256 MB), and Pillow allocates only what an image needs.
 Image.core.set_block_size(2**30)
+# What stays are the smaller buffers of a decode (libjpeg's, a colour conversion's) in the arena of the thread that
+# decoded, which glibc keeps until told: give_back_memory tells it after each decode.
+_MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None), "malloc_trim", None)
+
+
+def give_back_memory() -> None:
+    """Free what a decode left in reference cycles (a decoder's image can sit in one until the collector runs, tens
+    of MB), then return the heap memory freed (every arena's) to the system, where glibc has malloc_trim."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
 
 # Phones save HEIC (iPhone) and AVIF; sent as files, Telegram keeps them as they are.
 pillow_heif.register_heif_opener()
