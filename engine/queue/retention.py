@@ -30,6 +30,12 @@ class Retention(QueueCore):
         last_frames = {(json.loads(row["result_json"] or "{}").get("last_frame") or {}).get("sha256") for row in videos}
         return {row["sha256"] for row in rows} | (last_frames - {None})
 
+    async def being_extended(self) -> set[int]:
+        """The jobs whose videos a waiting or running Extend continues (it reads them when it ends)."""
+        rows = await self._read_all("SELECT params_json FROM jobs WHERE status IN ('queued', 'running')")
+        named = {json.loads(row["params_json"]).get("extends") for row in rows}
+        return {job_id for job_id in named if job_id is not None}
+
     async def delivered_before(self, job_ids: Collection[int], retention_s: float) -> dict[int, str]:
         """Which of these jobs had their video delivered more than `retention_s` ago, with its file's name."""
         ids = sorted(job_ids)

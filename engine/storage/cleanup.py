@@ -68,12 +68,14 @@ async def remove_delivered_videos(
     """Delete videos delivered more than `retention_s` ago, with their re-encoded copies, and temporary files a crash
     left behind, here and in `files`; return how many files went (a file and its shared copy count once).
 
-    Videos not delivered yet stay, as do those given up on (`queue redeliver` sends them from the file) and those of
-    `wanbot generate`, which no chat delivers.
+    Videos not delivered yet stay, as do those given up on (`queue redeliver` sends them from the file), those of
+    `wanbot generate`, which no chat delivers, and those a waiting or running Extend continues.
     """
     videos, stale_temps = await asyncio.to_thread(_scan, outputs_dir, VIDEO_NAME, TEMP_VIDEO_NAME, temp_grace_s)
     shared = _by_job(await files.names("video"), VIDEO_NAME) if files is not None else {}
     delivered = await queue.delivered_before(videos.keys() | shared.keys(), retention_s)
+    for job_id in await queue.being_extended():  # a waiting or running Extend joins that video to its own
+        delivered.pop(job_id, None)
     # Only the files of the video the job made: another one with its number is from a queue that started over.
     doomed = [*stale_temps]
     doomed_shared: set[str] = set()

@@ -77,3 +77,21 @@ async def test_a_video_of_another_fps_than_the_extend_model_is_refused(tiny_sett
         assert await engine._queue.counts() == {"succeeded": 1}
     finally:
         await engine.close()
+
+
+async def test_clean_up_keeps_a_delivered_video_while_an_extend_of_it_waits(tiny_settings: Settings):
+    outputs = tiny_settings.outputs.model_copy(update={"retention_hours": 0})
+    engine = await Engine.open(tiny_settings.model_copy(update={"outputs": outputs}))
+    try:
+        first = await original(engine)
+        await engine._queue.mark_delivered(first.id)
+        await engine._queue.set_paused(True)
+        waiting = await engine.extend(first.id, ADMIN)
+        await engine.clean_up()
+        kept = await asyncio.to_thread(Path(first.result.path).exists)
+        await engine.cancel(waiting.job.id, ADMIN)
+        await engine.clean_up()
+        gone = not await asyncio.to_thread(Path(first.result.path).exists)
+    finally:
+        await engine.close()
+    assert kept and gone  # kept while the extend waited, removed once nothing needs it
