@@ -59,7 +59,7 @@ from engine.storage.images import (
     validate_image_bytes,
 )
 from engine.storage.preview_files import preview_path
-from engine.storage.shared_files import SharedFiles, shared_files
+from engine.storage.shared_files import SharedFiles, local_video, shared_files
 from engine.supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -406,11 +406,8 @@ class Engine:
         fetched from the database into outputs/; None when it is gone."""
         if job.result is None:
             return None
-        made = Path(job.result.path)
-        if await asyncio.to_thread(made.is_file):
-            return made
         try:
-            return await self._files.ensure_local("video", self.settings.outputs_dir / made.name)
+            return await local_video(self._files, self.settings.outputs_dir, Path(job.result.path))
         except (UserError, OSError) as exc:
             log.error("video of job=%s cannot be had: %s", job.id, exc)
             return None

@@ -43,7 +43,7 @@ from engine.queue.processes import this_machine
 from engine.storage.files import hidden_beside
 from engine.storage.images import ImageInfo, ImageStore, Mode, frame_picture
 from engine.storage.preview_files import preview_path, remove_preview
-from engine.storage.shared_files import shared_files
+from engine.storage.shared_files import local_video, shared_files
 
 log = logging.getLogger(__name__)
 
@@ -519,11 +519,8 @@ class Worker:
         )
         if earlier.result is None:
             raise gone
-        made = Path(earlier.result.path)
-        if await asyncio.to_thread(made.is_file):
-            return made
         try:
-            return await self._files.ensure_local("video", self._settings.outputs_dir / made.name)
+            return await local_video(self._files, self._settings.outputs_dir, Path(earlier.result.path))
         except (UserError, OSError):
             raise gone from None
 

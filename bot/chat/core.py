@@ -321,15 +321,17 @@ class ChatCore:
     async def extend_refusal(self, person: Person, place: Place, job_id: int) -> str | None:
         """Why `person` may not extend the job's video, or None; asked before anything is posted, as for Reroll. The
         extended video is sent where the first was: the request must come from that chat."""
+
+        async def check(job: Job) -> None:
+            if (job.source.platform, job.source.chat_id) != (self.platform, place.chat_id):
+                raise UserError(
+                    f"Job #{job.id}'s video was made in another chat: extend it there, where it will be sent."
+                )
+            await self.engine.check_extend(job)
+
         engine = self.engine
-        try:
-            job = await engine.job(job_id)
-        except UserError as error:
-            return texts.user_error_text(error) if self.allows(person, place) else NOT_ALLOWED
-        if self.allows(person, place) and (job.source.platform, job.source.chat_id) != (self.platform, place.chat_id):
-            return f"Job #{job_id}'s video was made in another chat: extend it there, where it will be sent."
         return await self._again_refusal(
-            person, place, job_id, NOT_YOURS_TO_EXTEND, engine.active_extend, EXTENDING, engine.check_extend
+            person, place, job_id, NOT_YOURS_TO_EXTEND, engine.active_extend, EXTENDING, check
         )
 
     async def extend(

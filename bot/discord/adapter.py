@@ -71,69 +71,51 @@ def _adapter(interaction: discord.Interaction) -> DiscordAdapter:
     return interaction.client.adapter
 
 
-class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:cancel:(?P<job_id>\d+)"):
+class _JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:[a-z]+:(?P<job_id>\d+)"):
+    """A button about one job that survives a restart: its custom id is `wanbot:<ACTION>:<job id>`. (Never
+    registered itself: each kind below matches its own action.)"""
+
+    ACTION: str
+    LABEL: str
+    STYLE: discord.ButtonStyle
+
     def __init__(self, job_id: int) -> None:
-        super().__init__(
-            discord.ui.Button(label="Cancel", style=discord.ButtonStyle.danger, custom_id=f"wanbot:cancel:{job_id}")
-        )
+        custom_id = f"wanbot:{self.ACTION}:{job_id}"
+        super().__init__(discord.ui.Button(label=self.LABEL, style=self.STYLE, custom_id=custom_id))
         self.job_id = job_id
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any) -> Any:
         return cls(int(match["job_id"]))
+
+
+class CancelButton(_JobButton, template=r"wanbot:cancel:(?P<job_id>\d+)"):
+    ACTION, LABEL, STYLE = "cancel", "Cancel", discord.ButtonStyle.danger
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await _adapter(interaction).on_cancel_button(interaction, self.job_id)
 
 
-class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:reroll:(?P<job_id>\d+)"):
-    def __init__(self, job_id: int) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label="Reroll (new seed)", style=discord.ButtonStyle.primary, custom_id=f"wanbot:reroll:{job_id}"
-            )
-        )
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any) -> Any:
-        return cls(int(match["job_id"]))
+class RerollButton(_JobButton, template=r"wanbot:reroll:(?P<job_id>\d+)"):
+    ACTION, LABEL, STYLE = "reroll", "Reroll (new seed)", discord.ButtonStyle.primary
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await _adapter(interaction).on_reroll_button(interaction, self.job_id)
 
 
-class ExtendButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:extend:(?P<job_id>\d+)"):
+class ExtendButton(_JobButton, template=r"wanbot:extend:(?P<job_id>\d+)"):
     """Under a delivered video: continue it from its last frame."""
 
-    def __init__(self, job_id: int) -> None:
-        super().__init__(
-            discord.ui.Button(label="Extend", style=discord.ButtonStyle.secondary, custom_id=f"wanbot:extend:{job_id}")
-        )
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any) -> Any:
-        return cls(int(match["job_id"]))
+    ACTION, LABEL, STYLE = "extend", "Extend", discord.ButtonStyle.secondary
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await _adapter(interaction).again(interaction, self.job_id, "extend")
 
 
-class OwnWordsButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:own:(?P<job_id>\d+)"):
+class OwnWordsButton(_JobButton, template=r"wanbot:own:(?P<job_id>\d+)"):
     """Under a waiting job whose prompt the enhancer rewrote: make it from its owner's own words instead."""
 
-    def __init__(self, job_id: int) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label="Use my words", style=discord.ButtonStyle.secondary, custom_id=f"wanbot:own:{job_id}"
-            )
-        )
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any) -> Any:
-        return cls(int(match["job_id"]))
+    ACTION, LABEL, STYLE = "own", "Use my words", discord.ButtonStyle.secondary
 
     async def callback(self, interaction: discord.Interaction) -> None:
         adapter = _adapter(interaction)

@@ -8,15 +8,13 @@ a CPU. Used by the tests and the benchmark (prompts.enhancer_repo = "tiny"); it 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-from engine.storage.files import fsync_folder
+from engine.storage.files import build_folder_aside
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # What the tokenizer's merges are learnt from: the words of its random text.
@@ -82,11 +80,8 @@ def build_tiny_model(vocab_size: int, seed: int = 0) -> Qwen2ForCausalLM:
 
 def make_tiny_enhancer(target: Path, seed: int = 0) -> Path:
     """The tiny model's folder at `target`, built aside and renamed into place unless it is there already."""
-    if all((target / name).exists() for name in FILES):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+
+    def build(staging: Path) -> None:
         tokenizer = build_tiny_tokenizer()
         tokenizer.save_pretrained(staging)
         model = build_tiny_model(len(tokenizer), seed)
@@ -96,15 +91,8 @@ def make_tiny_enhancer(target: Path, seed: int = 0) -> Path:
             index for index in tokenizer.get_vocab().values() if not _printable(tokenizer.decode([index]))
         ]
         model.save_pretrained(staging)
-        staging.rename(target)
-        fsync_folder(target.parent)
-    except OSError:
-        # Another process finished the same folder first; theirs is as good as ours.
-        if not all((target / name).exists() for name in FILES):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return build_folder_aside(target, FILES, build)
 
 
 def _printable(text: str) -> bool:

@@ -8,10 +8,7 @@ on a CPU. Used by the tests, the demo and the benchmarks; it produces noise, not
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from engine.pipeline.loras import random_lightx2v_lora, random_style_lora, write_lora
+from engine.storage.files import build_folder_aside
 from engine.storage.images import Mode
 
 # The fast preset's stand-ins: a random LoRA pair in LightX2V's layout for each A14B kind, and a second TI2V
@@ -135,7 +133,7 @@ def build_tiny_pipeline(kind: Mode, seed: int = 0) -> WanPipeline | WanImageToVi
 
 def make_tiny_model(target: Path, kind: Mode, seed: int = 0) -> Path:
     """Save a tiny pipeline as a diffusers folder at `target`, atomically (built aside, then renamed)."""
-    return _build_aside(
+    return build_folder_aside(
         target, ("model_index.json",), lambda staging: build_tiny_pipeline(kind, seed).save_pretrained(staging)
     )
 
@@ -149,7 +147,7 @@ def make_tiny_loras(target: Path, kind: Mode, seed: int = 0) -> Path:
         for name in TINY_LORA_FILES:
             write_lora(random_lightx2v_lora(shapes, TINY_LORA_RANK, generator), staging / name)
 
-    return _build_aside(target, TINY_LORA_FILES, build)
+    return build_folder_aside(target, TINY_LORA_FILES, build)
 
 
 def make_tiny_style_lora(folder: Path, name: str) -> Path:
@@ -160,22 +158,4 @@ def make_tiny_style_lora(folder: Path, name: str) -> Path:
         generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         target.parent.mkdir(parents=True, exist_ok=True)
         write_lora(random_style_lora(_transformer(16, 16), TINY_LORA_RANK, generator), target)
-    return target
-
-
-def _build_aside(target: Path, files: tuple[str, ...], build: Callable[[Path], None]) -> Path:
-    """`target` with `files` in it: made in a hidden folder beside it and renamed into place, unless already there."""
-    if all((target / name).exists() for name in files):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        build(staging)
-        staging.rename(target)
-    except OSError:
-        # Another process finished the same folder first; theirs is as good as ours.
-        if not all((target / name).exists() for name in files):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

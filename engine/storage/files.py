@@ -4,8 +4,9 @@ made durable, so a crash or a power cut never leaves a partial image or video be
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,3 +47,24 @@ def fsync_folder(folder: Path) -> None:
         os.fsync(handle)
     finally:
         os.close(handle)
+
+
+def build_folder_aside(target: Path, files: Iterable[str], build: Callable[[Path], None]) -> Path:
+    """`target` with `files` in it: made by `build` in a hidden folder beside it and renamed into place, unless it
+    is there already (a tiny model, its stand-in weights)."""
+    names = list(files)
+    if all((target / name).exists() for name in names):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        build(staging)
+        staging.rename(target)
+        fsync_folder(target.parent)
+    except OSError:
+        # Another process finished the same folder first; theirs is as good as ours.
+        if not all((target / name).exists() for name in names):
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -64,6 +64,14 @@ class SharedFiles(Protocol):
         ...
 
 
+async def local_video(files: SharedFiles, outputs_dir: Path, made: Path) -> Path:
+    """A job's video on this machine: where its worker wrote it, or (a worker on another machine) fetched from the
+    database into `outputs_dir` under its own name. UserError (or OSError) when it cannot be had."""
+    if await asyncio.to_thread(made.is_file):
+        return made
+    return await files.ensure_local("video", outputs_dir / made.name)
+
+
 def shared_files(queue: JobQueue) -> SharedFiles:
     """Where this queue's processes share files: the database when it is PostgreSQL, else the data dir."""
     backend = queue.database
