@@ -481,8 +481,12 @@ class Engine:
                 # Nothing to put back while the database is away; the next round looks again.
                 log.warning("could not look for jobs of workers that are gone", exc_info=True)
 
-    async def run_worker(self) -> None:
+    async def run_worker(self, again: bool = False) -> None:
+        """Make videos until stop_worker; `again`: after an earlier run of this process was stopped (a command that
+        waits for its jobs twice), never for a supervised restart, which a stop must end."""
         assert self._worker is not None
+        if again:
+            self._worker.rearm()
         await self._worker.run()
 
     async def stop_worker(self, requeue_running: bool = True) -> None:

@@ -203,8 +203,6 @@ class Worker:
             wake_task.cancel()
             heartbeat.cancel()
             inbox.close()
-            # The stop asked for is done: a later run (a command that waits for jobs twice) claims again.
-            self._stop.clear()
 
     async def _step(self, stop_after: int | None) -> bool:
         """Claim and process one job, or wait a poll interval; False once `stop_after` jobs are done."""
@@ -256,6 +254,10 @@ class Worker:
         now = time.monotonic()
         self._unfetchable = {model: until for model, until in self._unfetchable.items() if until > now}
         return self._fetcher.busy_models | set(self._unfetchable)
+
+    def rearm(self) -> None:
+        """Claim again after a stop: a command that waits for its jobs twice (`wanbot demo`'s extend)."""
+        self._stop.clear()
 
     async def stop(self, requeue_running: bool = True) -> None:
         """Stop claiming; with `requeue_running` the running job stops at its next step and goes back to the queue."""

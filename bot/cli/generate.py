@@ -117,12 +117,13 @@ QUEUE_PAUSED = "the queue is paused (wanbot queue resume)"
 
 
 async def _wait_for_jobs(
-    engine: Engine, job_ids: set[int], show_progress: bool, stop: asyncio.Event | None = None
+    engine: Engine, job_ids: set[int], show_progress: bool, stop: asyncio.Event | None = None, again: bool = False
 ) -> list[Job]:
     """Run the worker (or wait on another process's) until every job in `job_ids` has ended.
 
     The command owns its jobs: once `stop` is set (a signal), or when the queue is paused while one still waits, the
-    jobs not yet ended are cancelled, so none is left behind to be made by the next command or `wanbot run`."""
+    jobs not yet ended are cancelled, so none is left behind to be made by the next command or `wanbot run`. `again`:
+    this command waited for jobs before, which stopped the worker."""
     stop = stop or asyncio.Event()
     from bot.roles.runtime import worker_lock
 
@@ -131,7 +132,7 @@ async def _wait_for_jobs(
         worker = None
         if own_worker:
             await engine.recover()
-            worker = asyncio.create_task(engine.run_worker())
+            worker = asyncio.create_task(engine.run_worker(again=again))
         else:
             errors.print("Another wanbot process runs the worker; waiting for it to make the video.")
         try:
@@ -497,7 +498,7 @@ async def _demo(settings: Settings) -> list[Job]:
         # The fox continued from its last frame, as the Extend button under a video asks: one joined video.
         extended = await engine.extend(ids[0], CLI_ACTOR, prompt="w1 w2 w3 the fox leaps over a fallen tree")
         console.print(f"queued an extend of job #{ids[0]} as job #{extended.job.id}", highlight=False)
-        return jobs + await _wait_for_jobs(engine, {extended.job.id}, show_progress=sys.stderr.isatty())
+        return jobs + await _wait_for_jobs(engine, {extended.job.id}, show_progress=sys.stderr.isatty(), again=True)
     finally:
         await engine.close()
 
