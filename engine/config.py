@@ -67,6 +67,12 @@ class QueueConfig(Section):
     per_user_limit: int = Field(3, ge=1, description="Queued jobs one user may have at once.")
     global_limit: int = Field(100, ge=1, description="Queued jobs in total.")
     daily_limit: int = Field(0, ge=0, description="Videos one user may have made in 24 hours; 0: no limit.")
+    daily_gpu_seconds: float = Field(
+        0, ge=0, description="Seconds of GPU time one user's videos may take in 24 hours (admins exempt); 0: no limit."
+    )
+    daily_chat_gpu_seconds: float = Field(
+        0, ge=0, description="Seconds of GPU time the videos asked for in one chat may take in 24 hours; 0: no limit."
+    )
     max_attempts: int = Field(2, ge=1, description="Starts a job gets before a crash marks it failed.")
     pause_on_start: bool = Field(False, description="Start with processing paused after a restart.")
     max_model_skips: int = Field(3, ge=0, description="Times a job may be passed over to keep a model warm.")
@@ -360,6 +366,56 @@ class PromptsConfig(Section):
         return value
 
 
+Policy = Literal["block", "spoiler", "allow"]
+TERM_REGEX_PREFIX = "re:"
+
+
+class PlacePoliciesConfig(Section):
+    """What happens to a picture or video the classifier flags, by where it would be shown."""
+
+    public: Policy = Field("block", description="Server channels and groups.")
+    age_restricted: Policy = Field("allow", description="Discord channels marked age-restricted (NSFW).")
+    private: Policy = Field("spoiler", description="Direct messages, private chats and the CLI.")
+
+
+class SafetyConfig(Section):
+    """Content rules for public places (engine/safety/): terms a prompt may not hold, and a picture classifier run
+    on the start and end pictures before queueing and on a few frames of each video before it is sent."""
+
+    blocked_terms: list[str] = Field(
+        default_factory=list,
+        description="Words or phrases a prompt may not hold, matched whole and case-blind; 're:PATTERN' a regex.",
+    )
+    blocked_message: str = Field(
+        "This bot does not make videos of that.", description="What a user whose prompt holds a blocked term reads."
+    )
+    classifier: str = Field(
+        "off",
+        description="'off', an image-classification model (a Hub repo id or a folder, such as "
+        "Falconsai/nsfw_image_detection), or 'tiny:LABEL' (a random stand-in that always answers LABEL, for tests).",
+    )
+    flagged_labels: list[str] = Field(
+        default_factory=lambda: ["nsfw"], description="The classifier's labels that flag a picture."
+    )
+    threshold: float = Field(0.5, gt=0, le=1, description="The score of a flagged label at which a picture is flagged.")
+    video_frames: int = Field(3, ge=1, le=16, description="Frames of each finished video checked, spread over it.")
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="Where the classifier runs.")
+    policy: PlacePoliciesConfig = PlacePoliciesConfig()
+
+    @field_validator("blocked_terms")
+    @classmethod
+    def _terms_compile(cls, value: list[str]) -> list[str]:
+        for term in value:
+            if not term.strip().removeprefix(TERM_REGEX_PREFIX).strip():
+                raise ValueError("holds an empty term")
+            if term.startswith(TERM_REGEX_PREFIX):
+                try:
+                    re.compile(term.removeprefix(TERM_REGEX_PREFIX))
+                except re.error as error:
+                    raise ValueError(f"{term!r} is no regular expression: {error}") from None
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="WANBOT_",
@@ -385,6 +441,7 @@ class Settings(BaseSettings):
     database: DatabaseConfig = DatabaseConfig()
     metrics: MetricsConfig = MetricsConfig()
     prompts: PromptsConfig = PromptsConfig()
+    safety: SafetyConfig = SafetyConfig()
 
     @field_validator("loras")
     @classmethod

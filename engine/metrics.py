@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from engine.queue.jobqueue import JobQueue
 
 log = logging.getLogger(__name__)
+# Why a request or a video was refused: a blocked term in its prompt, a flagged picture or video, a GPU-time quota.
+REFUSAL_REASONS = ("blocked_term", "picture", "video", "quota")
 
 # Snapshots are at most this old at scrape time; Prometheus scrapes every 15 s or more, so each scrape usually reads.
 MIN_REFRESH_S = 2.0
@@ -96,6 +98,12 @@ class Metrics:
         self.delivery_failures = Counter(
             "wanbot_delivery_failures", "Failed uploads of finished videos (each try).", registry=registry
         )
+        self.refused = Counter(
+            "wanbot_refused",
+            "Requests or videos refused by the content rules or the quotas, by reason.",
+            ["reason"],
+            registry=registry,
+        )
 
         # Every label value a dashboard may ask for is there from the start, so rate() and sums see a 0, not nothing.
         for status in JobStatus:
@@ -106,6 +114,8 @@ class Metrics:
             self.run_seconds.labels(outcome=outcome.value)
         for outcome in FINISHED_OUTCOMES:
             self.finished.labels(outcome=outcome.value)
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason=reason)
 
     # -- what the database knows -----------------------------------------------------------------------------------
 

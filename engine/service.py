@@ -816,11 +816,12 @@ class Engine:
             f"Job #{old.id}'s video is no longer kept, so it cannot be extended.",
             "Ask for a new video; videos are kept for a while after they are sent, then cleaned up.",
         )
-        try:
-            await self._files.ensure_local("image", self._store.path_for(result.last_frame.sha256))
-        except (UserError, OSError):
-            raise gone from None
-        if await self.video_file(old) is None:
+        # Whether both are kept, not fetched: a chat answers within seconds, and the worker that runs it fetches them.
+        made = Path(result.path)
+        has_video = await self._files.has("video", made) or await self._files.has(
+            "video", self.settings.outputs_dir / made.name
+        )
+        if not (has_video and await self._files.has("image", self._store.path_for(result.last_frame.sha256))):
             raise gone
         model = model_for_mode(Mode(self.settings.generation.extend_mode), self.settings)
         if model.spec.fps != result.fps:

@@ -49,6 +49,7 @@ FORBIDDEN = {
     "engine.pipeline": ["engine.queue", *FACADE_AND_WORKER, "engine.metrics"],
     "engine.hub": FACADE_AND_WORKER,
     "engine.enhance": ["engine.queue", "engine.pipeline", *FACADE_AND_WORKER, "engine.metrics"],
+    "engine.safety": ["engine.queue", "engine.pipeline", *FACADE_AND_WORKER, "engine.metrics"],
     "bot.chat": ["bot.telegram", "bot.discord", "bot.roles", "bot.cli", "telegram", "discord"],
     "bot.telegram": ["bot.discord", "bot.roles", "bot.cli", "discord"],
     "bot.discord": ["bot.telegram", "bot.roles", "bot.cli", "telegram"],

@@ -234,7 +234,12 @@ def _model_option(ctx: typer.Context, name: str | None) -> str | None:
 
 def generate(
     # Eager: --model's check below needs the mode, wherever on the line each one stands.
-    mode: Annotated[Mode, typer.Option(help="t2v, i2v or ti2v.", is_eager=True)],
+    mode: Annotated[
+        Mode | None,
+        typer.Option(
+            help="t2v, i2v or ti2v (with --extend: generation.extend_mode's, which it may name).", is_eager=True
+        ),
+    ] = None,
     prompt: Annotated[
         str, typer.Option(metavar="TEXT", help="What the video shows (default: none; t2v needs one).")
     ] = "",
@@ -304,6 +309,23 @@ def generate(
 ) -> None:
     """Make one video through the same validation, queue and worker as the bot, with a progress bar."""
     settings = settings_from(config)
+    if extend is not None:
+        # An Extend's new part takes the video's own settings: an option it would ignore is a mistake, said at once.
+        given = {
+            "--mode": mode not in (None, Mode(settings.generation.extend_mode)),
+            "--start": start, "--end": end, "--model": model, "--frames": frames, "--steps": steps,
+            "--width": width, "--height": height, "--resolution": resolution, "--seed": seed,
+            "--guidance": guidance, "--preset": preset, "--negative": negative, "--lora": lora,
+            "--enhance/--no-enhance": enhance is not None, "--loop": loop,
+        }  # fmt: skip
+        if ignored := [name for name, value in given.items() if value]:
+            raise usage_error(
+                f"--extend continues the video with its own settings (and generation.extend_mode's model), so it "
+                f"takes no {', '.join(ignored)}. Give --prompt for new words, or leave it out for the video's own."
+            )
+        mode = Mode(settings.generation.extend_mode)
+    if mode is None:
+        raise usage_error("Give --mode: t2v, i2v or ti2v (or --extend VIDEO to continue one of the bot's videos).")
     if (width is None) != (height is None):
         errors.print("Give both --width and --height, or neither.")
         raise typer.Exit(2)

@@ -47,6 +47,10 @@ class SharedFiles(Protocol):
         """`path`, fetched first if this machine lacks it; UserError if nobody has it or its copy is damaged."""
         ...
 
+    async def has(self, kind: str, path: Path) -> bool:
+        """Whether `path` could be had (ensure_local) without fetching it: on this machine, or in the shared copy."""
+        ...
+
     async def read(self, kind: str, name: str) -> bytes | None:
         """A small shared file's bytes (a preview), None if there is no shared copy."""
         ...
@@ -89,6 +93,10 @@ class LocalFiles:
         if await asyncio.to_thread(path.exists):
             return path
         raise _missing(kind, path.name)
+
+    async def has(self, kind: str, path: Path) -> bool:
+        _check(kind, path.name)
+        return await asyncio.to_thread(path.is_file)
 
     async def read(self, kind: str, name: str) -> bytes | None:
         _check(kind, name)
@@ -190,6 +198,12 @@ class DatabaseFiles:
         async with self._db.transaction() as tx:
             # The chunks go with their file (ON DELETE CASCADE).
             return await tx.run("DELETE FROM stored_files WHERE name = ANY(?::text[])", keys)
+
+    async def has(self, kind: str, path: Path) -> bool:
+        if await asyncio.to_thread(path.is_file):
+            return True
+        async with self._db.reading() as tx:
+            return await tx.one("SELECT 1 FROM stored_files WHERE name = ?", _key(kind, path.name)) is not None
 
     async def names(self, kind: str, older_than_s: float = 0.0) -> set[str]:
         prefix = _key(kind, "")

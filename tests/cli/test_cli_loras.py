@@ -77,11 +77,18 @@ def test_generate_extend_continues_one_of_the_bots_videos_and_loop_makes_a_loop(
     first = wanbot("generate", "--mode", "t2v", *asked, "--out", str(tmp_path / "fox.mp4"), data=data)
     assert first.returncode == 0, first.stderr
     [video] = (data / "outputs").glob("job-1-*.mp4")
-    extended = wanbot("generate", "--mode", "i2v", "--extend", str(video), *asked, data=data)
-    stranger = wanbot("generate", "--mode", "i2v", "--extend", str(tmp_path / "fox.mp4"), *asked, data=data)
+    again = ("--prompt", "w2 the fox leaps", "--config", str(config))
+    extended = wanbot("generate", "--extend", str(video), *again, data=data)
+    stranger = wanbot("generate", "--mode", "i2v", "--extend", str(tmp_path / "fox.mp4"), *again, data=data)
+    ignored = wanbot("generate", "--extend", str(video), *asked, "--seed", "7", "--loop", data=data)
     looped = wanbot("generate", "--mode", "t2v", "--loop", *asked, data=data)
     assert extended.returncode == 0, extended.stderr
     assert "extends #1" in extended.stderr
     assert probe(extended.stdout.split()[0]).frames == 5 + 5 - 1  # the fox's frames, then the new ones but one
     assert stranger.returncode == 2 and "is not a video this bot made" in stranger.stderr
-    assert looped.returncode == 0 and ", loop" in looped.stderr
+    assert ignored.returncode == 2
+    assert "takes no --frames, --resolution, --seed, --loop." in " ".join(ignored.stderr.split())
+    assert looped.returncode == 0 and "job #3:" in looped.stderr  # nothing was queued for the refused ones
+    assert ", loop" in looped.stderr
+    no_mode = wanbot("generate", "--prompt", "a fox", data=data)
+    assert no_mode.returncode == 2 and "Give --mode: t2v, i2v or ti2v" in no_mode.stderr

@@ -1,0 +1,1 @@
+"""Tests of deploy/: the Grafana dashboard and the Prometheus alert rules against wanbot's /metrics."""
