@@ -402,6 +402,10 @@ class SafetyConfig(Section):
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="Where the classifier runs.")
     policy: PlacePoliciesConfig = PlacePoliciesConfig()
 
+    def policy_for(self, place: str) -> Policy:
+        """What a flagged picture or video gets where it would be shown (JobSource.place)."""
+        return getattr(self.policy, place)  # type: ignore[no-any-return]
+
     @field_validator("blocked_terms")
     @classmethod
     def _terms_compile(cls, value: list[str]) -> list[str]:

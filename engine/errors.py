@@ -65,6 +65,10 @@ class QueueFull(UserError):
     """The per-user or global queue limit is reached."""
 
 
+class QuotaExceeded(QueueFull):
+    """A user's or a chat's GPU time in the last 24 hours (queue.daily_gpu_seconds) would be passed."""
+
+
 class NotAllowed(UserError):
     """The caller may not act on this job."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,6 +42,10 @@ class Stage(StrEnum):
     UPLOADING = "uploading"
 
 
+# Where a video would be shown, as the content rules (safety.policy) tell places apart.
+PlaceKind = Literal["public", "age_restricted", "private"]
+
+
 class JobSource(BaseModel):
     """Where a job came from and what an adapter needs to answer there."""
 
@@ -49,6 +53,7 @@ class JobSource(BaseModel):
     chat_id: str
     user_id: str
     user_name: str = ""
+    place: PlaceKind = Field("public", description="A server channel or group, an age-restricted channel, a DM.")
     message_id: str | None = Field(None, description="The request message; the same one twice is one job.")
     reply: dict[str, str] = Field(default_factory=dict, description="Adapter-specific ids (progress message...).")
 
@@ -117,6 +122,9 @@ class GenerationParams(BaseModel):
     loop: bool = Field(False, description="The video returns to its first frame (its end image is its start).")
     loop_model: str | None = Field(
         None, description="A t2v loop's second pass: the i2v model that makes it from the first pass's first frame."
+    )
+    flagged: str | None = Field(
+        None, description="What the content check flagged in its pictures (label and score), where it may still run."
     )
     adjustments: list[str] = Field(default_factory=list, description="What was changed from the request, why.")
     warnings: list[str] = Field(default_factory=list)
@@ -192,6 +200,8 @@ class ResultInfo(BaseModel):
     run: RunInfo | None = None  # None for videos made before it was recorded
     # The video's last frame as decoded (not from the MP4), stored like a picture: an Extend starts from it.
     last_frame: ImageInfo | None = None
+    # What the content check flagged in the video's frames or its pictures (label and score); None: nothing.
+    flagged: str | None = None
 
 
 class Job(BaseModel):

@@ -13,9 +13,9 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from engine.config import Settings, StyleLoraConfig
+from engine.content_rules import ContentRules
 from engine.enhance.enhancer import Enhanced, Enhancer
 from engine.enhance.failures import NOT_IN_TIME
-from engine.errors import UserError
+from engine.errors import QuotaExceeded, UserError
 from engine.hub.downloads import Downloader, size_text, warn_missing_models
 from engine.jobs import (
     Actor,
@@ -48,6 +49,7 @@ from engine.queue.fleet import recover_orphans
 from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
 from engine.queue.processes import pid_alive, this_machine
+from engine.queue.quotas import GpuTime
 from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
 from engine.storage.images import (
     ImageInfo,
@@ -72,6 +74,7 @@ T = TypeVar("T")
 RECORD_FIRST_WAIT_S = 0.5
 # How a job's notes begin the enhancer's rewrite of its prompt (the user's own words are kept beside it).
 ENHANCED_NOTE = "Prompt enhanced"
+ENHANCER_BLOCKED = "The enhancer's rewrite held words this bot does not allow, so your own words were used."
 ENHANCER_SLACK_S = 5.0  # beyond the enhancer's own tries and timeouts: its backoff waits
 # How soon a pause or resume made by another process shows in this one's waiting places (one read of a flag).
 PAUSE_POLL_S = 2.0
@@ -142,8 +145,13 @@ class Engine:
     _paused_seen: bool | None = field(init=False, repr=False, default=None)  # as the places last showed it
     # The prompt enhancer (prompts.enhancer), or None when it is off.
     _enhancer: Enhancer | None = field(init=False, repr=False, default=None)
+    # Blocked terms and the picture classifier ([safety]); the worker of this process shares them.
+    _rules: ContentRules = field(repr=False, default=None)  # type: ignore[assignment]  # set in __post_init__
 
     def __post_init__(self) -> None:
+        if self._rules is None:
+            downloader = Downloader(self.settings.models_dir, self.settings.downloads)
+            self._rules = ContentRules(self.settings.safety, downloader)
         self._queue.lease_s = self.settings.queue.lease_s
         self._follower = EventFollower(self._queue)
         self._files = shared_files(self._queue)
@@ -165,10 +173,11 @@ class Engine:
                 "prompts.enhancer is local, which runs a model in this process, and a serving process runs none.",
                 'Use prompts.enhancer = "openai" with an endpoint (vLLM, llama.cpp\'s server, Ollama), or wanbot run.',
             )
+        rules = ContentRules(settings.safety, Downloader(settings.models_dir, settings.downloads))
         if not with_worker:
             queue = await JobQueue.connect(settings.database_url, EventBus())
             await queue.measure_clock_skew()
-            return cls(settings, queue, store, None, None, None)
+            return cls(settings, queue, store, None, None, None, _rules=rules)
         from engine.pipeline.generate import PipelineRunner, default_locator, device_facts
         from engine.pipeline.libraries import quiet_libraries
         from engine.pipeline.prompts import PromptLengths
@@ -181,9 +190,11 @@ class Engine:
         runner = PipelineRunner(settings.generation, locator)
         queue = await JobQueue.connect(settings.database_url, EventBus())
         await queue.measure_clock_skew()
-        worker = Worker(queue, runner, store, settings, downloader, write_retry_s=settings.queue.write_retry_s)
+        worker = Worker(
+            queue, runner, store, settings, downloader, write_retry_s=settings.queue.write_retry_s, rules=rules
+        )
         prompt_lengths = PromptLengths(locator.on_disk)
-        return cls(settings, queue, store, runner, worker, prompt_lengths)
+        return cls(settings, queue, store, runner, worker, prompt_lengths, _rules=rules)
 
     @property
     def enhancer_line(self) -> str | None:
@@ -195,10 +206,28 @@ class Engine:
         if self._enhancer is not None:
             await self._enhancer.load()
 
+    @property
+    def rules_line(self) -> str | None:
+        """What the content rules are, for the start-up lines; None where there are none."""
+        return self._rules.describe
+
+    async def load_rules(self) -> None:
+        """The picture classifier downloaded and loaded before the first picture needs it (never raises)."""
+        await self._rules.load()
+
+    def video_policy(self, job: Job) -> str:
+        """What `job`'s video gets where it would be sent: "allow", "spoiler" (hidden until tapped) or "block"."""
+        return self._rules.video_policy(job)
+
+    def refuse_video(self, job: Job) -> str:
+        """Why `job`'s video is withheld, as its owner reads it; counted as a refusal."""
+        return self._rules.refuse_video(job)
+
     async def close(self) -> None:
         await self.supervisor.stop()
         if self._enhancer is not None:
             await self._enhancer.close()
+        await self._rules.close()
         if self._worker is not None:
             await self._worker.stop()
             await self._worker.close()
@@ -245,6 +274,7 @@ class Engine:
         from engine.metrics import Metrics, serve_metrics
 
         metrics = Metrics(self.settings.queue.lease_s)
+        self._rules.on_refused = lambda reason: metrics.refused.labels(reason=reason).inc()
         config = self.settings.metrics
         assert config.port is not None
         tasks = [
@@ -587,7 +617,22 @@ class Engine:
 
     async def _check_room(self, source: JobSource) -> None:
         is_admin = self.is_admin(source.platform, source.user_id)
-        await self._queue.check_room(source, is_admin=is_admin, **self._limits())
+        with self._quota_counted():
+            await self._queue.check_room(source, is_admin=is_admin, **self._limits())
+
+    @contextmanager
+    def _quota_counted(self) -> Iterator[None]:
+        try:
+            yield
+        except QuotaExceeded:
+            self._rules.refused("quota", "a request would pass its GPU time a day")
+            raise
+
+    async def gpu_time(self, user_key: str) -> GpuTime | None:
+        """A user's GPU time in the last 24 hours and their limit, for /status; None where there is no limit."""
+        if not self.settings.queue.daily_gpu_seconds:
+            return None
+        return await self._queue.gpu_time(user_key)
 
     @asynccontextmanager
     async def _turn(self, user_key: str) -> AsyncIterator[None]:
@@ -619,11 +664,13 @@ class Engine:
         (what the chat adapter noticed: unknown options, extra pictures) are stored with the job's warnings, so every
         later text about it repeats them."""
         model = model_for_mode(request.mode, self.settings, model_override)
+        self._rules.check_prompt(request.prompt)
         async with self._turn(source.user_key):
             await self._check_room(source)
             start_image = await self._validate(start, "start")
             end_image = await self._validate(loop_end(request, start, end), "end")
             checked = check_mode(request.mode, start_image, end_image, self.settings.images)
+            flagged = await self._rules.picture_flag([image.pixels for image in checked.images], source.place)
             infos = [image.info for image in checked.images]
             params = resolve_request(
                 request,
@@ -633,7 +680,7 @@ class Engine:
                 end=infos[1] if len(infos) > 1 else None,
                 loras_offered=self.settings.loras,
             )
-            params = self._looped(request, params)
+            params = self._looped(request, params).model_copy(update={"flagged": flagged})
             params = await self._enhanced(request, params, source, has_image=bool(infos))
             await self._check_plan(model, params)
             # A serving process has no tokenizer (no torch): the worker's model cuts a long prompt all the same.
@@ -643,16 +690,17 @@ class Engine:
             stored = [await asyncio.to_thread(self._store.put, image) for image in checked.images]
             for info in stored:  # before the job exists, so any worker that claims it finds its pictures
                 await self._files.publish("image", self._store.path_for(info.sha256))
-            result = await self._queue.enqueue(
-                source,
-                request.mode,
-                model.name,
-                params,
-                stored,
-                priority=priority,
-                is_admin=self.is_admin(source.platform, source.user_id),
-                **self._limits(),
-            )
+            with self._quota_counted():
+                result = await self._queue.enqueue(
+                    source,
+                    request.mode,
+                    model.name,
+                    params,
+                    stored,
+                    priority=priority,
+                    is_admin=self.is_admin(source.platform, source.user_id),
+                    **self._limits(),
+                )
         return Submission(result=result, notes=[*params.adjustments, *params.warnings])
 
     def _looped(self, request: GenerationRequest, params: GenerationParams) -> GenerationParams:
@@ -693,6 +741,8 @@ class Engine:
         except TimeoutError:
             log.warning("prompt enhancer took longer than all its tries may; the user's words were used")
             enhanced = Enhanced(params.prompt, params.prompt, enhanced=False, note=NOT_IN_TIME)
+        if enhanced.enhanced and self._rules.holds_blocked_term(enhanced.prompt):
+            enhanced = Enhanced(params.prompt, params.prompt, enhanced=False, note=ENHANCER_BLOCKED)
         if not enhanced.enhanced:
             return params.model_copy(update={"warnings": [*params.warnings, *filter(None, [enhanced.note])]})
         # A LoRA's trigger words must survive the rewrite, short ones too: put back any it left out.
@@ -755,7 +805,8 @@ class Engine:
             for image in old.images:
                 # Fails with a clear message when the images were already cleaned up.
                 await self._decode(self._store.restore, image)
-            return await self._queue.retry(job_id, actor, params=params, source=source, **self._limits())
+            with self._quota_counted():
+                return await self._queue.retry(job_id, actor, params=params, source=source, **self._limits())
 
     async def extend(
         self, job_id: int, actor: Actor, source: JobSource | None = None, prompt: str | None = None
@@ -764,6 +815,7 @@ class Engine:
         preset; `prompt` or the job's own), as a new job of its owner whose video is the two joined; while one such
         job waits or runs, that one."""
         old = await self._queue.get(job_id)
+        self._rules.check_prompt(prompt)
         async with self._turn(old.source.user_key):
             waiting = await self.active_extend(old)
             if waiting is not None:
@@ -784,16 +836,17 @@ class Engine:
                     "warnings": [],
                 }
             )
-            return await self._queue.enqueue(
-                source or old.source.model_copy(update={"message_id": None}),
-                mode,
-                model.name,
-                params,
-                [last_frame],
-                priority=old.priority,
-                is_admin=actor.is_admin,
-                **self._limits(),
-            )
+            with self._quota_counted():
+                return await self._queue.enqueue(
+                    source or old.source.model_copy(update={"message_id": None}),
+                    mode,
+                    model.name,
+                    params,
+                    [last_frame],
+                    priority=old.priority,
+                    is_admin=actor.is_admin,
+                    **self._limits(),
+                )
 
     async def check_extend(self, old: Job) -> None:
         """Raise the UserError an Extend of `old` would meet (no video, cleaned up, too long, another fps, the
@@ -859,12 +912,14 @@ class Engine:
         active = await self._queue.list_jobs((JobStatus.QUEUED, JobStatus.RUNNING), user_key=old.source.user_key)
         return next((job for job in active if job.retry_of == old.id), None)
 
-    def _limits(self) -> dict[str, int]:
+    def _limits(self) -> dict[str, float]:
         limits = self.settings.queue
         return {
             "per_user_limit": limits.per_user_limit,
             "global_limit": limits.global_limit,
             "daily_limit": limits.daily_limit,
+            "daily_gpu_seconds": limits.daily_gpu_seconds,
+            "daily_chat_gpu_seconds": limits.daily_chat_gpu_seconds,
         }
 
     async def _validate(self, upload: Upload | None, role: str) -> ValidatedImage | None:

@@ -26,6 +26,7 @@ import av
 import numpy as np
 
 from engine.config import Settings
+from engine.content_rules import ContentRules
 from engine.errors import ClaimLost, ModelUnusable, UserError, model_unusable_text
 from engine.hub.downloads import Downloader
 from engine.hub.fetcher import ModelFetcher
@@ -78,8 +79,10 @@ class Worker:
         clock: Callable[[], float] = time.monotonic,
         error_wait_s: float = 1.0,
         write_retry_s: float = 300.0,
+        rules: ContentRules | None = None,
     ) -> None:
         self._queue = queue
+        self._rules = rules or ContentRules(settings.safety, downloader)
         self._runner = runner
         self._store = store
         self._settings = settings
@@ -481,6 +484,7 @@ class Worker:
             encode_to.unlink(missing_ok=True)
         last_frame = await self._keep_last_frame(job, output.frames)
         output.timings["encode_s"] = self._clock() - started
+        flagged = await self._flagged(job, output.frames)
         await reporter.drain()
         result = ResultInfo(
             path=str(Path(video.path)),
@@ -495,6 +499,7 @@ class Worker:
             timings=output.timings,
             run=output.info,
             last_frame=last_frame,
+            flagged=flagged,
         )
 
         async def record() -> None:
@@ -509,6 +514,17 @@ class Worker:
                 raise
 
         await self._finish(job.id, "succeed", record)
+
+    async def _flagged(self, job: Job, frames: np.ndarray) -> str | None:
+        """What the content check flags in a few of the new frames (an Extend's earlier part was checked before), or
+        in the job's pictures; None where nothing was, or no classifier is on."""
+        if not self._rules.checks_videos:
+            return job.params.flagged
+        started = self._clock()
+        flagged = await self._rules.video_flag(frames, self._rules.frames_to_check(len(frames)))
+        took = self._clock() - started
+        log.info("job=%s content check of its video: %s in %.2fs", job.id, flagged or "nothing flagged", took)
+        return flagged or job.params.flagged
 
     async def _earlier_video(self, job: Job) -> Path | None:
         """The video an Extend continues, on this machine (fetched where another made it), before anything is made:

@@ -54,6 +54,7 @@ class FakeDiscord:
         # (when, message id, files) of each edit that attached files
         self.attached: list[tuple[float, int, dict[str, bytes]]] = []
         self.token_lifetime_s = token_lifetime_s
+        self.age_restricted = False  # whether the channel of the interactions is marked NSFW
         self.calls: list[Call] = []
         self.messages: dict[int, dict[str, Any]] = {}
         self.originals: dict[str, int] = {}  # interaction token -> message id of its original response
@@ -339,6 +340,11 @@ class FakeDiscord:
 
     # -- what a user does --------------------------------------------------------------------------------------
 
+    async def mark_age_restricted(self, on: bool) -> None:
+        """A moderator marks the channel age-restricted (NSFW), or unmarks it: Discord tells the bot's gateway."""
+        self.age_restricted = on
+        await self.dispatch("CHANNEL_UPDATE", _channel_payload(on))
+
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         if not self._sockets:
             raise AssertionError("the bot is not connected to the gateway")
@@ -399,16 +405,7 @@ class FakeDiscord:
             "data": data,
             "guild_id": str(GUILD_ID),
             "channel_id": str(CHANNEL_ID),
-            "channel": {
-                "id": str(CHANNEL_ID),
-                "type": 0,
-                "guild_id": str(GUILD_ID),
-                "name": "videos",
-                "position": 0,
-                "permission_overwrites": [],
-                "nsfw": False,
-                "parent_id": None,
-            },
+            "channel": _channel_payload(self.age_restricted),
             "member": self.member(user_id, roles),
             "token": token,
             "version": 1,
@@ -560,6 +557,19 @@ def _message_payload(
     }
 
 
+def _channel_payload(age_restricted: bool) -> dict[str, Any]:
+    return {
+        "id": str(CHANNEL_ID),
+        "type": 0,
+        "guild_id": str(GUILD_ID),
+        "name": "videos",
+        "position": 0,
+        "permission_overwrites": [],
+        "nsfw": age_restricted,
+        "parent_id": None,
+    }
+
+
 def _guild() -> dict[str, Any]:
     def role(role_id: int, name: str) -> dict[str, Any]:
         return {
@@ -581,18 +591,7 @@ def _guild() -> dict[str, Any]:
         "owner_id": "1",
         "unavailable": False,
         "roles": [role(GUILD_ID, "@everyone"), *(role(role_id, f"role{role_id}") for role_id in ROLE_IDS)],
-        "channels": [
-            {
-                "id": str(CHANNEL_ID),
-                "type": 0,
-                "name": "videos",
-                "position": 0,
-                "permission_overwrites": [],
-                "guild_id": str(GUILD_ID),
-                "nsfw": False,
-                "parent_id": None,
-            }
-        ],
+        "channels": [_channel_payload(age_restricted=False)],
         "members": [],
         "member_count": 3,
         "emojis": [],

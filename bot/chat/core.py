@@ -16,7 +16,7 @@ from bot.chat import texts, transfers
 from bot.chat.arrivals import ArrivalOrder
 from bot.chat.texts import Buttons
 from engine.errors import UserError, counted, quoted
-from engine.jobs import Actor, EnqueueResult, Job, JobSource, JobStatus, WorkerRecord
+from engine.jobs import Actor, EnqueueResult, Job, JobSource, JobStatus, PlaceKind, WorkerRecord
 from engine.service import Engine, Upload, size_text
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class Place:
 
     chat_id: str
     guild_id: str | None = None
+    kind: PlaceKind = "public"  # what the content rules' policy calls it: public, age_restricted or private
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class ChatCore:
             chat_id=ask.place.chat_id,
             user_id=ask.person.user_id,
             user_name=ask.person.name,
+            place=ask.place.kind,
             message_id=ask.message_id,
             reply=ask.reply,
         )
@@ -376,6 +378,11 @@ class ChatCore:
         names = texts.worker_names(online)
         for worker in online:
             lines.append(texts.worker_line(names[worker.id], worker, jobs[worker.id]))
+        actor = self.actor(person)
+        used = None if actor.is_admin else await self.engine.gpu_time(actor.user_key)
+        if used is not None:
+            limit_s = self.engine.settings.queue.daily_gpu_seconds
+            lines.append(texts.gpu_time_line(used.used_s, used.expected_s, limit_s))
         return "\n".join(lines)
 
     async def _job_of(self, worker: WorkerRecord) -> Job | None:

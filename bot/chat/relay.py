@@ -383,6 +383,9 @@ class JobRelay:
                     return
                 job = claimed
                 await self._live.settle(job.id)
+                if self._engine.video_policy(job) == "block":
+                    await self._withhold(job)
+                    return
                 await self._send(job)
                 self._sent_unrecorded.add(job.id)
             try:
@@ -416,6 +419,11 @@ class JobRelay:
             self._delivering.discard(job.id)
             if not self._delivering:
                 self._no_uploads.set()
+
+    async def _withhold(self, job: Job) -> None:
+        """A video the content rules keep out of its place: never sent, its owner told why, its record kept."""
+        withheld = await self._engine.mark_delivery_failed(job.id, self._engine.refuse_video(job), self._max_attempts)
+        await self.show_last(withheld, texts.withheld_text(withheld))
 
     async def _send(self, job: Job) -> None:
         """Send the video, re-encoded to fit the upload limit, and once more well under a size the platform refused;

@@ -590,6 +590,16 @@ def cancel_text(job: Job) -> str:
     return f"Job #{job.id} is stopping…"
 
 
+def gpu_time_line(used_s: float, waiting_s: float, limit_s: float) -> str:
+    """/status: a user's GPU time a day, as the quota counts it."""
+    waiting = f", and about {duration_text(waiting_s)} more for your waiting videos" if waiting_s else ""
+    return f"You have used {duration_text(used_s)} of your {duration_text(limit_s)} of GPU time a day{waiting}."
+
+
+def withheld_text(job: Job) -> str:
+    return f"Video #{job.id} was made, but it is not sent here: {job.delivery_error}."
+
+
 def undeliverable_text(job: Job) -> str:
     return (
         f"Job #{job.id} is done, but the video could not be sent ({job.delivery_error}). "

@@ -416,7 +416,7 @@ async def _generate(
     try:
         if await engine.is_paused():
             raise UserError(f"Nothing was queued: {QUEUE_PAUSED}.", "Resume it, then run this command again.")
-        source = JobSource(platform="cli", chat_id="terminal", user_id="admin")
+        source = JobSource(platform="cli", chat_id="terminal", user_id="admin", place="private")
         if extend is not None:
             earlier = await _job_of_video(engine, extend)
             submission = Submission(await engine.extend(earlier.id, CLI_ACTOR, source, request.prompt or None))
@@ -491,7 +491,7 @@ async def _demo(settings: Settings) -> list[Job]:
     start_png, end_png = _demo_images()
     engine = await Engine.open(settings)
     try:
-        source = JobSource(platform="cli", chat_id="demo", user_id="admin")
+        source = JobSource(platform="cli", chat_id="demo", user_id="admin", place="private")
         quality = Preset.QUALITY
         fox = "w1 w2 w3 a red fox running through snow"
         requests = [

@@ -24,7 +24,7 @@ from bot.discord import seams
 from bot.discord.inbox import InteractionInbox, PendingRequest
 from engine.config import DiscordConfig, GenerationConfig
 from engine.errors import Unavailable, UserError
-from engine.jobs import Job, JobStatus
+from engine.jobs import Job, JobStatus, PlaceKind
 from engine.pipeline.models import MAX_PROMPT_CHARS, GenerationRequest
 from engine.pipeline.presets import PRESET_HELP, Preset
 from engine.service import Engine
@@ -453,7 +453,8 @@ class DiscordAdapter:
     async def _send_video(self, job: Job, video: Path) -> None:
         # discord.py gives each request aiohttp's 5 minutes (not a few seconds): more than transfers.upload_timeout_s
         # asks for the largest upload Discord allows a bot (100 MiB), so a slow answer is not taken for a failure.
-        if job.upload_starts > 1 and await self._posted_before(job):
+        spoiler = self._engine.video_policy(job) == "spoiler"
+        if job.upload_starts > 1 and await self._posted_before(job, spoiler):
             return
         content = f"<@{job.source.user_id}> {texts.result_caption(job, limit=CONTENT_LIMIT - 30)}"
         data = await asyncio.to_thread(video.read_bytes)
@@ -463,7 +464,11 @@ class DiscordAdapter:
             if self._interaction_alive(job):
                 try:
                     await self._webhook(job).send(
-                        content=content, file=_video_file(job, data), view=view, wait=True, allowed_mentions=mentions
+                        content=content,
+                        file=_video_file(job, data, spoiler),
+                        view=view,
+                        wait=True,
+                        allowed_mentions=mentions,
                     )
                     return
                 except discord.HTTPException as error:
@@ -473,7 +478,9 @@ class DiscordAdapter:
             # The same nonce on every try of this job: Discord answers a repeat of an upload whose answer was lost
             # with the message it already made. (An interaction's follow-up has no such check.)
             nonce = f"wanbot-{job.id}"
-            await channel.send(content, file=_video_file(job, data), view=view, allowed_mentions=mentions, nonce=nonce)
+            await channel.send(
+                content, file=_video_file(job, data, spoiler), view=view, allowed_mentions=mentions, nonce=nonce
+            )
         except discord.HTTPException as error:
             if error.status == 413:
                 raise TooLarge from error
@@ -482,14 +489,16 @@ class DiscordAdapter:
                 raise UploadRefused(f"{type(error).__name__}: {error}") from error
             raise
 
-    async def _posted_before(self, job: Job) -> bool:
+    async def _posted_before(self, job: Job, spoiler: bool) -> bool:
         """Whether an earlier upload of `job`'s video, whose answer was lost, reached its channel after all: an
         interaction's follow-up has no nonce, so the bot's recent messages there are searched for its file name."""
         channel = self.client.get_partial_messageable(int(job.source.chat_id))
         me = self.client.user.id if self.client.user is not None else None
         try:
             async for message in channel.history(limit=RECENT_MESSAGES_SEARCHED):
-                if message.author.id == me and any(file.filename == _video_name(job) for file in message.attachments):
+                if message.author.id == me and any(
+                    file.filename == _video_name(job, spoiler) for file in message.attachments
+                ):
                     log.info("job=%s's video is in its channel already (%s); not sent again", job.id, message.id)
                     return True
         except discord.HTTPException as error:
@@ -688,7 +697,15 @@ def _person(interaction: discord.Interaction) -> Person:
 
 def _place(interaction: discord.Interaction) -> Place:
     guild = str(interaction.guild_id) if interaction.guild_id is not None else None
-    return Place(str(interaction.channel_id), guild)
+    if guild is None:
+        kind: PlaceKind = "private"
+    else:
+        # A channel Discord marks age-restricted; a thread is as restricted as its parent.
+        channel = interaction.channel
+        parent = getattr(channel, "parent", None)
+        nsfw = getattr(channel, "nsfw", False) or getattr(parent, "nsfw", False)
+        kind = "age_restricted" if nsfw else "public"
+    return Place(str(interaction.channel_id), guild, kind)
 
 
 def _annotate(**annotations: Any) -> Any:
@@ -725,9 +742,10 @@ def _preview_files(picture: bytes | None) -> list[discord.File]:
     return [discord.File(io.BytesIO(picture), filename="preview.jpg")] if picture is not None else []
 
 
-def _video_name(job: Job) -> str:
-    """The video's file name, which also marks it as this job's among the bot's messages."""
-    return f"wanbot-{job.id}.mp4"
+def _video_name(job: Job, spoiler: bool) -> str:
+    """The video's file name, which also marks it as this job's among the bot's messages; Discord hides a file whose
+    name starts with SPOILER_ until it is clicked (the content rules' spoiler policy)."""
+    return f"{'SPOILER_' if spoiler else ''}wanbot-{job.id}.mp4"
 
 
 def _owner_only(job: Job) -> discord.AllowedMentions:
@@ -740,5 +758,5 @@ def _is_picture(attachment: discord.Attachment) -> bool:
     return content_type.startswith("image/") if content_type else Path(attachment.filename).suffix.lower() in EXTENSIONS
 
 
-def _video_file(job: Job, data: bytes) -> discord.File:
-    return discord.File(io.BytesIO(data), filename=_video_name(job))
+def _video_file(job: Job, data: bytes, spoiler: bool) -> discord.File:
+    return discord.File(io.BytesIO(data), filename=_video_name(job, spoiler))

@@ -61,6 +61,7 @@ async def serve(settings: Settings, say: Callable[[str], None], role: Role = Rol
             await engine.recover()
             if role is not Role.WORKER:  # a worker queues nothing: the enhancer runs where requests arrive
                 await engine.load_enhancer()  # a local model is ready before the first request waits on it
+            await engine.load_rules()  # the picture classifier too, before the first picture
             if role is not Role.WORKER and _has_chat(settings):
                 await _take_the_chats(engine)
             if role is not Role.WORKER:
@@ -77,6 +78,8 @@ async def serve(settings: Settings, say: Callable[[str], None], role: Role = Rol
             say(_started_line(settings, role, adapters))
             if engine.enhancer_line is not None and role is not Role.WORKER:
                 say(engine.enhancer_line)
+            if engine.rules_line is not None:
+                say(engine.rules_line)
             if makes_videos:
                 say(f"videos are made on {engine.device_text()}")
                 await engine.say_plans(say)

@@ -595,6 +595,7 @@ class TelegramAdapter:
                     # Keeps the video in the request's forum topic even if the request was deleted meanwhile.
                     message_thread_id=_thread(thread_id),
                     filename=f"wanbot-{job.id}.mp4",
+                    has_spoiler=self._engine.video_policy(job) == "spoiler",
                     read_timeout=timeout,
                     write_timeout=timeout,
                 )
@@ -656,7 +657,7 @@ def _person(user: User) -> Person:
 
 
 def _place(message: Message) -> Place:
-    return Place(str(message.chat_id))
+    return Place(str(message.chat_id), kind="private" if _is_private(message) else "public")
 
 
 def _command_name(message: Message) -> str:

@@ -21,11 +21,11 @@ from engine.queue.core import (
     check_owner,
     row_to_job,
 )
-from engine.queue.reading import Reading
+from engine.queue.quotas import Quotas
 from engine.storage.images import ImageInfo, Mode
 
 
-class Enqueueing(Reading):
+class Enqueueing(Quotas):
     async def enqueue(
         self,
         source: JobSource,
@@ -39,6 +39,8 @@ class Enqueueing(Reading):
         per_user_limit: int = 3,
         global_limit: int = 100,
         daily_limit: int = 0,
+        daily_gpu_seconds: float = 0,
+        daily_chat_gpu_seconds: float = 0,
         retry_of: int | None = None,
     ) -> EnqueueResult:
         """Add a job, or return the existing one when the same message was enqueued before."""
@@ -55,6 +57,7 @@ class Enqueueing(Reading):
                 await self._check_limits(db, source.user_key, per_user_limit, global_limit)
                 if daily_limit:
                     await self._check_daily_limit(db, source.user_key, daily_limit)
+                await self._check_gpu_time(db, source, daily_gpu_seconds, daily_chat_gpu_seconds, model)
             row = await db.one(
                 """INSERT INTO jobs (user_key, source_json, dedup_key, mode, model, params_json, images_json,
                                      status, priority, retry_of, created_at)
@@ -120,6 +123,8 @@ class Enqueueing(Reading):
         per_user_limit: int = 3,
         global_limit: int = 100,
         daily_limit: int = 0,
+        daily_gpu_seconds: float = 0,
+        daily_chat_gpu_seconds: float = 0,
     ) -> None:
         """Raise QueueFull where `enqueue` would, adding nothing: lets a caller refuse before it downloads or decodes
         anything. A message enqueued before passes, as `enqueue` returns its job."""
@@ -132,6 +137,7 @@ class Enqueueing(Reading):
             await self._check_limits(db, source.user_key, per_user_limit, global_limit)
             if daily_limit:
                 await self._check_daily_limit(db, source.user_key, daily_limit)
+            await self._check_gpu_time(db, source, daily_gpu_seconds, daily_chat_gpu_seconds, None)
 
     async def retry(
         self,
@@ -139,7 +145,7 @@ class Enqueueing(Reading):
         actor: Actor,
         params: GenerationParams | None = None,
         source: JobSource | None = None,
-        **limits: int,
+        **limits: float,
     ) -> EnqueueResult:
         """Queue a finished job again as a new job linked to the old one; the old one stays as it was.
 

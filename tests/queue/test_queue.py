@@ -124,6 +124,54 @@ async def test_daily_limit_counts_what_used_or_may_use_the_gpu_and_says_when_the
     assert (await ask("m6", is_admin=True)).created  # admins are exempt
 
 
+async def test_gpu_time_a_day_counts_runs_and_what_waits_and_refuses_what_would_pass_it(queue: JobQueue):
+    now = [100_000.0]
+    clocked = JobQueue(queue.database, queue.events, lambda: now[0])
+    limits = {"daily_gpu_seconds": 600, "per_user_limit": 10}
+
+    async def ask(user: str, message: str, chat: str = "c1", **options: object):
+        asked = source(user, message, chat=chat)
+        return await clocked.enqueue(asked, Mode.T2V, "tiny", params(), **{**limits, **options})
+
+    async def run(job_id: int, seconds: float) -> None:
+        assert (await clocked.claim_next()).id == job_id
+        now[0] += seconds
+        await clocked.mark_succeeded(job_id, result(), token=await token_of(clocked, job_id))
+
+    first = await ask("alice", "m0")
+    await run(first.job.id, 240)  # the tiny model's usual run is now 240 s
+    second = await ask("alice", "m1")
+    assert (await clocked.gpu_time("telegram:alice")).used_s == 240
+    assert (await clocked.gpu_time("telegram:alice")).expected_s == 240  # the waiting one, at the usual run time
+    with pytest.raises(
+        QueueFull, match=r"would take more than the 10m 00s of GPU time a day this bot gives each"
+    ) as no:
+        await ask("alice", "m2")  # 240 used + 240 waiting + 240 for this one > 600
+    assert "4m 00s used in the last 24 hours, about 4m 00s for the ones waiting, about 4m 00s for this one" in str(
+        no.value
+    )
+    assert no.value.hint == "GPU time stops counting 24 hours after it was used: the oldest in 23h 56m."
+    # Before anything is downloaded, what is used and what waits already count (the new job's model is not known yet).
+    await clocked.check_room(source("alice", "m2"), **limits)
+    with pytest.raises(QueueFull):
+        await clocked.check_room(source("alice", "m2"), **{**limits, "daily_gpu_seconds": 400})
+    assert (await ask("bob", "b0")).created  # each person has their own
+    exempt = await ask("alice", "m3", is_admin=True)
+    assert exempt.created  # admins are exempt
+    for waiting in (second, exempt):
+        await clocked.cancel(waiting.job.id, owner("alice"))  # cancelled while waiting: it takes no GPU time
+    assert (await ask("alice", "m4")).created
+    now[0] += 24 * 3600  # the first run leaves the 24 hours
+    assert (await clocked.gpu_time("telegram:alice")).used_s == 0
+
+    # A chat's limit counts everyone's videos asked for in it, not another chat's.
+    in_chat = {"daily_gpu_seconds": 0, "daily_chat_gpu_seconds": 500}
+    with pytest.raises(QueueFull, match="The videos asked for in this chat would take more than the 8m 20s"):
+        for index in range(3):  # three waiting at 240 s each pass 500 s
+            await ask(f"user{index}", f"g{index}", chat="group", **in_chat)
+    assert (await ask("dave", "d0", chat="elsewhere", **in_chat)).created
+
+
 async def test_claim_is_round_robin_between_users_then_priority_then_age(queue: JobQueue):
     for index in range(3):
         await queue.enqueue(source("alice", f"a{index}"), Mode.T2V, "tiny", params(f"alice {index}"))
