@@ -236,9 +236,7 @@ def generate(
     # Eager: --model's check below needs the mode, wherever on the line each one stands.
     mode: Annotated[
         Mode | None,
-        typer.Option(
-            help="t2v, i2v or ti2v (with --extend: generation.extend_mode's, which it may name).", is_eager=True
-        ),
+        typer.Option(help="t2v, i2v or ti2v (default: none; with --extend, generation.extend_mode's).", is_eager=True),
     ] = None,
     prompt: Annotated[
         str, typer.Option(metavar="TEXT", help="What the video shows (default: none; t2v needs one).")
