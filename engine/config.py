@@ -299,6 +299,7 @@ class TelegramConfig(ChatConfig):
     file_base_url: str = Field("https://api.telegram.org/file/bot", description="File download base.")
     download_limit_bytes: int = Field(20_000_000, gt=0, description="Largest file bots may fetch (20 MB on the cloud).")
     upload_limit_bytes: int = Field(50_000_000, gt=0, description="Largest video bots may send (50 MB on the cloud).")
+    reactions: bool = Field(True, description="Show each job's state as a reaction on its request message.")
     album_wait_s: float = Field(1.0, ge=0, description="How long to collect the photos of an album.")
     group_edit_interval_s: float = Field(
         10.0, ge=0, description="edit_interval_s in groups, where a bot may send 20 messages a minute in all."

@@ -58,6 +58,7 @@ from engine.storage.images import (
     ValidatedImage,
     check_mode,
     give_back_memory,
+    jpeg_of,
     validate_image_bytes,
 )
 from engine.storage.preview_files import preview_path
@@ -440,6 +441,19 @@ class Engine:
             return await local_video(self._files, self.settings.outputs_dir, Path(job.result.path))
         except (UserError, OSError) as exc:
             log.error("video of job=%s cannot be had: %s", job.id, exc)
+            return None
+
+    async def cover_picture(self, job: Job) -> bytes | None:
+        """The video's last frame as a JPEG, for a platform that shows a chosen frame before the video plays; None
+        where it was not kept."""
+        frame = job.result.last_frame if job.result is not None else None
+        if frame is None:
+            return None
+        try:
+            path = await self._files.ensure_local("image", self._store.path_for(frame.sha256))
+            return await asyncio.to_thread(jpeg_of, path)
+        except (UserError, OSError, ValueError):
+            log.warning("job=%s: its last frame could not be had for a cover", job.id, exc_info=True)
             return None
 
     async def fit_video(self, video: Path, limit_bytes: int) -> Path:

@@ -43,6 +43,8 @@ class FakeTelegram:
         self.token = token
         self.upload_limit = upload_limit
         self.calls: list[Sent] = []
+        self.reactions: dict[tuple[int, int], list[str]] = {}  # each message's reactions, in the order set
+        self.no_reactions: set[int] = set()  # chats whose admins turned reactions off
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}
         self.files: dict[str, tuple[str, bytes]] = {}
         self.faults: dict[str, list[tuple[int, str, dict[str, Any] | None]]] = {}
@@ -130,6 +132,14 @@ class FakeTelegram:
         return True
 
     def _do_answerCallbackQuery(self, fields: dict[str, Any], files: dict[str, bytes]) -> bool:
+        return True
+
+    def _do_setMessageReaction(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
+        chat_id, message_id = int(fields["chat_id"]), int(fields["message_id"])
+        if chat_id in self.no_reactions:
+            return _error(400, "Bad Request: REACTION_INVALID")
+        reaction = json.loads(fields["reaction"]) if isinstance(fields["reaction"], str) else fields["reaction"]
+        self.reactions.setdefault((chat_id, message_id), []).append(reaction[0]["emoji"] if reaction else "")
         return True
 
     async def _do_getUpdates(self, fields: dict[str, Any], files: dict[str, bytes]) -> list[dict[str, Any]]:

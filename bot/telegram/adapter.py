@@ -46,6 +46,7 @@ from bot.chat.logredact import redact_everywhere, remove_redactor
 from bot.chat.relay import AnswerLost, JobRelay, TooLarge, UploadRefused
 from bot.chat.texts import Buttons
 from bot.telegram.polling import DurablePolling, message_key, seconds
+from bot.telegram.reactions import Reactions
 from engine.config import TelegramConfig
 from engine.errors import Unavailable, UserError
 from engine.jobs import Job
@@ -164,6 +165,7 @@ class TelegramAdapter:
             .updater(None)  # DurablePolling fetches the updates: it stores each one before Telegram forgets it
             .build()
         )
+        self._reactions = Reactions(self.app.bot, config.reactions)
         self._inbox = ChatInbox(engine.database, PLATFORM)
         self._polling = DurablePolling(
             self.app.bot,
@@ -506,8 +508,10 @@ class TelegramAdapter:
         """A job's live message: a text message until its first preview, a photo with the text as its caption from
         then on (a text message cannot become a photo: the photo replaces it)."""
         markup = _waiting_buttons(job.id, buttons)
-        # The relay's copy of the job may predate the message its first text (or picture) made.
-        reply = (await self._engine.job(job.id)).source.reply
+        # The relay's copy of the job may predate the message its first text (or picture) made, or its state.
+        current = await self._engine.job(job.id)
+        await self._reactions.show(current)
+        reply = current.source.reply
         key = _status_key(job.source.chat_id, reply)
         photo = reply.get("status_kind") == "photo"
         with _edit_errors(f"job={job.id}"):
@@ -579,6 +583,7 @@ class TelegramAdapter:
         # Telegram answers once it has processed the upload: giving up sooner would send the video again.
         size = (await asyncio.to_thread(video.stat)).st_size
         timeout = transfers.upload_timeout_s(size, self._config.upload_limit_bytes)
+        cover = await self._engine.cover_picture(job)  # shown before the video plays, instead of its first frame
         try:
             with video.open("rb") as payload:
                 await self.app.bot.send_video(
@@ -596,6 +601,7 @@ class TelegramAdapter:
                     message_thread_id=_thread(thread_id),
                     filename=f"wanbot-{job.id}.mp4",
                     has_spoiler=self._engine.video_policy(job) == "spoiler",
+                    cover=cover,
                     read_timeout=timeout,
                     write_timeout=timeout,
                 )

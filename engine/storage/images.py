@@ -370,6 +370,14 @@ def flattening_note(info: ImageInfo) -> str | None:
     return f"{_label(info.role)} has transparent parts; the video shows them filled with {colour}."
 
 
+def jpeg_of(path: Path, quality: int = 85) -> bytes:
+    """A stored picture as JPEG bytes (a video's cover)."""
+    with Image.open(path) as picture:
+        buffer = io.BytesIO()
+        picture.convert("RGB").save(buffer, "JPEG", quality=quality)
+        return buffer.getvalue()
+
+
 def check_mode(mode: Mode, start: ValidatedImage | None, end: ValidatedImage | None, config: ImagesConfig) -> ModeCheck:
     """Apply the per-mode rules and the start/end compatibility check."""
     if mode is Mode.T2V:
