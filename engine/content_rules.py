@@ -132,10 +132,11 @@ class ContentRules:
     def checks_videos(self) -> bool:
         return self._classifier is not None
 
-    def video_policy(self, job: Job) -> Policy:
-        """What `job`'s finished video gets where it would be shown: `allow` unless something was flagged."""
+    def video_policy(self, job: Job, place: str | None = None) -> Policy:
+        """What `job`'s finished video gets where it would be shown (its own place, or `place`): `allow` unless
+        something was flagged."""
         flagged = job.result.flagged if job.result is not None else job.params.flagged
-        return "allow" if flagged is None else self._config.policy_for(job.source.place)
+        return "allow" if flagged is None else self._config.policy_for(place or job.source.place)
 
     def refuse_video(self, job: Job) -> str:
         """The sentence a withheld video's owner reads; counted and logged."""

@@ -216,9 +216,10 @@ class Engine:
         """The picture classifier downloaded and loaded before the first picture needs it (never raises)."""
         await self._rules.load()
 
-    def video_policy(self, job: Job) -> str:
-        """What `job`'s video gets where it would be sent: "allow", "spoiler" (hidden until tapped) or "block"."""
-        return self._rules.video_policy(job)
+    def video_policy(self, job: Job, place: str | None = None) -> str:
+        """What `job`'s video gets where it would be sent (its own place, or `place`): "allow", "spoiler" (hidden
+        until tapped) or "block"."""
+        return self._rules.video_policy(job, place)
 
     def refuse_video(self, job: Job) -> str:
         """Why `job`'s video is withheld, as its owner reads it; counted as a refusal."""

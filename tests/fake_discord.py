@@ -4,7 +4,12 @@ Unknown Message, 401 for an expired interaction token, 413, 429 with the `Via` h
 retries, and, as Discord does by itself, 400 for content over 2000 characters. Like Discord it answers a channel
 message whose `nonce` it has seen (with `enforce_nonce`) with the message already made, and lists a channel's latest
 messages. It can also lose an upload's answer after doing the work (`lost_uploads`), drop an upload unread
-(`dropped_uploads`) and fail CDN downloads the ways a file server does (`cdn_faults`)."""
+(`dropped_uploads`) and fail CDN downloads the ways a file server does (`cdn_faults`).
+
+User installs: an interaction can come from a user who added the app to their own account (`user_install=True`), in
+another server the bot is not in (`OTHER_GUILD_ID`, `OTHER_CHANNEL_ID`); its `authorizing_integration_owners` then
+names the user ("1") and no server ("0"). Like Discord, the fake answers 403 Missing Access (code 50001) to a bot that
+posts to, edits in or reads a channel it is not in, and opens DM channels (POST users/@me/channels)."""
 
 from __future__ import annotations
 
@@ -35,6 +40,9 @@ TEST_TOKEN = "discord-TEST-token-do-not-log"
 GUILD_ID = 800000000000000001
 CONTENT_LIMIT = 2000  # characters in a message; Discord refuses more with 400 Invalid Form Body (code 50035)
 CHANNEL_ID = 700000000000000001
+# A server that has not added the bot, where a user who installed the app to their account uses it.
+OTHER_GUILD_ID = 800000000000000002
+OTHER_CHANNEL_ID = 700000000000000002
 ROLE_IDS = (555, 1)
 
 
@@ -59,6 +67,8 @@ class FakeDiscord:
         self.messages: dict[int, dict[str, Any]] = {}
         self.originals: dict[str, int] = {}  # interaction token -> message id of its original response
         self.interactions: dict[str, float] = {}  # interaction token -> when it was created (monotonic)
+        self.interaction_channels: dict[str, int] = {}  # interaction token -> the channel it happened in
+        self.dm_channels: dict[int, int] = {}  # user id -> the bot's DM channel with them
         self.dispatched_at: dict[str, float] = {}
         self.cdn: dict[str, bytes] = {}
         self.faults: dict[str, list[tuple[int, dict[str, Any]]]] = {}
@@ -188,6 +198,8 @@ class FakeDiscord:
         parts = path.split("/")
         if route == "GET users/@me":
             return _json(BOT_USER)
+        if route == "POST users/@me/channels":
+            return self._open_dm(int(body["recipient_id"]))
         if route == "GET oauth2/applications/@me":
             return _json(
                 {
@@ -243,7 +255,8 @@ class FakeDiscord:
         if kind == 8:
             self.suggestions[interaction_id] = body["data"]["choices"]
             return _json({"interaction": {"id": interaction_id, "type": 4}, "resource": {"type": 8}})
-        message = self._message(CHANNEL_ID, body.get("data", {}) if kind == 4 else {"content": ""}, {})
+        channel_id = self.interaction_channels.get(token, CHANNEL_ID)
+        message = self._message(channel_id, body.get("data", {}) if kind == 4 else {"content": ""}, {})
         self.originals[token] = message["id_int"]
         resource: dict[str, Any] = {"type": kind}
         if kind == 4:
@@ -271,19 +284,32 @@ class FakeDiscord:
         if method == "PATCH" and parts[-1] == "@original":
             return self._edit(self.originals.get(token), body, files)
         if method == "POST" and len(parts) == 3:
-            return self._post(CHANNEL_ID, body, files)
+            return self._post(self.interaction_channels.get(token, CHANNEL_ID), body, files)
         return _error(404, 0, "404: Not Found")
 
     def _channel(self, method: str, parts: list[str], body: dict[str, Any], files: dict[str, bytes]) -> web.Response:
         channel_id = int(parts[1])
+        if channel_id not in self._bot_channels():
+            return _error(403, 50001, "Missing Access")
         if method == "POST" and parts[2:] == ["messages"]:
             return self._post(channel_id, body, files)
         if method == "PATCH" and len(parts) == 4:
             return self._edit(int(parts[3]), body, files)
         return _error(404, 0, "404: Not Found")
 
+    def _bot_channels(self) -> set[int]:
+        """The channels the bot can see: those of its server, and its DMs."""
+        return {CHANNEL_ID, *self.dm_channels.values()}
+
+    def _open_dm(self, user_id: int) -> web.Response:
+        channel_id = self.dm_channels.setdefault(user_id, next(self._ids))
+        recipient = self.member(user_id)["user"]
+        return _json({"id": str(channel_id), "type": 1, "recipients": [recipient], "last_message_id": None})
+
     def _history(self, channel_id: int, limit: int) -> web.Response:
         """A channel's latest messages, newest first."""
+        if channel_id not in self._bot_channels():
+            return _error(403, 50001, "Missing Access")
         latest = sorted((m for m in self.messages.values() if m["channel_id"] == str(channel_id)), key=_newest_first)
         return _json([_public(message) for message in latest[:limit]])
 
@@ -393,19 +419,25 @@ class FakeDiscord:
         roles: list[int] | None,
         size_limit: int,
         message: dict[str, Any] | None = None,
+        user_install: bool = False,
     ) -> dict[str, Any]:
+        """An interaction in the bot's server, or (`user_install`) in another server, from a user who added the app
+        to their own account."""
         interaction_id = str(next(self._ids))
         token = f"itoken-{interaction_id}"
+        guild_id, channel_id = (OTHER_GUILD_ID, OTHER_CHANNEL_ID) if user_install else (GUILD_ID, CHANNEL_ID)
         self.interactions[token] = time.monotonic()
+        self.interaction_channels[token] = channel_id
         self.dispatched_at[interaction_id] = time.monotonic()
+        owners = {"1": str(user_id)} if user_install else {"0": str(GUILD_ID)}
         payload = {
             "id": interaction_id,
             "application_id": str(APPLICATION_ID),
             "type": kind,
             "data": data,
-            "guild_id": str(GUILD_ID),
-            "channel_id": str(CHANNEL_ID),
-            "channel": _channel_payload(self.age_restricted),
+            "guild_id": str(guild_id),
+            "channel_id": str(channel_id),
+            "channel": _channel_payload(self.age_restricted, guild_id, channel_id),
             "member": self.member(user_id, roles),
             "token": token,
             "version": 1,
@@ -413,8 +445,8 @@ class FakeDiscord:
             "locale": "en-US",
             "guild_locale": "en-US",
             "entitlements": [],
-            "authorizing_integration_owners": {},
-            "context": 0,
+            "authorizing_integration_owners": owners,
+            "context": 0,  # in a server
             "attachment_size_limit": size_limit,
         }
         if message is not None:
@@ -429,6 +461,7 @@ class FakeDiscord:
         attachments: dict[str, dict[str, Any]] | None = None,
         roles: list[int] | None = None,
         size_limit: int = 10 * 1024 * 1024,
+        user_install: bool = False,
     ) -> dict[str, Any]:
         types = {str: 3, int: 4, bool: 5, float: 10}
         option_list = [
@@ -447,7 +480,7 @@ class FakeDiscord:
         }
         if resolved:
             data["resolved"] = {"attachments": resolved}
-        payload = self._interaction(2, user_id, data, roles, size_limit)
+        payload = self._interaction(2, user_id, data, roles, size_limit, user_install=user_install)
         await self.dispatch("INTERACTION_CREATE", payload)
         return payload
 
@@ -557,11 +590,11 @@ def _message_payload(
     }
 
 
-def _channel_payload(age_restricted: bool) -> dict[str, Any]:
+def _channel_payload(age_restricted: bool, guild_id: int = GUILD_ID, channel_id: int = CHANNEL_ID) -> dict[str, Any]:
     return {
-        "id": str(CHANNEL_ID),
+        "id": str(channel_id),
         "type": 0,
-        "guild_id": str(GUILD_ID),
+        "guild_id": str(guild_id),
         "name": "videos",
         "position": 0,
         "permission_overwrites": [],

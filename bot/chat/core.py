@@ -90,6 +90,7 @@ OWN_MESSAGE_KEYS = frozenset(
         "application_id",  # Discord: the interaction, while its token lives
         "interaction_token",
         "token_expires_at",
+        "followups",  # Discord: the interaction's follow-up messages sent so far
         "channel_message_id",  # Discord: the live message after the interaction's token expired
         "progress_deleted",
     }
@@ -361,6 +362,36 @@ class ChatCore:
                 where = f"position {position.position}" if position else ""
             lines.append(f"#{job.id} {job.mode.value} · {where} · {job.params.prompt[:40]}")
         return "\n".join(lines)
+
+    async def history(self, person: Person, place: Place) -> tuple[str, list[int]]:
+        """/history: the user's last videos on this platform, newest first, and the jobs whose video can be sent
+        again (no new generation)."""
+        if not self.allows(person, place):
+            return NOT_ALLOWED, []
+        user_key = self.actor(person).user_key
+        jobs = await self.engine.jobs([JobStatus.SUCCEEDED], user_key=user_key, limit=texts.HISTORY_SIZE)
+        if not jobs:
+            return "You have no videos yet. Ask for one with /video.", []
+        lines = [texts.HISTORY_HEAD, *(texts.history_line(job) for job in jobs)]
+        return "\n".join(lines), [job.id for job in jobs]
+
+    async def send_again(self, person: Person, place: Place, job_id: int) -> tuple[Job | None, str]:
+        """The job whose video `person` asked to have sent here again and "", or None and why not: only the owner (or
+        an admin) may, while the video is kept, where the content rules let it be shown."""
+        if not self.allows(person, place):
+            return None, NOT_ALLOWED
+        actor = self.actor(person)
+        try:
+            job = await self.engine.job(job_id)
+        except UserError as error:
+            return None, error.message
+        if job.source.user_key != actor.user_key and not actor.is_admin:
+            return None, f"Video #{job_id} is not yours: /history lists your own."
+        if job.status is not JobStatus.SUCCEEDED or await self.engine.video_file(job) is None:
+            return None, f"Video #{job_id} is no longer kept, so it cannot be sent again. Reroll makes a new one."
+        if self.engine.video_policy(job, place.kind) == "block":
+            return None, f"Video #{job_id} is not sent here: the content check flagged it. Ask in a direct message."
+        return job, ""
 
     async def status_text(self, person: Person, place: Place) -> str:
         """/status: the workers online and what each is doing (the job it makes, with its progress), and the queue's

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 from engine.config import StyleLoraConfig
@@ -334,7 +335,8 @@ def help_text(how_to_ask: str, loras: bool = False, enhancer: bool = False) -> s
         + ("lora=NAME or lora=NAME:0.6 (a style or character; /loras lists them)\n" if loras else "")
         + ("enhance=no (your prompt as you wrote it, not rewritten in detail first)\n" if enhancer else "")
         + "loop=yes (a video that returns to its first frame: t2v, or i2v from one picture)\n"
-        + "/queue: your jobs · /cancel [id]: cancel · /status: the workers · admins: /pause, /resume"
+        + "/queue: your jobs · /cancel [id]: cancel · /status: the workers · /history: your last videos\n"
+        "admins: /pause, /resume"
     )
 
 
@@ -588,6 +590,17 @@ def cancel_text(job: Job) -> str:
     if job.status is JobStatus.CANCELLED:
         return f"Job #{job.id} is cancelled."
     return f"Job #{job.id} is stopping…"
+
+
+HISTORY_SIZE = 10  # the videos /history lists
+HISTORY_HEAD = "Your last videos (tap a number to have it sent here again):"
+
+
+def history_line(job: Job) -> str:
+    """/history: one video, as its owner remembers it."""
+    assert job.result is not None
+    made = datetime.fromtimestamp(job.finished_at or job.created_at).strftime("%b %d %H:%M")
+    return f"#{job.id} {job.mode.value} · {job.result.duration_s:.1f} s · {made} · {job.params.prompt[:50]}"
 
 
 def gpu_time_line(used_s: float, waiting_s: float, limit_s: float) -> str:

@@ -1,5 +1,6 @@
 """Discord adapter (discord.py 2 app commands): /video with attachments, live progress, buttons that survive a
-restart, and delivery that outlives the 15-minute interaction token by moving to channel messages."""
+restart, and delivery that outlives the 15-minute interaction token by moving to channel messages (or, for a user who
+added the app to their own account and uses it where the bot cannot post, to their DMs)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from bot.discord import seams
 from bot.discord.inbox import InteractionInbox, PendingRequest
 from engine.config import DiscordConfig, GenerationConfig
 from engine.errors import Unavailable, UserError
-from engine.jobs import Job, JobStatus, PlaceKind
+from engine.jobs import DeliveryStatus, Job, JobStatus, PlaceKind
 from engine.pipeline.models import MAX_PROMPT_CHARS, GenerationRequest
 from engine.pipeline.presets import PRESET_HELP, Preset
 from engine.service import Engine
@@ -40,6 +41,13 @@ MAX_DESCRIPTION = 100  # characters in a slash command option's description
 MAX_CHOICES = 25  # autocomplete suggestions Discord shows
 UNKNOWN_CHANNEL = 10003  # Discord's JSON error code
 INVALID_WEBHOOK_TOKEN = 50027  # Discord's code for an interaction token it no longer takes
+# Follow-up messages Discord allows one interaction of an app that is not in its server; wanbot keeps every
+# interaction within them, and sends what would come after as channel (or DM) messages.
+FOLLOWUP_LIMIT = 5
+LATER_BY_DM = (
+    "I cannot post in this channel, so if your video is not ready within Discord's 15 minutes for an answer here, "
+    "it will come to you by direct message."
+)
 # A re-sent video is looked for among this many of its channel's latest messages (one request's worth).
 RECENT_MESSAGES_SEARCHED = 100
 DISCORD_HELP = (
@@ -60,7 +68,13 @@ class WanbotClient(discord.Client):
         discord.VoiceClient.warn_dave = False
         super().__init__(**options)
         self.adapter = adapter
-        self.tree = app_commands.CommandTree(self)
+        # Every command works where the app is added to a server and where a user added it to their own account
+        # (User Install), in servers, in the user's DM with the bot and in group DMs.
+        self.tree = app_commands.CommandTree(
+            self,
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=True),
+            allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=True, private_channel=True),
+        )
 
     async def setup_hook(self) -> None:
         self.add_dynamic_items(CancelButton, RerollButton, ExtendButton, OwnWordsButton)
@@ -278,12 +292,15 @@ class DiscordAdapter:
     def _reply_for(self, interaction: discord.Interaction, received_at: float | None = None) -> dict[str, str]:
         """How the job answers: through the interaction while its token lives, with the upload limit it allows."""
         received = received_at if received_at is not None else self._clock()
-        return {
+        reply = {
             "application_id": str(interaction.application_id),
             "interaction_token": interaction.token,
             "token_expires_at": str(received + self._config.interaction_lifetime_s),
             "filesize_limit": str(interaction.filesize_limit or self._config.filesize_limit_bytes),
         }
+        if not _bot_can_post(interaction):
+            reply["later_by_dm"] = "1"
+        return reply
 
     async def accept(
         self,
@@ -388,6 +405,21 @@ class DiscordAdapter:
     def _interaction_alive(self, job: Job) -> bool:
         return self._clock() < float(job.source.reply.get("token_expires_at", "0"))
 
+    async def _later_channel(self, job: Job) -> discord.abc.Messageable:
+        """Where the job's messages go once its interaction cannot carry them: its channel, or its owner's DM where
+        the bot cannot post (discord.py keeps the DM channel once opened)."""
+        if job.source.reply.get("later_by_dm"):
+            return await self.client.create_dm(discord.Object(id=int(job.source.user_id)))
+        return self.client.get_partial_messageable(int(job.source.chat_id))
+
+    async def _take_followup(self, job: Job) -> Job | None:
+        """`job` with one more of its interaction's follow-ups counted, before it is sent; None when the interaction
+        has used all it may (each try counts: Discord may have taken one whose answer was lost)."""
+        sent = int(job.source.reply.get("followups", "0"))
+        if sent >= FOLLOWUP_LIMIT:
+            return None
+        return await self._engine.update_reply(job.id, followups=str(sent + 1))
+
     def _webhook(self, job: Job) -> discord.Webhook:
         reply = job.source.reply
         return discord.Webhook.partial(int(reply["application_id"]), reply["interaction_token"], client=self.client)
@@ -408,6 +440,8 @@ class DiscordAdapter:
             # A new place in the queue is not worth a new message that mentions the user: the job's start makes one.
             return
         view = _buttons_view(job.id, buttons)
+        if alive and _may_come_by_dm(job):
+            text = f"{text}\n{LATER_BY_DM}"
         try:
             if alive:
                 content = texts.fit_text(text, CONTENT_LIMIT)
@@ -429,7 +463,7 @@ class DiscordAdapter:
     async def _show_in_channel(self, job: Job, text: str, view: discord.ui.View, picture: bytes | None) -> None:
         """The job's live message as a channel message that mentions its owner. Each request gets files of its own:
         a file already sent is read to its end."""
-        channel = self.client.get_partial_messageable(int(job.source.chat_id))
+        channel = await self._later_channel(job)
         content = texts.fit_text(f"<@{job.source.user_id}> {text}", CONTENT_LIMIT)
         message_id = job.source.reply.get("channel_message_id")
         if message_id:
@@ -461,7 +495,9 @@ class DiscordAdapter:
         view = _view(RerollButton(job.id), ExtendButton(job.id))
         mentions = _owner_only(job)
         try:
-            if self._interaction_alive(job):
+            counted = await self._take_followup(job) if self._interaction_alive(job) else None
+            if counted is not None:
+                job = counted
                 try:
                     await self._webhook(job).send(
                         content=content,
@@ -474,7 +510,7 @@ class DiscordAdapter:
                 except discord.HTTPException as error:
                     if await self._token_rejected(job, error) is None:
                         raise
-            channel = self.client.get_partial_messageable(int(job.source.chat_id))
+            channel = await self._later_channel(job)
             # The same nonce on every try of this job: Discord answers a repeat of an upload whose answer was lost
             # with the message it already made. (An interaction's follow-up has no such check.)
             nonce = f"wanbot-{job.id}"
@@ -492,7 +528,7 @@ class DiscordAdapter:
     async def _posted_before(self, job: Job, spoiler: bool) -> bool:
         """Whether an earlier upload of `job`'s video, whose answer was lost, reached its channel after all: an
         interaction's follow-up has no nonce, so the bot's recent messages there are searched for its file name."""
-        channel = self.client.get_partial_messageable(int(job.source.chat_id))
+        channel = await self._later_channel(job)
         me = self.client.user.id if self.client.user is not None else None
         try:
             async for message in channel.history(limit=RECENT_MESSAGES_SEARCHED):
@@ -706,6 +742,23 @@ def _place(interaction: discord.Interaction) -> Place:
         nsfw = getattr(channel, "nsfw", False) or getattr(parent, "nsfw", False)
         kind = "age_restricted" if nsfw else "public"
     return Place(str(interaction.channel_id), guild, kind)
+
+
+def _bot_can_post(interaction: discord.Interaction) -> bool:
+    """Whether the bot may post messages of its own where `interaction` happened: in a server that added it, or in
+    its DM with the user. A user who added the app to their own account can use it in other servers and group DMs,
+    where only the interaction's own messages reach them."""
+    return interaction.is_guild_integration() or interaction.context.dm_channel
+
+
+def _may_come_by_dm(job: Job) -> bool:
+    """Whether the job's video may still have to go to its owner's DM: the bot cannot post where it was asked, and
+    the video has not arrived, failed or been cancelled."""
+    finished = job.status in (JobStatus.FAILED, JobStatus.CANCELLED) or job.delivery_status in (
+        DeliveryStatus.DELIVERED,
+        DeliveryStatus.DELIVERY_FAILED,
+    )
+    return bool(job.source.reply.get("later_by_dm")) and not finished
 
 
 def _annotate(**annotations: Any) -> Any:

@@ -19,6 +19,7 @@ os.environ.setdefault("PTB_TIMEDELTA", "1")
 import httpx
 from telegram import (
     BotCommand,
+    CallbackQuery,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
     InputMediaPhoto,
@@ -207,6 +208,7 @@ class TelegramAdapter:
                 BotCommand("queue", "Your jobs and their places in the queue"),
                 BotCommand("cancel", "Cancel a job: /cancel or /cancel 12"),
                 BotCommand("status", "What the worker is doing"),
+                BotCommand("history", "Your last 10 videos, to have one sent here again"),
                 BotCommand("extend", "Reply to one of my videos: continue it (/extend or /extend new prompt)"),
                 BotCommand("loras", "The styles and characters to add with lora=NAME"),
                 BotCommand("enhance", "Admins: /enhance on or off, short prompts rewritten in detail"),
@@ -238,8 +240,9 @@ class TelegramAdapter:
         self.app.add_handler(CommandHandler("loras", self._on_loras))
         self.app.add_handler(CommandHandler("enhance", self._on_enhance))
         self.app.add_handler(CommandHandler("extend", self._on_extend))
+        self.app.add_handler(CommandHandler("history", self._on_history))
         self.app.add_handler(CommandHandler(["help", "start"], self._on_help))
-        self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=r"^(cancel|reroll|extend|own):\d+$"))
+        self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=r"^(cancel|reroll|extend|own|again):\d+$"))
         private = filters.ChatType.PRIVATE
         self.app.add_handler(MessageHandler(private & filters.TEXT & ~filters.COMMAND, self._on_private_text))
         self.app.add_handler(MessageHandler(private & filters.COMMAND, self._on_unknown_command))
@@ -445,6 +448,9 @@ class TelegramAdapter:
         if action == "cancel":
             await query.answer(texts.fit_text(await self._core.cancel(person, place, job_id), BUTTON_ANSWER_LIMIT))
             return
+        if action == "again":
+            await self._send_again(query, person, place, int(job_id))
+            return
         if action == "own":
             said = await self._core.use_own_words(person, place, int(job_id))
             await query.answer(texts.fit_text(said, BUTTON_ANSWER_LIMIT), show_alert=True)
@@ -458,6 +464,36 @@ class TelegramAdapter:
             answer, status = await self._start_again(query.message, action, person, int(job_id), f"{action}-{query.id}")
         if answer is not None:
             await self._answer(query.message, status.message_id, answer)
+
+    async def _on_history(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        text, job_ids = await self._core.history(_person(update.effective_user), _place(message))
+        await self._reply(message, text, _history_buttons(job_ids))
+
+    async def _send_again(self, query: CallbackQuery, person: Person, place: Place, job_id: int) -> None:
+        """A /history button: the video sent again where it was pressed, from Telegram's copy when it has one (no
+        upload, no new generation)."""
+        job, refusal = await self._core.send_again(person, place, job_id)
+        if job is None or job.result is None:
+            await query.answer(texts.fit_text(refusal, BUTTON_ANSWER_LIMIT), show_alert=True)
+            return
+        await query.answer(f"Sending #{job_id}...")
+        spoiler = self._engine.video_policy(job, place.kind) == "spoiler"
+        sent_as = job.source.reply.get("video_file_id")
+        where = {"caption": texts.result_caption(job), "has_spoiler": spoiler, "reply_markup": _video_buttons(job.id)}
+        chat_id = query.message.chat_id
+        try:
+            if sent_as is not None:
+                await self.app.bot.send_video(chat_id, sent_as, **where)
+                return
+            made = await self._engine.video_file(job)
+            if made is None:
+                return
+            video = await self._engine.fit_video(made, self._config.upload_limit_bytes)
+            with video.open("rb") as payload:
+                await self.app.bot.send_video(chat_id, payload, filename=f"wanbot-{job.id}.mp4", **where)
+        except (TelegramError, UserError) as error:
+            log.warning("job=%s could not be sent again to chat=%s: %s", job.id, chat_id, error)
 
     async def _on_extend(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """/extend [prompt] as a reply to one of the bot's videos: the same as its Extend button, with a new prompt
@@ -586,7 +622,7 @@ class TelegramAdapter:
         cover = await self._engine.cover_picture(job)  # shown before the video plays, instead of its first frame
         try:
             with video.open("rb") as payload:
-                await self.app.bot.send_video(
+                sent = await self.app.bot.send_video(
                     int(job.source.chat_id),
                     payload,
                     caption=texts.result_caption(job),
@@ -616,6 +652,16 @@ class TelegramAdapter:
             if isinstance(error, Forbidden) or "chat not found" in str(error).lower():
                 raise UploadRefused(str(error).replace(self._token, "<token>")) from error
             raise
+        if sent.video is not None:
+            await self._remember_copy(job, sent.video.file_id)
+
+    async def _remember_copy(self, job: Job, file_id: str) -> None:
+        """Telegram's id of the sent video, so /history sends it again without an upload; a failure to record it
+        only costs that upload (the delivery itself must not fail on it)."""
+        try:
+            await self._engine.update_reply(job.id, video_file_id=file_id)
+        except Exception:
+            log.warning("job=%s: Telegram's copy of its video was not recorded", job.id, exc_info=True)
 
 
 @contextlib.contextmanager
@@ -717,6 +763,13 @@ def _video_buttons(job_id: int) -> InlineKeyboardMarkup:
             ]
         ]
     )
+
+
+def _history_buttons(job_ids: list[int]) -> InlineKeyboardMarkup | None:
+    if not job_ids:
+        return None
+    buttons = [InlineKeyboardButton(f"#{job_id}", callback_data=f"again:{job_id}") for job_id in job_ids]
+    return InlineKeyboardMarkup([buttons[index : index + 5] for index in range(0, len(buttons), 5)])
 
 
 def _video_job(message: Message | None) -> int | None:

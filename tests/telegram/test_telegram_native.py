@@ -8,12 +8,14 @@ import io
 import pytest
 from PIL import Image
 
+from bot.chat.core import NOT_ALLOWED
 from bot.telegram.reactions import CANCELLED, MAKING, SENT, WAITING
 from tests.running import until
-from tests.telegram.test_telegram import ALICE, configure, running_bot
+from tests.telegram.test_telegram import ALICE, BOB, configure, running_bot
 
 pytestmark = pytest.mark.timeout(120)
 GROUP = -100777
+CAROL = 333
 
 
 async def test_the_request_shows_the_jobs_state_as_a_reaction_and_the_video_has_its_last_frame_as_cover(
@@ -51,3 +53,33 @@ async def test_a_chat_without_reactions_gets_none_after_its_first_refusal_and_th
         call for call in telegram.calls if call.method == "setMessageReaction" and int(call.fields["chat_id"]) == GROUP
     ]
     assert len(tried) == 1  # refused once (reactions off in that group), never asked again
+
+
+async def test_history_lists_your_videos_and_sends_one_again_from_telegrams_copy(tiny_settings, telegram):
+    async with running_bot(configure(tiny_settings, telegram, allowed_users=[ALICE, BOB])) as bot:
+        telegram.command(ALICE, "/video a fox steps=2")
+        await until(lambda: telegram.sent("sendVideo", ALICE), what="the video")
+        [job] = await bot.engine._queue.list_jobs()
+        telegram.command(ALICE, "/history")
+        listed = await until(lambda: _reply_with(telegram, ALICE, "Your last videos"), what="/history")
+        telegram.press(ALICE, listed, f"again:{job.id}")
+        videos = await until(lambda: telegram.sent("sendVideo", ALICE)[1:], what="the video again")
+        telegram.press(BOB, listed, f"again:{job.id}")  # someone else's video: refused, nothing sent
+        refusal = await until(
+            lambda: [
+                call for call in telegram.sent("answerCallbackQuery") if "not yours" in call.fields.get("text", "")
+            ],
+            what="the refusal",
+        )
+        telegram.command(CAROL, "/history")  # an outsider
+        outsider = await until(lambda: telegram.replies(CAROL), what="the outsider's answer")
+        assert len(await bot.engine._queue.list_jobs()) == 1  # sent again, never made again
+        copy = (await bot.engine.job(job.id)).source.reply["video_file_id"]
+    assert f"#{job.id} t2v" in listed["text"] and "a fox" in listed["text"]
+    assert videos[0].fields["video"] == copy and not videos[0].files  # Telegram's copy: no upload
+    assert len(telegram.sent("sendVideo")) == 2 and refusal
+    assert outsider[0]["text"] == NOT_ALLOWED
+
+
+def _reply_with(telegram, chat_id: int, start: str) -> dict | None:
+    return next((reply for reply in telegram.replies(chat_id) if reply.get("text", "").startswith(start)), None)
