@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import Settings
+from engine.enhance.enhancer import Enhanced, Enhancer
 from engine.hub.downloads import Downloader, check_repo_id
 from engine.hub.hfcache import verify_snapshot
 from engine.jobs import Actor, EnqueueResult, Job, JobSource, JobStatus, QueuePosition, WorkerRecord
@@ -28,6 +29,7 @@ from engine.pipeline.models import (
     resolve_request,
 )
 from engine.queue.jobqueue import JobQueue
+from engine.safety.terms import BlockedTerms
 from engine.service import Upload, loop_end, loop_model
 from engine.storage.images import ImageInfo, Mode, check_mode, validate_image_bytes
 
@@ -127,9 +129,12 @@ def check_pictures(
     end: Upload | None,
     loras: Collection[str] = (),
     loop: bool = False,
+    prompt: str = "",
 ) -> PictureCheck:
     """Validate pictures as a request's are, and resolve them against the mode's model (an end image it ignores, a
-    crop), the LoRAs named against [loras], and a loop's rules; raise a UserError where the bot would refuse them."""
+    crop), the LoRAs named against [loras], a loop's rules and the prompt against the blocked terms; raise a
+    UserError where the bot would refuse them. (The picture classifier is not run: it needs its model loaded.)"""
+    BlockedTerms(settings.safety).check_prompt(prompt)
     model = model_for_mode(mode, settings)
     if loop:
         end = loop_end(GenerationRequest(mode=mode, loop=True), start, end)
@@ -149,6 +154,18 @@ def check_pictures(
         warnings.extend(params.warnings)
         adjustments = params.adjustments
     return PictureCheck(warnings, adjustments, infos, [use.label for use in uses])
+
+
+async def enhanced_prompt(settings: Settings, prompt: str, mode: Mode, has_image: bool) -> Enhanced | None:
+    """What prompts.enhancer makes of `prompt`, as a request's would be (its rewrite, or the user's words with the
+    note a user reads); None when no enhancer is configured."""
+    if settings.prompts.enhancer == "off":
+        return None
+    enhancer = Enhancer(settings.prompts, model_downloader(settings))
+    try:
+        return await enhancer.enhance(prompt, mode.value, has_image)
+    finally:
+        await enhancer.close()
 
 
 def lora_on_disk(settings: Settings, name: str) -> Path | None:

@@ -31,7 +31,7 @@ from bot.cli.common import (
 from engine.config import ModelsConfig, Settings, StyleLoraConfig
 from engine.errors import UserError, counted
 from engine.jobs import EventKind, Job, JobSource, JobStatus
-from engine.operator import check_pictures, model_named, quiet_libraries
+from engine.operator import check_pictures, enhanced_prompt, model_named, quiet_libraries
 from engine.pipeline.models import GenerationRequest
 from engine.pipeline.presets import PRESET_HELP, Preset
 from engine.service import Upload
@@ -49,11 +49,17 @@ def validate(
     end: Annotated[Path | None, typer.Option(metavar="FILE", help="End image (default: none).")] = None,
     lora: LoraOption = None,
     loop: Annotated[bool, typer.Option("--loop", help="Check it as a loop, as loop=yes (default: no loop).")] = False,
+    prompt: Annotated[
+        str, typer.Option(metavar="TEXT", help="Check the prompt against safety.blocked_terms (default: none).")
+    ] = "",
+    enhance: Annotated[
+        bool, typer.Option("--enhance", help="Show what prompts.enhancer makes of --prompt (default: not run).")
+    ] = False,
     as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """Check images, LoRAs and a loop for a mode, as the bot would, and say what the video will change. Exit 0 if
-    valid, 2 if not."""
+    """Check images, LoRAs, a loop and a prompt for a mode, as the bot would, and say what the video will change.
+    Exit 0 if valid, 2 if not."""
     settings = settings_from(config)
     report: dict[str, Any] = {
         "valid": False,
@@ -63,11 +69,14 @@ def validate(
         "adjustments": [],
         "images": [],
         "loras": [],
+        "enhanced": None,
     }
     try:
         # What generate and the chats would say, once the pictures meet the model too: an end image it ignores, a crop.
         pictures = _read_picture(start, "start"), _read_picture(end, "end")
-        checked = check_pictures(settings, mode, *pictures, lora or (), loop)
+        checked = check_pictures(settings, mode, *pictures, lora or (), loop, prompt)
+        if enhance:
+            report["enhanced"] = asyncio.run(_enhanced(settings, prompt, mode, bool(checked.images)))
         report.update(
             valid=True,
             warnings=checked.warnings,
@@ -83,6 +92,18 @@ def validate(
     else:
         _print_validation(report)
     raise typer.Exit(0 if report["valid"] else 2)
+
+
+async def _enhanced(settings: Settings, prompt: str, mode: Mode, has_image: bool) -> str:
+    """What a request's prompt would become; a UserError where the enhancer is off or keeps the user's words."""
+    if not prompt:
+        raise UserError("--enhance rewrites a prompt: give it with --prompt.")
+    enhanced = await enhanced_prompt(settings, prompt, mode, has_image)
+    if enhanced is None:
+        raise UserError("No prompt enhancer is configured (prompts.enhancer is off).", "Set prompts.enhancer first.")
+    if not enhanced.enhanced:
+        raise UserError(f"The enhancer kept your words: {enhanced.note}")
+    return enhanced.prompt
 
 
 def _read_picture(path: Path | None, role: str) -> Upload | None:
@@ -105,6 +126,8 @@ def _print_validation(report: dict[str, Any]) -> None:
         console.print(f"note: {message}", highlight=False, markup=False)
     if report["loras"]:
         console.print(f"LoRAs: {', '.join(report['loras'])}", highlight=False, markup=False)
+    if report["enhanced"] is not None:
+        console.print(f"prompt enhanced: {report['enhanced']}", highlight=False, markup=False)
     for image in report["images"]:
         console.print(
             f"  {image['role']}: {image['format']} {image['width']}x{image['height']} {image['mode']}, "

@@ -92,3 +92,23 @@ def test_generate_extend_continues_one_of_the_bots_videos_and_loop_makes_a_loop(
     assert ", loop" in looped.stderr
     no_mode = wanbot("generate", "--prompt", "a fox", data=data)
     assert no_mode.returncode == 2 and "Give --mode: t2v, i2v or ti2v" in no_mode.stderr
+
+
+def test_validate_checks_a_prompt_against_the_blocked_terms_and_shows_the_enhancers_rewrite(tmp_path: Path):
+    data = tmp_path / "data"
+    config = tmp_path / "wanbot.toml"
+    config.write_text(
+        '[models]\nt2v = "tiny"\n\n[safety]\nblocked_terms = ["gore"]\n\n'
+        '[prompts]\nenhancer = "local"\nenhancer_repo = "tiny"\nenhancer_max_new_tokens = 12\n'
+    )
+    blocked = wanbot("validate", "--mode", "t2v", "--prompt", "a Gore fest", "--config", str(config), data=data)
+    rewritten = wanbot(
+        "validate", "--mode", "t2v", "--prompt", "a fox", "--enhance", "--json", "--config", str(config), data=data
+    )
+    no_prompt = wanbot("validate", "--mode", "t2v", "--enhance", "--config", str(config), data=data)
+    assert blocked.returncode == 2
+    assert 'This bot does not make videos of that. Your prompt holds "gore"' in " ".join(blocked.stdout.split())
+    assert rewritten.returncode == 0, rewritten.stdout + rewritten.stderr
+    report = json.loads(rewritten.stdout)
+    assert report["valid"] and report["enhanced"] and report["enhanced"] != "a fox"
+    assert no_prompt.returncode == 2 and "--enhance rewrites a prompt: give it with --prompt." in no_prompt.stdout
