@@ -45,6 +45,7 @@ class FakeTelegram:
         self.calls: list[Sent] = []
         self.reactions: dict[tuple[int, int], list[str]] = {}  # each message's reactions, in the order set
         self.no_reactions: set[int] = set()  # chats whose admins turned reactions off
+        self.inline_answers: dict[str, list[dict[str, Any]]] = {}  # inline query id -> the results answered
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}
         self.files: dict[str, tuple[str, bytes]] = {}
         self.faults: dict[str, list[tuple[int, str, dict[str, Any] | None]]] = {}
@@ -132,6 +133,11 @@ class FakeTelegram:
         return True
 
     def _do_answerCallbackQuery(self, fields: dict[str, Any], files: dict[str, bytes]) -> bool:
+        return True
+
+    def _do_answerInlineQuery(self, fields: dict[str, Any], files: dict[str, bytes]) -> bool:
+        results = fields["results"]
+        self.inline_answers[fields["inline_query_id"]] = json.loads(results) if isinstance(results, str) else results
         return True
 
     def _do_setMessageReaction(self, fields: dict[str, Any], files: dict[str, bytes]) -> Any:
@@ -323,6 +329,13 @@ class FakeTelegram:
         if caption is not None:
             content["caption"] = caption
         return self.user_message(user_id, **content)
+
+    def inline(self, user_id: int, words: str) -> str:
+        """A user typing "@bot words" in some chat; the query's id, under which inline_answers gets the bot's answer."""
+        query_id = f"iq-{next(self._update_ids)}"
+        sender = {"id": user_id, "is_bot": False, "first_name": f"user{user_id}"}
+        self.push("inline_query", {"id": query_id, "from": sender, "query": words, "offset": "", "chat_type": "group"})
+        return query_id
 
     def press(self, user_id: int, message: dict[str, Any], data: str) -> None:
         self.push(

@@ -87,6 +87,7 @@ OWN_MESSAGE_KEYS = frozenset(
         "status_message_id",  # Telegram: the live message
         "status_kind",  # and whether it is a photo (a preview) with the text as its caption
         "upload_limit",  # what the last 413 allowed
+        "video_file_id",  # Telegram: its copy of the sent video, which /history and inline mode send again
         "application_id",  # Discord: the interaction, while its token lives
         "interaction_token",
         "token_expires_at",
@@ -374,6 +375,20 @@ class ChatCore:
             return "You have no videos yet. Ask for one with /video.", []
         lines = [texts.HISTORY_HEAD, *(texts.history_line(job) for job in jobs)]
         return "\n".join(lines), [job.id for job in jobs]
+
+    async def shareable(self, person: Person, words: str, copy_key: str) -> list[Job]:
+        """Inline mode: the user's own videos the platform holds a copy of (`copy_key` in their reply), newest first,
+        whose prompt has every one of `words`; none for someone the access policy keeps out (inline queries come
+        from no chat, so a bot limited to some chats shares with no one but its admins)."""
+        if not self.allows(person, Place(chat_id="inline")):
+            return []
+        wanted = words.lower().split()
+        jobs = await self.engine.jobs([JobStatus.SUCCEEDED], user_key=self.actor(person).user_key, limit=200)
+        return [
+            job
+            for job in jobs
+            if copy_key in job.source.reply and all(word in job.params.prompt.lower() for word in wanted)
+        ][: texts.SHARED_SIZE]
 
     async def send_again(self, person: Person, place: Place, job_id: int) -> tuple[Job | None, str]:
         """The job whose video `person` asked to have sent here again and "", or None and why not: only the owner (or

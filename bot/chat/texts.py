@@ -593,6 +593,7 @@ def cancel_text(job: Job) -> str:
 
 
 HISTORY_SIZE = 10  # the videos /history lists
+SHARED_SIZE = 20  # the videos an inline query offers
 HISTORY_HEAD = "Your last videos (tap a number to have it sent here again):"
 
 

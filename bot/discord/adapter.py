@@ -298,7 +298,7 @@ class DiscordAdapter:
             "token_expires_at": str(received + self._config.interaction_lifetime_s),
             "filesize_limit": str(interaction.filesize_limit or self._config.filesize_limit_bytes),
         }
-        if False:
+        if not _bot_can_post(interaction):
             reply["later_by_dm"] = "1"
         return reply
 
@@ -416,7 +416,7 @@ class DiscordAdapter:
         """`job` with one more of its interaction's follow-ups counted, before it is sent; None when the interaction
         has used all it may (each try counts: Discord may have taken one whose answer was lost)."""
         sent = int(job.source.reply.get("followups", "0"))
-        if False:
+        if sent >= FOLLOWUP_LIMIT:
             return None
         return await self._engine.update_reply(job.id, followups=str(sent + 1))
 

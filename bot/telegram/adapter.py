@@ -22,6 +22,7 @@ from telegram import (
     CallbackQuery,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
+    InlineQueryResultCachedVideo,
     InputMediaPhoto,
     Message,
     ReplyParameters,
@@ -36,6 +37,7 @@ from telegram.ext import (
     CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
+    InlineQueryHandler,
     MessageHandler,
     filters,
 )
@@ -78,6 +80,10 @@ PICTURE_HINT = (
 )
 HINTS_KEPT = 1000  # picture hints whose pictures a reply can still use; older ones (and all after a restart) cannot
 BUTTON_ANSWER_LIMIT = 200  # characters in a button's answer
+# Where a job keeps Telegram's id of its sent video (JobSource.reply): /history and inline mode send that copy.
+VIDEO_COPY = "video_file_id"
+INLINE_CACHE_S = 10  # a new video shows up in inline results within seconds
+
 # What a press of Reroll or Extend answers at once, and the status message its new job's place replaces.
 AGAIN = {
     "reroll": ("Making another one with a new seed…", "Rerolling job #{job}…"),
@@ -173,7 +179,7 @@ class TelegramAdapter:
             engine,
             self.app.process_update,
             poll_timeout_s,
-            allowed_updates=["message", "callback_query"],
+            allowed_updates=["message", "callback_query", "inline_query"],
             arrivals=self._core.arrivals,
             inbox=self._inbox,
         )
@@ -241,6 +247,7 @@ class TelegramAdapter:
         self.app.add_handler(CommandHandler("enhance", self._on_enhance))
         self.app.add_handler(CommandHandler("extend", self._on_extend))
         self.app.add_handler(CommandHandler("history", self._on_history))
+        self.app.add_handler(InlineQueryHandler(self._on_inline_query))
         self.app.add_handler(CommandHandler(["help", "start"], self._on_help))
         self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=r"^(cancel|reroll|extend|own|again):\d+$"))
         private = filters.ChatType.PRIVATE
@@ -470,6 +477,26 @@ class TelegramAdapter:
         text, job_ids = await self._core.history(_person(update.effective_user), _place(message))
         await self._reply(message, text, _history_buttons(job_ids))
 
+    async def _on_inline_query(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """@bot words, in any chat: the user's own videos whose prompt has those words, from Telegram's copies, to
+        share there (only the user sees the list; nothing is made)."""
+        query = update.inline_query
+        jobs = await self._core.shareable(_person(query.from_user), query.query, VIDEO_COPY)
+        results = [
+            InlineQueryResultCachedVideo(
+                id=str(job.id),
+                video_file_id=job.source.reply[VIDEO_COPY],
+                title=f"#{job.id} {texts.fit_text(job.params.prompt, 60)}",
+                description=f"{job.mode.value} · {job.result.duration_s:.1f} s" if job.result else job.mode.value,
+                caption=texts.result_caption(job),
+            )
+            for job in jobs
+        ]
+        try:
+            await query.answer(results, cache_time=INLINE_CACHE_S, is_personal=True)
+        except TelegramError as error:  # the query is answered too late (10 s) or is gone: nothing to show then
+            log.info("inline query not answered: %s", error)
+
     async def _send_again(self, query: CallbackQuery, person: Person, place: Place, job_id: int) -> None:
         """A /history button: the video sent again where it was pressed, from Telegram's copy when it has one (no
         upload, no new generation)."""
@@ -479,7 +506,7 @@ class TelegramAdapter:
             return
         await query.answer(f"Sending #{job_id}...")
         spoiler = self._engine.video_policy(job, place.kind) == "spoiler"
-        sent_as = job.source.reply.get("video_file_id")
+        sent_as = job.source.reply.get(VIDEO_COPY)
         where = {"caption": texts.result_caption(job), "has_spoiler": spoiler, "reply_markup": _video_buttons(job.id)}
         chat_id = query.message.chat_id
         try:
@@ -659,7 +686,7 @@ class TelegramAdapter:
         """Telegram's id of the sent video, so /history sends it again without an upload; a failure to record it
         only costs that upload (the delivery itself must not fail on it)."""
         try:
-            await self._engine.update_reply(job.id, video_file_id=file_id)
+            await self._engine.update_reply(job.id, **{VIDEO_COPY: file_id})
         except Exception:
             log.warning("job=%s: Telegram's copy of its video was not recorded", job.id, exc_info=True)
 

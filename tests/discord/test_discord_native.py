@@ -37,7 +37,9 @@ async def test_a_user_install_where_the_bot_cannot_post_sends_a_late_video_by_dm
             await until(lambda i=interaction: "is queued" in discord_server.original(i)["content"], what="queued")
         await asyncio.sleep(1.2)
         await bot.engine._queue.set_paused(False)
-        videos = await until(lambda: len(discord_server.with_files()) == 2 and discord_server.with_files(), what="2")
+        videos = await until(
+            lambda: len(discord_server.with_files()) == 2 and discord_server.with_files(), what="both videos"
+        )
         jobs = {job.source.user_id: job for job in await bot.engine._queue.list_jobs()}
     by_channel = {video["channel_id"]: video["content"] for video in videos}
     assert "a fox abroad" in by_channel[dm_of(discord_server, ALICE)]

@@ -57,8 +57,8 @@ async def test_a_chat_without_reactions_gets_none_after_its_first_refusal_and_th
 
 async def test_history_lists_your_videos_and_sends_one_again_from_telegrams_copy(tiny_settings, telegram):
     async with running_bot(configure(tiny_settings, telegram, allowed_users=[ALICE, BOB])) as bot:
-        telegram.command(ALICE, "/video a fox steps=2")
-        await until(lambda: telegram.sent("sendVideo", ALICE), what="the video")
+        request = telegram.command(ALICE, "/video a fox steps=2")
+        await until(lambda: _shows(telegram, request, SENT), what="the video, its copy recorded")
         [job] = await bot.engine._queue.list_jobs()
         telegram.command(ALICE, "/history")
         listed = await until(lambda: _reply_with(telegram, ALICE, "Your last videos"), what="/history")
@@ -83,3 +83,26 @@ async def test_history_lists_your_videos_and_sends_one_again_from_telegrams_copy
 
 def _reply_with(telegram, chat_id: int, start: str) -> dict | None:
     return next((reply for reply in telegram.replies(chat_id) if reply.get("text", "").startswith(start)), None)
+
+
+async def test_inline_mode_offers_your_own_videos_whose_prompt_has_the_words_typed(tiny_settings, telegram):
+    async with running_bot(configure(tiny_settings, telegram, allowed_users=[ALICE, BOB])) as bot:
+        request = telegram.command(ALICE, "/video a red fox steps=2")
+        await until(lambda: _shows(telegram, request, SENT), what="the video, its copy recorded")
+        [job] = await bot.engine._queue.list_jobs()
+        asked = {who: telegram.inline(who, words) for who, words in ((ALICE, "Fox"), (BOB, "fox"), (CAROL, ""))}
+        hare = telegram.inline(ALICE, "hare")
+        await until(lambda: all(query in telegram.inline_answers for query in [*asked.values(), hare]), what="answers")
+        copy = (await bot.engine.job(job.id)).source.reply["video_file_id"]
+    [offered] = telegram.inline_answers[asked[ALICE]]
+    assert (
+        offered["type"] == "video" and offered["video_file_id"] == copy and offered["title"].startswith(f"#{job.id} ")
+    )
+    assert telegram.inline_answers[asked[BOB]] == []  # only your own videos
+    assert telegram.inline_answers[asked[CAROL]] == []  # an outsider gets nothing
+    assert telegram.inline_answers[hare] == []
+
+
+def _shows(telegram, request: dict, reaction: str) -> bool:
+    """Whether the request's latest reaction is `reaction` (🎉: the video is sent and its delivery recorded)."""
+    return telegram.reactions.get((request["chat"]["id"], request["message_id"]), [])[-1:] == [reaction]
