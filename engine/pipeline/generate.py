@@ -7,6 +7,7 @@ whose callables must be thread-safe.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 from collections.abc import Callable, Iterator
@@ -24,7 +25,17 @@ from engine.errors import ModelUnusable, UserError
 from engine.hub.downloads import Downloader
 from engine.jobs import GenerationParams, Job, Progress, RunInfo, Stage
 from engine.pipeline.encoding import EncodeWhileDecoding
-from engine.pipeline.hooks import JobCancelled, JobInterrupted, RunHooks
+from engine.pipeline.hooks import (
+    CANCEL,
+    GO_ON,
+    INTERRUPT,
+    TIMED_OUT,
+    GroupBroken,
+    JobCancelled,
+    JobInterrupted,
+    Ranks,
+    RunHooks,
+)
 from engine.pipeline.loras import LoraFiles, LoraSlot, SavedWeights
 from engine.pipeline.machine import model_footprint, plan_job, this_machine, vae_in_bf16
 from engine.pipeline.models import ModelRef, ModelSpec, resolve_model
@@ -125,9 +136,10 @@ LOOP_SECOND_PASS = "pass 2 of 2: the loop back to it"
 class PipelineRunner:
     """Keeps at most one pipeline in memory and runs jobs on it."""
 
-    def __init__(self, config: GenerationConfig, locator: ModelLocator) -> None:
+    def __init__(self, config: GenerationConfig, locator: ModelLocator, ranks: Ranks | None = None) -> None:
         self._config = config
         self._locate = locator
+        self._ranks = ranks  # a parallel group this runner makes each video with (generation.parallel), or none
         self.loaded: LoadedPipeline | None = None
         # Chosen once (the attention check runs a kernel), logged with each load, applied to each loaded model.
         self._speedups = choose_speedups(config, pick_device(config.device))
@@ -153,7 +165,23 @@ class PipelineRunner:
         """Make the job's frames; a job that runs out of GPU memory is tried once more on the next leaner plan.
 
         A t2v loop is two passes: a short t2v video for its first frame, then the i2v model from that frame back to
-        it (params.loop_model)."""
+        it (params.loop_model). With a parallel group, every rank makes it alike; a rank lost on the way is a
+        GroupBroken (the job goes back to the queue, and the next run starts a new group)."""
+        if self._ranks is None:
+            return self._run(job, images, hooks)
+        if self._ranks.prepare():
+            self.unload()  # split over a group that is gone
+        try:
+            self._ranks.announce(job, images)
+            return self._run(job, images, dataclasses.replace(hooks, agree=self._ranks.agree))
+        except (JobCancelled, JobInterrupted, UserError, GroupBroken):
+            raise
+        except Exception as error:
+            if self._ranks.lost(error):
+                raise GroupBroken(f"a rank of the parallel group was lost during job {job.id}: {error}") from error
+            raise
+
+    def _run(self, job: Job, images: list[Image.Image], hooks: RunHooks) -> RunOutput:
         timings: dict[str, float] = {}
         started = hooks.clock()
         model = resolve_model(job.model, job.mode)
@@ -286,6 +314,9 @@ class PipelineRunner:
         loaded.loras.switch(loras)
         placement.settle()  # an fp8 plan's experts quantized, one after the other
         apply_speedups(pipeline, self._speedups, quantize=False)
+        if self._ranks is not None:
+            for transformer in filter(None, (pipeline.transformer, getattr(pipeline, "transformer_2", None))):
+                self._ranks.parallelize(transformer)
         self.loaded = loaded
         log.info(
             "loaded model=%s weights=%s device=%s speed-ups: %s\n%s",
@@ -329,6 +360,12 @@ class PipelineRunner:
         loaded.loras.editing = loaded.placement.editing
         lines = plan.lines(model_footprint(loaded.model, loaded.folder))
         log.info("plan changed for %s:\n%s", loaded.model.name, "\n".join(lines))
+
+    def close(self) -> None:
+        """The pipeline unloaded and a parallel group's other ranks stopped."""
+        self.unload()
+        if self._ranks is not None:
+            self._ranks.close()
 
     def unload(self) -> None:
         if self.loaded is None:
@@ -496,11 +533,21 @@ class StepTracker:
         expert = self._expert(float(timestep))
         self._durations.setdefault(expert, []).append(now - self._last)
         self._last = now
-        if self._hooks.should_interrupt():
+        decision = (
+            INTERRUPT
+            if self._hooks.should_interrupt()
+            else CANCEL
+            if self._hooks.should_cancel()
+            else TIMED_OUT
+            if now > self._deadline
+            else GO_ON
+        )
+        decision = self._hooks.agree(decision)  # a parallel group's ranks stop at the same step, or go on together
+        if decision == INTERRUPT:
             raise JobInterrupted
-        if self._hooks.should_cancel():
+        if decision == CANCEL:
             raise JobCancelled
-        if now > self._deadline:
+        if decision == TIMED_OUT:
             raise GenerationTimedOut(
                 f"The video took longer than the limit of {self._hooks.timeout_s:.0f} s.",
                 "Try fewer steps, fewer frames or a lower resolution.",
