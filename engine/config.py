@@ -189,7 +189,18 @@ class GenerationConfig(Section):
         description="The VAE's weights and decode (auto: bf16 on a GPU, about half an 8-bit level from fp32 on "
         "average and two thirds of its memory; fp32 on a CPU).",
     )
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = Field(
+        "auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'; with parallel, the group's devices: 'cuda:0,cuda:1'."
+    )
+    parallel: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Ranks that make each video together, a device each (diffusers' context parallelism); 1: none.",
+    )
+    parallel_timeout_s: float = Field(
+        300.0, gt=0, description="Longest a rank waits for the others before the group counts as broken."
+    )
     devices: list[str] = Field(
         default_factory=list,
         description="`wanbot worker` starts one worker process per device listed (such as ['cuda:0', 'cuda:1']).",

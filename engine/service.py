@@ -184,15 +184,34 @@ class Engine:
         from engine.pipeline.prompts import PromptLengths
         from engine.worker import Worker
 
+        ranks, devices = None, None
+        if settings.generation.parallel > 1:
+            from engine.parallel.group import group_plan
+            from engine.parallel.ranks import LeaderRanks
+
+            plan = group_plan(settings.generation)
+            devices = "+".join(plan.devices)  # the fleet shows one worker with its devices
+            # This process is rank 0, on the group's first device; the others start with the first job.
+            settings = settings.model_copy(
+                update={"generation": settings.generation.model_copy(update={"device": plan.devices[0]})}
+            )
+            ranks = LeaderRanks(plan, settings)
         device_facts(settings.generation)  # a GPU this machine lacks is said in one line, before anything uses it
         quiet_libraries()  # no library progress bars between the log lines of a worker
         downloader = Downloader(settings.models_dir, settings.downloads)
         locator = locator or default_locator(settings, downloader)
-        runner = PipelineRunner(settings.generation, locator)
+        runner = PipelineRunner(settings.generation, locator, ranks=ranks)
         queue = await JobQueue.connect(settings.database_url, EventBus())
         await queue.measure_clock_skew()
         worker = Worker(
-            queue, runner, store, settings, downloader, write_retry_s=settings.queue.write_retry_s, rules=rules
+            queue,
+            runner,
+            store,
+            settings,
+            downloader,
+            write_retry_s=settings.queue.write_retry_s,
+            rules=rules,
+            devices=devices,
         )
         prompt_lengths = PromptLengths(locator.on_disk)
         return cls(settings, queue, store, runner, worker, prompt_lengths, _rules=rules)

@@ -32,7 +32,7 @@ from engine.hub.downloads import Downloader
 from engine.hub.fetcher import ModelFetcher
 from engine.jobs import EventKind, Job, PreviewInfo, Progress, ResultInfo, Stage, WorkerRecord, WorkerState
 from engine.pipeline.generate import PipelineRunner, RunOutput, device_facts
-from engine.pipeline.hooks import JobCancelled, JobInterrupted, RunHooks
+from engine.pipeline.hooks import GroupBroken, JobCancelled, JobInterrupted, RunHooks
 from engine.pipeline.previews import LivePreviews
 from engine.pipeline.video import encode_mp4, finish_mp4, read_frames, to_uint8
 from engine.queue.bus import Subscription
@@ -47,6 +47,7 @@ from engine.storage.preview_files import preview_path, remove_preview
 from engine.storage.shared_files import local_video, shared_files
 
 log = logging.getLogger(__name__)
+RANK_LOST = "a rank of its parallel group was lost"
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Worker:
         error_wait_s: float = 1.0,
         write_retry_s: float = 300.0,
         rules: ContentRules | None = None,
+        devices: str | None = None,
     ) -> None:
         self._queue = queue
         self._rules = rules or ContentRules(settings.safety, downloader)
@@ -102,9 +104,10 @@ class Worker:
         self._files = shared_files(queue)
         self.state = LoopState()
         self._host = socket.gethostname()
+        self._devices = devices  # a parallel group's devices ("cuda:0+cuda:1"), which the fleet shows as one worker
         self._started_at = time.time()
         # Never the id of an earlier process: a container started again may have the same host name and pid.
-        self.id = f"{self._host}/{settings.generation.device}/{os.getpid()}-{secrets.token_hex(2)}"
+        self.id = f"{self._host}/{devices or settings.generation.device}/{os.getpid()}-{secrets.token_hex(2)}"
         # Models this worker failed to download, and until when it leaves their jobs to the others.
         self._unfetchable: dict[str, float] = {}
         self._fetcher = ModelFetcher(
@@ -146,7 +149,7 @@ class Worker:
             host=self._host,
             machine=self._machine,
             pid=os.getpid(),
-            device=device,
+            device=self._devices or device,
             gpu_name=gpu_name,
             free_memory_bytes=free_bytes,
             loaded_model=self._runner.loaded_model,
@@ -273,6 +276,8 @@ class Worker:
         """Release the threads and say this worker stopped (its record stays, for `wanbot workers`)."""
         await self._say_stopped()
         await self._fetcher.close()
+        # On the GPU thread, after any job it runs: a parallel group's other ranks are stopped there too.
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._runner.close)
         self._executor.shutdown(wait=True)
         self._preview_executor.shutdown(wait=True)
 
@@ -318,6 +323,13 @@ class Worker:
         token = job.claim_token
         try:
             await self._generate(job, flags, reporter)
+        except GroupBroken:
+            # The group is started again for the next job (the loop's error wait spaces the tries); this one goes
+            # back to the queue, as after a crash.
+            await reporter.drain()
+            requeue = partial(self._queue.requeue, job.id, RANK_LOST, token=token)
+            await self._finish(job.id, "requeue", requeue)
+            raise
         except JobInterrupted:
             await reporter.drain()
             if flags.lost.is_set():

@@ -326,10 +326,24 @@ def generate(
     out: Annotated[
         Path | None, typer.Option(metavar="FILE", help="Copy the MP4 here too (default: only under the data folder).")
     ] = None,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N", min=1, max=8, help="Make it on N ranks, a device each (default: generation.parallel)."
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DEVICE", help="cpu, cuda, cuda:N, or the ranks' cuda:0,cuda:1 (default: generation.device)."
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Make one video through the same validation, queue and worker as the bot, with a progress bar."""
     settings = settings_from(config)
+    on = {key: value for key, value in (("parallel", parallel), ("device", device)) if value is not None}
+    settings.generation = settings.generation.model_copy(update=on)
     if extend is not None:
         # An Extend's new part takes the video's own settings: an option it would ignore is a mistake, said at once.
         given = {

@@ -33,22 +33,39 @@ def worker_command(
             help="Start one worker process per GPU listed, such as cuda:0,cuda:1 (default: generation.devices).",
         ),
     ] = None,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            min=1,
+            max=8,
+            help="Make each video on N devices together; with --devices, a worker per N of them "
+            "(default: generation.parallel).",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Run one GPU worker and nothing else (no chat token needed); with --devices, one worker process per GPU."""
+    """Run one GPU worker and nothing else (no chat token needed); with --devices, one worker process per GPU (or
+    per --parallel GPUs)."""
     settings = settings_from(config)
     if device and devices:
         raise usage_error("Give --device (one worker) or --devices (one process per GPU), not both.")
+    size = parallel or settings.generation.parallel
     listed = [name.strip() for name in devices.split(",") if name.strip()] if devices else settings.generation.devices
     if device is None and listed:
         from bot.roles.worker_processes import run_worker_processes
 
-        processes = run_worker_processes(listed, str(config) if config else None, _say, settings.metrics.port)
+        if len(listed) % size:
+            raise usage_error(f"{len(listed)} devices cannot make workers of --parallel {size} each: list a multiple.")
+        groups = [",".join(listed[index : index + size]) for index in range(0, len(listed), size)]
+        processes = run_worker_processes(groups, str(config) if config else None, _say, settings.metrics.port, size)
         failure = run_or_exit(processes)
         _exit_on(failure)
         return
+    update: dict[str, object] = {"parallel": size}
     if device is not None:
-        settings.generation = settings.generation.model_copy(update={"device": device})
+        update["device"] = device
+    settings.generation = settings.generation.model_copy(update=update)
     _run_role(config, "worker", settings)
 
 

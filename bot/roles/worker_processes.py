@@ -30,13 +30,19 @@ def thread_limits(devices: list[str]) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // on_cpu))}
 
 
-def worker_command(device: str, config: str | None) -> list[str]:
+def worker_command(device: str, config: str | None, parallel: int = 1) -> list[str]:
+    """`device`: one device, or a parallel group's ("cuda:0,cuda:1")."""
     command = [sys.executable, "-c", "from bot.cli import main; main()", "worker", "--device", device]
+    command += ["--parallel", str(parallel)] if parallel > 1 else []
     return [*command, "--config", config] if config else command
 
 
 async def run_worker_processes(
-    devices: list[str], config: str | None, say: Callable[[str], None], metrics_port: int | None = None
+    devices: list[str],
+    config: str | None,
+    say: Callable[[str], None],
+    metrics_port: int | None = None,
+    parallel: int = 1,
 ) -> str | None:
     """Keep one `wanbot worker --device D` running per device until a signal (None), or until one cannot start
     because of its configuration (what failed). With `metrics_port`, the Nth process serves metrics on that port + N:
@@ -53,18 +59,20 @@ async def run_worker_processes(
         envs = [{**env, "WANBOT_METRICS__PORT": str(metrics_port + index)} for index in range(len(devices))]
         say(f"metrics of {devices[0]} on port {metrics_port}, of each next device on the next port")
     keepers = [
-        asyncio.create_task(_keep(device, config, child_env, stop, failures))
+        asyncio.create_task(_keep(device, config, child_env, stop, failures, parallel))
         for device, child_env in zip(devices, envs, strict=True)
     ]
     await asyncio.gather(*keepers)
     return failures[0] if failures else None
 
 
-async def _keep(device: str, config: str | None, env: dict[str, str], stop: asyncio.Event, failures: list[str]) -> None:
+async def _keep(
+    device: str, config: str | None, env: dict[str, str], stop: asyncio.Event, failures: list[str], parallel: int
+) -> None:
     wait_s = FIRST_WAIT_S
     while not stop.is_set():
         started = time.monotonic()
-        child = await asyncio.create_subprocess_exec(*worker_command(device, config), env=env)
+        child = await asyncio.create_subprocess_exec(*worker_command(device, config, parallel), env=env)
         stopping = asyncio.ensure_future(stop.wait())
         exited = asyncio.ensure_future(child.wait())
         await asyncio.wait([stopping, exited], return_when=asyncio.FIRST_COMPLETED)

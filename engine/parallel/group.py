@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from engine.config import Settings
+from engine.config import GenerationConfig, Settings
 from engine.errors import UserError
 from engine.jobs import Job
 from engine.pipeline.hooks import GroupBroken
@@ -45,6 +45,34 @@ class GroupPlan:
     @property
     def backend(self) -> str:
         return "nccl" if self.devices[0].startswith("cuda") else "gloo"
+
+
+def group_plan(config: GenerationConfig) -> GroupPlan:
+    """The group `generation.parallel` and `generation.device` ask for: the devices listed (one per rank), or N of
+    the one named: 'cpu' N times, 'cuda' (or 'auto' on a GPU machine) cuda:0 to cuda:N-1, 'cuda:K' K onwards."""
+    size = config.parallel
+    listed = [name.strip() for name in config.device.split(",") if name.strip()]
+    if len(listed) > 1:
+        if len(listed) != size:
+            raise UserError(
+                f"generation.device lists {len(listed)} devices for a group of generation.parallel = {size} ranks.",
+                "Give one device per rank, such as --device cuda:0,cuda:1 --parallel 2.",
+            )
+        return GroupPlan(listed, config.parallel_timeout_s)
+    one = listed[0] if listed else "auto"
+    if one == "auto":
+        one = "cuda" if torch.cuda.is_available() else "cpu"
+    if one == "cpu":
+        return GroupPlan(["cpu"] * size, config.parallel_timeout_s)
+    first = int(one.partition(":")[2] or 0)
+    devices = [f"cuda:{first + index}" for index in range(size)]
+    if torch.cuda.device_count() < first + size:
+        raise UserError(
+            f"A group of {size} ranks from {one} needs {', '.join(devices)}, and this machine has "
+            f"{torch.cuda.device_count()} GPUs.",
+            "Lower --parallel, or name the devices with --device.",
+        )
+    return GroupPlan(devices, config.parallel_timeout_s)
 
 
 def check_heads(heads: int, size: int) -> None:

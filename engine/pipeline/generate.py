@@ -172,6 +172,7 @@ class PipelineRunner:
         if self._ranks.prepare():
             self.unload()  # split over a group that is gone
         try:
+            self._fetch_all(job, hooks)
             self._ranks.announce(job, images)
             return self._run(job, images, dataclasses.replace(hooks, agree=self._ranks.agree))
         except (JobCancelled, JobInterrupted, UserError, GroupBroken):
@@ -284,10 +285,7 @@ class PipelineRunner:
         or taken out in place and a plan of wanbot's own placements replaces another in place; only a distilled
         model of its own (TI2V), fp8 weights (which a LoRA can neither enter nor leave) or diffusers' offload hooks
         mean a reload."""
-        fast = model.spec.fast if params.preset is Preset.FAST else None
-        source = self._locate.fast_model(model) if fast and fast.weights == "model" else model
-        loras = self._locate.loras(model, hooks) if fast and fast.weights == "lora" else None
-        folder = self._locate(model, hooks) if source is model else self._locate.fast_model_folder(source, hooks)
+        source, loras, folder = self._weights(model, params, hooks)
         plan = forced or self._plan(model, params, folder)
         self._trying = (plan, folder)  # what an out-of-memory error, in loading or running, ran out with
         loaded = self.loaded
@@ -329,6 +327,26 @@ class PipelineRunner:
         # Kept loaded from here: a style LoRA that fails to load fails its job alone.
         loaded.styles.apply(styles)
         return loaded
+
+    def _weights(
+        self, model: ModelRef, params: GenerationParams, hooks: RunHooks
+    ) -> tuple[ModelRef, LoraFiles | None, Path]:
+        """What `model` runs `params` on, fetched (or built) where missing: the model whose weights load (its own,
+        or a fast preset's distilled one), a fast preset's LoRA pair and the weights' folder."""
+        fast = model.spec.fast if params.preset is Preset.FAST else None
+        source = self._locate.fast_model(model) if fast and fast.weights == "model" else model
+        loras = self._locate.loras(model, hooks) if fast and fast.weights == "lora" else None
+        folder = self._locate(model, hooks) if source is model else self._locate.fast_model_folder(source, hooks)
+        return source, loras, folder
+
+    def _fetch_all(self, job: Job, hooks: RunHooks) -> None:
+        """Every file the job loads, fetched here first: the other ranks of a group then find them all on disk, and
+        no two fetch (or build) the same files at once."""
+        self._weights(resolve_model(job.model, job.mode), job.params, hooks)
+        if job.params.loop_model is not None and job.mode is Mode.T2V:
+            self._weights(resolve_model(job.params.loop_model, Mode.I2V), job.params, hooks)
+        for use in job.params.loras:
+            self._locate.style(use, hooks)
 
     def _placement(self, pipeline: Any, plan: Plan, device: torch.device) -> Placement:
         quantize = quantize_fp8 if plan.fp8 else None

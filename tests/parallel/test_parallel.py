@@ -12,10 +12,12 @@ import pytest
 
 from engine.config import Settings
 from engine.hub.downloads import Downloader
+from engine.jobs import JobStatus
 from engine.parallel.group import GroupPlan
 from engine.parallel.ranks import LeaderRanks
 from engine.pipeline.generate import PipelineRunner, default_locator
 from engine.pipeline.hooks import GroupBroken, JobCancelled, RunHooks
+from engine.worker import RANK_LOST
 from tests.pipeline.test_generate import submit
 
 pytestmark = pytest.mark.timeout(300)
@@ -56,3 +58,50 @@ async def test_two_ranks_make_the_same_frames_as_one_process_stop_together_and_s
         assert np.array_equal(after, together) and ranks._group._followers[0].pid != follower.pid
     finally:
         await asyncio.to_thread(ranks.close)
+
+
+async def test_a_worker_of_two_ranks_makes_the_job_once_after_a_rank_is_killed_mid_job(tiny_settings):
+    from engine.service import Engine
+
+    settings = tiny_settings.model_copy(
+        update={"generation": tiny_settings.generation.model_copy(update={"parallel": 2, "device": "cpu"})}
+    )
+    engine = await Engine.open(settings)
+    try:
+        job = (await submit(engine, "t2v", seed=5, steps=3, frames=9)).result.job
+        events = engine.subscribe()
+        worker = asyncio.create_task(engine._worker.run(stop_after=1))
+        killed = []
+        while True:
+            event = await asyncio.wait_for(events.get(), timeout=120)
+            if event.progress is not None and event.progress.stage.value == "denoising" and not killed:
+                [follower] = engine._runner._ranks._group._followers
+                os.kill(follower.pid, signal.SIGKILL)
+                killed.append(follower.pid)
+            if event.kind.value == "succeeded":
+                break
+        await asyncio.wait_for(worker, timeout=60)
+        done = await engine.job(job.id)
+        history = await engine._queue.events_of(job.id)
+        record = engine._worker.record()
+    finally:
+        await engine.close()
+    assert done.status is JobStatus.SUCCEEDED
+    # Put back once when the rank was lost, then made on a new group: started twice, succeeded once.
+    assert [kind for kind, _ in history].count("started") == 2 and ("requeued", RANK_LOST) in history
+    assert len(list(settings.outputs_dir.glob(f"job-{job.id}-*.mp4"))) == 1
+    assert record.device == "cpu+cpu"  # the fleet sees one worker with its two devices
+
+
+def test_generate_on_two_ranks_makes_the_video_and_a_group_the_heads_cannot_share_is_refused(tmp_path):
+    from engine.pipeline.video import probe
+    from tests.cli.test_cli import wanbot
+
+    data = tmp_path / "data"
+    asked = ("generate", "--mode", "t2v", "--model", "tiny", "--prompt", "w1 a fox", "--frames", "5", "--resolution")
+    made = wanbot(*asked, "64x64", "--steps", "2", "--parallel", "2", "--device", "cpu", data=data)
+    three = wanbot(*asked, "64x64", "--steps", "2", "--parallel", "3", "--device", "cpu", data=data)
+    assert made.returncode == 0, made.stderr
+    assert probe(made.stdout.split()[0]).frames == 5
+    assert three.returncode == 1
+    assert "This model has 2 attention heads, which 3 ranks cannot share evenly." in " ".join(three.stderr.split())
