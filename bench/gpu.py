@@ -49,6 +49,7 @@ import contextlib
 import gc
 import itertools
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -63,7 +64,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import UMT5Config, UMT5EncoderModel
 
-from engine.config import GenerationConfig
+from engine.config import GenerationConfig, Settings
 from engine.pipeline.footprint import (
     A14B_TRANSFORMER,
     A14B_VAE,
@@ -731,13 +732,53 @@ def t2v_720p_and_compiled(bench: Bench, size_720p: tuple[int, int, int], size_48
     bench.free()
 
 
+def multi_gpu(bench: Bench, model: str) -> None:
+    """One video on 1, 2, 4 and 8 GPUs (bench/parallel.py), where this machine has more than one: s/video and
+    tokens/s for each group size, and how far each group's frames are from one GPU's."""
+    from bench.parallel import job, run
+
+    count = torch.cuda.device_count() if bench.device == "cuda" else 0
+    if count < 2:
+        bench.report({"what": "parallel", "skipped": f"{count} GPU(s): one video on several needs two or more"})
+        return
+    with tempfile.TemporaryDirectory(prefix="wanbot-parallel-") as data:
+        settings = Settings(data_dir=Path(data), models={"t2v": model}, previews={"enabled": False})
+        settings.generation = settings.generation.model_copy(update={"device": "cuda"})
+        height, width, frames = (480, 832, 81) if bench.real and model != "tiny" else (64, 64, 9)
+        the_job = job(settings.models.t2v, width, height, frames, steps=4)
+        tokens = frames // 4 * (height // 16) * (width // 16)
+        alone = None
+        for ranks in (size for size in (1, 2, 4, 8) if size <= count):
+            if not bench.fits(f"parallel {ranks}", need_s=120):
+                return
+            times, made = run(settings, ranks, the_job, videos=2)
+            alone = made if alone is None else alone
+            seconds = statistics.median(times)
+            bench.report(
+                {
+                    "what": "parallel",
+                    "model": model,
+                    "ranks": ranks,
+                    "size": f"{width}x{height}x{frames}",
+                    "s_per_video": seconds,
+                    "tokens_per_s": tokens * 4 / seconds,
+                    "max_difference_from_1": float(np.abs(made - alone).max()),
+                }
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     has_gpu = torch.cuda.is_available()
     parser.add_argument("--size", choices=("real", "tiny"), default="real" if has_gpu else "tiny")
     parser.add_argument("--budget-s", type=float, default=520, help="skip what would run past this many seconds")
     parser.add_argument(
-        "--only", default="text,plans,ti2v,t2v,fast-preset,i2v,t2v-720p", help="which parts of the plan, in order"
+        "--only",
+        default="text,plans,ti2v,t2v,fast-preset,i2v,t2v-720p,parallel",
+        help="which parts of the plan, in order",
+    )
+    parser.add_argument(
+        "--parallel-model", default="tiny", help="the model the parallel part runs: tiny, a folder, or a repo on disk"
     )
     parser.add_argument("--out", type=Path, help="append each figure here as a JSON line")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, when not in the table")
@@ -780,6 +821,7 @@ def main() -> None:
         "fast-preset": lambda: fast_preset(bench, a14b_size),
         "i2v": lambda: i2v(bench, a14b_size),
         "t2v-720p": lambda: t2v_720p_and_compiled(bench, (720, 1280, 81) if real else tiny, a14b_size),
+        "parallel": lambda: multi_gpu(bench, args.parallel_model),
     }
     for part in args.only.split(","):
         parts[part]()
