@@ -17,6 +17,7 @@ from engine.parallel.group import GroupPlan
 from engine.parallel.ranks import LeaderRanks
 from engine.pipeline.generate import PipelineRunner, default_locator
 from engine.pipeline.hooks import GroupBroken, JobCancelled, RunHooks
+from engine.pipeline.presets import Preset
 from engine.worker import RANK_LOST
 from tests.pipeline.test_generate import submit
 
@@ -38,6 +39,12 @@ async def test_two_ranks_make_the_same_frames_as_one_process_stop_together_and_s
         difference = float(np.abs(together - alone).max())
         print(f"largest difference between 1 and 2 ranks: {difference}")
         assert difference <= 1e-5
+
+        # The fast preset's distilled LoRA pair is fused on every rank alike.
+        fast = (await submit(engine, "t2v", seed=42, frames=9, preset=Preset.FAST)).result.job
+        fast_alone = (await asyncio.to_thread(engine._runner.run, fast, [], RunHooks())).frames
+        fast_together = (await asyncio.to_thread(runner.run, fast, [], RunHooks())).frames
+        assert float(np.abs(fast_together - fast_alone).max()) <= 1e-5
 
         # A cancel at step 1 stops rank 0 and its follower alike: the next job runs in step on the same group.
         steps = []

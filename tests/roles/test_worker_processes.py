@@ -122,3 +122,12 @@ async def test_a_device_the_machine_lacks_stops_all_with_one_line(tiny_settings)
 async def test_device_and_devices_together_is_a_usage_error(tiny_settings):
     code, text = await wanbot_until_exit(tiny_settings, "worker", "--device", "cpu", "--devices", "cpu,auto")
     assert code == 2 and "not both" in text
+
+
+async def test_parallel_workers_take_the_devices_listed_n_at_a_time(tiny_settings):
+    from bot.roles.worker_processes import worker_command
+
+    code, text = await wanbot_until_exit(tiny_settings, "worker", "--devices", "cpu,cpu,cpu", "--parallel", "2")
+    assert code == 2 and "3 devices cannot make workers of --parallel 2 each: list a multiple." in text
+    # Each worker process of `--devices cuda:0,cuda:1,cuda:2,cuda:3 --parallel 2` is one group of two.
+    assert worker_command("cuda:2,cuda:3", None, 2)[-4:] == ["--device", "cuda:2,cuda:3", "--parallel", "2"]
