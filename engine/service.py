@@ -617,6 +617,9 @@ class Engine:
             if line is not None:
                 size = f"{params.width}x{params.height}, {params.frames} frames, {params.preset.value}"
                 say(f"plan for {mode.value} ({size}): {line}")
+            refusal = await asyncio.to_thread(self._runner.parallel_line, model)
+            if refusal is not None:
+                say(f"{mode.value} cannot run on this parallel group: {refusal}")
 
     async def say_missing_models(self, say: Callable[[str], None]) -> None:
         """Name each mode's model that is not on disk yet (its first job downloads it), through `say`."""

@@ -4,17 +4,31 @@ with it; what it makes is thrown away (rank 0 decodes, encodes and keeps the vid
 from __future__ import annotations
 
 import logging
+from typing import Any
+
+from PIL import Image
 
 from engine.config import Settings
 from engine.errors import UserError
 from engine.hub.downloads import Downloader
-from engine.parallel.group import RankGroup
-from engine.parallel.ranks import FollowerRanks
+from engine.jobs import Job
+from engine.parallel.group import GroupPlan, RankGroup, check_heads, split_over_ranks
 from engine.pipeline.generate import PipelineRunner, default_locator
 from engine.pipeline.hooks import GroupBroken, JobCancelled, JobInterrupted, RunHooks
 from engine.pipeline.libraries import quiet_libraries
 
 log = logging.getLogger(__name__)
+
+
+def follow(rank: int, plan: GroupPlan, address: str, settings_json: str) -> None:
+    """A follower rank's process (rank 0 starts it): load as rank 0 does, then make every job rank 0 sends, until it
+    says stop."""
+    settings = Settings.model_validate_json(settings_json)
+    group = RankGroup.joined(plan, rank, address)
+    try:
+        run_follower(group, settings)
+    finally:
+        group.close()
 
 
 def run_follower(group: RankGroup, settings: Settings) -> None:
@@ -26,7 +40,7 @@ def run_follower(group: RankGroup, settings: Settings) -> None:
     while (received := group.receive()) is not None:
         job, images = received
         try:
-            runner.run(job, images, RunHooks(agree=ranks.agree))
+            runner.run(job, images, RunHooks(agree=ranks.agree, decode=False))
         except (JobCancelled, JobInterrupted):
             log.info("rank %d: job=%s stopped as rank 0 said", group.rank, job.id)
         except UserError as error:
@@ -39,3 +53,35 @@ def run_follower(group: RankGroup, settings: Settings) -> None:
             log.exception("rank %d: job=%s failed; leaving the group", group.rank, job.id)
             raise
     runner.unload()
+
+
+class FollowerRanks:
+    """A rank other than 0, in a process rank 0 started: it is told its jobs and does as rank 0 decides."""
+
+    def __init__(self, group: RankGroup) -> None:
+        self._group = group
+
+    @property
+    def size(self) -> int:
+        return self._group.size
+
+    def prepare(self) -> bool:
+        return False
+
+    def announce(self, job: Job, images: list[Image.Image]) -> None:
+        """A follower was told already (that is how it got the job)."""
+
+    def agree(self, decision: int) -> int:
+        return self._group.agree(decision)
+
+    def lost(self, error: BaseException) -> bool:
+        return self._group.lost(error)
+
+    def check_heads(self, heads: int) -> None:
+        check_heads(heads, self.size)
+
+    def parallelize(self, transformer: Any) -> None:
+        split_over_ranks(transformer, self.size)
+
+    def close(self) -> None:
+        """The group is closed by the process that made it."""

@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
@@ -26,6 +27,7 @@ from PIL import Image
 from engine.config import GenerationConfig, Settings
 from engine.errors import UserError
 from engine.jobs import Job
+from engine.parallel.seam import enable_context_parallel
 from engine.pipeline.hooks import GroupBroken
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,12 @@ def group_plan(config: GenerationConfig) -> GroupPlan:
     return GroupPlan(devices, config.parallel_timeout_s)
 
 
+def split_over_ranks(transformer: Any, size: int) -> None:
+    """A loaded transformer's sequence split over the group's `size` ranks (every rank alike), where its heads allow."""
+    check_heads(transformer.config.num_attention_heads, size)
+    enable_context_parallel(transformer, size)
+
+
 def check_heads(heads: int, size: int) -> None:
     """Ulysses splits the attention heads over the ranks: a count they cannot share is refused in one sentence."""
     if heads % size:
@@ -104,9 +112,10 @@ class RankGroup:
         return self._broken.is_set()
 
     @classmethod
-    def start(cls, plan: GroupPlan, settings: Settings) -> RankGroup:
-        """Rank 0: start a process for each further device and join them in one group; GroupBroken if they do not
-        all join within the timeout."""
+    def start(cls, plan: GroupPlan, settings: Settings, follow: Callable[..., None]) -> RankGroup:
+        """Rank 0: start a process for each further device, running `follow(rank, plan, address, settings_json)`
+        (engine/parallel/follower.py), and join them in one group; GroupBroken if they do not all join within the
+        timeout."""
         address = f"tcp://127.0.0.1:{_free_port()}"
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
         followers = []
@@ -119,7 +128,7 @@ class RankGroup:
             )
             process.start()
             followers.append(process)
-        group = cls(plan, 0, _device(plan.devices[0]), followers)
+        group = cls(plan, 0, device_of(plan.devices[0]), followers)
         try:
             group._join(address)
         except Exception as error:
@@ -127,6 +136,13 @@ class RankGroup:
             raise GroupBroken(f"the ranks of the parallel group did not all start: {error}") from error
         threading.Thread(target=group._watch, name="wanbot-rank-watch", daemon=True).start()
         log.info("parallel group of %d ranks on %s (%s)", plan.size, ", ".join(plan.devices), plan.backend)
+        return group
+
+    @classmethod
+    def joined(cls, plan: GroupPlan, rank: int, address: str) -> RankGroup:
+        """A follower's place in the group rank 0 started at `address`."""
+        group = cls(plan, rank, device_of(plan.devices[rank]))
+        group._join(address)
         return group
 
     def _join(self, address: str) -> None:
@@ -209,20 +225,7 @@ class RankGroup:
                 process.kill()
 
 
-def follow(rank: int, plan: GroupPlan, address: str, settings_json: str) -> None:
-    """A follower rank's process: load as rank 0 does, then make every job rank 0 sends, until it says stop."""
-    from engine.parallel.follower import run_follower
-
-    settings = Settings.model_validate_json(settings_json)
-    group = RankGroup(plan, rank, _device(plan.devices[rank]))
-    group._join(address)
-    try:
-        run_follower(group, settings)
-    finally:
-        group.close()
-
-
-def _device(name: str) -> torch.device:
+def device_of(name: str) -> torch.device:
     return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 

@@ -1,6 +1,6 @@
-"""The runner's view of a parallel group (engine/pipeline/hooks.py's `Ranks`): rank 0 starts the group when a job
-first needs it (and a new one after a rank failed), tells the others each job, and splits every loaded transformer
-over the ranks; a follower only splits and agrees."""
+"""Rank 0's side of a parallel group as the runner uses it (engine/pipeline/hooks.py's `Ranks`): it starts the group
+when a job first needs it (and a new one after a rank failed), tells the others each job, and splits every loaded
+transformer over the ranks. (A follower's side is in follower.py.)"""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from PIL import Image
 
 from engine.config import Settings
 from engine.jobs import Job
-from engine.parallel.group import GroupPlan, RankGroup, check_heads
-from engine.parallel.seam import enable_context_parallel
+from engine.parallel.follower import follow
+from engine.parallel.group import GroupPlan, RankGroup, check_heads, split_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class LeaderRanks:
             log.warning("starting the parallel group again after a rank failed")
             self._group.close()
             self._group = None
-        self._group = RankGroup.start(self._plan, self._settings)
+        self._group = RankGroup.start(self._plan, self._settings, follow)
         return True
 
     def announce(self, job: Job, images: list[Image.Image]) -> None:
@@ -50,11 +50,13 @@ class LeaderRanks:
         return self._group.agree(decision)
 
     def parallelize(self, transformer: Any) -> None:
-        check_heads(transformer.config.num_attention_heads, self.size)
-        enable_context_parallel(transformer, self.size)
+        split_over_ranks(transformer, self.size)
 
     def lost(self, error: BaseException) -> bool:
         return self._group is not None and self._group.lost(error)
+
+    def check_heads(self, heads: int) -> None:
+        check_heads(heads, self.size)
 
     def close(self) -> None:
         if self._group is None:
@@ -65,33 +67,3 @@ class LeaderRanks:
             log.warning("the parallel group's other ranks did not stop cleanly", exc_info=True)
         self._group.close()
         self._group = None
-
-
-class FollowerRanks:
-    """A rank other than 0, in a process rank 0 started: it is told its jobs and does as rank 0 decides."""
-
-    def __init__(self, group: RankGroup) -> None:
-        self._group = group
-
-    @property
-    def size(self) -> int:
-        return self._group.size
-
-    def prepare(self) -> bool:
-        return False
-
-    def announce(self, job: Job, images: list[Image.Image]) -> None:
-        """A follower was told already (that is how it got the job)."""
-
-    def agree(self, decision: int) -> int:
-        return self._group.agree(decision)
-
-    def lost(self, error: BaseException) -> bool:
-        return self._group.lost(error)
-
-    def parallelize(self, transformer: Any) -> None:
-        check_heads(transformer.config.num_attention_heads, self.size)
-        enable_context_parallel(transformer, self.size)
-
-    def close(self) -> None:
-        """The group is closed by the process that made it."""

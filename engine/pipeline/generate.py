@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -246,6 +247,21 @@ class PipelineRunner:
             if params.loras:
                 _check_carries_loras(plan)
 
+    def parallel_line(self, model: ModelRef) -> str | None:
+        """Why this worker's parallel group cannot make `model`'s videos (its attention heads do not divide among
+        the ranks), said at start where the model is on disk; None where it can, or nothing can be told yet."""
+        folder = self._locate.on_disk(model) if self._ranks is not None else None
+        if self._ranks is None or folder is None:
+            return None
+        try:
+            config = json.loads((folder / "transformer" / "config.json").read_text())
+            self._ranks.check_heads(int(config["num_attention_heads"]))
+        except UserError as error:
+            return f"{model.name}: {error}"
+        except (OSError, ValueError, KeyError):
+            return None  # a folder laid out otherwise: its first job says it, when it loads
+        return None
+
     def plan_line(self, model: ModelRef, params: GenerationParams) -> str | None:
         """The plan a job of `params` gets, or why none fits, in one line; None without a GPU (all runs on the CPU)
         or for a tiny model not built yet."""
@@ -440,7 +456,8 @@ class PipelineRunner:
             "num_inference_steps": params.steps,
             "guidance_scale": params.guidance,
             "generator": torch.Generator(device="cpu").manual_seed(params.seed),
-            "output_type": "np",
+            # A follower's frames are thrown away: no decode, unless a loop's second pass starts from them.
+            "output_type": "np" if hooks.decode or not encode else "latent",
             "callback_on_step_end": tracker.on_step_end,
         }
         if spec.two_experts and params.guidance_2 is not None:

@@ -53,6 +53,10 @@ class Ranks(Protocol):
         """Whether `error` (raised by a run) means a rank is gone: the group is then broken."""
         ...
 
+    def check_heads(self, heads: int) -> None:
+        """A UserError where the ranks cannot share a model's attention heads evenly."""
+        ...
+
     def parallelize(self, transformer: Any) -> None:
         """Split a loaded transformer over the ranks (every rank alike)."""
         ...
@@ -75,3 +79,6 @@ class RunHooks:
     encode_to: Path | None = None
     # A parallel group's agreement after each step (rank 0's decision for all); alone, the decision itself.
     agree: Callable[[int], int] = lambda decision: decision
+    # False on a follower rank: the VAE decode is rank 0's alone (but for a t2v loop's first pass, whose first frame
+    # every rank's second pass starts from).
+    decode: bool = True

@@ -17,7 +17,9 @@ from engine.parallel.group import GroupPlan
 from engine.parallel.ranks import LeaderRanks
 from engine.pipeline.generate import PipelineRunner, default_locator
 from engine.pipeline.hooks import GroupBroken, JobCancelled, RunHooks
+from engine.pipeline.models import model_for_mode
 from engine.pipeline.presets import Preset
+from engine.storage.images import Mode
 from engine.worker import RANK_LOST
 from tests.pipeline.test_generate import submit
 
@@ -112,3 +114,11 @@ def test_generate_on_two_ranks_makes_the_video_and_a_group_the_heads_cannot_shar
     assert probe(made.stdout.split()[0]).frames == 5
     assert three.returncode == 1
     assert "This model has 2 attention heads, which 3 ranks cannot share evenly." in " ".join(three.stderr.split())
+
+
+async def test_a_group_the_models_heads_cannot_share_is_said_at_start(engine):
+    model = model_for_mode(Mode.T2V, engine.settings)
+    three, two = leader(engine.settings, size=3)[0], leader(engine.settings, size=2)[0]
+    said = "tiny-t2v: This model has 2 attention heads, which 3 ranks cannot share evenly. Use --parallel 2."
+    assert three.parallel_line(model) == said
+    assert two.parallel_line(model) is None
