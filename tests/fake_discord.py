@@ -6,10 +6,15 @@ message whose `nonce` it has seen (with `enforce_nonce`) with the message alread
 messages. It can also lose an upload's answer after doing the work (`lost_uploads`), drop an upload unread
 (`dropped_uploads`) and fail CDN downloads the ways a file server does (`cdn_faults`).
 
-User installs: an interaction can come from a user who added the app to their own account (`user_install=True`), in
-another server the bot is not in (`OTHER_GUILD_ID`, `OTHER_CHANNEL_ID`); its `authorizing_integration_owners` then
-names the user ("1") and no server ("0"). Like Discord, the fake answers 403 Missing Access (code 50001) to a bot that
-posts to, edits in or reads a channel it is not in, and opens DM channels (POST users/@me/channels)."""
+User installs: an interaction can come from a user who added the app to their own account (`where=`): in another server
+the bot is not in (`OTHER_GUILD_ID`, `OTHER_CHANNEL_ID`), a group DM, or their DM with the bot; its
+`authorizing_integration_owners` then names the user ("1") and no server ("0"). Like Discord, the fake answers 403
+Missing Access (code 50001) to a bot that posts to, edits in or reads a channel it is not in, and opens DM channels
+(POST users/@me/channels).
+
+Components V2 (a message flagged IS_COMPONENTS_V2: layout components instead of content): like Discord, the fake
+refuses such a message with content, with more than 4000 characters of text, or with a media item that names an
+attachment the message does not carry. `text_of` and `custom_ids` read a message of either kind."""
 
 from __future__ import annotations
 
@@ -39,10 +44,15 @@ BOT_USER = {
 TEST_TOKEN = "discord-TEST-token-do-not-log"
 GUILD_ID = 800000000000000001
 CONTENT_LIMIT = 2000  # characters in a message; Discord refuses more with 400 Invalid Form Body (code 50035)
+COMPONENTS_V2 = 1 << 15  # the message flag IS_COMPONENTS_V2
+CARD_TEXT_LIMIT = 4000  # characters of text in all of a Components V2 message's text displays
 CHANNEL_ID = 700000000000000001
-# A server that has not added the bot, where a user who installed the app to their account uses it.
+# Where an interaction happens (FakeDiscord.slash's `where`): the bot's server, or, for a user who added the app to
+# their own account, a server that has not added the bot, a group DM, or their DM with the bot.
+WHERE = ("server", "other_server", "group_dm", "bot_dm")
 OTHER_GUILD_ID = 800000000000000002
 OTHER_CHANNEL_ID = 700000000000000002
+GROUP_DM_ID = 700000000000000003
 ROLE_IDS = (555, 1)
 
 
@@ -316,6 +326,9 @@ class FakeDiscord:
     def _post(self, channel_id: int, body: dict[str, Any], files: dict[str, bytes]) -> web.Response:
         if any(len(data) > self.upload_limit for data in files.values()):
             return _error(413, 40005, "Request entity too large")
+        refusal = _components_v2_refusal(body, files)
+        if refusal is not None:
+            return _error(400, 50035, f"Invalid Form Body: {refusal}")
         nonce = (channel_id, str(body.get("nonce"))) if body.get("enforce_nonce") else None
         if nonce in self._nonces and self._nonces[nonce] in self.messages:
             return _json(_public(self.messages[self._nonces[nonce]]))
@@ -357,6 +370,7 @@ class FakeDiscord:
         message = {
             **_message_payload(message_id, channel_id, BOT_USER, body.get("content") or "", attachments),
             "components": body.get("components", []),
+            "flags": body.get("flags", 0),
             "id_int": message_id,
             "edits": 0,
             "file_bytes": files,
@@ -419,34 +433,46 @@ class FakeDiscord:
         roles: list[int] | None,
         size_limit: int,
         message: dict[str, Any] | None = None,
-        user_install: bool = False,
+        where: str = "server",
     ) -> dict[str, Any]:
-        """An interaction in the bot's server, or (`user_install`) in another server, from a user who added the app
-        to their own account."""
+        """An interaction `where` (see WHERE): in the bot's server, or from a user who added the app to their own
+        account, in another server, a group DM or their DM with the bot."""
         interaction_id = str(next(self._ids))
         token = f"itoken-{interaction_id}"
-        guild_id, channel_id = (OTHER_GUILD_ID, OTHER_CHANNEL_ID) if user_install else (GUILD_ID, CHANNEL_ID)
+        member = self.member(user_id, roles)
+        place: dict[str, Any]
+        if where in ("server", "other_server"):
+            guild_id, channel_id = (GUILD_ID, CHANNEL_ID) if where == "server" else (OTHER_GUILD_ID, OTHER_CHANNEL_ID)
+            channel = _channel_payload(self.age_restricted, guild_id, channel_id)
+            place = {"guild_id": str(guild_id), "channel": channel, "member": member, "context": 0}
+        elif where == "group_dm":
+            channel_id = GROUP_DM_ID
+            channel = {"id": str(channel_id), "type": 3, "recipients": [member["user"]], "owner_id": str(user_id)}
+            place = {"channel": channel, "user": member["user"], "context": 2}
+        elif where == "bot_dm":
+            channel_id = self.dm_channels.setdefault(user_id, next(self._ids))
+            channel = {"id": str(channel_id), "type": 1, "recipients": [member["user"]]}
+            place = {"channel": channel, "user": member["user"], "context": 1}
+        else:
+            raise ValueError(f"where is one of {WHERE}, not {where!r}")
         self.interactions[token] = time.monotonic()
         self.interaction_channels[token] = channel_id
         self.dispatched_at[interaction_id] = time.monotonic()
-        owners = {"1": str(user_id)} if user_install else {"0": str(GUILD_ID)}
         payload = {
             "id": interaction_id,
             "application_id": str(APPLICATION_ID),
             "type": kind,
             "data": data,
-            "guild_id": str(guild_id),
             "channel_id": str(channel_id),
-            "channel": _channel_payload(self.age_restricted, guild_id, channel_id),
-            "member": self.member(user_id, roles),
+            **place,
             "token": token,
             "version": 1,
             "app_permissions": "2147483647",
             "locale": "en-US",
             "guild_locale": "en-US",
             "entitlements": [],
-            "authorizing_integration_owners": owners,
-            "context": 0,  # in a server
+            # The app's installs that let this interaction happen: "0" a server's (its id), "1" the user's own.
+            "authorizing_integration_owners": {"0": str(GUILD_ID)} if where == "server" else {"1": str(user_id)},
             "attachment_size_limit": size_limit,
         }
         if message is not None:
@@ -461,7 +487,7 @@ class FakeDiscord:
         attachments: dict[str, dict[str, Any]] | None = None,
         roles: list[int] | None = None,
         size_limit: int = 10 * 1024 * 1024,
-        user_install: bool = False,
+        where: str = "server",
     ) -> dict[str, Any]:
         types = {str: 3, int: 4, bool: 5, float: 10}
         option_list = [
@@ -480,7 +506,7 @@ class FakeDiscord:
         }
         if resolved:
             data["resolved"] = {"attachments": resolved}
-        payload = self._interaction(2, user_id, data, roles, size_limit, user_install=user_install)
+        payload = self._interaction(2, user_id, data, roles, size_limit, where=where)
         await self.dispatch("INTERACTION_CREATE", payload)
         return payload
 
@@ -521,18 +547,29 @@ class FakeDiscord:
         return payload
 
     async def submit_modal(self, user_id: int, opened_by: dict[str, Any], answers: dict[str, Any]) -> dict[str, Any]:
-        """Fill in the modal the bot answered `opened_by` with, by the labels' texts, and submit it."""
+        """Fill in the modal the bot answered `opened_by` with, by the labels' texts, and submit it: a text input
+        takes a text, a select its values, a file upload attachments made by `attachment` (the user's uploads)."""
         modal = self.modals[opened_by["id"]]
         components = []
+        uploaded: dict[str, Any] = {}
         for label in modal["components"]:
             field_ = label["component"]
             answer = answers.get(label["label"])
             if field_["type"] == 4:
                 submitted = {"type": 4, "custom_id": field_["custom_id"], "value": answer or ""}
+            elif field_["type"] == 19:  # a file upload: the files' ids, each file resolved (self.attachment's)
+                submitted = {
+                    "type": 19,
+                    "custom_id": field_["custom_id"],
+                    "values": [file["id"] for file in answer or []],
+                }
+                uploaded.update({file["id"]: file for file in answer or []})
             else:
                 submitted = {"type": field_["type"], "custom_id": field_["custom_id"], "values": answer or []}
             components.append({"type": 18, "component": submitted})
-        data = {"custom_id": modal["custom_id"], "components": components}
+        data: dict[str, Any] = {"custom_id": modal["custom_id"], "components": components}
+        if uploaded:
+            data["resolved"] = {"attachments": uploaded}
         payload = self._interaction(5, user_id, data, None, 10 * 1024 * 1024)
         await self.dispatch("INTERACTION_CREATE", payload)
         return payload
@@ -565,6 +602,17 @@ class FakeDiscord:
 
     def with_files(self) -> list[dict[str, Any]]:
         return [message for message in self.messages.values() if message["file_bytes"]]
+
+    @staticmethod
+    def text_of(message: dict[str, Any]) -> str:
+        """What a message says: its content, or a Components V2 message's text displays, one a line."""
+        texts = [component["content"] for component in _walk(message["components"]) if component["type"] == 10]
+        return "\n".join([message["content"], *texts] if message["content"] else texts)
+
+    @staticmethod
+    def custom_ids(message: dict[str, Any]) -> list[str]:
+        """The custom ids of a message's buttons, wherever they are in its components."""
+        return [component["custom_id"] for component in _walk(message["components"]) if component["type"] == 2]
 
 
 def _message_payload(
@@ -648,6 +696,36 @@ def _guild() -> dict[str, Any]:
         "premium_progress_bar_enabled": False,
         "joined_at": "2025-01-01T00:00:00+00:00",
     }
+
+
+def _walk(components: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every component, depth first: rows and containers hold `components`, a label or section its `component` and
+    `accessory`."""
+    found = []
+    for component in components:
+        found.append(component)
+        inner = [
+            *component.get("components", []),
+            *(component[key] for key in ("component", "accessory") if key in component),
+        ]
+        found.extend(_walk(inner))
+    return found
+
+
+def _components_v2_refusal(body: dict[str, Any], files: dict[str, bytes]) -> str | None:
+    """Why Discord refuses a Components V2 message (None: it does not, or the message is not one)."""
+    if not body.get("flags", 0) & COMPONENTS_V2:
+        return None
+    if body.get("content"):
+        return "content cannot be used with IS_COMPONENTS_V2"
+    components = _walk(body.get("components", []))
+    if sum(len(component["content"]) for component in components if component["type"] == 10) > CARD_TEXT_LIMIT:
+        return f"text displays hold more than {CARD_TEXT_LIMIT} characters"
+    media = [item["media"]["url"] for component in components if component["type"] == 12 for item in component["items"]]
+    missing = [
+        url for url in media if url.startswith("attachment://") and url.removeprefix("attachment://") not in files
+    ]
+    return f"no attachment for {missing[0]}" if missing else None
 
 
 def _content_too_long(body: Any) -> bool:

@@ -1,6 +1,7 @@
-"""Discord adapter (discord.py 2 app commands): /video with attachments, live progress, buttons that survive a
-restart, and delivery that outlives the 15-minute interaction token by moving to channel messages (or, for a user who
-added the app to their own account and uses it where the bot cannot post, to their DMs)."""
+"""Discord adapter (discord.py 2 app commands): /video with attachments (or /video-form, a form with uploads), live
+progress, the video as a card with buttons that survive a restart, and delivery that outlives the 15-minute
+interaction token by moving to channel messages (or, for a user who added the app to their own account and uses it
+where the bot cannot post, to their DMs)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 PLATFORM = "discord"
 CONNECTION_TASK = "discord connection"
 CONTENT_LIMIT = 2000  # characters in a message; every text the bot sends is fitted to it (texts.fit_text)
+CARD_TEXT_LIMIT = 4000  # characters of text in a Components V2 message (discord.ui.LayoutView.content_length)
 MODAL_TIMEOUT_S = 900
 MAX_DESCRIPTION = 100  # characters in a slash command option's description
 MAX_CHOICES = 25  # autocomplete suggestions Discord shows
@@ -48,6 +50,11 @@ LATER_BY_DM = (
     "I cannot post in this channel, so if your video is not ready within Discord's 15 minutes for an answer here, "
     "it will come to you by direct message."
 )
+# What the preset option's suggestions say about each preset (PRESET_HELP's trade-off, one preset a line).
+PRESET_LINES = {
+    Preset.FAST: "seconds to a minute, a little less motion",
+    Preset.QUALITY: "the official settings, minutes",
+}
 # A re-sent video is looked for among this many of its channel's latest messages (one request's worth).
 RECENT_MESSAGES_SEARCHED = 100
 DISCORD_HELP = (
@@ -171,6 +178,50 @@ class PictureVideoModal(discord.ui.Modal, title="Make a video from this picture"
         notes = [*([texts.EXTRA_PICTURES_NOTE] if len(self.pictures) > 2 else []), *parsed.notes]
         end = self.pictures[1] if len(self.pictures) > 1 else None
         await _adapter(interaction).accept(interaction, parsed.request, self.pictures[0], end, notes)
+
+
+class VideoFormModal(discord.ui.Modal, title="Make a video"):
+    """/video-form: /video as a form, for users who prefer one: the prompt (options allowed), the mode and the start
+    and end pictures, uploaded in the form."""
+
+    def __init__(self) -> None:
+        # A dismissed modal never reports back; the timeout is what removes it from discord.py's store.
+        super().__init__(timeout=MODAL_TIMEOUT_S)
+        self.prompt = discord.ui.TextInput(
+            style=discord.TextStyle.paragraph,
+            required=False,
+            max_length=MAX_PROMPT_CHARS,
+            placeholder="a red fox runs through snow (options work too: seed=7 steps=30 size=832x480)",
+        )
+        self.mode = discord.ui.Select(
+            placeholder="t2v without a picture, i2v with one",
+            options=[
+                discord.SelectOption(label="t2v: text to video", value=Mode.T2V.value),
+                discord.SelectOption(label="i2v: image to video (A14B)", value=Mode.I2V.value),
+                discord.SelectOption(label="ti2v: text and image to video (5B, faster)", value=Mode.TI2V.value),
+            ],
+            required=False,
+        )
+        self.start = discord.ui.FileUpload(required=False, max_values=1)
+        self.end = discord.ui.FileUpload(required=False, max_values=1)
+        self.add_item(discord.ui.Label(text="What happens in the video", component=self.prompt))
+        self.add_item(discord.ui.Label(text="Mode", component=self.mode))
+        self.add_item(
+            discord.ui.Label(text="Start picture", description="First frame (i2v, ti2v)", component=self.start)
+        )
+        self.add_item(discord.ui.Label(text="End picture", description="Last frame (optional)", component=self.end))
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        """The form's text is read as /video's prompt is; its pictures are /video's attachments."""
+        start = self.start.values[0] if self.start.values else None
+        end = self.end.values[0] if self.end.values else None
+        mode = Mode(self.mode.values[0]) if self.mode.values else None
+        try:
+            parsed = texts.parse_message(self.prompt.value, mode, has_image=start is not None)
+        except UserError as error:
+            await answer_privately(interaction, texts.user_error_text(error))
+            return
+        await _adapter(interaction).accept(interaction, parsed.request, start, end, parsed.notes)
 
 
 def _view(*items: discord.ui.Item[Any]) -> discord.ui.View:
@@ -370,6 +421,18 @@ class DiscordAdapter:
         choices = [f"{head}, {name}" if head else name for name in names]
         return [app_commands.Choice(name=choice, value=choice) for choice in choices]
 
+    def preset_choices(self, interaction: discord.Interaction, typed: str) -> list[app_commands.Choice[str]]:
+        """What the preset option suggests: each preset that matches what is typed, with its trade-off in a line;
+        nothing for an outsider."""
+        if not self.core.allows(_person(interaction), _place(interaction)):
+            return []
+        word = typed.strip().lower()
+        return [
+            app_commands.Choice(name=f"{preset.value}: {PRESET_LINES[preset]}", value=preset.value)
+            for preset in Preset
+            if word in preset.value or word in PRESET_LINES[preset]
+        ]
+
     async def on_cancel_button(self, interaction: discord.Interaction, job_id: int) -> None:
         text = await self.core.cancel(_person(interaction), _place(interaction), str(job_id))
         await answer_privately(interaction, text)
@@ -440,8 +503,8 @@ class DiscordAdapter:
             # A new place in the queue is not worth a new message that mentions the user: the job's start makes one.
             return
         view = _buttons_view(job.id, buttons)
-        if alive and _may_come_by_dm(job):
-            text = f"{text}\n{LATER_BY_DM}"
+        if alive and _may_come_by_dm(job):  # after a text fitted to leave it room, so it is never cut
+            text = f"{texts.fit_text(text, CONTENT_LIMIT - texts.text_size(LATER_BY_DM) - 1)}\n{LATER_BY_DM}"
         try:
             if alive:
                 content = texts.fit_text(text, CONTENT_LIMIT)
@@ -490,22 +553,17 @@ class DiscordAdapter:
         spoiler = self._engine.video_policy(job) == "spoiler"
         if job.upload_starts > 1 and await self._posted_before(job, spoiler):
             return
-        content = f"<@{job.source.user_id}> {texts.result_caption(job, limit=CONTENT_LIMIT - 30)}"
+        caption = f"<@{job.source.user_id}> {texts.result_caption(job, limit=CARD_TEXT_LIMIT - 30)}"
         data = await asyncio.to_thread(video.read_bytes)
-        view = _view(RerollButton(job.id), ExtendButton(job.id))
         mentions = _owner_only(job)
         try:
             counted = await self._take_followup(job) if self._interaction_alive(job) else None
             if counted is not None:
                 job = counted
                 try:
-                    await self._webhook(job).send(
-                        content=content,
-                        file=_video_file(job, data, spoiler),
-                        view=view,
-                        wait=True,
-                        allowed_mentions=mentions,
-                    )
+                    file = _video_file(job, data, spoiler)
+                    card = _result_card(job, caption, file)
+                    await self._webhook(job).send(file=file, view=card, wait=True, allowed_mentions=mentions)
                     return
                 except discord.HTTPException as error:
                     if await self._token_rejected(job, error) is None:
@@ -514,9 +572,8 @@ class DiscordAdapter:
             # The same nonce on every try of this job: Discord answers a repeat of an upload whose answer was lost
             # with the message it already made. (An interaction's follow-up has no such check.)
             nonce = f"wanbot-{job.id}"
-            await channel.send(
-                content, file=_video_file(job, data, spoiler), view=view, allowed_mentions=mentions, nonce=nonce
-            )
+            file = _video_file(job, data, spoiler)
+            await channel.send(file=file, view=_result_card(job, caption, file), allowed_mentions=mentions, nonce=nonce)
         except discord.HTTPException as error:
             if error.status == 413:
                 raise TooLarge from error
@@ -567,10 +624,7 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
         enhance="Rewrite the prompt in detail first (default: the chat's /enhance setting)",
         loop="A video that returns to its first frame (t2v, or i2v from one picture)",
     )
-    @app_commands.choices(
-        mode=[app_commands.Choice(name=mode.value, value=mode.value) for mode in Mode],
-        preset=[app_commands.Choice(name=preset.value, value=preset.value) for preset in Preset],
-    )
+    @app_commands.choices(mode=[app_commands.Choice(name=mode.value, value=mode.value) for mode in Mode])
     @_annotate(
         steps=app_commands.Range[int, 1, limits.max_steps] | None,
         frames=app_commands.Range[int, 5, limits.max_frames] | None,
@@ -595,6 +649,7 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
         # Options written in the prompt count, as in the "Make a video" form; a field the user filled in wins.
         try:
             parsed = texts.parse_message(prompt, None, has_image=start_image is not None)
+            chosen_preset = _preset_field(preset) if preset else None
         except UserError as error:
             await answer_privately(interaction, texts.user_error_text(error))
             return
@@ -606,7 +661,7 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
             "frames": frames,
             "resolution": resolution,
             "guidance": guidance,
-            "preset": Preset(preset) if preset else None,
+            "preset": chosen_preset,
             "loras": [lora] if lora else None,
             "enhance": enhance,
             "loop": loop,
@@ -618,6 +673,10 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
     @video.autocomplete("lora")
     async def lora_choices(interaction: discord.Interaction, typed: str) -> list[app_commands.Choice[str]]:
         return _adapter(interaction).lora_choices(interaction, typed)
+
+    @video.autocomplete("preset")
+    async def preset_choices(interaction: discord.Interaction, typed: str) -> list[app_commands.Choice[str]]:
+        return _adapter(interaction).preset_choices(interaction, typed)
 
     return video
 
@@ -710,7 +769,17 @@ async def make_video_command(interaction: discord.Interaction, message: discord.
     await interaction.response.send_modal(PictureVideoModal(pictures))
 
 
+@app_commands.command(name="video-form", description="Make a video by filling in a form.")
+async def video_form_command(interaction: discord.Interaction) -> None:
+    """/video as a form: the prompt, the mode, and the start and end pictures uploaded in it."""
+    if not _adapter(interaction).core.allows(_person(interaction), _place(interaction)):
+        await answer_privately(interaction, NOT_ALLOWED)
+        return
+    await interaction.response.send_modal(VideoFormModal())
+
+
 COMMANDS = (
+    video_form_command,
     queue_command,
     cancel_command,
     status_command,
@@ -734,7 +803,9 @@ def _person(interaction: discord.Interaction) -> Person:
 def _place(interaction: discord.Interaction) -> Place:
     guild = str(interaction.guild_id) if interaction.guild_id is not None else None
     if guild is None:
-        kind: PlaceKind = "private"
+        # The user's DM with the bot is private; a group DM, or a DM between two users (where a user who added the app
+        # to their account can use it), shows the video to others: the content rules count it as public.
+        kind: PlaceKind = "public" if interaction.context.private_channel else "private"
     else:
         # A channel Discord marks age-restricted; a thread is as restricted as its parent.
         channel = interaction.channel
@@ -742,6 +813,12 @@ def _place(interaction: discord.Interaction) -> Place:
         nsfw = getattr(channel, "nsfw", False) or getattr(parent, "nsfw", False)
         kind = "age_restricted" if nsfw else "public"
     return Place(str(interaction.channel_id), guild, kind)
+
+
+def _preset_field(typed: str) -> Preset | None:
+    """The preset option: a suggestion, or a word typed past them, checked as preset= in a prompt is (a UserError
+    that names the presets)."""
+    return GenerationRequest.model_validate({"mode": Mode.T2V, "preset": typed}).preset
 
 
 def _bot_can_post(interaction: discord.Interaction) -> bool:
@@ -809,6 +886,21 @@ def _is_picture(attachment: discord.Attachment) -> bool:
     """Any image type counts (the validator names the ones it cannot take), so nothing else is downloaded."""
     content_type = (attachment.content_type or "").split(";")[0]
     return content_type.startswith("image/") if content_type else Path(attachment.filename).suffix.lower() in EXTENSIONS
+
+
+def _result_card(job: Job, caption: str, video: discord.File) -> discord.ui.LayoutView:
+    """A delivered video as a Components V2 card: the video, played in place, its prompt and settings, and Reroll and
+    Extend. It always fits Discord's limits: the caption is fitted to the card's text limit, and it uses 6 of the 40
+    components a message may have."""
+    card = discord.ui.LayoutView(timeout=None)
+    card.add_item(
+        discord.ui.Container(
+            discord.ui.MediaGallery(discord.MediaGalleryItem(video)),  # the attachment, hidden if it is a spoiler
+            discord.ui.TextDisplay(caption),
+            discord.ui.ActionRow(RerollButton(job.id), ExtendButton(job.id)),
+        )
+    )
+    return card
 
 
 def _video_file(job: Job, data: bytes, spoiler: bool) -> discord.File:

@@ -79,7 +79,7 @@ async def test_discord_extend_button_and_command(tiny_settings: Settings, discor
     async with on_discord.running_bot(on_discord.configure(tiny_settings, discord_server)) as bot:
         await discord_server.slash(on_discord.ALICE, "video", {"prompt": "a fox", "steps": 2, "frames": 9})
         video = (await until(discord_server.with_files, what="the video"))[0]
-        custom_ids = [item["custom_id"] for row in video["components"] for item in row["components"]]
+        custom_ids = discord_server.custom_ids(video)  # wherever the card holds them
         await discord_server.click(on_discord.ALICE, video, "wanbot:extend:1")
         await until(lambda: len(discord_server.with_files()) == 2, what="the extended video")
         await discord_server.slash(on_discord.ALICE, "extend", {"job": 2, "prompt": "the fox sleeps"})
