@@ -84,7 +84,7 @@ class WanbotClient(discord.Client):
         )
 
     async def setup_hook(self) -> None:
-        self.add_dynamic_items(CancelButton, RerollButton, ExtendButton, OwnWordsButton)
+        self.add_dynamic_items(CancelButton, RerollButton, ExtendButton, OwnWordsButton, SendAgainButton)
         await self.adapter.sync_commands()
 
 
@@ -115,6 +115,19 @@ class CancelButton(_JobButton, template=r"wanbot:cancel:(?P<job_id>\d+)"):
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await _adapter(interaction).on_cancel_button(interaction, self.job_id)
+
+
+class SendAgainButton(_JobButton, template=r"wanbot:again:(?P<job_id>\d+)"):
+    """/history: one of the user's videos, sent here again (no new generation)."""
+
+    ACTION, LABEL, STYLE = "again", "", discord.ButtonStyle.secondary
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(job_id)
+        self.item.label = f"#{job_id}"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _adapter(interaction).send_again(interaction, self.job_id)
 
 
 class RerollButton(_JobButton, template=r"wanbot:reroll:(?P<job_id>\d+)"):
@@ -433,6 +446,26 @@ class DiscordAdapter:
             if word in preset.value or word in PRESET_LINES[preset]
         ]
 
+    async def send_again(self, interaction: discord.Interaction, job_id: int) -> None:
+        """A /history button: the video uploaded here again from the file the bot keeps, as the card it came in; a
+        refusal to the presser alone."""
+        job, refusal = await self.core.send_again(_person(interaction), _place(interaction), job_id)
+        made = await self._engine.video_file(job) if job is not None else None
+        if job is None or made is None:
+            await answer_privately(interaction, refusal or f"Video #{job_id} is no longer kept.")
+            return
+        await interaction.response.defer(thinking=True)
+        limit = interaction.filesize_limit or self._config.filesize_limit_bytes
+        try:
+            video = await self._engine.fit_video(made, limit)
+        except UserError as error:
+            await interaction.edit_original_response(content=texts.user_error_text(error))
+            return
+        spoiler = self._engine.video_policy(job, _place(interaction).kind) == "spoiler"
+        file = _video_file(job, await asyncio.to_thread(video.read_bytes), spoiler)
+        caption = texts.result_caption(job, limit=CARD_TEXT_LIMIT - 30)
+        await interaction.followup.send(file=file, view=_result_card(job, caption, file), wait=True)
+
     async def on_cancel_button(self, interaction: discord.Interaction, job_id: int) -> None:
         text = await self.core.cancel(_person(interaction), _place(interaction), str(job_id))
         await answer_privately(interaction, text)
@@ -703,6 +736,13 @@ async def loras_command(interaction: discord.Interaction) -> None:
     await answer_privately(interaction, core.loras_text(_person(interaction), _place(interaction)))
 
 
+@app_commands.command(name="history", description="Your last 10 videos, to have one sent here again.")
+async def history_command(interaction: discord.Interaction) -> None:
+    text, job_ids = await _adapter(interaction).core.history(_person(interaction), _place(interaction))
+    view = _view(*(SendAgainButton(job_id) for job_id in job_ids)) if job_ids else discord.utils.MISSING
+    await interaction.response.send_message(texts.fit_text(text, CONTENT_LIMIT), view=view, ephemeral=True)
+
+
 @app_commands.command(name="queue", description="Your jobs and their places in the queue.")
 async def queue_command(interaction: discord.Interaction) -> None:
     core = _adapter(interaction).core
@@ -780,6 +820,7 @@ async def video_form_command(interaction: discord.Interaction) -> None:
 
 COMMANDS = (
     video_form_command,
+    history_command,
     queue_command,
     cancel_command,
     status_command,

@@ -47,7 +47,7 @@ async def test_sync_then_text_only_video_with_defer_progress_and_followup_file(t
         names = {command["name"] for command in synced}
         assert names == {
             *("video", "queue", "cancel", "status", "help", "pause", "resume", "previews", "loras", "enhance"),
-            *("extend", "video-form"),
+            *("extend", "video-form", "history"),
             "Make a video",
         }
         hidden = {command["name"] for command in synced if command["default_member_permissions"] is not None}

@@ -172,3 +172,35 @@ async def test_the_content_rules_count_a_group_dm_as_public_and_the_dm_with_the_
     assert video["channel_id"] == private["channel_id"]
     assert list(video["file_bytes"]) == [f"SPOILER_wanbot-{jobs['private'].id}.mp4"]  # hidden until it is clicked
     assert jobs["public"].delivery_status is DeliveryStatus.DELIVERY_FAILED and len(discord_server.with_files()) == 1
+
+
+async def test_history_lists_your_videos_privately_and_sends_one_again_without_making_it_again(
+    tiny_settings, discord_server
+):
+    async with running_bot(configure(tiny_settings, discord_server, allowed_users=[ALICE, BOB])) as bot:
+        await discord_server.slash(ALICE, "video", {"prompt": "a fox in the snow", "steps": 2})
+        await until(discord_server.with_files, what="the video")
+        [job] = await bot.engine._queue.list_jobs()
+        asked = await discord_server.slash(ALICE, "history")
+        listed = await until(lambda: _answer(discord_server, asked), what="/history")
+        await discord_server.click(ALICE, listed, f"wanbot:again:{job.id}")
+        await until(lambda: len(discord_server.with_files()) == 2, what="the video again")
+        await discord_server.click(BOB, listed, f"wanbot:again:{job.id}")  # not Bob's video
+        await discord_server.slash(CAROL, "history")  # an outsider
+        refusals = await until(lambda: len(_refusals(discord_server)) == 2 and _refusals(discord_server), what="")
+        assert len(await bot.engine._queue.list_jobs()) == 1  # sent again, never made again
+    assert listed["flags"] & 64 and f"#{job.id} t2v" in listed["content"]  # only Alice sees her list
+    assert f"wanbot:again:{job.id}" in discord_server.custom_ids(listed)
+    assert len(discord_server.with_files()) == 2
+    assert sorted(refusals) == sorted([f"Video #{job.id} is not yours: /history lists your own.", NOT_ALLOWED])
+
+
+def _refusals(server) -> list[str]:
+    answers = [call.body.get("data", {}).get("content", "") for call in server.calls_to("POST", "/callback")]
+    return [text for text in answers if "not yours" in text or text == NOT_ALLOWED]
+
+
+def _answer(server, interaction: dict) -> dict | None:
+    """The message an interaction was answered with, once it is there."""
+    message = server.original(interaction)
+    return message if message.get("content") else None
