@@ -235,6 +235,11 @@ class Engine:
         """The picture classifier downloaded and loaded before the first picture needs it (never raises)."""
         await self._rules.load()
 
+    def check_prompt(self, prompt: str) -> None:
+        """Raise the operator's sentence (a UserError, counted) when `prompt` holds a blocked term: for an adapter
+        that can refuse before it answers in public."""
+        self._rules.check_prompt(prompt)
+
     def video_policy(self, job: Job, place: str | None = None) -> str:
         """What `job`'s video gets where it would be sent (its own place, or `place`): "allow", "spoiler" (hidden
         until tapped) or "block"."""

@@ -364,6 +364,15 @@ class ChatCore:
             lines.append(f"#{job.id} {job.mode.value} · {where} · {job.params.prompt[:40]}")
         return "\n".join(lines)
 
+    def prompt_refusal(self, prompt: str) -> str | None:
+        """Why a prompt is refused by the content rules' blocked terms, or None: asked before a platform answers where
+        others see it, so the refusal goes to the requester alone."""
+        try:
+            self.engine.check_prompt(prompt)
+        except UserError as error:
+            return texts.user_error_text(error)
+        return None
+
     async def history(self, person: Person, place: Place) -> tuple[str, list[int]]:
         """/history: the user's last videos on this platform, newest first, and the jobs whose video can be sent
         again (no new generation)."""

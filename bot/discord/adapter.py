@@ -378,6 +378,10 @@ class DiscordAdapter:
         if not self.core.allows(_person(interaction), _place(interaction)):
             await answer_privately(interaction, NOT_ALLOWED)
             return
+        refusal = self.core.prompt_refusal(request.prompt)
+        if refusal is not None:  # before the public "thinking...": only the requester reads why
+            await answer_privately(interaction, refusal)
+            return
         pending = PendingRequest(interaction, request, start, end, notes, received_at=self._clock())
         await self._inbox.remember(pending)
         await interaction.response.defer(thinking=True)

@@ -120,3 +120,17 @@ def _said(server, interaction: dict[str, Any]) -> str | None:
         return content
     answers = [call.body.get("data", {}).get("content", "") for call in server.calls_to("POST", "/callback")]
     return answers[-1] if answers and answers[-1] else None
+
+
+async def test_discord_a_blocked_term_is_refused_to_the_requester_alone(tiny_settings, discord_server):
+    settings = with_rules(on_discord.configure(tiny_settings, discord_server), blocked_terms=["gore"])
+    async with on_discord.running_bot(settings) as bot:
+        await discord_server.slash(on_discord.ALICE, "video", {"prompt": "a gore fest"})
+        [answer] = await until(lambda: _callbacks(discord_server), what="the refusal")
+        assert await bot.engine._queue.list_jobs() == []
+    assert answer["flags"] & 64  # ephemeral: nobody else in the channel sees it
+    assert answer["content"].startswith("This bot does not make videos of that.")
+
+
+def _callbacks(server) -> list[dict[str, Any]]:
+    return [call.body["data"] for call in server.calls_to("POST", "/callback") if call.body.get("type") == 4]
