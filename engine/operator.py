@@ -30,7 +30,7 @@ from engine.pipeline.models import (
 )
 from engine.queue.jobqueue import JobQueue
 from engine.safety.terms import BlockedTerms
-from engine.service import Upload, loop_end, loop_model
+from engine.shaping import Upload, loop_end, loop_model
 from engine.storage.images import ImageInfo, Mode, check_mode, validate_image_bytes
 
 # Passed on as they are: two checks of model repos the CLI names.

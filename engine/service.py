@@ -22,10 +22,10 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from engine.config import Settings, StyleLoraConfig
+from engine.again import Again
+from engine.config import Settings
 from engine.content_rules import ContentRules
-from engine.enhance.enhancer import Enhanced, Enhancer
-from engine.enhance.failures import NOT_IN_TIME
+from engine.enhance.enhancer import Enhancer
 from engine.errors import QuotaExceeded, UserError
 from engine.hub.downloads import Downloader, size_text, warn_missing_models
 from engine.jobs import (
@@ -40,7 +40,7 @@ from engine.jobs import (
     ServingRecord,
     WorkerRecord,
 )
-from engine.pipeline.models import GenerationRequest, ModelRef, model_for_mode, resolve_request, with_triggers
+from engine.pipeline.models import GenerationRequest, ModelRef, model_for_mode, resolve_request
 from engine.pipeline.video import fit_to_limit
 from engine.queue.backend import Backend as Database
 from engine.queue.bus import EventBus, Subscription
@@ -50,9 +50,9 @@ from engine.queue.follower import EventFollower
 from engine.queue.jobqueue import JobQueue
 from engine.queue.processes import pid_alive, this_machine
 from engine.queue.quotas import GpuTime
+from engine.shaping import ENHANCED_NOTE, Upload, enhanced, loop_end, looped
 from engine.storage.cleanup import remove_delivered_videos, remove_stale_previews, remove_unused_images
 from engine.storage.images import (
-    ImageInfo,
     ImageStore,
     Mode,
     ValidatedImage,
@@ -73,10 +73,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 # A delivery record that meets a locked or unreachable database is tried again after these waits, doubling.
 RECORD_FIRST_WAIT_S = 0.5
-# How a job's notes begin the enhancer's rewrite of its prompt (the user's own words are kept beside it).
-ENHANCED_NOTE = "Prompt enhanced"
-ENHANCER_BLOCKED = "The enhancer's rewrite held words this bot does not allow, so your own words were used."
-ENHANCER_SLACK_S = 5.0  # beyond the enhancer's own tries and timeouts: its backoff waits
 # How soon a pause or resume made by another process shows in this one's waiting places (one read of a flag).
 PAUSE_POLL_S = 2.0
 RECORD_MAX_WAIT_S = 30.0
@@ -90,14 +86,6 @@ __all__ = [
     "Upload",
     "size_text",
 ]
-
-
-@dataclass
-class Upload:
-    """An attachment as downloaded by an adapter: raw bytes and the name the user gave it (if any)."""
-
-    data: bytes
-    filename: str | None = None
 
 
 @dataclass
@@ -117,7 +105,7 @@ class _Turn:
 
 
 @dataclass
-class Engine:
+class Engine(Again):
     settings: Settings
     # The machinery stays behind the facade: adapters and the CLI call the methods below, never these.
     _queue: JobQueue = field(repr=False)
@@ -722,7 +710,7 @@ class Engine:
                 end=infos[1] if len(infos) > 1 else None,
                 loras_offered=self.settings.loras,
             )
-            params = self._looped(request, params).model_copy(update={"flagged": flagged})
+            params = looped(self.settings, request, params).model_copy(update={"flagged": flagged})
             params = await self._enhanced(request, params, source, has_image=bool(infos))
             await self._check_plan(model, params)
             # A serving process has no tokenizer (no torch): the worker's model cuts a long prompt all the same.
@@ -745,54 +733,14 @@ class Engine:
                 )
         return Submission(result=result, notes=[*params.adjustments, *params.warnings])
 
-    def _looped(self, request: GenerationRequest, params: GenerationParams) -> GenerationParams:
-        """A loop's settings: an i2v loop ends on its start picture (loop_end); a t2v loop is made in two passes, the
-        second by the i2v model from the first pass's first frame back to it."""
-        if not request.loop:
-            return params
-        if request.mode is Mode.I2V:
-            return params.model_copy(update={"loop": True})
-        second = loop_model(self.settings)
-        for use in params.loras:
-            if "i2v" not in self.settings.loras[use.name].modes:
-                raise UserError(
-                    f"A t2v loop's second pass is i2v, and the LoRA {use.name} is not for i2v.",
-                    "Ask without it, or without loop=yes.",
-                )
-        note = (
-            "Loop: made in two passes, a short t2v video for its first frame, then the i2v model from that frame "
-            "back to it."
-        )
-        return params.model_copy(
-            update={"loop": True, "loop_model": second.name, "adjustments": [*params.adjustments, note]}
-        )
-
     async def _enhanced(
         self, request: GenerationRequest, params: GenerationParams, source: JobSource, has_image: bool
     ) -> GenerationParams:
-        """`params` with the enhancer's rewrite of the prompt (the user's words kept beside it), where one is on and
-        neither the request (enhance=no) nor its chat (/enhance off) turned it off; the user's words, with a note,
-        where it failed."""
+        """`params` with the enhancer's rewrite, where one is on and neither the request (enhance=no) nor its chat
+        (/enhance off) turned it off."""
         if self._enhancer is None or not await self._wants_enhancing(request, source):
             return params
-        config = self.settings.prompts
-        try:
-            # Its own tries each have their timeout; this bounds them all, so one request never holds its user long.
-            async with asyncio.timeout(config.enhancer_timeout_s * (config.enhancer_retries + 1) + ENHANCER_SLACK_S):
-                enhanced = await self._enhancer.enhance(params.prompt, request.mode.value, has_image)
-        except TimeoutError:
-            log.warning("prompt enhancer took longer than all its tries may; the user's words were used")
-            enhanced = Enhanced(params.prompt, params.prompt, enhanced=False, note=NOT_IN_TIME)
-        if enhanced.enhanced and self._rules.holds_blocked_term(enhanced.prompt):
-            enhanced = Enhanced(params.prompt, params.prompt, enhanced=False, note=ENHANCER_BLOCKED)
-        if not enhanced.enhanced:
-            return params.model_copy(update={"warnings": [*params.warnings, *filter(None, [enhanced.note])]})
-        # A LoRA's trigger words must survive the rewrite, short ones too: put back any it left out.
-        prompt = with_triggers(enhanced.prompt, params.loras, self.settings.loras, [])
-        adjustments = [*params.adjustments, f"{ENHANCED_NOTE}: {prompt}"]
-        return params.model_copy(
-            update={"prompt": prompt, "original_prompt": enhanced.original, "adjustments": adjustments}
-        )
+        return await enhanced(self._enhancer, self.settings, self._rules.holds_blocked_term, params, request, has_image)
 
     async def _wants_enhancing(self, request: GenerationRequest, source: JobSource) -> bool:
         if request.enhance is not None:
@@ -835,125 +783,6 @@ class Engine:
         if self._runner is not None:
             await asyncio.to_thread(self._runner.check_fits, model, params)
 
-    async def reroll(self, job_id: int, actor: Actor, source: JobSource | None = None) -> EnqueueResult:
-        """The same request again with a new seed, as a new job linked to the old one; while one such job waits or
-        runs, that one (a double tap makes one job, not two)."""
-        old = await self._queue.get(job_id)
-        async with self._turn(old.source.user_key):
-            waiting = await self.active_reroll(old)
-            if waiting is not None:
-                return EnqueueResult(job=waiting, created=False, position=await self._queue.position(waiting.id))
-            params = old.params.model_copy(update={"seed": random.SystemRandom().randrange(2**32), "adjustments": []})
-            for image in old.images:
-                # Fails with a clear message when the images were already cleaned up.
-                await self._decode(self._store.restore, image)
-            with self._quota_counted():
-                return await self._queue.retry(job_id, actor, params=params, source=source, **self._limits())
-
-    async def extend(
-        self, job_id: int, actor: Actor, source: JobSource | None = None, prompt: str | None = None
-    ) -> EnqueueResult:
-        """The job's video continued from its last frame (generation.extend_mode's model, the same size, fps and
-        preset; `prompt` or the job's own), as a new job of its owner whose video is the two joined; while one such
-        job waits or runs, that one."""
-        old = await self._queue.get(job_id)
-        self._rules.check_prompt(prompt)
-        async with self._turn(old.source.user_key):
-            waiting = await self.active_extend(old)
-            if waiting is not None:
-                return EnqueueResult(job=waiting, created=False, position=await self._queue.position(waiting.id))
-            model, last_frame = await self._extend_start(old)
-            mode = Mode(self.settings.generation.extend_mode)
-            kept = [use for use in old.params.loras if mode.value in self.settings.loras.get(use.name, _NO_LORA).modes]
-            params = old.params.model_copy(
-                update={
-                    "prompt": with_triggers(prompt, kept, self.settings.loras, []) if prompt else old.params.prompt,
-                    "original_prompt": None if prompt else old.params.original_prompt,
-                    "seed": random.SystemRandom().randrange(2**32),
-                    "extends": old.id,
-                    "loop": False,
-                    "loop_model": None,
-                    "loras": kept,
-                    "adjustments": [f"Continues job #{old.id}'s video from its last frame."],
-                    "warnings": [],
-                }
-            )
-            with self._quota_counted():
-                return await self._queue.enqueue(
-                    source or old.source.model_copy(update={"message_id": None}),
-                    mode,
-                    model.name,
-                    params,
-                    [last_frame],
-                    priority=old.priority,
-                    is_admin=actor.is_admin,
-                    **self._limits(),
-                )
-
-    async def check_extend(self, old: Job) -> None:
-        """Raise the UserError an Extend of `old` would meet (no video, cleaned up, too long, another fps, the
-        owner's limits), before anything is posted about it."""
-        async with self._turn(old.source.user_key):
-            await self._extend_start(old)
-
-    async def _extend_start(self, old: Job) -> tuple[ModelRef, ImageInfo]:
-        """The model an Extend of `old` runs and the frame it starts from, or the UserError it meets."""
-        await self._check_room(old.source.model_copy(update={"message_id": None}))
-        result = old.result
-        if old.status is not JobStatus.SUCCEEDED or result is None:
-            raise UserError(f"Job #{old.id} has no video that can be extended.", "Extend one of the bot's videos.")
-        if result.last_frame is None:
-            raise UserError(
-                f"Job #{old.id}'s video was made before videos kept their last frame, so it cannot be extended.",
-                "Ask for a new video; every video made since can be extended.",
-            )
-        gone = UserError(
-            f"Job #{old.id}'s video is no longer kept, so it cannot be extended.",
-            "Ask for a new video; videos are kept for a while after they are sent, then cleaned up.",
-        )
-        # Whether both are kept, not fetched: a chat answers within seconds, and the worker that runs it fetches them.
-        made = Path(result.path)
-        has_video = await self._files.has("video", made) or await self._files.has(
-            "video", self.settings.outputs_dir / made.name
-        )
-        if not (has_video and await self._files.has("image", self._store.path_for(result.last_frame.sha256))):
-            raise gone
-        model = model_for_mode(Mode(self.settings.generation.extend_mode), self.settings)
-        if model.spec.fps != result.fps:
-            raise UserError(
-                f"Job #{old.id}'s video runs at {result.fps} fps, and this bot extends videos at {model.spec.fps}.",
-                "Ask for a new video instead.",
-            )
-        seconds = (result.frames + old.params.frames - 1) / result.fps
-        most = self.settings.generation.max_seconds
-        if seconds > most:
-            raise UserError(
-                f"Extended, job #{old.id}'s video would be {seconds:.1f} s long; this bot makes at most {most:g} s.",
-                "Ask for a new video instead.",
-            )
-        return model, result.last_frame
-
-    async def active_extend(self, old: Job) -> Job | None:
-        """The waiting or running job that continues `old`'s video, if any."""
-        active = await self._queue.list_jobs((JobStatus.QUEUED, JobStatus.RUNNING), user_key=old.source.user_key)
-        return next((job for job in active if job.params.extends == old.id), None)
-
-    async def check_reroll(self, old: Job) -> None:
-        """Raise the UserError a reroll of the job would meet (the owner's limits, its pictures cleaned up), before
-        anything is posted about it."""
-        await self.check_room(old.source.model_copy(update={"message_id": None}))  # a new job, not the old one again
-        for image in old.images:
-            if not await asyncio.to_thread(self._store.path_for(image.sha256).is_file):
-                raise UserError(
-                    f"The {image.role} image of job #{old.id} is no longer stored, so it cannot be made again.",
-                    "Send the picture again with a new request.",
-                )
-
-    async def active_reroll(self, old: Job) -> Job | None:
-        """The waiting or running job made again from `old`, if any."""
-        active = await self._queue.list_jobs((JobStatus.QUEUED, JobStatus.RUNNING), user_key=old.source.user_key)
-        return next((job for job in active if job.retry_of == old.id), None)
-
     def _limits(self) -> dict[str, float]:
         limits = self.settings.queue
         return {
@@ -981,34 +810,6 @@ def _decoded(decode: Callable[..., T], *args: object) -> T:
         return decode(*args)
     finally:
         give_back_memory()  # a serving process returns near its idle size after a burst of large pictures
-
-
-_NO_LORA = StyleLoraConfig(repo="", file="none.safetensors", modes=[])  # a LoRA no longer offered: used in no mode
-
-
-def loop_model(settings: Settings) -> ModelRef:
-    """The model of a t2v loop's second pass: the i2v one, which must aim at an end frame."""
-    second = model_for_mode(Mode.I2V, settings)
-    if not second.spec.uses_end_image:
-        raise UserError(
-            f"A t2v loop needs an i2v model that aims at an end frame, and this bot's ({second.name}) does not.",
-            "Ask without loop=yes.",
-        )
-    return second
-
-
-def loop_end(request: GenerationRequest, start: Upload | None, end: Upload | None) -> Upload | None:
-    """The end picture of a request: for an i2v loop, its start picture again (it returns to where it began)."""
-    if not request.loop:
-        return end
-    if request.mode is Mode.TI2V:
-        raise UserError("TI2V-5B cannot aim at an end frame, so it makes no loops.", "Use mode=i2v or mode=t2v.")
-    if request.mode is Mode.I2V and end is not None:
-        raise UserError(
-            "A loop ends on its start picture, so it takes no end picture.",
-            "Send one picture with loop=yes, or two without it.",
-        )
-    return start if request.mode is Mode.I2V else end
 
 
 def _previews_flag(platform: str, chat_id: str) -> str:
