@@ -693,6 +693,24 @@ class Engine(Again):
         decoded; one user's submissions run one at a time, so each one sees the jobs of the ones before. `notes`
         (what the chat adapter noticed: unknown options, extra pictures) are stored with the job's warnings, so every
         later text about it repeats them."""
+        try:
+            return await self._submit(request, source, start, end, model_override, priority, notes)
+        finally:
+            if start is not None or end is not None:
+                # Its decoded pictures (tens of MB each) are garbage now: a serving process goes back near its idle
+                # size after each request, not only after each decode.
+                await asyncio.to_thread(give_back_memory)
+
+    async def _submit(
+        self,
+        request: GenerationRequest,
+        source: JobSource,
+        start: Upload | None,
+        end: Upload | None,
+        model_override: str | None,
+        priority: int,
+        notes: list[str] | None,
+    ) -> Submission:
         model = model_for_mode(request.mode, self.settings, model_override)
         self._rules.check_prompt(request.prompt)
         async with self._turn(source.user_key):
