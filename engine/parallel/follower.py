@@ -3,7 +3,12 @@ with it; what it makes is thrown away (rank 0 decodes, encodes and keeps the vid
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import os
+import signal
+import sys
 from typing import Any
 
 from PIL import Image
@@ -18,17 +23,31 @@ from engine.pipeline.hooks import GroupBroken, JobCancelled, JobInterrupted, Run
 from engine.pipeline.libraries import quiet_libraries
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # prctl's option: the signal a process gets when its parent dies
 
 
 def follow(rank: int, plan: GroupPlan, address: str, settings_json: str) -> None:
     """A follower rank's process (rank 0 starts it): load as rank 0 does, then make every job rank 0 sends, until it
     says stop."""
+    die_with_parent()
     settings = Settings.model_validate_json(settings_json)
     group = RankGroup.joined(plan, rank, address)
     try:
         run_follower(group, settings)
     finally:
         group.close()
+
+
+def die_with_parent() -> None:
+    """A follower ends with rank 0's process, also when that is killed (-9): else it would hold its GPU's memory until
+    the group's timeout, beside the new group the restarted worker makes. (Linux's PR_SET_PDEATHSIG; elsewhere the
+    timeout ends it.)"""
+    libc = ctypes.util.find_library("c")
+    if libc is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(libc, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # rank 0 died before the line above took effect
+        os._exit(1)
 
 
 def run_follower(group: RankGroup, settings: Settings) -> None:

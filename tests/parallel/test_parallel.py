@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +25,7 @@ from engine.pipeline.models import model_for_mode
 from engine.pipeline.presets import Preset
 from engine.storage.images import Mode
 from engine.worker import RANK_LOST
+from tests.cli.test_cli import REPO
 from tests.pipeline.test_generate import submit
 
 pytestmark = pytest.mark.timeout(300)
@@ -122,3 +127,47 @@ async def test_a_group_the_models_heads_cannot_share_is_said_at_start(engine):
     said = "tiny-t2v: This model has 2 attention heads, which 3 ranks cannot share evenly. Use --parallel 2."
     assert three.parallel_line(model) == said
     assert two.parallel_line(model) is None
+
+
+def test_a_follower_ends_with_rank_zero_when_that_is_killed(tmp_path: Path):
+    """kill -9 of the worker's process (rank 0) ends its followers at once, not at the group's timeout: they would
+    hold their GPUs beside the new group of the restarted worker."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("WANBOT_")}
+    environment.update({"WANBOT_DATA_DIR": str(tmp_path / "data"), "WANBOT_DOWNLOADS__ENDPOINT": "http://127.0.0.1:9"})
+    asked = ["generate", "--mode", "t2v", "--model", "tiny", "--prompt", "a fox", "--steps", "60", "--frames", "33"]
+    rank0 = subprocess.Popen(
+        [sys.executable, "-c", "from bot.cli import main; main()", *asked, "--parallel", "2", "--device", "cpu"],
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (followers := _followers_of(rank0.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert followers, "rank 0 never started its follower"
+        time.sleep(3)  # the group joined, the job under way
+        rank0.kill()
+        rank0.wait()
+        deadline = time.monotonic() + 10
+        while [pid for pid in followers if _alive(pid)]:
+            assert time.monotonic() < deadline, "a follower outlived rank 0"
+            time.sleep(0.1)
+    finally:
+        rank0.kill()
+
+
+def _followers_of(pid: int) -> list[int]:
+    """The rank processes `pid` spawned (not multiprocessing's resource tracker)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return [child for child in children if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
