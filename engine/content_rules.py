@@ -41,7 +41,6 @@ class ContentRules:
         # Set where this process serves /metrics: each refusal's reason is counted there.
         self.on_refused: Callable[[str], None] = lambda reason: None
 
-    @property
     def describe(self) -> str | None:
         """The content rules in one line for the start-up lines; None where there are none."""
         parts = []

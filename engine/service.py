@@ -114,6 +114,8 @@ class Engine(Again):
     _runner: PipelineRunner | None = field(repr=False)
     _worker: Worker | None = field(repr=False)
     _prompt_lengths: PromptLengths | None = field(repr=False)
+    # Blocked terms and the picture classifier ([safety]); the worker of this process shares them.
+    _rules: ContentRules = field(repr=False)
     # The process's long-lived tasks (worker, relays, clean-up, chat connections) run under it.
     supervisor: Supervisor = field(default_factory=lambda: Supervisor(outage_errors=DATABASE_DOWN))
     # Decoding is where a picture costs memory (up to images.max_decode_bytes): a few at a time, on threads of their
@@ -134,13 +136,8 @@ class Engine(Again):
     _paused_seen: bool | None = field(init=False, repr=False, default=None)  # as the places last showed it
     # The prompt enhancer (prompts.enhancer), or None when it is off.
     _enhancer: Enhancer | None = field(init=False, repr=False, default=None)
-    # Blocked terms and the picture classifier ([safety]); the worker of this process shares them.
-    _rules: ContentRules = field(repr=False, default=None)  # type: ignore[assignment]  # set in __post_init__
 
     def __post_init__(self) -> None:
-        if self._rules is None:
-            downloader = Downloader(self.settings.models_dir, self.settings.downloads)
-            self._rules = ContentRules(self.settings.safety, downloader)
         self._queue.lease_s = self.settings.queue.lease_s
         self._follower = EventFollower(self._queue)
         self._files = shared_files(self._queue)
@@ -166,7 +163,7 @@ class Engine(Again):
         if not with_worker:
             queue = await JobQueue.connect(settings.database_url, EventBus())
             await queue.measure_clock_skew()
-            return cls(settings, queue, store, None, None, None, _rules=rules)
+            return cls(settings, queue, store, None, None, None, rules)
         from engine.pipeline.generate import PipelineRunner, default_locator, device_facts
         from engine.pipeline.libraries import quiet_libraries
         from engine.pipeline.prompts import PromptLengths
@@ -197,12 +194,12 @@ class Engine(Again):
             store,
             settings,
             downloader,
+            rules,
             write_retry_s=settings.queue.write_retry_s,
-            rules=rules,
             devices=devices,
         )
         prompt_lengths = PromptLengths(locator.on_disk)
-        return cls(settings, queue, store, runner, worker, prompt_lengths, _rules=rules)
+        return cls(settings, queue, store, runner, worker, prompt_lengths, rules)
 
     @property
     def enhancer_line(self) -> str | None:
@@ -217,7 +214,7 @@ class Engine(Again):
     @property
     def rules_line(self) -> str | None:
         """What the content rules are, for the start-up lines; None where there are none."""
-        return self._rules.describe
+        return self._rules.describe()
 
     async def load_rules(self) -> None:
         """The picture classifier downloaded and loaded before the first picture needs it (never raises)."""

@@ -75,16 +75,16 @@ class Worker:
         store: ImageStore,
         settings: Settings,
         downloader: Downloader,
+        rules: ContentRules,
         poll_s: float = 1.0,
         progress_persist_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         error_wait_s: float = 1.0,
         write_retry_s: float = 300.0,
-        rules: ContentRules | None = None,
         devices: str | None = None,
     ) -> None:
         self._queue = queue
-        self._rules = rules or ContentRules(settings.safety, downloader)
+        self._rules = rules
         self._runner = runner
         self._store = store
         self._settings = settings

@@ -55,7 +55,7 @@ FORBIDDEN = {
     "bot.discord": ["bot.telegram", "bot.roles", "bot.cli", "telegram"],
     "bot.roles": ["bot.cli"],
 }
-ENGINE_MACHINERY = {"_queue", "_store", "_runner", "_worker", "_files", "_prompt_lengths"}
+ENGINE_MACHINERY = {"_queue", "_store", "_runner", "_worker", "_files", "_prompt_lengths", "_rules"}
 
 
 @dataclasses.dataclass(frozen=True)

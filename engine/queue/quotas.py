@@ -4,16 +4,13 @@ time, as the ETA uses). Read in the enqueue's transaction, so two requests never
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.errors import QuotaExceeded, duration_text
 from engine.jobs import JobSource
-from engine.queue.backend import Tx
+from engine.queue.backend import Row, Tx
 from engine.queue.core import DAY_S
 from engine.queue.reading import Reading
-
-_Belongs = Callable[[JobSource], bool]
 
 
 @dataclass(frozen=True)
@@ -30,7 +27,7 @@ class Quotas(Reading):
     async def gpu_time(self, user_key: str) -> GpuTime:
         """A user's GPU time in the last 24 hours, for /status."""
         async with self._db.reading() as db:
-            return await self._gpu_time(db, lambda source: source.user_key == user_key, user_key=user_key)
+            return await self._gpu_time(db, user_key=user_key)
 
     async def _check_gpu_time(
         self, db: Tx, source: JobSource, per_user_s: float, per_chat_s: float, model: str | None
@@ -39,40 +36,44 @@ class Quotas(Reading):
         new job's expected run, would pass its limit."""
         new_s = (await self._typical_run_s(db, model) or 0.0) if model is not None else 0.0
         if per_user_s:
-            mine = await self._gpu_time(db, lambda other: other.user_key == source.user_key, user_key=source.user_key)
+            mine = await self._gpu_time(db, user_key=source.user_key)
             _check(mine, new_s, per_user_s, "Your videos", "each person", self._clock())
         if per_chat_s and source.place != "private":
-            chat = (source.platform, source.chat_id)
-            ours = await self._gpu_time(db, lambda other: (other.platform, other.chat_id) == chat)
+            ours = await self._gpu_time(db, chat=(source.platform, source.chat_id))
             _check(ours, new_s, per_chat_s, "The videos asked for in this chat", "this chat", self._clock())
 
-    async def _gpu_time(self, db: Tx, belongs: _Belongs, user_key: str | None = None) -> GpuTime:
+    async def _gpu_time(self, db: Tx, user_key: str | None = None, chat: tuple[str, str] | None = None) -> GpuTime:
+        """One user's GPU time (their jobs, through their index), or one chat's (the day's runs and the queue, the
+        chat's picked out here: the chat is only in each job's source)."""
         now = self._clock()
-        since = now - DAY_S
-        # One user's jobs come through their index; a chat's are the day's runs and the queue, filtered here.
         mine = "user_key = ? AND " if user_key else ""
         args = (user_key,) if user_key else ()
         ran = await db.all(
-            f"""SELECT model, status, source_json, started_at, finished_at FROM jobs
-                WHERE {mine}started_at > ?""",
+            f"SELECT model, status, source_json, started_at, finished_at FROM jobs WHERE {mine}started_at > ?",
             *args,
-            since,
+            now - DAY_S,
         )
         waiting = await db.all(f"SELECT model, source_json FROM jobs WHERE {mine}status = 'queued'", *args)
+        if chat is not None:
+            ran, waiting = [_of_chat(rows, chat) for rows in (ran, waiting)]
+        typical: dict[str, float] = {}  # each model's usual run, read once
+        for row in [*ran, *waiting]:
+            if row["model"] not in typical:
+                typical[row["model"]] = await self._typical_run_s(db, row["model"]) or 0.0
         used = expected = 0.0
-        oldest = None
         for row in ran:
-            if not belongs(JobSource.model_validate_json(row["source_json"])):
-                continue
-            took = (row["finished_at"] or now) - row["started_at"]
-            used += max(took, 0.0)
-            oldest = row["started_at"] if oldest is None else min(oldest, row["started_at"])
+            took = max((row["finished_at"] or now) - row["started_at"], 0.0)
+            used += took
             if row["status"] == "running":
-                expected += max((await self._typical_run_s(db, row["model"]) or 0.0) - took, 0.0)
-        for row in waiting:
-            if belongs(JobSource.model_validate_json(row["source_json"])):
-                expected += await self._typical_run_s(db, row["model"]) or 0.0
+                expected += max(typical[row["model"]] - took, 0.0)
+        expected += sum(typical[row["model"]] for row in waiting)
+        oldest = min((row["started_at"] for row in ran), default=None)
         return GpuTime(used, expected, None if oldest is None else oldest + DAY_S)
+
+
+def _of_chat(rows: list[Row], chat: tuple[str, str]) -> list[Row]:
+    sources = (JobSource.model_validate_json(row["source_json"]) for row in rows)
+    return [row for row, source in zip(rows, sources, strict=True) if (source.platform, source.chat_id) == chat]
 
 
 def _check(time: GpuTime, new_s: float, limit_s: float, whose: str, given: str, now: float) -> None:
