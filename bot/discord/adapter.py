@@ -23,6 +23,24 @@ from bot.chat.logredact import redact_everywhere, remove_redactor
 from bot.chat.relay import JobRelay, TooLarge, UploadRefused
 from bot.chat.texts import Buttons
 from bot.discord import seams
+from bot.discord.components import (
+    CARD_TEXT_LIMIT,
+    CONTENT_LIMIT,
+    CancelButton,
+    ExtendButton,
+    OwnWordsButton,
+    PictureVideoModal,
+    RerollButton,
+    SendAgainButton,
+    VideoFormModal,
+    adapter_of,
+    answer_privately,
+    buttons_view,
+    result_card,
+    video_file,
+    video_name,
+    view_of,
+)
 from bot.discord.inbox import InteractionInbox, PendingRequest
 from engine.config import DiscordConfig, GenerationConfig
 from engine.errors import Unavailable, UserError
@@ -36,9 +54,6 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 CONNECTION_TASK = "discord connection"
-CONTENT_LIMIT = 2000  # characters in a message; every text the bot sends is fitted to it (texts.fit_text)
-CARD_TEXT_LIMIT = 4000  # characters of text in a Components V2 message (discord.ui.LayoutView.content_length)
-MODAL_TIMEOUT_S = 900
 MAX_DESCRIPTION = 100  # characters in a slash command option's description
 MAX_CHOICES = 25  # autocomplete suggestions Discord shows
 UNKNOWN_CHANNEL = 10003  # Discord's JSON error code
@@ -86,170 +101,6 @@ class WanbotClient(discord.Client):
     async def setup_hook(self) -> None:
         self.add_dynamic_items(CancelButton, RerollButton, ExtendButton, OwnWordsButton, SendAgainButton)
         await self.adapter.sync_commands()
-
-
-def _adapter(interaction: discord.Interaction) -> DiscordAdapter:
-    return interaction.client.adapter
-
-
-class _JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"wanbot:[a-z]+:(?P<job_id>\d+)"):
-    """A button about one job that survives a restart: its custom id is `wanbot:<ACTION>:<job id>`. (Never
-    registered itself: each kind below matches its own action.)"""
-
-    ACTION: str
-    LABEL: str
-    STYLE: discord.ButtonStyle
-
-    def __init__(self, job_id: int) -> None:
-        custom_id = f"wanbot:{self.ACTION}:{job_id}"
-        super().__init__(discord.ui.Button(label=self.LABEL, style=self.STYLE, custom_id=custom_id))
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any) -> Any:
-        return cls(int(match["job_id"]))
-
-
-class CancelButton(_JobButton, template=r"wanbot:cancel:(?P<job_id>\d+)"):
-    ACTION, LABEL, STYLE = "cancel", "Cancel", discord.ButtonStyle.danger
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _adapter(interaction).on_cancel_button(interaction, self.job_id)
-
-
-class SendAgainButton(_JobButton, template=r"wanbot:again:(?P<job_id>\d+)"):
-    """/history: one of the user's videos, sent here again (no new generation)."""
-
-    ACTION, LABEL, STYLE = "again", "", discord.ButtonStyle.secondary
-
-    def __init__(self, job_id: int) -> None:
-        super().__init__(job_id)
-        self.item.label = f"#{job_id}"
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _adapter(interaction).send_again(interaction, self.job_id)
-
-
-class RerollButton(_JobButton, template=r"wanbot:reroll:(?P<job_id>\d+)"):
-    ACTION, LABEL, STYLE = "reroll", "Reroll (new seed)", discord.ButtonStyle.primary
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _adapter(interaction).on_reroll_button(interaction, self.job_id)
-
-
-class ExtendButton(_JobButton, template=r"wanbot:extend:(?P<job_id>\d+)"):
-    """Under a delivered video: continue it from its last frame."""
-
-    ACTION, LABEL, STYLE = "extend", "Extend", discord.ButtonStyle.secondary
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _adapter(interaction).again(interaction, self.job_id, "extend")
-
-
-class OwnWordsButton(_JobButton, template=r"wanbot:own:(?P<job_id>\d+)"):
-    """Under a waiting job whose prompt the enhancer rewrote: make it from its owner's own words instead."""
-
-    ACTION, LABEL, STYLE = "own", "Use my words", discord.ButtonStyle.secondary
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        adapter = _adapter(interaction)
-        said = await adapter.core.use_own_words(_person(interaction), _place(interaction), self.job_id)
-        await answer_privately(interaction, said)
-
-
-class PictureVideoModal(discord.ui.Modal, title="Make a video from this picture"):
-    """What the "Make a video" message command asks before it queues: the prompt (options allowed) and the mode."""
-
-    def __init__(self, pictures: list[discord.Attachment]) -> None:
-        # A dismissed modal never reports back; the timeout is what removes it from discord.py's store.
-        super().__init__(timeout=MODAL_TIMEOUT_S)
-        self.pictures = pictures
-        self.prompt = discord.ui.TextInput(
-            style=discord.TextStyle.paragraph,
-            required=False,
-            max_length=MAX_PROMPT_CHARS,
-            placeholder="the waves roll in (options work too: seed=7 steps=30 size=832x480)",
-        )
-        self.mode = discord.ui.Select(
-            options=[
-                discord.SelectOption(label="i2v: image to video (A14B)", value=Mode.I2V.value, default=True),
-                discord.SelectOption(label="ti2v: text and image to video (5B, faster)", value=Mode.TI2V.value),
-            ],
-            required=False,
-        )
-        self.add_item(discord.ui.Label(text="What happens in the video", component=self.prompt))
-        self.add_item(discord.ui.Label(text="Mode", component=self.mode))
-
-    async def on_submit(self, interaction: discord.Interaction) -> None:
-        """The form's text is read like a Telegram caption."""
-        mode = Mode(self.mode.values[0]) if self.mode.values else Mode.I2V
-        try:
-            parsed = texts.parse_message(self.prompt.value, mode, has_image=True)
-        except UserError as error:
-            await answer_privately(interaction, texts.user_error_text(error))
-            return
-        notes = [*([texts.EXTRA_PICTURES_NOTE] if len(self.pictures) > 2 else []), *parsed.notes]
-        end = self.pictures[1] if len(self.pictures) > 1 else None
-        await _adapter(interaction).accept(interaction, parsed.request, self.pictures[0], end, notes)
-
-
-class VideoFormModal(discord.ui.Modal, title="Make a video"):
-    """/video-form: /video as a form, for users who prefer one: the prompt (options allowed), the mode and the start
-    and end pictures, uploaded in the form."""
-
-    def __init__(self) -> None:
-        # A dismissed modal never reports back; the timeout is what removes it from discord.py's store.
-        super().__init__(timeout=MODAL_TIMEOUT_S)
-        self.prompt = discord.ui.TextInput(
-            style=discord.TextStyle.paragraph,
-            required=False,
-            max_length=MAX_PROMPT_CHARS,
-            placeholder="a red fox runs through snow (options work too: seed=7 steps=30 size=832x480)",
-        )
-        self.mode = discord.ui.Select(
-            placeholder="t2v without a picture, i2v with one",
-            options=[
-                discord.SelectOption(label="t2v: text to video", value=Mode.T2V.value),
-                discord.SelectOption(label="i2v: image to video (A14B)", value=Mode.I2V.value),
-                discord.SelectOption(label="ti2v: text and image to video (5B, faster)", value=Mode.TI2V.value),
-            ],
-            required=False,
-        )
-        self.start = discord.ui.FileUpload(required=False, max_values=1)
-        self.end = discord.ui.FileUpload(required=False, max_values=1)
-        self.add_item(discord.ui.Label(text="What happens in the video", component=self.prompt))
-        self.add_item(discord.ui.Label(text="Mode", component=self.mode))
-        self.add_item(
-            discord.ui.Label(text="Start picture", description="First frame (i2v, ti2v)", component=self.start)
-        )
-        self.add_item(discord.ui.Label(text="End picture", description="Last frame (optional)", component=self.end))
-
-    async def on_submit(self, interaction: discord.Interaction) -> None:
-        """The form's text is read as /video's prompt is; its pictures are /video's attachments."""
-        start = self.start.values[0] if self.start.values else None
-        end = self.end.values[0] if self.end.values else None
-        mode = Mode(self.mode.values[0]) if self.mode.values else None
-        try:
-            parsed = texts.parse_message(self.prompt.value, mode, has_image=start is not None)
-        except UserError as error:
-            await answer_privately(interaction, texts.user_error_text(error))
-            return
-        await _adapter(interaction).accept(interaction, parsed.request, start, end, parsed.notes)
-
-
-def _view(*items: discord.ui.Item[Any]) -> discord.ui.View:
-    view = discord.ui.View(timeout=None)
-    for item in items:
-        view.add_item(item)
-    return view
-
-
-def _buttons_view(job_id: int, buttons: Buttons) -> discord.ui.View:
-    """A waiting or running job's buttons (an empty view takes them off a message)."""
-    if buttons == "none":
-        return discord.ui.View(timeout=None)
-    own = [OwnWordsButton(job_id)] if buttons == "own_words" else []
-    return _view(CancelButton(job_id), *own)
 
 
 @dataclass(frozen=True)
@@ -466,9 +317,13 @@ class DiscordAdapter:
             await interaction.edit_original_response(content=texts.user_error_text(error))
             return
         spoiler = self._engine.video_policy(job, _place(interaction).kind) == "spoiler"
-        file = _video_file(job, await asyncio.to_thread(video.read_bytes), spoiler)
+        file = video_file(job, await asyncio.to_thread(video.read_bytes), spoiler)
         caption = texts.result_caption(job, limit=CARD_TEXT_LIMIT - 30)
-        await interaction.followup.send(file=file, view=_result_card(job, caption, file), wait=True)
+        await interaction.followup.send(file=file, view=result_card(job, caption, file), wait=True)
+
+    async def on_own_words_button(self, interaction: discord.Interaction, job_id: int) -> None:
+        said = await self.core.use_own_words(_person(interaction), _place(interaction), job_id)
+        await answer_privately(interaction, said)
 
     async def on_cancel_button(self, interaction: discord.Interaction, job_id: int) -> None:
         text = await self.core.cancel(_person(interaction), _place(interaction), str(job_id))
@@ -539,7 +394,7 @@ class DiscordAdapter:
         if not alive and job.status is JobStatus.QUEUED and not job.source.reply.get("channel_message_id"):
             # A new place in the queue is not worth a new message that mentions the user: the job's start makes one.
             return
-        view = _buttons_view(job.id, buttons)
+        view = buttons_view(job.id, buttons)
         if alive and _may_come_by_dm(job):  # after a text fitted to leave it room, so it is never cut
             text = f"{texts.fit_text(text, CONTENT_LIMIT - texts.text_size(LATER_BY_DM) - 1)}\n{LATER_BY_DM}"
         try:
@@ -598,8 +453,8 @@ class DiscordAdapter:
             if counted is not None:
                 job = counted
                 try:
-                    file = _video_file(job, data, spoiler)
-                    card = _result_card(job, caption, file)
+                    file = video_file(job, data, spoiler)
+                    card = result_card(job, caption, file)
                     await self._webhook(job).send(file=file, view=card, wait=True, allowed_mentions=mentions)
                     return
                 except discord.HTTPException as error:
@@ -609,8 +464,8 @@ class DiscordAdapter:
             # The same nonce on every try of this job: Discord answers a repeat of an upload whose answer was lost
             # with the message it already made. (An interaction's follow-up has no such check.)
             nonce = f"wanbot-{job.id}"
-            file = _video_file(job, data, spoiler)
-            await channel.send(file=file, view=_result_card(job, caption, file), allowed_mentions=mentions, nonce=nonce)
+            file = video_file(job, data, spoiler)
+            await channel.send(file=file, view=result_card(job, caption, file), allowed_mentions=mentions, nonce=nonce)
         except discord.HTTPException as error:
             if error.status == 413:
                 raise TooLarge from error
@@ -627,7 +482,7 @@ class DiscordAdapter:
         try:
             async for message in channel.history(limit=RECENT_MESSAGES_SEARCHED):
                 if message.author.id == me and any(
-                    file.filename == _video_name(job, spoiler) for file in message.attachments
+                    file.filename == video_name(job, spoiler) for file in message.attachments
                 ):
                     log.info("job=%s's video is in its channel already (%s); not sent again", job.id, message.id)
                     return True
@@ -705,15 +560,15 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
         }
         given = {name: value for name, value in fields.items() if value not in (None, "")}
         request = parsed.request.model_copy(update=given)
-        await _adapter(interaction).accept(interaction, request, start_image, end_image, parsed.notes)
+        await adapter_of(interaction).accept(interaction, request, start_image, end_image, parsed.notes)
 
     @video.autocomplete("lora")
     async def lora_choices(interaction: discord.Interaction, typed: str) -> list[app_commands.Choice[str]]:
-        return _adapter(interaction).lora_choices(interaction, typed)
+        return adapter_of(interaction).lora_choices(interaction, typed)
 
     @video.autocomplete("preset")
     async def preset_choices(interaction: discord.Interaction, typed: str) -> list[app_commands.Choice[str]]:
-        return _adapter(interaction).preset_choices(interaction, typed)
+        return adapter_of(interaction).preset_choices(interaction, typed)
 
     return video
 
@@ -722,7 +577,7 @@ def video_command(limits: GenerationConfig) -> app_commands.Command[Any, ..., No
 @app_commands.describe(state="on or off (admins); leave it out to see how it is now")
 @app_commands.choices(state=[app_commands.Choice(name=state, value=state) for state in ("on", "off")])
 async def enhance_command(interaction: discord.Interaction, state: str | None = None) -> None:
-    core = _adapter(interaction).core
+    core = adapter_of(interaction).core
     await answer_privately(interaction, await core.enhance(_person(interaction), _place(interaction), state))
 
 
@@ -731,38 +586,38 @@ async def enhance_command(interaction: discord.Interaction, state: str | None = 
 async def extend_command(
     interaction: discord.Interaction, job: int, prompt: app_commands.Range[str, None, MAX_PROMPT_CHARS] = ""
 ) -> None:
-    await _adapter(interaction).again(interaction, job, "extend", prompt or None)
+    await adapter_of(interaction).again(interaction, job, "extend", prompt or None)
 
 
 @app_commands.command(name="loras", description="The styles and characters a video may use (lora option).")
 async def loras_command(interaction: discord.Interaction) -> None:
-    core = _adapter(interaction).core
+    core = adapter_of(interaction).core
     await answer_privately(interaction, core.loras_text(_person(interaction), _place(interaction)))
 
 
 @app_commands.command(name="history", description="Your last 10 videos, to have one sent here again.")
 async def history_command(interaction: discord.Interaction) -> None:
-    text, job_ids = await _adapter(interaction).core.history(_person(interaction), _place(interaction))
-    view = _view(*(SendAgainButton(job_id) for job_id in job_ids)) if job_ids else discord.utils.MISSING
+    text, job_ids = await adapter_of(interaction).core.history(_person(interaction), _place(interaction))
+    view = view_of(*(SendAgainButton(job_id) for job_id in job_ids)) if job_ids else discord.utils.MISSING
     await interaction.response.send_message(texts.fit_text(text, CONTENT_LIMIT), view=view, ephemeral=True)
 
 
 @app_commands.command(name="queue", description="Your jobs and their places in the queue.")
 async def queue_command(interaction: discord.Interaction) -> None:
-    core = _adapter(interaction).core
+    core = adapter_of(interaction).core
     await answer_privately(interaction, await core.queue_text(_person(interaction), _place(interaction)))
 
 
 @app_commands.command(name="cancel", description="Cancel a job (your latest if no number is given).")
 async def cancel_command(interaction: discord.Interaction, job: int | None = None) -> None:
-    core = _adapter(interaction).core
+    core = adapter_of(interaction).core
     job_ref = str(job) if job is not None else None
     await answer_privately(interaction, await core.cancel(_person(interaction), _place(interaction), job_ref))
 
 
 @app_commands.command(name="status", description="What the worker is doing.")
 async def status_command(interaction: discord.Interaction) -> None:
-    core = _adapter(interaction).core
+    core = adapter_of(interaction).core
     await answer_privately(interaction, await core.status_text(_person(interaction), _place(interaction)))
 
 
@@ -770,14 +625,14 @@ async def status_command(interaction: discord.Interaction) -> None:
 @app_commands.command(name="pause", description="Admins: start no new videos (the running one finishes).")
 @app_commands.default_permissions(manage_guild=True)
 async def pause_command(interaction: discord.Interaction) -> None:
-    core = _adapter(interaction).core
+    core = adapter_of(interaction).core
     await answer_privately(interaction, await core.pause(_person(interaction), _place(interaction), paused=True))
 
 
 @app_commands.command(name="resume", description="Admins: start queued videos again.")
 @app_commands.default_permissions(manage_guild=True)
 async def resume_command(interaction: discord.Interaction) -> None:
-    core = _adapter(interaction).core
+    core = adapter_of(interaction).core
     await answer_privately(interaction, await core.pause(_person(interaction), _place(interaction), paused=False))
 
 
@@ -785,20 +640,20 @@ async def resume_command(interaction: discord.Interaction) -> None:
 @app_commands.describe(state="on or off; leave it out to see how it is now")
 @app_commands.choices(state=[app_commands.Choice(name=state, value=state) for state in ("on", "off")])
 async def previews_command(interaction: discord.Interaction, state: str | None = None) -> None:
-    core = _adapter(interaction).core
+    core = adapter_of(interaction).core
     await answer_privately(interaction, await core.previews(_person(interaction), _place(interaction), state))
 
 
 @app_commands.command(name="help", description="How to use this bot.")
 async def help_command(interaction: discord.Interaction) -> None:
-    core = _adapter(interaction).core
+    core = adapter_of(interaction).core
     await answer_privately(interaction, core.help_text(_person(interaction), _place(interaction)))
 
 
 @app_commands.context_menu(name="Make a video")
 async def make_video_command(interaction: discord.Interaction, message: discord.Message) -> None:
     """Right-click a message with pictures: a form asks for the prompt and the mode."""
-    if not _adapter(interaction).core.allows(_person(interaction), _place(interaction)):
+    if not adapter_of(interaction).core.allows(_person(interaction), _place(interaction)):
         await answer_privately(interaction, NOT_ALLOWED)
         return
     pictures = [attachment for attachment in message.attachments if _is_picture(attachment)]
@@ -816,7 +671,7 @@ async def make_video_command(interaction: discord.Interaction, message: discord.
 @app_commands.command(name="video-form", description="Make a video by filling in a form.")
 async def video_form_command(interaction: discord.Interaction) -> None:
     """/video as a form: the prompt, the mode, and the start and end pictures uploaded in it."""
-    if not _adapter(interaction).core.allows(_person(interaction), _place(interaction)):
+    if not adapter_of(interaction).core.allows(_person(interaction), _place(interaction)):
         await answer_privately(interaction, NOT_ALLOWED)
         return
     await interaction.response.send_modal(VideoFormModal())
@@ -901,26 +756,15 @@ def _worth_retrying(error: Exception) -> bool:
     return isinstance(error, aiohttp.ClientError | OSError)
 
 
-async def answer_privately(interaction: discord.Interaction, text: str) -> None:
-    """An answer only the user who asked sees."""
-    await interaction.response.send_message(texts.fit_text(text, CONTENT_LIMIT), ephemeral=True)
-
-
 async def _edit_answer(interaction: discord.Interaction, answer: Answer) -> None:
     """The deferred answer to a request: an error, or the place of a request already queued."""
-    view = _buttons_view(answer.job_id, answer.buttons) if answer.job_id is not None else discord.utils.MISSING
+    view = buttons_view(answer.job_id, answer.buttons) if answer.job_id is not None else discord.utils.MISSING
     await interaction.edit_original_response(content=texts.fit_text(answer.text, CONTENT_LIMIT), view=view)
 
 
 def _preview_files(picture: bytes | None) -> list[discord.File]:
     """The preview as a new file to attach (none without a picture): a discord.File is read once."""
     return [discord.File(io.BytesIO(picture), filename="preview.jpg")] if picture is not None else []
-
-
-def _video_name(job: Job, spoiler: bool) -> str:
-    """The video's file name, which also marks it as this job's among the bot's messages; Discord hides a file whose
-    name starts with SPOILER_ until it is clicked (the content rules' spoiler policy)."""
-    return f"{'SPOILER_' if spoiler else ''}wanbot-{job.id}.mp4"
 
 
 def _owner_only(job: Job) -> discord.AllowedMentions:
@@ -931,22 +775,3 @@ def _is_picture(attachment: discord.Attachment) -> bool:
     """Any image type counts (the validator names the ones it cannot take), so nothing else is downloaded."""
     content_type = (attachment.content_type or "").split(";")[0]
     return content_type.startswith("image/") if content_type else Path(attachment.filename).suffix.lower() in EXTENSIONS
-
-
-def _result_card(job: Job, caption: str, video: discord.File) -> discord.ui.LayoutView:
-    """A delivered video as a Components V2 card: the video, played in place, its prompt and settings, and Reroll and
-    Extend. It always fits Discord's limits: the caption is fitted to the card's text limit, and it uses 6 of the 40
-    components a message may have."""
-    card = discord.ui.LayoutView(timeout=None)
-    card.add_item(
-        discord.ui.Container(
-            discord.ui.MediaGallery(discord.MediaGalleryItem(video)),  # the attachment, hidden if it is a spoiler
-            discord.ui.TextDisplay(caption),
-            discord.ui.ActionRow(RerollButton(job.id), ExtendButton(job.id)),
-        )
-    )
-    return card
-
-
-def _video_file(job: Job, data: bytes, spoiler: bool) -> discord.File:
-    return discord.File(io.BytesIO(data), filename=_video_name(job, spoiler))
