@@ -22,7 +22,6 @@ from telegram import (
     CallbackQuery,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
-    InlineQueryResultCachedVideo,
     InputMediaPhoto,
     Message,
     ReplyParameters,
@@ -48,6 +47,7 @@ from bot.chat.inbox import ChatInbox
 from bot.chat.logredact import redact_everywhere, remove_redactor
 from bot.chat.relay import AnswerLost, JobRelay, TooLarge, UploadRefused
 from bot.chat.texts import Buttons
+from bot.telegram.past_videos import PastVideos, history_buttons
 from bot.telegram.polling import DurablePolling, message_key, seconds
 from bot.telegram.reactions import Reactions
 from engine.config import TelegramConfig
@@ -80,9 +80,6 @@ PICTURE_HINT = (
 )
 HINTS_KEPT = 1000  # picture hints whose pictures a reply can still use; older ones (and all after a restart) cannot
 BUTTON_ANSWER_LIMIT = 200  # characters in a button's answer
-# Where a job keeps Telegram's id of its sent video (JobSource.reply): /history and inline mode send that copy.
-VIDEO_COPY = "video_file_id"
-INLINE_CACHE_S = 10  # a new video shows up in inline results within seconds
 
 # What a press of Reroll or Extend answers at once, and the status message its new job's place replaces.
 AGAIN = {
@@ -173,6 +170,7 @@ class TelegramAdapter:
             .build()
         )
         self._reactions = Reactions(self.app.bot, config.reactions)
+        self._past = PastVideos(self.app.bot, self._core, engine, config.upload_limit_bytes)
         self._inbox = ChatInbox(engine.database, PLATFORM)
         self._polling = DurablePolling(
             self.app.bot,
@@ -475,27 +473,11 @@ class TelegramAdapter:
     async def _on_history(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
         text, job_ids = await self._core.history(_person(update.effective_user), _place(message))
-        await self._reply(message, text, _history_buttons(job_ids))
+        await self._reply(message, text, history_buttons(job_ids))
 
     async def _on_inline_query(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """@bot words, in any chat: the user's own videos whose prompt has those words, from Telegram's copies, to
-        share there (only the user sees the list; nothing is made)."""
         query = update.inline_query
-        jobs = await self._core.shareable(_person(query.from_user), query.query, VIDEO_COPY)
-        results = [
-            InlineQueryResultCachedVideo(
-                id=str(job.id),
-                video_file_id=job.source.reply[VIDEO_COPY],
-                title=f"#{job.id} {texts.fit_text(job.params.prompt, 60)}",
-                description=f"{job.mode.value} · {job.result.duration_s:.1f} s" if job.result else job.mode.value,
-                caption=texts.result_caption(job),
-            )
-            for job in jobs
-        ]
-        try:
-            await query.answer(results, cache_time=INLINE_CACHE_S, is_personal=True)
-        except TelegramError as error:  # the query is answered too late (10 s) or is gone: nothing to show then
-            log.info("inline query not answered: %s", error)
+        await self._past.answer_inline(query, _person(query.from_user))
 
     async def _send_again(self, query: CallbackQuery, person: Person, place: Place, job_id: int) -> None:
         """A /history button: the video sent again where it was pressed, from Telegram's copy when it has one (no
@@ -506,21 +488,7 @@ class TelegramAdapter:
             return
         await query.answer(f"Sending #{job_id}...")
         spoiler = self._engine.video_policy(job, place.kind) == "spoiler"
-        sent_as = job.source.reply.get(VIDEO_COPY)
-        where = {"caption": texts.result_caption(job), "has_spoiler": spoiler, "reply_markup": _video_buttons(job.id)}
-        chat_id = query.message.chat_id
-        try:
-            if sent_as is not None:
-                await self.app.bot.send_video(chat_id, sent_as, **where)
-                return
-            made = await self._engine.video_file(job)
-            if made is None:
-                return
-            video = await self._engine.fit_video(made, self._config.upload_limit_bytes)
-            with video.open("rb") as payload:
-                await self.app.bot.send_video(chat_id, payload, filename=f"wanbot-{job.id}.mp4", **where)
-        except (TelegramError, UserError) as error:
-            log.warning("job=%s could not be sent again to chat=%s: %s", job.id, chat_id, error)
+        await self._past.send(job, query.message.chat_id, spoiler, _video_buttons(job.id))
 
     async def _on_extend(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """/extend [prompt] as a reply to one of the bot's videos: the same as its Extend button, with a new prompt
@@ -680,15 +648,7 @@ class TelegramAdapter:
                 raise UploadRefused(str(error).replace(self._token, "<token>")) from error
             raise
         if sent.video is not None:
-            await self._remember_copy(job, sent.video.file_id)
-
-    async def _remember_copy(self, job: Job, file_id: str) -> None:
-        """Telegram's id of the sent video, so /history sends it again without an upload; a failure to record it
-        only costs that upload (the delivery itself must not fail on it)."""
-        try:
-            await self._engine.update_reply(job.id, **{VIDEO_COPY: file_id})
-        except Exception:
-            log.warning("job=%s: Telegram's copy of its video was not recorded", job.id, exc_info=True)
+            await self._past.remember(job, sent.video.file_id)
 
 
 @contextlib.contextmanager
@@ -790,13 +750,6 @@ def _video_buttons(job_id: int) -> InlineKeyboardMarkup:
             ]
         ]
     )
-
-
-def _history_buttons(job_ids: list[int]) -> InlineKeyboardMarkup | None:
-    if not job_ids:
-        return None
-    buttons = [InlineKeyboardButton(f"#{job_id}", callback_data=f"again:{job_id}") for job_id in job_ids]
-    return InlineKeyboardMarkup([buttons[index : index + 5] for index in range(0, len(buttons), 5)])
 
 
 def _video_job(message: Message | None) -> int | None:
