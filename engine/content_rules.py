@@ -6,6 +6,7 @@ The classifier (engine/safety/classifier.py) imports torch: it is imported only 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -114,7 +115,7 @@ class ContentRules:
             return None
         from engine.safety.classifier import ClassifierUnavailable
 
-        pictures = [Image.fromarray((frames[index] * 255).round().clip(0, 255).astype(np.uint8)) for index in indices]
+        pictures = await asyncio.to_thread(_pictures, frames, indices)  # off the worker's event loop
         try:
             verdict = await self._classifier.check(pictures)
         except ClassifierUnavailable as error:
@@ -150,6 +151,10 @@ class ContentRules:
         """Log and count one refusal (metrics' wanbot_refused_total{reason}): a quota's too."""
         log.warning("refused (%s): %s", reason, what)
         self.on_refused(reason)
+
+
+def _pictures(frames: np.ndarray, indices: Sequence[int]) -> list[Image.Image]:
+    return [Image.fromarray((frames[index] * 255).round().clip(0, 255).astype(np.uint8)) for index in indices]
 
 
 def _flag(verdict: Verdict) -> str:
